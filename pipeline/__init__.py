@@ -1,0 +1,8 @@
+"""mmdp: multimodal-guided dynamic dataset pruning on Ray.
+
+The library behind the jobs in ``jobs/``: shard I/O (:mod:`pipeline.io`), the
+data contract (:mod:`pipeline.schema`), datasets, CLIP consistency scoring,
+pruning policies and the Ray Data / Ray Train runners.
+"""
+
+__version__ = "0.1.0"

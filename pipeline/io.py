@@ -1,0 +1,321 @@
+"""Paths are URLs: local folders, ``file://``, ``s3://`` and ``gs://``, one module.
+
+Object-store access goes through pyarrow's filesystems (the same objects Ray
+Data takes as ``filesystem=``), so retries, multipart uploads and credentials
+follow the AWS/GCS SDKs' standard chains: environment variables, the shared
+config files, instance roles. An S3-compatible store (MinIO, Ceph, a loopback
+test server) is named by ``AWS_ENDPOINT_URL`` or the jobs' ``--s3-endpoint``.
+
+Writes are atomic. A single file is written under a temporary name and moved
+into place (local), or uploaded as one object that appears only when complete
+(object stores). A folder of shards is committed by a ``_SUCCESS`` manifest
+written last; a ``_PENDING`` marker makes a folder whose writer died read as
+incomplete rather than as a smaller dataset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tarfile
+import uuid
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from pipeline.schema import ColumnMapping, MAPPINGS, to_contract
+
+SUCCESS, PENDING = "_SUCCESS", "_PENDING"
+# Object-store requests are retried by the SDK with exponential backoff; ten
+# tries ride out the throttling and dropped connections of a busy bucket.
+S3_MAX_ATTEMPTS = 10
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+# Files that sit beside shards in real datasets (img2dataset stats, checksums, notes).
+SIDECAR_SUFFIXES = (".json", ".crc", ".md")
+
+
+class ShardError(RuntimeError):
+    """An input file or folder cannot be read; the message names it and what to do."""
+
+
+def configure_s3(endpoint: str | None) -> None:
+    """Point every later S3 access, in this process and the Ray workers it starts, at ``endpoint``.
+
+    Call before ``ray.init()``: workers inherit the driver's environment.
+    """
+    if endpoint:
+        os.environ["AWS_ENDPOINT_URL"] = endpoint
+
+
+def _s3_filesystem() -> pafs.S3FileSystem:
+    kwargs = {
+        "region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=S3_MAX_ATTEMPTS),
+    }
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+        kwargs.update(endpoint_override=parsed.netloc, scheme=parsed.scheme)
+    return pafs.S3FileSystem(**kwargs)
+
+
+def filesystem_for(url: str) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem for ``url`` and the path inside it."""
+    parsed = urlparse(str(url))
+    if parsed.scheme == "s3":
+        return _s3_filesystem(), f"{parsed.netloc}{parsed.path}".rstrip("/")
+    if parsed.scheme in ("gs", "gcs"):
+        return pafs.GcsFileSystem(retry_time_limit=None), f"{parsed.netloc}{parsed.path}".rstrip("/")
+    if parsed.scheme in ("", "file"):
+        path = parsed.path if parsed.scheme == "file" else str(url)
+        return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
+    return pafs.FileSystem.from_uri(str(url))
+
+
+def is_local(url: str) -> bool:
+    return urlparse(str(url)).scheme in ("", "file")
+
+
+def join(url: str, *parts: str) -> str:
+    """Join path parts onto a URL with ``/``."""
+    out = str(url).rstrip("/")
+    for part in parts:
+        out = f"{out}/{str(part).strip('/')}"
+    return out
+
+
+def exists(url: str) -> bool:
+    fs, path = filesystem_for(url)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def _makedirs(fs: pafs.FileSystem, path: str) -> None:
+    parent = path.rsplit("/", 1)[0]
+    if parent and parent != path:
+        fs.create_dir(parent, recursive=True)
+
+
+def write_bytes(data: bytes, url: str) -> None:
+    """Write ``data`` to ``url`` atomically."""
+    fs, path = filesystem_for(url)
+    _makedirs(fs, path)
+    if isinstance(fs, pafs.LocalFileSystem):
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    else:
+        # An object upload becomes visible only when it completes.
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+
+
+def read_bytes(url: str) -> bytes:
+    fs, path = filesystem_for(url)
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    except FileNotFoundError as exc:
+        raise ShardError(f"{url}: no such file") from exc
+
+
+def write_json(obj, url: str) -> None:
+    write_bytes(json.dumps(obj, indent=2, sort_keys=True, default=str).encode(), url)
+
+
+def read_json(url: str):
+    return json.loads(read_bytes(url))
+
+
+def write_table(table: pa.Table, url: str) -> None:
+    """Write one parquet file atomically."""
+    buf = pa.BufferOutputStream()
+    pq.write_table(table, buf)
+    write_bytes(buf.getvalue().to_pybytes(), url)
+
+
+def begin_output(dir_url: str) -> None:
+    """Mark ``dir_url`` as being written: readers refuse it until :func:`commit_output`."""
+    fs, path = filesystem_for(dir_url)
+    fs.create_dir(path, recursive=True)
+    if fs.get_file_info(join(path, SUCCESS)).type != pafs.FileType.NotFound:
+        fs.delete_file(join(path, SUCCESS))
+    write_bytes(b"", join(dir_url, PENDING))
+
+
+def commit_output(dir_url: str, files: list[str], rows: int) -> None:
+    """Commit ``files`` (names relative to ``dir_url``) as the folder's complete content."""
+    write_json({"files": sorted(files), "rows": int(rows)}, join(dir_url, SUCCESS))
+    fs, path = filesystem_for(dir_url)
+    fs.delete_file(join(path, PENDING))
+
+
+def write_shards(table: pa.Table, dir_url: str, rows_per_shard: int = 5000) -> list[str]:
+    """Write ``table`` as ``part-NNNNN.parquet`` shards and commit them.
+
+    Returns:
+        The URLs of the shards written.
+    """
+    begin_output(dir_url)
+    names = []
+    for i, start in enumerate(range(0, max(table.num_rows, 1), rows_per_shard)):
+        name = f"part-{i:05d}.parquet"
+        write_table(table.slice(start, rows_per_shard), join(dir_url, name))
+        names.append(name)
+    commit_output(dir_url, names, table.num_rows)
+    return [join(dir_url, n) for n in names]
+
+
+def list_files(url: str, suffixes: tuple[str, ...] = (".parquet",)) -> list[str]:
+    """The data files of a folder (or the file itself), sorted.
+
+    A folder committed by :func:`commit_output` lists exactly its manifest;
+    one still marked pending is refused; any other folder lists every file
+    with a matching suffix, skipping hidden and ``_``-prefixed names.
+
+    Raises:
+        ShardError: the URL does not exist, is an uncommitted output, or holds no data files.
+    """
+    fs, path = filesystem_for(url)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise ShardError(f"{url}: no such file or folder")
+    if info.type == pafs.FileType.File:
+        return [str(url)]
+    if exists(join(url, SUCCESS)):
+        return [join(url, name) for name in read_json(join(url, SUCCESS))["files"]]
+    if exists(join(url, PENDING)):
+        raise ShardError(
+            f"{url}: incomplete output (its writer stopped before committing); rerun the job that writes it"
+        )
+    selector = pafs.FileSelector(path, recursive=True)
+    found = []
+    for entry in fs.get_file_info(selector):
+        rel = entry.path[len(path):].lstrip("/")
+        if entry.type != pafs.FileType.File or any(p.startswith(("_", ".")) for p in rel.split("/")):
+            continue
+        if rel.endswith(suffixes):
+            found.append(join(url, rel))
+    if not found:
+        raise ShardError(f"{url}: no {'/'.join(suffixes)} files in this folder")
+    return sorted(found)
+
+
+def read_table(url: str, columns: list[str] | None = None) -> pa.Table:
+    """Read one parquet file, or every shard of a folder, into one table.
+
+    Raises:
+        ShardError: naming the first file that is not readable parquet.
+    """
+    tables = []
+    for file_url in list_files(url):
+        fs, path = filesystem_for(file_url)
+        try:
+            tables.append(pq.read_table(path, filesystem=fs, columns=columns))
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise ShardError(
+                f"{file_url}: not a readable parquet file ({exc}); remove it from the input folder or rewrite it"
+            ) from exc
+    return pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0]
+
+
+def read_webdataset(url: str, mapping: ColumnMapping = MAPPINGS["img2dataset"]) -> pa.Table:
+    """Read webdataset tars (one file or a folder of ``.tar``) into the data contract.
+
+    Members are grouped by sample key (the member path up to the first dot of
+    its file name), and each extension becomes a column: ``jpg``/``png``/...
+    bytes, ``txt`` text, ``cls`` label, which ``mapping`` renames onto the contract.
+
+    Raises:
+        ShardError: a tar is unreadable or cut short, naming the file.
+    """
+    rows: dict[str, dict[str, bytes]] = {}
+    for file_url in list_files(url, suffixes=(".tar",)):
+        fs, path = filesystem_for(file_url)
+        try:
+            with fs.open_input_file(path) as f, tarfile.open(fileobj=f, mode="r:") as tar:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    directory, _, base = member.name.rpartition("/")
+                    stem, _, ext = base.partition(".")
+                    key = f"{directory}/{stem}" if directory else stem
+                    rows.setdefault(key, {})[ext.lower()] = tar.extractfile(member).read()
+                # tarfile takes a header cut short for the end of the archive; a
+                # whole tar ends in two zero blocks, so check for them.
+                f.seek(tar.offset)
+                if f.read(1024) != bytes(1024):
+                    raise tarfile.ReadError("archive ends without its end-of-archive blocks")
+        except (tarfile.TarError, EOFError, OSError) as exc:
+            raise ShardError(f"{file_url}: unreadable or truncated tar ({exc}); re-create or remove it") from exc
+    keys = list(rows)
+    # One image column under the mapping's name, whatever each sample's extension.
+    columns = {
+        "__key__": keys,
+        mapping.image: pa.array(
+            [next((rows[k][e] for e in IMAGE_EXTENSIONS if e in rows[k]), None) for k in keys], pa.binary()
+        ),
+    }
+    for ext in ("txt", "cls"):
+        if any(ext in r for r in rows.values()):
+            columns[ext] = pa.array([_text(rows[k].get(ext)) for k in keys], pa.string())
+    table = pa.table(columns)
+    if mapping.key not in table.column_names:
+        table = table.append_column(mapping.key, table.column("__key__"))
+    return to_contract(table, mapping)
+
+
+def _text(data: bytes | None) -> str | None:
+    return None if data is None else data.decode("utf-8", errors="replace").strip()
+
+
+def read_shards(url: str, mapping: ColumnMapping | None = None) -> pa.Table:
+    """Read a dataset folder of parquet or webdataset shards into the data contract.
+
+    A folder with ``.tar`` files is read as webdataset (img2dataset writes a
+    metadata ``.parquet`` beside each tar; those are not samples). Any file
+    that is neither data nor a known sidecar is an error naming it, so a stray
+    or misnamed shard is never skipped unnoticed.
+    """
+    fs, path = filesystem_for(url)
+    if fs.get_file_info(path).type == pafs.FileType.Directory and not exists(join(url, SUCCESS)):
+        for entry in fs.get_file_info(pafs.FileSelector(path, recursive=True)):
+            name = entry.path.rsplit("/", 1)[-1]
+            if entry.type == pafs.FileType.File and not name.startswith(("_", ".")) and not name.endswith(
+                (".parquet", ".tar") + SIDECAR_SUFFIXES
+            ):
+                raise ShardError(
+                    f"{join(url, entry.path[len(path):].lstrip('/'))}: not a parquet or tar shard; "
+                    "move it out of the input folder"
+                )
+    if str(url).endswith(".tar") or _safe_list(url, (".tar",)):
+        return read_webdataset(url, mapping or MAPPINGS["img2dataset"])
+    return to_contract(read_table(url), mapping or ColumnMapping())
+
+
+def _safe_list(url: str, suffixes: tuple[str, ...]) -> list[str]:
+    try:
+        return list_files(url, suffixes)
+    except ShardError:
+        return []
+
+
+def fetch_to_cache(url: str, cache_dir: str | None = None) -> str:
+    """A local path for ``url``: the path itself when local, else a cached download."""
+    if is_local(url):
+        return filesystem_for(url)[1]
+    root = Path(cache_dir or os.environ.get("MMDP_CACHE", Path.home() / ".cache" / "mmdp"))
+    target = root / hashlib.sha256(str(url).encode()).hexdigest()[:16] / os.path.basename(urlparse(url).path)
+    if not target.exists():
+        write_bytes(read_bytes(url), str(target))
+    return str(target)

@@ -1,0 +1,118 @@
+"""The data contract: what a shard row is, and how other layouts map onto it.
+
+A shard row is ``key`` (unique string), ``image`` (encoded JPEG/PNG bytes),
+``caption`` (string, may be empty when ``label`` is set) and ``label`` (int,
+optional). img2dataset writes ``key``/``jpg``/``txt`` (and ``cls``), so a
+:class:`ColumnMapping` renames those onto the contract instead of asking users
+to rewrite terabytes of shards.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+KEY, IMAGE, CAPTION, LABEL = "key", "image", "caption", "label"
+
+SHARD_SCHEMA = pa.schema(
+    [
+        pa.field(KEY, pa.string()),
+        pa.field(IMAGE, pa.binary()),
+        pa.field(CAPTION, pa.string()),
+        pa.field(LABEL, pa.int64()),
+    ]
+)
+
+# What the score job writes: one row per input row. status is "ok" or
+# "rejected"; a rejected row carries the reason in ``error`` and NaN scores.
+SCORES_SCHEMA = pa.schema(
+    [
+        pa.field(KEY, pa.string()),
+        pa.field("index", pa.int64()),
+        pa.field("clip_score", pa.float32()),
+        pa.field("clip_margin", pa.float32()),
+        pa.field("status", pa.string()),
+        pa.field("error", pa.string()),
+    ]
+)
+
+REJECTS_SCHEMA = pa.schema([pa.field(KEY, pa.string()), pa.field("reason", pa.string())])
+
+
+class SchemaError(ValueError):
+    """A table cannot be mapped onto the data contract."""
+
+
+@dataclass(frozen=True)
+class ColumnMapping:
+    """Source column names for each contract column.
+
+    Attributes:
+        key: column holding the unique sample key.
+        image: column holding encoded image bytes.
+        caption: column holding the text; optional in the source.
+        label: column holding an integer class; optional in the source.
+    """
+
+    key: str = KEY
+    image: str = IMAGE
+    caption: str = CAPTION
+    label: str = LABEL
+
+    @classmethod
+    def parse(cls, spec: str) -> "ColumnMapping":
+        """A preset name (``mmdp``, ``img2dataset``) or ``image=jpg,caption=txt,...``."""
+        if spec in MAPPINGS:
+            return MAPPINGS[spec]
+        fields = {}
+        for part in filter(None, (p.strip() for p in spec.split(","))):
+            name, sep, source = part.partition("=")
+            if not sep or name not in (KEY, IMAGE, CAPTION, LABEL) or not source:
+                raise SchemaError(
+                    f"bad column mapping {part!r} in {spec!r}: use a preset "
+                    f"({', '.join(MAPPINGS)}) or contract=source pairs, e.g. image=jpg,caption=txt"
+                )
+            fields[name] = source
+        return cls(**fields)
+
+
+MAPPINGS = {
+    "mmdp": ColumnMapping(),
+    # img2dataset's parquet/webdataset output; ``cls`` exists when labels were kept.
+    "img2dataset": ColumnMapping(image="jpg", caption="txt", label="cls"),
+}
+
+
+def to_contract(table: pa.Table, mapping: ColumnMapping = ColumnMapping()) -> pa.Table:
+    """Rename and cast ``table`` into :data:`SHARD_SCHEMA`.
+
+    Missing optional columns (caption, label) become nulls; a missing key or
+    image column is an error naming it, since no row could be scored without.
+
+    Raises:
+        SchemaError: a required column is missing or cannot be cast.
+    """
+    columns = []
+    for field, source in zip(SHARD_SCHEMA, (mapping.key, mapping.image, mapping.caption, mapping.label)):
+        if source in table.column_names:
+            column = table.column(source)
+            if field.name == LABEL and pa.types.is_string(column.type):
+                # img2dataset's .cls members arrive as text ("3\n").
+                column = pc.utf8_trim_whitespace(column)
+            if field.name == IMAGE and pa.types.is_string(column.type):
+                column = column.cast(pa.binary())
+            try:
+                column = column.cast(field.type)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+                raise SchemaError(f"column {source!r} cannot be read as {field.name} ({field.type}): {exc}") from exc
+        elif field.name in (KEY, IMAGE):
+            raise SchemaError(
+                f"missing column {source!r} (the {field.name} column); found {table.column_names}. "
+                "Pass a column mapping, e.g. --columns img2dataset or --columns image=jpg,caption=txt"
+            )
+        else:
+            column = pa.nulls(table.num_rows, field.type)
+        columns.append(column)
+    return pa.Table.from_arrays(columns, schema=SHARD_SCHEMA)
