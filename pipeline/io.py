@@ -116,14 +116,15 @@ def write_bytes(data: bytes, url: str) -> None:
                 os.remove(tmp)
     else:
         # An object upload becomes visible only when it completes.
-        with fs.open_output_stream(path) as f:
+        with fs.open_output_stream(path, compression=None) as f:
             f.write(data)
 
 
 def read_bytes(url: str) -> bytes:
     fs, path = filesystem_for(url)
     try:
-        with fs.open_input_stream(path) as f:
+        # compression=None: the bytes as stored, even for a ``.gz`` name.
+        with fs.open_input_stream(path, compression=None) as f:
             return f.read()
     except FileNotFoundError as exc:
         raise ShardError(f"{url}: no such file") from exc
@@ -279,26 +280,43 @@ def _text(data: bytes | None) -> str | None:
     return None if data is None else data.decode("utf-8", errors="replace").strip()
 
 
-def read_shards(url: str, mapping: ColumnMapping | None = None) -> pa.Table:
-    """Read a dataset folder of parquet or webdataset shards into the data contract.
+def shard_files(url: str) -> tuple[str, list[str]]:
+    """The shard format (``parquet`` or ``webdataset``) of a dataset and its files.
 
-    A folder with ``.tar`` files is read as webdataset (img2dataset writes a
-    metadata ``.parquet`` beside each tar; those are not samples). Any file
-    that is neither data nor a known sidecar is an error naming it, so a stray
+    A folder with ``.tar`` files is webdataset (img2dataset writes a metadata
+    ``.parquet`` beside each tar; those are not samples). Any other file that
+    is neither a shard nor a known sidecar is an error naming it, so a stray
     or misnamed shard is never skipped unnoticed.
+
+    Raises:
+        ShardError: naming the offending file or folder.
     """
     fs, path = filesystem_for(url)
     if fs.get_file_info(path).type == pafs.FileType.Directory and not exists(join(url, SUCCESS)):
         for entry in fs.get_file_info(pafs.FileSelector(path, recursive=True)):
-            name = entry.path.rsplit("/", 1)[-1]
-            if entry.type == pafs.FileType.File and not name.startswith(("_", ".")) and not name.endswith(
-                (".parquet", ".tar") + SIDECAR_SUFFIXES
-            ):
-                raise ShardError(
-                    f"{join(url, entry.path[len(path):].lstrip('/'))}: not a parquet or tar shard; "
-                    "move it out of the input folder"
-                )
-    if str(url).endswith(".tar") or _safe_list(url, (".tar",)):
+            rel = entry.path[len(path):].lstrip("/")
+            if entry.type == pafs.FileType.File and not any(p.startswith(("_", ".")) for p in rel.split("/")):
+                if not rel.endswith((".parquet", ".tar") + SIDECAR_SUFFIXES):
+                    raise ShardError(f"{join(url, rel)}: not a parquet or tar shard; move it out of the input folder")
+    tars = _safe_list(url, (".tar",))
+    if tars:
+        return "webdataset", tars
+    files = list_files(url)
+    for file_url in files:
+        fs, path = filesystem_for(file_url)
+        try:
+            pq.read_metadata(path, filesystem=fs)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise ShardError(
+                f"{file_url}: not a readable parquet file ({exc}); remove it from the input folder or rewrite it"
+            ) from exc
+    return "parquet", files
+
+
+def read_shards(url: str, mapping: ColumnMapping | None = None) -> pa.Table:
+    """Read a dataset folder of parquet or webdataset shards into the data contract."""
+    kind, _ = shard_files(url)
+    if kind == "webdataset":
         return read_webdataset(url, mapping or MAPPINGS["img2dataset"])
     return to_contract(read_table(url), mapping or ColumnMapping())
 

@@ -1,0 +1,149 @@
+"""jobs.make_dataset end to end: the real main() on Fashion-MNIST subsets, read back through pipeline.io."""
+
+from __future__ import annotations
+
+import io as bytesio
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from jobs.make_dataset import main
+from pipeline import datasets as ds
+from pipeline import io
+
+COMPOSED = "symmetric:0.2,pairflip:0.1,caption:0.05,duplicate:0.05,corrupt_image:0.05"
+
+
+def _make(out, *flags: str) -> dict:
+    assert main(["--out", str(out), *flags]) == 0
+    splits = {s: io.read_table(io.join(str(out), s)) for s in ds.SPLITS}
+    truth = io.read_table(io.join(str(out), "ground_truth.parquet"))
+    return {"splits": splits, "truth": truth, "meta": io.read_json(io.join(str(out), "metadata.json"))}
+
+
+@pytest.fixture(scope="module")
+def composed(tmp_path_factory):
+    out = tmp_path_factory.mktemp("composed")
+    return _make(out, "--limit", "2000", "--noise", COMPOSED, "--rows-per-shard", "700") | {"out": out}
+
+
+@pytest.fixture(scope="module")
+def source_index():
+    """Raw pixels -> index in the source file, to find where each written image came from."""
+    raw = ds.load_fashion_mnist()
+    return {split: {img.tobytes(): i for i, img in enumerate(raw[split][0])} for split in ("train", "test")}
+
+
+def _pixels(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(bytesio.BytesIO(data)))
+
+
+def test_symmetric_rate_and_labels(tmp_path):
+    data = _make(tmp_path, "--limit", "2000", "--noise", "symmetric:0.3")
+    truth = data["truth"].to_pandas()
+    assert data["meta"]["splits"] == {"reference": 2000, "train": 2000, "test": 2000}
+    assert abs((truth.corruption == "symmetric").mean() - 0.3) <= 0.01
+    assert abs((truth.label != truth.clean_label).mean() - 0.3) <= 0.01
+    assert (data["splits"]["train"]["label"].to_numpy() == truth.label.to_numpy()).all()
+
+
+def test_composed_rates_shards_and_layout(composed):
+    truth = composed["truth"].to_pandas()
+    for kind, rate in ds.parse_noise_spec(COMPOSED).items():
+        assert abs((truth.corruption == kind).mean() - rate) <= 0.01, kind
+        assert abs(composed["meta"]["noise_measured"][kind] - rate) <= 0.01
+    assert (truth.corruption == "none").mean() == pytest.approx(0.55, abs=0.01)
+    assert len(io.list_files(io.join(str(composed["out"]), "train"))) == 3  # 2000 rows / 700 per shard
+    names = sorted(p.name for p in Path(composed["out"]).iterdir())
+    assert names == ["config.json", "ground_truth.parquet", "metadata.json", "reference", "test", "train"]
+    assert io.read_json(io.join(str(composed["out"]), "config.json"))["noise"] == COMPOSED
+
+
+def test_splits_are_disjoint_and_keys_unique(composed, source_index):
+    keys = [k for t in composed["splits"].values() for k in t["key"].to_pylist()]
+    assert len(keys) == len(set(keys)) == 6000
+    found = {}
+    for split, table in composed["splits"].items():
+        lookup = source_index["test" if split == "test" else "train"]
+        images = [_pixels(b) for b in table["image"].to_pylist() if ds.decodes(b)]
+        found[split] = {lookup.get(p.tobytes()) for p in images} - {None}
+    assert len(found["reference"]) == 2000 and len(found["test"]) == 2000
+    assert len(found["train"]) >= 2000 * 0.9 - 1  # duplicates are perturbed and corrupt rows unreadable
+    assert not found["reference"] & found["train"]
+    truth = composed["truth"].to_pandas()
+    untouched = truth[~truth.corruption.isin(["duplicate", "corrupt_image"])]
+    assert set(untouched.source_index) <= found["train"]
+
+
+def _names(caption: str, class_name: str) -> bool:
+    return caption in {t.format(class_name) for t in ds.CAPTION_TEMPLATES}
+
+
+def test_ground_truth_matches_rows(composed):
+    train, truth = composed["splits"]["train"].to_pylist(), composed["truth"].to_pylist()
+    classes = composed["meta"]["classes"]
+    by_key = {row["key"]: row for row in train}
+    assert [r["key"] for r in train] == [t["key"] for t in truth]
+    for row, gt in zip(train, truth):
+        kind = gt["corruption"]
+        assert row["label"] == gt["label"] and _names(row["caption"], classes[gt["caption_label"]])
+        assert ds.decodes(row["image"]) == (kind != "corrupt_image")
+        assert (row["label"] != gt["clean_label"]) == (kind in ("symmetric", "pairflip")), gt
+        assert (gt["caption_label"] != gt["clean_label"]) == (kind in ("symmetric", "pairflip", "caption")), gt
+        assert (gt["duplicate_of"] is not None) == (kind == "duplicate")
+        if kind == "duplicate":
+            source = by_key[gt["duplicate_of"]]
+            diff = np.abs(_pixels(row["image"]).astype(int) - _pixels(source["image"]).astype(int)).max()
+            assert 0 < diff <= 8 and row["caption"] == source["caption"] and row["label"] == source["label"]
+    for split in ("reference", "test"):  # clean: every caption names the label
+        table = composed["splits"][split]
+        for caption, label in zip(table["caption"].to_pylist(), table["label"].to_pylist()):
+            assert _names(caption, classes[label])
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_same_seed_same_bytes_other_seed_differs(tmp_path):
+    flags = ["--limit", "300", "--noise", COMPOSED, "--rows-per-shard", "100"]
+    for name, seed in (("a", "7"), ("b", "7"), ("c", "8")):
+        assert main(["--out", str(tmp_path / name), "--seed", seed, *flags]) == 0
+    a, b, c = (_files(tmp_path / n) for n in "abc")
+    a.pop("config.json"), b.pop("config.json"), c.pop("config.json")  # holds --out, which differs
+    assert len(a) == 3 * 4 + 2 and a == b  # 3 shards + _SUCCESS per split, ground truth, metadata
+    assert a["train/part-00000.parquet"] != c["train/part-00000.parquet"]
+    assert a["reference/part-00000.parquet"] != c["reference/part-00000.parquet"]
+
+
+def test_missing_source_exits_2_with_instructions(tmp_path, capsys):
+    assert main(["--out", str(tmp_path / "out"), "--source", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "apt-get install -y dataset-fashion-mnist" in err and "--source" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+BAD_FLAGS = [["--noise", "symmetric:1.5"], ["--noise", "blur:0.1"], ["--limit", "0"], ["--reference-size", "60000"]]
+
+
+@pytest.mark.parametrize("flags", BAD_FLAGS)
+def test_bad_arguments_exit_2(tmp_path, capsys, flags):
+    with pytest.raises(SystemExit) as info:
+        main(["--out", str(tmp_path), *flags])
+    assert info.value.code == 2 and flags[0] in capsys.readouterr().err
+
+
+def test_synthetic_dataset(tmp_path):
+    data = _make(tmp_path, "--synthetic", "--noise", "symmetric:0.25")
+    assert data["meta"]["classes"] == list(ds.SYNTHETIC_CLASSES)
+    assert {s: t.num_rows for s, t in data["splits"].items()} == {"reference": 64, "train": 128, "test": 64}
+    assert (data["truth"]["corruption"].to_numpy(zero_copy_only=False) == "symmetric").sum() == 32
+
+
+def test_writes_to_s3(s3_bucket):
+    url = f"{s3_bucket}/fmnist"
+    data = _make(url, "--limit", "200", "--noise", "caption:0.1")
+    assert data["meta"]["splits"]["train"] == 200 and data["splits"]["train"].num_rows == 200
+    assert (data["truth"]["corruption"].to_numpy(zero_copy_only=False) == "caption").sum() == 20
