@@ -1,0 +1,298 @@
+"""The pruner as a named Ray actor, and the worker-side loss reporter.
+
+    name = actor_name(run_id)                                    # "mmdp-pruner-<run_id>"
+    create_pruner(name, num_samples=n, policy="mmdp", keep_ratio=0.5,
+                  epochs=20, seed=0, consistency=scores)          # driver
+    actor = get_pruner(name)                                      # anywhere in the job
+    ray.get(actor.start_epoch.remote(epoch))                      # once, before the epoch
+    epoch, [ref] = ray.get(actor.current_plan.remote())           # e.g. in a Ray Data stage
+    kept, weights = ray.get(ref)                                  # shared via object store
+    reporter = LossReporter(actor)                                # each training worker
+    reporter.report(batch_indices, per_sample_losses)             # fire-and-forget
+    reporter.flush()                                              # end of epoch
+    ray.get(actor.epoch_summary.remote(epoch))                    # kept, received, missing...
+
+The only Ray Core code of the library; the state and the policies are plain
+NumPy (:mod:`pipeline.pruner`, :mod:`pipeline.policies`).
+"""
+from __future__ import annotations
+
+import time
+import warnings
+
+import numpy as np
+import ray
+
+from pipeline.pruner import Pruner
+
+# A crashed pruner comes back (Ray re-runs __init__ with the same arguments);
+# the train loop then sees info()["reconstructed"] and reloads its checkpoint.
+MAX_RESTARTS = 4
+# Calls in flight when it crashed are retried on the new incarnation instead
+# of failing the training step.
+MAX_TASK_RETRIES = 4
+# Plans kept alive in the object store: the current epoch and the one before
+# (a slow worker may still be fetching it).
+PLANS_CACHED = 2
+
+
+def actor_name(run_id: str) -> str:
+    """The name the pruning actor of run ``run_id`` is registered under."""
+    return f"mmdp-pruner-{run_id}"
+
+
+@ray.remote(num_cpus=0, max_restarts=MAX_RESTARTS, max_task_retries=MAX_TASK_RETRIES)
+class PruningActor:
+    """A :class:`~pipeline.pruner.Pruner` shared by the driver and all workers.
+
+    num_cpus=0: it is mostly idle and must not take a CPU slot that Ray Data
+    or a training worker needs (see ENVIRONMENT.md, deadlocks on 2 cores).
+    Calls run one at a time, so updates and plans never interleave.
+
+    Args are those of :class:`~pipeline.pruner.Pruner`.
+    """
+
+    def __init__(self, num_samples: int, policy: str = "mmdp", keep_ratio: float = 0.5,
+                 epochs: int = 20, seed: int = 0, consistency: np.ndarray | None = None,
+                 loss_momentum: float = 0.5, policy_params: dict | None = None):
+        self._pruner = Pruner(num_samples, policy, keep_ratio=keep_ratio, epochs=epochs,
+                              seed=seed, consistency=consistency,
+                              loss_momentum=loss_momentum, policy_params=policy_params)
+        self._plan_refs: dict[int, ray.ObjectRef] = {}
+        # Per-epoch kept bitmaps and weight stats for plan_log (n/8 bytes an epoch).
+        self._log: dict[int, tuple[np.ndarray, dict]] = {}
+
+    def info(self) -> dict:
+        """Config, current epoch, and whether Ray restarted this actor.
+
+        ``reconstructed`` True means the state is back to its initial value:
+        load the last checkpoint with ``load_state_dict``.
+        """
+        with warnings.catch_warnings():
+            # Ray 2.58 flags an internal call of this property as deprecated.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            reconstructed = ray.get_runtime_context().was_current_actor_reconstructed
+        return {"config": self._pruner.config, "current_epoch": self._pruner.current_epoch,
+                "nbytes": self._pruner.nbytes, "reconstructed": bool(reconstructed)}
+
+    def update(self, indices: np.ndarray, losses: np.ndarray, epoch: int | None = None) -> int:
+        """Records per-sample losses (default epoch: the current one); returns the count."""
+        return self._pruner.update(indices, losses, epoch)
+
+    def start_epoch(self, epoch: int) -> int:
+        """Makes ``epoch`` current: plans it (before any of its losses) and publishes it.
+
+        Call once per epoch, before anyone reads the plan; returns its kept count.
+        """
+        self.plan_ref(epoch)
+        self._pruner.current_epoch = int(epoch)
+        return self._pruner.kept_count(epoch)
+
+    def current_plan(self) -> tuple[int, list[ray.ObjectRef]]:
+        """(current epoch, ``[ref]`` to its plan), for stages that do not know the epoch."""
+        epoch = self._pruner.current_epoch
+        return epoch, self.plan_ref(epoch)
+
+    def plan_ref(self, epoch: int) -> list[ray.ObjectRef]:
+        """``[ref]`` to the object-store copy of ``plan(epoch)`` = (kept, weights).
+
+        Wrapped in a list so Ray hands the caller the reference itself (one
+        copy in the object store, zero-copy reads) rather than the arrays.
+        The object is owned by this actor: if it dies, ask again.
+        """
+        epoch = int(epoch)
+        if epoch not in self._plan_refs:
+            kept, weights = self._pruner.plan(epoch)
+            self._plan_refs[epoch] = ray.put((kept, weights))
+            for old in sorted(self._plan_refs)[:-PLANS_CACHED]:
+                del self._plan_refs[old]
+            self._log[epoch] = (np.packbits(_mask(kept, self._pruner.num_samples)),
+                                _weight_stats(weights))
+        return [self._plan_refs[epoch]]
+
+    def kept_count(self, epoch: int) -> int:
+        return self._pruner.kept_count(epoch)
+
+    def kept_counts(self, epochs: int) -> list[int]:
+        """Kept counts of epochs 0..epochs-1 (to size a learning-rate schedule)."""
+        return [self._pruner.kept_count(e) for e in range(int(epochs))]
+
+    def losses_received(self, epoch: int) -> int:
+        return self._pruner.losses_received(epoch)
+
+    def missing(self, epoch: int) -> int:
+        return self._pruner.missing(epoch)
+
+    def epoch_summary(self, epoch: int) -> dict:
+        """Metrics of a finished epoch's plan (JSON-safe), prefixed ``plan_``.
+
+        ``plan_losses_received == plan_kept`` with ``plan_missing == 0`` means
+        every kept sample reported exactly one loss.
+        """
+        epoch = int(epoch)
+        summary = {"plan_kept": self._pruner.kept_count(epoch),
+                   "plan_losses_received": self._pruner.losses_received(epoch)}
+        if epoch in self._log:
+            summary.update({f"plan_{k}": v for k, v in self._log[epoch][1].items()})
+        try:
+            summary["plan_missing"] = self._pruner.missing(epoch)
+        except ValueError:
+            pass  # not the latest planned epoch: its plan is no longer memoised
+        return summary
+
+    def plan_log(self, include_indices: bool = False) -> list[dict]:
+        """One JSON-safe entry per epoch planned by this actor incarnation.
+
+        Args:
+            include_indices: add each epoch's sorted ``kept`` indices (n/8
+                bytes an epoch are kept in memory; the list itself is large).
+        """
+        entries = []
+        for epoch in sorted(self._log):
+            bits, stats = self._log[epoch]
+            entry = {"epoch": epoch, "kept": self._pruner.kept_count(epoch),
+                     "losses_received": self._pruner.losses_received(epoch), **stats}
+            if include_indices:
+                mask = np.unpackbits(bits, count=self._pruner.num_samples).astype(bool)
+                entry["kept_indices"] = np.flatnonzero(mask).tolist()
+            entries.append(entry)
+        return entries
+
+    def state_dict(self) -> dict:
+        return self._pruner.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restores a saved state; cached plans are dropped (they came from the old one)."""
+        self._pruner.load_state_dict(state)
+        self._plan_refs.clear()
+
+
+def _mask(kept: np.ndarray, n: int) -> np.ndarray:
+    mask = np.zeros(n, dtype=bool)
+    mask[kept] = True
+    return mask
+
+
+def _weight_stats(weights: np.ndarray) -> dict:
+    if len(weights) == 0:
+        return {"weight_mean": 0.0, "weight_max": 0.0, "weight_sum": 0.0}
+    return {"weight_mean": float(weights.mean(dtype=np.float64)), "weight_max": float(weights.max()),
+            "weight_sum": float(weights.sum(dtype=np.float64))}
+
+
+def create_pruner(name: str, num_samples: int, *, namespace: str | None = None,
+                  detached: bool = False, **pruner_args) -> ray.actor.ActorHandle:
+    """Starts the pruning actor registered as ``name``, or returns it if it already runs.
+
+    Args:
+        name: the actor's name, by convention ``actor_name(run_id)``; a
+            second call with the same name gets the existing actor (its
+            arguments are then ignored).
+        num_samples: n.
+        namespace: Ray namespace; None = the job's own.
+        detached: outlive the driver (for drivers that restart); then the
+            caller must ``ray.kill`` it when the run is over.
+        **pruner_args: ``policy``, ``keep_ratio``, ``epochs``, ``seed``,
+            ``consistency``, ``loss_momentum``, ``policy_params``.
+    """
+    options = {"name": name, "get_if_exists": True}
+    if namespace is not None:
+        options["namespace"] = namespace
+    if detached:
+        options["lifetime"] = "detached"
+    return PruningActor.options(**options).remote(num_samples, **pruner_args)
+
+
+def get_pruner(name: str, namespace: str | None = None,
+               timeout_s: float = 30.0) -> ray.actor.ActorHandle:
+    """The pruning actor registered as ``name``, waiting up to ``timeout_s`` for it.
+
+    Workers may start before the driver's actor registration is visible, so
+    a missing name is retried briefly before the ValueError propagates.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return ray.get_actor(name, namespace=namespace)
+        except ValueError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.2)
+
+
+def fetch_plan(actor: ray.actor.ActorHandle, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+    """(kept, weights) of ``epoch``, read from the object store (read-only arrays)."""
+    [ref] = ray.get(actor.plan_ref.remote(epoch))
+    return ray.get(ref)
+
+
+class LossReporter:
+    """Sends per-sample losses to the pruning actor without stalling training.
+
+    ``report`` buffers losses and ships them in chunks of ``chunk_size``
+    (fewer, larger actor calls); at most ``max_in_flight`` calls are
+    outstanding, and only past that does it wait (``ray.wait``) for the
+    oldest. Errors raised by the actor surface at the next wait or at
+    ``flush``. One reporter per worker; not thread-safe.
+
+    Args:
+        actor: a :class:`PruningActor` handle.
+        max_in_flight: outstanding ``update`` calls before ``report`` waits.
+        chunk_size: losses buffered before a call is made; 1 sends each report.
+    """
+
+    def __init__(self, actor: ray.actor.ActorHandle, max_in_flight: int = 8,
+                 chunk_size: int = 4096):
+        if max_in_flight < 1 or chunk_size < 1:
+            raise ValueError("max_in_flight and chunk_size must be >= 1")
+        self._actor = actor
+        self._max_in_flight = max_in_flight
+        self._chunk_size = chunk_size
+        self._in_flight: list[ray.ObjectRef] = []
+        self._buffer: list[tuple[np.ndarray, np.ndarray]] = []
+        self._buffered = 0
+        self._epoch: int | None = None
+        self.sent = 0  # losses handed to the actor (delivered once flush() returns)
+
+    def report(self, indices, losses, epoch: int | None = None) -> None:
+        """Queues losses of the samples ``indices`` (NumPy arrays or CPU tensors)."""
+        if epoch != self._epoch and self._buffered:
+            self._send()  # a chunk carries one epoch
+        self._epoch = epoch
+        idx, values = _numpy(indices).astype(np.int64, copy=False), _numpy(losses)
+        if idx.shape != values.shape:
+            raise ValueError(f"indices {idx.shape} and losses {values.shape} differ in shape")
+        self._buffer.append((idx.ravel(), values.ravel()))
+        self._buffered += idx.size
+        if self._buffered >= self._chunk_size:
+            self._send()
+
+    def flush(self) -> int:
+        """Sends what is buffered, waits until the actor recorded everything.
+
+        Returns:
+            The total number of losses delivered by this reporter so far.
+        """
+        if self._buffered:
+            self._send()
+        ray.get(self._in_flight)
+        self._in_flight = []
+        return self.sent
+
+    def _send(self) -> None:
+        if len(self._in_flight) >= self._max_in_flight:
+            surplus = len(self._in_flight) - self._max_in_flight + 1
+            done, self._in_flight = ray.wait(self._in_flight, num_returns=surplus)
+            ray.get(done)  # re-raise an actor error here rather than never
+        idx = np.concatenate([i for i, _ in self._buffer])
+        values = np.concatenate([v for _, v in self._buffer])
+        self._in_flight.append(self._actor.update.remote(idx, values, self._epoch))
+        self.sent += idx.size
+        self._buffer, self._buffered = [], 0
+
+
+def _numpy(x) -> np.ndarray:
+    """NumPy view of an array or a (CPU, possibly grad-tracking) torch tensor."""
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x)

@@ -1,0 +1,232 @@
+"""Per-sample pruning state in dense arrays, and each epoch's plan from it.
+
+    pruner = Pruner(len(pool), policy="mmdp", keep_ratio=0.5, epochs=20, seed=0,
+                    consistency=scores["clip_score"])
+    for epoch in range(20):
+        kept, weights = pruner.plan(epoch)       # train on kept only, loss * weights
+        ...
+        pruner.update(batch_indices, per_sample_losses, epoch)
+        assert pruner.losses_received(epoch) == pruner.kept_count(epoch)
+
+Samples are integer indices 0..n-1 (the caller maps keys to indices once).
+State is three arrays, 12 bytes a sample: the loss moving average (float32),
+the last epoch a loss arrived (int32, -1 = never) and the consistency rank
+(float32, stored once). Everything is vectorised: no per-sample Python.
+
+No Ray here; :mod:`pipeline.actors` wraps this in a Ray actor.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.policies import PlanState, Policy, make_policy, rank_normalise, target_count
+
+STATE_VERSION = 1
+
+
+class Pruner:
+    """Holds per-sample loss and consistency state and plans each epoch.
+
+    Args:
+        num_samples: n; samples are the indices 0..n-1.
+        policy: a registered policy name (see ``pipeline.policies.POLICIES``)
+            or a ``Policy`` instance.
+        keep_ratio: fraction of samples a pruning epoch keeps, in (0, 1].
+        epochs: total epochs of the run (annealing policies need it).
+        seed: with the epoch, seeds each plan's random draws.
+        consistency: optional [n] raw cross-modal scores (any scale; higher =
+            more consistent, NaN = unscored and least consistent). Only their
+            ranks are kept.
+        loss_momentum: m in ``ema = m * ema + (1 - m) * loss``; the first
+            loss a sample gets is taken as is. Smooths out one noisy epoch.
+        policy_params: knobs passed to the policy when ``policy`` is a name.
+    """
+
+    def __init__(self, num_samples: int, policy: str | Policy = "mmdp",
+                 keep_ratio: float = 0.5, epochs: int = 20, seed: int = 0,
+                 consistency: np.ndarray | None = None, loss_momentum: float = 0.5,
+                 policy_params: dict | None = None):
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        if not 0.0 < keep_ratio <= 1.0:
+            raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
+        if epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {epochs}")
+        if not 0.0 <= loss_momentum < 1.0:
+            raise ValueError(f"loss_momentum must be in [0, 1), got {loss_momentum}")
+        if isinstance(policy, str):
+            policy = make_policy(policy, **(policy_params or {}))
+        elif policy_params:
+            raise ValueError("policy_params only applies when policy is given by name")
+        if policy.needs_consistency and consistency is None:
+            raise ValueError(f"policy {policy.name!r} needs consistency scores")
+        self.num_samples = int(num_samples)
+        self.policy = policy
+        self.keep_ratio = float(keep_ratio)
+        self.epochs = int(epochs)
+        self.seed = int(seed)
+        self.loss_momentum = float(loss_momentum)
+        self._loss = np.zeros(self.num_samples, dtype=np.float32)
+        self._last_seen = np.full(self.num_samples, -1, dtype=np.int32)
+        self._consistency = None
+        if consistency is not None:
+            consistency = np.asarray(consistency)
+            if consistency.shape != (self.num_samples,):
+                raise ValueError(f"consistency has shape {consistency.shape}, "
+                                 f"expected ({self.num_samples},)")
+            self._consistency = rank_normalise(consistency)
+        self._received: dict[int, int] = {}
+        self.current_epoch = 0  # the latest epoch planned: update()'s default epoch
+        self._cached: tuple[int, np.ndarray, np.ndarray] | None = None
+
+    @property
+    def config(self) -> dict:
+        """What must match for a saved state to reproduce the same plans."""
+        return {"num_samples": self.num_samples, "policy": self.policy.name,
+                "policy_params": self.policy.params(), "keep_ratio": self.keep_ratio,
+                "epochs": self.epochs, "seed": self.seed, "loss_momentum": self.loss_momentum}
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of per-sample state (the design budget is 16 a sample)."""
+        arrays = [self._loss, self._last_seen, self._consistency]
+        return sum(a.nbytes for a in arrays if a is not None)
+
+    def update(self, indices: np.ndarray, losses: np.ndarray, epoch: int | None = None) -> int:
+        """Records per-sample training losses; returns how many were recorded.
+
+        Args:
+            indices: int [b] sample indices (repeats allowed: the last wins).
+            losses: [b] per-sample losses, finite.
+            epoch: the epoch they were computed in; defaults to the latest
+                epoch planned (``current_epoch``).
+        """
+        idx = np.asarray(indices)
+        values = np.asarray(losses, dtype=np.float32)
+        if idx.ndim != 1 or values.shape != idx.shape:
+            raise ValueError(f"indices {idx.shape} and losses {values.shape} must be equal 1-d")
+        if idx.size == 0:
+            return 0
+        if not np.issubdtype(idx.dtype, np.integer):
+            raise TypeError(f"indices must be integers, got {idx.dtype}")
+        if idx.min() < 0 or idx.max() >= self.num_samples:
+            raise IndexError(f"indices must lie in [0, {self.num_samples}), "
+                             f"got [{idx.min()}, {idx.max()}]")
+        if not np.isfinite(values).all():
+            raise ValueError(f"{int(np.count_nonzero(~np.isfinite(values)))} of "
+                             f"{values.size} losses are not finite")
+        e = self.current_epoch if epoch is None else int(epoch)
+        prev = self._last_seen[idx]
+        m = np.float32(self.loss_momentum)
+        blended = m * self._loss[idx] + (np.float32(1.0) - m) * values
+        self._loss[idx] = np.where(prev >= 0, blended, values)
+        # max, so a late report from an older epoch never rewinds "last seen".
+        self._last_seen[idx] = np.maximum(prev, e)
+        self._received[e] = self._received.get(e, 0) + int(idx.size)
+        return int(idx.size)
+
+    def plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """The samples to train on at ``epoch`` and their loss weights.
+
+        A pure function of (state, epoch, seed). The latest epoch's plan is
+        memoised, so asking again mid-epoch (after some losses arrived) gives
+        the same plan; an earlier epoch is recomputed from the current state.
+
+        Returns:
+            (kept, weights): sorted int64 indices and float32 weights.
+        """
+        epoch = int(epoch)
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        if self._cached is not None and self._cached[0] == epoch:
+            return self._cached[1], self._cached[2]
+        state = PlanState(loss=self._loss, seen=self._last_seen >= 0,
+                          consistency=self._consistency, keep_ratio=self.keep_ratio,
+                          epochs=self.epochs)
+        kept, weights = self.policy.select(state, epoch, np.random.default_rng([self.seed, epoch]))
+        expected = self.kept_count(epoch)
+        if len(kept) != expected:
+            raise AssertionError(f"policy {self.policy.name!r} kept {len(kept)} at epoch "
+                                 f"{epoch}, kept_count says {expected}")
+        kept.flags.writeable = False  # shared with every caller of plan()
+        weights.flags.writeable = False
+        if epoch >= self.current_epoch:
+            self.current_epoch = epoch
+            self._cached = (epoch, kept, weights)
+        return kept, weights
+
+    def kept_count(self, epoch: int) -> int:
+        """How many samples ``plan(epoch)`` keeps; known before any loss is seen."""
+        return self.policy.kept_count(self.num_samples, self.keep_ratio, self.epochs, int(epoch))
+
+    def target(self) -> int:
+        """``round(keep_ratio * n)``, the kept count of a pruning epoch."""
+        return target_count(self.num_samples, self.keep_ratio)
+
+    def losses_received(self, epoch: int) -> int:
+        """How many losses were recorded for ``epoch`` (repeats counted)."""
+        return self._received.get(int(epoch), 0)
+
+    def missing(self, epoch: int) -> int:
+        """How many samples kept at ``epoch`` have no loss from that epoch.
+
+        With ``losses_received(epoch) == kept_count(epoch)``, zero missing
+        means every kept sample got exactly one loss. Only for the latest
+        planned epoch, whose plan is memoised.
+        """
+        if self._cached is None or self._cached[0] != int(epoch):
+            raise ValueError(f"epoch {epoch} is not the latest planned epoch")
+        return int(np.count_nonzero(self._last_seen[self._cached[1]] < int(epoch)))
+
+    def state_dict(self) -> dict:
+        """Everything needed to reproduce future plans, as plain values.
+
+        Arrays are NumPy; the rest are Python scalars, strings, dicts and
+        None. ``torch.load(weights_only=True)`` refuses NumPy arrays, so a
+        torch checkpoint should store ``torch.from_numpy(v)`` for the arrays
+        (``load_state_dict`` accepts tensors back as they are).
+        """
+        epochs_seen = sorted(self._received)
+        return {
+            "version": STATE_VERSION,
+            "config": self.config,
+            "current_epoch": self.current_epoch,
+            "loss": self._loss.copy(),
+            "last_seen": self._last_seen.copy(),
+            "consistency": None if self._consistency is None else self._consistency.copy(),
+            "received_epochs": np.asarray(epochs_seen, dtype=np.int64),
+            "received_counts": np.asarray([self._received[e] for e in epochs_seen], dtype=np.int64),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restores a ``state_dict()``; the config must match this pruner's."""
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"pruner state version {state.get('version')!r}, "
+                             f"expected {STATE_VERSION}")
+        differ = sorted(k for k, v in self.config.items() if state["config"].get(k) != v)
+        if differ:
+            raise ValueError("pruner state was saved with a different config: " + ", ".join(
+                f"{k}={state['config'].get(k)!r} (now {self.config[k]!r})" for k in differ))
+        self._loss = _array(state["loss"], np.float32, self.num_samples)
+        self._last_seen = _array(state["last_seen"], np.int32, self.num_samples)
+        if state["consistency"] is not None:
+            self._consistency = _array(state["consistency"], np.float32, self.num_samples)
+        elif self.policy.needs_consistency:
+            raise ValueError(f"saved state has no consistency; {self.policy.name!r} needs it")
+        else:
+            self._consistency = None
+        epochs_seen = np.asarray(state["received_epochs"]).tolist()
+        counts = np.asarray(state["received_counts"]).tolist()
+        self._received = {int(e): int(c) for e, c in zip(epochs_seen, counts)}
+        self.current_epoch = int(state["current_epoch"])
+        self._cached = None
+
+
+def _array(value, dtype, length: int) -> np.ndarray:
+    """A private, writable copy (accepts NumPy arrays and CPU torch tensors)."""
+    if hasattr(value, "numpy"):  # a torch tensor; no torch import needed here
+        value = value.numpy()
+    out = np.array(value, dtype=dtype, copy=True)
+    if out.shape != (length,):
+        raise ValueError(f"saved array has shape {out.shape}, expected ({length},)")
+    return out

@@ -1,0 +1,155 @@
+"""The pruning actor on a real local Ray: named lookup, loss delivery, shared plans, restarts."""
+from __future__ import annotations
+
+import time
+import uuid
+
+import numpy as np
+import pytest
+
+from pipeline.pruner import Pruner
+
+N, EPOCHS = 4000, 6
+ARGS = dict(policy="mmdp", keep_ratio=0.5, epochs=EPOCHS, seed=3,
+            consistency=np.random.default_rng(0).random(N))
+
+
+@pytest.fixture(scope="module")
+def ray_local(request):
+    """The session's Ray cluster (conftest's ``ray_session``) or, alone, a local one."""
+    try:
+        yield request.getfixturevalue("ray_session")
+        return
+    except pytest.FixtureLookupError:
+        pass
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def pruner(ray_local):
+    from pipeline.actors import actor_name, create_pruner
+
+    name = actor_name(uuid.uuid4().hex[:8])
+    actor = create_pruner(name, N, **ARGS)
+    yield name, actor
+    ray_local.kill(actor)
+
+
+def test_workers_find_the_named_actor_and_deliver_every_loss_exactly_once(ray_local, pruner):
+    name, actor = pruner
+    ray = ray_local
+
+    @ray.remote(num_cpus=0)
+    def worker(name: str, part: int, parts: int, epoch: int) -> int:
+        """A training worker: finds the actor by name, reads the plan, reports its share."""
+        from pipeline.actors import LossReporter, get_pruner
+
+        actor = get_pruner(name)
+        plan_epoch, [ref] = ray.get(actor.current_plan.remote())
+        assert plan_epoch == epoch
+        kept, _ = ray.get(ref)
+        mine = kept[part::parts]
+        reporter = LossReporter(actor, max_in_flight=2, chunk_size=50)
+        for start in range(0, len(mine), 32):  # batches of 32; loss = a function of the index
+            batch = mine[start:start + 32]
+            reporter.report(batch, (batch % 97).astype(np.float32) + epoch)
+        return reporter.flush()
+
+    local = Pruner(N, **ARGS)
+    for epoch in range(2):
+        assert ray.get(actor.start_epoch.remote(epoch)) == local.kept_count(epoch)
+        sent = ray.get([worker.remote(name, part, 3, epoch) for part in range(3)])
+        kept, _ = local.plan(epoch)
+        assert sum(sent) == len(kept)
+        summary = ray.get(actor.epoch_summary.remote(epoch))
+        assert summary["plan_losses_received"] == summary["plan_kept"] == len(kept)
+        assert summary["plan_missing"] == 0
+        local.update(kept, (kept % 97).astype(np.float32) + epoch, epoch)
+    state = ray.get(actor.state_dict.remote())
+    np.testing.assert_array_equal(state["loss"], local.state_dict()["loss"])
+    np.testing.assert_array_equal(state["last_seen"], local.state_dict()["last_seen"])
+
+
+def test_plan_ref_equals_the_plain_pruner_plan_and_is_shared(ray_local, pruner):
+    from pipeline.actors import fetch_plan
+
+    _, actor = pruner
+    local = Pruner(N, **ARGS)
+    [ref] = ray_local.get(actor.plan_ref.remote(0))
+    [again] = ray_local.get(actor.plan_ref.remote(0))
+    assert isinstance(ref, ray_local.ObjectRef) and ref == again  # one object, not a copy per call
+    kept, weights = ray_local.get(ref)
+    np.testing.assert_array_equal(kept, local.plan(0)[0])
+    np.testing.assert_array_equal(weights, local.plan(0)[1])
+    np.testing.assert_array_equal(fetch_plan(actor, 0)[0], kept)
+    assert ray_local.get(actor.kept_counts.remote(EPOCHS)) == [local.kept_count(e) for e in range(EPOCHS)]
+
+
+def test_create_pruner_with_the_same_name_returns_the_running_actor(ray_local, pruner):
+    from pipeline.actors import create_pruner, get_pruner
+
+    name, actor = pruner
+    ray_local.get(actor.update.remote(np.array([1, 2]), np.array([0.5, 0.5]), 0))
+    twin = create_pruner(name, N, **ARGS)
+    assert ray_local.get(twin.losses_received.remote(0)) == 2
+    assert ray_local.get(get_pruner(name).losses_received.remote(0)) == 2
+    with pytest.raises(ValueError):
+        get_pruner(name + "-missing", timeout_s=0.5)
+
+
+def test_reporter_surfaces_actor_errors_at_flush(ray_local, pruner):
+    from pipeline.actors import LossReporter
+
+    _, actor = pruner
+    reporter = LossReporter(actor, chunk_size=1)
+    reporter.report(np.array([N + 5]), np.array([1.0]))
+    with pytest.raises(ray_local.exceptions.RayTaskError, match="indices must lie in"):
+        reporter.flush()
+
+
+def test_a_killed_actor_restarts_and_reloads_its_checkpoint_to_the_same_plans(ray_local, pruner):
+    from pipeline.actors import fetch_plan
+
+    _, actor = pruner
+
+    def run(epochs):
+        plans = []
+        for epoch in epochs:
+            kept, weights = fetch_plan(actor, epoch)
+            ray_local.get(actor.update.remote(kept, np.sqrt(kept.astype(np.float32)), epoch))
+            plans.append((kept, weights))
+        return plans
+
+    run(range(2))
+    checkpoint = ray_local.get(actor.state_dict.remote())  # end of epoch 1
+    expected = run(range(2, 4))
+    ray_local.kill(actor, no_restart=False)  # Ray restarts it with its creation arguments
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            info = ray_local.get(actor.info.remote())
+            break
+        except ray_local.exceptions.RayActorError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+    assert info["reconstructed"] and info["current_epoch"] == 0
+    ray_local.get(actor.load_state_dict.remote(checkpoint))
+    for (kept, weights), (again, again_weights) in zip(expected, run(range(2, 4))):
+        np.testing.assert_array_equal(again, kept)
+        np.testing.assert_array_equal(again_weights, weights)
+
+
+def test_plan_log_records_each_epoch_and_its_kept_samples(ray_local, pruner):
+    _, actor = pruner
+    for epoch in range(2):
+        ray_local.get(actor.start_epoch.remote(epoch))
+    log = ray_local.get(actor.plan_log.remote(include_indices=True))
+    local = Pruner(N, **ARGS)
+    assert [entry["epoch"] for entry in log] == [0, 1]
+    assert log[0]["kept_indices"] == local.plan(0)[0].tolist()
+    assert log[0]["kept"] == N // 2 and log[0]["weight_sum"] == pytest.approx(N - 0.2 * N)

@@ -1,0 +1,199 @@
+"""The pruning policies on synthetic per-sample state (no Ray, no pruner)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline import policies as P
+
+N, EPOCHS = 2000, 10
+
+
+def make_state(n=N, keep_ratio=0.5, seen_frac=1.0, seed=0, consistency=True):
+    """Skewed losses (most samples learned, a tail of hard ones), ranks of uniform scores."""
+    rng = np.random.default_rng(seed)
+    loss = rng.exponential(0.5, n).astype(np.float32)
+    seen = rng.random(n) < seen_frac
+    cons = P.rank_normalise(rng.random(n)) if consistency else None
+    return P.PlanState(loss=loss, seen=seen, consistency=cons, keep_ratio=keep_ratio, epochs=EPOCHS)
+
+
+def select(policy, state, epoch, seed=0):
+    return policy.select(state, epoch, np.random.default_rng([seed, epoch]))
+
+
+def test_registry_has_the_five_policies_and_rejects_unknown_names():
+    assert sorted(P.POLICIES) == ["clip_filter", "full", "infobatch", "mmdp", "random"]
+    assert P.make_policy("mmdp", noise_fraction=0.3).noise_fraction == 0.3
+    with pytest.raises(ValueError, match="clip_filter"):
+        P.make_policy("nope")
+    with pytest.raises(ValueError, match="delta"):
+        P.make_policy("infobatch", delta=1.5)
+
+
+def test_target_count_rounds_half_up_and_stays_in_range():
+    assert P.target_count(10, 0.25) == 3  # 2.5 -> 3
+    assert P.target_count(1000, 0.3) == 300
+    assert P.target_count(5, 0.01) == 1
+    assert P.target_count(7, 1.0) == 7
+
+
+def test_rank_normalise_ignores_score_scale_and_ranks_nan_lowest():
+    scores = np.array([0.31, -0.2, 0.9, np.nan, 0.05])
+    ranks = P.rank_normalise(scores)
+    np.testing.assert_allclose(ranks, [0.7, 0.3, 0.9, 0.1, 0.5])
+    np.testing.assert_array_equal(P.rank_normalise(np.exp(5 * np.nan_to_num(scores, nan=-9))), ranks)
+
+
+def test_approx_rank_is_close_to_exact_rank_on_the_masked_values():
+    rng = np.random.default_rng(1)
+    values = rng.lognormal(0, 2, 20_000).astype(np.float32)  # heavy tail
+    mask = rng.random(len(values)) < 0.7
+    approx = P.approx_rank(values, mask)
+    exact = P.rank_normalise(values[mask])
+    assert np.abs(approx[mask] - exact).max() < 2e-3
+    assert (approx[~mask] == 0).all()
+    np.testing.assert_array_equal(P.approx_rank(np.ones(4), np.array([1, 1, 0, 1], bool)), [0.5, 0.5, 0, 0.5])
+
+
+@pytest.mark.parametrize("n_hard,n_well,k", [(300, 700, 500), (600, 400, 500), (900, 100, 500),
+                                             (100, 900, 150), (0, 50, 10), (50, 0, 10), (10, 990, 1000)])
+def test_allocate_fills_k_exactly_and_favours_hard_samples(n_hard, n_well, k):
+    keep_hard, keep_well = P.allocate(n_hard, n_well, k, max_prune_prob=0.75)
+    assert keep_hard + keep_well == k
+    assert 0 <= keep_hard <= n_hard and 0 <= keep_well <= n_well
+    if n_hard and n_well:
+        assert keep_well >= 1 and keep_hard / n_hard >= keep_well / n_well - 1e-9
+    if n_hard + (1 - 0.75) * n_well <= k:
+        assert keep_hard == n_hard  # the budget allows every hard sample
+
+
+@pytest.mark.parametrize("name", ["random", "infobatch", "clip_filter", "mmdp"])
+@pytest.mark.parametrize("keep_ratio", [0.1, 0.3, 0.5, 0.77])
+def test_pruning_epochs_keep_exactly_round_keep_ratio_n(name, keep_ratio):
+    policy = P.make_policy(name)
+    for seen_frac in (0.0, 0.6, 1.0):
+        state = make_state(keep_ratio=keep_ratio, seen_frac=seen_frac)
+        for epoch in range(EPOCHS):
+            kept, weights = select(policy, state, epoch)
+            expected = policy.kept_count(N, keep_ratio, EPOCHS, epoch)
+            assert len(kept) == len(weights) == expected
+            if not P.is_annealing(epoch, EPOCHS, getattr(policy, "delta", 1.0)):
+                assert expected == round(keep_ratio * N)
+            assert kept.dtype == np.int64 and weights.dtype == np.float32
+            assert (np.diff(kept) > 0).all() and (weights > 0).all()
+
+
+def test_full_keeps_everything_with_weight_one():
+    kept, weights = select(P.make_policy("full"), make_state(), 3)
+    np.testing.assert_array_equal(kept, np.arange(N))
+    assert (weights == 1).all()
+
+
+def test_random_draws_a_new_subset_each_epoch_and_the_same_one_for_the_same_seed():
+    policy, state = P.make_policy("random"), make_state()
+    a, wa = select(policy, state, 1)
+    b, _ = select(policy, state, 2)
+    np.testing.assert_array_equal(a, select(policy, state, 1)[0])
+    assert len(np.intersect1d(a, b)) < 0.6 * len(a) and (wa == 1).all()
+
+
+def test_clip_filter_keeps_exactly_the_top_fraction_every_epoch():
+    raw = np.random.default_rng(3).normal(size=N)
+    state = P.PlanState(loss=np.zeros(N, np.float32), seen=np.zeros(N, bool),
+                        consistency=P.rank_normalise(raw), keep_ratio=0.3, epochs=EPOCHS)
+    top = np.sort(np.argsort(raw)[-600:])
+    for epoch in (0, 5, 9):
+        kept, weights = select(P.make_policy("clip_filter"), state, epoch, seed=epoch)
+        np.testing.assert_array_equal(kept, top)
+        assert (weights == 1).all()
+
+
+def weighted_sums(policy, state, epoch, eligible, seeds=400):
+    """Mean over seeds of sum(w * loss) over kept, and the eligible set's loss sum."""
+    total = np.mean([np.dot(*_gather(select(policy, state, epoch, seed), state.loss))
+                     for seed in range(seeds)])
+    return total, float(state.loss[eligible].sum(dtype=np.float64))
+
+
+def _gather(plan, loss):
+    kept, weights = plan
+    return weights.astype(np.float64), loss[kept].astype(np.float64)
+
+
+@pytest.mark.parametrize("keep_ratio", [0.2, 0.5, 0.7])
+def test_infobatch_weights_keep_the_weighted_loss_sum_unbiased(keep_ratio):
+    state = make_state(keep_ratio=keep_ratio, seen_frac=0.9)
+    estimate, truth = weighted_sums(P.make_policy("infobatch"), state, 2, np.ones(N, bool))
+    assert estimate == pytest.approx(truth, rel=0.01)
+
+
+@pytest.mark.parametrize("keep_ratio", [0.2, 0.5, 0.7])
+@pytest.mark.parametrize("epoch", [0, 4])
+def test_mmdp_weights_keep_the_eligible_loss_sum_unbiased(keep_ratio, epoch):
+    policy = P.make_policy("mmdp")
+    state = make_state(keep_ratio=keep_ratio, seen_frac=0.0 if epoch == 0 else 0.9)
+    eligible = ~policy.noisy(state, epoch)
+    assert eligible.sum() == N - policy.noise_count(N, keep_ratio)
+    estimate, truth = weighted_sums(policy, state, epoch, eligible)
+    assert estimate == pytest.approx(truth, rel=0.01)
+    kept, _ = select(policy, state, epoch)
+    assert eligible[kept].all()  # never trains on what it dropped as noise
+
+
+def test_infobatch_prunes_only_well_learned_samples_when_the_budget_allows():
+    state = make_state(keep_ratio=0.7, seen_frac=1.0)
+    kept, weights = select(P.make_policy("infobatch"), state, 1)
+    hard = state.loss >= state.loss.mean(dtype=np.float64)
+    assert np.isin(np.flatnonzero(hard), kept).all()
+    assert (weights[hard[kept]] == 1).all() and (weights[~hard[kept]] > 1).all()
+
+
+@pytest.mark.parametrize("name", ["infobatch", "mmdp"])
+def test_annealing_epochs_train_every_consistent_sample_with_weight_one(name):
+    policy = P.make_policy(name, delta=0.8)  # epochs 8 and 9 of 10 anneal
+    state = make_state(seen_frac=1.0)
+    for epoch in (8, 9):
+        kept, weights = select(policy, state, epoch)
+        eligible = ~policy.noisy(state, epoch) if name == "mmdp" else np.ones(N, bool)
+        np.testing.assert_array_equal(kept, np.flatnonzero(eligible))
+        assert (weights == 1).all()
+    assert len(select(policy, state, 7)[0]) == N // 2  # still pruning
+
+
+def synthetic_noise(n=5000, noisy_share=0.3, separation=0.2, seed=0):
+    """A noisy flag and consistency scores where noisy samples score lower on average."""
+    rng = np.random.default_rng(seed)
+    noisy = rng.random(n) < noisy_share
+    raw = np.where(noisy, rng.normal(0.5 - separation / 2, 0.15, n), rng.normal(0.5 + separation / 2, 0.15, n))
+    return noisy, P.rank_normalise(raw)
+
+
+def test_mmdp_drops_low_consistency_noise_from_epoch_zero_on():
+    noisy, cons = synthetic_noise(separation=2.0)  # the scorer separates the noise
+    n = len(noisy)
+    state = P.PlanState(loss=np.zeros(n, np.float32), seen=np.zeros(n, bool), consistency=cons,
+                        keep_ratio=0.5, epochs=EPOCHS)
+    policy = P.make_policy("mmdp", noise_fraction=noisy.mean())
+    kept, _ = select(policy, state, 0)
+    assert noisy[kept].sum() == 0
+    anneal, weights = select(policy, state, EPOCHS - 1)
+    np.testing.assert_array_equal(anneal, np.flatnonzero(~noisy))
+    assert (weights == 1).all()
+
+
+def test_mmdp_uses_high_loss_with_low_consistency_to_find_noise_consistency_misses():
+    noisy, cons = synthetic_noise(separation=0.2)  # a weak scorer: noise overlaps clean
+    n, rng = len(noisy), np.random.default_rng(1)
+    policy = P.make_policy("mmdp", noise_fraction=0.3)
+    loss, seen = np.zeros(n, np.float32), np.zeros(n, bool)
+    precision = []
+    for epoch in range(8):
+        state = P.PlanState(loss=loss, seen=seen, consistency=cons, keep_ratio=0.5, epochs=EPOCHS)
+        precision.append(noisy[policy.noisy(state, epoch)].mean())
+        kept, _ = select(policy, state, epoch)
+        # Trained samples report losses: wrong labels stay hard to fit.
+        loss[kept] = np.where(noisy[kept], 1.0 + rng.exponential(1.0, len(kept)),
+                              rng.exponential(0.5, len(kept)))
+        seen[kept] = True
+    assert precision[0] < 0.7 and precision[-1] > precision[0] + 0.1
