@@ -1,0 +1,228 @@
+"""Ray runners: the Ray Data scoring pipeline.
+
+Stages are plain callables from :mod:`pipeline.validate` and
+:mod:`pipeline.scoring`; this module only decides where they run: row checks
+and image decoding in CPU tasks, the CLIP model in an autoscaling actor pool
+(one GPU per actor when the cluster has GPUs), writing through Ray Data.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray
+
+from pipeline import io as mio
+from pipeline.schema import KEY, REJECTS_SCHEMA, SCORES_SCHEMA, ColumnMapping, to_contract
+from pipeline.validate import DUPLICATE_KEY, RowValidator, first_occurrence_mask
+
+log = logging.getLogger(__name__)
+
+
+def _opt(default, text, **extra):
+    return field(default=default, metadata={"help": text, **extra})
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """What the score job does; every field is a ``jobs.score`` flag."""
+
+    input: str = field(metadata={"help": "shards to score: a folder or file URL (local, s3://, gs://) of parquet or webdataset tars"})
+    output: str = field(metadata={"help": "where scores/, rejects.parquet and summary.json go (URL)"})
+    model: str = _opt("mmdp-ref", "open_clip model name, or a config shipped with mmdp (mmdp-tiny, mmdp-ref)")
+    pretrained: str | None = _opt(None, "open_clip pretrained tag, checkpoint path or object-store URL; none = random weights")
+    mode: str = _opt("caption", "score against each row's caption, or against class prompts from its label",
+                     choices=("caption", "label"))
+    classes: tuple[str, ...] | None = _opt(None, "class names for label prompts; default: the dataset's metadata.json")
+    columns: str = _opt("mmdp", "column mapping: mmdp, img2dataset, or pairs like image=jpg,caption=txt")
+    batch_size: int = _opt(256, "rows per scoring batch")
+    min_actors: int = _opt(1, "scoring actors the pool keeps (autoscaled between min and max)")
+    max_actors: int = _opt(4, "most scoring actors the pool grows to (one GPU each when the cluster has GPUs)")
+    # Below 1 leaves the read/decode tasks a CPU on a small machine: a pool
+    # that takes every CPU starves its own input (ENVIRONMENT.md, deadlock 1).
+    actor_cpus: float = _opt(1.0, "CPUs each scoring actor reserves on a cluster without GPUs")
+    torch_threads: int = _opt(0, "torch threads per scoring actor; 0 = as many as the actor's CPUs")
+    s3_endpoint: str | None = _opt(None, "endpoint of an S3-compatible store (default: AWS_ENDPOINT_URL or AWS)")
+
+    def __post_init__(self):
+        if self.min_actors < 1 or self.max_actors < self.min_actors:
+            raise ValueError(f"need 1 <= --min-actors <= --max-actors, got {self.min_actors} and {self.max_actors}")
+        if self.batch_size < 1:
+            raise ValueError("--batch-size must be at least 1")
+        if self.actor_cpus <= 0:
+            raise ValueError("--actor-cpus must be positive")
+
+
+def _contract_stage(batch: pa.Table, mapping: ColumnMapping) -> pa.Table:
+    return to_contract(batch, mapping)
+
+
+@functools.lru_cache(maxsize=4)
+def _decoder(model: str, pretrained: str | None):
+    from pipeline.scoring import ImageDecoder
+
+    # uint8 pixels: a quarter of the bytes to ship to the scoring actors.
+    return ImageDecoder(model, pretrained, pixel_dtype="uint8")
+
+
+def _decode_stage(batch: dict, model: str, pretrained: str | None, mode: str, classes: tuple[str, ...]) -> dict:
+    # The decoder keeps a row's earlier reason (a failed check) over its own.
+    return _decoder(model, pretrained)(RowValidator(mode, list(classes))(batch))
+
+
+class _Scorer:
+    """Actor-side wrapper: one ClipScorer per actor, loaded once."""
+
+    def __init__(self, **kwargs):
+        from pipeline.scoring import ClipScorer
+
+        self.scorer = ClipScorer(**kwargs)
+
+    def __call__(self, batch: dict) -> dict:
+        out = self.scorer(batch)
+        ok = out["error"] == ""
+        return {
+            KEY: out[KEY],
+            "clip_score": np.where(ok, out["clip_score"], np.nan).astype(np.float32),
+            "clip_margin": np.asarray(out.get("clip_margin", np.full(len(ok), np.nan)), np.float32),
+            "status": np.where(ok, "ok", "rejected").astype(object),
+            "error": out["error"],
+        }
+
+
+def resolve_classes(cfg: ScoreConfig) -> tuple[str, ...]:
+    """Class names from the config, else the dataset's metadata.json next to the split folder."""
+    if cfg.classes:
+        return tuple(cfg.classes)
+    for meta in (mio.join(cfg.input, "metadata.json"), mio.join(cfg.input.rstrip("/").rsplit("/", 1)[0], "metadata.json")):
+        if mio.exists(meta):
+            return tuple(mio.read_json(meta)["classes"])
+    return ()
+
+
+def _read(cfg: ScoreConfig) -> ray.data.Dataset:
+    """The input as a Ray dataset in the data contract; bad files fail here, on the driver, by name."""
+    kind, files = mio.shard_files(cfg.input)
+    mapping = ColumnMapping.parse(cfg.columns)
+    fs, _ = mio.filesystem_for(cfg.input)
+    paths = [mio.filesystem_for(u)[1] for u in files]
+    if kind == "webdataset":
+        mapping = mapping if cfg.columns != "mmdp" else ColumnMapping.parse("img2dataset")
+        raw = ray.data.read_webdataset(paths, filesystem=fs, decoder=None)
+        return raw.map_batches(_webdataset_stage, batch_format="pyarrow", fn_kwargs={"mapping": mapping})
+    # Checked on the driver so a shard without an image column is one clear
+    # error, not a failed task deep in the pipeline.
+    to_contract(pq.read_schema(paths[0], filesystem=fs).empty_table(), mapping)
+    raw = ray.data.read_parquet(paths, filesystem=fs)
+    return raw.map_batches(_contract_stage, batch_format="pyarrow", fn_kwargs={"mapping": mapping})
+
+
+def _webdataset_stage(batch: pa.Table, mapping: ColumnMapping) -> pa.Table:
+    columns = {"__key__": batch.column("__key__")}
+    for name in batch.column_names:
+        if name in ("txt", "cls"):
+            columns[name] = pc.utf8_trim_whitespace(batch.column(name).cast(pa.binary()).cast(pa.string()))
+        elif name in mio.IMAGE_EXTENSIONS and mapping.image not in columns:
+            columns[mapping.image] = batch.column(name)
+    table = pa.table(columns)
+    if mapping.key not in table.column_names:
+        table = table.append_column(mapping.key, table.column("__key__"))
+    return to_contract(table, mapping)
+
+
+def score(cfg: ScoreConfig) -> dict:
+    """Run the score job; returns its summary. Writes ``scores/``, ``rejects.parquet`` and ``summary.json``."""
+    start = time.perf_counter()
+    classes = resolve_classes(cfg)
+    if cfg.mode == "label" and not classes:
+        raise ValueError("label mode needs class names: pass --classes or keep metadata.json beside the split")
+    ctx = ray.data.DataContext.get_current()
+    # Output rows follow input order, so the first of two duplicate keys is
+    # well defined and reruns write identical tables.
+    ctx.execution_options.preserve_order = True
+    use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    ds = _read(cfg).map_batches(
+        _decode_stage,
+        batch_size=cfg.batch_size,
+        fn_kwargs={"model": cfg.model, "pretrained": cfg.pretrained, "mode": cfg.mode, "classes": classes},
+    )
+    ds = ds.map_batches(
+        _Scorer,
+        batch_size=cfg.batch_size,
+        compute=ray.data.ActorPoolStrategy(min_size=cfg.min_actors, max_size=cfg.max_actors),
+        fn_constructor_kwargs={
+            "model": cfg.model,
+            "pretrained": cfg.pretrained,
+            "mode": cfg.mode,
+            "classes": list(classes) or None,
+            "device": "cuda" if use_gpu else "cpu",
+            "num_threads": cfg.torch_threads or max(1, int(cfg.actor_cpus)),
+        },
+        num_gpus=1 if use_gpu else 0,
+        num_cpus=1 if use_gpu else cfg.actor_cpus,
+    )
+    staging = mio.join(cfg.output, f"_staging-{uuid.uuid4().hex[:8]}")
+    fs, staging_path = mio.filesystem_for(staging)
+    try:
+        ds.write_parquet(staging_path, filesystem=fs)
+        table = mio.read_table(staging) if mio.exists(staging) else SCORES_SCHEMA.empty_table()
+        summary = _commit(cfg, table, time.perf_counter() - start)
+    finally:
+        if mio.exists(staging):
+            fs.delete_dir(staging_path)
+    return summary
+
+
+def _commit(cfg: ScoreConfig, table: pa.Table, seconds: float) -> dict:
+    """Mark repeated keys, give good rows a dense index, and write the outputs whole."""
+    keys = table.column(KEY).to_numpy(zero_copy_only=False)
+    status = table.column("status").to_numpy(zero_copy_only=False).astype(object)
+    error = table.column("error").to_numpy(zero_copy_only=False).astype(object)
+    has_key = np.array([k is not None and k != "" for k in keys])
+    repeat = np.zeros(len(keys), dtype=bool)
+    repeat[has_key] = ~first_occurrence_mask(keys[has_key])
+    status[repeat], error[repeat] = "rejected", DUPLICATE_KEY
+    ok = status == "ok"
+    # The dense index is the training-time sample id: good rows in key order,
+    # so it depends on the data alone, not on how Ray ordered the blocks.
+    index = np.full(len(keys), -1, dtype=np.int64)
+    ok_rows = np.flatnonzero(ok)
+    index[ok_rows[np.argsort(keys[ok_rows].astype(str), kind="stable")]] = np.arange(len(ok_rows))
+    scores = pa.table(
+        {
+            KEY: keys,
+            "index": pa.array(np.where(ok, index, 0), pa.int64(), mask=~ok),
+            "clip_score": np.where(repeat, np.nan, table.column("clip_score").to_numpy(zero_copy_only=False)).astype(np.float32),
+            "clip_margin": np.where(repeat, np.nan, table.column("clip_margin").to_numpy(zero_copy_only=False)).astype(np.float32),
+            "status": pa.array(status, pa.string()),
+            "error": pa.array(error, pa.string()),
+        },
+        schema=SCORES_SCHEMA,
+    )
+    rejects = pa.table({KEY: keys[~ok], "reason": pa.array(error[~ok], pa.string())}, schema=REJECTS_SCHEMA)
+    reasons = collections.Counter(error[~ok].tolist())
+    summary = {
+        "rows_in": len(keys),
+        "scored": int(ok.sum()),
+        "rejected": int((~ok).sum()),
+        "rejected_by_reason": dict(sorted(reasons.items(), key=lambda kv: -kv[1])),
+        "seconds": round(seconds, 2),
+        "pairs_per_second": round(len(keys) / seconds, 1) if seconds > 0 else None,
+    }
+    mio.begin_output(cfg.output)
+    mio.write_shards(scores, mio.join(cfg.output, "scores"), rows_per_shard=1_000_000)
+    mio.write_table(rejects, mio.join(cfg.output, "rejects.parquet"))
+    mio.write_json(summary, mio.join(cfg.output, "summary.json"))
+    mio.write_json(dataclasses.asdict(cfg), mio.join(cfg.output, "config.json"))
+    mio.commit_output(cfg.output, ["config.json", "rejects.parquet", "scores", "summary.json"], len(keys))
+    return summary
