@@ -17,6 +17,7 @@ NumPy (:mod:`pipeline.pruner`, :mod:`pipeline.policies`).
 """
 from __future__ import annotations
 
+import hashlib
 import time
 import warnings
 
@@ -135,7 +136,7 @@ class PruningActor:
         if epoch in self._log:
             summary.update({f"plan_{k}": v for k, v in self._log[epoch][1].items()})
         try:
-            summary["plan_missing"] = self._pruner.missing(epoch)
+            summary.update({f"plan_{k}": v for k, v in self._pruner.coverage(epoch).items()})
         except ValueError:
             pass  # not the latest planned epoch: its plan is no longer memoised
         return summary
@@ -151,7 +152,8 @@ class PruningActor:
         for epoch in sorted(self._log):
             bits, stats = self._log[epoch]
             entry = {"epoch": epoch, "kept": self._pruner.kept_count(epoch),
-                     "losses_received": self._pruner.losses_received(epoch), **stats}
+                     "losses_received": self._pruner.losses_received(epoch),
+                     "kept_sha256": hashlib.sha256(bits.tobytes()).hexdigest()[:16], **stats}
             if include_indices:
                 mask = np.unpackbits(bits, count=self._pruner.num_samples).astype(bool)
                 entry["kept_indices"] = np.flatnonzero(mask).tolist()

@@ -178,6 +178,19 @@ class Pruner:
             raise ValueError(f"epoch {epoch} is not the latest planned epoch")
         return int(np.count_nonzero(self._last_seen[self._cached[1]] < int(epoch)))
 
+    def coverage(self, epoch: int) -> dict:
+        """Who reported at ``epoch`` (the latest planned one), against its plan.
+
+        Every kept sample reported exactly once when ``received == reported``
+        (no repeats), ``outside_plan == 0`` (no pruned sample was trained on)
+        and ``missing`` is the number an equal split across workers left out.
+        """
+        kept_mask = np.zeros(self.num_samples, dtype=bool)
+        kept_mask[self.plan(int(epoch))[0]] = True
+        reported = self._last_seen == int(epoch)
+        return {"received": self.losses_received(epoch), "reported": int(reported.sum()),
+                "outside_plan": int((reported & ~kept_mask).sum()), "missing": self.missing(epoch)}
+
     def state_dict(self) -> dict:
         """Everything needed to reproduce future plans, as plain values.
 

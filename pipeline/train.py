@@ -1,0 +1,207 @@
+"""The Ray Train loop: train on each epoch's kept samples, report every sample's loss.
+
+Each epoch, rank 0 asks the pruning actor to publish the epoch's plan; the
+training dataset's keep stage (see :func:`keep_stage`) drops pruned rows
+*before* they are decoded, so a pruned sample costs a parquet read and a
+mask, never a decode, an augmentation or a forward pass. Workers weight the
+per-sample losses by the plan's weights and send them to the pruner without
+waiting on it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import tempfile
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from PIL import Image
+
+from pipeline.models import build_model
+
+# Fashion-MNIST pixel statistics; any dataset's images are normalised alike
+# since the default models are trained from scratch.
+MEAN, STD = 0.2860, 0.3530
+
+
+def keep_stage(batch: dict, pruner_name: str) -> dict:
+    """Keep the rows of this epoch's plan and attach their weights (runs in Ray Data tasks)."""
+    import ray
+
+    from pipeline.actors import get_pruner
+
+    epoch, plan_ref = ray.get(get_pruner(pruner_name).current_plan.remote())
+    kept, weights = ray.get(plan_ref[0])
+    index = batch["index"].astype(np.int64)
+    pos = np.searchsorted(kept, index).clip(0, max(len(kept) - 1, 0))
+    mask = (kept[pos] == index) if len(kept) else np.zeros(len(index), bool)
+    out = {k: v[mask] for k, v in batch.items()}
+    out["weight"] = weights[pos[mask]].astype(np.float32)
+    out["epoch"] = np.full(int(mask.sum()), epoch, np.int64)
+    return out
+
+
+def decode_stage(batch: dict, augment: bool, seed: int) -> dict:
+    """PNG/JPEG bytes -> normalised float32 [n, 1, 28, 28], with a per-sample deterministic augmentation."""
+    n = len(batch["index"])
+    images = np.empty((n, 1, 28, 28), np.float32)
+    for i in range(n):
+        with Image.open(io.BytesIO(batch["image"][i])) as im:
+            pixels = np.asarray(im.convert("L").resize((28, 28)), np.float32) / 255.0
+        if augment:
+            # Seeded by (seed, epoch, sample) so a restarted run sees the same crops.
+            rng = np.random.default_rng([seed, int(batch["epoch"][i]), int(batch["index"][i])])
+            pixels = _crop_flip(pixels, rng)
+        images[i, 0] = (pixels - MEAN) / STD
+    out = {"x": images, "label": batch["label"].astype(np.int64), "index": batch["index"].astype(np.int64)}
+    if "weight" in batch:
+        out["weight"] = batch["weight"]
+    return out
+
+
+def _crop_flip(pixels: np.ndarray, rng: np.random.Generator, pad: int = 2) -> np.ndarray:
+    dy, dx = rng.integers(0, 2 * pad + 1, size=2)
+    padded = np.pad(pixels, pad)
+    out = padded[dy : dy + 28, dx : dx + 28]
+    return out[:, ::-1] if rng.random() < 0.5 else out
+
+
+def cosine_lr(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
+def _barrier():
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _all_sum(values: list[float]) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Runs on every Ray Train worker. ``config`` holds the TrainConfig fields and the pruner's name."""
+    import ray.train
+    import ray.train.torch
+
+    from pipeline.actors import LossReporter, get_pruner
+
+    cfg = config
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(cfg["seed"])
+    torch.set_num_threads(cfg["threads"])
+    pruner = get_pruner(cfg["pruner_name"])
+
+    model = ray.train.torch.prepare_model(build_model(cfg["model"], cfg["num_classes"], cfg["width"] or None))
+    opt = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=0.9, weight_decay=cfg["weight_decay"], nesterov=True)
+    per_step = cfg["batch_size"] * world
+    steps = [math.ceil(c / per_step) for c in ray.get(pruner.kept_counts.remote(cfg["plan_epochs"]))]
+    # The schedule follows the real number of steps in each pruned epoch.
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, sum(steps), cfg["warmup_steps"]))
+
+    start_epoch, history = 0, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and cfg.get("resume_from"):
+        checkpoint = ray.train.Checkpoint(cfg["resume_from"])
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state = torch.load(os.path.join(d, "train.pt"), map_location="cpu", weights_only=True)
+            pruner_state = torch.load(os.path.join(d, "pruner.pt"), map_location="cpu", weights_only=True)
+            history = json.loads(open(os.path.join(d, "history.json")).read())
+        _unwrap(model).load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        start_epoch = int(state["epoch"]) + 1
+        if rank == 0:
+            # The pruner goes back to the checkpoint too: losses it took after
+            # it belong to an epoch that is about to be trained again.
+            ray.get(pruner.load_state_dict.remote({k: v.numpy() if torch.is_tensor(v) else v for k, v in pruner_state.items()}))
+        _barrier()
+
+    train_shard = ray.train.get_dataset_shard("train")
+    test_shard = ray.train.get_dataset_shard("test") if rank == 0 else None
+    test_cache = None
+    reporter = LossReporter(pruner, max_in_flight=cfg["max_reports_in_flight"])
+    for epoch in range(start_epoch, cfg["epochs"]):
+        _barrier()
+        if rank == 0:
+            ray.get(pruner.start_epoch.remote(epoch))
+        _barrier()
+        started = time.perf_counter()
+        model.train()
+        loss_sum, forwarded = 0.0, 0
+        for batch in train_shard.iter_torch_batches(batch_size=cfg["batch_size"], dtypes=_DTYPES, drop_last=False):
+            per_sample = F.cross_entropy(model(batch["x"]), batch["label"], reduction="none")
+            loss = (per_sample * batch["weight"]).sum() / len(per_sample)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            reporter.report(batch["index"].numpy(), per_sample.detach().numpy())
+            loss_sum += float(per_sample.detach().sum())
+            forwarded += len(per_sample)
+        reporter.flush()
+        train_seconds = time.perf_counter() - started
+        correct = total = 0
+        if rank == 0:  # the test split is not split across workers: one exact figure
+            # The bare module: a DDP forward on one rank alone would wait for the others.
+            correct, total, test_cache = _evaluate(_unwrap(model), test_shard, test_cache, cfg["batch_size"])
+        loss_sum, forwarded, correct, total = _all_sum([loss_sum, forwarded, correct, total])
+        _barrier()
+        metrics = {
+            "epoch": epoch,
+            "train_loss": loss_sum / max(forwarded, 1),
+            "test_accuracy": correct / max(total, 1),
+            "samples_forwarded": int(forwarded),
+            "epoch_seconds": round(time.perf_counter() - started, 3),
+            "train_seconds": round(train_seconds, 3),
+            "lr": sched.get_last_lr()[0],
+        }
+        checkpoint_dir = None
+        if rank == 0:
+            metrics.update(ray.get(pruner.epoch_summary.remote(epoch)))
+            history = [h for h in history if h["epoch"] < epoch] + [metrics]
+            checkpoint_dir = tempfile.mkdtemp(prefix="mmdp-ckpt-")
+            torch.save(
+                {"model": _unwrap(model).state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epoch": epoch},
+                os.path.join(checkpoint_dir, "train.pt"),
+            )
+            pruner_state = ray.get(pruner.state_dict.remote())
+            torch.save({k: torch.from_numpy(np.asarray(v)) if isinstance(v, np.ndarray) else v for k, v in pruner_state.items()},
+                       os.path.join(checkpoint_dir, "pruner.pt"))
+            with open(os.path.join(checkpoint_dir, "history.json"), "w") as f:
+                json.dump(history, f)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
+
+
+_DTYPES = {"x": torch.float32, "label": torch.int64, "index": torch.int64, "weight": torch.float32}
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def _evaluate(model, shard, cache, batch_size):
+    """Test accuracy on this worker's share of the test split; decoded once, then cached."""
+    model.eval()
+    if cache is None:
+        cache = [(b["x"], b["label"]) for b in shard.iter_torch_batches(
+            batch_size=batch_size, dtypes={"x": torch.float32, "label": torch.int64, "index": torch.int64})]
+    correct = total = 0
+    with torch.inference_mode():
+        for x, y in cache:
+            correct += int((model(x).argmax(1) == y).sum())
+            total += len(y)
+    return correct, total, cache

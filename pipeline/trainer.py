@@ -1,0 +1,201 @@
+"""The TorchTrainer set-up: datasets, the pruning actor, and the run's outputs.
+
+Data flow per epoch (Ray Data re-executes the lazy dataset every epoch)::
+
+    read parquet (key, image, label) -> index stage (key -> dense sample index)
+      -> keep stage (this epoch's plan from the pruning actor; pruned rows leave here)
+      -> decode + augment -> streaming_split(equal=True) -> N Train workers
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import ray
+import ray.train
+from ray.train.torch import TorchTrainer
+
+from pipeline import io as mio
+from pipeline.policies import POLICIES
+from pipeline.schema import KEY
+
+log = logging.getLogger(__name__)
+
+
+def _opt(default, text, **extra):
+    return field(default=default, metadata={"help": text, **extra})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """What the train job does; every field is a ``jobs.train`` flag."""
+
+    data: str = field(metadata={"help": "dataset root with train/, test/ and metadata.json (URL)"})
+    scores: str = field(metadata={"help": "output folder of the score job for the train split (URL)"})
+    out: str = field(metadata={"help": "run folder: metrics.json, config.json, plans.json, checkpoint/"})
+    policy: str = _opt("mmdp", "pruning policy", choices=tuple(POLICIES))
+    keep_ratio: float = _opt(0.5, "fraction of the samples trained on per (non-annealing) epoch")
+    epochs: int = _opt(20, "training epochs (the reference protocol uses 20)")
+    workers: int = _opt(2, "Ray Train workers")
+    use_gpu: bool = _opt(False, "one GPU per worker")
+    # A fraction so that Train workers leave CPUs to the Ray Data tasks that
+    # feed them (ENVIRONMENT.md, deadlock 2).
+    cpus_per_worker: float = _opt(0.5, "CPUs each Train worker reserves")
+    threads: int = _opt(1, "torch threads per worker")
+    seed: int = _opt(0, "seed for the model, the plans and the augmentations")
+    model: str = _opt("resnet", "image model (pipeline.models)", choices=("resnet", "cnn"))
+    width: int = _opt(8, "channels of the model's first stage (0 = the model's default)")
+    batch_size: int = _opt(128, "samples per step per worker")
+    lr: float = _opt(0.1, "peak learning rate (SGD, momentum 0.9, cosine schedule)")
+    weight_decay: float = _opt(5e-4, "SGD weight decay")
+    warmup_steps: int = _opt(50, "linear warm-up steps before the cosine decay")
+    augment: bool = _opt(True, "random 2-px shifts and horizontal flips")
+    # With one worker, rows arrive in file order every epoch, so a resumed run
+    # repeats an uninterrupted one bit for bit; with several, which worker
+    # gets which block still depends on timing.
+    preserve_order: bool = _opt(False, "feed rows in input order (reproducible single-worker runs)")
+    signal: str = _opt("auto", "consistency column: clip_margin, clip_score, or auto (margin when scored in label mode)",
+                       choices=("auto", "clip_margin", "clip_score"))
+    max_failures: int = _opt(2, "worker failures Ray Train recovers from (from the last checkpoint)")
+    max_reports_in_flight: int = _opt(8, "loss reports a worker may have unacknowledged before it waits")
+    resume_from: str | None = _opt(None, "a checkpoint folder to continue from (same config)")
+    stop_after: int | None = _opt(None, "stop after this many epochs (the plan still covers --epochs)")
+    s3_endpoint: str | None = _opt(None, "endpoint of an S3-compatible store (default: AWS_ENDPOINT_URL or AWS)")
+
+    def __post_init__(self):
+        if not 0 < self.keep_ratio <= 1:
+            raise ValueError(f"--keep-ratio must be in (0, 1], got {self.keep_ratio}")
+        if self.epochs < 1 or self.workers < 1 or self.batch_size < 1:
+            raise ValueError("--epochs, --workers and --batch-size must be at least 1")
+
+
+def load_index(scores_url: str, signal: str) -> tuple[np.ndarray, np.ndarray, str]:
+    """Sorted keys of the scored rows, their consistency, and the signal used.
+
+    The score job gave every good row a dense ``index`` in key order, so the
+    sorted key array *is* the key -> index map (by binary search).
+    """
+    table = mio.read_table(mio.join(scores_url, "scores"))
+    ok = np.asarray(table.column("status").to_numpy(zero_copy_only=False) == "ok")
+    table = table.filter(pa.array(ok))
+    order = np.argsort(table.column("index").to_numpy())
+    keys = table.column(KEY).to_numpy(zero_copy_only=False).astype(str)[order]
+    if signal == "auto":
+        margin = table.column("clip_margin").to_numpy(zero_copy_only=False)
+        signal = "clip_margin" if len(margin) and not np.isnan(margin).all() else "clip_score"
+    consistency = table.column(signal).to_numpy(zero_copy_only=False).astype(np.float32)[order]
+    return keys, consistency, signal
+
+
+def index_stage(batch: dict, keys: np.ndarray) -> dict:
+    """Attach the dense sample index by key; rows the score job rejected have none and leave here."""
+    batch_keys = batch[KEY].astype(str)
+    pos = np.searchsorted(keys, batch_keys).clip(0, max(len(keys) - 1, 0))
+    found = keys[pos] == batch_keys if len(keys) else np.zeros(len(batch_keys), bool)
+    return {"index": pos[found].astype(np.int64), "image": batch["image"][found], "label": batch["label"][found].astype(np.int64)}
+
+
+def test_stage(batch: dict) -> dict:
+    return {"index": np.full(len(batch["label"]), -1, np.int64), "image": batch["image"], "label": batch["label"].astype(np.int64)}
+
+
+def build_datasets(cfg: TrainConfig, keys: np.ndarray, pruner_name: str) -> dict:
+    from pipeline.train import decode_stage, keep_stage
+
+    fs, _ = mio.filesystem_for(cfg.data)
+    paths = lambda split: [mio.filesystem_for(u)[1] for u in mio.list_files(mio.join(cfg.data, split))]  # noqa: E731
+    train = (
+        ray.data.read_parquet(paths("train"), filesystem=fs).select_columns([KEY, "image", "label"])
+        .map_batches(index_stage, fn_kwargs={"keys": keys}, batch_format="numpy")
+        .map_batches(keep_stage, fn_kwargs={"pruner_name": pruner_name}, batch_format="numpy")
+        .map_batches(decode_stage, fn_kwargs={"augment": cfg.augment, "seed": cfg.seed}, batch_format="numpy")
+    )
+    test = (
+        ray.data.read_parquet(paths("test"), filesystem=fs).select_columns(["image", "label"])
+        .map_batches(test_stage, batch_format="numpy")
+        .map_batches(_test_decode, batch_format="numpy")
+    )
+    return {"train": train, "test": test}
+
+
+def _test_decode(batch: dict) -> dict:
+    from pipeline.train import decode_stage
+
+    return decode_stage(batch, augment=False, seed=0)
+
+
+def fit(cfg: TrainConfig) -> dict:
+    """Train with pruning; writes the run folder and returns the metrics."""
+    from pipeline.actors import create_pruner
+    from pipeline.train import train_loop_per_worker
+
+    started = time.perf_counter()
+    meta = mio.read_json(mio.join(cfg.data, "metadata.json"))
+    keys, consistency, signal = load_index(cfg.scores, cfg.signal)
+    run_id = uuid.uuid4().hex[:8]
+    pruner_name = f"mmdp-pruner-{run_id}"
+    pruner = create_pruner(
+        pruner_name, num_samples=len(keys), policy=cfg.policy, keep_ratio=cfg.keep_ratio,
+        epochs=cfg.epochs, seed=cfg.seed, consistency=consistency,
+    )
+    loop_config = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+    loop_config.update(pruner_name=pruner_name, num_classes=len(meta["classes"]),
+                       epochs=cfg.stop_after if cfg.stop_after else cfg.epochs, plan_epochs=cfg.epochs)
+    storage = os.path.abspath(os.path.join(cfg.out, "ray")) if mio.is_local(cfg.out) else mio.join(cfg.out, "ray")
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cfg.cpus_per_worker}
+        ),
+        datasets=build_datasets(cfg, keys, pruner_name),
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"], execution_options=_ingest_options(cfg)),
+        run_config=ray.train.RunConfig(
+            name=f"mmdp-{run_id}",
+            storage_path=storage,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    with result.checkpoint.as_directory() as d:
+        history = json.load(open(os.path.join(d, "history.json")))
+        _copy_checkpoint(d, mio.join(cfg.out, "checkpoint"))
+    plans = ray.get(pruner.plan_log.remote())
+    ray.kill(pruner)
+    totals = {
+        "epochs": len(history),
+        "wall_seconds": round(time.perf_counter() - started, 2),
+        "train_seconds": round(sum(h["epoch_seconds"] for h in history), 2),
+        "samples_forwarded": int(sum(h["samples_forwarded"] for h in history)),
+        "final_test_accuracy": history[-1]["test_accuracy"] if history else None,
+        "num_samples": int(len(keys)),
+        "signal": signal,
+    }
+    metrics = {"epochs": history, "totals": totals}
+    mio.write_json(dataclasses.asdict(cfg), mio.join(cfg.out, "config.json"))
+    mio.write_json(plans, mio.join(cfg.out, "plans.json"))
+    mio.write_json(metrics, mio.join(cfg.out, "metrics.json"))
+    return metrics
+
+
+def _ingest_options(cfg: TrainConfig):
+    options = ray.train.DataConfig.default_ingest_options()
+    options.preserve_order = options.preserve_order or cfg.preserve_order
+    return options
+
+
+def _copy_checkpoint(local_dir: str, url: str) -> None:
+    for name in sorted(os.listdir(local_dir)):
+        with open(os.path.join(local_dir, name), "rb") as f:
+            mio.write_bytes(f.read(), mio.join(url, name))
