@@ -1,0 +1,137 @@
+"""Benchmarks of the scoring half: signal quality (AUROC) and pipeline efficiency.
+
+Signal quality: how well the consistency scores of a score job separate the
+rows the dataset job corrupted from the clean ones (ground truth)::
+
+    python -m jobs.bench_scoring auroc --data data/fmnist --scores runs/scores
+
+Pipeline efficiency: the Ray Data score job's pairs/s over a bare PyTorch
+loop's, same model, batch size, cores and shards, decoding included in both,
+measured side by side in one run::
+
+    python -m jobs.bench_scoring efficiency --input data/fmnist/train --rows 4000 \\
+        --model mmdp-ref --pretrained runs/ref-clip/model.pt
+    python -m jobs.bench_scoring efficiency --input data/fmnist/train --rows 256 --model ViT-B-32
+
+On a cluster: ``ray job submit --working-dir . -- python -m jobs.bench_scoring ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+from pipeline import io as mio
+from pipeline.cli import setup_logging
+from pipeline.metrics import auroc
+
+
+def signal_quality(data: str, scores_url: str) -> dict:
+    """AUROC of each score for flagging noisy rows, overall and per corruption kind."""
+    gt = mio.read_table(mio.join(data, "ground_truth.parquet")).to_pandas()
+    scores = mio.read_table(mio.join(scores_url, "scores")).to_pandas()
+    merged = gt.merge(scores, on="key", how="inner", validate="one_to_one")
+    ok = merged[merged["status"] == "ok"]
+    out = {"rows": int(len(merged)), "scored": int(len(ok)), "rejected": int((merged["status"] != "ok").sum()),
+           "noisy_scored": int((ok["corruption"] != "none").sum())}
+    noisy = (ok["corruption"] != "none").to_numpy()
+    for column in ("clip_score", "clip_margin"):
+        values = ok[column].to_numpy()
+        if np.isnan(values).all():
+            continue
+        # Low consistency flags noise, so the noise score is the negated column.
+        out[f"auroc_{column}"] = round(auroc(-values, noisy), 4)
+        for kind in sorted(set(ok["corruption"]) - {"none"}):
+            rows = ok["corruption"].isin(["none", kind]).to_numpy()
+            out[f"auroc_{column}_{kind}"] = round(auroc(-values[rows], noisy[rows]), 4)
+    rejected = merged[merged["status"] != "ok"]
+    out["rejected_by_corruption"] = rejected["corruption"].value_counts().to_dict()
+    return out
+
+
+def _subset(input_url: str, rows: int, folder: str) -> str:
+    table = mio.read_table(input_url).slice(0, rows)
+    mio.write_shards(table, folder, rows_per_shard=max(1, rows // 8))
+    return folder
+
+
+def bare_loop(input_url: str, model: str, pretrained: str | None, batch_size: int, threads: int) -> float:
+    """Pairs/s of a plain single-process PyTorch loop: read, decode, score."""
+    import torch
+
+    from pipeline.scoring import ClipScorer, ImageDecoder
+    from pipeline.validate import RowValidator
+
+    torch.set_num_threads(threads)
+    start = time.perf_counter()
+    decoder = ImageDecoder(model, pretrained, pixel_dtype="uint8")
+    scorer = ClipScorer(model, pretrained, num_threads=threads)
+    validator = RowValidator("caption")
+    n = 0
+    for file_url in mio.list_files(input_url):
+        table = mio.read_table(file_url)
+        for start_row in range(0, table.num_rows, batch_size):
+            chunk = table.slice(start_row, batch_size)
+            batch = {c: np.asarray(chunk.column(c).to_pylist(), dtype=object) for c in chunk.column_names}
+            out = scorer(decoder(validator(batch)))
+            n += len(out["clip_score"])
+    return n / (time.perf_counter() - start)
+
+
+def ray_job(input_url: str, output: str, model: str, pretrained: str | None, batch_size: int, threads: int) -> float:
+    """Pairs/s of the Ray Data score job on a running local cluster (actor start-up and model load included)."""
+    from pipeline.run import ScoreConfig, score
+
+    cfg = ScoreConfig(input=input_url, output=output, model=model, pretrained=pretrained, batch_size=batch_size,
+                      min_actors=1, max_actors=1, actor_cpus=1.0, torch_threads=threads)
+    start = time.perf_counter()
+    summary = score(cfg)
+    return summary["rows_in"] / (time.perf_counter() - start)
+
+
+def efficiency(args) -> dict:
+    import ray
+
+    with tempfile.TemporaryDirectory() as tmp:
+        shards = _subset(args.input, args.rows, os.path.join(tmp, "in"))
+        ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+        bare, piped = [], []
+        for i in range(args.repeats):  # alternate, so drift on a shared machine hits both
+            bare.append(bare_loop(shards, args.model, args.pretrained, args.batch_size, args.cpus))
+            piped.append(ray_job(shards, os.path.join(tmp, f"out{i}"), args.model, args.pretrained,
+                                 args.batch_size, args.cpus))
+        ray.shutdown()
+    return {"model": args.model, "rows": args.rows, "batch_size": args.batch_size, "cpus": args.cpus,
+            "bare_pairs_per_s": [round(x, 1) for x in bare], "ray_pairs_per_s": [round(x, 1) for x in piped],
+            "ratio_best": round(max(piped) / max(bare), 3), "ratio_median": round(float(np.median(piped) / np.median(bare)), 3)}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="what", required=True)
+    a = sub.add_parser("auroc", help="AUROC of clip_score / clip_margin for noisy rows (ground truth)")
+    a.add_argument("--data", required=True, help="dataset root with ground_truth.parquet")
+    a.add_argument("--scores", required=True, help="score job output folder")
+    e = sub.add_parser("efficiency", help="Ray Data score job vs a bare PyTorch loop, pairs/s")
+    e.add_argument("--input", required=True, help="parquet shards in the data contract")
+    e.add_argument("--rows", type=int, default=2000, help="rows to score (default: 2000)")
+    e.add_argument("--model", default="mmdp-ref", help="open_clip model (default: mmdp-ref)")
+    e.add_argument("--pretrained", default=None, help="weights (default: random init; fine for speed)")
+    e.add_argument("--batch-size", type=int, default=256, help="batch size of both (default: 256)")
+    e.add_argument("--cpus", type=int, default=2, help="cores for both: torch threads / Ray CPUs (default: 2)")
+    e.add_argument("--repeats", type=int, default=2, help="alternating runs of each (default: 2)")
+    args = parser.parse_args(argv)
+    setup_logging()
+    result = signal_quality(args.data, args.scores) if args.what == "auroc" else efficiency(args)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
