@@ -194,7 +194,7 @@ def list_files(url: str, suffixes: tuple[str, ...] = (".parquet",)) -> list[str]
     if info.type == pafs.FileType.File:
         return [str(url)]
     if exists(join(url, SUCCESS)):
-        return [join(url, name) for name in read_json(join(url, SUCCESS))["files"]]
+        return [join(url, name) for name in read_json(join(url, SUCCESS))["files"] if name.endswith(suffixes)]
     if exists(join(url, PENDING)):
         raise ShardError(
             f"{url}: incomplete output (its writer stopped before committing); rerun the job that writes it"

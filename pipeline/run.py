@@ -142,14 +142,22 @@ def _webdataset_stage(batch: pa.Table, mapping: ColumnMapping) -> pa.Table:
 
 def score(cfg: ScoreConfig) -> dict:
     """Run the score job; returns its summary. Writes ``scores/``, ``rejects.parquet`` and ``summary.json``."""
-    start = time.perf_counter()
     classes = resolve_classes(cfg)
     if cfg.mode == "label" and not classes:
         raise ValueError("label mode needs class names: pass --classes or keep metadata.json beside the split")
     ctx = ray.data.DataContext.get_current()
     # Output rows follow input order, so the first of two duplicate keys is
-    # well defined and reruns write identical tables.
-    ctx.execution_options.preserve_order = True
+    # well defined and reruns write identical tables. Restored afterwards:
+    # later datasets of this process (a TorchTrainer's) inherit the context.
+    saved_order, ctx.execution_options.preserve_order = ctx.execution_options.preserve_order, True
+    try:
+        return _score(cfg, classes)
+    finally:
+        ctx.execution_options.preserve_order = saved_order
+
+
+def _score(cfg: ScoreConfig, classes: tuple[str, ...]) -> dict:
+    start = time.perf_counter()
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0
     ds = _read(cfg).map_batches(
         _decode_stage,

@@ -14,6 +14,7 @@ import io
 import json
 import math
 import os
+import shutil
 import tempfile
 import time
 
@@ -184,6 +185,8 @@ def train_loop_per_worker(config: dict) -> None:
             with open(os.path.join(checkpoint_dir, "history.json"), "w") as f:
                 json.dump(history, f)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
+        if checkpoint_dir:
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)  # report() has copied it to the run's storage
 
 
 _DTYPES = {"x": torch.float32, "label": torch.int64, "index": torch.int64, "weight": torch.float32}

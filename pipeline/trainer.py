@@ -176,7 +176,8 @@ def fit(cfg: TrainConfig) -> dict:
     totals = {
         "epochs": len(history),
         "wall_seconds": round(time.perf_counter() - started, 2),
-        "train_seconds": round(sum(h["epoch_seconds"] for h in history), 2),
+        "epoch_seconds": round(sum(h["epoch_seconds"] for h in history), 2),
+        "train_seconds": round(sum(h["train_seconds"] for h in history), 2),
         "samples_forwarded": int(sum(h["samples_forwarded"] for h in history)),
         "final_test_accuracy": history[-1]["test_accuracy"] if history else None,
         "num_samples": int(len(keys)),
