@@ -1,0 +1,666 @@
+"""Benchmark of the pruning half in the reference protocol (DESIGN.md, "Targets"), in one invocation.
+
+For each noise setting and seed: build the pool (Fashion-MNIST, 20k train
+rows), score it once with the reference CLIP model, then train every policy
+(``full``, ``random``, ``infobatch``, ``clip_filter``, ``mmdp``) and the clean
+oracle (``full`` on the pool's truly clean rows only) with the same model,
+epochs, workers and keep ratio. Each run's final checkpoint is also evaluated
+on a deterministic shifted copy of the test split (noise, blur, rotation,
+shift). Last, the machinery overhead: policy ``full`` through the pruner
+against a plain Ray Train loop without it, alternated side by side.
+
+Local (Ray starts here with 2 CPUs; about 3 hours on 2 idle cores: ~5.5 min a full-data run)::
+
+    python -m jobs.bench_pruning --out runs/bench --clip-pretrained runs/ref-clip/model.pt
+
+A quick end-to-end check (about 5 minutes)::
+
+    python -m jobs.bench_pruning --out /tmp/bench-small --pool-size 2000 --epochs 2 --seeds 0 \\
+        --noise symmetric:0.3 --policies full,mmdp,oracle --clip-pretrained runs/ref-clip/model.pt
+
+On a cluster::
+
+    ray job submit --working-dir . -- python -m jobs.bench_pruning --out s3://bucket/bench \\
+        --clip-pretrained s3://bucket/ref-clip/model.pt --workers 4
+
+Writes ``OUT/results.json`` (every run, the summaries, the overhead, the
+setup) and ``OUT/results.md`` (the tables); ``--reuse`` resumes a stopped
+benchmark from the runs, datasets and scores already in ``OUT``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import io
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline import datasets
+from pipeline import io as mio
+from pipeline.schema import KEY, REJECTS_SCHEMA, SCORES_SCHEMA
+
+POLICIES = ("full", "random", "infobatch", "clip_filter", "mmdp")
+ORACLE = "oracle"
+ORACLE_REASON = "oracle: excluded (noisy in ground truth)"
+# The shifted test copy is a pure function of the test images and this seed.
+SHIFT_SEED = 20240
+SHIFT = {"rotate_deg": 12.0, "shift_px": 2, "blur_radius": (0.4, 1.0), "noise_std": 20.0}
+
+
+# ---------------------------------------------------------------- data and scores
+
+
+@functools.lru_cache(maxsize=1)
+def _fashion_mnist():
+    return datasets.load_fashion_mnist()
+
+
+def build_pool(pool_size: int, noise: str, seed: int, split_seed: int, synthetic: bool) -> datasets.Dataset:
+    """The pool of one (noise, seed) cell.
+
+    The noise draw follows ``seed``, but the reference/pool split stays that of
+    ``split_seed``: the reference CLIP model was pre-trained on that split's
+    ``reference`` rows, which must never land in the pool being pruned.
+    """
+    if synthetic:
+        return datasets.make_synthetic(n=2 * pool_size, seed=seed, noise=noise)
+    raw = _fashion_mnist()
+    images, labels = raw["train"]
+    # build_dataset splits by a permutation seeded with `seed`; reorder the
+    # source so that permutation picks split_seed's reference and pool images.
+    # datasets._rng is the generator build_dataset uses (see the report: a
+    # split_seed argument in pipeline.datasets would make this unnecessary).
+    perm = np.arange(len(labels))
+    if seed != split_seed:
+        run_order = datasets._rng(seed, "split").permutation(len(labels))
+        perm[run_order] = datasets._rng(split_seed, "split").permutation(len(labels))
+    ds = datasets.build_dataset(
+        (images[perm], labels[perm]), raw["test"], datasets.FASHION_MNIST_CLASSES, reference_size=10_000,
+        noise=noise, seed=seed, limit=pool_size, pairflip=datasets.FASHION_MNIST_PAIRFLIP,
+        name="fashion-mnist", source=datasets.FASHION_MNIST_DIR,
+    )
+    gt = ds.ground_truth
+    source = pa.array(perm[gt.column("source_index").to_numpy()], pa.int64())
+    gt = gt.set_column(gt.schema.get_field_index("source_index"), "source_index", source)
+    return dataclasses.replace(ds, ground_truth=gt, metadata={**ds.metadata, "split_seed": split_seed})
+
+
+def prepare_data(url: str, args, noise: str, seed: int) -> str:
+    if not (args.reuse and mio.exists(mio.join(url, "metadata.json"))):
+        ds = build_pool(args.pool_size, noise, seed, args.split_seed, args.synthetic)
+        datasets.write_dataset(ds, url, rows_per_shard=max(64, math.ceil(args.pool_size / 8)))
+    return url
+
+
+def prepare_scores(url: str, data: str, args) -> str:
+    import ray
+
+    from pipeline.run import ScoreConfig, score
+
+    if args.reuse and mio.exists(mio.join(url, mio.SUCCESS)):  # committed by the score job
+        return url
+    cfg = ScoreConfig(input=mio.join(data, "train"), output=url, model=args.clip_model,
+                      pretrained=args.clip_pretrained, mode=args.mode, batch_size=256, min_actors=1,
+                      max_actors=args.score_actors, actor_cpus=args.score_actor_cpus,
+                      torch_threads=max(1, int(args.cpus)))
+    ctx = ray.data.DataContext.get_current()
+    preserve = ctx.execution_options.preserve_order
+    try:
+        score(cfg)
+    finally:
+        # score() turns preserve_order on in the driver's DataContext; the
+        # training runs after it must not inherit that (see the report).
+        ctx.execution_options.preserve_order = preserve
+    return url
+
+
+def write_oracle_scores(data: str, scores: str, url: str) -> int:
+    """A copy of ``scores`` where rows noisy in the ground truth are rejected; returns the clean count.
+
+    The trainer trains on ``status == "ok"`` rows only, so the oracle needs no
+    code path of its own: policy ``full`` on this folder trains on the clean rows.
+    """
+    table = mio.read_table(mio.join(scores, "scores"))
+    gt = mio.read_table(mio.join(data, "ground_truth.parquet"), columns=[KEY, "corruption"])
+    noisy_keys = gt.filter(pc.not_equal(gt.column("corruption"), "none")).column(KEY)
+    keys = table.column(KEY).to_numpy(zero_copy_only=False).astype(str)
+    status = table.column("status").to_numpy(zero_copy_only=False).astype(object)
+    error = table.column("error").to_numpy(zero_copy_only=False).astype(object)
+    excluded = pc.is_in(table.column(KEY), value_set=noisy_keys).to_numpy(zero_copy_only=False) & (status == "ok")
+    status[excluded], error[excluded] = "rejected", ORACLE_REASON
+    ok = status == "ok"
+    index = np.zeros(len(keys), np.int64)  # dense over good rows in key order, as the score job writes it
+    rows = np.flatnonzero(ok)
+    index[rows[np.argsort(keys[rows], kind="stable")]] = np.arange(len(rows))
+    out = pa.table({KEY: keys, "index": pa.array(index, pa.int64(), mask=~ok),
+                    "clip_score": table.column("clip_score"), "clip_margin": table.column("clip_margin"),
+                    "status": pa.array(status, pa.string()), "error": pa.array(error, pa.string())},
+                   schema=SCORES_SCHEMA)
+    mio.begin_output(url)
+    mio.write_shards(out, mio.join(url, "scores"), rows_per_shard=1_000_000)
+    mio.write_table(pa.table({KEY: keys[~ok], "reason": pa.array(error[~ok], pa.string())}, schema=REJECTS_SCHEMA),
+                    mio.join(url, "rejects.parquet"))
+    mio.write_json({"rows_in": len(keys), "scored": int(ok.sum()), "rejected": int((~ok).sum()),
+                    "oracle_excluded": int(excluded.sum())}, mio.join(url, "summary.json"))
+    mio.write_json({"derived_from": scores, "ground_truth": mio.join(data, "ground_truth.parquet")},
+                   mio.join(url, "config.json"))
+    mio.commit_output(url, ["config.json", "rejects.parquet", "scores", "summary.json"], len(keys))
+    return int(ok.sum())
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+def shift_image(png: bytes, rng: np.random.Generator) -> bytes:
+    """A deterministic out-of-distribution copy of one image: rotation, shift, blur, Gaussian noise."""
+    from PIL import Image, ImageFilter
+
+    with Image.open(io.BytesIO(png)) as im:
+        im = im.convert("L").resize((28, 28))
+    dx, dy = (int(v) for v in rng.integers(-SHIFT["shift_px"], SHIFT["shift_px"] + 1, 2))
+    angle = float(rng.uniform(-1, 1) * SHIFT["rotate_deg"])
+    im = im.rotate(angle, resample=Image.BILINEAR, translate=(dx, dy), fillcolor=0)
+    im = im.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(*SHIFT["blur_radius"]))))
+    pixels = np.asarray(im, np.float32) + rng.normal(0.0, SHIFT["noise_std"], (28, 28))
+    return datasets.encode_png(np.clip(np.rint(pixels), 0, 255).astype(np.uint8))
+
+
+@functools.lru_cache(maxsize=2)  # one dataset at a time: its clean and shifted copies
+def test_inputs(data: str, shifted: bool) -> tuple:
+    """(x, labels) of the test split, normalised by the train pipeline's own decode stage."""
+    from pipeline.train import decode_stage
+
+    table = mio.read_table(mio.join(data, "test"), columns=[KEY, "image", "label"]).sort_by(KEY)
+    images = table.column("image").to_pylist()
+    if shifted:
+        images = [shift_image(b, np.random.default_rng([SHIFT_SEED, i])) for i, b in enumerate(images)]
+    labels = table.column("label").to_numpy()
+    batch = {"index": np.arange(len(labels)), "image": np.array(images, dtype=object), "label": labels}
+    out = decode_stage(batch, augment=False, seed=0)
+    return out["x"], out["label"]
+
+
+def evaluate_checkpoint(run_dir: str, data: str, cfg) -> dict:
+    """Accuracy of a run's final checkpoint on the clean and the shifted test split."""
+    import torch
+
+    from pipeline.models import build_model
+
+    state = torch.load(io.BytesIO(mio.read_bytes(mio.join(run_dir, "checkpoint", "train.pt"))),
+                       map_location="cpu", weights_only=True)
+    num_classes = len(mio.read_json(mio.join(data, "metadata.json"))["classes"])
+    model = build_model(cfg.model, num_classes, cfg.width or None)
+    model.load_state_dict(state["model"])
+    model.eval()
+    out = {}
+    for name, shifted in (("driver_test_accuracy", False), ("shifted_test_accuracy", True)):
+        x, y = test_inputs(data, shifted)
+        with torch.inference_mode():
+            pred = torch.cat([model(torch.from_numpy(x[i:i + 1024])).argmax(1) for i in range(0, len(x), 1024)])
+        out[name] = float((pred.numpy() == y).mean())
+    return out
+
+
+# ---------------------------------------------------------------- the plain Ray Train loop
+
+
+def _plain_stage(batch: dict) -> dict:
+    """What the pruner's index + keep stages give decode_stage, without a pruner: fresh random crops."""
+    n = len(batch["label"])
+    return {"index": np.random.default_rng().integers(0, 2**62, n), "image": batch["image"],
+            "label": batch["label"].astype(np.int64), "epoch": np.zeros(n, np.int64)}
+
+
+def plain_loop_per_worker(config: dict) -> None:
+    """A Ray Train loop with no pruner: same model, optimiser, schedule, evaluation and checkpoints."""
+    import ray.train
+    import ray.train.torch
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    from pipeline.models import build_model
+    from pipeline.train import _evaluate, cosine_lr
+
+    cfg = config
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(cfg["seed"])
+    torch.set_num_threads(cfg["threads"])
+    model = ray.train.torch.prepare_model(build_model(cfg["model"], cfg["num_classes"], cfg["width"] or None))
+    bare = model.module if hasattr(model, "module") else model
+    opt = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=0.9, weight_decay=cfg["weight_decay"],
+                          nesterov=True)
+    total = cfg["epochs"] * math.ceil(cfg["num_samples"] / (cfg["batch_size"] * world))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, total, cfg["warmup_steps"]))
+    train_shard = ray.train.get_dataset_shard("train")
+    test_shard = ray.train.get_dataset_shard("test") if rank == 0 else None
+    cache, sums = None, {"train_seconds": 0.0, "epoch_seconds": 0.0, "samples_forwarded": 0}
+    dtypes = {"x": torch.float32, "label": torch.int64, "index": torch.int64}
+    for epoch in range(cfg["epochs"]):
+        started = time.perf_counter()
+        model.train()
+        forwarded = 0
+        for batch in train_shard.iter_torch_batches(batch_size=cfg["batch_size"], dtypes=dtypes, drop_last=False):
+            loss = F.cross_entropy(model(batch["x"]), batch["label"])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            forwarded += len(batch["label"])
+        train_seconds = time.perf_counter() - started
+        correct = count = 0
+        if rank == 0:
+            correct, count, cache = _evaluate(bare, test_shard, cache, cfg["batch_size"])
+        totals = torch.tensor([forwarded, correct, count], dtype=torch.float64)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(totals)
+        sums["train_seconds"] += train_seconds
+        sums["epoch_seconds"] += time.perf_counter() - started
+        sums["samples_forwarded"] += int(totals[0])
+        metrics = {"epoch": epoch, "test_accuracy": float(totals[1] / max(float(totals[2]), 1.0)), **sums}
+        checkpoint_dir = None
+        if rank == 0:
+            checkpoint_dir = tempfile.mkdtemp(prefix="mmdp-plain-ckpt-")
+            torch.save({"model": bare.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                        "epoch": epoch}, os.path.join(checkpoint_dir, "train.pt"))
+        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint)
+        if checkpoint_dir:
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)  # report() has persisted it
+
+
+def plain_fit(cfg, out: str) -> dict:
+    """Train ``cfg``'s model on all of ``cfg.data``'s train split without the pruner; returns totals."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.train import decode_stage
+    from pipeline.trainer import test_stage
+
+    started = time.perf_counter()
+    meta = mio.read_json(mio.join(cfg.data, "metadata.json"))
+    fs, _ = mio.filesystem_for(cfg.data)
+    paths = lambda split: [mio.filesystem_for(u)[1] for u in mio.list_files(mio.join(cfg.data, split))]  # noqa: E731
+    train = (ray.data.read_parquet(paths("train"), filesystem=fs).select_columns([KEY, "image", "label"])
+             .map_batches(_plain_stage, batch_format="numpy")
+             .map_batches(decode_stage, fn_kwargs={"augment": cfg.augment, "seed": cfg.seed}, batch_format="numpy"))
+    test = (ray.data.read_parquet(paths("test"), filesystem=fs).select_columns(["image", "label"])
+            .map_batches(test_stage, batch_format="numpy")
+            .map_batches(decode_stage, fn_kwargs={"augment": False, "seed": 0}, batch_format="numpy"))
+    config = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+    config.update(num_classes=len(meta["classes"]), num_samples=meta["splits"]["train"])
+    storage = os.path.abspath(os.path.join(out, "ray")) if mio.is_local(out) else mio.join(out, "ray")
+    trainer = TorchTrainer(
+        plain_loop_per_worker, train_loop_config=config,
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
+                                               resources_per_worker={"CPU": cfg.cpus_per_worker}),
+        datasets={"train": train, "test": test},
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        run_config=ray.train.RunConfig(name=f"plain-{os.getpid()}-{time.time_ns()}", storage_path=storage,
+                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    return {**result.metrics, "wall_seconds": round(time.perf_counter() - started, 2)}
+
+
+def measure_overhead(args, data: str, scores: str, root: str) -> dict:
+    """``full`` through the pruner vs the plain loop, alternated A B B A so drift hits both alike."""
+    from pipeline.trainer import fit
+
+    cfg = train_config(args, data, scores, mio.join(root, "unused"), "full", args.seeds[0])
+    # wall: the whole fit() from the driver; epoch: the loops' epochs (training + test evaluation);
+    # train: the training steps alone. Start-up (about 11 s a fit) is in wall only.
+    times = {m: {"pruner": [], "plain": []} for m in ("wall", "epoch", "train")}
+    order = ["pruner", "plain", "plain", "pruner"] * math.ceil(args.overhead_repeats / 2)
+    for i, kind in enumerate(order[: 2 * args.overhead_repeats]):
+        out = mio.join(root, f"{i}-{kind}")
+        print(f"[overhead {i + 1}/{2 * args.overhead_repeats}] {kind}", flush=True)
+        started = time.perf_counter()
+        if kind == "pruner":
+            history = fit(dataclasses.replace(cfg, out=out))["epochs"]
+            epoch, train = (sum(h[k] for h in history) for k in ("epoch_seconds", "train_seconds"))
+        else:
+            totals = plain_fit(cfg, out)
+            epoch, train = totals["epoch_seconds"], totals["train_seconds"]
+        for name, value in (("wall", time.perf_counter() - started), ("epoch", epoch), ("train", train)):
+            times[name][kind].append(round(value, 2))
+    ratio = {name: round(float(np.mean(t["pruner"]) / np.mean(t["plain"])), 3) for name, t in times.items()}
+    return {"seconds": times, "ratio": ratio, "epochs": cfg.epochs, "data": data, "target": 1.05}
+
+
+# ---------------------------------------------------------------- runs
+
+
+def train_config(args, data: str, scores: str, out: str, policy: str, seed: int):
+    from pipeline.trainer import TrainConfig
+
+    return TrainConfig(data=data, scores=scores, out=out, policy="full" if policy == ORACLE else policy,
+                       keep_ratio=args.keep_ratio, epochs=args.epochs, workers=args.workers, seed=seed,
+                       model=args.model, width=args.width, batch_size=args.batch_size, lr=args.lr,
+                       warmup_steps=args.warmup_steps)
+
+
+def run_policy(args, data: str, scores: str, out: str, policy: str, seed: int) -> dict:
+    from pipeline.trainer import fit
+
+    cfg = train_config(args, data, scores, out, policy, seed)
+    reused = args.reuse and mio.exists(mio.join(out, "metrics.json"))
+    metrics = mio.read_json(mio.join(out, "metrics.json")) if reused else fit(cfg)
+    totals, epochs = metrics["totals"], metrics["epochs"]
+    return {"policy": policy, "seed": seed, "out": out, "reused": bool(reused),
+            "final_test_accuracy": totals["final_test_accuracy"], **evaluate_checkpoint(out, data, cfg),
+            "wall_seconds": totals["wall_seconds"], "train_seconds": totals["train_seconds"],
+            "samples_forwarded": totals["samples_forwarded"], "num_samples": totals["num_samples"],
+            "missing": int(sum(e.get("plan_missing", 0) for e in epochs)), "signal": totals["signal"]}
+
+
+def warm_up(args, data: str, scores: str, out: str) -> None:
+    """One unmeasured one-epoch fit, so that the first measured run does not pay Ray's cold start
+    (fresh worker processes importing torch and Ray Train) alone."""
+    from pipeline.trainer import fit
+
+    started = time.perf_counter()
+    print("[warm-up] one epoch of full, not measured", flush=True)
+    fit(dataclasses.replace(train_config(args, data, scores, out, "full", args.seeds[0]), stop_after=1))
+    print(f"    warm-up took {time.perf_counter() - started:.1f}s", flush=True)
+
+
+def noise_tag(noise: str) -> str:
+    return "clean" if noise in ("", "none", "clean") else noise.replace(":", "").replace("+", "_")
+
+
+def summarise(runs: list[dict], noises: list[str], policies: list[str]) -> list[dict]:
+    rows = []
+    for noise in noises:
+        cell = [r for r in runs if r["noise"] == noise]
+        full_wall = [r["wall_seconds"] for r in cell if r["policy"] == "full"]
+        for policy in policies:
+            rs = [r for r in cell if r["policy"] == policy]
+            if not rs:
+                continue
+            acc = np.array([r["final_test_accuracy"] for r in rs]) * 100
+            shifted = 100 * float(np.mean([r["shifted_test_accuracy"] for r in rs]))
+            wall = float(np.mean([r["wall_seconds"] for r in rs]))
+            rows.append({"noise": noise, "policy": policy, "seeds": len(rs),
+                         "accuracy_mean": round(float(acc.mean()), 3),
+                         "accuracy_std": round(float(acc.std(ddof=1)) if len(acc) > 1 else 0.0, 3),
+                         "shifted_accuracy_mean": round(shifted, 3),
+                         "wall_seconds_mean": round(wall, 2),
+                         "train_seconds_mean": round(float(np.mean([r["train_seconds"] for r in rs])), 2),
+                         "samples_forwarded_mean": int(round(np.mean([r["samples_forwarded"] for r in rs]))),
+                         "num_samples": int(rs[0]["num_samples"]),
+                         "speedup_vs_full": round(float(np.mean(full_wall)) / wall, 3) if full_wall else None})
+    return rows
+
+
+def check_targets(summary: list[dict], overhead: dict | None) -> list[dict]:
+    get = {(r["noise"], r["policy"]): r for r in summary}
+    checks = []
+
+    def add(what, value, target, ok):
+        checks.append({"what": what, "value": round(value, 3), "target": target, "met": bool(ok)})
+
+    for noise in sorted({r["noise"] for r in summary}):
+        acc = {p: get[(noise, p)]["accuracy_mean"] for p in (*POLICIES, ORACLE) if (noise, p) in get}
+        if "mmdp" not in acc:
+            continue
+        if "full" in acc:
+            d = acc["mmdp"] - acc["full"]
+            if noise_tag(noise) == "clean":
+                add(f"{noise}: mmdp - full (points)", d, ">= -0.3", d >= -0.3)
+            else:
+                add(f"{noise}: mmdp - full (points)", d, ">= +2.8", d >= 2.8)
+            s = get[(noise, "mmdp")]["speedup_vs_full"]
+            add(f"{noise}: mmdp wall-clock speedup over full", s, ">= 1.7", s >= 1.7)
+        if ORACLE in acc and noise_tag(noise) != "clean":
+            d = acc["mmdp"] - acc[ORACLE]
+            add(f"{noise}: mmdp - clean oracle (points)", d, ">= -0.5", d >= -0.5)
+        for base in ("infobatch", "clip_filter", "random"):
+            if base in acc and noise_tag(noise) != "clean":
+                d = acc["mmdp"] - acc[base]
+                add(f"{noise}: mmdp - {base} (points)", d, "> 0", d > 0)
+    if overhead:
+        add("machinery overhead (full via pruner / plain loop, wall)", overhead["ratio"]["wall"], "<= 1.05",
+            overhead["ratio"]["wall"] <= 1.05)
+    return checks
+
+
+def markdown(result: dict) -> str:
+    s = result["setup"]
+    zero_shot = s.get("clip_zero_shot_accuracy")
+    lines = [f"# Pruning benchmark ({'synthetic' if s['synthetic'] else 'Fashion-MNIST'})", "",
+             f"Pool {s['pool_size']} rows, {s['epochs']} epochs, keep ratio {s['keep_ratio']}, {s['workers']} workers, "
+             f"model {s['model']} (width {s['width']}), seeds {s['seeds']}, scores: {s['clip_model']} "
+             f"{s['clip_pretrained'] or '(random init)'} in {s['mode']} mode"
+             + (f", CLIP zero-shot test accuracy {zero_shot:.4f}" if zero_shot else "")
+             + f". Machine: {s['machine']}.", "",
+             "Accuracy is the final epoch's, on the clean test split; shifted = the same checkpoint on a deterministic "
+             "shifted copy (rotation, shift, blur, Gaussian noise). Wall = the whole fit (start-up included), epochs = "
+             "the sum of its epochs (training + evaluation). Speedup = full's mean wall-clock / the policy's.",
+             ""]
+    for noise in result["noise_settings"]:
+        lines += [f"## noise: {noise}", "",
+                  "| policy | test acc % (mean ± std) | shifted acc % | wall s | epochs s | speedup vs full "
+                  "| samples forwarded | rows trained on |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for r in (r for r in result["summary"] if r["noise"] == noise):
+            speed = f"{r['speedup_vs_full']:.2f}x" if r["speedup_vs_full"] else "n/a"
+            lines.append(f"| {r['policy']} | {r['accuracy_mean']:.2f} ± {r['accuracy_std']:.2f} | "
+                         f"{r['shifted_accuracy_mean']:.2f} | {r['wall_seconds_mean']:.1f} | "
+                         f"{r['train_seconds_mean']:.1f} | {speed} | "
+                         f"{r['samples_forwarded_mean']} | {r['num_samples']} |")
+        lines.append("")
+    o = result.get("overhead")
+    if o:
+        sec = o["seconds"]
+        lines += ["## machinery overhead", "",
+                  f"Policy full through the pruner vs a plain Ray Train loop (same model, data, batch, workers), "
+                  f"{o['epochs']} epochs, alternated A B B A. Wall = the whole fit, epoch = the loops' epochs "
+                  "(training + evaluation), train = training steps alone.", "",
+                  "| measure | pruner s | plain s | ratio |", "| --- | --- | --- | --- |"]
+        lines += [f"| {m} | {sec[m]['pruner']} | {sec[m]['plain']} | {o['ratio'][m]} |"
+                  for m in ("wall", "epoch", "train")]
+        lines.append("")
+    if result["targets"]:
+        lines += ["## targets", "", "| check | value | target | met |", "| --- | --- | --- | --- |"]
+        lines += [f"| {c['what']} | {c['value']} | {c['target']} | {'yes' if c['met'] else 'NO'} |"
+                  for c in result["targets"]]
+        lines.append("")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- main
+
+
+def _clip_info(args) -> dict:
+    """The reference model's zero-shot accuracy, and a warning if its reference split is not ours."""
+    if not args.clip_pretrained:
+        return {}
+    url = os.path.splitext(args.clip_pretrained)[0] + ".json"
+    if not mio.exists(url):
+        return {}
+    info = mio.read_json(url)
+    out = {"clip_zero_shot_accuracy": info.get("zero_shot_accuracy")}
+    meta_url = mio.join(info.get("config", {}).get("data", ""), "metadata.json")
+    if not args.synthetic and info.get("config", {}).get("data") and mio.exists(meta_url):
+        meta = mio.read_json(meta_url)
+        if (meta.get("seed"), meta.get("reference_size")) != (args.split_seed, 10_000):
+            print(f"WARNING: the CLIP model was pre-trained on the reference split of seed {meta.get('seed')} "
+                  f"(size {meta.get('reference_size')}); this benchmark's pools come from split seed "
+                  f"{args.split_seed}: "
+                  "they may contain the CLIP model's training images", flush=True)
+    return out
+
+
+def _parse_noise(text: str) -> list[str]:
+    out = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        spec = "none" if part in ("clean", "none") else part.replace("+", ",")
+        datasets.parse_noise_spec(spec)  # a bad spec fails here, before any work
+        out.append("clean" if spec == "none" else part)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m jobs.bench_pruning", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = lambda text: text + " (default: %(default)s)"  # noqa: E731
+    p.add_argument("--out", required=True, help="benchmark folder: data/, scores/, runs/, results.json, results.md")
+    p.add_argument("--pool-size", type=int, default=20_000, help=d("train rows in each pool"))
+    p.add_argument("--epochs", type=int, default=20, help=d("training epochs"))
+    p.add_argument("--seeds", default="0,1,2", help=d("comma-separated seeds (noise draw, model, plans)"))
+    p.add_argument("--noise", default="clean,symmetric:0.3",
+                   help=d("comma-separated noise settings; join the kinds of one setting with +, "
+                          "e.g. symmetric:0.2+caption:0.05"))
+    p.add_argument("--policies", default=",".join((*POLICIES, ORACLE)), help=d("policies to train, and oracle"))
+    p.add_argument("--keep-ratio", type=float, default=0.5, help=d("keep ratio of every pruning policy"))
+    p.add_argument("--workers", type=int, default=2, help=d("Ray Train workers"))
+    p.add_argument("--model", default="resnet", choices=("resnet", "cnn"), help=d("image model"))
+    p.add_argument("--width", type=int, default=8, help=d("model width (0 = the model's default)"))
+    p.add_argument("--batch-size", type=int, default=128, help=d("samples per step per worker"))
+    p.add_argument("--lr", type=float, default=0.1, help=d("peak learning rate"))
+    p.add_argument("--warmup-steps", type=int, default=50, help=d("linear warm-up steps"))
+    p.add_argument("--clip-model", default="mmdp-ref", help=d("open_clip model that scores the pools"))
+    p.add_argument("--clip-pretrained", default=None, help=d("its checkpoint (python -m jobs.pretrain_reference_clip)"))
+    p.add_argument("--mode", default="label", choices=("label", "caption"),
+                   help=d("score against label prompts (gives clip_margin) or captions"))
+    p.add_argument("--split-seed", type=int, default=0,
+                   help=d("seed of the reference/pool split: the one the CLIP model's dataset used"))
+    p.add_argument("--synthetic", action="store_true",
+                   help="the tiny synthetic dataset instead of Fashion-MNIST (tests)")
+    p.add_argument("--score-actors", type=int, default=1, help=d("most scoring actors"))
+    p.add_argument("--score-actor-cpus", type=float, default=1.0, help=d("CPUs each scoring actor reserves"))
+    p.add_argument("--cpus", type=float, default=2, help=d("CPUs of the local Ray instance (not used under a cluster)"))
+    p.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
+                   help=d("an unmeasured one-epoch fit before the first measured one"))
+    p.add_argument("--skip-overhead", action="store_true", help="skip the machinery overhead measurement")
+    p.add_argument("--overhead-repeats", type=int, default=2, help=d("runs of each side in the overhead measurement"))
+    p.add_argument("--reuse", action="store_true", help="keep datasets, scores and runs already in --out (resume)")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+        args.noise = _parse_noise(args.noise)
+    except ValueError as exc:
+        parser.error(f"--seeds/--noise: {exc}")
+    args.policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    unknown = set(args.policies) - {*POLICIES, ORACLE}
+    if unknown or not args.policies:
+        parser.error(f"--policies: unknown {sorted(unknown)}; choose from {', '.join((*POLICIES, ORACLE))}")
+    # The oracle runs last in a cell so that, on a pool with no noisy row, it can reuse full's run.
+    args.policies = [p for p in (*POLICIES, ORACLE) if p in args.policies]
+    if not args.seeds or not args.noise:
+        parser.error("--seeds and --noise need at least one value")
+    if args.pool_size < 8 or args.epochs < 1 or args.workers < 1 or not 0 < args.keep_ratio <= 1:
+        parser.error("need --pool-size >= 8, --epochs >= 1, --workers >= 1 and 0 < --keep-ratio <= 1")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import ray
+    import torch
+
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))  # the driver's evaluations; workers idle meanwhile
+    started_here = not ray.is_initialized()
+    if started_here:
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init()  # under `ray job submit`: the cluster's Ray
+        else:
+            ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+    print(f"bench_pruning: {json.dumps({k: v for k, v in vars(args).items()})}", flush=True)
+    setup = {**{k: v for k, v in vars(args).items() if k not in ("out", "reuse")}, **_clip_info(args),
+             "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores, Ray CPUs "
+                        f"{ray.cluster_resources().get('CPU')}, torch {torch.__version__}, ray {ray.__version__}",
+             "shift": SHIFT, "shift_seed": SHIFT_SEED}
+    cells = [(noise, seed) for noise in args.noise for seed in args.seeds]
+    total_runs = len(cells) * len(args.policies)
+    runs, timed, t0 = [], [], time.perf_counter()
+    warm = not args.warmup
+
+    def ensure_warm(data, scores):
+        nonlocal warm
+        if not warm:
+            warm_up(args, data, scores, mio.join(args.out, "warmup"))
+            warm = True
+
+    try:
+        for noise, seed in cells:
+            tag = f"{noise_tag(noise)}-s{seed}"
+            spec = "none" if noise == "clean" else noise.replace("+", ",")
+            data = prepare_data(mio.join(args.out, "data", tag), args, spec, seed)
+            scores = prepare_scores(mio.join(args.out, "scores", tag), data, args)
+            cell_runs = {}
+            for policy in args.policies:
+                done = len(runs)
+                eta = f"{np.mean(timed) * (total_runs - done) / 60:.1f} min" if timed else "?"
+                print(f"[run {done + 1}/{total_runs}] noise={noise} seed={seed} policy={policy}  "
+                      f"elapsed {(time.perf_counter() - t0) / 60:.1f} min, ETA {eta}", flush=True)
+                run_scores = scores
+                if policy == ORACLE:
+                    run_scores = mio.join(args.out, "scores", f"{tag}-oracle")
+                    clean = write_oracle_scores(data, scores, run_scores)
+                    if "full" in cell_runs and clean == cell_runs["full"]["num_samples"]:
+                        # No noisy row in the pool: the oracle *is* full; training it again would be a copy.
+                        runs.append({**cell_runs["full"], "policy": ORACLE, "same_as": "full", "noise": noise})
+                        continue
+                run_dir = mio.join(args.out, "runs", tag, policy)
+                if not (args.reuse and mio.exists(mio.join(run_dir, "metrics.json"))):
+                    ensure_warm(data, scores)
+                began = time.perf_counter()
+                run = run_policy(args, data, run_scores, run_dir, policy, seed)
+                if not run["reused"]:
+                    timed.append(time.perf_counter() - began)
+                run["noise"] = noise
+                cell_runs[policy] = run
+                runs.append(run)
+                print(f"    acc {run['final_test_accuracy']:.4f}  shifted {run['shifted_test_accuracy']:.4f}  "
+                      f"wall {run['wall_seconds']:.1f}s  forwarded {run['samples_forwarded']}", flush=True)
+        overhead = None
+        if not args.skip_overhead:
+            root = mio.join(args.out, "overhead")
+            if args.reuse and mio.exists(mio.join(root, "overhead.json")):
+                overhead = mio.read_json(mio.join(root, "overhead.json"))
+            else:
+                noise, seed = cells[0]
+                tag = f"{noise_tag(noise)}-s{seed}"
+                ensure_warm(mio.join(args.out, "data", tag), mio.join(args.out, "scores", tag))
+                overhead = measure_overhead(args, mio.join(args.out, "data", tag),
+                                            mio.join(args.out, "scores", tag), root)
+                mio.write_json(overhead, mio.join(root, "overhead.json"))
+    finally:
+        if started_here:
+            ray.shutdown()
+    summary = summarise(runs, args.noise, args.policies)
+    result = {"setup": setup, "noise_settings": args.noise, "runs": runs, "summary": summary,
+              "overhead": overhead, "targets": check_targets(summary, overhead),
+              "seconds": round(time.perf_counter() - t0, 1)}
+    mio.write_json(result, mio.join(args.out, "results.json"))
+    text = markdown(result)
+    mio.write_bytes(text.encode(), mio.join(args.out, "results.md"))
+    print(text, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
