@@ -1,0 +1,134 @@
+"""open_clip models for mmdp: the configs it ships, loading from anywhere, saving checkpoints.
+
+A model is named by an open_clip config name (``ViT-B-32``, or one of the
+configs in ``pipeline/model_configs/``: ``mmdp-tiny`` for tests, ``mmdp-ref``
+for the offline reference model: a 4-layer, width-128 ViT on 28 px images cut
+into 7 px patches, since 4 px patches trained 2.5x slower per epoch for no
+better zero-shot accuracy at equal epochs) plus where its weights come from:
+
+* ``None``: random initialisation;
+* an open_clip hub tag such as ``laion2b_s34b_b79k`` (downloaded by open_clip);
+* a local checkpoint path;
+* an object-store URL (``s3://``, ``gs://``), fetched once into a local cache.
+
+open_clip's config registry is per process, so every process that names an
+mmdp config (each Ray actor and worker) must call :func:`register_model_configs`
+first; :func:`load_clip` and :func:`preprocess_config` do it for you.
+"""
+
+from __future__ import annotations
+
+import io as _io
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import urlparse
+
+import open_clip
+import torch
+from open_clip.transform import PreprocessCfg, merge_preprocess_dict
+
+from pipeline import io
+
+CONFIG_DIR = Path(__file__).parent / "model_configs"
+TINY_MODEL, REFERENCE_MODEL = "mmdp-tiny", "mmdp-ref"
+
+
+def register_model_configs() -> list[str]:
+    """Make the configs shipped in ``pipeline/model_configs`` known to open_clip in this process.
+
+    Idempotent and cheap after the first call, so call it at the top of every
+    process (Ray actors and workers start with a fresh open_clip registry).
+
+    Returns:
+        The names of the shipped configs.
+    """
+    names = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+    if not set(names) <= set(open_clip.list_models()):
+        open_clip.add_model_config(CONFIG_DIR)
+    return names
+
+
+def _model_config(model: str) -> dict:
+    register_model_configs()
+    cfg = open_clip.get_model_config(model)
+    if cfg is None:
+        raise ValueError(f"unknown model config {model!r}; known: {', '.join(open_clip.list_models())}")
+    return cfg
+
+
+def _is_url(pretrained: str) -> bool:
+    return urlparse(pretrained).scheme not in ("",) and "://" in pretrained
+
+
+def resolve_pretrained(pretrained: str | None) -> str | None:
+    """Turn ``pretrained`` into what open_clip takes: ``None``, a hub tag, or a local file path.
+
+    Object-store URLs are downloaded once into the local cache
+    (``$MMDP_CACHE``, default ``~/.cache/mmdp``); a later call, or another
+    process on the same machine, reuses the cached file.
+    """
+    if not pretrained:
+        return None
+    if _is_url(pretrained):
+        return io.fetch_to_cache(pretrained)
+    if os.path.exists(os.path.expanduser(pretrained)):
+        return os.path.abspath(os.path.expanduser(pretrained))
+    return pretrained  # a hub tag; open_clip says clearly if it is not one
+
+
+def preprocess_config(model: str, pretrained: str | None = None) -> dict[str, Any]:
+    """The eval preprocessing open_clip uses for ``model`` (size, mean, std, interpolation, ...).
+
+    Computed without building the model, the way ``open_clip.create_model``
+    computes it: open_clip's defaults, the config's image size, then the hub
+    tag's own preprocessing when ``pretrained`` names a tag. Covers built-in
+    and registered configs (not ``hf-hub:``/``local-dir:`` names).
+    """
+    cfg = _model_config(model)
+    out = asdict(PreprocessCfg())
+    if pretrained and not _is_url(pretrained) and not os.path.exists(os.path.expanduser(pretrained)):
+        out = merge_preprocess_dict(out, open_clip.get_pretrained_cfg(model, pretrained))
+    out["size"] = cfg["vision_cfg"].get("image_size", out["size"])
+    return out
+
+
+def load_clip(
+    model: str, pretrained: str | None = None, device: str | torch.device = "cpu"
+) -> tuple[torch.nn.Module, Callable, Callable]:
+    """Build an open_clip model in eval mode with its eval preprocessing and tokenizer.
+
+    Checkpoints are read with ``torch.load(weights_only=True)`` (open_clip's
+    ``load_checkpoint`` with ``weights_only=True``), so a checkpoint cannot run
+    code when loaded.
+
+    Args:
+        model: open_clip config name (``ViT-B-32``, ``mmdp-ref``, ``mmdp-tiny``, ...).
+        pretrained: ``None`` (random init), hub tag, local path, or object-store URL.
+        device: where the model lives.
+
+    Returns:
+        ``(model, preprocess, tokenizer)``: preprocess maps a PIL image to a
+        normalised float tensor [3, H, W]; tokenizer maps a list of strings to
+        token ids [n, context_length].
+    """
+    _model_config(model)  # registers mmdp configs; clear error for an unknown name
+    net, _, preprocess = open_clip.create_model_and_transforms(
+        model, pretrained=resolve_pretrained(pretrained), device=device, weights_only=True
+    )
+    net.eval()
+    return net, preprocess, open_clip.get_tokenizer(model)
+
+
+def save_checkpoint(model: torch.nn.Module, url: str, model_name: str, **extra: Any) -> None:
+    """Write ``model``'s weights to ``url`` (local or object store), atomically.
+
+    The file is what ``load_clip(model_name, pretrained=url)`` loads: a dict with
+    ``state_dict`` (open_clip's checkpoint layout) and plain metadata values
+    only, so ``torch.load(weights_only=True)`` accepts it.
+    """
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    buf = _io.BytesIO()
+    torch.save({"state_dict": state, "model_name": model_name, **extra}, buf)
+    io.write_bytes(buf.getvalue(), url)

@@ -1,0 +1,325 @@
+"""Cross-modal consistency scoring: decode images, then score image-text agreement with open_clip.
+
+Two stages, each a class that does its heavy set-up once in ``__init__`` and
+maps a batch dict of NumPy arrays in ``__call__``, so they run on a plain dict
+here and unchanged as Ray Data ``map_batches`` stages in the score job:
+
+* :class:`ImageDecoder` (CPU): encoded bytes -> the model's preprocessed pixels,
+  with a reason for every image it cannot decode safely;
+* :class:`ClipScorer` (CPU or GPU): pixels + text -> ``clip_score`` (cosine of the
+  normalised image and text embeddings), and in label mode ``clip_margin``.
+
+A row that cannot be scored keeps flowing with NaN scores and a non-empty
+``error`` (``"<kind>: <detail>"``; group by the part before the colon), so
+the job can send it to the rejects table instead of losing it.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+import open_clip
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+
+from pipeline.clip_models import load_clip, preprocess_config
+
+# 8192 x 8192: above any real photo, far below what exhausts a worker's memory
+# (a 50k x 50k PNG header would ask for 7.5 GB of RGB).
+MAX_PIXELS = 8192 * 8192
+# A small ensemble, as in CLIP's zero-shot recipe; averaging smooths the
+# quirks of any single phrasing.
+DEFAULT_TEMPLATES = (
+    "a photo of a {}.",
+    "a photo of the {}.",
+    "a blurry photo of a {}.",
+    "a low resolution photo of a {}.",
+    "a black and white photo of a {}.",
+)
+_BOMB_PIXELS = re.compile(r"\((\d+) pixels\)")
+
+
+class ImageRejected(ValueError):
+    """An image that is not decoded; the message is the reject reason."""
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """RGB for every PIL mode, with transparency composited on white (as web thumbnails show it)."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        # PIL's convert clips high-bit-depth values at 255; rescale them instead.
+        arr = np.asarray(img, dtype=np.float64)
+        if img.mode.startswith("I;16") or (img.mode == "I" and arr.max(initial=0) > 255):
+            arr = arr / 257.0
+        img = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def decode_image(data: bytes | None, max_pixels: int = MAX_PIXELS, draft_size: int | None = None) -> Image.Image:
+    """Decode encoded image bytes into an RGB PIL image, refusing what is unsafe or broken.
+
+    Args:
+        data: encoded image bytes (JPEG, PNG, WebP, ... anything PIL reads).
+        max_pixels: largest width x height decoded; checked from the header, before decoding.
+        draft_size: for JPEG, let the decoder downscale by 1/2..1/8 while keeping
+            both sides >= this (much faster on large photos; slightly different pixels).
+
+    Raises:
+        ImageRejected: with a short reason (``empty image bytes``, ``image too large: ...``,
+            ``extreme aspect ratio: ...``, ``undecodable image: ...``).
+    """
+    if data is None or len(data) == 0:
+        raise ImageRejected("empty image bytes")
+    try:
+        with warnings.catch_warnings():
+            # We apply our own, lower, pixel budget below; PIL's warning is noise.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+        width, height = img.size
+        if width * height > max_pixels:
+            raise ImageRejected(f"image too large: {width}x{height} > {max_pixels} pixels")
+        if draft_size and img.format == "JPEG":
+            img.draft("RGB", (draft_size, draft_size))
+        img.load()
+        return _to_rgb(img)
+    except ImageRejected:
+        raise
+    except Image.DecompressionBombError as exc:  # over PIL's own hard limit, refused by Image.open
+        found = _BOMB_PIXELS.search(str(exc))
+        raise ImageRejected(f"image too large: {found.group(1) if found else '?'} pixels > {max_pixels} pixels")
+    except UnidentifiedImageError:
+        raise ImageRejected("undecodable image: unknown format") from None
+    except Exception as exc:  # noqa: BLE001 - any decoder failure is a property of the row, not of the job
+        raise ImageRejected(f"undecodable image: {type(exc).__name__}: {exc}"[:200]) from None
+
+
+class ImageDecoder:
+    """Stage: ``image`` bytes -> ``pixels`` preprocessed as open_clip would for the model.
+
+    Output columns: ``pixels`` [n, 3, H, W] (float32 normalised, or uint8 before
+    normalisation with ``pixel_dtype="uint8"``, a quarter of the bytes to ship
+    to a GPU actor; :class:`ClipScorer` normalises those), ``error`` ("" when
+    decoded), and every input column but ``image``. Rejected rows get zero pixels.
+
+    Args:
+        model: open_clip config name; fixes image size, mean, std, resize mode.
+        pretrained: the weights the scorer will use (a hub tag may bring its own preprocessing).
+        max_pixels: pixel budget per image, checked before decoding.
+        pixel_dtype: ``"float32"`` or ``"uint8"``.
+        jpeg_draft: let JPEG decoding downscale large photos on the fly.
+        keep_image: pass the encoded bytes through too (off: they are not needed after this).
+    """
+
+    def __init__(
+        self,
+        model: str,
+        pretrained: str | None = None,
+        max_pixels: int = MAX_PIXELS,
+        pixel_dtype: str = "float32",
+        jpeg_draft: bool = True,
+        keep_image: bool = False,
+    ):
+        if pixel_dtype not in ("float32", "uint8"):
+            raise ValueError(f"pixel_dtype must be 'float32' or 'uint8', not {pixel_dtype!r}")
+        cfg = preprocess_config(model, pretrained)
+        transform = open_clip.image_transform(
+            cfg["size"], is_train=False, mean=cfg["mean"], std=cfg["std"],
+            resize_mode=cfg["resize_mode"], interpolation=cfg["interpolation"], fill_color=cfg["fill_color"],
+        )
+        # open_clip's eval pipeline is [geometry on PIL..., ToTensor, Normalize]; the
+        # geometry runs per image, the last two once per batch (same arithmetic).
+        *self.geometry, to_tensor, normalize = transform.transforms
+        if type(normalize).__name__ != "Normalize" or "ToTensor" not in type(to_tensor).__name__:
+            raise RuntimeError(f"unexpected open_clip eval transform (open_clip changed?): {transform}")
+        self.size = tuple(cfg["size"]) if isinstance(cfg["size"], (tuple, list)) else (cfg["size"], cfg["size"])
+        self.mean = torch.tensor(cfg["mean"], dtype=torch.float32).view(1, 3, 1, 1)
+        self.std = torch.tensor(cfg["std"], dtype=torch.float32).view(1, 3, 1, 1)
+        self.max_pixels, self.pixel_dtype, self.keep_image = max_pixels, pixel_dtype, keep_image
+        self.resize_shortest = cfg["resize_mode"] == "shortest"
+        self.draft_size = max(self.size) if jpeg_draft else None
+
+    def _geometry(self, img: Image.Image) -> np.ndarray:
+        w, h = img.size
+        scale = max(self.size) / min(w, h)
+        # Shortest-edge resizing would blow a 1 x 60000 strip up to gigapixels before cropping.
+        if self.resize_shortest and w * h * scale * scale > self.max_pixels:
+            raise ImageRejected(f"extreme aspect ratio: {w}x{h}")
+        for step in self.geometry:
+            img = step(img)
+        return np.asarray(img.convert("RGB"), dtype=np.uint8)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        images = batch["image"]
+        n = len(images)
+        pixels = np.zeros((n, self.size[0], self.size[1], 3), dtype=np.uint8)
+        errors = np.full(n, "", dtype=object)
+        for i, data in enumerate(images):
+            try:
+                pixels[i] = self._geometry(decode_image(data, self.max_pixels, self.draft_size))
+            except ImageRejected as exc:
+                errors[i] = str(exc)
+            except Exception as exc:  # noqa: BLE001 - a resize failure is the row's problem, not the job's
+                errors[i] = f"unprocessable image: {type(exc).__name__}: {exc}"[:200]
+        chw = np.ascontiguousarray(pixels.transpose(0, 3, 1, 2))
+        if self.pixel_dtype == "float32":
+            chw = normalize_pixels(torch.from_numpy(chw), self.mean, self.std).numpy()
+            chw[errors != ""] = 0.0
+        out = {k: v for k, v in batch.items() if k != "image" or self.keep_image}
+        if "error" in batch:  # an earlier stage's reason wins
+            earlier = np.array(["" if e is None else str(e) for e in batch["error"]], dtype=object)
+            errors = np.where(earlier != "", earlier, errors)
+        out.update(pixels=chw, error=errors.astype(str))
+        return out
+
+
+def normalize_pixels(uint8_chw: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 [n,3,H,W] -> float32 normalised, with torchvision's ToTensor + Normalize arithmetic."""
+    return uint8_chw.to(torch.float32).div(255).sub_(mean.to(uint8_chw.device)).div_(std.to(uint8_chw.device))
+
+
+def fill_template(template: str, name: str) -> str:
+    """``"a photo of a {}."`` (or ``{class}``) with the class name put in."""
+    return template.replace("{class}", name).replace("{}", name)
+
+
+@torch.inference_mode()
+def class_text_embeddings(
+    model: torch.nn.Module, tokenizer, classes: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES,
+    device: str | torch.device = "cpu",
+) -> torch.Tensor:
+    """One normalised text embedding per class: the mean of its normalised template embeddings.
+
+    Returns:
+        float32 tensor [len(classes), embed_dim] on ``device``.
+    """
+    prompts = [fill_template(t, c) for c in classes for t in templates]
+    emb = F.normalize(model.encode_text(tokenizer(prompts).to(device)).float(), dim=-1)
+    emb = emb.view(len(classes), len(templates), -1).mean(dim=1)
+    return F.normalize(emb, dim=-1)
+
+
+class ClipScorer:
+    """Stage: preprocessed ``pixels`` + text -> ``clip_score`` (and ``clip_margin`` in label mode).
+
+    Caption mode compares each image with its own ``caption``. Label mode
+    compares it with its ``label``'s class embedding (a template ensemble, built
+    once here) and also returns ``clip_margin``: that score minus the best
+    other class's, negative when the image looks more like another class.
+
+    Output: the input columns except ``pixels`` (consumed; shipping them back
+    would cost as much as shipping them in), plus ``clip_score`` and
+    ``clip_margin`` (float32; margin NaN in caption mode), ``error`` (input
+    errors kept, plus ``empty caption`` / ``missing label`` / ``label out of
+    range: k`` for rows this mode cannot score; those rows get NaN scores) and,
+    with ``return_embedding``, ``embedding`` (normalised image embedding, float32).
+
+    Args:
+        model: open_clip config name.
+        pretrained: ``None``, hub tag, local checkpoint path or object-store URL.
+        mode: ``"caption"`` or ``"label"``.
+        classes: class names, index = label (label mode).
+        templates: prompt templates with ``{}`` for the class name (label mode).
+        device: ``None`` picks CUDA when available (then fp16 autocast), else CPU.
+        num_threads: CPU threads for torch (the cores Ray gave this actor); ``None`` leaves torch's default.
+        return_embedding: also return image embeddings (for dedup later).
+    """
+
+    def __init__(
+        self,
+        model: str,
+        pretrained: str | None = None,
+        mode: str = "caption",
+        classes: Sequence[str] | None = None,
+        templates: Sequence[str] | None = None,
+        device: str | None = None,
+        num_threads: int | None = None,
+        return_embedding: bool = False,
+    ):
+        if mode not in ("caption", "label"):
+            raise ValueError(f"mode must be 'caption' or 'label', not {mode!r}")
+        if mode == "label" and len(classes or []) < 2:
+            raise ValueError("label mode needs two or more class names (classes=[...])")
+        if num_threads:
+            torch.set_num_threads(int(num_threads))
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.mode, self.return_embedding = mode, return_embedding
+        self.model, _, self.tokenizer = load_clip(model, pretrained, device=self.device)
+        self.embed_dim = int(open_clip.get_model_config(model)["embed_dim"])
+        cfg = self.model.visual.preprocess_cfg
+        self.mean = torch.tensor(cfg["mean"], dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(cfg["std"], dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        self.classes = list(classes or [])
+        self.class_emb = None
+        if mode == "label":
+            with self._autocast():
+                self.class_emb = class_text_embeddings(
+                    self.model, self.tokenizer, self.classes, list(templates or DEFAULT_TEMPLATES), self.device
+                )
+
+    def _autocast(self):
+        return torch.autocast("cuda", dtype=torch.float16, enabled=self.device.type == "cuda")
+
+    def _row_errors(self, batch: dict[str, np.ndarray], n: int) -> np.ndarray:
+        errors = np.asarray(batch["error"], dtype=object).copy() if "error" in batch else np.full(n, "", dtype=object)
+        errors[[e is None for e in errors]] = ""
+        if self.mode == "caption":
+            captions = batch.get("caption", np.full(n, None, dtype=object))
+            bad = np.array([not isinstance(c, str) or not c.strip() for c in captions], dtype=bool)
+            errors[(errors == "") & bad] = "empty caption"
+            return errors
+        for i, label in enumerate(batch.get("label", np.full(n, None, dtype=object))):
+            if errors[i]:
+                continue
+            if label is None or (isinstance(label, float) and np.isnan(label)):
+                errors[i] = "missing label"
+            elif not 0 <= int(label) < len(self.classes):
+                errors[i] = f"label out of range: {int(label)}"
+        return errors
+
+    @torch.inference_mode()
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        pixels = batch["pixels"]
+        if pixels.dtype == object:  # Ray hands ragged tensor columns over as an object array
+            pixels = np.stack(list(pixels))
+        n = len(pixels)
+        errors = self._row_errors(batch, n)
+        ok = np.flatnonzero(errors == "")
+        score = np.full(n, np.nan, dtype=np.float32)
+        margin = np.full(n, np.nan, dtype=np.float32)
+        embedding = None
+        if len(ok):
+            x = torch.from_numpy(np.ascontiguousarray(pixels[ok])).to(self.device)
+            if x.dtype == torch.uint8:
+                x = normalize_pixels(x, self.mean, self.std)
+            # Encoders in fp16 on a GPU; the cosines themselves in fp32 (outside autocast).
+            with self._autocast():
+                img = self.model.encode_image(x)
+                if self.mode == "caption":
+                    tokens = self.tokenizer([str(c) for c in np.asarray(batch["caption"], dtype=object)[ok]])
+                    txt = self.model.encode_text(tokens.to(self.device))
+            img = F.normalize(img.float(), dim=-1)
+            if self.mode == "caption":
+                score[ok] = (img * F.normalize(txt.float(), dim=-1)).sum(dim=-1).cpu().numpy()
+            else:
+                labels = torch.as_tensor([int(batch["label"][i]) for i in ok], device=self.device)
+                sims = img @ self.class_emb.T
+                own = sims.gather(1, labels[:, None]).squeeze(1)
+                others = sims.scatter(1, labels[:, None], float("-inf")).max(dim=1).values
+                score[ok] = own.cpu().numpy()
+                margin[ok] = (own - others).cpu().numpy()
+            if self.return_embedding:
+                embedding = np.full((n, img.shape[1]), np.nan, dtype=np.float32)
+                embedding[ok] = img.cpu().numpy()
+        out = {k: v for k, v in batch.items() if k != "pixels"}
+        out.update(clip_score=score, clip_margin=margin, error=errors.astype(str))
+        if self.return_embedding:
+            out["embedding"] = embedding if embedding is not None else np.full((n, self.embed_dim), np.nan, np.float32)
+        return out

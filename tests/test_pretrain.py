@@ -1,0 +1,80 @@
+"""The reference-CLIP pretraining job, run through main() on the tiny synthetic dataset."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from jobs.pretrain_reference_clip import main, metrics_url
+from pipeline import io as pio
+from pipeline.clip_models import TINY_MODEL, load_clip
+from pipeline.datasets import make_synthetic, write_dataset
+from pipeline.scoring import ClipScorer, ImageDecoder
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory) -> str:
+    url = str(tmp_path_factory.mktemp("synthetic"))
+    write_dataset(make_synthetic(n=96, seed=0), url)
+    return url
+
+
+def test_one_epoch_writes_a_loadable_checkpoint_and_metrics(synthetic, tmp_path, capsys):
+    out = str(tmp_path / "ref" / "model.pt")
+    argv = ["--data", synthetic, "--out", out, "--model", TINY_MODEL, "--epochs", "1", "--batch-size", "8",
+            "--warmup-steps", "2", "--threads", "2"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "epoch 1/1" in printed and "zero-shot accuracy on test:" in printed
+
+    metrics = json.loads(open(metrics_url(out)).read())
+    meta = pio.read_json(pio.join(synthetic, "metadata.json"))
+    assert metrics_url(out) == str(tmp_path / "ref" / "model.metrics.json")
+    assert 0.0 <= metrics["zero_shot_accuracy"] <= 1.0
+    assert metrics["train_pairs"] == meta["splits"]["reference"] and metrics["test_rows"] == meta["splits"]["test"]
+    assert metrics["config"]["epochs"] == 1 and metrics["classes"] == meta["classes"]
+    assert len(metrics["loss_per_epoch"]) == 1 and np.isfinite(metrics["loss_per_epoch"][0])
+
+    state = torch.load(out, weights_only=True)
+    model, _, _ = load_clip(TINY_MODEL, pretrained=out)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, state["state_dict"][name]), name
+    # The scorer loads it too, and the saved model is not the random init.
+    table = pio.read_table(pio.join(synthetic, "test"))
+    batch = {"image": np.array(table.column("image").to_pylist(), dtype=object),
+             "label": np.array(table.column("label").to_pylist())}
+    scored = ClipScorer(TINY_MODEL, pretrained=out, mode="label", classes=meta["classes"], device="cpu")(
+        ImageDecoder(TINY_MODEL)(batch)
+    )
+    assert np.isfinite(scored["clip_score"]).all() and np.isfinite(scored["clip_margin"]).all()
+    random_init = load_clip(TINY_MODEL)[0].state_dict()
+    assert any(not torch.equal(random_init[k], v) for k, v in state["state_dict"].items())
+
+
+def test_training_is_reproducible_for_a_seed(synthetic, tmp_path):
+    outs = [str(tmp_path / f"{i}.pt") for i in range(2)]
+    for out in outs:
+        assert main(["--data", synthetic, "--out", out, "--model", TINY_MODEL, "--epochs", "1",
+                     "--batch-size", "8", "--seed", "3"]) == 0
+    a, b = (torch.load(o, weights_only=True)["state_dict"] for o in outs)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [["--epochs", "0"], ["--batch-size", "1"], ["--lr", "-1"], ["--threads", "0"], ["--model", "no-such-model"],
+     ["--epochs", "two"]],
+)
+def test_bad_arguments_exit_2(extra, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--data", str(tmp_path), "--out", str(tmp_path / "m.pt"), *extra])
+    assert exc.value.code == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_missing_dataset_fails_with_a_message(tmp_path, capsys):
+    assert main(["--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "m.pt")]) == 1
+    assert "nothing" in capsys.readouterr().err

@@ -1,0 +1,266 @@
+"""ImageDecoder and ClipScorer on plain dict batches (no Ray), with the tiny random-init config."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from pipeline import io as pio
+from pipeline.clip_models import (
+    TINY_MODEL, load_clip, preprocess_config, register_model_configs, save_checkpoint,
+)
+from pipeline.scoring import DEFAULT_TEMPLATES, ClipScorer, ImageDecoder, decode_image, fill_template
+
+CAPTIONS = ["a photo of a cat.", "a red square", "two dogs on a beach", "an empty room", "x", "a blue circle"]
+
+
+def encode(img: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kwargs)
+    return buf.getvalue()
+
+
+def random_images(n: int, seed: int = 0) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    # Mixed sizes and aspect ratios exercise open_clip's resize + centre crop.
+    sizes = [(40, 40), (64, 48), (31, 77), (32, 32), (100, 60), (45, 45)]
+    return [Image.fromarray(rng.integers(0, 256, (*sizes[i % 6], 3), dtype=np.uint8)) for i in range(n)]
+
+
+def caption_batch(n: int = 6) -> dict[str, np.ndarray]:
+    return {
+        "key": np.array([f"k{i}" for i in range(n)], dtype=object),
+        "image": np.array([encode(im) for im in random_images(n)], dtype=object),
+        "caption": np.array(CAPTIONS[:n], dtype=object),
+    }
+
+
+@pytest.fixture(scope="module")
+def scorer() -> ClipScorer:
+    torch.manual_seed(0)
+    return ClipScorer(TINY_MODEL, device="cpu", return_embedding=True)
+
+
+def test_register_model_configs_is_idempotent():
+    from open_clip import factory
+
+    names = register_model_configs()
+    paths = len(factory._MODEL_CONFIG_PATHS)
+    assert register_model_configs() == names == ["mmdp-ref", "mmdp-tiny"]
+    assert len(factory._MODEL_CONFIG_PATHS) == paths
+    assert {"mmdp-ref", "mmdp-tiny"} <= set(open_clip.list_models())
+
+
+def test_preprocess_config_matches_the_built_model_and_hub_tags():
+    model, _, _ = load_clip(TINY_MODEL)
+    cfg = preprocess_config(TINY_MODEL)
+    assert {k: v for k, v in cfg.items() if k != "size"} == {
+        k: v for k, v in model.visual.preprocess_cfg.items() if k != "size"
+    }
+    assert model.visual.preprocess_cfg["size"] == (cfg["size"], cfg["size"]) == (32, 32)
+    siglip = preprocess_config("ViT-B-16-SigLIP", "webli")  # a tag with its own normalisation
+    assert siglip["mean"] == (0.5, 0.5, 0.5) and siglip["resize_mode"] == "squash"
+    with pytest.raises(ValueError, match="unknown model config"):
+        preprocess_config("no-such-model")
+
+
+def test_decoder_output_equals_open_clip_preprocess():
+    _, preprocess, _ = load_clip(TINY_MODEL)
+    images = random_images(6)
+    batch = {"key": np.arange(6), "image": np.array([encode(im) for im in images], dtype=object)}
+    out = ImageDecoder(TINY_MODEL)(batch)
+    assert out["pixels"].shape == (6, 3, 32, 32) and out["pixels"].dtype == np.float32
+    assert list(out["error"]) == [""] * 6 and "image" not in out and list(out["key"]) == list(range(6))
+    expected = torch.stack([preprocess(im) for im in images]).numpy()
+    np.testing.assert_allclose(out["pixels"], expected, atol=1e-6)
+    raw = ImageDecoder(TINY_MODEL, pixel_dtype="uint8", keep_image=True)(batch)
+    assert raw["pixels"].dtype == np.uint8 and raw["pixels"].shape == (6, 3, 32, 32) and "image" in raw
+
+
+def test_decoder_reads_jpeg_to_the_right_shape():
+    img = random_images(3)[2]  # 31 x 77
+    out = ImageDecoder("mmdp-ref")({"image": np.array([encode(img, "JPEG", quality=90)], dtype=object)})
+    assert out["pixels"].shape == (1, 3, 28, 28) and out["error"][0] == ""
+    assert np.abs(out["pixels"]).sum() > 0
+
+
+def png_with_header(width: int, height: int) -> bytes:
+    """A PNG whose IHDR claims ``width`` x ``height`` (valid CRC) over a tiny body."""
+    data = bytearray(encode(Image.new("RGB", (4, 4))))
+    ihdr = bytes(data[12:16]) + struct.pack(">II", width, height) + bytes(data[24:29])
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(ihdr) & 0xFFFFFFFF)
+    return bytes(data)
+
+
+def test_bad_images_get_reasons_and_do_not_break_the_batch():
+    good = encode(random_images(1)[0])
+    cases = {
+        "empty": (b"", "empty image bytes"),
+        "null": (None, "empty image bytes"),
+        "garbage": (b"this is not an image at all", "undecodable image: unknown format"),
+        "truncated": (good[: len(good) // 2], "undecodable image:"),
+        "bomb": (png_with_header(50_000, 50_000), "image too large: 2500000000 pixels"),
+        "big": (png_with_header(10_000, 10_000), "image too large: 10000x10000"),
+        "strip": (encode(Image.new("RGB", (1, 3000))), "extreme aspect ratio: 1x3000"),
+        "good": (good, ""),
+    }
+    batch = {"key": np.array(list(cases), dtype=object), "image": np.array([v[0] for v in cases.values()], dtype=object)}
+    out = ImageDecoder(TINY_MODEL, max_pixels=2_000_000)(batch)
+    for key, error, pixels in zip(out["key"], out["error"], out["pixels"]):
+        expected = cases[key][1]
+        assert error.startswith(expected) and (error == "") == (expected == ""), (key, error)
+        assert (np.abs(pixels).sum() > 0) == (key == "good"), key  # rejected rows are zeros
+
+
+def test_earlier_errors_pass_through_the_decoder():
+    batch = {"image": np.array([encode(random_images(1)[0])] * 2, dtype=object), "error": np.array(["duplicate key", ""])}
+    assert list(ImageDecoder(TINY_MODEL)(batch)["error"]) == ["duplicate key", ""]
+
+
+@pytest.mark.parametrize(
+    "make, expected",
+    [
+        (lambda: encode(Image.new("L", (5, 5), 100)), (100, 100, 100)),
+        (lambda: encode(Image.new("LA", (5, 5), (100, 255))), (100, 100, 100)),
+        (lambda: encode(Image.new("RGBA", (5, 5), (10, 20, 30, 0))), (255, 255, 255)),  # transparent -> white
+        (lambda: encode(Image.new("RGBA", (5, 5), (10, 20, 30, 255))), (10, 20, 30)),
+        (lambda: encode(Image.new("1", (5, 5), 1)), (255, 255, 255)),
+        (lambda: encode(Image.fromarray(np.full((5, 5), 32896, np.uint16))), (128, 128, 128)),  # 16-bit
+        (lambda: encode(Image.fromarray(np.full((5, 5), 65535, np.int32)), "TIFF"), (255, 255, 255)),
+        (lambda: encode(Image.new("CMYK", (5, 5), (0, 255, 255, 0)), "JPEG", quality=100), (255, 0, 0)),
+    ],
+    ids=["L", "LA", "RGBA-clear", "RGBA-opaque", "1bit", "I16", "I32", "CMYK"],
+)
+def test_every_pil_mode_decodes_to_rgb(make, expected):
+    data = make()
+    img = decode_image(data)
+    assert img.mode == "RGB" and img.size == (5, 5)
+    np.testing.assert_allclose(np.asarray(img)[2, 2], expected, atol=2)
+    assert ImageDecoder(TINY_MODEL)({"image": np.array([data], dtype=object)})["error"][0] == ""
+
+
+def test_palette_images_decode_to_their_colours():
+    p = Image.new("P", (5, 5), 3)
+    p.putpalette([0, 0, 0, 1, 2, 3, 4, 5, 6, 200, 100, 50])
+    assert tuple(np.asarray(decode_image(encode(p)))[0, 0]) == (200, 100, 50)
+    assert tuple(np.asarray(decode_image(encode(p, transparency=3)))[0, 0]) == (255, 255, 255)
+
+
+def direct_caption_scores(model, tokenizer, pixels: np.ndarray, captions) -> np.ndarray:
+    """The textbook open_clip computation: encode both, normalise, dot."""
+    with torch.no_grad():
+        img = F.normalize(model.encode_image(torch.from_numpy(pixels)), dim=-1)
+        txt = F.normalize(model.encode_text(tokenizer(list(captions))), dim=-1)
+    return (img * txt).sum(-1).numpy()
+
+
+def test_caption_scores_equal_direct_open_clip(scorer):
+    decoded = ImageDecoder(TINY_MODEL)(caption_batch())
+    out = scorer(decoded)
+    expected = direct_caption_scores(scorer.model, scorer.tokenizer, decoded["pixels"], CAPTIONS)
+    assert out["clip_score"].dtype == np.float32 and np.all(np.isnan(out["clip_margin"]))
+    np.testing.assert_allclose(out["clip_score"], expected, atol=1e-5, rtol=0)
+    assert len(np.unique(out["clip_score"])) == 6  # real, distinct scores
+    assert "pixels" not in out and list(out["key"]) == [f"k{i}" for i in range(6)]
+    assert out["embedding"].shape == (6, 32)
+    np.testing.assert_allclose(np.linalg.norm(out["embedding"], axis=1), 1.0, atol=1e-5)
+    # uint8 pixels (normalised inside the scorer) give the same scores.
+    raw = scorer(ImageDecoder(TINY_MODEL, pixel_dtype="uint8")(caption_batch()))
+    np.testing.assert_allclose(raw["clip_score"], expected, atol=1e-5, rtol=0)
+
+
+def test_rows_that_cannot_be_scored_get_nan_and_a_reason(scorer):
+    batch = caption_batch()
+    batch["image"][1] = b"junk"
+    batch["caption"][2] = "   "
+    batch["caption"][3] = None
+    out = scorer(ImageDecoder(TINY_MODEL)(batch))
+    assert list(out["error"]) == ["", "undecodable image: unknown format", "empty caption", "empty caption", "", ""]
+    assert np.isnan(out["clip_score"][1:4]).all() and not np.isnan(out["clip_score"][[0, 4, 5]]).any()
+    assert np.isnan(out["embedding"][1:4]).all()
+    clean_pixels = ImageDecoder(TINY_MODEL)(caption_batch())["pixels"]
+    expected = direct_caption_scores(scorer.model, scorer.tokenizer, clean_pixels, CAPTIONS)
+    np.testing.assert_allclose(out["clip_score"][[0, 4, 5]], expected[[0, 4, 5]], atol=1e-5, rtol=0)
+
+
+def test_label_mode_builds_the_template_ensemble():
+    classes = ["cat", "dog", "bird"]
+    s = ClipScorer(TINY_MODEL, mode="label", classes=classes, device="cpu")
+    with torch.no_grad():
+        per_class = []
+        for c in classes:
+            e = F.normalize(s.model.encode_text(s.tokenizer([fill_template(t, c) for t in DEFAULT_TEMPLATES])), dim=-1)
+            per_class.append(F.normalize(e.mean(0), dim=-1))
+    np.testing.assert_allclose(s.class_emb.numpy(), torch.stack(per_class).numpy(), atol=1e-6)
+
+
+def test_label_mode_margin_on_a_hand_made_case():
+    s = ClipScorer(TINY_MODEL, mode="label", classes=["a", "b", "c"], device="cpu")
+    decoded = ImageDecoder(TINY_MODEL)({"image": np.array([encode(random_images(1)[0])] * 5, dtype=object)})
+    with torch.no_grad():
+        e = F.normalize(s.model.encode_image(torch.from_numpy(decoded["pixels"][:1])), dim=-1)[0]
+    ortho = torch.randn(e.shape[0], generator=torch.Generator().manual_seed(0))
+    ortho = F.normalize(ortho - (ortho @ e) * e, dim=0)
+    s.class_emb = torch.stack([e, -e, ortho])  # similarities to the image: +1, -1, 0
+    decoded["label"] = np.array([0, 1, 2, None, 7], dtype=object)
+    out = s(decoded)
+    np.testing.assert_allclose(out["clip_score"][:3], [1.0, -1.0, 0.0], atol=1e-5)
+    np.testing.assert_allclose(out["clip_margin"][:3], [1.0 - 0.0, -1.0 - 1.0, 0.0 - 1.0], atol=1e-5)
+    assert list(out["error"]) == ["", "", "", "missing label", "label out of range: 7"]
+    assert np.isnan(out["clip_score"][3:]).all() and np.isnan(out["clip_margin"][3:]).all()
+
+
+def test_bad_scorer_arguments_are_refused():
+    with pytest.raises(ValueError, match="two or more class names"):
+        ClipScorer(TINY_MODEL, mode="label", classes=["only"])
+    with pytest.raises(ValueError, match="mode must be"):
+        ClipScorer(TINY_MODEL, mode="both")
+    with pytest.raises(ValueError, match="unknown model config"):
+        ClipScorer("no-such-model")
+
+
+def test_checkpoint_from_a_path_scores_like_the_model_it_was_saved_from(scorer, tmp_path):
+    path = str(tmp_path / "model.pt")
+    save_checkpoint(scorer.model, path, TINY_MODEL)
+    state = torch.load(path, weights_only=True)
+    assert state["model_name"] == TINY_MODEL and "state_dict" in state
+    decoded = ImageDecoder(TINY_MODEL)(caption_batch())
+    loaded = ClipScorer(TINY_MODEL, pretrained=path, device="cpu")
+    np.testing.assert_array_equal(loaded(dict(decoded))["clip_score"], scorer(dict(decoded))["clip_score"])
+    fresh = ClipScorer(TINY_MODEL, device="cpu")  # another random init: the weights really came from the file
+    assert not np.allclose(fresh(dict(decoded))["clip_score"], scorer(dict(decoded))["clip_score"])
+
+
+class _Payload:
+    def __reduce__(self):
+        return (print, ("code ran while loading a checkpoint",))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"state_dict": {"x": torch.zeros(1)}, "payload": _Payload()}, path)
+    with pytest.raises(Exception, match="[Ww]eights only load failed|Unsupported global"):
+        load_clip(TINY_MODEL, pretrained=str(path))
+
+
+def test_checkpoint_from_s3_scores_like_the_local_one(scorer, s3_bucket, tmp_path, monkeypatch):
+    monkeypatch.setenv("MMDP_CACHE", str(tmp_path / "cache"))
+    url = f"{s3_bucket}/models/model.pt"
+    save_checkpoint(scorer.model, url, TINY_MODEL)
+    local = str(tmp_path / "model.pt")
+    pio.write_bytes(pio.read_bytes(url), local)
+    decoded = ImageDecoder(TINY_MODEL)(caption_batch())
+    from_s3 = ClipScorer(TINY_MODEL, pretrained=url, device="cpu")(dict(decoded))["clip_score"]
+    from_path = ClipScorer(TINY_MODEL, pretrained=local, device="cpu")(dict(decoded))["clip_score"]
+    np.testing.assert_array_equal(from_s3, from_path)
+    np.testing.assert_array_equal(from_s3, scorer(dict(decoded))["clip_score"])
+    assert len(list((tmp_path / "cache").rglob("model.pt"))) == 1  # fetched once into the cache
