@@ -180,7 +180,7 @@ def shift_image(png: bytes, rng: np.random.Generator) -> bytes:
 @functools.lru_cache(maxsize=2)  # one dataset at a time: its clean and shifted copies
 def test_inputs(data: str, shifted: bool) -> tuple:
     """(x, labels) of the test split, normalised by the train pipeline's own decode stage."""
-    from pipeline.train import decode_stage
+    from pipeline.ingest import decode_stage
 
     table = mio.read_table(mio.join(data, "test"), columns=[KEY, "image", "label"]).sort_by(KEY)
     images = table.column("image").to_pylist()
@@ -288,8 +288,8 @@ def plain_fit(cfg, out: str) -> dict:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from pipeline.train import decode_stage
-    from pipeline.trainer import test_stage
+    from pipeline.ingest import decode_stage
+    from pipeline.ingest import test_stage
 
     started = time.perf_counter()
     meta = mio.read_json(mio.join(cfg.data, "metadata.json"))

@@ -1,7 +1,7 @@
 """The Ray Train loop: train on each epoch's kept samples, report every sample's loss.
 
 Each epoch, rank 0 asks the pruning actor to publish the epoch's plan; the
-training dataset's keep stage (see :func:`keep_stage`) drops pruned rows
+training dataset's keep stage (:func:`pipeline.ingest.keep_stage`) drops pruned rows
 *before* they are decoded, so a pruned sample costs a parquet read and a
 mask, never a decode, an augmentation or a forward pass. Workers weight the
 per-sample losses by the plan's weights and send them to the pruner without
@@ -10,7 +10,6 @@ waiting on it.
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -22,56 +21,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from PIL import Image
 
 from pipeline.models import build_model
-
-# Fashion-MNIST pixel statistics; any dataset's images are normalised alike
-# since the default models are trained from scratch.
-MEAN, STD = 0.2860, 0.3530
-
-
-def keep_stage(batch: dict, pruner_name: str) -> dict:
-    """Keep the rows of this epoch's plan and attach their weights (runs in Ray Data tasks)."""
-    import ray
-
-    from pipeline.actors import get_pruner
-
-    epoch, plan_ref = ray.get(get_pruner(pruner_name).current_plan.remote())
-    kept, weights = ray.get(plan_ref[0])
-    index = batch["index"].astype(np.int64)
-    pos = np.searchsorted(kept, index).clip(0, max(len(kept) - 1, 0))
-    mask = (kept[pos] == index) if len(kept) else np.zeros(len(index), bool)
-    out = {k: v[mask] for k, v in batch.items()}
-    out["weight"] = weights[pos[mask]].astype(np.float32)
-    out["epoch"] = np.full(int(mask.sum()), epoch, np.int64)
-    return out
-
-
-def decode_stage(batch: dict, augment: bool, seed: int) -> dict:
-    """PNG/JPEG bytes -> normalised float32 [n, 1, 28, 28], with a per-sample deterministic augmentation."""
-    n = len(batch["index"])
-    images = np.empty((n, 1, 28, 28), np.float32)
-    for i in range(n):
-        with Image.open(io.BytesIO(batch["image"][i])) as im:
-            pixels = np.asarray(im.convert("L").resize((28, 28)), np.float32) / 255.0
-        if augment:
-            # Seeded by (seed, epoch, sample) so a restarted run sees the same crops.
-            rng = np.random.default_rng([seed, int(batch["epoch"][i]), int(batch["index"][i])])
-            pixels = _crop_flip(pixels, rng)
-        images[i, 0] = (pixels - MEAN) / STD
-    out = {"x": images, "label": batch["label"].astype(np.int64), "index": batch["index"].astype(np.int64)}
-    if "weight" in batch:
-        out["weight"] = batch["weight"]
-    return out
-
-
-def _crop_flip(pixels: np.ndarray, rng: np.random.Generator, pad: int = 2) -> np.ndarray:
-    dy, dx = rng.integers(0, 2 * pad + 1, size=2)
-    padded = np.pad(pixels, pad)
-    out = padded[dy : dy + 28, dx : dx + 28]
-    return out[:, ::-1] if rng.random() < 0.5 else out
-
 
 def cosine_lr(step: int, total: int, warmup: int) -> float:
     if step < warmup:

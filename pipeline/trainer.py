@@ -95,20 +95,8 @@ def load_index(scores_url: str, signal: str) -> tuple[np.ndarray, np.ndarray, st
     return keys, consistency, signal
 
 
-def index_stage(batch: dict, keys: np.ndarray) -> dict:
-    """Attach the dense sample index by key; rows the score job rejected have none and leave here."""
-    batch_keys = batch[KEY].astype(str)
-    pos = np.searchsorted(keys, batch_keys).clip(0, max(len(keys) - 1, 0))
-    found = keys[pos] == batch_keys if len(keys) else np.zeros(len(batch_keys), bool)
-    return {"index": pos[found].astype(np.int64), "image": batch["image"][found], "label": batch["label"][found].astype(np.int64)}
-
-
-def test_stage(batch: dict) -> dict:
-    return {"index": np.full(len(batch["label"]), -1, np.int64), "image": batch["image"], "label": batch["label"].astype(np.int64)}
-
-
 def build_datasets(cfg: TrainConfig, keys: np.ndarray, pruner_name: str) -> dict:
-    from pipeline.train import decode_stage, keep_stage
+    from pipeline.ingest import decode_stage, index_stage, keep_stage, test_decode_stage, test_stage
 
     fs, _ = mio.filesystem_for(cfg.data)
     paths = lambda split: [mio.filesystem_for(u)[1] for u in mio.list_files(mio.join(cfg.data, split))]  # noqa: E731
@@ -121,15 +109,9 @@ def build_datasets(cfg: TrainConfig, keys: np.ndarray, pruner_name: str) -> dict
     test = (
         ray.data.read_parquet(paths("test"), filesystem=fs).select_columns(["image", "label"])
         .map_batches(test_stage, batch_format="numpy")
-        .map_batches(_test_decode, batch_format="numpy")
+        .map_batches(test_decode_stage, batch_format="numpy")
     )
     return {"train": train, "test": test}
-
-
-def _test_decode(batch: dict) -> dict:
-    from pipeline.train import decode_stage
-
-    return decode_stage(batch, augment=False, seed=0)
 
 
 def fit(cfg: TrainConfig) -> dict:

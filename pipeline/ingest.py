@@ -1,0 +1,86 @@
+"""The training data's Ray Data stages: plain NumPy/PIL functions, no torch.
+
+They run in Ray Data tasks every epoch, so they import nothing heavy: a task
+worker that starts fresh (Ray retires idle workers) pays for its imports at
+every epoch.
+
+    read parquet -> index_stage -> keep_stage -> decode_stage -> Train workers
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+
+import numpy as np
+from PIL import Image
+
+from pipeline.schema import KEY
+
+# Fashion-MNIST pixel statistics; any dataset's images are normalised alike
+# since the default models are trained from scratch.
+MEAN, STD = 0.2860, 0.3530
+
+
+def index_stage(batch: dict, keys: np.ndarray) -> dict:
+    """Attach the dense sample index by key; rows the score job rejected have none and leave here."""
+    batch_keys = batch[KEY].astype(str)
+    pos = np.searchsorted(keys, batch_keys).clip(0, max(len(keys) - 1, 0))
+    found = keys[pos] == batch_keys if len(keys) else np.zeros(len(batch_keys), bool)
+    return {"index": pos[found].astype(np.int64), "image": batch["image"][found], "label": batch["label"][found].astype(np.int64)}
+
+
+def test_stage(batch: dict) -> dict:
+    """Test rows carry no sample index."""
+    return {"index": np.full(len(batch["label"]), -1, np.int64), "image": batch["image"], "label": batch["label"].astype(np.int64)}
+
+
+@functools.lru_cache(maxsize=8)
+def _pruner(name: str):
+    from pipeline.actors import get_pruner
+
+    return get_pruner(name)  # a handle stays valid across actor restarts
+
+
+def keep_stage(batch: dict, pruner_name: str) -> dict:
+    """Keep the rows of this epoch's plan and attach their weights (runs in Ray Data tasks)."""
+    import ray
+
+    epoch, plan_ref = ray.get(_pruner(pruner_name).current_plan.remote())
+    kept, weights = ray.get(plan_ref[0])
+    index = batch["index"].astype(np.int64)
+    pos = np.searchsorted(kept, index).clip(0, max(len(kept) - 1, 0))
+    mask = (kept[pos] == index) if len(kept) else np.zeros(len(index), bool)
+    out = {k: v[mask] for k, v in batch.items()}
+    out["weight"] = weights[pos[mask]].astype(np.float32)
+    out["epoch"] = np.full(int(mask.sum()), epoch, np.int64)
+    return out
+
+
+def decode_stage(batch: dict, augment: bool, seed: int) -> dict:
+    """PNG/JPEG bytes -> normalised float32 [n, 1, 28, 28], with a per-sample deterministic augmentation."""
+    n = len(batch["index"])
+    images = np.empty((n, 1, 28, 28), np.float32)
+    for i in range(n):
+        with Image.open(io.BytesIO(batch["image"][i])) as im:
+            pixels = np.asarray(im.convert("L").resize((28, 28)), np.float32) / 255.0
+        if augment:
+            # Seeded by (seed, epoch, sample) so a restarted run sees the same crops.
+            rng = np.random.default_rng([seed, int(batch["epoch"][i]), int(batch["index"][i])])
+            pixels = _crop_flip(pixels, rng)
+        images[i, 0] = (pixels - MEAN) / STD
+    out = {"x": images, "label": batch["label"].astype(np.int64), "index": batch["index"].astype(np.int64)}
+    if "weight" in batch:
+        out["weight"] = batch["weight"]
+    return out
+
+
+def _crop_flip(pixels: np.ndarray, rng: np.random.Generator, pad: int = 2) -> np.ndarray:
+    dy, dx = rng.integers(0, 2 * pad + 1, size=2)
+    padded = np.pad(pixels, pad)
+    out = padded[dy : dy + 28, dx : dx + 28]
+    return out[:, ::-1] if rng.random() < 0.5 else out
+
+
+def test_decode_stage(batch: dict) -> dict:
+    return decode_stage(batch, augment=False, seed=0)
