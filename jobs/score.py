@@ -18,36 +18,15 @@ input row is in exactly one of scored or rejected.
 
 from __future__ import annotations
 
-import json
-import logging
 import sys
 
-from pipeline import io as mio
-from pipeline.cli import config_json, config_parser, parse_config, setup_logging
-from pipeline.run import ScoreConfig
-
-log = logging.getLogger("jobs.score")
+from pipeline.cli import run_ray_job
 
 
 def main(argv=None) -> int:
-    parser = config_parser(ScoreConfig, __doc__)
-    cfg = parse_config(ScoreConfig, parser, argv)
-    setup_logging()
-    mio.configure_s3(cfg.s3_endpoint)
-    import ray
+    from pipeline.run import ScoreConfig, score
 
-    from pipeline.run import score
-
-    log.info("config:\n%s", config_json(cfg))
-    if not ray.is_initialized():
-        ray.init()  # local Ray here; the cluster's under `ray job submit`
-    try:
-        summary = score(cfg)
-    except (mio.ShardError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary, indent=2))
-    return 0
+    return run_ray_job(ScoreConfig, __doc__, argv, score)
 
 
 if __name__ == "__main__":

@@ -19,36 +19,15 @@ optimizer and pruner state; resume with ``--resume-from``).
 
 from __future__ import annotations
 
-import json
-import logging
 import sys
 
-from pipeline import io as mio
-from pipeline.cli import config_json, config_parser, parse_config, setup_logging
-from pipeline.trainer import TrainConfig
-
-log = logging.getLogger("jobs.train")
+from pipeline.cli import run_ray_job
 
 
 def main(argv=None) -> int:
-    parser = config_parser(TrainConfig, __doc__)
-    cfg = parse_config(TrainConfig, parser, argv)
-    setup_logging()
-    mio.configure_s3(cfg.s3_endpoint)
-    import ray
+    from pipeline.trainer import TrainConfig, fit
 
-    from pipeline.trainer import fit
-
-    log.info("config:\n%s", config_json(cfg))
-    if not ray.is_initialized():
-        ray.init()  # local Ray here; the cluster's under `ray job submit`
-    try:
-        metrics = fit(cfg)
-    except (mio.ShardError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps(metrics["totals"], indent=2))
-    return 0
+    return run_ray_job(TrainConfig, __doc__, argv, lambda cfg: fit(cfg)["totals"])
 
 
 if __name__ == "__main__":

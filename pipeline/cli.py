@@ -16,6 +16,12 @@ import types
 import typing
 
 HELP = "help"
+log = logging.getLogger("mmdp")
+
+
+def option(default, text: str, **extra):
+    """A config field with its ``--help`` text (and, e.g., ``choices``)."""
+    return dataclasses.field(default=default, metadata={HELP: text, **extra})
 
 
 def _base_type(annotation):
@@ -93,3 +99,29 @@ def setup_logging() -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
+
+
+def run_ray_job(config_cls, description: str, argv, work) -> int:
+    """The body of every Ray job's ``main``: parse, log the config, connect Ray, run, summarise.
+
+    ``ray.init()`` starts a local Ray here and joins the cluster under ``ray
+    job submit``. A :class:`pipeline.io.ShardError` or ``ValueError`` from
+    ``work(cfg)`` is bad input: its message and exit code 2, no traceback.
+    """
+    from pipeline import io as mio
+
+    cfg = parse_config(config_cls, config_parser(config_cls, description), argv)
+    setup_logging()
+    mio.configure_s3(getattr(cfg, "s3_endpoint", None))
+    import ray
+
+    log.info("config:\n%s", config_json(cfg))
+    if not ray.is_initialized():
+        ray.init()
+    try:
+        summary = work(cfg)
+    except (mio.ShardError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=2, default=str))
+    return 0

@@ -23,14 +23,11 @@ import pyarrow.parquet as pq
 import ray
 
 from pipeline import io as mio
+from pipeline.cli import option
 from pipeline.schema import KEY, REJECTS_SCHEMA, SCORES_SCHEMA, ColumnMapping, to_contract
 from pipeline.validate import DUPLICATE_KEY, RowValidator, first_occurrence_mask
 
 log = logging.getLogger(__name__)
-
-
-def _opt(default, text, **extra):
-    return field(default=default, metadata={"help": text, **extra})
 
 
 @dataclass(frozen=True)
@@ -39,20 +36,20 @@ class ScoreConfig:
 
     input: str = field(metadata={"help": "shards to score: a folder or file URL (local, s3://, gs://) of parquet or webdataset tars"})
     output: str = field(metadata={"help": "where scores/, rejects.parquet and summary.json go (URL)"})
-    model: str = _opt("mmdp-ref", "open_clip model name, or a config shipped with mmdp (mmdp-tiny, mmdp-ref)")
-    pretrained: str | None = _opt(None, "open_clip pretrained tag, checkpoint path or object-store URL; none = random weights")
-    mode: str = _opt("caption", "score against each row's caption, or against class prompts from its label",
+    model: str = option("mmdp-ref", "open_clip model name, or a config shipped with mmdp (mmdp-tiny, mmdp-ref)")
+    pretrained: str | None = option(None, "open_clip pretrained tag, checkpoint path or object-store URL; none = random weights")
+    mode: str = option("caption", "score against each row's caption, or against class prompts from its label",
                      choices=("caption", "label"))
-    classes: tuple[str, ...] | None = _opt(None, "class names for label prompts; default: the dataset's metadata.json")
-    columns: str = _opt("mmdp", "column mapping: mmdp, img2dataset, or pairs like image=jpg,caption=txt")
-    batch_size: int = _opt(256, "rows per scoring batch")
-    min_actors: int = _opt(1, "scoring actors the pool keeps (autoscaled between min and max)")
-    max_actors: int = _opt(4, "most scoring actors the pool grows to (one GPU each when the cluster has GPUs)")
+    classes: tuple[str, ...] | None = option(None, "class names for label prompts; default: the dataset's metadata.json")
+    columns: str = option("mmdp", "column mapping: mmdp, img2dataset, or pairs like image=jpg,caption=txt")
+    batch_size: int = option(256, "rows per scoring batch")
+    min_actors: int = option(1, "scoring actors the pool keeps (autoscaled between min and max)")
+    max_actors: int = option(4, "most scoring actors the pool grows to (one GPU each when the cluster has GPUs)")
     # Below 1 leaves the read/decode tasks a CPU on a small machine: a pool
     # that takes every CPU starves its own input (ENVIRONMENT.md, deadlock 1).
-    actor_cpus: float = _opt(1.0, "CPUs each scoring actor reserves on a cluster without GPUs")
-    torch_threads: int = _opt(0, "torch threads per scoring actor; 0 = as many as the actor's CPUs")
-    s3_endpoint: str | None = _opt(None, "endpoint of an S3-compatible store (default: AWS_ENDPOINT_URL or AWS)")
+    actor_cpus: float = option(1.0, "CPUs each scoring actor reserves on a cluster without GPUs")
+    torch_threads: int = option(0, "torch threads per scoring actor; 0 = as many as the actor's CPUs")
+    s3_endpoint: str | None = option(None, "endpoint of an S3-compatible store (default: AWS_ENDPOINT_URL or AWS)")
 
     def __post_init__(self):
         if self.min_actors < 1 or self.max_actors < self.min_actors:

@@ -24,14 +24,11 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from pipeline import io as mio
+from pipeline.cli import option
 from pipeline.policies import POLICIES
 from pipeline.schema import KEY
 
 log = logging.getLogger(__name__)
-
-
-def _opt(default, text, **extra):
-    return field(default=default, metadata={"help": text, **extra})
 
 
 @dataclass(frozen=True)
@@ -41,34 +38,34 @@ class TrainConfig:
     data: str = field(metadata={"help": "dataset root with train/, test/ and metadata.json (URL)"})
     scores: str = field(metadata={"help": "output folder of the score job for the train split (URL)"})
     out: str = field(metadata={"help": "run folder: metrics.json, config.json, plans.json, checkpoint/"})
-    policy: str = _opt("mmdp", "pruning policy", choices=tuple(POLICIES))
-    keep_ratio: float = _opt(0.5, "fraction of the samples trained on per (non-annealing) epoch")
-    epochs: int = _opt(20, "training epochs (the reference protocol uses 20)")
-    workers: int = _opt(2, "Ray Train workers")
-    use_gpu: bool = _opt(False, "one GPU per worker")
+    policy: str = option("mmdp", "pruning policy", choices=tuple(POLICIES))
+    keep_ratio: float = option(0.5, "fraction of the samples trained on per (non-annealing) epoch")
+    epochs: int = option(20, "training epochs (the reference protocol uses 20)")
+    workers: int = option(2, "Ray Train workers")
+    use_gpu: bool = option(False, "one GPU per worker")
     # A fraction so that Train workers leave CPUs to the Ray Data tasks that
     # feed them (ENVIRONMENT.md, deadlock 2).
-    cpus_per_worker: float = _opt(0.5, "CPUs each Train worker reserves")
-    threads: int = _opt(1, "torch threads per worker")
-    seed: int = _opt(0, "seed for the model, the plans and the augmentations")
-    model: str = _opt("resnet", "image model (pipeline.models)", choices=("resnet", "cnn"))
-    width: int = _opt(8, "channels of the model's first stage (0 = the model's default)")
-    batch_size: int = _opt(128, "samples per step per worker")
-    lr: float = _opt(0.1, "peak learning rate (SGD, momentum 0.9, cosine schedule)")
-    weight_decay: float = _opt(5e-4, "SGD weight decay")
-    warmup_steps: int = _opt(50, "linear warm-up steps before the cosine decay")
-    augment: bool = _opt(True, "random 2-px shifts and horizontal flips")
+    cpus_per_worker: float = option(0.5, "CPUs each Train worker reserves")
+    threads: int = option(1, "torch threads per worker")
+    seed: int = option(0, "seed for the model, the plans and the augmentations")
+    model: str = option("resnet", "image model (pipeline.models)", choices=("resnet", "cnn"))
+    width: int = option(8, "channels of the model's first stage (0 = the model's default)")
+    batch_size: int = option(128, "samples per step per worker")
+    lr: float = option(0.1, "peak learning rate (SGD, momentum 0.9, cosine schedule)")
+    weight_decay: float = option(5e-4, "SGD weight decay")
+    warmup_steps: int = option(50, "linear warm-up steps before the cosine decay")
+    augment: bool = option(True, "random 2-px shifts and horizontal flips")
     # With one worker, rows arrive in file order every epoch, so a resumed run
     # repeats an uninterrupted one bit for bit; with several, which worker
     # gets which block still depends on timing.
-    preserve_order: bool = _opt(False, "feed rows in input order (reproducible single-worker runs)")
-    signal: str = _opt("auto", "consistency column: clip_margin, clip_score, or auto (margin when scored in label mode)",
+    preserve_order: bool = option(False, "feed rows in input order (reproducible single-worker runs)")
+    signal: str = option("auto", "consistency column: clip_margin, clip_score, or auto (margin when scored in label mode)",
                        choices=("auto", "clip_margin", "clip_score"))
-    max_failures: int = _opt(2, "worker failures Ray Train recovers from (from the last checkpoint)")
-    max_reports_in_flight: int = _opt(8, "loss reports a worker may have unacknowledged before it waits")
-    resume_from: str | None = _opt(None, "a checkpoint folder to continue from (same config)")
-    stop_after: int | None = _opt(None, "stop after this many epochs (the plan still covers --epochs)")
-    s3_endpoint: str | None = _opt(None, "endpoint of an S3-compatible store (default: AWS_ENDPOINT_URL or AWS)")
+    max_failures: int = option(2, "worker failures Ray Train recovers from (from the last checkpoint)")
+    max_reports_in_flight: int = option(8, "loss reports a worker may have unacknowledged before it waits")
+    resume_from: str | None = option(None, "a checkpoint folder to continue from (same config)")
+    stop_after: int | None = option(None, "stop after this many epochs (the plan still covers --epochs)")
+    s3_endpoint: str | None = option(None, "endpoint of an S3-compatible store (default: AWS_ENDPOINT_URL or AWS)")
 
     def __post_init__(self):
         if not 0 < self.keep_ratio <= 1:

@@ -142,8 +142,12 @@ def test_synthetic_dataset(tmp_path):
     assert (data["truth"]["corruption"].to_numpy(zero_copy_only=False) == "symmetric").sum() == 32
 
 
-def test_writes_to_s3(s3_bucket):
+def test_writes_to_s3(s3_bucket, tmp_path):
     url = f"{s3_bucket}/fmnist"
     data = _make(url, "--limit", "200", "--noise", "caption:0.1")
     assert data["meta"]["splits"]["train"] == 200 and data["splits"]["train"].num_rows == 200
     assert (data["truth"]["corruption"].to_numpy(zero_copy_only=False) == "caption").sum() == 20
+    local = _make(tmp_path / "fmnist", "--limit", "200", "--noise", "caption:0.1")
+    for split in ds.SPLITS:
+        assert data["splits"][split].equals(local["splits"][split])
+    assert data["truth"].equals(local["truth"])
