@@ -24,6 +24,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -212,6 +213,10 @@ def list_files(url: str, suffixes: tuple[str, ...] = (".parquet",)) -> list[str]
     return sorted(found)
 
 
+def _unreadable_parquet(file_url: str, exc: Exception) -> ShardError:
+    return ShardError(f"{file_url}: not a readable parquet file ({exc}); remove it from the input folder or rewrite it")
+
+
 def read_table(url: str, columns: list[str] | None = None) -> pa.Table:
     """Read one parquet file, or every shard of a folder, into one table.
 
@@ -224,9 +229,7 @@ def read_table(url: str, columns: list[str] | None = None) -> pa.Table:
         try:
             tables.append(pq.read_table(path, filesystem=fs, columns=columns))
         except (pa.ArrowInvalid, OSError) as exc:
-            raise ShardError(
-                f"{file_url}: not a readable parquet file ({exc}); remove it from the input folder or rewrite it"
-            ) from exc
+            raise _unreadable_parquet(file_url, exc) from exc
     return pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0]
 
 
@@ -260,20 +263,32 @@ def read_webdataset(url: str, mapping: ColumnMapping = MAPPINGS["img2dataset"]) 
         except (tarfile.TarError, EOFError, OSError) as exc:
             raise ShardError(f"{file_url}: unreadable or truncated tar ({exc}); re-create or remove it") from exc
     keys = list(rows)
-    # One image column under the mapping's name, whatever each sample's extension.
+    extensions = sorted({ext for r in rows.values() for ext in r})
+    table = pa.table({"__key__": keys, **{e: pa.array([rows[k].get(e) for k in keys], pa.binary()) for e in extensions}})
+    return webdataset_to_contract(table, mapping)
+
+
+def webdataset_to_contract(table: pa.Table, mapping: ColumnMapping = MAPPINGS["img2dataset"]) -> pa.Table:
+    """Webdataset samples (``__key__`` plus one bytes column per member extension) in the data contract.
+
+    The image is each sample's first image member, whatever its extension
+    (``jpg``/``png``/...), under the mapping's image column; ``txt`` and
+    ``cls`` become trimmed text, undecodable bytes replaced rather than lost.
+    Shared by :func:`read_webdataset` and the score job's Ray Data reader.
+    """
+    present = [e for e in IMAGE_EXTENSIONS if e in table.column_names]
+    images = [table.column(e).cast(pa.binary()) for e in present]
     columns = {
-        "__key__": keys,
-        mapping.image: pa.array(
-            [next((rows[k][e] for e in IMAGE_EXTENSIONS if e in rows[k]), None) for k in keys], pa.binary()
-        ),
+        "__key__": table.column("__key__"),
+        mapping.image: pc.coalesce(*images) if images else pa.nulls(table.num_rows, pa.binary()),
     }
     for ext in ("txt", "cls"):
-        if any(ext in r for r in rows.values()):
-            columns[ext] = pa.array([_text(rows[k].get(ext)) for k in keys], pa.string())
-    table = pa.table(columns)
-    if mapping.key not in table.column_names:
-        table = table.append_column(mapping.key, table.column("__key__"))
-    return to_contract(table, mapping)
+        if ext in table.column_names:
+            columns[ext] = pa.array([_text(v) for v in table.column(ext).cast(pa.binary()).to_pylist()], pa.string())
+    out = pa.table(columns)
+    if mapping.key not in out.column_names:
+        out = out.append_column(mapping.key, out.column("__key__"))
+    return to_contract(out, mapping)
 
 
 def _text(data: bytes | None) -> str | None:
@@ -307,9 +322,7 @@ def shard_files(url: str) -> tuple[str, list[str]]:
         try:
             pq.read_metadata(path, filesystem=fs)
         except (pa.ArrowInvalid, OSError) as exc:
-            raise ShardError(
-                f"{file_url}: not a readable parquet file ({exc}); remove it from the input folder or rewrite it"
-            ) from exc
+            raise _unreadable_parquet(file_url, exc) from exc
     return "parquet", files
 
 

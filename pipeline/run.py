@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
@@ -116,7 +115,7 @@ def _read(cfg: ScoreConfig) -> ray.data.Dataset:
     if kind == "webdataset":
         mapping = mapping if cfg.columns != "mmdp" else ColumnMapping.parse("img2dataset")
         raw = ray.data.read_webdataset(paths, filesystem=fs, decoder=None)
-        return raw.map_batches(_webdataset_stage, batch_format="pyarrow", fn_kwargs={"mapping": mapping})
+        return raw.map_batches(_webdataset_stage, batch_format="numpy", fn_kwargs={"mapping": mapping})
     # Checked on the driver so a shard without an image column is one clear
     # error, not a failed task deep in the pipeline.
     to_contract(pq.read_schema(paths[0], filesystem=fs).empty_table(), mapping)
@@ -124,17 +123,11 @@ def _read(cfg: ScoreConfig) -> ray.data.Dataset:
     return raw.map_batches(_contract_stage, batch_format="pyarrow", fn_kwargs={"mapping": mapping})
 
 
-def _webdataset_stage(batch: pa.Table, mapping: ColumnMapping) -> pa.Table:
-    columns = {"__key__": batch.column("__key__")}
-    for name in batch.column_names:
-        if name in ("txt", "cls"):
-            columns[name] = pc.utf8_trim_whitespace(batch.column(name).cast(pa.binary()).cast(pa.string()))
-        elif name in mio.IMAGE_EXTENSIONS and mapping.image not in columns:
-            columns[mapping.image] = batch.column(name)
-    table = pa.table(columns)
-    if mapping.key not in table.column_names:
-        table = table.append_column(mapping.key, table.column("__key__"))
-    return to_contract(table, mapping)
+def _webdataset_stage(batch: dict, mapping: ColumnMapping) -> pa.Table:
+    # Ray's reader holds members as Python objects, NaN where a sample lacks one.
+    members = {name: pa.array([v if isinstance(v, bytes) else None for v in values], pa.binary())
+               for name, values in batch.items() if name not in ("__key__", "__url__")}
+    return mio.webdataset_to_contract(pa.table({"__key__": batch["__key__"].astype(str), **members}), mapping)
 
 
 def score(cfg: ScoreConfig) -> dict:

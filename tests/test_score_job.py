@@ -131,3 +131,29 @@ def test_bad_input_folder_is_a_clear_error(ray_session, tmp_path, capsys):
     assert rc == 2
     assert "a.parquet" in capsys.readouterr().err
     assert not mio.exists(str(tmp_path / "out" / "_SUCCESS"))
+
+
+def test_score_job_reads_webdataset_tars_with_mixed_image_types(ray_session, tiny_ckpt, tmp_path):
+    import tarfile
+
+    def jpeg():
+        buf = pyio.BytesIO()
+        Image.new("RGB", (8, 8), (200, 10, 10)).save(buf, format="JPEG")
+        return buf.getvalue()
+
+    members = []
+    for i in range(6):
+        members += [(f"{i:09d}.{'jpg' if i % 2 else 'png'}", jpeg() if i % 2 else _png()),
+                    (f"{i:09d}.txt", f"a photo of thing {i}\n".encode())]
+    (tmp_path / "in").mkdir()
+    with tarfile.open(tmp_path / "in" / "00000.tar", "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, pyio.BytesIO(data))
+    out = str(tmp_path / "out")
+    assert score_job.main(["--input", str(tmp_path / "in"), "--output", out, "--model", "mmdp-tiny",
+                           "--pretrained", tiny_ckpt, "--batch-size", "4", "--actor-cpus", "0.5"]) == 0
+    scores = mio.read_table(mio.join(out, "scores"))
+    assert sorted(scores.column("key").to_pylist()) == [f"{i:09d}" for i in range(6)]
+    assert scores.column("status").to_pylist() == ["ok"] * 6  # png and jpg rows alike
