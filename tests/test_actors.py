@@ -128,14 +128,16 @@ def test_a_killed_actor_restarts_and_reloads_its_checkpoint_to_the_same_plans(ra
     checkpoint = ray_local.get(actor.state_dict.remote())  # end of epoch 1
     expected = run(range(2, 4))
     ray_local.kill(actor, no_restart=False)  # Ray restarts it with its creation arguments
+    # ray.kill is asynchronous: a call sent right after it may still reach the old
+    # instance, so poll until the restarted one answers (or the deadline passes).
     deadline = time.monotonic() + 30
-    while True:
+    info = {"reconstructed": False}
+    while not info["reconstructed"] and time.monotonic() < deadline:
         try:
             info = ray_local.get(actor.info.remote())
-            break
         except ray_local.exceptions.RayActorError:
-            if time.monotonic() > deadline:
-                raise
+            pass
+        if not info["reconstructed"]:
             time.sleep(0.2)
     assert info["reconstructed"] and info["current_epoch"] == 0
     ray_local.get(actor.load_state_dict.remote(checkpoint))
