@@ -1,0 +1,163 @@
+"""jobs.report on real files in the jobs' formats: a tiny dataset, a score set, three short runs.
+
+No Ray and no training: the runs' metrics and plans are written by hand in the
+train job's format, with numbers chosen so the report's figures are known exactly.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from jobs import report
+from pipeline import datasets
+from pipeline import io as mio
+from pipeline.schema import KEY, SCORES_SCHEMA
+
+EPOCHS = 3
+
+
+def write_scores(data: str, url: str, checkpoint: str) -> tuple[int, int]:
+    """Scores where every clean row beats every noisy one but one; returns (clean, noisy) counts."""
+    gt = mio.read_table(mio.join(data, "ground_truth.parquet"))
+    keys = sorted(gt.column(KEY).to_pylist())
+    noisy = dict(zip(gt.column(KEY).to_pylist(), (c != "none" for c in gt.column("corruption").to_pylist())))
+    rng = np.random.default_rng(0)
+    margin = np.array([rng.uniform(-0.6, -0.1) if noisy[k] else rng.uniform(0.1, 0.6) for k in keys], np.float32)
+    first_noisy = next(i for i, k in enumerate(keys) if noisy[k])
+    margin[first_noisy] = 0.9  # above every clean row: AUROC = (noisy - 1) / noisy
+    n = len(keys)
+    table = pa.table({KEY: keys, "index": np.arange(n), "clip_score": margin + 0.2, "clip_margin": margin,
+                      "status": ["ok"] * n, "error": [None] * n}, schema=SCORES_SCHEMA)
+    mio.write_shards(table, mio.join(url, "scores"))
+    mio.write_json({"rows_in": n, "scored": n, "rejected": 0}, mio.join(url, "summary.json"))
+    mio.write_json({"model": "mmdp-tiny", "pretrained": checkpoint, "mode": "label"}, mio.join(url, "config.json"))
+    n_noisy = sum(noisy.values())
+    return n - n_noisy, n_noisy
+
+
+def write_run(url: str, data: str, scores: str, policy: str, seed: int, accuracy: list[float], wall: float,
+              kept: list[int], num_samples: int, reasons: list[dict] | None = None) -> None:
+    """A run folder as ``jobs.train`` writes it: config.json, metrics.json, plans.json."""
+    mio.write_json({"data": data, "scores": scores, "out": url, "policy": policy, "seed": seed,
+                    "epochs": len(accuracy), "keep_ratio": 0.5}, mio.join(url, "config.json"))
+    history = [{"epoch": e, "test_accuracy": a, "samples_forwarded": k, "epoch_seconds": 1.0, "train_seconds": 0.8}
+               for e, (a, k) in enumerate(zip(accuracy, kept))]
+    totals = {"epochs": len(accuracy), "wall_seconds": wall, "samples_forwarded": sum(kept),
+              "final_test_accuracy": accuracy[-1], "num_samples": num_samples, "signal": "clip_margin"}
+    mio.write_json({"epochs": history, "totals": totals}, mio.join(url, "metrics.json"))
+    plans = [{"epoch": e, "kept": k} for e, k in enumerate(kept)]
+    for plan, by_reason in zip(plans, reasons or []):
+        plan["pruned_by_reason"] = by_reason
+    mio.write_json(plans, mio.join(url, "plans.json"))
+
+
+def make_bench(root: str) -> dict:
+    """Two RUN_DIRs over one dataset and score set: full + mmdp (seed 0), and mmdp (seed 1)."""
+    data, scores = mio.join(root, "data"), mio.join(root, "scores")
+    datasets.write_dataset(datasets.make_synthetic(n=48, seed=0, noise="symmetric:0.25"), data)
+    checkpoint = mio.join(root, "clip", "model.pt")
+    mio.write_json({"zero_shot_accuracy": 0.777}, mio.join(root, "clip", "model.metrics.json"))
+    clean, noisy = write_scores(data, scores, checkpoint)
+    n = clean + noisy
+    a, b = mio.join(root, "seed0"), mio.join(root, "seed1")
+    write_run(mio.join(a, "full"), data, scores, "full", 0, [0.5, 0.7, 0.80], 100.0, [n] * EPOCHS, n)
+    half = n // 2
+    reasons = [{"low consistency": 5, "well learned (low loss)": n - half - 5}] * EPOCHS
+    write_run(mio.join(a, "mmdp"), data, scores, "mmdp", 0, [0.6, 0.8, 0.84], 50.0, [half] * EPOCHS, n, reasons)
+    write_run(mio.join(b, "mmdp"), data, scores, "mmdp", 1, [0.6, 0.8, 0.86], 60.0, [half] * EPOCHS, n, reasons)
+    return {"a": a, "b": b, "n": n, "half": half, "noisy": noisy, "out": mio.join(root, "report")}
+
+
+def tables(text: str) -> list[list[dict]]:
+    """The Markdown tables of a page, each as a list of {header: cell} rows."""
+    out, header = [], None
+    for line in text.splitlines() + [""]:
+        cells = [c.strip() for c in line.strip().strip("|").split("|")] if line.startswith("|") else None
+        if cells is None:
+            header = None
+        elif header is None:
+            header = cells
+            out.append([])
+        elif set(line) - set("|- "):
+            out[-1].append(dict(zip(header, cells)))
+    return out
+
+
+def row(text: str, column: str, value: str) -> dict:
+    """The first table row whose ``column`` reads ``value``."""
+    return next(r for t in tables(text) for r in t if r.get(column) == value)
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_report_compares_policies_across_run_dirs(where, tmp_path, request):
+    bench = make_bench(str(tmp_path) if where == "local" else request.getfixturevalue("s3_bucket"))
+    assert report.main([bench["a"], bench["b"], "--out", bench["out"]]) == 0
+    text = mio.read_bytes(mio.join(bench["out"], "report.md")).decode()
+
+    # Final figures: one row per policy; mmdp's two seeds as mean ± sample std, speedup = 100 s / 55 s.
+    final = {r["policy"]: r for r in tables(text)[0]}
+    assert list(final) == ["full", "mmdp"]
+    assert final["full"]["runs"] == "1" and final["full"]["final test acc %"] == "80.00"
+    assert final["full"]["speedup vs full"] == "1.00x"
+    assert final["mmdp"]["runs"] == "2" and final["mmdp"]["final test acc %"] == "85.00 ± 1.41"
+    assert final["mmdp"]["wall s"] == "55.0 ± 7.1" and final["mmdp"]["speedup vs full"] == "1.82x"
+    for label, acc in (("seed0/full", "80.00"), ("seed0/mmdp", "84.00"), ("seed1/mmdp", "86.00")):
+        assert row(text, "run", label)["final test acc %"] == acc  # every run, labelled by its RUN_DIR
+
+    # Pruned by reason: per run, summed over the epochs.
+    reasons = next(t for t in tables(text) if t and "low consistency" in t[0])
+    by_run = {r["run"]: r for r in reasons}
+    assert by_run["seed0/mmdp"]["pruned by the plans"] == f"{(bench['n'] - bench['half']) * EPOCHS:,}"
+    assert by_run["seed0/mmdp"]["low consistency"] == f"{5 * EPOCHS:,}"
+    assert by_run["seed0/full"]["pruned by the plans"] == "0"
+
+    # Consistency: the histogram's AUROC, from the one noisy row placed above every clean row.
+    k = bench["noisy"]
+    assert f"AUROC of low consistency for injected noise: {(k - 1) / k:.3f}" in text
+    assert "77.70" in text  # the reference CLIP's zero-shot accuracy, read beside its checkpoint
+
+    figures = re.findall(r"!\[[^\]]*\]\((figures/[^)]+\.png)\)", text)
+    assert {"figures/accuracy.png", "figures/kept.png", "figures/wall.png"} <= set(figures) and len(figures) == 4
+    for rel in figures:
+        png = mio.read_bytes(mio.join(bench["out"], rel))
+        with Image.open(io.BytesIO(png)) as im:
+            im.verify()
+        with Image.open(io.BytesIO(png)) as im:
+            assert im.format == "PNG" and im.size[0] >= 700 and im.size[1] >= 300 and len(png) > 10_000
+    page = mio.read_bytes(mio.join(bench["out"], "report.html")).decode()
+    assert '<img src="figures/accuracy.png"' in page and "85.00 ± 1.41" in page
+
+
+def test_missing_optional_pieces_read_as_not_recorded(tmp_path):
+    # A run whose score set, dataset, plans and CLIP metrics are all gone still gets its row.
+    run = str(tmp_path / "lonely" / "run")
+    write_run(run, str(tmp_path / "gone-data"), str(tmp_path / "gone-scores"), "random", 0, [0.4, 0.5], 10.0,
+              [5, 5], 10)
+    (tmp_path / "lonely" / "run" / "plans.json").unlink()
+    out = str(tmp_path / "lonely-report")
+    assert report.main([str(tmp_path / "lonely"), "--out", out, "--no-html"]) == 0
+    text = open(f"{out}/report.md").read()
+    assert row(text, "policy", "random")["final test acc %"] == "50.00"
+    assert "zero-shot test accuracy: not recorded" in text and row(text, "run", "run")["shifted %"] == "n/a"
+    # No plan log: pruned is derived from the metrics' per-epoch counts, its reasons unknown.
+    reasons = next(t for t in tables(text) if t and "pruned by the plans" in t[0])
+    assert reasons[0]["reason not recorded"] == "10" and "Reasons were not recorded" in text
+    assert not mio.exists(f"{out}/report.html")
+
+
+def test_bad_run_dirs_exit_2(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert report.main([str(empty)]) == 2
+    assert "no training runs" in capsys.readouterr().err
+    assert report.main([str(tmp_path / "missing")]) == 2
+    assert "no such folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        report.main([])
+    assert exc.value.code == 2
