@@ -11,11 +11,14 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 import types
 import typing
 
 HELP = "help"
+# Settings (not secrets) a job's workers need to reach the same object store as its driver.
+S3_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
 log = logging.getLogger("mmdp")
 
 
@@ -117,7 +120,10 @@ def run_ray_job(config_cls, description: str, argv, work) -> int:
 
     log.info("config:\n%s", config_json(cfg))
     if not ray.is_initialized():
-        ray.init()
+        # The driver's S3 settings reach every worker, also on a cluster that
+        # the driver joins (there, its environment is not the workers').
+        env = {k: os.environ[k] for k in S3_ENV if k in os.environ}
+        ray.init(runtime_env={"env_vars": env} if env else None)
     try:
         summary = work(cfg)
     except (mio.ShardError, ValueError) as exc:

@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import tarfile
+import time
 import uuid
 from pathlib import Path
 from urllib.parse import urlparse
@@ -33,7 +34,13 @@ from pipeline.schema import ColumnMapping, MAPPINGS, to_contract
 SUCCESS, PENDING = "_SUCCESS", "_PENDING"
 # Object-store requests are retried by the SDK with exponential backoff; ten
 # tries ride out the throttling and dropped connections of a busy bucket.
+# AWS_MAX_ATTEMPTS, the AWS SDKs' own setting, overrides it.
 S3_MAX_ATTEMPTS = 10
+# The AWS C++ SDK reports an error answer to a small ranged GET (its XML body
+# overflows the read buffer) as this non-retryable failure; such reads are
+# retried here (apache/arrow and apache/doris have hit the same).
+_TRANSIENT_READ_ERRORS = ("Failed to flush response stream",)
+READ_ATTEMPTS = 5
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 # Files that sit beside shards in real datasets (img2dataset stats, checksums, notes).
 SIDECAR_SUFFIXES = (".json", ".crc", ".md")
@@ -52,16 +59,44 @@ def configure_s3(endpoint: str | None) -> None:
         os.environ["AWS_ENDPOINT_URL"] = endpoint
 
 
+class _S3FileSystem(pafs.S3FileSystem):
+    """pyarrow's S3 filesystem that keeps its retry strategy when pickled.
+
+    Ray ships the filesystem to its read and write tasks by pickling it, and
+    pyarrow's own pickling drops the retry strategy (workers would fall back
+    to pyarrow's default of 3 attempts).
+    """
+
+    def __init__(self, max_attempts: int, **kwargs):
+        super().__init__(retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=max_attempts), **kwargs)
+        self.max_attempts = max_attempts
+
+    def __reduce__(self):
+        return _rebuild_s3, (self.max_attempts, super().__reduce__()[1][0])
+
+
+def _rebuild_s3(max_attempts: int, kwargs: dict) -> _S3FileSystem:
+    return _S3FileSystem(max_attempts, **kwargs)
+
+
 def _s3_filesystem() -> pafs.S3FileSystem:
-    kwargs = {
-        "region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
-        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=S3_MAX_ATTEMPTS),
-    }
+    kwargs = {"region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"}
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     if endpoint:
         parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
         kwargs.update(endpoint_override=parsed.netloc, scheme=parsed.scheme)
-    return pafs.S3FileSystem(**kwargs)
+    return _S3FileSystem(int(os.environ.get("AWS_MAX_ATTEMPTS") or S3_MAX_ATTEMPTS), **kwargs)
+
+
+def _retry_reads(read):
+    """Call ``read()``, again after a backoff when the object store's answer was a transient error."""
+    for attempt in range(READ_ATTEMPTS):
+        try:
+            return read()
+        except OSError as exc:
+            if attempt == READ_ATTEMPTS - 1 or not any(m in str(exc) for m in _TRANSIENT_READ_ERRORS):
+                raise
+            time.sleep(0.1 * 2**attempt)
 
 
 def filesystem_for(url: str) -> tuple[pafs.FileSystem, str]:
@@ -124,11 +159,15 @@ def write_bytes(data: bytes, url: str) -> None:
 def read_bytes(url: str) -> bytes:
     fs, path = filesystem_for(url)
     try:
-        # compression=None: the bytes as stored, even for a ``.gz`` name.
-        with fs.open_input_stream(path, compression=None) as f:
-            return f.read()
+        return _retry_reads(lambda: _read_all(fs, path))
     except FileNotFoundError as exc:
         raise ShardError(f"{url}: no such file") from exc
+
+
+def _read_all(fs: pafs.FileSystem, path: str) -> bytes:
+    # compression=None: the bytes as stored, even for a ``.gz`` name.
+    with fs.open_input_stream(path, compression=None) as f:
+        return f.read()
 
 
 def write_json(obj, url: str) -> None:
@@ -182,13 +221,20 @@ def list_files(url: str, suffixes: tuple[str, ...] = (".parquet",)) -> list[str]
     """The data files of a folder (or the file itself), sorted.
 
     A folder committed by :func:`commit_output` lists exactly its manifest;
-    one still marked pending is refused; any other folder lists every file
+    one still marked pending, or inside a folder marked pending, is refused;
+    any other folder lists every file
     with a matching suffix, skipping hidden and ``_``-prefixed names.
 
     Raises:
         ShardError: the URL does not exist, is an uncommitted output, or holds no data files.
     """
     fs, path = filesystem_for(url)
+    parent, _, name = str(url).rstrip("/").rpartition("/")
+    # A part of a job's output (scores/ of the score job) is only as complete
+    # as the output it belongs to; ``_``-names are the writer's own staging.
+    if parent.rstrip("/") and not parent.rstrip("/").endswith(":") and not name.startswith("_") \
+            and exists(join(parent, PENDING)):
+        raise ShardError(f"{url}: part of an incomplete output ({parent} is not committed); rerun the job that writes it")
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.NotFound:
         raise ShardError(f"{url}: no such file or folder")
@@ -227,7 +273,7 @@ def read_table(url: str, columns: list[str] | None = None) -> pa.Table:
     for file_url in list_files(url):
         fs, path = filesystem_for(file_url)
         try:
-            tables.append(pq.read_table(path, filesystem=fs, columns=columns))
+            tables.append(_retry_reads(lambda: pq.read_table(path, filesystem=fs, columns=columns)))
         except (pa.ArrowInvalid, OSError) as exc:
             raise _unreadable_parquet(file_url, exc) from exc
     return pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0]
@@ -315,15 +361,33 @@ def shard_files(url: str) -> tuple[str, list[str]]:
                     raise ShardError(f"{join(url, rel)}: not a parquet or tar shard; move it out of the input folder")
     tars = _safe_list(url, (".tar",))
     if tars:
+        for file_url in tars:
+            _check_tar_end(file_url)
         return "webdataset", tars
     files = list_files(url)
     for file_url in files:
         fs, path = filesystem_for(file_url)
         try:
-            pq.read_metadata(path, filesystem=fs)
+            _retry_reads(lambda: pq.read_metadata(path, filesystem=fs))
         except (pa.ArrowInvalid, OSError) as exc:
             raise _unreadable_parquet(file_url, exc) from exc
     return "parquet", files
+
+
+def _check_tar_end(file_url: str) -> None:
+    """Refuse a tar cut short: a whole one is 512-byte blocks ending in two zero blocks.
+
+    Reads only the last 1 KiB, so a folder of large shards is checked cheaply
+    on the driver instead of failing a read task later.
+    """
+    fs, path = filesystem_for(file_url)
+    size = fs.get_file_info(path).size
+    tail = b""
+    if size and size % 512 == 0 and size >= 1024:
+        with fs.open_input_file(path) as f:
+            tail = _retry_reads(lambda: f.read_at(1024, size - 1024))
+    if tail != bytes(1024):
+        raise ShardError(f"{file_url}: truncated tar ({size} bytes, no end-of-archive blocks); re-create or remove it")
 
 
 def read_shards(url: str, mapping: ColumnMapping | None = None) -> pa.Table:

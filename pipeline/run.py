@@ -23,7 +23,7 @@ import ray
 
 from pipeline import io as mio
 from pipeline.cli import option
-from pipeline.schema import KEY, REJECTS_SCHEMA, SCORES_SCHEMA, ColumnMapping, to_contract
+from pipeline.schema import KEY, REJECTS_SCHEMA, SCORES_SCHEMA, ColumnMapping, SchemaError, to_contract
 from pipeline.validate import DUPLICATE_KEY, RowValidator, first_occurrence_mask
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,9 @@ class ScoreConfig:
     max_actors: int = option(4, "most scoring actors the pool grows to (one GPU each when the cluster has GPUs)")
     # Below 1 leaves the read/decode tasks a CPU on a small machine: a pool
     # that takes every CPU starves its own input (ENVIRONMENT.md, deadlock 1).
+    # An autoscaling cluster may have no GPU node up yet when the job starts:
+    # --use-gpu makes the pool ask for GPUs, and the autoscaler starts them.
+    use_gpu: bool | None = option(None, "one GPU per scoring actor; default: only if the cluster has GPUs at start")
     actor_cpus: float = option(1.0, "CPUs each scoring actor reserves on a cluster without GPUs")
     torch_threads: int = option(0, "torch threads per scoring actor; 0 = as many as the actor's CPUs")
     s3_endpoint: str | None = option(None, "endpoint of an S3-compatible store (default: AWS_ENDPOINT_URL or AWS)")
@@ -116,9 +119,14 @@ def _read(cfg: ScoreConfig) -> ray.data.Dataset:
         mapping = mapping if cfg.columns != "mmdp" else ColumnMapping.parse("img2dataset")
         raw = ray.data.read_webdataset(paths, filesystem=fs, decoder=None)
         return raw.map_batches(_webdataset_stage, batch_format="numpy", fn_kwargs={"mapping": mapping})
-    # Checked on the driver so a shard without an image column is one clear
-    # error, not a failed task deep in the pipeline.
-    to_contract(pq.read_schema(paths[0], filesystem=fs).empty_table(), mapping)
+    # Checked on the driver, every shard, so a shard without an image column
+    # is one clear error naming it, not a failed task deep in the pipeline
+    # (or, for a later shard, its rows rejected as having no image).
+    for url, path in zip(files, paths):
+        try:
+            to_contract(pq.read_schema(path, filesystem=fs).empty_table(), mapping)
+        except SchemaError as exc:
+            raise SchemaError(f"{url}: {exc}") from exc
     raw = ray.data.read_parquet(paths, filesystem=fs)
     return raw.map_batches(_contract_stage, batch_format="pyarrow", fn_kwargs={"mapping": mapping})
 
@@ -148,7 +156,7 @@ def score(cfg: ScoreConfig) -> dict:
 
 def _score(cfg: ScoreConfig, classes: tuple[str, ...]) -> dict:
     start = time.perf_counter()
-    use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     ds = _read(cfg).map_batches(
         _decode_stage,
         batch_size=cfg.batch_size,
@@ -169,6 +177,9 @@ def _score(cfg: ScoreConfig, classes: tuple[str, ...]) -> dict:
         num_gpus=1 if use_gpu else 0,
         num_cpus=1 if use_gpu else cfg.actor_cpus,
     )
+    # From here until the commit, readers refuse the output folder (and an
+    # earlier run's scores/ in it): a job killed half-way leaves it pending.
+    mio.begin_output(cfg.output)
     staging = mio.join(cfg.output, f"_staging-{uuid.uuid4().hex[:8]}")
     fs, staging_path = mio.filesystem_for(staging)
     try:

@@ -103,6 +103,11 @@ def to_contract(table: pa.Table, mapping: ColumnMapping = ColumnMapping()) -> pa
                 column = pc.utf8_trim_whitespace(column)
             if field.name == IMAGE and pa.types.is_string(column.type):
                 column = column.cast(pa.binary())
+            if field.name == CAPTION and (pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type)):
+                # Text stored as bytes may not be UTF-8; replace what is not,
+                # rather than fail the whole shard or lose the row.
+                column = pa.array([None if v is None else v.decode("utf-8", errors="replace")
+                                   for v in column.to_pylist()], pa.string())
             try:
                 column = column.cast(field.type)
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
