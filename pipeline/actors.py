@@ -12,19 +12,27 @@
     reporter.flush()                                              # end of epoch
     ray.get(actor.epoch_summary.remote(epoch))                    # kept, received, missing...
 
-The only Ray Core code of the library; the state and the policies are plain
-NumPy (:mod:`pipeline.pruner`, :mod:`pipeline.policies`).
+Above ``shard_size`` samples (or with ``num_shards=`` / ``bounds=``) the
+actor is a coordinator: the per-sample state lives in shard actors it owns
+(:mod:`pipeline.sharded`), it routes losses to them and plans with them, and
+its remote methods, plans and checkpoints are the same as unsharded.
+
+The Ray Core code of the library (with :mod:`pipeline.sharded`); the state
+and the policies are plain NumPy (:mod:`pipeline.pruner`, :mod:`pipeline.policies`).
 """
 from __future__ import annotations
 
 import hashlib
 import time
+import uuid
 import warnings
 
 import numpy as np
 import ray
 
 from pipeline.pruner import Pruner
+from pipeline.sharded import RayShards
+from pipeline.shards import even_bounds
 
 # A crashed pruner comes back (Ray re-runs __init__ with the same arguments);
 # the train loop then sees info()["reconstructed"] and reloads its checkpoint.
@@ -35,6 +43,9 @@ MAX_TASK_RETRIES = 4
 # Plans kept alive in the object store: the current epoch and the one before
 # (a slow worker may still be fetching it).
 PLANS_CACHED = 2
+# One actor holds up to this many samples (16 B each: 0.8 GB); beyond, the
+# state is split over ceil(n / SHARD_SIZE) shard actors.
+SHARD_SIZE = 50_000_000
 
 
 def actor_name(run_id: str) -> str:
@@ -50,31 +61,56 @@ class PruningActor:
     or a training worker needs (see ENVIRONMENT.md, deadlocks on 2 cores).
     Calls run one at a time, so updates and plans never interleave.
 
-    Args are those of :class:`~pipeline.pruner.Pruner`.
+    Args are those of :class:`~pipeline.pruner.Pruner`, and:
+        shard_size: most samples one actor holds; more are split over
+            ``ceil(n / shard_size)`` shard actors of near-equal ranges.
+        num_shards: the number of shard actors, overriding ``shard_size``.
+        bounds: explicit shard boundaries ``[0, ..., n]``, overriding both.
+        One shard means no shard actors: the state lives in this actor.
     """
 
     def __init__(self, num_samples: int, policy: str = "mmdp", keep_ratio: float = 0.5,
                  epochs: int = 20, seed: int = 0, consistency: np.ndarray | None = None,
-                 loss_momentum: float = 0.5, policy_params: dict | None = None):
+                 loss_momentum: float = 0.5, policy_params: dict | None = None,
+                 shard_size: int = SHARD_SIZE, num_shards: int | None = None,
+                 bounds: list[int] | None = None):
+        if bounds is None:
+            shards = num_shards or max(1, -(-int(num_samples) // max(1, int(shard_size))))
+            bounds = even_bounds(int(num_samples), min(shards, max(1, int(num_samples))))
         self._pruner = Pruner(num_samples, policy, keep_ratio=keep_ratio, epochs=epochs,
                               seed=seed, consistency=consistency,
-                              loss_momentum=loss_momentum, policy_params=policy_params)
+                              loss_momentum=loss_momentum, policy_params=policy_params,
+                              bounds=bounds, cluster=RayShards if len(bounds) > 2 else None)
         self._plan_refs: dict[int, ray.ObjectRef] = {}
-        # Per-epoch kept bitmaps and weight stats for plan_log (n/8 bytes an epoch).
-        self._log: dict[int, tuple[np.ndarray, dict]] = {}
+        # New with every (re)start: a trainer that sees it change knows the
+        # state went back to its initial value and must reload a checkpoint.
+        self._incarnation = uuid.uuid4().hex
+        # Per-epoch kept bitmaps, weight stats and pruned-by-reason counts for
+        # plan_log (n/8 bytes an epoch).
+        self._log: dict[int, tuple[np.ndarray, dict, dict]] = {}
 
     def info(self) -> dict:
         """Config, current epoch, and whether Ray restarted this actor.
 
-        ``reconstructed`` True means the state is back to its initial value:
-        load the last checkpoint with ``load_state_dict``.
+        ``reconstructed`` True means the state (or a shard's part of it) is
+        back to its initial value: load the last checkpoint with
+        ``load_state_dict``.
         """
         with warnings.catch_warnings():
             # Ray 2.58 flags an internal call of this property as deprecated.
             warnings.simplefilter("ignore", DeprecationWarning)
             reconstructed = ray.get_runtime_context().was_current_actor_reconstructed
+        incarnation = self._incarnation
+        shards = self._pruner.shards
+        if isinstance(shards, RayShards):
+            # A restarted shard actor lost its part of the state: that is a new incarnation too.
+            shard_incarnations = shards.incarnations()
+            reconstructed = reconstructed or any(r for r, _ in shard_incarnations)
+            incarnation = hashlib.sha256(":".join([incarnation] + [i for _, i in shard_incarnations])
+                                         .encode()).hexdigest()[:32]
         return {"config": self._pruner.config, "current_epoch": self._pruner.current_epoch,
-                "nbytes": self._pruner.nbytes, "reconstructed": bool(reconstructed)}
+                "nbytes": self._pruner.nbytes, "shards": len(self._pruner.bounds) - 1,
+                "reconstructed": bool(reconstructed), "incarnation": incarnation}
 
     def update(self, indices: np.ndarray, losses: np.ndarray, epoch: int | None = None) -> int:
         """Records per-sample losses (default epoch: the current one); returns the count."""
@@ -103,12 +139,12 @@ class PruningActor:
         """
         epoch = int(epoch)
         if epoch not in self._plan_refs:
-            kept, weights = self._pruner.plan(epoch)
+            kept, weights, reasons = self._pruner.plan_with_reasons(epoch)
             self._plan_refs[epoch] = ray.put((kept, weights))
             for old in sorted(self._plan_refs)[:-PLANS_CACHED]:
                 del self._plan_refs[old]
             self._log[epoch] = (np.packbits(_mask(kept, self._pruner.num_samples)),
-                                _weight_stats(weights))
+                                _weight_stats(weights), reasons)
         return [self._plan_refs[epoch]]
 
     def kept_count(self, epoch: int) -> int:
@@ -144,16 +180,20 @@ class PruningActor:
     def plan_log(self, include_indices: bool = False) -> list[dict]:
         """One JSON-safe entry per epoch planned by this actor incarnation.
 
+        Each has ``pruned_by_reason``: ``{reason: count}`` of the samples the
+        epoch pruned (the policy's reasons; counts sum to n - kept).
+
         Args:
             include_indices: add each epoch's sorted ``kept`` indices (n/8
                 bytes an epoch are kept in memory; the list itself is large).
         """
         entries = []
         for epoch in sorted(self._log):
-            bits, stats = self._log[epoch]
+            bits, stats, reasons = self._log[epoch]
             entry = {"epoch": epoch, "kept": self._pruner.kept_count(epoch),
                      "losses_received": self._pruner.losses_received(epoch),
-                     "kept_sha256": hashlib.sha256(bits.tobytes()).hexdigest()[:16], **stats}
+                     "kept_sha256": hashlib.sha256(bits.tobytes()).hexdigest()[:16], **stats,
+                     "pruned_by_reason": dict(reasons)}
             if include_indices:
                 mask = np.unpackbits(bits, count=self._pruner.num_samples).astype(bool)
                 entry["kept_indices"] = np.flatnonzero(mask).tolist()
@@ -195,7 +235,8 @@ def create_pruner(name: str, num_samples: int, *, namespace: str | None = None,
         detached: outlive the driver (for drivers that restart); then the
             caller must ``ray.kill`` it when the run is over.
         **pruner_args: ``policy``, ``keep_ratio``, ``epochs``, ``seed``,
-            ``consistency``, ``loss_momentum``, ``policy_params``.
+            ``consistency``, ``loss_momentum``, ``policy_params``, and the
+            sharding knobs ``shard_size``, ``num_shards``, ``bounds``.
     """
     options = {"name": name, "get_if_exists": True}
     if namespace is not None:

@@ -1,17 +1,23 @@
-"""Pruning policies: which samples an epoch trains on, and with what weight.
+"""Pruning policies: which samples an epoch trains on, with what weight, and why the rest not.
 
-A policy is a small frozen dataclass holding its knobs, with one method that
-matters::
+A policy is a small frozen dataclass holding its knobs. It plans an epoch
+over a *cluster* of index-range shards of the pruner's state (see
+:mod:`pipeline.selection`)::
 
-    kept, weights = policy.select(state, epoch, rng)
+    kept, weights, pruned_by_reason = policy.plan(cluster, ctx)
 
-``state`` is a read-only :class:`PlanState` view of the pruner's per-sample
-arrays, ``rng`` is ``np.random.default_rng([seed, epoch])`` (made by the
-pruner), so a plan is a pure function of (state, epoch, seed). ``kept`` is a
-sorted int64 array of sample indices, ``weights`` a float32 array of the same
-length that multiplies each kept sample's loss. ``policy.kept_count(...)``
-says how many samples an epoch keeps before any loss is seen, so a trainer
-can size its learning-rate schedule by real steps.
+``kept`` is a sorted int64 array of global sample indices, ``weights`` a
+float32 array of the same length that multiplies each kept sample's loss,
+``pruned_by_reason`` a ``{reason: count}`` dict whose counts sum to
+``n - len(kept)`` (reasons: :data:`LOW_CONSISTENCY`, :data:`WELL_LEARNED`,
+:data:`RANDOM`). Every global quantity (a mean, a histogram, a top-k
+threshold) comes from per-shard summaries that combine exactly, and each
+sample's random draw is a hash of (seed, epoch, global index), so a plan is
+a pure function of (state, epoch, seed), whatever the number of shards.
+``policy.select(state, epoch, rng)`` plans a plain :class:`PlanState` in one
+shard (for tests and notebooks). ``policy.kept_count(...)`` says how many
+samples an epoch keeps before any loss is seen, so a trainer can size its
+learning-rate schedule by real steps.
 
 Policies are registered by name in :data:`POLICIES` (``full``, ``random``,
 ``infobatch``, ``clip_filter``, ``mmdp``); :func:`make_policy` builds one.
@@ -22,14 +28,15 @@ the kept count floats. Here the count is fixed at ``k = round(keep_ratio*n)``
 and the pruning probability follows from it: the eligible samples are split
 into a *hard* stratum (loss at or above the mean, or no loss seen yet) and a
 *well-learned* stratum, each stratum keeps an exact number of samples chosen
-uniformly without replacement (:func:`soft_prune`), and a survivor of a
-stratum of size ``N`` that keeps ``K`` gets weight ``N / K`` (``1/(1-p)`` with
-``p = 1 - K/N``). Every sample of a stratum is kept with probability ``K/N``,
-so ``E[sum_kept w_i * loss_i] == sum_eligible loss_i`` exactly, whatever the
-rounding. Hard samples are kept whole when the budget allows; the
-well-learned stratum's pruning probability is capped at ``max_prune_prob``
-(bounding weights at ``1/(1 - max_prune_prob)``), and when even that does not
-fit, the hard stratum is subsampled too (:func:`allocate`).
+uniformly without replacement (the smallest random keys), and a survivor of
+a stratum of size ``N`` that keeps ``K`` gets weight ``N / K`` (``1/(1-p)``
+with ``p = 1 - K/N``). Every sample of a stratum is kept with probability
+``K/N``, so ``E[sum_kept w_i * loss_i] == sum_eligible loss_i`` exactly,
+whatever the rounding. Hard samples are kept whole when the budget allows;
+the well-learned stratum's pruning probability is capped at
+``max_prune_prob`` (bounding weights at ``1/(1 - max_prune_prob)``), and
+when even that does not fit, the hard stratum is subsampled too
+(:func:`allocate`).
 
 No Ray here: this is plain NumPy, testable on its own.
 """
@@ -42,10 +49,17 @@ from typing import ClassVar
 
 import numpy as np
 
+from pipeline import plan_steps as S
+from pipeline.selection import chunks, select_smallest
+
+LOW_CONSISTENCY = "low consistency"
+WELL_LEARNED = "well learned (low loss)"
+RANDOM = "random"
+
 
 @dataclass(frozen=True)
 class PlanState:
-    """What a policy may read: the pruner's per-sample state (do not modify).
+    """A plain, single-array view of pruning state (for :meth:`Policy.select`).
 
     Attributes:
         loss: float32 [n], moving average of each sample's training loss;
@@ -73,6 +87,21 @@ class PlanState:
         return target_count(self.num_samples, self.keep_ratio)
 
 
+@dataclass(frozen=True)
+class PlanContext:
+    """What a plan depends on besides the state: sizes, the epoch and its random salt."""
+
+    num_samples: int
+    keep_ratio: float
+    epochs: int
+    epoch: int
+    salt: int  # 64-bit; e.g. selection.mix64(seed, epoch)
+
+    @property
+    def target(self) -> int:
+        return target_count(self.num_samples, self.keep_ratio)
+
+
 def target_count(num_samples: int, keep_ratio: float) -> int:
     """``round(keep_ratio * num_samples)`` (half up), at least 1 and at most n."""
     return min(num_samples, max(1, int(math.floor(keep_ratio * num_samples + 0.5))))
@@ -89,39 +118,39 @@ def rank_normalise(scores: np.ndarray) -> np.ndarray:
     Any score scale (cosine similarity, logit, margin) gives the same ranks.
     NaN scores (a sample the scorer could not score) rank lowest, i.e. least
     consistent. Ties are broken by index (stable sort), so it is deterministic.
+    Beyond 2**24 samples neighbouring ranks can round to the same float32;
+    selections then break the tie by index.
     """
-    scores = np.asarray(scores, dtype=np.float64)
-    scores = np.where(np.isnan(scores), -np.inf, scores)
-    order = np.argsort(scores, kind="stable")
-    ranks = np.empty(len(scores), dtype=np.float32)
-    ranks[order] = (np.arange(len(scores), dtype=np.float64) + 0.5) / max(len(scores), 1)
+    scores = np.asarray(scores)
+    if not np.issubdtype(scores.dtype, np.floating):
+        scores = scores.astype(np.float64)
+    if np.isnan(scores).any():
+        scores = np.where(np.isnan(scores), -np.inf, scores)
+    order = np.argsort(scores, kind="stable")  # no float64 copy of float32 scores: same order
+    del scores
+    n = len(order)
+    ranks = np.empty(n, dtype=np.float32)
+    for sl in chunks(n):  # chunked: no n-sized float64 temporaries
+        ranks[order[sl]] = (np.arange(sl.start, sl.stop, dtype=np.float64) + 0.5) / max(n, 1)
     return ranks
 
 
-def approx_rank(values: np.ndarray, mask: np.ndarray, bins: int = 1 << 16) -> np.ndarray:
-    """Rank of each masked value among the masked values, in (0, 1).
+def approx_rank(values: np.ndarray, mask: np.ndarray, bins: int = S.BINS) -> np.ndarray:
+    """Rank of each masked value among the masked values, in (0, 1); 0 outside ``mask``.
 
-    Entries outside ``mask`` get 0. A full argsort of 10M floats takes about
-    1.5 s on one core, over the plan budget, so ranks come from a 65,536-bin
-    histogram (of ``arcsinh`` of the values, so a few huge losses do not
-    squash the rest into one bin). Values sharing a bin share its mid-rank;
-    for n up to ~10^5 that is nearly exact.
+    A full argsort of 10M floats takes about 1.5 s on one core, over the plan
+    budget, so ranks come from a 65,536-bin histogram of ``arcsinh`` of the
+    values (so a few huge losses do not squash the rest into one bin).
+    Values sharing a bin share its mid-rank; for n up to ~10^5 that is nearly
+    exact. :mod:`pipeline.plan_steps` computes the same over shards.
     """
-    count = int(np.count_nonzero(mask))
+    values = np.asarray(values, dtype=np.float32)
+    count, lo, hi = S.asinh_range(values, mask)
     if count == 0:
         return np.zeros(len(values), dtype=np.float32)
-    t = np.arcsinh(np.asarray(values, dtype=np.float32))
-    lo = float(np.where(mask, t, np.inf).min())
-    hi = float(np.where(mask, t, -np.inf).max())
-    if not hi > lo:
-        return np.where(mask, np.float32(0.5), np.float32(0.0))
-    b = ((t - np.float32(lo)) * np.float32((bins - 1) / (hi - lo))).astype(np.intp)
-    np.clip(b, 0, bins - 1, out=b)  # float rounding at the top end
-    np.putmask(b, ~mask, bins)  # an extra bin for unmasked entries, ranked 0
-    counts = np.bincount(b, minlength=bins + 1)[:bins]
-    mid = np.zeros(bins + 1, dtype=np.float32)
-    mid[:bins] = (np.cumsum(counts) - counts / 2.0) / count
-    return mid[b]
+    b = S.asinh_bins(values, lo, hi, bins)
+    mid = S.mid_ranks(np.bincount(b[mask], minlength=bins), count)
+    return np.where(mask, mid[b], np.float32(0.0))
 
 
 def allocate(n_hard: int, n_well: int, k: int, max_prune_prob: float) -> tuple[int, int]:
@@ -152,83 +181,49 @@ def allocate(n_hard: int, n_well: int, k: int, max_prune_prob: float) -> tuple[i
     return keep_hard, k - keep_hard
 
 
-def soft_prune(hard: np.ndarray, well: np.ndarray, k: int, max_prune_prob: float,
-               rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Keep exactly k samples of the disjoint masks ``hard`` and ``well``.
+def soft_prune(cluster, ctx: PlanContext, max_prune_prob: float, noise: int = 0) -> tuple:
+    """Keep exactly ``ctx.target`` of the eligible samples (group > 0 after
+    :func:`~pipeline.plan_steps.strata`), unbiased: see the module docstring.
 
-    Each stratum keeps a uniform random subset of the size :func:`allocate`
-    gives; survivors weigh ``stratum size / kept from it``, so the weighted
-    loss sum is an unbiased estimate of the sum over both strata.
+    Returns (kept, weights, pruned_by_reason): ``noise`` samples excluded
+    before (group 0) are :data:`LOW_CONSISTENCY`, pruned ones of the
+    well-learned stratum :data:`WELL_LEARNED`, hard ones subsampled to fit
+    the budget :data:`RANDOM`.
     """
-    n_hard, n_well = int(np.count_nonzero(hard)), int(np.count_nonzero(well))
-    keep_hard, keep_well = allocate(n_hard, n_well, k, max_prune_prob)
-    keys = rng.random(len(hard))  # one draw per sample: same (seed, epoch), same plan
-    parts = []
-    for mask, size, keep in ((hard, n_hard, keep_hard), (well, n_well, keep_well)):
-        if keep > 0:
-            parts.append((_sample(mask, keep, keys), size / keep))
-    return _assemble(parts)
-
-
-def _sample(mask: np.ndarray, count: int, keys: np.ndarray) -> np.ndarray:
-    """Mask of the ``count`` members of ``mask`` with the smallest ``keys``.
-
-    With uniform keys that is a uniform random subset. Rather than partially
-    sorting the whole stratum, members whose key is clearly below the
-    ``count/size`` quantile are taken outright and only a narrow band around
-    it (+-6 sigma of the binomial count) is partitioned: a few elementwise
-    passes instead of an O(n) argpartition with random memory access.
-    """
-    size = int(np.count_nonzero(mask))
-    if count >= size:
-        return mask.copy()
-    chosen = np.zeros(len(mask), dtype=bool)
-    if count <= 0:
-        return chosen
-    p = count / size
-    margin = (6.0 * math.sqrt(size * p * (1.0 - p)) + 1.0) / size
-    lo, hi = p - margin, p + margin
-    np.logical_and(mask, keys < lo, out=chosen)
-    band = np.flatnonzero(mask & (keys >= lo) & (keys < hi))
-    need = count - int(np.count_nonzero(chosen))
-    if not 0 <= need <= len(band):  # a 6-sigma miss: do it the slow, exact way
-        band, need = np.flatnonzero(mask), count
-        chosen[:] = False
-    if need > 0:
-        chosen[band[np.argpartition(keys[band], need - 1)[:need]]] = True
-    return chosen
-
-
-def _assemble(parts: list[tuple[np.ndarray, float]]) -> tuple[np.ndarray, np.ndarray]:
-    """Disjoint (mask, weight) parts -> sorted kept indices and their weights.
-
-    Building a dense weight array and reading back its non-zeros sorts the
-    indices in O(n), cheaper than sorting them.
-    """
-    dense = np.zeros(len(parts[0][0]), dtype=np.float32)
-    for mask, weight in parts:
-        np.putmask(dense, mask, np.float32(weight))
-    kept = np.flatnonzero(dense).astype(np.int64, copy=False)
-    return kept, dense[kept]
-
-
-def _everything(n: int) -> tuple[np.ndarray, np.ndarray]:
-    return np.arange(n, dtype=np.int64), np.ones(n, dtype=np.float32)
+    n_hard, n_well = (int(c) for c in np.sum(cluster.map(S.strata, ctx.salt), axis=0))
+    keep_hard, keep_well = allocate(n_hard, n_well, ctx.target, max_prune_prob)
+    select_smallest(cluster, [keep_hard, keep_well])
+    weights = [0.0, n_hard / keep_hard if keep_hard else 0.0, n_well / keep_well if keep_well else 0.0]
+    reasons = {RANDOM: n_hard - keep_hard, WELL_LEARNED: n_well - keep_well}
+    if noise:
+        reasons = {LOW_CONSISTENCY: noise, **reasons}
+    return S.emit(cluster, weights, reasons)
 
 
 class Policy:
-    """Base of the registered policies: ``select`` and ``kept_count``."""
+    """Base of the registered policies: ``plan``, ``select`` and ``kept_count``."""
 
     name: ClassVar[str] = ""
     needs_consistency: ClassVar[bool] = False
 
-    def select(self, state: PlanState, epoch: int,
-               rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        """Returns (kept indices sorted int64, weights float32) for ``epoch``."""
+    def plan(self, cluster, ctx: PlanContext) -> tuple[np.ndarray, np.ndarray, dict]:
+        """(kept indices sorted int64, weights float32, pruned_by_reason) for ``ctx.epoch``.
+
+        The shards' scratch must have been reset (``begin_plan``) before.
+        """
         raise NotImplementedError
 
+    def select(self, state: PlanState, epoch: int,
+               rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """Plans a :class:`PlanState` in one shard; (kept, weights). ``rng`` gives the salt."""
+        cluster = S.StateCluster(state)
+        ctx = PlanContext(state.num_samples, state.keep_ratio, state.epochs, int(epoch),
+                          int(rng.integers(0, 2**63)))
+        kept, weights, _ = self.plan(cluster, ctx)
+        return kept, weights
+
     def kept_count(self, num_samples: int, keep_ratio: float, epochs: int, epoch: int) -> int:
-        """How many samples ``select`` keeps at ``epoch``, known before training."""
+        """How many samples ``plan`` keeps at ``epoch``, known before training."""
         return target_count(num_samples, keep_ratio)
 
     def params(self) -> dict:
@@ -259,8 +254,9 @@ class Full(Policy):
 
     name: ClassVar[str] = "full"
 
-    def select(self, state, epoch, rng):
-        return _everything(state.num_samples)
+    def plan(self, cluster, ctx):
+        cluster.map(S.keep_all)
+        return S.emit(cluster, [0.0, 1.0], {})
 
     def kept_count(self, num_samples, keep_ratio, epochs, epoch):
         return num_samples
@@ -273,10 +269,10 @@ class Random(Policy):
 
     name: ClassVar[str] = "random"
 
-    def select(self, state, epoch, rng):
-        n = state.num_samples
-        keys = rng.random(n)
-        return _assemble([(_sample(np.ones(n, dtype=bool), state.target, keys), 1.0)])
+    def plan(self, cluster, ctx):
+        cluster.map(S.random_candidates, ctx.salt)
+        select_smallest(cluster, [ctx.target])
+        return S.emit(cluster, [0.0, 1.0], {RANDOM: ctx.num_samples - ctx.target})
 
 
 @register
@@ -284,17 +280,17 @@ class Random(Policy):
 class ClipFilter(Policy):
     """Static: the top ``keep_ratio`` fraction by consistency, every epoch, weight 1.
 
-    The DataComp CLIP-score baseline. Ranks are distinct, so "top k" is exact.
+    The DataComp CLIP-score baseline. Equal ranks (beyond 2**24 samples)
+    go to the lower index, so "top k" is exact.
     """
 
     name: ClassVar[str] = "clip_filter"
     needs_consistency: ClassVar[bool] = True
 
-    def select(self, state, epoch, rng):
-        n, k = state.num_samples, state.target
-        top = np.zeros(n, dtype=bool)
-        top[np.argpartition(state.consistency, n - k)[n - k:]] = True
-        return _assemble([(top, 1.0)])
+    def plan(self, cluster, ctx):
+        cluster.map(S.consistency_candidates)
+        select_smallest(cluster, [ctx.target])
+        return S.emit(cluster, [0.0, 1.0], {LOW_CONSISTENCY: ctx.num_samples - ctx.target})
 
 
 @register
@@ -322,11 +318,13 @@ class InfoBatch(Policy):
         _check_unit("delta", self.delta, closed=True)
         _check_unit("max_prune_prob", self.max_prune_prob, closed=False)
 
-    def select(self, state, epoch, rng):
-        if is_annealing(epoch, state.epochs, self.delta):
-            return _everything(state.num_samples)
-        well = _below_mean(state.loss, state.seen)
-        return soft_prune(~well, well, state.target, self.max_prune_prob, rng)
+    def plan(self, cluster, ctx):
+        if is_annealing(ctx.epoch, ctx.epochs, self.delta):
+            cluster.map(S.keep_all)
+            return S.emit(cluster, [0.0, 1.0], {})
+        cluster.map(S.mark_eligible, False)
+        S.below_mean(cluster)
+        return soft_prune(cluster, ctx, self.max_prune_prob)
 
     def kept_count(self, num_samples, keep_ratio, epochs, epoch):
         if is_annealing(epoch, epochs, self.delta):
@@ -348,12 +346,13 @@ class Mmdp(Policy):
        flags noise, and loss counts only once training has made it
        informative. Before any loss is seen (epoch 0) ``s = 1 - c``. A sample
        with no loss yet gets for ``l`` the mean loss rank of seen samples of
-       similar consistency (:func:`_expected_rank`), so a clean sample
-       wrongly dropped at epoch 0 can come back when consistency turns out
-       to say little about loss.
-    2. The ``noise_count`` samples with the highest ``s`` are dropped; the
-       rest are *eligible*. ``noise_count = min(round(noise_fraction*n),
-       n - k)`` is fixed, so kept counts are known in advance.
+       similar consistency (:func:`~pipeline.plan_steps.expected_ranks`), so
+       a clean sample wrongly dropped at epoch 0 can come back when
+       consistency turns out to say little about loss.
+    2. The ``noise_count`` samples with the highest ``s`` are dropped (ties
+       to the lower index); the rest are *eligible*. ``noise_count =
+       min(round(noise_fraction*n), n - k)`` is fixed, so kept counts are
+       known in advance.
     3. Pruning epochs keep exactly ``k = round(keep_ratio*n)`` eligible
        samples by :func:`soft_prune`: eligible samples seen with loss below
        the eligible mean are well-learned, the others hard.
@@ -389,67 +388,35 @@ class Mmdp(Policy):
         wanted = int(math.floor(self.noise_fraction * num_samples + 0.5))
         return min(wanted, num_samples - target_count(num_samples, keep_ratio))
 
-    def noisy(self, state: PlanState, epoch: int) -> np.ndarray:
-        """Boolean mask of the samples dropped as likely noise at ``epoch``."""
-        n = state.num_samples
-        score = np.float32(1.0) - state.consistency
-        ramp = 1.0 if self.loss_ramp_epochs == 0 else min(1.0, epoch / self.loss_ramp_epochs)
-        lam = np.float32(self.loss_weight * ramp)
-        if lam > 0 and state.seen.any():
-            loss_rank = approx_rank(state.loss, state.seen)
-            guess = _expected_rank(state.consistency, state.seen, loss_rank)
-            loss_rank = np.where(state.seen, loss_rank, guess)
-            score = (np.float32(1.0) - lam) * score + lam * loss_rank
-        drop = self.noise_count(n, state.keep_ratio)
-        mask = np.zeros(n, dtype=bool)
-        if drop > 0:
-            mask[np.argpartition(score, n - drop)[n - drop:]] = True
-        return mask
+    def mark_noise(self, cluster, ctx: PlanContext) -> None:
+        """Sets each shard's ``scratch["noisy"]``: the samples dropped as likely noise."""
+        ramp = 1.0 if self.loss_ramp_epochs == 0 else min(1.0, ctx.epoch / self.loss_ramp_epochs)
+        lam = float(np.float32(self.loss_weight * ramp))
+        tables = S.loss_rank_tables(cluster) if lam > 0 else None
+        cluster.map(S.noise_candidates, lam, tables)
+        select_smallest(cluster, [self.noise_count(ctx.num_samples, ctx.keep_ratio)])
+        cluster.map(S.chosen_is_noisy)
 
-    def select(self, state, epoch, rng):
-        if state.consistency is None:
-            raise ValueError("policy 'mmdp' needs consistency scores")
-        eligible = ~self.noisy(state, epoch)
-        if is_annealing(epoch, state.epochs, self.delta):
-            return _assemble([(eligible, 1.0)])
-        well = _below_mean(state.loss, state.seen & eligible)
-        return soft_prune(eligible & ~well, well, state.target, self.max_prune_prob, rng)
+    def noisy(self, state: PlanState, epoch: int) -> np.ndarray:
+        """Boolean mask of the samples dropped as likely noise at ``epoch`` (one shard)."""
+        cluster = S.StateCluster(state)
+        self.mark_noise(cluster, PlanContext(state.num_samples, state.keep_ratio, state.epochs, epoch, 0))
+        return cluster.shard.scratch["noisy"]
+
+    def plan(self, cluster, ctx):
+        self.mark_noise(cluster, ctx)
+        noise = self.noise_count(ctx.num_samples, ctx.keep_ratio)
+        if is_annealing(ctx.epoch, ctx.epochs, self.delta):
+            cluster.map(S.keep_eligible)
+            return S.emit(cluster, [0.0, 1.0], {LOW_CONSISTENCY: noise})
+        cluster.map(S.mark_eligible, True)
+        S.below_mean(cluster)
+        return soft_prune(cluster, ctx, self.max_prune_prob, noise)
 
     def kept_count(self, num_samples, keep_ratio, epochs, epoch):
         if is_annealing(epoch, epochs, self.delta):
             return num_samples - self.noise_count(num_samples, keep_ratio)
         return target_count(num_samples, keep_ratio)
-
-
-def _expected_rank(consistency: np.ndarray, seen: np.ndarray, loss_rank: np.ndarray,
-                   bins: int = 32, min_count: int = 5) -> np.ndarray:
-    """For each sample, the mean loss rank of seen samples of similar consistency.
-
-    Stands in for the loss of samples never trained on (most of them were
-    dropped as noise at epoch 0). Where consistency says little about loss
-    this is about 0.5, so such samples drift back into training and get
-    measured; where it says a lot they stay out. Consistency bins without
-    seen samples take the nearest populated bin's value.
-    """
-    b = np.minimum((consistency * bins).astype(np.intp), bins - 1)
-    b_seen = np.where(seen, b, bins)  # unseen samples go to an ignored extra bin
-    counts = np.bincount(b_seen, minlength=bins + 1)[:bins]
-    sums = np.bincount(b_seen, weights=loss_rank, minlength=bins + 1)[:bins]
-    ok = counts >= min_count
-    if not ok.any():
-        return np.full(len(consistency), np.float32(0.5))
-    centers = np.arange(bins)
-    per_bin = np.interp(centers, centers[ok], sums[ok] / counts[ok]).astype(np.float32)
-    return per_bin[b]
-
-
-def _below_mean(loss: np.ndarray, among: np.ndarray) -> np.ndarray:
-    """Mask of the ``among`` samples whose loss is below their mean loss."""
-    count = int(np.count_nonzero(among))
-    if count == 0:
-        return np.zeros(len(loss), dtype=bool)
-    mean = loss.sum(where=among, dtype=np.float64) / count
-    return among & (loss < mean)
 
 
 def _check_unit(name: str, value: float, closed: bool) -> None:

@@ -13,13 +13,22 @@ State is three arrays, 12 bytes a sample: the loss moving average (float32),
 the last epoch a loss arrived (int32, -1 = never) and the consistency rank
 (float32, stored once). Everything is vectorised: no per-sample Python.
 
+The arrays live in index-range shards (:mod:`pipeline.shards`): one local
+shard by default; ``bounds=`` splits them, and ``cluster=`` puts the shards
+elsewhere (:mod:`pipeline.sharded` puts each in a Ray actor). Plans do not
+depend on the split (:mod:`pipeline.selection` says why).
+
 No Ray here; :mod:`pipeline.actors` wraps this in a Ray actor.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import numpy as np
 
-from pipeline.policies import PlanState, Policy, make_policy, rank_normalise, target_count
+from pipeline.policies import PlanContext, Policy, make_policy, rank_normalise, target_count
+from pipeline.selection import mix64
+from pipeline.shards import LocalShards
 
 STATE_VERSION = 1
 
@@ -40,12 +49,16 @@ class Pruner:
         loss_momentum: m in ``ema = m * ema + (1 - m) * loss``; the first
             loss a sample gets is taken as is. Smooths out one noisy epoch.
         policy_params: knobs passed to the policy when ``policy`` is a name.
+        bounds: shard boundaries ``[0, b1, ..., n]`` (default one shard).
+        cluster: ``cluster(bounds, ranks, loss_momentum)`` makes the shards
+            (default :class:`~pipeline.shards.LocalShards`).
     """
 
     def __init__(self, num_samples: int, policy: str | Policy = "mmdp",
                  keep_ratio: float = 0.5, epochs: int = 20, seed: int = 0,
                  consistency: np.ndarray | None = None, loss_momentum: float = 0.5,
-                 policy_params: dict | None = None):
+                 policy_params: dict | None = None, bounds: Sequence[int] | None = None,
+                 cluster: Callable | None = None):
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         if not 0.0 < keep_ratio <= 1.0:
@@ -66,18 +79,24 @@ class Pruner:
         self.epochs = int(epochs)
         self.seed = int(seed)
         self.loss_momentum = float(loss_momentum)
-        self._loss = np.zeros(self.num_samples, dtype=np.float32)
-        self._last_seen = np.full(self.num_samples, -1, dtype=np.int32)
-        self._consistency = None
+        ranks = None
         if consistency is not None:
             consistency = np.asarray(consistency)
             if consistency.shape != (self.num_samples,):
                 raise ValueError(f"consistency has shape {consistency.shape}, "
                                  f"expected ({self.num_samples},)")
-            self._consistency = rank_normalise(consistency)
+            ranks = rank_normalise(consistency)
+            del consistency
+        bounds = [0, self.num_samples] if bounds is None else [int(b) for b in bounds]
+        if bounds[0] != 0 or bounds[-1] != self.num_samples or any(
+                a >= b for a, b in zip(bounds[:-1], bounds[1:])):
+            raise ValueError(f"bounds must rise strictly from 0 to {self.num_samples}, got {bounds}")
+        self.bounds = bounds
+        self._has_consistency = ranks is not None
+        self._shards = (cluster or LocalShards)(bounds, ranks, self.loss_momentum)
         self._received: dict[int, int] = {}
         self.current_epoch = 0  # the latest epoch planned: update()'s default epoch
-        self._cached: tuple[int, np.ndarray, np.ndarray] | None = None
+        self._cached: tuple[int, np.ndarray, np.ndarray, dict] | None = None
 
     @property
     def config(self) -> dict:
@@ -87,10 +106,14 @@ class Pruner:
                 "epochs": self.epochs, "seed": self.seed, "loss_momentum": self.loss_momentum}
 
     @property
+    def shards(self):
+        """The shard set holding the state (local, or :class:`pipeline.sharded.RayShards`)."""
+        return self._shards
+
+    @property
     def nbytes(self) -> int:
-        """Bytes of per-sample state (the design budget is 16 a sample)."""
-        arrays = [self._loss, self._last_seen, self._consistency]
-        return sum(a.nbytes for a in arrays if a is not None)
+        """Bytes of per-sample state over all shards (the design budget is 16 a sample)."""
+        return self._shards.nbytes
 
     def update(self, indices: np.ndarray, losses: np.ndarray, epoch: int | None = None) -> int:
         """Records per-sample training losses; returns how many were recorded.
@@ -116,44 +139,47 @@ class Pruner:
             raise ValueError(f"{int(np.count_nonzero(~np.isfinite(values)))} of "
                              f"{values.size} losses are not finite")
         e = self.current_epoch if epoch is None else int(epoch)
-        prev = self._last_seen[idx]
-        m = np.float32(self.loss_momentum)
-        blended = m * self._loss[idx] + (np.float32(1.0) - m) * values
-        self._loss[idx] = np.where(prev >= 0, blended, values)
-        # max, so a late report from an older epoch never rewinds "last seen".
-        self._last_seen[idx] = np.maximum(prev, e)
+        self._shards.update(idx, values, e)
         self._received[e] = self._received.get(e, 0) + int(idx.size)
         return int(idx.size)
 
     def plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """The samples to train on at ``epoch`` and their loss weights.
 
-        A pure function of (state, epoch, seed). The latest epoch's plan is
-        memoised, so asking again mid-epoch (after some losses arrived) gives
-        the same plan; an earlier epoch is recomputed from the current state.
+        A pure function of (state, epoch, seed), whatever the shards. The
+        latest epoch's plan is memoised, so asking again mid-epoch (after
+        some losses arrived) gives the same plan; an earlier epoch is
+        recomputed from the current state.
 
         Returns:
             (kept, weights): sorted int64 indices and float32 weights.
         """
+        kept, weights, _ = self.plan_with_reasons(epoch)
+        return kept, weights
+
+    def plan_with_reasons(self, epoch: int) -> tuple[np.ndarray, np.ndarray, dict]:
+        """:meth:`plan` and ``{reason: count}`` of the pruned samples (sums to n - kept)."""
         epoch = int(epoch)
         if epoch < 0:
             raise ValueError(f"epoch must be >= 0, got {epoch}")
         if self._cached is not None and self._cached[0] == epoch:
-            return self._cached[1], self._cached[2]
-        state = PlanState(loss=self._loss, seen=self._last_seen >= 0,
-                          consistency=self._consistency, keep_ratio=self.keep_ratio,
-                          epochs=self.epochs)
-        kept, weights = self.policy.select(state, epoch, np.random.default_rng([self.seed, epoch]))
+            return self._cached[1:]
+        ctx = PlanContext(self.num_samples, self.keep_ratio, self.epochs, epoch, mix64(self.seed, epoch))
+        self._shards.begin_plan()
+        try:
+            kept, weights, reasons = self.policy.plan(self._shards, ctx)
+        finally:
+            self._shards.end_plan()  # frees the plan's temporaries
         expected = self.kept_count(epoch)
-        if len(kept) != expected:
-            raise AssertionError(f"policy {self.policy.name!r} kept {len(kept)} at epoch "
-                                 f"{epoch}, kept_count says {expected}")
+        if len(kept) != expected or sum(reasons.values()) != self.num_samples - expected:
+            raise AssertionError(f"policy {self.policy.name!r} kept {len(kept)} and gave reasons for "
+                                 f"{sum(reasons.values())} at epoch {epoch}, kept_count says {expected}")
         kept.flags.writeable = False  # shared with every caller of plan()
         weights.flags.writeable = False
         if epoch >= self.current_epoch:
             self.current_epoch = epoch
-            self._cached = (epoch, kept, weights)
-        return kept, weights
+            self._cached = (epoch, kept, weights, reasons)
+        return kept, weights, reasons
 
     def kept_count(self, epoch: int) -> int:
         """How many samples ``plan(epoch)`` keeps; known before any loss is seen."""
@@ -174,9 +200,7 @@ class Pruner:
         means every kept sample got exactly one loss. Only for the latest
         planned epoch, whose plan is memoised.
         """
-        if self._cached is None or self._cached[0] != int(epoch):
-            raise ValueError(f"epoch {epoch} is not the latest planned epoch")
-        return int(np.count_nonzero(self._last_seen[self._cached[1]] < int(epoch)))
+        return self.coverage(epoch)["missing"]
 
     def coverage(self, epoch: int) -> dict:
         """Who reported at ``epoch`` (the latest planned one), against its plan.
@@ -185,11 +209,11 @@ class Pruner:
         (no repeats), ``outside_plan == 0`` (no pruned sample was trained on)
         and ``missing`` is the number an equal split across workers left out.
         """
-        kept_mask = np.zeros(self.num_samples, dtype=bool)
-        kept_mask[self.plan(int(epoch))[0]] = True
-        reported = self._last_seen == int(epoch)
-        return {"received": self.losses_received(epoch), "reported": int(reported.sum()),
-                "outside_plan": int((reported & ~kept_mask).sum()), "missing": self.missing(epoch)}
+        if self._cached is None or self._cached[0] != int(epoch):
+            raise ValueError(f"epoch {epoch} is not the latest planned epoch")
+        counts = self._shards.coverage(self._cached[1], int(epoch))
+        return {"received": self.losses_received(epoch), "reported": counts["reported"],
+                "outside_plan": counts["outside_plan"], "missing": counts["missing"]}
 
     def state_dict(self) -> dict:
         """Everything needed to reproduce future plans, as plain values.
@@ -200,13 +224,14 @@ class Pruner:
         (``load_state_dict`` accepts tensors back as they are).
         """
         epochs_seen = sorted(self._received)
+        loss, last_seen, consistency = self._shards.get_state()  # copies, gathered from the shards
         return {
             "version": STATE_VERSION,
             "config": self.config,
             "current_epoch": self.current_epoch,
-            "loss": self._loss.copy(),
-            "last_seen": self._last_seen.copy(),
-            "consistency": None if self._consistency is None else self._consistency.copy(),
+            "loss": loss,
+            "last_seen": last_seen,
+            "consistency": consistency,
             "received_epochs": np.asarray(epochs_seen, dtype=np.int64),
             "received_counts": np.asarray([self._received[e] for e in epochs_seen], dtype=np.int64),
         }
@@ -220,14 +245,14 @@ class Pruner:
         if differ:
             raise ValueError("pruner state was saved with a different config: " + ", ".join(
                 f"{k}={state['config'].get(k)!r} (now {self.config[k]!r})" for k in differ))
-        self._loss = _array(state["loss"], np.float32, self.num_samples)
-        self._last_seen = _array(state["last_seen"], np.int32, self.num_samples)
+        loss = _array(state["loss"], np.float32, self.num_samples)
+        last_seen = _array(state["last_seen"], np.int32, self.num_samples)
+        consistency = None
         if state["consistency"] is not None:
-            self._consistency = _array(state["consistency"], np.float32, self.num_samples)
+            consistency = _array(state["consistency"], np.float32, self.num_samples)
         elif self.policy.needs_consistency:
             raise ValueError(f"saved state has no consistency; {self.policy.name!r} needs it")
-        else:
-            self._consistency = None
+        self._shards.set_state(loss, last_seen, consistency)
         epochs_seen = np.asarray(state["received_epochs"]).tolist()
         counts = np.asarray(state["received_counts"]).tolist()
         self._received = {int(e): int(c) for e, c in zip(epochs_seen, counts)}

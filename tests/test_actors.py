@@ -155,3 +155,8 @@ def test_plan_log_records_each_epoch_and_its_kept_samples(ray_local, pruner):
     assert [entry["epoch"] for entry in log] == [0, 1]
     assert log[0]["kept_indices"] == local.plan(0)[0].tolist()
     assert log[0]["kept"] == N // 2 and log[0]["weight_sum"] == pytest.approx(N - 0.2 * N)
+    # Every pruned sample has a reason; at epoch 0 (no loss yet) mmdp drops its noise
+    # quota and subsamples the rest uniformly.
+    for entry in log:
+        assert sum(entry["pruned_by_reason"].values()) == N - entry["kept"]
+    assert log[0]["pruned_by_reason"] == {"low consistency": 800, "random": 1200, "well learned (low loss)": 0}

@@ -1,0 +1,96 @@
+"""Memory of a process tree, read from /proc (Linux), for the benchmarks.
+
+A local Ray cluster is a tree: the driver starts the GCS, the raylet and the
+dashboard, and the raylet starts the workers. :class:`PeakSampler` samples
+the whole tree of a root process every ``interval`` seconds and keeps the
+peak of the summed RSS and of the summed PSS (proportional set size: a page
+shared by k processes, such as Ray's object store, counts 1/k in each, so
+PSS sums do not double count).
+
+No psutil needed: it is not part of the pinned environment.
+"""
+from __future__ import annotations
+
+import os
+import threading
+
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def rss(pid: int | None = None) -> int:
+    """Resident set size of one process in bytes (0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid or os.getpid()}/statm") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def pss(pid: int) -> int:
+    """Proportional set size of one process in bytes (0 if it is gone or unreadable)."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def tree(root: int) -> list[int]:
+    """``root`` and all its descendants, from /proc/*/stat parent links."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rindex(")") + 2:].split()[1])  # the name may hold spaces
+        children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, []))
+    return out
+
+
+class PeakSampler:
+    """Samples a process tree's summed RSS and PSS in a thread; ``peak_rss`` / ``peak_pss`` in bytes.
+
+    Use as a context manager around the work to measure.
+    """
+
+    def __init__(self, root: int | None = None, interval: float = 0.2):
+        self.root, self.interval = root or os.getpid(), interval
+        self.peak_rss = self.peak_pss = 0
+        self.peak_procs = 0
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def sample(self) -> tuple[int, int]:
+        pids = tree(self.root)
+        total_rss, total_pss = sum(rss(p) for p in pids), sum(pss(p) for p in pids)
+        self.peak_rss, self.peak_pss = max(self.peak_rss, total_rss), max(self.peak_pss, total_pss)
+        self.peak_procs = max(self.peak_procs, len(pids))
+        self.samples += 1
+        return total_rss, total_pss
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "PeakSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()

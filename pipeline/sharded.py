@@ -1,0 +1,145 @@
+"""Pruner state split by index range over Ray actors that plan together.
+
+    pruner = Pruner(n, "mmdp", consistency=scores, bounds=even_bounds(n, 4), cluster=RayShards)
+
+:class:`RayShards` is the Ray version of :class:`pipeline.shards.LocalShards`:
+each index range lives in a :class:`ShardActor`, and ``map(fn, *args)``
+runs a planning step (a plain function of :mod:`pipeline.plan_steps` or
+:mod:`pipeline.selection`) in every shard actor at once. The pruner that
+holds it is the coordinator: it routes each loss to the shard that owns the
+index (without waiting), combines the shards' summaries into the global
+quantities (thresholds, means, histograms), and gathers the kept indices.
+Plans are the same as one pruner's for the same state, seed and epoch
+(:mod:`pipeline.selection`). :class:`pipeline.actors.PruningActor` uses
+this above ``shard_size`` samples, so callers see one actor either way.
+"""
+from __future__ import annotations
+
+import uuid
+import warnings
+
+import numpy as np
+import ray
+
+from pipeline.shards import PrunerShard, _split_sorted, split_by_bounds
+
+# Shard actors are restarted like the coordinator; a restarted shard is back
+# to its initial state and the coordinator's info() reports it.
+MAX_RESTARTS = 4
+MAX_TASK_RETRIES = 4
+# Updates sent to the shards without waiting; past this many the oldest are awaited.
+MAX_PENDING_UPDATES = 64
+# Arguments bigger than this go to the object store once for all shards.
+_PUT_BYTES = 64 * 1024
+
+
+@ray.remote(num_cpus=0, max_restarts=MAX_RESTARTS, max_task_retries=MAX_TASK_RETRIES)
+class ShardActor:
+    """One :class:`~pipeline.shards.PrunerShard` (num_cpus=0: idle most of the time, see ENVIRONMENT.md)."""
+
+    def __init__(self, start: int, stop: int, consistency: np.ndarray | None, loss_momentum: float):
+        self._shard = PrunerShard(start, stop, consistency, loss_momentum)
+        self._incarnation = uuid.uuid4().hex  # new with every (re)start
+
+    def run(self, fn, *args):
+        return fn(self._shard, *args)
+
+    def update(self, local: np.ndarray, values: np.ndarray, epoch: int) -> int:
+        self._shard.update(local, values, epoch)
+        return len(local)
+
+    def begin_plan(self) -> None:
+        self._shard.begin_plan()
+
+    def end_plan(self) -> None:
+        self._shard.end_plan()
+
+    def coverage(self, local_kept: np.ndarray, epoch: int) -> dict:
+        return self._shard.count_last_seen(local_kept, epoch)
+
+    def get_state(self):
+        return self._shard.get_state()
+
+    def set_state(self, loss, last_seen, consistency) -> None:
+        self._shard.set_state(loss, last_seen, consistency)
+
+    def nbytes(self) -> int:
+        return self._shard.nbytes
+
+    def incarnation(self) -> tuple[bool, str]:
+        """(whether Ray restarted this actor, an id new with every start)."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # Ray 2.58's own deprecated call
+            return bool(ray.get_runtime_context().was_current_actor_reconstructed), self._incarnation
+
+
+class RayShards:
+    """Shards in Ray actors, with the cluster interface of :mod:`pipeline.selection`.
+
+    Args:
+        bounds: ``[0, b1, ..., n]``: one actor per range [b_i, b_i+1).
+        consistency: float32 [n] ranks or None; each actor gets its slice.
+        loss_momentum: passed to every shard.
+    """
+
+    def __init__(self, bounds, consistency: np.ndarray | None, loss_momentum: float):
+        self.bounds = np.asarray(bounds, dtype=np.int64)
+        self.actors = [
+            ShardActor.remote(a, b, None if consistency is None else consistency[a:b], loss_momentum)
+            for a, b in zip(self.bounds[:-1].tolist(), self.bounds[1:].tolist())
+        ]
+        self._pending: list[ray.ObjectRef] = []
+
+    def map(self, fn, *args) -> list:
+        self._settle()
+        args = tuple(ray.put(a) if isinstance(a, np.ndarray) and a.nbytes > _PUT_BYTES else a for a in args)
+        return ray.get([actor.run.remote(fn, *args) for actor in self.actors])
+
+    def map_each(self, fn, args_per_shard) -> list:
+        self._settle()
+        return ray.get([actor.run.remote(fn, *args) for actor, args in zip(self.actors, args_per_shard)])
+
+    def update(self, indices: np.ndarray, values: np.ndarray, epoch: int) -> None:
+        """Routes each loss to its shard; does not wait (calls from one caller run in order)."""
+        for s, local, pos in split_by_bounds(self.bounds, indices):
+            self._pending.append(self.actors[s].update.remote(local, values[pos], epoch))
+        if len(self._pending) > MAX_PENDING_UPDATES:
+            done, self._pending = ray.wait(self._pending, num_returns=len(self._pending) - MAX_PENDING_UPDATES // 2)
+            ray.get(done)  # a shard's error surfaces here rather than never
+
+    def begin_plan(self) -> None:
+        self._settle()
+        ray.get([a.begin_plan.remote() for a in self.actors])
+
+    def end_plan(self) -> None:
+        ray.get([a.end_plan.remote() for a in self.actors])
+
+    def coverage(self, kept: np.ndarray, epoch: int) -> dict:
+        self._settle()
+        parts = ray.get([a.coverage.remote(local, epoch)
+                         for a, local in zip(self.actors, _split_sorted(self.bounds, kept))])
+        return {k: sum(p[k] for p in parts) for k in parts[0]}
+
+    def get_state(self):
+        self._settle()
+        states = ray.get([a.get_state.remote() for a in self.actors])
+        cons = None if states[0][2] is None else np.concatenate([s[2] for s in states])
+        return np.concatenate([s[0] for s in states]), np.concatenate([s[1] for s in states]), cons
+
+    def set_state(self, loss, last_seen, consistency) -> None:
+        self._settle()
+        ray.get([a.set_state.remote(loss[lo:hi], last_seen[lo:hi], None if consistency is None else consistency[lo:hi])
+                 for a, lo, hi in zip(self.actors, self.bounds[:-1].tolist(), self.bounds[1:].tolist())])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(ray.get([a.nbytes.remote() for a in self.actors]))
+
+    def incarnations(self) -> list[tuple[bool, str]]:
+        """Per shard actor: (restarted by Ray, so its state is back to the start; its start id)."""
+        return ray.get([a.incarnation.remote() for a in self.actors])
+
+    def _settle(self) -> None:
+        """Waits for the updates in flight (and raises their errors) before reading state."""
+        pending, self._pending = self._pending, []
+        ray.get(pending)

@@ -1,0 +1,168 @@
+"""Per-sample pruning state for one index range, and a local set of such ranges.
+
+A :class:`PrunerShard` holds the dense state of the global indices
+``[start, stop)``: 12 bytes a sample (loss moving average float32, last
+epoch a loss arrived int32, consistency rank float32), 13 with the
+consistency bin (uint8) it derives once for mmdp's plans, plus, only while a
+plan is being made, a ``scratch`` dict of that plan's temporaries (freed at
+its end). :class:`LocalShards` is a cluster of them in one process with the
+``map`` / ``map_each`` interface of :mod:`pipeline.selection`;
+:mod:`pipeline.sharded` is the same over Ray actors. One local shard is
+what a single :class:`~pipeline.pruner.Pruner` uses; several local shards
+exist to test that plans do not depend on the split.
+
+No Ray here.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.plan_steps import consistency_bins
+
+
+class PrunerShard:
+    """The state of global indices ``[start, stop)``.
+
+    Args:
+        start, stop: the global index range.
+        consistency: float32 [stop - start] consistency ranks of the range, or None.
+        loss_momentum: m in ``ema = m * ema + (1 - m) * loss``.
+    """
+
+    def __init__(self, start: int, stop: int, consistency: np.ndarray | None, loss_momentum: float):
+        self.start, self.stop, self.n = int(start), int(stop), int(stop) - int(start)
+        self.loss_momentum = float(loss_momentum)
+        self.loss = np.zeros(self.n, dtype=np.float32)
+        self.last_seen = np.full(self.n, -1, dtype=np.int32)
+        self.consistency = None if consistency is None else np.asarray(consistency, dtype=np.float32)
+        self.cbin = consistency_bins(self.consistency)
+        self.scratch: dict = {}
+
+    @property
+    def nbytes(self) -> int:
+        arrays = [self.loss, self.last_seen, self.consistency, self.cbin]
+        return sum(a.nbytes for a in arrays if a is not None)
+
+    def update(self, local: np.ndarray, values: np.ndarray, epoch: int) -> None:
+        """Blends losses into the moving average (indices local to the shard, checked by the caller)."""
+        prev = self.last_seen[local]
+        m = np.float32(self.loss_momentum)
+        blended = self.loss[local]
+        blended *= m
+        blended += (np.float32(1.0) - m) * values
+        self.loss[local] = np.where(prev >= 0, blended, values)
+        # max, so a late report from an older epoch never rewinds "last seen".
+        np.maximum(prev, np.int32(epoch), out=prev)
+        self.last_seen[local] = prev
+
+    def begin_plan(self) -> None:
+        self.scratch = {"seen": self.last_seen >= 0}
+
+    def end_plan(self) -> None:
+        self.scratch = {}
+
+    def run(self, fn, *args):
+        return fn(self, *args)
+
+    def get_state(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        return self.loss, self.last_seen, self.consistency
+
+    def set_state(self, loss: np.ndarray, last_seen: np.ndarray, consistency: np.ndarray | None) -> None:
+        self.loss, self.last_seen = _writable(loss, np.float32), _writable(last_seen, np.int32)
+        self.consistency = None if consistency is None else _writable(consistency, np.float32)
+        self.cbin = consistency_bins(self.consistency)
+        self.scratch = {}
+
+    def count_last_seen(self, local_kept: np.ndarray, epoch: int) -> dict:
+        """Coverage counts of this range against its slice of a plan's kept indices."""
+        kept_mask = np.zeros(self.n, dtype=bool)
+        kept_mask[local_kept] = True
+        reported = self.last_seen == int(epoch)
+        return {"reported": int(np.count_nonzero(reported)),
+                "outside_plan": int(np.count_nonzero(reported & ~kept_mask)),
+                "missing": int(np.count_nonzero(self.last_seen[local_kept] < int(epoch)))}
+
+
+def _writable(a, dtype) -> np.ndarray:
+    """``a`` itself when it is a writable array of ``dtype`` (a caller's private copy), else a copy."""
+    a = np.asarray(a)
+    return a if a.dtype == dtype and a.flags.writeable else np.array(a, dtype=dtype, copy=True)
+
+
+def even_bounds(num_samples: int, num_shards: int) -> list[int]:
+    """Boundaries splitting range(num_samples) into ``num_shards`` near-equal ranges."""
+    return [num_samples * i // num_shards for i in range(num_shards + 1)]
+
+
+def split_by_bounds(bounds: np.ndarray, indices: np.ndarray):
+    """Yields (shard, local indices, positions in ``indices``) for each shard that gets any."""
+    if len(bounds) == 2:
+        yield 0, indices - bounds[0] if bounds[0] else indices, slice(None)
+        return
+    shard = np.searchsorted(bounds, indices, side="right") - 1
+    for s in np.unique(shard).tolist():
+        pos = np.flatnonzero(shard == s)
+        yield s, indices[pos] - bounds[s], pos
+
+
+class LocalShards:
+    """Shards of one process, with the cluster interface of :mod:`pipeline.selection`.
+
+    Args:
+        bounds: increasing boundaries ``[0, b1, ..., n]``: shard i holds [b_i, b_i+1).
+        consistency: float32 [n] ranks or None (shards keep views of it).
+        loss_momentum: passed to every shard.
+    """
+
+    def __init__(self, bounds, consistency: np.ndarray | None, loss_momentum: float):
+        self.bounds = np.asarray(bounds, dtype=np.int64)
+        self.shards = [PrunerShard(a, b, None if consistency is None else consistency[a:b], loss_momentum)
+                       for a, b in zip(self.bounds[:-1].tolist(), self.bounds[1:].tolist())]
+
+    def map(self, fn, *args) -> list:
+        return [fn(shard, *args) for shard in self.shards]
+
+    def map_each(self, fn, args_per_shard) -> list:
+        return [fn(shard, *args) for shard, args in zip(self.shards, args_per_shard)]
+
+    def update(self, indices: np.ndarray, values: np.ndarray, epoch: int) -> None:
+        for s, local, pos in split_by_bounds(self.bounds, indices):
+            self.shards[s].update(local, values[pos], epoch)
+
+    def begin_plan(self) -> None:
+        for shard in self.shards:
+            shard.begin_plan()
+
+    def end_plan(self) -> None:
+        for shard in self.shards:
+            shard.end_plan()
+
+    def coverage(self, kept: np.ndarray, epoch: int) -> dict:
+        parts = [s.count_last_seen(local, epoch) for s, local in zip(self.shards, _split_sorted(self.bounds, kept))]
+        return {k: sum(p[k] for p in parts) for k in parts[0]}
+
+    def get_state(self):
+        states = [s.get_state() for s in self.shards]
+        return _concat(states)
+
+    def set_state(self, loss, last_seen, consistency) -> None:
+        for s, a, b in zip(self.shards, self.bounds[:-1].tolist(), self.bounds[1:].tolist()):
+            s.set_state(loss[a:b], last_seen[a:b], None if consistency is None else consistency[a:b])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.nbytes for s in self.shards)
+
+
+def _split_sorted(bounds: np.ndarray, kept: np.ndarray) -> list[np.ndarray]:
+    """A sorted global index array cut into each shard's local indices."""
+    cuts = np.searchsorted(kept, bounds)
+    return [kept[cuts[i]:cuts[i + 1]] - bounds[i] for i in range(len(bounds) - 1)]
+
+
+def _concat(states) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    if len(states) == 1:
+        loss, seen, cons = states[0]
+        return loss.copy(), seen.copy(), None if cons is None else cons.copy()
+    cons = None if states[0][2] is None else np.concatenate([s[2] for s in states])
+    return np.concatenate([s[0] for s in states]), np.concatenate([s[1] for s in states]), cons
