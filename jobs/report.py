@@ -64,7 +64,7 @@ def _parser():
 
 
 def main(argv=None) -> int:
-    from pipeline.report import build_report
+    from pipeline.report_render import build_report
 
     cfg = parse_config(ReportConfig, _parser(), argv)
     mio.configure_s3(cfg.s3_endpoint)

@@ -25,3 +25,47 @@ def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
         ranks[order[s:e]] = (s + e + 1) / 2.0
     u = ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0
     return float(u / (n_pos * n_neg))
+
+
+def otsu(values: np.ndarray, bins: int = 256) -> tuple[float, float]:
+    """Otsu's cut of ``values`` and its separability (between-group / total variance, in [0, 1]).
+
+    The cut splits the histogram into the two groups with the largest
+    between-group variance. Separability is about 0.64 for one Gaussian
+    and approaches 1 for two well-apart modes.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    counts, edges = np.histogram(values, bins=bins)
+    centres = (edges[:-1] + edges[1:]) / 2
+    weight_low = np.cumsum(counts)[:-1]
+    weight_high = len(values) - weight_low
+    sum_low = np.cumsum(counts * centres)[:-1]
+    mean_low = sum_low / np.maximum(weight_low, 1)
+    mean_high = (np.sum(counts * centres) - sum_low) / np.maximum(weight_high, 1)
+    between = weight_low * weight_high * (mean_low - mean_high) ** 2 / len(values) ** 2
+    best = int(np.argmax(between))
+    total = values.var()
+    return float(edges[1:-1][best]), float(between[best] / total) if total > 0 else 0.0
+
+
+# Separability below which the consistency histogram is read as one mode (no
+# distinct group of noisy pairs). Measured on Fashion-MNIST with the reference
+# CLIP: clean rows alone 0.64-0.69, with 30% symmetric noise 0.72-0.87.
+MIN_SEPARABILITY = 0.7
+
+
+def estimate_noise_fraction(consistency: np.ndarray, cap: float = 0.5) -> float:
+    """Share of pairs in the low-consistency mode (mmdp's default ``noise_fraction``).
+
+    Otsu's cut of the consistency histogram, if it has two distinct modes
+    (separability >= MIN_SEPARABILITY); 0 if it has one. Capped at ``cap``:
+    a signal that calls most pairs noise is more likely miscalibrated.
+    """
+    values = np.asarray(consistency, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    if len(values) < 2:
+        return 0.0
+    cut, separability = otsu(values)
+    if separability < MIN_SEPARABILITY:
+        return 0.0
+    return float(min(cap, np.mean(values < cut)))

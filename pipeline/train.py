@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from pipeline.models import build_model
 
+
 def cosine_lr(step: int, total: int, warmup: int) -> float:
     if step < warmup:
         return (step + 1) / warmup
@@ -63,7 +64,7 @@ def train_loop_per_worker(config: dict) -> None:
     # The schedule follows the real number of steps in each pruned epoch.
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, sum(steps), cfg["warmup_steps"]))
 
-    start_epoch, history = 0, []
+    start_epoch, history, plans = 0, [], []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None and cfg.get("resume_from"):
         checkpoint = ray.train.Checkpoint(cfg["resume_from"])
@@ -72,6 +73,8 @@ def train_loop_per_worker(config: dict) -> None:
             state = torch.load(os.path.join(d, "train.pt"), map_location="cpu", weights_only=True)
             pruner_state = torch.load(os.path.join(d, "pruner.pt"), map_location="cpu", weights_only=True)
             history = json.loads(open(os.path.join(d, "history.json")).read())
+            if os.path.exists(os.path.join(d, "plans.json")):  # absent in checkpoints of mmdp <= 0.1
+                plans = json.loads(open(os.path.join(d, "plans.json")).read())
         _unwrap(model).load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -81,6 +84,13 @@ def train_loop_per_worker(config: dict) -> None:
             # it belong to an epoch that is about to be trained again.
             ray.get(pruner.load_state_dict.remote({k: v.numpy() if torch.is_tensor(v) else v for k, v in pruner_state.items()}))
         _barrier()
+    elif rank == 0 and ray.get(pruner.losses_received.remote(0)):
+        # A retry before the first checkpoint: the pruner holds losses of an
+        # attempt that died; go back to its state at the start of the run.
+        ray.get(pruner.load_state_dict.remote(ray.get(cfg["pruner_initial"][0])))
+    # A pruner that Ray restarts comes back in its initial state; each epoch
+    # checks that the actor it trained against is the one it started with.
+    incarnation = ray.get(pruner.info.remote())["incarnation"] if rank == 0 else None
 
     train_shard = ray.train.get_dataset_shard("train")
     test_shard = ray.train.get_dataset_shard("test") if rank == 0 else None
@@ -125,19 +135,38 @@ def train_loop_per_worker(config: dict) -> None:
         if rank == 0:
             metrics.update(ray.get(pruner.epoch_summary.remote(epoch)))
             history = [h for h in history if h["epoch"] < epoch] + [metrics]
+            # The plan log goes into the checkpoint too: a restarted pruner
+            # only remembers the epochs it planned itself.
+            plans = [p for p in plans if p["epoch"] < epoch] + [
+                p for p in ray.get(pruner.plan_log.remote()) if p["epoch"] == epoch]
             checkpoint_dir = tempfile.mkdtemp(prefix="mmdp-ckpt-")
             torch.save(
                 {"model": _unwrap(model).state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epoch": epoch},
                 os.path.join(checkpoint_dir, "train.pt"),
             )
             pruner_state = ray.get(pruner.state_dict.remote())
+            if ray.get(pruner.info.remote())["incarnation"] != incarnation:
+                # Its losses for this epoch (and its plan) are gone: fail the
+                # attempt, and Ray Train restarts it from the last checkpoint.
+                raise PrunerRestartedError(f"the pruning actor restarted during epoch {epoch}")
             torch.save({k: torch.from_numpy(np.asarray(v)) if isinstance(v, np.ndarray) else v for k, v in pruner_state.items()},
                        os.path.join(checkpoint_dir, "pruner.pt"))
-            with open(os.path.join(checkpoint_dir, "history.json"), "w") as f:
-                json.dump(history, f)
+            for name, value in (("history.json", history), ("plans.json", plans)):
+                with open(os.path.join(checkpoint_dir, name), "w") as f:
+                    json.dump(value, f)
+        if rank == 0:
+            done = [h["epoch_seconds"] for h in history if h["epoch"] >= start_epoch]
+            left = (cfg["epochs"] - epoch - 1) * sum(done) / len(done)
+            print(f"epoch {epoch + 1}/{cfg['epochs']}: trained on {metrics['samples_forwarded']} samples, "
+                  f"loss {metrics['train_loss']:.4f}, test accuracy {metrics['test_accuracy']:.4f}, "
+                  f"{metrics['epoch_seconds']:.1f} s; about {left:.0f} s left", flush=True)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
         if checkpoint_dir:
             shutil.rmtree(checkpoint_dir, ignore_errors=True)  # report() has copied it to the run's storage
+
+
+class PrunerRestartedError(RuntimeError):
+    """The pruning actor lost its state mid-epoch; the epoch must be trained again."""
 
 
 _DTYPES = {"x": torch.float32, "label": torch.int64, "index": torch.int64, "weight": torch.float32}

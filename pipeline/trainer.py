@@ -25,6 +25,7 @@ from ray.train.torch import TorchTrainer
 
 from pipeline import io as mio
 from pipeline.cli import option
+from pipeline.metrics import estimate_noise_fraction
 from pipeline.policies import POLICIES
 from pipeline.schema import KEY
 
@@ -61,6 +62,10 @@ class TrainConfig:
     preserve_order: bool = option(False, "feed rows in input order (reproducible single-worker runs)")
     signal: str = option("auto", "consistency column: clip_margin, clip_score, or auto (margin when scored in label mode)",
                        choices=("auto", "clip_margin", "clip_score"))
+    noise_fraction: float | None = option(
+        None, "mmdp: share of samples dropped as likely noise; none = estimated from the scores "
+              "(the low mode of the consistency histogram, Otsu's cut; 0 if it has one mode)")
+    policy_params: tuple[str, ...] = option((), "more policy knobs as name=value, comma-separated (e.g. loss_weight=0.3)")
     max_failures: int = option(2, "worker failures Ray Train recovers from (from the last checkpoint)")
     max_reports_in_flight: int = option(8, "loss reports a worker may have unacknowledged before it waits")
     resume_from: str | None = option(None, "a checkpoint folder to continue from (same config)")
@@ -70,8 +75,34 @@ class TrainConfig:
     def __post_init__(self):
         if not 0 < self.keep_ratio <= 1:
             raise ValueError(f"--keep-ratio must be in (0, 1], got {self.keep_ratio}")
+        if self.noise_fraction is not None and not 0 <= self.noise_fraction < 1:
+            raise ValueError(f"--noise-fraction must be in [0, 1), got {self.noise_fraction}")
+        parse_params(self.policy_params)
         if self.epochs < 1 or self.workers < 1 or self.batch_size < 1:
             raise ValueError("--epochs, --workers and --batch-size must be at least 1")
+
+
+def parse_params(pairs: tuple[str, ...]) -> dict:
+    """``("loss_weight=0.3", "loss_ramp_epochs=2")`` -> ``{"loss_weight": 0.3, "loss_ramp_epochs": 2}``."""
+    params = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"--policy-params: expected name=value, got {pair!r}")
+        try:
+            params[name.strip()] = int(value) if value.strip().lstrip("-").isdigit() else float(value)
+        except ValueError:
+            raise ValueError(f"--policy-params: {name.strip()} needs a number, got {value!r}") from None
+    return params
+
+
+def policy_params(cfg: TrainConfig, consistency: np.ndarray, signal: str) -> dict:
+    """The knobs the policy gets: ``--policy-params``, plus mmdp's noise fraction (given or estimated)."""
+    params = parse_params(cfg.policy_params)
+    if cfg.policy == "mmdp" and "noise_fraction" not in params:
+        params["noise_fraction"] = (cfg.noise_fraction if cfg.noise_fraction is not None
+                                    else round(estimate_noise_fraction(consistency), 4))
+    return params
 
 
 def load_index(scores_url: str, signal: str) -> tuple[np.ndarray, np.ndarray, str]:
@@ -121,12 +152,16 @@ def fit(cfg: TrainConfig) -> dict:
     keys, consistency, signal = load_index(cfg.scores, cfg.signal)
     run_id = uuid.uuid4().hex[:8]
     pruner_name = f"mmdp-pruner-{run_id}"
+    params = policy_params(cfg, consistency, signal)
+    log.info("policy %s with %s", cfg.policy, params or "its defaults")
     pruner = create_pruner(
         pruner_name, num_samples=len(keys), policy=cfg.policy, keep_ratio=cfg.keep_ratio,
-        epochs=cfg.epochs, seed=cfg.seed, consistency=consistency,
+        epochs=cfg.epochs, seed=cfg.seed, consistency=consistency, policy_params=params or None,
     )
     loop_config = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+    # A ref, not the arrays: only a retry before the first checkpoint reads it.
     loop_config.update(pruner_name=pruner_name, num_classes=len(meta["classes"]),
+                       pruner_initial=[pruner.state_dict.remote()],
                        epochs=cfg.stop_after if cfg.stop_after else cfg.epochs, plan_epochs=cfg.epochs)
     storage = os.path.abspath(os.path.join(cfg.out, "ray")) if mio.is_local(cfg.out) else mio.join(cfg.out, "ray")
     trainer = TorchTrainer(
@@ -149,8 +184,8 @@ def fit(cfg: TrainConfig) -> dict:
         raise result.error
     with result.checkpoint.as_directory() as d:
         history = json.load(open(os.path.join(d, "history.json")))
+        plans = json.load(open(os.path.join(d, "plans.json")))
         _copy_checkpoint(d, mio.join(cfg.out, "checkpoint"))
-    plans = ray.get(pruner.plan_log.remote())
     ray.kill(pruner)
     totals = {
         "epochs": len(history),
@@ -161,6 +196,7 @@ def fit(cfg: TrainConfig) -> dict:
         "final_test_accuracy": history[-1]["test_accuracy"] if history else None,
         "num_samples": int(len(keys)),
         "signal": signal,
+        "policy_params": params,
     }
     metrics = {"epochs": history, "totals": totals}
     mio.write_json(dataclasses.asdict(cfg), mio.join(cfg.out, "config.json"))

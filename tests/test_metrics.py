@@ -23,3 +23,26 @@ def test_auroc_matches_pairwise_definition():
 def test_auroc_needs_both_classes():
     with pytest.raises(ValueError):
         auroc([0.1, 0.2], [True, True])
+
+
+def test_noise_fraction_is_the_low_mode_of_a_two_mode_histogram():
+    from pipeline.metrics import estimate_noise_fraction
+
+    rng = np.random.default_rng(0)
+    clean, noisy = rng.normal(0.2, 0.1, 7000), rng.normal(-0.5, 0.15, 3000)
+    assert estimate_noise_fraction(np.r_[clean, noisy]) == pytest.approx(0.3, abs=0.01)
+    # One mode: no distinct noisy group, nothing is dropped as noise.
+    assert estimate_noise_fraction(clean) == 0.0
+    # A signal that calls most pairs noise is capped.
+    assert estimate_noise_fraction(np.r_[clean[:2000], noisy, noisy]) == 0.5
+    assert estimate_noise_fraction(np.array([np.nan, 1.0])) == 0.0
+
+
+def test_policy_params_parse_numbers_and_reject_malformed_pairs():
+    from pipeline.trainer import parse_params
+
+    assert parse_params(("loss_weight=0.3", "loss_ramp_epochs=2", "delta=-1")) == {
+        "loss_weight": 0.3, "loss_ramp_epochs": 2, "delta": -1}
+    for bad in (("loss_weight",), ("=1",), ("delta=high",)):
+        with pytest.raises(ValueError, match="--policy-params"):
+            parse_params(bad)

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import glob
 import json
+import os
+import signal
+import threading
+import time
 
 import pytest
 
@@ -53,17 +58,85 @@ def test_each_kept_sample_reports_exactly_one_loss(scored_ready, tmp_path):
     assert mio.exists(str(tmp_path / "run" / "checkpoint" / "train.pt"))
 
 
-def test_resumed_run_repeats_the_uninterrupted_plans(scored_ready, tmp_path):
+COMMON = ["--policy", "mmdp", "--workers", "1", "--preserve-order", "--seed", "7"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(scored_ready, tmp_path_factory):
+    """Per-epoch kept digests of a run with no fault (one worker, rows in file order: reproducible)."""
     data, scores = scored_ready
-    common = ["--policy", "mmdp", "--workers", "1", "--preserve-order", "--seed", "7"]
-    _, full_plans = _train(data, scores, tmp_path / "full", *common)
-    first, _ = _train(data, scores, tmp_path / "part", *common, "--stop-after", "2")
-    assert [e["epoch"] for e in first["epochs"]] == [0, 1]
-    resumed, resumed_plans = _train(data, scores, tmp_path / "resumed", *common,
-                                    "--resume-from", str(tmp_path / "part" / "checkpoint"))
-    assert [e["epoch"] for e in resumed["epochs"]] == [0, 1, 2, 3]  # history carried over, no epoch twice
-    digests = {p["epoch"]: p["kept_sha256"] for p in full_plans}
-    assert [p["epoch"] for p in resumed_plans] == [2, 3]
-    assert all(p["kept_sha256"] == digests[p["epoch"]] for p in resumed_plans)
+    _, plans = _train(data, scores, tmp_path_factory.mktemp("full") / "run", *COMMON)
+    digests = {p["epoch"]: p["kept_sha256"] for p in plans}
     # The mmdp plans depend on the losses, so equal digests mean equal training, not just equal seeds.
     assert len(set(digests.values())) == 4
+    return digests
+
+
+def test_resumed_run_repeats_the_uninterrupted_plans(scored_ready, uninterrupted, tmp_path):
+    data, scores = scored_ready
+    first, _ = _train(data, scores, tmp_path / "part", *COMMON, "--stop-after", "2")
+    assert [e["epoch"] for e in first["epochs"]] == [0, 1]
+    resumed, resumed_plans = _train(data, scores, tmp_path / "resumed", *COMMON,
+                                    "--resume-from", str(tmp_path / "part" / "checkpoint"))
+    assert [e["epoch"] for e in resumed["epochs"]] == [0, 1, 2, 3]  # history carried over, no epoch twice
+    # The plan log is carried over with the checkpoint; the resumed epochs repeat the uninterrupted plans.
+    assert {p["epoch"]: p["kept_sha256"] for p in resumed_plans} == uninterrupted
+
+
+def _descendants(pid: int) -> list[int]:
+    """PIDs of every process below ``pid`` (the local Ray cluster this test session started)."""
+    children: dict[int, list[int]] = {}
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            fields = open(stat).read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.split("/")[2]))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _processes(title: str) -> list[int]:
+    pids = []
+    for pid in _descendants(os.getpid()):
+        try:
+            if open(f"/proc/{pid}/cmdline", "rb").read().startswith(title.encode()):
+                pids.append(pid)
+        except OSError:
+            pass
+    return pids
+
+
+def _kill_after_first_checkpoint(out, title: str, killed: list, timeout_s: float = 120.0):
+    """SIGKILL the process titled ``title`` once epoch 0's checkpoint exists (epoch 1 is then under way)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if glob.glob(f"{out}/ray/*/checkpoint_*") and (pids := _processes(title)):
+            os.kill(pids[0], signal.SIGKILL)
+            killed.append(pids[0])
+            return
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("title", ["ray::PruningActor", "ray::RayTrainWorker"], ids=["pruning-actor", "train-worker"])
+def test_a_killed_process_mid_run_costs_a_retry_not_the_run_or_its_plans(scored_ready, uninterrupted, tmp_path, title):
+    data, scores = scored_ready
+    out, killed = tmp_path / "run", []
+    killer = threading.Thread(target=_kill_after_first_checkpoint, args=(out, title, killed))
+    killer.start()
+    metrics, plans = _train(data, scores, out, *COMMON)
+    killer.join()
+    assert len(killed) == 1, f"no {title} process was found to kill"
+    # Ray restarted what died; the run went back to the last checkpoint (pruner state
+    # included), trained the lost epoch again and counted it once.
+    assert [e["epoch"] for e in metrics["epochs"]] == [0, 1, 2, 3]
+    # Every kept sample's loss reached the pruner exactly once, the retried epoch included.
+    assert all(e["plan_received"] == e["plan_reported"] == e["plan_kept"] == e["samples_forwarded"]
+               for e in metrics["epochs"])
+    assert {p["epoch"]: p["kept_sha256"] for p in plans} == uninterrupted
+    print(f"{title} killed: epochs {len(metrics['epochs'])}/4, kept {sum(e['plan_kept'] for e in metrics['epochs'])}"
+          f" = losses received {sum(e['plan_received'] for e in metrics['epochs'])}, plans equal to the uninterrupted run")

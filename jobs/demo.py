@@ -1,0 +1,139 @@
+"""mmdp end to end on one machine: noisy data -> reference CLIP -> scores -> training -> report.
+
+Local (Ray starts on this machine; about 6 minutes on 2 CPU cores)::
+
+    python -m jobs.demo --out runs/demo
+
+On a cluster (stage outputs in an object store)::
+
+    ray job submit --working-dir . -- python -m jobs.demo --out s3://bucket/mmdp-demo --workers 4
+
+Stages, each one of mmdp's jobs run with the arguments printed before it:
+
+1. ``jobs.make_dataset``: Fashion-MNIST image-caption pairs with injected
+   label noise (``--noise``), the ground truth kept aside;
+2. ``jobs.pretrain_reference_clip``: the small reference CLIP model, trained
+   offline on the clean ``reference`` split;
+3. ``jobs.score``: every train pair's CLIP consistency (Ray Data);
+4. ``jobs.train``, once per policy (Ray Train + the pruning actor);
+5. ``jobs.report``: ``OUT/report.md`` (+ ``report.html`` and ``figures/``).
+
+A stage whose output is already complete is reused (``--no-reuse`` redoes
+it), so a second run with more policies only trains those.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from dataclasses import dataclass, field
+
+from pipeline import io as mio
+from pipeline.cli import config_json, config_parser, log, option, parse_config, setup_logging
+from pipeline.policies import POLICIES
+
+# Seconds each stage took at the defaults on a 2-core machine (see BENCHMARKS.md),
+# per unit of work; the time-left estimate scales them by how fast the stages
+# already done ran compared with these.
+_STAGE_COST = {"data": 0.002, "clip": 0.0012, "score": 0.0015, "train": 0.0009, "report": 0.0}
+_STAGE_FIXED = {"data": 3.0, "clip": 5.0, "score": 8.0, "train": 25.0, "report": 3.0}
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """What the demo does; every field is a flag."""
+
+    out: str = field(metadata={"help": "folder or URL for every stage's output and the report"})
+    noise: str = option("symmetric:0.3", "label noise injected into the train split (kind:rate,...)")
+    train_rows: int = option(8000, "rows in the train split and in the test split")
+    reference_rows: int = option(5000, "clean rows the reference CLIP model is trained on")
+    clip_epochs: int = option(8, "reference CLIP pre-training epochs")
+    policies: tuple[str, ...] = option(("full", "mmdp"), "policies to train, comma-separated")
+    keep_ratio: float = option(0.5, "fraction of the samples trained on per epoch (pruning policies)")
+    epochs: int = option(8, "training epochs per policy")
+    workers: int = option(2, "Ray Train workers")
+    seed: int = option(0, "seed for the data, the models and the plans")
+    reuse: bool = option(True, "skip a stage whose output is already complete")
+    s3_endpoint: str | None = option(None, "endpoint of an S3-compatible store (default: AWS_ENDPOINT_URL or AWS)")
+
+    def __post_init__(self):
+        unknown = sorted(set(self.policies) - set(POLICIES))
+        if unknown or not self.policies:
+            raise ValueError(f"--policies: unknown {unknown or 'none given'}; known: {', '.join(POLICIES)}")
+        if min(self.train_rows, self.reference_rows, self.clip_epochs, self.epochs, self.workers) < 1:
+            raise ValueError("--train-rows, --reference-rows, --clip-epochs, --epochs and --workers must be >= 1")
+
+
+def stages(cfg: DemoConfig) -> list[tuple[str, str, object, list[str], str]]:
+    """(stage, what, job module, argv, output whose completeness means done) for each step."""
+    from jobs import make_dataset, pretrain_reference_clip, report, score, train
+
+    data, clip = mio.join(cfg.out, "data"), mio.join(cfg.out, "clip", "model.pt")
+    scores = mio.join(cfg.out, "scores")
+    s3 = ["--s3-endpoint", cfg.s3_endpoint] if cfg.s3_endpoint else []
+    steps = [
+        ("data", f"dataset with {cfg.noise} noise", make_dataset,
+         ["--out", data, "--noise", cfg.noise, "--seed", str(cfg.seed), "--reference-size", str(cfg.reference_rows),
+          "--limit", str(cfg.train_rows), *s3], mio.join(data, "metadata.json")),
+        ("clip", "reference CLIP pre-training", pretrain_reference_clip,
+         ["--data", data, "--out", clip, "--epochs", str(cfg.clip_epochs), "--seed", str(cfg.seed)],
+         pretrain_reference_clip.metrics_url(clip)),
+        ("score", "CLIP consistency of every train pair", score,
+         ["--input", mio.join(data, "train"), "--output", scores, "--model", "mmdp-ref", "--pretrained", clip,
+          "--mode", "label", *s3], mio.join(scores, "summary.json")),
+    ]
+    for policy in cfg.policies:
+        run = mio.join(cfg.out, "runs", policy)
+        steps.append(("train", f"training with policy {policy}", train,
+                      ["--data", data, "--scores", scores, "--out", run, "--policy", policy,
+                       "--keep-ratio", str(cfg.keep_ratio), "--epochs", str(cfg.epochs),
+                       "--workers", str(cfg.workers), "--seed", str(cfg.seed), *s3], mio.join(run, "metrics.json")))
+    steps.append(("report", "report", report, [cfg.out, *s3], None))
+    return steps
+
+
+def _work(cfg: DemoConfig, stage: str) -> float:
+    """Expected seconds of one stage at this config (the scale the time-left estimate uses)."""
+    rows = {"data": cfg.train_rows + cfg.reference_rows, "clip": cfg.reference_rows * cfg.clip_epochs,
+            "score": cfg.train_rows, "train": cfg.train_rows * cfg.epochs, "report": 0}[stage]
+    return _STAGE_FIXED[stage] + _STAGE_COST[stage] * rows
+
+
+def run(cfg: DemoConfig) -> int:
+    steps = stages(cfg)
+    expected = [_work(cfg, s[0]) for s in steps]
+    started = time.perf_counter()
+    ran_seconds = ran_expected = 0.0
+    for number, ((stage, what, job, argv, marker), cost) in enumerate(zip(steps, expected), start=1):
+        # Time left: the rest of the expected work, at the pace of the stages run so far.
+        pace = ran_seconds / ran_expected if ran_expected else 1.0
+        left = pace * sum(expected[number - 1:])
+        banner = f"[{number}/{len(steps)}] {what}  (elapsed {time.perf_counter() - started:.0f} s, about {left:.0f} s left)"
+        if cfg.reuse and marker is not None and mio.exists(marker):
+            log.info("%s: reusing %s", banner, marker)
+            expected[number - 1] = 0.0
+            continue
+        log.info("%s\n    python -m %s %s", banner, job.__name__, " ".join(argv))
+        stage_started = time.perf_counter()
+        code = job.main(argv)
+        if code:
+            log.error("stage %d (%s) failed with exit code %d; see the messages above", number, what, code)
+            return code
+        ran_seconds += time.perf_counter() - stage_started
+        ran_expected += cost
+    log.info("done in %.0f s: %s", time.perf_counter() - started, mio.join(cfg.out, "report.md"))
+    return 0
+
+
+def main(argv=None) -> int:
+    cfg = parse_config(DemoConfig, config_parser(DemoConfig, __doc__), argv)
+    setup_logging()
+    mio.configure_s3(cfg.s3_endpoint)
+    log.info("config:\n%s", config_json(cfg))
+    mio.write_json(dataclasses.asdict(cfg), mio.join(cfg.out, "demo_config.json"))
+    return run(cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,252 @@
+"""The report's page: :func:`build_report` writes ``report.md`` (and ``report.html``) with PNG figures beside it.
+
+The page is built as a list of blocks (heading, paragraph, table, image) and
+rendered to Markdown and to HTML from the same list, so both say the same.
+The data comes from :mod:`pipeline.report`, the figures from
+:mod:`pipeline.report_figures`. No Ray here.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import posixpath
+
+import numpy as np
+
+from pipeline import io as mio
+from pipeline.report import (NOT_RECORDED, Run, ScoreSet, Sources, accuracy_per_epoch, group_runs, kept_per_epoch,
+                             load_runs, noise_auroc, pruned_by_reason, score_sets)
+from pipeline.report_figures import curves_figure, save_png, score_histogram, wall_figure
+
+# ---------------------------------------------------------------- numbers
+
+
+def _missing(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def mean_std(values) -> tuple[float, float]:
+    """Mean and sample std of the recorded values (``None`` and NaN skipped); NaNs when there are none."""
+    v = np.asarray([x for x in values if not _missing(x)], float)
+    if not len(v):
+        return math.nan, math.nan
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+
+
+def _pct(value) -> str:
+    return "n/a" if _missing(value) else f"{100 * value:.2f}"
+
+
+def _fmt_ms(ms: tuple[float, float], spec: str, scale: float = 1.0, with_std: bool | None = None) -> str:
+    """``mean ± std`` of a :func:`mean_std` pair; the std shows when non-zero, unless ``with_std`` says."""
+    mean, std = ms
+    if math.isnan(mean):
+        return NOT_RECORDED
+    with_std = bool(std) if with_std is None else with_std
+    return format(scale * mean, spec) + (f" ± {format(scale * std, spec)}" if with_std else "")
+
+
+def _pct_ms(values) -> str:
+    # Unlike wall-clock and counts, accuracies of several runs show their std even when it is 0 ("± 0.00").
+    return _fmt_ms(mean_std(values), ".2f", 100, sum(v is not None for v in values) > 1)
+
+
+# ---------------------------------------------------------------- the page
+
+
+def summary_rows(groups: dict[str, list[Run]]) -> list[dict]:
+    """Per group: final accuracy, shifted accuracy, wall-clock and samples forwarded (mean, std), speedup vs full."""
+    rows = []
+    for name, rs in groups.items():
+        rows.append({"name": name, "policy": rs[0].policy, "noise": rs[0].noise, "complete": rs[0].complete,
+                     "runs": rs, "wall": mean_std([r.totals.get("wall_seconds") for r in rs]),
+                     "forwarded": mean_std([r.totals.get("samples_forwarded") for r in rs])})
+    for row in rows:
+        full = [f for f in rows if f["policy"] == "full" and f["noise"] == row["noise"] and f["complete"]]
+        ok = full and row["complete"] and full[0]["wall"][0] > 0 and row["wall"][0] > 0
+        row["speedup"] = full[0]["wall"][0] / row["wall"][0] if ok else None
+    return rows
+
+
+def build_report(roots: list[str], out: str, exclude: tuple[str, ...] = (), write_html: bool = True) -> dict:
+    """Write ``out/report.md`` (and ``report.html``) with figures in ``out/figures/``.
+
+    Raises:
+        ValueError: a root is not a folder, or no training run was found under the roots.
+    """
+    sources = Sources()
+    runs, notes = load_runs(roots, exclude, sources)
+    if not runs:
+        raise ValueError(f"no training runs (metrics.json next to config.json) under {', '.join(roots)}")
+    groups = group_runs(runs)
+    rows = summary_rows(groups)
+    sets = score_sets(runs, sources)
+    figures: list[str] = []
+
+    def figure(fig, name: str, alt: str) -> tuple:
+        figures.append(mio.join(out, "figures", name))
+        save_png(fig, figures[-1])
+        return ("img", f"figures/{name}", alt)
+
+    zero_shot = "; ".join((f"{s.model}: " if s.model and len(sets) > 1 else "")
+                          + (f"{100 * s.zero_shot:.2f}%" if s.zero_shot is not None else NOT_RECORDED)
+                          for s in sets) or NOT_RECORDED
+    models = sorted({s.model for s in sets if s.model})
+    blocks: list[tuple] = [
+        ("h1", "mmdp training report"),
+        ("p", f"{len(runs)} training run(s) from {', '.join(roots)}, grouped by policy"
+              + (" and noise setting" if len({r.noise for r in runs}) > 1 else "")
+              + f". Reference CLIP model ({', '.join(models) or NOT_RECORDED}) zero-shot test accuracy: {zero_shot}. "
+              "The consistency scores come from this model: read every result against it."),
+    ]
+    blocks += [("p", "Left out: " + "; ".join(notes) + ".")] if notes else []
+
+    blocks += [("h2", "Final figures"),
+               ("table", ["policy", "runs", "final test acc %", "shifted test acc %", "wall s", "samples forwarded",
+                          "speedup vs full"],
+                [[r["name"], len(r["runs"]), _pct_ms([x.totals.get("final_test_accuracy") for x in r["runs"]]),
+                  _pct_ms([x.shifted for x in r["runs"]]), _fmt_ms(r["wall"], ".1f"), _fmt_ms(r["forwarded"], ",.0f"),
+                  f"{r['speedup']:.2f}x" if r["speedup"] else "n/a"] for r in rows]),
+               ("p", "Accuracy: the final epoch's, on the clean test split (mean ± std over a policy's runs); "
+                     "shifted: the same checkpoint on the benchmark's shifted test copy, when recorded. Wall: the "
+                     "whole fit, start-up included. Speedup: full's mean wall-clock / the policy's, on the same "
+                     "noise setting."),
+               ("h3", "Runs"),
+               ("table", ["run", "policy", "seed", "epochs", "keep ratio", "final test acc %", "shifted %", "wall s",
+                          "samples forwarded"],
+                [[r.label, r.group, r.config.get("seed", "?"), f"{len(r.history)}/{r.config.get('epochs', '?')}",
+                  r.config.get("keep_ratio", "?"), _pct(r.totals.get("final_test_accuracy")), _pct(r.shifted),
+                  r.totals.get("wall_seconds", "?"), f"{r.totals.get('samples_forwarded', 0):,}"]
+                 for rs in groups.values() for r in rs])]
+
+    blocks += [("h2", "Test accuracy per epoch"),
+               figure(curves_figure(groups, accuracy_per_epoch, "Test accuracy per epoch (clean test split)",
+                                    "test accuracy (%)"), "accuracy.png", "test accuracy per epoch"),
+               ("h2", "Kept fraction per epoch"),
+               figure(curves_figure(groups, lambda r: kept_per_epoch(r) / max(r.pool_rows, 1),
+                                    "Samples trained on per epoch", "kept (% of the train split)",
+                                    ylim=(0, 105)),
+                      "kept.png", "kept fraction per epoch"),
+               ("p", "Kept: the epoch's plan (samples decoded and forwarded) over every row of the dataset's train "
+                     "split; rows the score job rejected, or the oracle excluded, are never kept."),
+               ("h2", "Wall-clock per policy"),
+               figure(wall_figure(rows), "wall.png", "wall-clock per policy")]
+    blocks += _reason_blocks(groups, sources)
+    blocks += _score_blocks(sets, figure)
+
+    text = to_markdown(blocks)
+    mio.write_bytes(text.encode(), mio.join(out, "report.md"))
+    written = [mio.join(out, "report.md")]
+    if write_html:
+        mio.write_bytes(to_html(blocks, "mmdp training report").encode(), mio.join(out, "report.html"))
+        written.append(mio.join(out, "report.html"))
+    return {"report": written, "figures": figures, "runs": len(runs), "groups": list(groups), "notes": notes}
+
+
+def _reason_blocks(groups: dict[str, list[Run]], sources: Sources) -> list[tuple]:
+    per_run = [(r, *pruned_by_reason(r), sources.rejected(r.config.get("scores")))
+               for rs in groups.values() for r in rs]
+    reasons = sorted({k for _, counts, _, _ in per_run for k in counts}, key=lambda k: (k == NOT_RECORDED, k))
+    before = sorted({k for *_, rejected in per_run for k in rejected})
+    rows = []
+    for r, counts, _, rejected in per_run:
+        epochs = len(r.plans) if r.plans else len(r.history)
+        rows.append([r.group, r.label, f"{int(np.nansum(kept_per_epoch(r))):,}", f"{sum(counts.values()):,}"]
+                    + [f"{counts.get(k, 0):,}" for k in reasons]
+                    + [f"{rejected.get(k, 0) * epochs:,}" for k in before])
+    blocks = [("h2", "Pruned samples by reason"),
+              ("table", ["policy", "run", "trained (sample-epochs)", "pruned by the plans"]
+               + [f"reason {k}" if k == NOT_RECORDED else k for k in reasons]
+               + [f"excluded before training: {k}" for k in before], rows),
+              ("p", "Sums over the epochs of each run: a sample pruned in 3 epochs counts 3. Pruned by the plans = "
+                    "scored samples - kept, per epoch, split by the reasons the plans recorded."
+                    + (" Excluded before training = rows of the run's score set whose status is not ok (rejected "
+                       "by the score job, or left out of the clean oracle's pool), once per epoch." if before else ""))]
+    if any(not recorded and counts for _, counts, recorded, _ in per_run):
+        blocks.append(("p", f"Reasons were not recorded in these plans (no pruned_by_reason entries): "
+                            f"their pruned counts are derived and listed as '{NOT_RECORDED}'."))
+    return blocks
+
+
+def _score_blocks(sets: list[ScoreSet], figure) -> list[tuple]:
+    blocks: list[tuple] = [("h2", "Consistency scores and the reference CLIP model")]
+    if not sets:
+        return blocks + [("p", "The runs' configs name no score set.")]
+    blocks.append(("table", ["score set", "CLIP model", "checkpoint", "zero-shot test acc %"],
+                   [[s.url, s.model or NOT_RECORDED, s.pretrained or "none (random init or not recorded)",
+                     _pct(s.zero_shot) if s.zero_shot is not None else NOT_RECORDED] for s in sets]))
+    names = [posixpath.basename(s.url.rstrip("/")) or "scores" for s in sets]
+    for i, (s, name) in enumerate(zip(sets, names)):
+        tag = name if names.count(name) == 1 else f"{name}-{i}"
+        blocks.append(("h3", f"Score set {tag}"))
+        if not s.values:
+            blocks.append(("p", f"{s.url}: {s.note or 'no scored rows'}."))
+            continue
+        rejected = ", ".join(f"{k}: {v:,}" for k, v in sorted(s.rejected.items())) or "none"
+        auc = (f"AUROC of low consistency for injected noise: {s.auroc:.3f} (1 = every noisy row scores below "
+               "every clean one, 0.5 = chance)." if s.auroc is not None else
+               "AUROC: undefined (the scored rows are not both clean and noisy).")
+        blocks.append(("p", f"{s.url}: {s.rows:,} rows, signal {s.signal}; rejected before training: {rejected}. "
+                            + auc + (f" {s.note}." if s.note else "")))
+        clean = s.values.get("clean")
+        table = []
+        for kind, v in s.values.items():
+            vs_clean = "n/a"
+            if clean is not None and kind != "clean" and len(v) and len(clean):
+                vs_clean = f"{noise_auroc(clean, v):.3f}"
+            table.append([kind, f"{len(v):,}", f"{np.mean(v):.4f}" if len(v) else "n/a",
+                          f"{np.median(v):.4f}" if len(v) else "n/a", vs_clean])
+        blocks.append(("table", ["rows", "count", f"mean {s.signal}", f"median {s.signal}", "AUROC vs clean"], table))
+        blocks.append(figure(score_histogram(s, tag), f"scores-{_safe(tag)}.png", f"consistency histogram {tag}"))
+    return blocks
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+# ---------------------------------------------------------------- blocks -> markdown / html
+
+
+def to_markdown(blocks: list[tuple]) -> str:
+    """The page as Markdown (tables as pipe tables, images linked by their relative path)."""
+    out = []
+    for kind, *rest in blocks:
+        if kind in ("h1", "h2", "h3"):
+            out += ["#" * int(kind[1]) + " " + rest[0], ""]
+        elif kind == "p":
+            out += [rest[0], ""]
+        elif kind == "img":
+            out += [f"![{rest[1]}]({rest[0]})", ""]
+        elif kind == "table":
+            header, rows = rest
+            cell = lambda v: str(v).replace("|", "\\|")  # noqa: E731
+            out.append("| " + " | ".join(map(cell, header)) + " |")
+            out.append("|" + " --- |" * len(header))
+            out += ["| " + " | ".join(map(cell, row)) + " |" for row in rows]
+            out.append("")
+    return "\n".join(out)
+
+
+def to_html(blocks: list[tuple], title: str) -> str:
+    """The same page as one standalone HTML document (inline style, every text escaped)."""
+    e = html.escape
+    body = []
+    for kind, *rest in blocks:
+        if kind in ("h1", "h2", "h3"):
+            body.append(f"<{kind}>{e(rest[0])}</{kind}>")
+        elif kind == "p":
+            body.append(f"<p>{e(rest[0])}</p>")
+        elif kind == "img":
+            body.append(f'<p><img src="{e(rest[0])}" alt="{e(rest[1])}"></p>')
+        elif kind == "table":
+            header, rows = rest
+            lines = ["<table>", "<tr>" + "".join(f"<th>{e(str(h))}</th>" for h in header) + "</tr>"]
+            lines += ["<tr>" + "".join(f"<td>{e(str(v))}</td>" for v in row) + "</tr>" for row in rows]
+            body.append("\n".join(lines + ["</table>"]))
+    style = ("body{font-family:sans-serif;max-width:60em;margin:2em auto;padding:0 1em}"
+             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #bbb;padding:.25em .6em;"
+             "text-align:left}img{max-width:100%}")
+    return (f"<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{e(title)}</title>"
+            f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
