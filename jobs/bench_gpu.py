@@ -10,29 +10,51 @@ On a machine with a CUDA GPU::
 
     python -m jobs.bench_gpu --rows 100000
 
-On a cluster::
+On a cluster it measures the GPUs of the node it runs on and any that can
+read that node's disk: the driver checks for CUDA itself and writes the
+shards to its local temp folder (so, e.g., a one-node GPU cluster)::
 
     ray job submit --working-dir . -- python -m jobs.bench_gpu --rows 100000 --max-actors 8
+
+Prints the result as JSON, with the resolved config (also logged) under
+``config``. Without a GPU it exits with code 2 unless ``--allow-cpu``.
 """
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
 import sys
 import tempfile
 import time
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import pyarrow as pa
 from PIL import Image, ImageDraw
 
 from pipeline import io as mio
+from pipeline.cli import config_json, config_parser, log, option, parse_config, setup_logging
 from pipeline.schema import SHARD_SCHEMA
 
 DISTINCT_IMAGES = 512  # encoded once, reused under distinct keys: writing 100k JPEGs is not the point
+
+
+@dataclass(frozen=True)
+class BenchGpuConfig:
+    """The check's knobs; one field per command-line flag."""
+
+    rows: int = option(100_000, "pairs to score")
+    model: str = option("ViT-B-32", "open_clip model")
+    pretrained: str | None = option(None, "weights; none: random init (fine for speed)")
+    batch_size: int = option(512, "rows per scoring batch")
+    max_actors: int = option(0, "scoring actors; 0: one per GPU")
+    allow_cpu: bool = option(False, "run without a GPU (a smoke test of the script)")
+
+    def __post_init__(self):
+        if self.rows < 1 or self.batch_size < 1 or self.max_actors < 0:
+            raise ValueError("need --rows >= 1, --batch-size >= 1 and --max-actors >= 0")
 
 
 def synthetic_shards(folder: str, rows: int, size: int = 256, rows_per_shard: int = 10_000) -> str:
@@ -60,21 +82,18 @@ def synthetic_shards(folder: str, rows: int, size: int = 256, rows_per_shard: in
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, default=100_000, help="pairs to score (default: 100000)")
-    parser.add_argument("--model", default="ViT-B-32", help="open_clip model (default: ViT-B-32)")
-    parser.add_argument("--pretrained", default=None, help="weights (default: random init)")
-    parser.add_argument("--batch-size", type=int, default=512, help="rows per scoring batch (default: 512)")
-    parser.add_argument("--max-actors", type=int, default=0, help="scoring actors (default: one per GPU)")
-    parser.add_argument("--allow-cpu", action="store_true", help="run without a GPU (a smoke test of the script)")
-    args = parser.parse_args(argv)
+    parser = config_parser(BenchGpuConfig, __doc__)
+    parser.prog = "python -m jobs.bench_gpu"
+    cfg = parse_config(BenchGpuConfig, parser, argv)
+    setup_logging()
+    log.info("config:\n%s", config_json(cfg))
 
     import ray
     import torch
 
     from pipeline.run import ScoreConfig, score
 
-    if not torch.cuda.is_available() and not args.allow_cpu:
+    if not torch.cuda.is_available() and not cfg.allow_cpu:
         print("error: no CUDA GPU here; pass --allow-cpu for a smoke test", file=sys.stderr)
         return 2
     if not ray.is_initialized():
@@ -82,17 +101,18 @@ def main(argv=None) -> int:
     gpus = int(ray.cluster_resources().get("GPU", 0))
     card = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     with tempfile.TemporaryDirectory() as tmp:
-        shards = synthetic_shards(os.path.join(tmp, "in"), args.rows)
-        actors = args.max_actors or max(1, gpus)
-        cfg = ScoreConfig(input=shards, output=os.path.join(tmp, "out"), model=args.model, pretrained=args.pretrained,
-                          batch_size=args.batch_size, min_actors=actors, max_actors=actors)
+        shards = synthetic_shards(os.path.join(tmp, "in"), cfg.rows)
+        actors = cfg.max_actors or max(1, gpus)
+        score_cfg = ScoreConfig(input=shards, output=os.path.join(tmp, "out"), model=cfg.model,
+                                pretrained=cfg.pretrained, batch_size=cfg.batch_size, min_actors=actors,
+                                max_actors=actors)
         start = time.perf_counter()
-        summary = score(cfg)
+        summary = score(score_cfg)
         seconds = time.perf_counter() - start
-    result = {"card": card, "gpus": gpus, "model": args.model, "rows": summary["rows_in"],
+    result = {"card": card, "gpus": gpus, "model": cfg.model, "rows": summary["rows_in"],
               "scored": summary["scored"], "seconds": round(seconds, 2),
               "pairs_per_second": round(summary["rows_in"] / seconds, 1),
-              "cpus": ray.cluster_resources().get("CPU")}
+              "cpus": ray.cluster_resources().get("CPU"), "config": asdict(cfg)}
     print(json.dumps(result, indent=2))
     return 0
 

@@ -2,31 +2,71 @@
 
 Each size runs in a fresh subprocess (so peak memory is its own) on synthetic
 state: uniform consistency scores, then random batches of losses (1M a
-batch, like workers' chunks), then plans of pruning and annealing epochs::
+batch, like workers' chunks), then plans of pruning and annealing epochs.
+
+Local::
 
     python -m jobs.bench_pruner_scale --sizes 1e6,1e7,1e8 --policy mmdp
     python -m jobs.bench_pruner_scale --sizes 1e7 --policy random,infobatch,clip_filter,full
     python -m jobs.bench_pruner_scale --sizes 1e7 --shards 4   # state split in 4 (in process)
 
-On a cluster: ``ray job submit --working-dir . -- python -m jobs.bench_pruner_scale ...``
-(no Ray is used: it measures the pruner itself, on the machine that runs it).
+On a cluster it measures the node it runs on (no Ray is used: it measures the
+pruner itself)::
 
+    ray job submit --working-dir . -- python -m jobs.bench_pruner_scale --sizes 1e7,1e8 --json results.json
+
+Prints one JSON line per size and policy, then a markdown table; ``--json``
+also writes the rows and the resolved config (also logged) to a file.
 Targets (DESIGN.md): <= 16 bytes a sample; plan() <= 1 s at 10M and <= 10 s
 at 100M; ingest >= 10M losses/s.
 """
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import os
 import subprocess
 import sys
 import time
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from pipeline.cli import config_json, config_parser, log, option, parse_config, setup_logging
+from pipeline.policies import POLICIES
+
 BATCH = 1 << 20
+# The child process: one size, one policy, in a fresh interpreter; prints its row as JSON.
+_CHILD = ("import json, sys; from jobs.bench_pruner_scale import measure; "
+          "print(json.dumps(measure(*json.loads(sys.argv[1]))))")
+
+
+@dataclass(frozen=True)
+class BenchPrunerScaleConfig:
+    """The benchmark's knobs; one field per command-line flag."""
+
+    sizes: str = option("1e6,1e7,1e8", "comma-separated sample counts (1e7 = 10,000,000)")
+    policy: tuple[str, ...] = option(("mmdp",), "comma-separated policies")
+    shards: int = option(1, "index-range shards the state is split into (in process)")
+    ingest: float = option(0.5, "losses ingested, as a fraction of the samples")
+    max_ingest: float = option(5e7, "cap on the losses ingested")
+    json: str | None = option(None, "also write the rows and this config to this JSON file")
+
+    @property
+    def counts(self) -> list[int]:
+        """``sizes`` as integers."""
+        return [int(float(s)) for s in self.sizes.split(",")]
+
+    def __post_init__(self):
+        try:
+            counts = self.counts
+        except ValueError:
+            raise ValueError(f"--sizes must be numbers, got {self.sizes!r}") from None
+        if any(n < 1 for n in counts) or self.shards < 1:
+            raise ValueError("--sizes and --shards must be >= 1")
+        unknown = sorted(set(self.policy) - set(POLICIES))
+        if unknown or not self.policy:
+            raise ValueError(f"--policy: unknown {unknown or 'none given'}; known: {', '.join(POLICIES)}")
 
 
 def measure(n: int, policy: str, shards: int, ingest_losses: int, seed: int = 0) -> dict:
@@ -99,41 +139,25 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--sizes", default="1e6,1e7,1e8", help="comma-separated sample counts")
-    parser.add_argument("--policy", default="mmdp", help="comma-separated policies")
-    parser.add_argument("--shards", type=int, default=1, help="index-range shards the state is split into (in process)")
-    parser.add_argument("--ingest", type=float, default=0.5, help="losses ingested, as a fraction of the samples")
-    parser.add_argument("--max-ingest", type=float, default=5e7, help="cap on the losses ingested")
-    parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
-    parser.add_argument("--one", type=float, default=None, help=argparse.SUPPRESS)  # internal: one size, this process
-    args = parser.parse_args(argv)
-    try:
-        sizes = [int(float(s)) for s in args.sizes.split(",")]
-    except ValueError:
-        parser.error(f"--sizes must be numbers, got {args.sizes!r}")
-    if any(s < 1 for s in sizes) or args.shards < 1:
-        parser.error("--sizes and --shards must be >= 1")
-    if args.one is not None:
-        n = int(args.one)
-        print(json.dumps(measure(n, args.policy, args.shards, int(min(args.ingest * n, args.max_ingest)))))
-        return 0
+    parser = config_parser(BenchPrunerScaleConfig, __doc__)
+    parser.prog = "python -m jobs.bench_pruner_scale"
+    cfg = parse_config(BenchPrunerScaleConfig, parser, argv)
+    setup_logging()
+    log.info("config:\n%s", config_json(cfg))
     rows = []
-    for policy in args.policy.split(","):
-        for n in sizes:
-            cmd = [sys.executable, "-m", "jobs.bench_pruner_scale", "--one", str(n), "--policy", policy,
-                   "--shards", str(args.shards), "--ingest", str(args.ingest), "--max-ingest", str(args.max_ingest)]
-            done = subprocess.run(cmd, capture_output=True, text=True)
+    for policy in cfg.policy:
+        for n in cfg.counts:
+            child = json.dumps([n, policy, cfg.shards, int(min(cfg.ingest * n, cfg.max_ingest))])
+            done = subprocess.run([sys.executable, "-c", _CHILD, child], capture_output=True, text=True)
             if done.returncode:
                 print(done.stderr, file=sys.stderr)
                 return done.returncode
             rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
             print(json.dumps(rows[-1]), flush=True)
     print(table(rows))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+    if cfg.json:
+        with open(cfg.json, "w") as f:
+            json.dump({"config": asdict(cfg), "rows": rows}, f, indent=1)
     return 0
 
 

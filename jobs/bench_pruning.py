@@ -24,8 +24,8 @@ On a cluster::
         --clip-pretrained s3://bucket/ref-clip/model.pt --workers 4
 
 Writes ``OUT/results.json`` (every run, the summaries, the overhead, the
-setup) and ``OUT/results.md`` (the tables); ``--reuse`` resumes a stopped
-benchmark from the runs, datasets and scores already in ``OUT``.
+setup with the options) and ``OUT/results.md`` (the tables); ``--reuse``
+resumes a stopped benchmark from the runs, datasets and scores already in ``OUT``.
 """
 
 from __future__ import annotations
@@ -521,7 +521,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m jobs.bench_pruning", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     d = lambda text: text + " (default: %(default)s)"  # noqa: E731
-    p.add_argument("--out", required=True, help="benchmark folder: data/, scores/, runs/, results.json, results.md")
+    p.add_argument("--out", required=True,
+                   help="benchmark folder: data/, scores/, runs/, results.json, results.md (required)")
     p.add_argument("--pool-size", type=int, default=20_000, help=d("train rows in each pool"))
     p.add_argument("--epochs", type=int, default=20, help=d("training epochs"))
     p.add_argument("--seeds", default="0,1,2", help=d("comma-separated seeds (noise draw, model, plans)"))
@@ -543,15 +544,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split-seed", type=int, default=0,
                    help=d("seed of the reference/pool split: the one the CLIP model's dataset used"))
     p.add_argument("--synthetic", action="store_true",
-                   help="the tiny synthetic dataset instead of Fashion-MNIST (tests)")
+                   help=d("the tiny synthetic dataset instead of Fashion-MNIST (tests)"))
     p.add_argument("--score-actors", type=int, default=1, help=d("most scoring actors"))
     p.add_argument("--score-actor-cpus", type=float, default=1.0, help=d("CPUs each scoring actor reserves"))
     p.add_argument("--cpus", type=float, default=2, help=d("CPUs of the local Ray instance (not used under a cluster)"))
     p.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
                    help=d("an unmeasured one-epoch fit before the first measured one"))
-    p.add_argument("--skip-overhead", action="store_true", help="skip the machinery overhead measurement")
+    p.add_argument("--skip-overhead", action="store_true", help=d("skip the machinery overhead measurement"))
     p.add_argument("--overhead-repeats", type=int, default=2, help=d("runs of each side in the overhead measurement"))
-    p.add_argument("--reuse", action="store_true", help="keep datasets, scores and runs already in --out (resume)")
+    p.add_argument("--reuse", action="store_true", help=d("keep datasets, scores and runs already in --out (resume)"))
     return p
 
 

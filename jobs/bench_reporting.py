@@ -5,23 +5,50 @@ on, every step hands its per-sample losses to a real pruning actor through
 the real :class:`pipeline.actors.LossReporter` (fire-and-forget, flushed at
 the end of each trial, as the train loop flushes at the end of an epoch).
 Trials alternate on/off/off/on so drift (other load, thermal, caches) hits
-both alike; the ratio is mean on-time over mean off-time::
+both alike; the ratio is mean on-time over mean off-time.
+
+Local (Ray starts on this machine)::
 
     python -m jobs.bench_reporting --steps 200 --repeats 3
 
-On a cluster: ``ray job submit --working-dir . -- python -m jobs.bench_reporting ...``
-(the actor then runs wherever Ray places it). Target (issue 7): ratio <= 1.03.
+On a cluster (the training loop runs on the node the job's driver runs on,
+the pruning actor wherever Ray places it)::
+
+    ray job submit --working-dir . -- python -m jobs.bench_reporting --steps 200 --repeats 3
+
+Prints the result as JSON, with the resolved config (also logged) under
+``config``. Target (issue 7): ratio <= 1.03.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 import time
 import uuid
+from dataclasses import asdict, dataclass
 
 import numpy as np
+
+from pipeline.cli import config_json, config_parser, log, option, parse_config, setup_logging
+from pipeline.policies import POLICIES
+
+
+@dataclass(frozen=True)
+class BenchReportingConfig:
+    """The benchmark's knobs; one field per command-line flag."""
+
+    steps: int = option(200, "training steps per trial")
+    repeats: int = option(3, "on/off/off/on blocks")
+    batch_size: int = option(128, "samples per step")
+    num_samples: int = option(60_000, "the pruner's sample count")
+    threads: int = option(1, "torch threads of the training loop")
+    policy: str = option("mmdp", "the pruning actor's policy", choices=tuple(POLICIES))
+
+    def __post_init__(self):
+        if min(self.steps, self.repeats, self.batch_size, self.threads) < 1 or self.num_samples < self.batch_size:
+            raise ValueError("--steps, --repeats, --batch-size, --threads must be >= 1 "
+                             "and --num-samples >= --batch-size")
 
 
 def run(steps: int, repeats: int, batch_size: int, num_samples: int, threads: int, policy: str) -> dict:
@@ -79,19 +106,13 @@ def run(steps: int, repeats: int, batch_size: int, num_samples: int, threads: in
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--steps", type=int, default=200, help="training steps per trial")
-    parser.add_argument("--repeats", type=int, default=3, help="on/off/off/on blocks")
-    parser.add_argument("--batch-size", type=int, default=128, help="samples per step")
-    parser.add_argument("--num-samples", type=int, default=60_000, help="the pruner's sample count")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads of the training loop")
-    parser.add_argument("--policy", default="mmdp", help="the pruning actor's policy")
-    args = parser.parse_args(argv)
-    if min(args.steps, args.repeats, args.batch_size, args.threads) < 1 or args.num_samples < args.batch_size:
-        parser.error("--steps, --repeats, --batch-size, --threads must be >= 1 and --num-samples >= --batch-size")
-    result = run(args.steps, args.repeats, args.batch_size, args.num_samples, args.threads, args.policy)
-    print(json.dumps(result))
+    parser = config_parser(BenchReportingConfig, __doc__)
+    parser.prog = "python -m jobs.bench_reporting"
+    cfg = parse_config(BenchReportingConfig, parser, argv)
+    setup_logging()
+    log.info("config:\n%s", config_json(cfg))
+    result = run(cfg.steps, cfg.repeats, cfg.batch_size, cfg.num_samples, cfg.threads, cfg.policy)
+    print(json.dumps({**result, "config": asdict(cfg)}))
     print(f"reporting overhead ratio (on / off step time): {result['ratio']}  "
           f"({result['step_ms_on']} ms vs {result['step_ms_off']} ms a step)")
     return 0

@@ -5,22 +5,49 @@ shards of 100 rows and 1,000 shards of 10), saves a randomly initialised
 ``mmdp-tiny`` CLIP checkpoint, then runs ``python -m jobs.score`` on each as
 a fresh subprocess (its own local Ray cluster) while sampling the summed
 RSS and PSS of the job's whole process tree (driver, GCS, raylet, workers)
-every 0.2 s::
+every 0.2 s.
+
+Local::
 
     python -m jobs.bench_score_shards --rows 10000 --shards 100,1000
 
-Target (issue 7): peak memory at 1,000 shards within 20% of that at 100.
-Local only: it measures this machine's process tree.
+On a cluster it measures the node it runs on: each score job still starts
+its own Ray there (``RAY_ADDRESS=local``), as it does locally::
+
+    ray job submit --working-dir . -- python -m jobs.bench_score_shards --rows 10000 --shards 100,1000
+
+Prints one JSON line per layout, each with the resolved config (also logged)
+under ``config``. Target (issue 7): peak memory at 1,000 shards within 20%
+of that at 100.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict, dataclass
+
+from pipeline.cli import config_json, config_parser, log, option, parse_config, setup_logging
+
+
+@dataclass(frozen=True)
+class BenchScoreShardsConfig:
+    """The benchmark's knobs; one field per command-line flag."""
+
+    rows: int = option(10_000, "rows in every layout")
+    shards: tuple[int, ...] = option((100, 1000), "comma-separated shard counts")
+    batch_size: int = option(256, "the score job's --batch-size")
+    interval: float = option(0.2, "seconds between memory samples")
+    workdir: str | None = option(None, "folder for shards and outputs; none: a temp dir")
+
+    def __post_init__(self):
+        if not self.shards or any(c < 1 or self.rows % c for c in self.shards):
+            raise ValueError("--shards: every shard count must be >= 1 and divide --rows")
+        if self.rows < 1 or self.batch_size < 1 or self.interval <= 0:
+            raise ValueError("need --rows >= 1, --batch-size >= 1 and --interval > 0")
 
 
 def prepare(folder: str, rows: int, shard_counts: list[int], seed: int = 0) -> tuple[dict[int, str], str]:
@@ -47,7 +74,9 @@ def measure(input_dir: str, ckpt: str, out: str, batch_size: int, interval: floa
            "--pretrained", ckpt, "--batch-size", str(batch_size), "--max-actors", "1", "--actor-cpus", "0.5"]
     load = os.getloadavg()[0]
     started = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # Its own Ray on this node, also under `ray job submit`: the tree sampled is then the whole job.
+    env = {**os.environ, "RAY_ADDRESS": "local"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     with PeakSampler(proc.pid, interval=interval) as peak:
         log, _ = proc.communicate()
     wall = time.perf_counter() - started
@@ -62,27 +91,19 @@ def measure(input_dir: str, ckpt: str, out: str, batch_size: int, interval: floa
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--rows", type=int, default=10_000, help="rows in every layout")
-    parser.add_argument("--shards", default="100,1000", help="comma-separated shard counts")
-    parser.add_argument("--batch-size", type=int, default=256, help="the score job's --batch-size")
-    parser.add_argument("--interval", type=float, default=0.2, help="seconds between memory samples")
-    parser.add_argument("--workdir", default=None, help="folder for shards and outputs (default: a temp dir)")
-    args = parser.parse_args(argv)
-    try:
-        counts = [int(c) for c in args.shards.split(",")]
-    except ValueError:
-        parser.error(f"--shards must be integers, got {args.shards!r}")
-    if any(c < 1 or args.rows % c for c in counts):
-        parser.error("every shard count must divide --rows")
-    folder = args.workdir or tempfile.mkdtemp(prefix="mmdp-bench-shards-")
-    inputs, ckpt = prepare(folder, args.rows, counts)
+    parser = config_parser(BenchScoreShardsConfig, __doc__)
+    parser.prog = "python -m jobs.bench_score_shards"
+    cfg = parse_config(BenchScoreShardsConfig, parser, argv)
+    setup_logging()
+    log.info("config:\n%s", config_json(cfg))
+    counts = list(cfg.shards)
+    folder = cfg.workdir or tempfile.mkdtemp(prefix="mmdp-bench-shards-")
+    inputs, ckpt = prepare(folder, cfg.rows, counts)
     results = {}
     for count in counts:
-        results[count] = measure(inputs[count], ckpt, os.path.join(folder, f"out-{count}"), args.batch_size,
-                                 args.interval)
-        print(json.dumps({"shards": count, **results[count]}), flush=True)
+        results[count] = measure(inputs[count], ckpt, os.path.join(folder, f"out-{count}"), cfg.batch_size,
+                                 cfg.interval)
+        print(json.dumps({"shards": count, **results[count], "config": asdict(cfg)}), flush=True)
     base = results[counts[0]]
     for count in counts[1:]:
         r = results[count]

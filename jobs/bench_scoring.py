@@ -13,7 +13,17 @@ measured side by side in one run::
         --model mmdp-ref --pretrained runs/ref-clip/model.pt
     python -m jobs.bench_scoring efficiency --input data/fmnist/train --rows 256 --model ViT-B-32
 
-On a cluster: ``ray job submit --working-dir . -- python -m jobs.bench_scoring ...``.
+On a cluster (``efficiency`` measures the node it runs on: it starts its own
+Ray there with ``--cpus`` CPUs, so both sides get the same cores)::
+
+    ray job submit --working-dir . -- python -m jobs.bench_scoring auroc \\
+        --data s3://bucket/fmnist --scores s3://bucket/scores
+    ray job submit --working-dir . -- python -m jobs.bench_scoring efficiency \\
+        --input s3://bucket/fmnist/train --rows 4000
+
+Prints the result as JSON, with the resolved config (also logged) under
+``config``. Each command's options are listed below, and by
+``python -m jobs.bench_scoring COMMAND --help``.
 """
 
 from __future__ import annotations
@@ -24,12 +34,47 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
 from pipeline import io as mio
-from pipeline.cli import setup_logging
+from pipeline.cli import HELP, config_json, config_parser, log, option, setup_logging
 from pipeline.metrics import auroc
+
+
+@dataclass(frozen=True)
+class AurocConfig:
+    """``auroc``: one field per flag."""
+
+    data: str = field(metadata={HELP: "dataset root with ground_truth.parquet"})
+    scores: str = field(metadata={HELP: "score job output folder"})
+
+
+@dataclass(frozen=True)
+class EfficiencyConfig:
+    """``efficiency``: one field per flag."""
+
+    input: str = field(metadata={HELP: "parquet shards in the data contract"})
+    rows: int = option(2000, "rows to score")
+    model: str = option("mmdp-ref", "open_clip model")
+    pretrained: str | None = option(None, "weights; none: random init (fine for speed)")
+    batch_size: int = option(256, "batch size of both")
+    cpus: int = option(2, "cores for both: torch threads / Ray CPUs")
+    repeats: int = option(2, "alternating runs of each")
+
+    def __post_init__(self):
+        if min(self.rows, self.batch_size, self.cpus, self.repeats) < 1:
+            raise ValueError("--rows, --batch-size, --cpus and --repeats must be >= 1")
+
+
+# Subcommand -> (its config, its one-line help, what it runs).
+COMMANDS = {
+    "auroc": (AurocConfig, "AUROC of clip_score / clip_margin for noisy rows (ground truth)",
+              lambda cfg: signal_quality(cfg.data, cfg.scores)),
+    "efficiency": (EfficiencyConfig, "Ray Data score job vs a bare PyTorch loop, pairs/s",
+                   lambda cfg: efficiency(cfg)),
+}
 
 
 def signal_quality(data: str, scores_url: str) -> dict:
@@ -95,12 +140,13 @@ def ray_job(input_url: str, output: str, model: str, pretrained: str | None, bat
     return summary["rows_in"] / (time.perf_counter() - start)
 
 
-def efficiency(args) -> dict:
+def efficiency(args: EfficiencyConfig) -> dict:
     import ray
 
     with tempfile.TemporaryDirectory() as tmp:
         shards = _subset(args.input, args.rows, os.path.join(tmp, "in"))
-        ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+        # A Ray of its own on this node, also under `ray job submit`: both sides get the same --cpus cores.
+        ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
         bare, piped = [], []
         for i in range(args.repeats):  # alternate, so drift on a shared machine hits both
             bare.append(bare_loop(shards, args.model, args.pretrained, args.batch_size, args.cpus))
@@ -112,24 +158,35 @@ def efficiency(args) -> dict:
             "ratio_best": round(max(piped) / max(bare), 3), "ratio_median": round(float(np.median(piped) / np.median(bare)), 3)}
 
 
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The job's parser and its subcommands' (one per entry of ``COMMANDS``, a flag per config field)."""
+    parser = argparse.ArgumentParser(prog="python -m jobs.bench_scoring", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = {}
+    for name, (config_cls, text, _) in COMMANDS.items():
+        # The config's parser is the parent: its flags (and -h) become the subcommand's.
+        commands[name] = sub.add_parser(name, parents=[config_parser(config_cls, text)], add_help=False,
+                                        help=text, description=text,
+                                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    # The top-level --help lists every command's options too, with their defaults.
+    parser.epilog = "\n".join(command.format_help() for command in commands.values())
+    return parser, commands
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="what", required=True)
-    a = sub.add_parser("auroc", help="AUROC of clip_score / clip_margin for noisy rows (ground truth)")
-    a.add_argument("--data", required=True, help="dataset root with ground_truth.parquet")
-    a.add_argument("--scores", required=True, help="score job output folder")
-    e = sub.add_parser("efficiency", help="Ray Data score job vs a bare PyTorch loop, pairs/s")
-    e.add_argument("--input", required=True, help="parquet shards in the data contract")
-    e.add_argument("--rows", type=int, default=2000, help="rows to score (default: 2000)")
-    e.add_argument("--model", default="mmdp-ref", help="open_clip model (default: mmdp-ref)")
-    e.add_argument("--pretrained", default=None, help="weights (default: random init; fine for speed)")
-    e.add_argument("--batch-size", type=int, default=256, help="batch size of both (default: 256)")
-    e.add_argument("--cpus", type=int, default=2, help="cores for both: torch threads / Ray CPUs (default: 2)")
-    e.add_argument("--repeats", type=int, default=2, help="alternating runs of each (default: 2)")
-    args = parser.parse_args(argv)
+    parser, commands = build_parser()
+    args = vars(parser.parse_args(argv))
+    name = args.pop("command")
+    config_cls, _, run = COMMANDS[name]
+    try:
+        cfg = config_cls(**args)
+    except ValueError as exc:
+        commands[name].error(str(exc))  # exit code 2, with the command's usage
     setup_logging()
-    result = signal_quality(args.data, args.scores) if args.what == "auroc" else efficiency(args)
-    print(json.dumps(result, indent=2))
+    log.info("config:\n%s", config_json(cfg))
+    result = run(cfg)
+    print(json.dumps({**result, "config": {"command": name, **asdict(cfg)}}, indent=2))
     return 0
 
 

@@ -19,17 +19,18 @@ On a Ray cluster (runs on the head node; the paths may be object-store URLs)::
 
 Outputs: the checkpoint at ``--out`` (what ``load_clip("mmdp-ref", pretrained=OUT)``
 and the score job's ``--pretrained OUT`` load) and ``OUT`` with its extension
-replaced by ``.metrics.json``: zero-shot accuracy, timings, losses and the config.
+replaced by ``.metrics.json``: zero-shot accuracy, timings, losses and the
+resolved config (also logged at the start). Argument errors exit with code 2,
+a missing or unusable dataset with code 1.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import open_clip
@@ -37,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import io
+from pipeline.cli import HELP, config_json, config_parser, log, option, parse_config, setup_logging
 from pipeline.clip_models import REFERENCE_MODEL, load_clip, register_model_configs, save_checkpoint
 from pipeline.schema import CAPTION, IMAGE, LABEL
 from pipeline.scoring import DEFAULT_TEMPLATES, ImageDecoder, class_text_embeddings, fill_template, normalize_pixels
@@ -44,21 +46,43 @@ from pipeline.scoring import DEFAULT_TEMPLATES, ImageDecoder, class_text_embeddi
 
 @dataclass(frozen=True)
 class PretrainConfig:
-    data: str
-    out: str
-    model: str = REFERENCE_MODEL
+    """What the job trains and how; one field per command-line flag (``--batch-size`` for ``batch_size``)."""
+
+    data: str = field(metadata={HELP: "dataset URL (metadata.json, reference/, test/)"})
+    out: str = field(metadata={HELP: "checkpoint URL to write; metrics and config go beside it as .metrics.json"})
+    model: str = option(REFERENCE_MODEL, "open_clip config name")
     # Measured on the 10k Fashion-MNIST reference split, 2 cores: 12 epochs at batch 256 and
     # lr 1e-3 gave 82.1% zero-shot; 20 epochs at batch 128 and lr 2e-3 gave 85.4% in ~4-5 min.
     # The model still underfits (reference-split accuracy ~ test accuracy), so more steps pay.
-    epochs: int = 20
-    batch_size: int = 128  # twice the steps of 256 per epoch; ~13 positives of each class per batch
-    lr: float = 2e-3  # AdamW peak; tiny ViTs from scratch want a larger lr than CLIP's 5e-4
-    weight_decay: float = 0.1  # open_clip's default, on matrices only
-    warmup_steps: int = 100  # ~1 epoch; stabilises attention early on
-    shift: int = 2  # random translation in pixels; kept mild since the model underfits at this budget
-    flip: float = 0.0  # horizontal flip probability; off: Fashion-MNIST's shoes all face one way
-    seed: int = 0
-    threads: int | None = None  # torch CPU threads; None = torch's default (all cores)
+    epochs: int = option(20, "passes over the reference split")
+    # Twice the steps of 256 per epoch; ~13 positives of each class per batch.
+    batch_size: int = option(128, "pairs per contrastive batch")
+    # AdamW peak; tiny ViTs from scratch want a larger lr than CLIP's 5e-4.
+    lr: float = option(2e-3, "peak AdamW learning rate (cosine decay)")
+    weight_decay: float = option(0.1, "AdamW weight decay, on matrices only")  # open_clip's default
+    warmup_steps: int = option(100, "linear lr warm-up steps")  # ~1 epoch; stabilises attention early on
+    # Kept mild since the model underfits at this budget.
+    shift: int = option(2, "max random translation, pixels")
+    # Off: Fashion-MNIST's shoes all face one way.
+    flip: float = option(0.0, "horizontal flip probability")
+    seed: int = option(0, "seed for init, order and augmentation")
+    threads: int | None = option(None, "torch CPU threads; none: torch's default (all cores)")
+
+    def __post_init__(self):
+        # A ValueError here is a usage error: parse_config turns it into exit code 2.
+        checks = [
+            (self.epochs >= 1, "--epochs must be >= 1"),
+            (self.batch_size >= 2, "--batch-size must be >= 2 (a contrastive batch needs negatives)"),
+            (self.lr > 0, "--lr must be > 0"),
+            (self.weight_decay >= 0, "--weight-decay must be >= 0"),
+            (self.warmup_steps >= 0, "--warmup-steps must be >= 0"),
+            (self.shift >= 0, "--shift must be >= 0"),
+            (0 <= self.flip <= 1, "--flip must be in [0, 1]"),
+            (self.threads is None or self.threads >= 1, "--threads must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
 
 
 def metrics_url(checkpoint_url: str) -> str:
@@ -205,48 +229,23 @@ def train(cfg: PretrainConfig) -> dict:
     return metrics
 
 
-def _parser() -> argparse.ArgumentParser:
-    defaults = PretrainConfig(data="", out="")
-    p = argparse.ArgumentParser(
-        prog="python -m jobs.pretrain_reference_clip", description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("--data", required=True, help="dataset URL (metadata.json, reference/, test/)")
-    p.add_argument("--out", required=True, help="checkpoint URL to write; metrics go beside it as .metrics.json")
-    p.add_argument("--model", default=defaults.model, help="open_clip config name")
-    p.add_argument("--epochs", type=int, default=defaults.epochs, help="passes over the reference split")
-    p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="pairs per contrastive batch")
-    p.add_argument("--lr", type=float, default=defaults.lr, help="peak AdamW learning rate (cosine decay)")
-    p.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="AdamW weight decay")
-    p.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps, help="linear lr warm-up steps")
-    p.add_argument("--shift", type=int, default=defaults.shift, help="max random translation, pixels")
-    p.add_argument("--flip", type=float, default=defaults.flip, help="horizontal flip probability")
-    p.add_argument("--seed", type=int, default=defaults.seed, help="seed for init, order and augmentation")
-    p.add_argument("--threads", type=int, default=defaults.threads, help="torch CPU threads (None: all cores)")
-    return p
+def _check_model(cfg: PretrainConfig) -> None:
+    register_model_configs()
+    if open_clip.get_model_config(cfg.model) is None:
+        raise ValueError(f"unknown --model {cfg.model!r}; known: {', '.join(open_clip.list_models())}")
+
+
+def build_parser():
+    """The job's argument parser: one flag per :class:`PretrainConfig` field, the docstring as help."""
+    parser = config_parser(PretrainConfig, __doc__)
+    parser.prog = "python -m jobs.pretrain_reference_clip"
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
-    checks = [
-        (args.epochs >= 1, "--epochs must be >= 1"),
-        (args.batch_size >= 2, "--batch-size must be >= 2 (a contrastive batch needs negatives)"),
-        (args.lr > 0, "--lr must be > 0"),
-        (args.weight_decay >= 0, "--weight-decay must be >= 0"),
-        (args.warmup_steps >= 0, "--warmup-steps must be >= 0"),
-        (args.shift >= 0, "--shift must be >= 0"),
-        (0 <= args.flip <= 1, "--flip must be in [0, 1]"),
-        (args.threads is None or args.threads >= 1, "--threads must be >= 1"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            parser.error(message)
-    register_model_configs()
-    if open_clip.get_model_config(args.model) is None:
-        parser.error(f"unknown --model {args.model!r}; known: {', '.join(open_clip.list_models())}")
-    cfg = PretrainConfig(**{k: v for k, v in vars(args).items()})
-    print(f"config: {asdict(cfg)}", flush=True)
+    cfg = parse_config(PretrainConfig, build_parser(), argv, check=_check_model)
+    setup_logging()
+    log.info("config:\n%s", config_json(cfg))
     try:
         train(cfg)
     except (io.ShardError, FileNotFoundError, ValueError) as exc:

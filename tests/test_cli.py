@@ -1,0 +1,78 @@
+"""Every job's command line, found by walking ``jobs/``: ``--help`` and argument errors.
+
+``--help`` must say how to run the job locally and on a cluster and give
+every option's default (or say it is required); a bad command line must end
+with argparse's message and exit code 2, never a traceback. Only parsing runs
+here: ``--help`` and usage errors exit before a job imports Ray or touches data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import pkgutil
+import re
+
+import pytest
+
+import jobs
+
+JOBS = sorted(m.name for m in pkgutil.iter_modules(jobs.__path__) if m.name != "__init__")
+
+
+def _help(name: str, capsys, argv=("--help",)) -> str:
+    module = importlib.import_module(f"jobs.{name}")
+    with pytest.raises(SystemExit) as exc:
+        module.main(list(argv))
+    captured = capsys.readouterr()
+    assert exc.value.code == 0, captured.err
+    return captured.out
+
+
+def _options(help_text: str) -> dict[str, str]:
+    """Each ``--flag`` entry of an argparse help text -> its help, lines joined."""
+    entries, current = {}, None
+    for line in help_text.splitlines():
+        if re.match(r"^  -", line):  # an option's first line: "  --flag VALUE   its help"
+            current = line.split()[0].rstrip(",")
+            entries[current] = line
+        elif current and re.match(r"^ {3,}\S", line):  # its help, wrapped
+            entries[current] += " " + line.strip()
+        else:
+            current = None
+    return entries
+
+
+def test_every_job_is_found():
+    assert {"make_dataset", "pretrain_reference_clip", "score", "train", "report", "demo"} <= set(JOBS)
+
+
+@pytest.mark.parametrize("name", JOBS)
+def test_help_shows_local_and_cluster_commands_and_every_default(name, capsys):
+    text = _help(name, capsys)
+    assert f"python -m jobs.{name}" in text
+    assert f"ray job submit --working-dir . -- python -m jobs.{name}" in text
+    options = {flag: entry for flag, entry in _options(text).items() if flag not in ("-h", "--help")}
+    assert options, f"no options found in jobs.{name} --help"
+    missing = [flag for flag, entry in options.items() if "(default" not in entry and "(required" not in entry]
+    assert not missing, f"jobs.{name} --help gives no default for {missing}"
+    assert any("(default" in entry for entry in options.values())
+
+
+def test_subcommand_flags_are_their_config_fields(capsys):
+    """``jobs.bench_scoring COMMAND --help``: one flag per field of the command's config, and no other."""
+    from jobs import bench_scoring
+
+    for command, (config_cls, _, _) in bench_scoring.COMMANDS.items():
+        flags = set(_options(_help("bench_scoring", capsys, argv=(command, "--help")))) - {"-h"}
+        assert flags == {"--" + f.name.replace("_", "-") for f in dataclasses.fields(config_cls)}
+
+
+@pytest.mark.parametrize("name", JOBS)
+def test_unknown_option_exits_2_with_a_message(name, capsys):
+    module = importlib.import_module(f"jobs.{name}")
+    with pytest.raises(SystemExit) as exc:
+        module.main(["--no-such-option"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2
+    assert "error:" in err and "Traceback" not in err
