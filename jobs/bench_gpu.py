@@ -35,7 +35,7 @@ import pyarrow as pa
 from PIL import Image, ImageDraw
 
 from pipeline import io as mio
-from pipeline.cli import config_json, config_parser, log, option, parse_config, setup_logging
+from pipeline.cli import option, start_job
 from pipeline.schema import SHARD_SCHEMA
 
 DISTINCT_IMAGES = 512  # encoded once, reused under distinct keys: writing 100k JPEGs is not the point
@@ -82,11 +82,7 @@ def synthetic_shards(folder: str, rows: int, size: int = 256, rows_per_shard: in
 
 
 def main(argv=None) -> int:
-    parser = config_parser(BenchGpuConfig, __doc__)
-    parser.prog = "python -m jobs.bench_gpu"
-    cfg = parse_config(BenchGpuConfig, parser, argv)
-    setup_logging()
-    log.info("config:\n%s", config_json(cfg))
+    cfg = start_job(BenchGpuConfig, __doc__, argv, "python -m jobs.bench_gpu")
 
     import ray
     import torch

@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from pipeline.cli import config_json, config_parser, log, option, parse_config, setup_logging
+from pipeline.cli import option, start_job
 from pipeline.policies import POLICIES
 
 BATCH = 1 << 20
@@ -139,11 +139,7 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    parser = config_parser(BenchPrunerScaleConfig, __doc__)
-    parser.prog = "python -m jobs.bench_pruner_scale"
-    cfg = parse_config(BenchPrunerScaleConfig, parser, argv)
-    setup_logging()
-    log.info("config:\n%s", config_json(cfg))
+    cfg = start_job(BenchPrunerScaleConfig, __doc__, argv, "python -m jobs.bench_pruner_scale")
     rows = []
     for policy in cfg.policy:
         for n in cfg.counts:

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from pipeline.cli import config_json, config_parser, log, option, parse_config, setup_logging
+from pipeline.cli import option, start_job
 from pipeline.policies import POLICIES
 
 
@@ -106,11 +106,7 @@ def run(steps: int, repeats: int, batch_size: int, num_samples: int, threads: in
 
 
 def main(argv=None) -> int:
-    parser = config_parser(BenchReportingConfig, __doc__)
-    parser.prog = "python -m jobs.bench_reporting"
-    cfg = parse_config(BenchReportingConfig, parser, argv)
-    setup_logging()
-    log.info("config:\n%s", config_json(cfg))
+    cfg = start_job(BenchReportingConfig, __doc__, argv, "python -m jobs.bench_reporting")
     result = run(cfg.steps, cfg.repeats, cfg.batch_size, cfg.num_samples, cfg.threads, cfg.policy)
     print(json.dumps({**result, "config": asdict(cfg)}))
     print(f"reporting overhead ratio (on / off step time): {result['ratio']}  "

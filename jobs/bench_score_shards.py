@@ -30,7 +30,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 
-from pipeline.cli import config_json, config_parser, log, option, parse_config, setup_logging
+from pipeline.cli import log, option, start_job
 
 
 @dataclass(frozen=True)
@@ -91,11 +91,7 @@ def measure(input_dir: str, ckpt: str, out: str, batch_size: int, interval: floa
 
 
 def main(argv=None) -> int:
-    parser = config_parser(BenchScoreShardsConfig, __doc__)
-    parser.prog = "python -m jobs.bench_score_shards"
-    cfg = parse_config(BenchScoreShardsConfig, parser, argv)
-    setup_logging()
-    log.info("config:\n%s", config_json(cfg))
+    cfg = start_job(BenchScoreShardsConfig, __doc__, argv, "python -m jobs.bench_score_shards")
     counts = list(cfg.shards)
     folder = cfg.workdir or tempfile.mkdtemp(prefix="mmdp-bench-shards-")
     inputs, ckpt = prepare(folder, cfg.rows, counts)

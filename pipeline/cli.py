@@ -104,6 +104,16 @@ def setup_logging() -> None:
     )
 
 
+def start_job(config_cls, description: str, argv, prog: str) -> object:
+    """Parse ``argv`` into ``config_cls`` (usage errors: exit 2), set up logging, log the config."""
+    parser = config_parser(config_cls, description)
+    parser.prog = prog
+    cfg = parse_config(config_cls, parser, argv)
+    setup_logging()
+    log.info("config:\n%s", config_json(cfg))
+    return cfg
+
+
 def run_ray_job(config_cls, description: str, argv, work) -> int:
     """The body of every Ray job's ``main``: parse, log the config, connect Ray, run, summarise.
 

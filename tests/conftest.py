@@ -65,3 +65,9 @@ def ray_session(s3_server, tmp_path_factory):
     )
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def ray_local(ray_session):
+    """The ``ray`` module, connected to the session's cluster (the actor tests' name for it)."""
+    return ray_session

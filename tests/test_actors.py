@@ -14,20 +14,6 @@ ARGS = dict(policy="mmdp", keep_ratio=0.5, epochs=EPOCHS, seed=3,
             consistency=np.random.default_rng(0).random(N))
 
 
-@pytest.fixture(scope="module")
-def ray_local(request):
-    """The session's Ray cluster (conftest's ``ray_session``) or, alone, a local one."""
-    try:
-        yield request.getfixturevalue("ray_session")
-        return
-    except pytest.FixtureLookupError:
-        pass
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield ray
-    ray.shutdown()
-
 
 @pytest.fixture
 def pruner(ray_local):

@@ -11,20 +11,6 @@ BOUNDS = [0, 123, 700, N]  # three shard actors, uneven ranges
 CONSISTENCY = np.random.default_rng(0).normal(0.25, 0.05, N)
 
 
-@pytest.fixture(scope="module")
-def ray_local(request):
-    """The session's Ray cluster (conftest's ``ray_session``) or, alone, a local one."""
-    try:
-        yield request.getfixturevalue("ray_session")
-        return
-    except pytest.FixtureLookupError:
-        pass
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield ray
-    ray.shutdown()
-
 
 def start(ray, policy, **sharding):
     from pipeline.actors import actor_name, create_pruner
