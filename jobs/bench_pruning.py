@@ -226,25 +226,16 @@ def _plain_stage(batch: dict) -> dict:
 def plain_loop_per_worker(config: dict) -> None:
     """A Ray Train loop with no pruner: same model, optimiser, schedule, evaluation and checkpoints."""
     import ray.train
-    import ray.train.torch
     import torch
-    import torch.distributed as dist
     import torch.nn.functional as F
 
-    from pipeline.models import build_model
-    from pipeline.train import _evaluate, cosine_lr
+    from pipeline.train import _all_sum, _evaluate, _unwrap, setup_model
 
     cfg = config
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.manual_seed(cfg["seed"])
-    torch.set_num_threads(cfg["threads"])
-    model = ray.train.torch.prepare_model(build_model(cfg["model"], cfg["num_classes"], cfg["width"] or None))
-    bare = model.module if hasattr(model, "module") else model
-    opt = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=0.9, weight_decay=cfg["weight_decay"],
-                          nesterov=True)
-    total = cfg["epochs"] * math.ceil(cfg["num_samples"] / (cfg["batch_size"] * world))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, total, cfg["warmup_steps"]))
+    model, opt, sched = setup_model(cfg, cfg["epochs"] * math.ceil(cfg["num_samples"] / (cfg["batch_size"] * world)))
+    bare = _unwrap(model)
     train_shard = ray.train.get_dataset_shard("train")
     test_shard = ray.train.get_dataset_shard("test") if rank == 0 else None
     cache, sums = None, {"train_seconds": 0.0, "epoch_seconds": 0.0, "samples_forwarded": 0}
@@ -264,9 +255,7 @@ def plain_loop_per_worker(config: dict) -> None:
         correct = count = 0
         if rank == 0:
             correct, count, cache = _evaluate(bare, test_shard, cache, cfg["batch_size"])
-        totals = torch.tensor([forwarded, correct, count], dtype=torch.float64)
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(totals)
+        totals = _all_sum([forwarded, correct, count])
         sums["train_seconds"] += train_seconds
         sums["epoch_seconds"] += time.perf_counter() - started
         sums["samples_forwarded"] += int(totals[0])

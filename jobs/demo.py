@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass, field
 
 from pipeline import io as mio
-from pipeline.cli import config_json, config_parser, log, option, parse_config, setup_logging
+from pipeline.cli import log, option, start_job
 from pipeline.policies import POLICIES
 
 # Seconds each stage took at the defaults on a 2-core machine (see BENCHMARKS.md),
@@ -127,10 +127,7 @@ def run(cfg: DemoConfig) -> int:
 
 
 def main(argv=None) -> int:
-    cfg = parse_config(DemoConfig, config_parser(DemoConfig, __doc__), argv)
-    setup_logging()
-    mio.configure_s3(cfg.s3_endpoint)
-    log.info("config:\n%s", config_json(cfg))
+    cfg = start_job(DemoConfig, __doc__, argv, "python -m jobs.demo")
     mio.write_json(dataclasses.asdict(cfg), mio.join(cfg.out, "demo_config.json"))
     return run(cfg)
 

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import io
-from pipeline.cli import HELP, config_json, config_parser, log, option, parse_config, setup_logging
+from pipeline.cli import HELP, log, option, start_job
 from pipeline.clip_models import REFERENCE_MODEL, load_clip, register_model_configs, save_checkpoint
 from pipeline.schema import CAPTION, IMAGE, LABEL
 from pipeline.scoring import DEFAULT_TEMPLATES, ImageDecoder, class_text_embeddings, fill_template, normalize_pixels
@@ -235,17 +235,8 @@ def _check_model(cfg: PretrainConfig) -> None:
         raise ValueError(f"unknown --model {cfg.model!r}; known: {', '.join(open_clip.list_models())}")
 
 
-def build_parser():
-    """The job's argument parser: one flag per :class:`PretrainConfig` field, the docstring as help."""
-    parser = config_parser(PretrainConfig, __doc__)
-    parser.prog = "python -m jobs.pretrain_reference_clip"
-    return parser
-
-
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_config(PretrainConfig, build_parser(), argv, check=_check_model)
-    setup_logging()
-    log.info("config:\n%s", config_json(cfg))
+    cfg = start_job(PretrainConfig, __doc__, argv, "python -m jobs.pretrain_reference_clip", check=_check_model)
     try:
         train(cfg)
     except (io.ShardError, FileNotFoundError, ValueError) as exc:

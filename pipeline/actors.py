@@ -177,7 +177,7 @@ class PruningActor:
             pass  # not the latest planned epoch: its plan is no longer memoised
         return summary
 
-    def plan_log(self, include_indices: bool = False) -> list[dict]:
+    def plan_log(self, include_indices: bool = False, epoch: int | None = None) -> list[dict]:
         """One JSON-safe entry per epoch planned by this actor incarnation.
 
         Each has ``pruned_by_reason``: ``{reason: count}`` of the samples the
@@ -186,12 +186,14 @@ class PruningActor:
         Args:
             include_indices: add each epoch's sorted ``kept`` indices (n/8
                 bytes an epoch are kept in memory; the list itself is large).
+            epoch: only this epoch's entry (none if it was not planned here).
         """
         entries = []
-        for epoch in sorted(self._log):
-            bits, stats, reasons = self._log[epoch]
-            entry = {"epoch": epoch, "kept": self._pruner.kept_count(epoch),
-                     "losses_received": self._pruner.losses_received(epoch),
+        planned = sorted(self._log) if epoch is None else [e for e in (int(epoch),) if e in self._log]
+        for planned_epoch in planned:
+            bits, stats, reasons = self._log[planned_epoch]
+            entry = {"epoch": planned_epoch, "kept": self._pruner.kept_count(planned_epoch),
+                     "losses_received": self._pruner.losses_received(planned_epoch),
                      "kept_sha256": hashlib.sha256(bits.tobytes()).hexdigest()[:16], **stats,
                      "pruned_by_reason": dict(reasons)}
             if include_indices:

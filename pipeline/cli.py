@@ -104,12 +104,21 @@ def setup_logging() -> None:
     )
 
 
-def start_job(config_cls, description: str, argv, prog: str) -> object:
-    """Parse ``argv`` into ``config_cls`` (usage errors: exit 2), set up logging, log the config."""
+def start_job(config_cls, description: str, argv, prog: str | None = None, check=None) -> object:
+    """The start of every job's ``main``: parse, set up logging, point S3 access, log the config.
+
+    Usage errors (and a ``ValueError`` from ``check(cfg)``) exit with code 2;
+    a config's ``s3_endpoint`` field, where it has one, applies to the whole
+    process (and the Ray workers it starts).
+    """
+    from pipeline import io as mio
+
     parser = config_parser(config_cls, description)
-    parser.prog = prog
-    cfg = parse_config(config_cls, parser, argv)
+    if prog:
+        parser.prog = prog
+    cfg = parse_config(config_cls, parser, argv, check)
     setup_logging()
+    mio.configure_s3(getattr(cfg, "s3_endpoint", None))
     log.info("config:\n%s", config_json(cfg))
     return cfg
 
@@ -121,14 +130,11 @@ def run_ray_job(config_cls, description: str, argv, work) -> int:
     job submit``. A :class:`pipeline.io.ShardError` or ``ValueError`` from
     ``work(cfg)`` is bad input: its message and exit code 2, no traceback.
     """
-    from pipeline import io as mio
-
-    cfg = parse_config(config_cls, config_parser(config_cls, description), argv)
-    setup_logging()
-    mio.configure_s3(getattr(cfg, "s3_endpoint", None))
     import ray
 
-    log.info("config:\n%s", config_json(cfg))
+    from pipeline import io as mio
+
+    cfg = start_job(config_cls, description, argv)
     if not ray.is_initialized():
         # The driver's S3 settings reach every worker, also on a cluster that
         # the driver joins (there, its environment is not the workers').

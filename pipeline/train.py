@@ -43,26 +43,36 @@ def _all_sum(values: list[float]) -> list[float]:
     return t.tolist()
 
 
+def setup_model(cfg: dict, total_steps: int):
+    """Seeded model (prepared for DDP), SGD with Nesterov momentum, and the warm-up + cosine schedule.
+
+    One set-up for the pruning loop and the benchmark's plain loop, so that
+    they differ only in the pruning machinery.
+    """
+    import ray.train.torch
+
+    torch.manual_seed(cfg["seed"])
+    torch.set_num_threads(cfg["threads"])
+    model = ray.train.torch.prepare_model(build_model(cfg["model"], cfg["num_classes"], cfg["width"] or None))
+    opt = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=0.9, weight_decay=cfg["weight_decay"], nesterov=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, total_steps, cfg["warmup_steps"]))
+    return model, opt, sched
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Runs on every Ray Train worker. ``config`` holds the TrainConfig fields and the pruner's name."""
     import ray.train
-    import ray.train.torch
 
     from pipeline.actors import LossReporter, get_pruner
 
     cfg = config
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.manual_seed(cfg["seed"])
-    torch.set_num_threads(cfg["threads"])
     pruner = get_pruner(cfg["pruner_name"])
-
-    model = ray.train.torch.prepare_model(build_model(cfg["model"], cfg["num_classes"], cfg["width"] or None))
-    opt = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=0.9, weight_decay=cfg["weight_decay"], nesterov=True)
     per_step = cfg["batch_size"] * world
     steps = [math.ceil(c / per_step) for c in ray.get(pruner.kept_counts.remote(cfg["plan_epochs"]))]
     # The schedule follows the real number of steps in each pruned epoch.
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, sum(steps), cfg["warmup_steps"]))
+    model, opt, sched = setup_model(cfg, sum(steps))
 
     start_epoch, history, plans = 0, [], []
     checkpoint = ray.train.get_checkpoint()
@@ -137,8 +147,7 @@ def train_loop_per_worker(config: dict) -> None:
             history = [h for h in history if h["epoch"] < epoch] + [metrics]
             # The plan log goes into the checkpoint too: a restarted pruner
             # only remembers the epochs it planned itself.
-            plans = [p for p in plans if p["epoch"] < epoch] + [
-                p for p in ray.get(pruner.plan_log.remote()) if p["epoch"] == epoch]
+            plans = [p for p in plans if p["epoch"] < epoch] + ray.get(pruner.plan_log.remote(epoch=epoch))
             checkpoint_dir = tempfile.mkdtemp(prefix="mmdp-ckpt-")
             torch.save(
                 {"model": _unwrap(model).state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epoch": epoch},
@@ -154,7 +163,6 @@ def train_loop_per_worker(config: dict) -> None:
             for name, value in (("history.json", history), ("plans.json", plans)):
                 with open(os.path.join(checkpoint_dir, name), "w") as f:
                     json.dump(value, f)
-        if rank == 0:
             done = [h["epoch_seconds"] for h in history if h["epoch"] >= start_epoch]
             left = (cfg["epochs"] - epoch - 1) * sum(done) / len(done)
             print(f"epoch {epoch + 1}/{cfg['epochs']}: trained on {metrics['samples_forwarded']} samples, "

@@ -137,6 +137,8 @@ def test_plan_log_records_each_epoch_and_its_kept_samples(ray_local, pruner):
     for epoch in range(2):
         ray_local.get(actor.start_epoch.remote(epoch))
     log = ray_local.get(actor.plan_log.remote(include_indices=True))
+    assert ray_local.get(actor.plan_log.remote(include_indices=True, epoch=1)) == log[1:]
+    assert ray_local.get(actor.plan_log.remote(epoch=5)) == []
     local = Pruner(N, **ARGS)
     assert [entry["epoch"] for entry in log] == [0, 1]
     assert log[0]["kept_indices"] == local.plan(0)[0].tolist()
