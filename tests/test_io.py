@@ -1,8 +1,5 @@
 """Shard I/O round trips through a local folder and a loopback S3 server."""
 
-import io
-import tarfile
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -10,6 +7,7 @@ import pytest
 
 from pipeline import io as mio
 from pipeline.schema import SHARD_SCHEMA, ColumnMapping, SchemaError, to_contract
+from shardfiles import tar_bytes
 
 
 def _table(n=25, seed=0):
@@ -92,18 +90,8 @@ def test_img2dataset_parquet_maps_onto_contract(tmp_path):
     assert table.column("label").null_count == 2
 
 
-def _tar(members):
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
-
-
 def test_webdataset_tar_maps_onto_contract(tmp_path):
-    data = _tar([("000000001.jpg", b"img1"), ("000000001.txt", b"a dog\n"), ("000000001.cls", b"3"),
+    data = tar_bytes([("000000001.jpg", b"img1"), ("000000001.txt", b"a dog\n"), ("000000001.cls", b"3"),
                  ("000000001.json", b"{}"), ("000000002.png", b"img2"), ("000000002.txt", b"a cat"),
                  ("000000002.cls", b"5\n")])
     (tmp_path / "00000.tar").write_bytes(data)
@@ -117,7 +105,7 @@ def test_webdataset_tar_maps_onto_contract(tmp_path):
 
 
 def test_truncated_tar_names_the_file(tmp_path):
-    data = _tar([(f"{i:09d}.jpg", b"x" * 2000) for i in range(5)])
+    data = tar_bytes([(f"{i:09d}.jpg", b"x" * 2000) for i in range(5)])
     (tmp_path / "00000.tar").write_bytes(data[: len(data) // 2])
     with pytest.raises(mio.ShardError, match="00000.tar"):
         mio.read_webdataset(str(tmp_path))

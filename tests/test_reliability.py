@@ -17,7 +17,6 @@ import signal
 import struct
 import subprocess
 import sys
-import tarfile
 import threading
 import time
 import zlib
@@ -38,6 +37,7 @@ from pipeline import io as mio
 from pipeline.clip_models import TINY_MODEL, load_clip, save_checkpoint
 from pipeline.datasets import SPLITS
 from pipeline.schema import SHARD_SCHEMA
+from shardfiles import tar_bytes
 from pipeline.scoring import ClipScorer, ImageDecoder
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -409,16 +409,6 @@ def test_bad_input_row_outcome(bad_input_run, key):
 # ---------------------------------------------------------------- bad input, whole files
 
 
-def _tar(members: list[tuple[str, bytes]]) -> bytes:
-    buf = pyio.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, pyio.BytesIO(data))
-    return buf.getvalue()
-
-
 def _good_shard(path: pathlib.Path) -> None:
     pq.write_table(_rows(4), path)
 
@@ -444,8 +434,8 @@ def _stray_file(root: pathlib.Path) -> str:
 def _tar_cut_short(root: pathlib.Path) -> str:
     members = [(f"{i:09d}.{ext}", data) for i in range(4)
                for ext, data in (("jpg", _JPEG + bytes(600)), ("txt", b"a photo"))]
-    (root / "00000.tar").write_bytes(_tar(members))
-    data = _tar(members)
+    data = tar_bytes(members)
+    (root / "00000.tar").write_bytes(data)
     (root / "00001.tar").write_bytes(data[: len(data) // 2])
     return "00001.tar"
 

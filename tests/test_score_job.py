@@ -15,6 +15,7 @@ from pipeline.datasets import make_synthetic, write_dataset
 from pipeline.schema import SHARD_SCHEMA
 from pipeline.clip_models import load_clip, save_checkpoint
 from pipeline.scoring import ClipScorer, ImageDecoder
+from shardfiles import tar_bytes
 
 
 @pytest.fixture(scope="module")
@@ -134,8 +135,6 @@ def test_bad_input_folder_is_a_clear_error(ray_session, tmp_path, capsys):
 
 
 def test_score_job_reads_webdataset_tars_with_mixed_image_types(ray_session, tiny_ckpt, tmp_path):
-    import tarfile
-
     def jpeg():
         buf = pyio.BytesIO()
         Image.new("RGB", (8, 8), (200, 10, 10)).save(buf, format="JPEG")
@@ -146,11 +145,7 @@ def test_score_job_reads_webdataset_tars_with_mixed_image_types(ray_session, tin
         members += [(f"{i:09d}.{'jpg' if i % 2 else 'png'}", jpeg() if i % 2 else _png()),
                     (f"{i:09d}.txt", f"a photo of thing {i}\n".encode())]
     (tmp_path / "in").mkdir()
-    with tarfile.open(tmp_path / "in" / "00000.tar", "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, pyio.BytesIO(data))
+    (tmp_path / "in" / "00000.tar").write_bytes(tar_bytes(members))
     out = str(tmp_path / "out")
     assert score_job.main(["--input", str(tmp_path / "in"), "--output", out, "--model", "mmdp-tiny",
                            "--pretrained", tiny_ckpt, "--batch-size", "4", "--actor-cpus", "0.5"]) == 0

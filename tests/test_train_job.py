@@ -15,6 +15,7 @@ from jobs import score as score_job
 from jobs import train as train_job
 from pipeline import io as mio
 from pipeline.datasets import make_synthetic, write_dataset
+from pipeline.procmem import tree
 
 
 @pytest.fixture(scope="module")
@@ -84,26 +85,9 @@ def test_resumed_run_repeats_the_uninterrupted_plans(scored_ready, uninterrupted
     assert {p["epoch"]: p["kept_sha256"] for p in resumed_plans} == uninterrupted
 
 
-def _descendants(pid: int) -> list[int]:
-    """PIDs of every process below ``pid`` (the local Ray cluster this test session started)."""
-    children: dict[int, list[int]] = {}
-    for stat in glob.glob("/proc/[0-9]*/stat"):
-        try:
-            fields = open(stat).read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.split("/")[2]))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
 def _processes(title: str) -> list[int]:
     pids = []
-    for pid in _descendants(os.getpid()):
+    for pid in tree(os.getpid())[1:]:  # this test session's processes, itself excluded
         try:
             if open(f"/proc/{pid}/cmdline", "rb").read().startswith(title.encode()):
                 pids.append(pid)
