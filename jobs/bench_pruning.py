@@ -237,7 +237,7 @@ def plain_loop_per_worker(config: dict) -> None:
     model, opt, sched = setup_model(cfg, cfg["epochs"] * math.ceil(cfg["num_samples"] / (cfg["batch_size"] * world)))
     bare = _unwrap(model)
     train_shard = ray.train.get_dataset_shard("train")
-    test_shard = ray.train.get_dataset_shard("test") if rank == 0 else None
+    test_shard = ray.train.get_dataset_shard("test")
     cache, sums = None, {"train_seconds": 0.0, "epoch_seconds": 0.0, "samples_forwarded": 0}
     dtypes = {"x": torch.float32, "label": torch.int64, "index": torch.int64}
     for epoch in range(cfg["epochs"]):
@@ -252,9 +252,7 @@ def plain_loop_per_worker(config: dict) -> None:
             sched.step()
             forwarded += len(batch["label"])
         train_seconds = time.perf_counter() - started
-        correct = count = 0
-        if rank == 0:
-            correct, count, cache = _evaluate(bare, test_shard, cache, cfg["batch_size"])
+        correct, count, cache = _evaluate(bare, test_shard, cache, cfg["batch_size"], rank, world)
         totals = _all_sum([forwarded, correct, count])
         sums["train_seconds"] += train_seconds
         sums["epoch_seconds"] += time.perf_counter() - started
@@ -287,7 +285,7 @@ def plain_fit(cfg, out: str) -> dict:
     train = (ray.data.read_parquet(paths("train"), filesystem=fs).select_columns([KEY, "image", "label"])
              .map_batches(_plain_stage, batch_format="numpy")
              .map_batches(decode_stage, fn_kwargs={"augment": cfg.augment, "seed": cfg.seed}, batch_format="numpy"))
-    test = (ray.data.read_parquet(paths("test"), filesystem=fs).select_columns(["image", "label"])
+    test = (ray.data.read_parquet(paths("test"), filesystem=fs).select_columns([KEY, "image", "label"])
             .map_batches(test_stage, batch_format="numpy")
             .map_batches(decode_stage, fn_kwargs={"augment": False, "seed": 0}, batch_format="numpy"))
     config = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}

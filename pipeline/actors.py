@@ -150,6 +150,16 @@ class PruningActor:
     def kept_count(self, epoch: int) -> int:
         return self._pruner.kept_count(epoch)
 
+    def weight_mean(self, epoch: int) -> float:
+        """Mean weight of ``epoch``'s plan (planning it if needed); 1.0 for an empty plan.
+
+        Trainers divide each step's weighted loss by it, so a step's expected
+        gradient is the eligible samples' mean gradient whatever the weights'
+        scale (see :mod:`pipeline.train`).
+        """
+        self.plan_ref(epoch)
+        return self._log[int(epoch)][1]["weight_mean"] or 1.0
+
     def kept_counts(self, epochs: int) -> list[int]:
         """Kept counts of epochs 0..epochs-1 (to size a learning-rate schedule)."""
         return [self._pruner.kept_count(e) for e in range(int(epochs))]

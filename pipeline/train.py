@@ -6,6 +6,16 @@ training dataset's keep stage (:func:`pipeline.ingest.keep_stage`) drops pruned 
 mask, never a decode, an augmentation or a forward pass. Workers weight the
 per-sample losses by the plan's weights and send them to the pruner without
 waiting on it.
+
+A step's loss is ``sum(w_i * loss_i) / (B * mean_w)``, ``mean_w`` the mean
+weight of the epoch's plan: the weights make the kept samples an unbiased
+stand-in for the eligible ones (``E[sum_kept w_i loss_i] = sum_eligible
+loss_i``), and dividing by the batch's expected weight sum makes each step's
+expected gradient their *mean* gradient, the size of an unpruned step. An
+epoch then takes fewer steps of the usual size, rather than fewer steps each
+``mean_w`` times larger (InfoBatch's ``sum(w_i * loss_i) / B``), which at the
+same peak learning rate made the weighted policies unstable (BENCHMARKS.md).
+For policies with unit weights the two are the same.
 """
 
 from __future__ import annotations
@@ -103,20 +113,21 @@ def train_loop_per_worker(config: dict) -> None:
     incarnation = ray.get(pruner.info.remote())["incarnation"] if rank == 0 else None
 
     train_shard = ray.train.get_dataset_shard("train")
-    test_shard = ray.train.get_dataset_shard("test") if rank == 0 else None
+    test_shard = ray.train.get_dataset_shard("test")  # the whole split on every worker
     test_cache = None
     reporter = LossReporter(pruner, max_in_flight=cfg["max_reports_in_flight"])
     for epoch in range(start_epoch, cfg["epochs"]):
         _barrier()
+        started = time.perf_counter()  # planning counts as training time
         if rank == 0:
             ray.get(pruner.start_epoch.remote(epoch))
         _barrier()
-        started = time.perf_counter()
+        weight_mean = ray.get(pruner.weight_mean.remote(epoch))
         model.train()
         loss_sum, forwarded = 0.0, 0
         for batch in train_shard.iter_torch_batches(batch_size=cfg["batch_size"], dtypes=_DTYPES, drop_last=False):
             per_sample = F.cross_entropy(model(batch["x"]), batch["label"], reduction="none")
-            loss = (per_sample * batch["weight"]).sum() / len(per_sample)
+            loss = (per_sample * batch["weight"]).sum() / (len(per_sample) * weight_mean)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -126,16 +137,16 @@ def train_loop_per_worker(config: dict) -> None:
             forwarded += len(per_sample)
         reporter.flush()
         train_seconds = time.perf_counter() - started
-        correct = total = 0
-        if rank == 0:  # the test split is not split across workers: one exact figure
-            # The bare module: a DDP forward on one rank alone would wait for the others.
-            correct, total, test_cache = _evaluate(_unwrap(model), test_shard, test_cache, cfg["batch_size"])
+        # Each worker scores every world-th cached test batch: exact, and split.
+        # The bare module: a DDP forward would wait for the other ranks.
+        correct, total, test_cache = _evaluate(_unwrap(model), test_shard, test_cache, cfg["batch_size"], rank, world)
         loss_sum, forwarded, correct, total = _all_sum([loss_sum, forwarded, correct, total])
         _barrier()
         metrics = {
             "epoch": epoch,
             "train_loss": loss_sum / max(forwarded, 1),
             "test_accuracy": correct / max(total, 1),
+            "test_rows": int(total),
             "samples_forwarded": int(forwarded),
             "epoch_seconds": round(time.perf_counter() - started, 3),
             "train_seconds": round(train_seconds, 3),
@@ -184,12 +195,20 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
-def _evaluate(model, shard, cache, batch_size):
-    """Test accuracy on this worker's share of the test split; decoded once, then cached."""
+def _evaluate(model, shard, cache, batch_size, rank, world):
+    """(correct, total, cache) over this worker's part of the test split.
+
+    Every worker reads the whole split once and caches the rows whose key hash
+    (``index``, :func:`pipeline.ingest.test_stage`) is ``rank`` modulo
+    ``world``: the workers' counts sum to exactly one pass over the split.
+    """
     model.eval()
     if cache is None:
-        cache = [(b["x"], b["label"]) for b in shard.iter_torch_batches(
-            batch_size=batch_size, dtypes={"x": torch.float32, "label": torch.int64, "index": torch.int64})]
+        cache = []
+        for b in shard.iter_torch_batches(
+                batch_size=batch_size, dtypes={"x": torch.float32, "label": torch.int64, "index": torch.int64}):
+            mine = b["index"] % world == rank
+            cache.append((b["x"][mine], b["label"][mine]))
     correct = total = 0
     with torch.inference_mode():
         for x, y in cache:

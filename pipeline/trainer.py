@@ -135,7 +135,7 @@ def build_datasets(cfg: TrainConfig, keys: np.ndarray, pruner_name: str) -> dict
         .map_batches(decode_stage, fn_kwargs={"augment": cfg.augment, "seed": cfg.seed}, batch_format="numpy")
     )
     test = (
-        ray.data.read_parquet(paths("test"), filesystem=fs).select_columns(["image", "label"])
+        ray.data.read_parquet(paths("test"), filesystem=fs).select_columns([KEY, "image", "label"])
         .map_batches(test_stage, batch_format="numpy")
         .map_batches(test_decode_stage, batch_format="numpy")
     )

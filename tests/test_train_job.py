@@ -56,6 +56,9 @@ def test_each_kept_sample_reports_exactly_one_loss(scored_ready, tmp_path):
     # Pruning epochs keep exactly half (4 epochs at delta 0.875: none anneals).
     assert [e["plan_kept"] for e in metrics["epochs"]] == [100, 100, 100, 100]
     assert [p["epoch"] for p in plans] == [0, 1, 2, 3]
+    # The two workers split the test split between them: one exact pass, every epoch.
+    test_rows = mio.read_json(f"{data}/metadata.json")["splits"]["test"]
+    assert test_rows > 0 and [e["test_rows"] for e in metrics["epochs"]] == [test_rows] * 4
     assert mio.exists(str(tmp_path / "run" / "checkpoint" / "train.pt"))
 
 
