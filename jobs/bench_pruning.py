@@ -213,6 +213,36 @@ def evaluate_checkpoint(run_dir: str, data: str, cfg) -> dict:
     return out
 
 
+def final_plan_noise(run_dir: str, data: str, scores: str) -> float | None:
+    """Share of the rows noisy in the ground truth among those the last epoch's plan keeps.
+
+    The plan is replayed from the pruner state in the run's final checkpoint
+    (a plan is a pure function of state, epoch and seed). That state already
+    holds the last epoch's own losses, so for loss-driven policies this is
+    the plan a next epoch at the same step would get: close to, not exactly,
+    the last one trained on. None when the pool has no noisy row.
+    """
+    import torch
+
+    from pipeline.pruner import Pruner
+    from pipeline.trainer import load_index
+
+    truth = mio.read_table(mio.join(data, "ground_truth.parquet"), columns=[KEY, "corruption"]).to_pandas()
+    noisy_keys = set(truth.loc[truth["corruption"] != "none", KEY])
+    if not noisy_keys:
+        return None
+    state = torch.load(io.BytesIO(mio.read_bytes(mio.join(run_dir, "checkpoint", "pruner.pt"))),
+                       map_location="cpu", weights_only=True)
+    state = {k: v.numpy() if torch.is_tensor(v) else v for k, v in state.items()}
+    c = state["config"]
+    keys, consistency, _ = load_index(scores, "auto")
+    pruner = Pruner(c["num_samples"], c["policy"], c["keep_ratio"], c["epochs"], c["seed"],
+                    consistency=consistency, loss_momentum=c["loss_momentum"], policy_params=c["policy_params"])
+    pruner.load_state_dict(state)
+    kept, _ = pruner.plan(c["epochs"] - 1)
+    return float(np.mean([k in noisy_keys for k in keys[kept]])) if len(kept) else 0.0
+
+
 # ---------------------------------------------------------------- the plain Ray Train loop
 
 
@@ -352,6 +382,7 @@ def run_policy(args, data: str, scores: str, out: str, policy: str, seed: int) -
     totals, epochs = metrics["totals"], metrics["epochs"]
     return {"policy": policy, "seed": seed, "out": out, "reused": bool(reused),
             "final_test_accuracy": totals["final_test_accuracy"], **evaluate_checkpoint(out, data, cfg),
+            "noisy_in_final_plan": final_plan_noise(out, data, scores),
             "wall_seconds": totals["wall_seconds"], "train_seconds": totals["train_seconds"],
             "samples_forwarded": totals["samples_forwarded"], "num_samples": totals["num_samples"],
             "missing": int(sum(e.get("plan_missing", 0) for e in epochs)), "signal": totals["signal"]}
@@ -377,6 +408,7 @@ def summarise(runs: list[dict], noises: list[str], policies: list[str]) -> list[
     for noise in noises:
         cell = [r for r in runs if r["noise"] == noise]
         full_wall = [r["wall_seconds"] for r in cell if r["policy"] == "full"]
+        full_train = [r["train_seconds"] for r in cell if r["policy"] == "full"]
         for policy in policies:
             rs = [r for r in cell if r["policy"] == policy]
             if not rs:
@@ -384,15 +416,19 @@ def summarise(runs: list[dict], noises: list[str], policies: list[str]) -> list[
             acc = np.array([r["final_test_accuracy"] for r in rs]) * 100
             shifted = 100 * float(np.mean([r["shifted_test_accuracy"] for r in rs]))
             wall = float(np.mean([r["wall_seconds"] for r in rs]))
+            train = float(np.mean([r["train_seconds"] for r in rs]))
+            residual = [r["noisy_in_final_plan"] for r in rs if r.get("noisy_in_final_plan") is not None]
             rows.append({"noise": noise, "policy": policy, "seeds": len(rs),
                          "accuracy_mean": round(float(acc.mean()), 3),
                          "accuracy_std": round(float(acc.std(ddof=1)) if len(acc) > 1 else 0.0, 3),
                          "shifted_accuracy_mean": round(shifted, 3),
                          "wall_seconds_mean": round(wall, 2),
-                         "train_seconds_mean": round(float(np.mean([r["train_seconds"] for r in rs])), 2),
+                         "train_seconds_mean": round(train, 2),
+                         "noisy_in_final_plan_mean": round(100 * float(np.mean(residual)), 2) if residual else None,
                          "samples_forwarded_mean": int(round(np.mean([r["samples_forwarded"] for r in rs]))),
                          "num_samples": int(rs[0]["num_samples"]),
-                         "speedup_vs_full": round(float(np.mean(full_wall)) / wall, 3) if full_wall else None})
+                         "speedup_vs_full": round(float(np.mean(full_wall)) / wall, 3) if full_wall else None,
+                         "train_speedup_vs_full": round(float(np.mean(full_train)) / train, 3) if full_train else None})
     return rows
 
 
@@ -414,7 +450,9 @@ def check_targets(summary: list[dict], overhead: dict | None) -> list[dict]:
             else:
                 add(f"{noise}: mmdp - full (points)", d, ">= +2.8", d >= 2.8)
             s = get[(noise, "mmdp")]["speedup_vs_full"]
-            add(f"{noise}: mmdp wall-clock speedup over full", s, ">= 1.7", s >= 1.7)
+            add(f"{noise}: mmdp wall-clock speedup over full (whole fit)", s, ">= 1.7", s >= 1.7)
+            s = get[(noise, "mmdp")]["train_speedup_vs_full"]
+            add(f"{noise}: mmdp speedup over full (training time)", s, ">= 1.7", s >= 1.7)
         if ORACLE in acc and noise_tag(noise) != "clean":
             d = acc["mmdp"] - acc[ORACLE]
             add(f"{noise}: mmdp - clean oracle (points)", d, ">= -0.5", d >= -0.5)
@@ -438,20 +476,24 @@ def markdown(result: dict) -> str:
              + (f", CLIP zero-shot test accuracy {zero_shot:.4f}" if zero_shot else "")
              + f". Machine: {s['machine']}.", "",
              "Accuracy is the final epoch's, on the clean test split; shifted = the same checkpoint on a deterministic "
-             "shifted copy (rotation, shift, blur, Gaussian noise). Wall = the whole fit (start-up included), epochs = "
-             "the sum of its epochs (training + evaluation). Speedup = full's mean wall-clock / the policy's.",
+             "shifted copy (rotation, shift, blur, Gaussian noise). Wall = the whole fit (Ray Train start-up and the "
+             "per-epoch test evaluation included); train = the epochs' training time alone (each epoch's planning "
+             "included). Speedups = full's mean / the policy's. Noisy in plan = share of ground-truth noisy rows in "
+             "the last epoch's plan, replayed from the final checkpoint's pruner state.",
              ""]
     for noise in result["noise_settings"]:
         lines += [f"## noise: {noise}", "",
-                  "| policy | test acc % (mean ± std) | shifted acc % | wall s | epochs s | speedup vs full "
-                  "| samples forwarded | rows trained on |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "| policy | test acc % (mean ± std) | shifted acc % | wall s | train s | speedup vs full (wall / train) "
+                  "| samples forwarded | rows trained on | noisy in plan % |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in (r for r in result["summary"] if r["noise"] == noise):
-            speed = f"{r['speedup_vs_full']:.2f}x" if r["speedup_vs_full"] else "n/a"
+            speed = (f"{r['speedup_vs_full']:.2f}x / {r['train_speedup_vs_full']:.2f}x"
+                     if r["speedup_vs_full"] else "n/a")
+            noisy = "n/a" if r.get("noisy_in_final_plan_mean") is None else f"{r['noisy_in_final_plan_mean']:.1f}"
             lines.append(f"| {r['policy']} | {r['accuracy_mean']:.2f} ± {r['accuracy_std']:.2f} | "
                          f"{r['shifted_accuracy_mean']:.2f} | {r['wall_seconds_mean']:.1f} | "
                          f"{r['train_seconds_mean']:.1f} | {speed} | "
-                         f"{r['samples_forwarded_mean']} | {r['num_samples']} |")
+                         f"{r['samples_forwarded_mean']} | {r['num_samples']} | {noisy} |")
         lines.append("")
     o = result.get("overhead")
     if o:

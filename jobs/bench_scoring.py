@@ -7,7 +7,11 @@ rows the dataset job corrupted from the clean ones (ground truth)::
 
 Pipeline efficiency: the Ray Data score job's pairs/s over a bare PyTorch
 loop's, same model, batch size, cores and shards, decoding included in both,
-measured side by side in one run::
+measured side by side in one run. Two figures: end to end on ``--rows``
+(fixed costs included: Ray's actor start-up, imports and model load, the
+bare loop's model load), and the steady-state rate, from a second, smaller
+run of ``--base-rows`` on each side: ``(rows - base_rows) / (t(rows) -
+t(base_rows))``, which cancels every fixed cost::
 
     python -m jobs.bench_scoring efficiency --input data/fmnist/train --rows 4000 \\
         --model mmdp-ref --pretrained runs/ref-clip/model.pt
@@ -57,6 +61,7 @@ class EfficiencyConfig:
 
     input: str = field(metadata={HELP: "parquet shards in the data contract"})
     rows: int = option(2000, "rows to score")
+    base_rows: int = option(0, "rows of the smaller run for the steady-state rate (0: rows / 4)")
     model: str = option("mmdp-ref", "open_clip model")
     pretrained: str | None = option(None, "weights; none: random init (fine for speed)")
     batch_size: int = option(256, "batch size of both")
@@ -66,6 +71,8 @@ class EfficiencyConfig:
     def __post_init__(self):
         if min(self.rows, self.batch_size, self.cpus, self.repeats) < 1:
             raise ValueError("--rows, --batch-size, --cpus and --repeats must be >= 1")
+        if not 0 <= self.base_rows < self.rows:
+            raise ValueError(f"--base-rows must be in [0, --rows), got {self.base_rows}")
 
 
 # Subcommand -> (its config, its one-line help, what it runs).
@@ -100,14 +107,16 @@ def signal_quality(data: str, scores_url: str) -> dict:
     return out
 
 
-def _subset(input_url: str, rows: int, folder: str) -> str:
-    table = mio.read_table(input_url).slice(0, rows)
-    mio.write_shards(table, folder, rows_per_shard=max(1, rows // 8))
+def _subset(input_url: str, rows: int, rows_per_shard: int, folder: str) -> str:
+    table = mio.read_table(input_url)
+    if table.num_rows < rows:
+        raise ValueError(f"{input_url} has {table.num_rows} rows, fewer than the {rows} asked")
+    mio.write_shards(table.slice(0, rows), folder, rows_per_shard=rows_per_shard)
     return folder
 
 
-def bare_loop(input_url: str, model: str, pretrained: str | None, batch_size: int, threads: int) -> float:
-    """Pairs/s of a plain single-process PyTorch loop: read, decode, score."""
+def bare_loop(input_url: str, model: str, pretrained: str | None, batch_size: int, threads: int) -> tuple[int, float]:
+    """(pairs, seconds) of a plain single-process PyTorch loop: load the model, read, decode, score."""
     import torch
 
     from pipeline.scoring import ClipScorer, ImageDecoder
@@ -126,36 +135,57 @@ def bare_loop(input_url: str, model: str, pretrained: str | None, batch_size: in
             batch = {c: np.asarray(chunk.column(c).to_pylist(), dtype=object) for c in chunk.column_names}
             out = scorer(decoder(validator(batch)))
             n += len(out["clip_score"])
-    return n / (time.perf_counter() - start)
+    return n, time.perf_counter() - start
 
 
-def ray_job(input_url: str, output: str, model: str, pretrained: str | None, batch_size: int, threads: int) -> float:
-    """Pairs/s of the Ray Data score job on a running local cluster (actor start-up and model load included)."""
+def ray_job(input_url: str, output: str, model: str, pretrained: str | None, batch_size: int,
+            threads: int) -> tuple[int, float]:
+    """(pairs, seconds) of the Ray Data score job on a running local cluster (actor start-up and model load included)."""
     from pipeline.run import ScoreConfig, score
 
     cfg = ScoreConfig(input=input_url, output=output, model=model, pretrained=pretrained, batch_size=batch_size,
                       min_actors=1, max_actors=1, actor_cpus=1.0, torch_threads=threads)
     start = time.perf_counter()
     summary = score(cfg)
-    return summary["rows_in"] / (time.perf_counter() - start)
+    return summary["rows_in"], time.perf_counter() - start
 
 
 def efficiency(args: EfficiencyConfig) -> dict:
+    """Both sides on ``base_rows`` and on ``rows``, alternated; end-to-end and steady-state ratios."""
     import ray
 
+    import pipeline.scoring  # noqa: F401  imported once up front, not inside the first bare run only
+
+    base_rows = args.base_rows or max(1, args.rows // 4)
+    # Shards of one size for both subsets, so the bigger one only adds shards like them.
+    per_shard = max(1, base_rows // 4)
+    sides = {"bare": lambda shards, out: bare_loop(shards, args.model, args.pretrained, args.batch_size, args.cpus),
+             "ray": lambda shards, out: ray_job(shards, out, args.model, args.pretrained, args.batch_size, args.cpus)}
+    seconds = {side: {"base": [], "rows": []} for side in sides}
     with tempfile.TemporaryDirectory() as tmp:
-        shards = _subset(args.input, args.rows, os.path.join(tmp, "in"))
+        inputs = {size: _subset(args.input, n, per_shard, os.path.join(tmp, f"in-{size}"))
+                  for size, n in (("base", base_rows), ("rows", args.rows))}
         # A Ray of its own on this node, also under `ray job submit`: both sides get the same --cpus cores.
         ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
-        bare, piped = [], []
         for i in range(args.repeats):  # alternate, so drift on a shared machine hits both
-            bare.append(bare_loop(shards, args.model, args.pretrained, args.batch_size, args.cpus))
-            piped.append(ray_job(shards, os.path.join(tmp, f"out{i}"), args.model, args.pretrained,
-                                 args.batch_size, args.cpus))
+            for size in ("base", "rows"):
+                for side, run in sides.items():
+                    n, took = run(inputs[size], os.path.join(tmp, f"out-{side}-{size}-{i}"))
+                    if n != (base_rows if size == "base" else args.rows):
+                        raise RuntimeError(f"{side} scored {n} of {base_rows if size == 'base' else args.rows} rows")
+                    seconds[side][size].append(took)
         ray.shutdown()
-    return {"model": args.model, "rows": args.rows, "batch_size": args.batch_size, "cpus": args.cpus,
-            "bare_pairs_per_s": [round(x, 1) for x in bare], "ray_pairs_per_s": [round(x, 1) for x in piped],
-            "ratio_best": round(max(piped) / max(bare), 3), "ratio_median": round(float(np.median(piped) / np.median(bare)), 3)}
+    median = {side: {size: float(np.median(t)) for size, t in by_size.items()} for side, by_size in seconds.items()}
+    end_to_end = {side: args.rows / m["rows"] for side, m in median.items()}
+    steady = {side: (args.rows - base_rows) / max(m["rows"] - m["base"], 1e-9) for side, m in median.items()}
+    return {"model": args.model, "rows": args.rows, "base_rows": base_rows, "batch_size": args.batch_size,
+            "cpus": args.cpus,
+            "seconds": {side: {size: [round(x, 4) for x in t] for size, t in by_size.items()}
+                        for side, by_size in seconds.items()},
+            "bare_pairs_per_s": round(end_to_end["bare"], 1), "ray_pairs_per_s": round(end_to_end["ray"], 1),
+            "ratio_end_to_end": round(end_to_end["ray"] / end_to_end["bare"], 3),
+            "bare_steady_pairs_per_s": round(steady["bare"], 1), "ray_steady_pairs_per_s": round(steady["ray"], 1),
+            "ratio_steady": round(steady["ray"] / steady["bare"], 3)}
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:

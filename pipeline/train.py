@@ -14,8 +14,8 @@ loss_i``), and dividing by the batch's expected weight sum makes each step's
 expected gradient their *mean* gradient, the size of an unpruned step. An
 epoch then takes fewer steps of the usual size, rather than fewer steps each
 ``mean_w`` times larger (InfoBatch's ``sum(w_i * loss_i) / B``), which at the
-same peak learning rate made the weighted policies unstable (BENCHMARKS.md).
-For policies with unit weights the two are the same.
+same peak learning rate gave mmdp lower final accuracy (BENCHMARKS.md). For
+policies with unit weights the two are the same.
 """
 
 from __future__ import annotations

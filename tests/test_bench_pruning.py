@@ -48,6 +48,9 @@ def test_bench_runs_every_policy_and_the_oracle_on_clean_rows_only(ray_session, 
     assert clean * EPOCHS - (WORKERS - 1) * EPOCHS <= oracle["samples_forwarded"] <= clean * EPOCHS
     assert oracle["samples_forwarded"] == clean * EPOCHS - oracle["missing"]
     assert runs["full"]["num_samples"] == POOL
+    # Replayed last plans: full keeps every row (the pool's noise share), the oracle none of the noisy ones.
+    assert runs["full"]["noisy_in_final_plan"] == (POOL - clean) / POOL
+    assert oracle["noisy_in_final_plan"] == 0.0
     assert POOL * EPOCHS - (WORKERS - 1) * EPOCHS <= runs["full"]["samples_forwarded"] <= POOL * EPOCHS
 
     # The oracle's scores folder has the score job's layout; noisy rows are rejected with a reason.
@@ -66,6 +69,8 @@ def test_bench_runs_every_policy_and_the_oracle_on_clean_rows_only(ray_session, 
     speedup = runs["full"]["wall_seconds"] / oracle["wall_seconds"]
     assert np.isclose(summary["oracle"]["speedup_vs_full"], speedup, atol=1e-3)
     assert np.isclose(summary["oracle"]["accuracy_mean"], 100 * oracle["final_test_accuracy"], atol=1e-3)
+    train_speedup = runs["full"]["train_seconds"] / oracle["train_seconds"]
+    assert np.isclose(summary["oracle"]["train_speedup_vs_full"], train_speedup, atol=1e-3)
 
 
 def test_shifted_test_copy_is_deterministic_and_differs_from_the_original():

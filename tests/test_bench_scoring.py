@@ -1,0 +1,53 @@
+"""The scoring benchmarks end to end on the tiny synthetic dataset, as users run them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from jobs import score as score_job
+from pipeline import io as mio
+from pipeline.datasets import make_synthetic, write_dataset
+
+
+def _bench(*args: str) -> dict:
+    # A process of its own: `efficiency` starts (and stops) a Ray of its own.
+    done = subprocess.run([sys.executable, "-m", "jobs.bench_scoring", *args],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout[done.stdout.index("{"):])
+
+
+def test_efficiency_reports_end_to_end_and_steady_state_rates(tmp_path):
+    data = str(tmp_path / "data")
+    write_dataset(make_synthetic(n=256, seed=3), data, rows_per_shard=32)
+    result = _bench("efficiency", "--input", f"{data}/train", "--rows", "96", "--base-rows", "32",
+                    "--model", "mmdp-tiny", "--batch-size", "16", "--repeats", "1")
+    assert (result["rows"], result["base_rows"]) == (96, 32)
+    for side in ("bare", "ray"):
+        base, rows = result["seconds"][side]["base"], result["seconds"][side]["rows"]
+        assert len(base) == len(rows) == 1 and base[0] > 0 and rows[0] > 0
+        # The rates are the ones the measured times give (times rounded to 0.1 ms, rates to 0.1 pair/s).
+        assert abs(result[f"{side}_pairs_per_s"] - 96 / rows[0]) <= 0.01 * result[f"{side}_pairs_per_s"] + 0.1
+    assert result["ratio_end_to_end"] > 0
+    assert result["config"]["command"] == "efficiency"
+
+
+def test_efficiency_rejects_base_rows_not_below_rows(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "jobs.bench_scoring", "efficiency", "--input", str(tmp_path),
+                           "--rows", "10", "--base-rows", "10"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "--base-rows" in done.stderr
+
+
+def test_auroc_counts_every_row_against_the_ground_truth(ray_session, tmp_path):
+    data, scores = str(tmp_path / "data"), str(tmp_path / "scores")
+    write_dataset(make_synthetic(n=256, seed=4, noise="symmetric:0.25"), data, rows_per_shard=32)
+    assert score_job.main(["--input", f"{data}/train", "--output", scores, "--model", "mmdp-tiny",
+                           "--mode", "label", "--actor-cpus", "0.5", "--batch-size", "32"]) == 0
+    result = _bench("auroc", "--data", data, "--scores", scores)
+    truth = mio.read_table(f"{data}/ground_truth.parquet").to_pandas()
+    assert result["rows"] == len(truth) == result["scored"] + result["rejected"]
+    assert result["noisy_scored"] == int((truth["corruption"] != "none").sum()) > 0
+    for column in ("auroc_clip_score", "auroc_clip_margin", "auroc_clip_margin_symmetric"):
+        assert 0.0 <= result[column] <= 1.0
