@@ -137,7 +137,7 @@ def train_loop_per_worker(config: dict) -> None:
             forwarded += len(per_sample)
         reporter.flush()
         train_seconds = time.perf_counter() - started
-        # Each worker scores every world-th cached test batch: exact, and split.
+        # Each worker scores its part of the test split (by key hash): exact, and split.
         # The bare module: a DDP forward would wait for the other ranks.
         correct, total, test_cache = _evaluate(_unwrap(model), test_shard, test_cache, cfg["batch_size"], rank, world)
         loss_sum, forwarded, correct, total = _all_sum([loss_sum, forwarded, correct, total])
