@@ -259,7 +259,7 @@ def plain_loop_per_worker(config: dict) -> None:
     import torch
     import torch.nn.functional as F
 
-    from pipeline.train import _all_sum, _evaluate, _unwrap, setup_model
+    from pipeline.train import _all_sum, _broadcast_buffers, _evaluate, _unwrap, setup_model
 
     cfg = config
     ctx = ray.train.get_context()
@@ -282,6 +282,7 @@ def plain_loop_per_worker(config: dict) -> None:
             sched.step()
             forwarded += len(batch["label"])
         train_seconds = time.perf_counter() - started
+        _broadcast_buffers(bare)
         correct, count, cache = _evaluate(bare, test_shard, cache, cfg["batch_size"], rank, world)
         totals = _all_sum([forwarded, correct, count])
         sums["train_seconds"] += train_seconds

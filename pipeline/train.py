@@ -138,7 +138,10 @@ def train_loop_per_worker(config: dict) -> None:
         reporter.flush()
         train_seconds = time.perf_counter() - started
         # Each worker scores its part of the test split (by key hash): exact, and split.
-        # The bare module: a DDP forward would wait for the other ranks.
+        # The bare module: a DDP forward would wait for the other ranks. Its buffers
+        # (BatchNorm statistics) differ per rank after the last step: every rank takes
+        # rank 0's, so the figure is that of the one model the checkpoint saves.
+        _broadcast_buffers(_unwrap(model))
         correct, total, test_cache = _evaluate(_unwrap(model), test_shard, test_cache, cfg["batch_size"], rank, world)
         loss_sum, forwarded, correct, total = _all_sum([loss_sum, forwarded, correct, total])
         _barrier()
@@ -189,6 +192,12 @@ class PrunerRestartedError(RuntimeError):
 
 
 _DTYPES = {"x": torch.float32, "label": torch.int64, "index": torch.int64, "weight": torch.float32}
+
+
+def _broadcast_buffers(model: torch.nn.Module) -> None:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
