@@ -234,13 +234,11 @@ def final_plan_noise(run_dir: str, data: str, scores: str) -> float | None:
     state = torch.load(io.BytesIO(mio.read_bytes(mio.join(run_dir, "checkpoint", "pruner.pt"))),
                        map_location="cpu", weights_only=True)
     state = {k: v.numpy() if torch.is_tensor(v) else v for k, v in state.items()}
-    c = state["config"]
     keys, consistency, _ = load_index(scores, "auto")
-    pruner = Pruner(c["num_samples"], c["policy"], c["keep_ratio"], c["epochs"], c["seed"],
-                    consistency=consistency, loss_momentum=c["loss_momentum"], policy_params=c["policy_params"])
+    pruner = Pruner(**state["config"], consistency=consistency)  # the config names the constructor's arguments
     pruner.load_state_dict(state)
-    kept, _ = pruner.plan(c["epochs"] - 1)
-    return float(np.mean([k in noisy_keys for k in keys[kept]])) if len(kept) else 0.0
+    kept, _ = pruner.plan(pruner.epochs - 1)
+    return float(np.isin(keys[kept], list(noisy_keys)).mean()) if len(kept) else 0.0
 
 
 # ---------------------------------------------------------------- the plain Ray Train loop
@@ -259,7 +257,7 @@ def plain_loop_per_worker(config: dict) -> None:
     import torch
     import torch.nn.functional as F
 
-    from pipeline.train import _all_sum, _broadcast_buffers, _evaluate, _unwrap, setup_model
+    from pipeline.train import _all_sum, _evaluate, _unwrap, setup_model
 
     cfg = config
     ctx = ray.train.get_context()
@@ -282,7 +280,6 @@ def plain_loop_per_worker(config: dict) -> None:
             sched.step()
             forwarded += len(batch["label"])
         train_seconds = time.perf_counter() - started
-        _broadcast_buffers(bare)
         correct, count, cache = _evaluate(bare, test_shard, cache, cfg["batch_size"], rank, world)
         totals = _all_sum([forwarded, correct, count])
         sums["train_seconds"] += train_seconds

@@ -161,18 +161,18 @@ def efficiency(args: EfficiencyConfig) -> dict:
     per_shard = max(1, base_rows // 4)
     sides = {"bare": lambda shards, out: bare_loop(shards, args.model, args.pretrained, args.batch_size, args.cpus),
              "ray": lambda shards, out: ray_job(shards, out, args.model, args.pretrained, args.batch_size, args.cpus)}
-    seconds = {side: {"base": [], "rows": []} for side in sides}
+    sizes = {"base": base_rows, "rows": args.rows}
+    seconds = {side: {size: [] for size in sizes} for side in sides}
     with tempfile.TemporaryDirectory() as tmp:
-        inputs = {size: _subset(args.input, n, per_shard, os.path.join(tmp, f"in-{size}"))
-                  for size, n in (("base", base_rows), ("rows", args.rows))}
+        inputs = {size: _subset(args.input, n, per_shard, os.path.join(tmp, f"in-{size}")) for size, n in sizes.items()}
         # A Ray of its own on this node, also under `ray job submit`: both sides get the same --cpus cores.
         ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
         for i in range(args.repeats):  # alternate, so drift on a shared machine hits both
-            for size in ("base", "rows"):
+            for size, asked in sizes.items():
                 for side, run in sides.items():
                     n, took = run(inputs[size], os.path.join(tmp, f"out-{side}-{size}-{i}"))
-                    if n != (base_rows if size == "base" else args.rows):
-                        raise RuntimeError(f"{side} scored {n} of {base_rows if size == 'base' else args.rows} rows")
+                    if n != asked:
+                        raise RuntimeError(f"{side} scored {n} of {asked} rows")
                     seconds[side][size].append(took)
         ray.shutdown()
     median = {side: {size: float(np.median(t)) for size, t in by_size.items()} for side, by_size in seconds.items()}

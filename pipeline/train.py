@@ -138,10 +138,7 @@ def train_loop_per_worker(config: dict) -> None:
         reporter.flush()
         train_seconds = time.perf_counter() - started
         # Each worker scores its part of the test split (by key hash): exact, and split.
-        # The bare module: a DDP forward would wait for the other ranks. Its buffers
-        # (BatchNorm statistics) differ per rank after the last step: every rank takes
-        # rank 0's, so the figure is that of the one model the checkpoint saves.
-        _broadcast_buffers(_unwrap(model))
+        # The bare module: a DDP forward would wait for the other ranks.
         correct, total, test_cache = _evaluate(_unwrap(model), test_shard, test_cache, cfg["batch_size"], rank, world)
         loss_sum, forwarded, correct, total = _all_sum([loss_sum, forwarded, correct, total])
         _barrier()
@@ -210,7 +207,11 @@ def _evaluate(model, shard, cache, batch_size, rank, world):
     Every worker reads the whole split once and caches the rows whose key hash
     (``index``, :func:`pipeline.ingest.test_stage`) is ``rank`` modulo
     ``world``: the workers' counts sum to exactly one pass over the split.
+    Buffers (BatchNorm statistics) differ per rank after the last training
+    step; every rank first takes rank 0's, so the figure is that of the one
+    model a checkpoint saves. Call it on every rank.
     """
+    _broadcast_buffers(model)
     model.eval()
     if cache is None:
         cache = []
