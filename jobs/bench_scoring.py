@@ -11,8 +11,10 @@ measured side by side in one run. Two figures: end to end on ``--rows``,
 fixed costs included (the bare loop runs in a fresh process and is timed
 from its ``import torch`` on: imports, model load, reading, decoding,
 scoring; the Ray job is timed from its call on a running Ray to its
-committed output: the scoring actor's process start, imports and model
-load, the pipeline, the write), and the steady-state rate, from a second,
+committed output: the scoring actors' process start, imports and model
+load, the pipeline, the write; by default one actor of one torch thread
+per core, ``--actors`` sets how many share the cores), and the
+steady-state rate, from a second,
 smaller run of ``--base-rows`` on each side: ``(rows - base_rows) /
 (t(rows) - t(base_rows))``, which cancels every fixed cost::
 
@@ -71,11 +73,14 @@ class EfficiencyConfig:
     pretrained: str | None = option(None, "weights; none: random init (fine for speed)")
     batch_size: int = option(256, "batch size of both")
     cpus: int = option(2, "cores for both: torch threads / Ray CPUs")
+    actors: int = option(0, "scoring actors of the Ray job, sharing --cpus threads; 0: one per core")
     repeats: int = option(2, "alternating runs of each")
 
     def __post_init__(self):
         if min(self.rows, self.batch_size, self.cpus, self.repeats) < 1:
             raise ValueError("--rows, --batch-size, --cpus and --repeats must be >= 1")
+        if not 0 <= self.actors <= self.cpus:
+            raise ValueError(f"--actors must be in [0, --cpus], got {self.actors}")
         if not 0 <= self.base_rows < self.rows:
             raise ValueError(f"--base-rows must be in [0, --rows), got {self.base_rows}")
 
@@ -155,12 +160,19 @@ def _in_fresh_process(fn, *args):
 
 
 def ray_job(input_url: str, output: str, model: str, pretrained: str | None, batch_size: int,
-            threads: int) -> tuple[int, float]:
-    """(pairs, seconds) of the Ray Data score job on a running local cluster (actor start-up and model load included)."""
+            cpus: int, actors: int) -> tuple[int, float]:
+    """(pairs, seconds) of the Ray Data score job on a running local cluster (actor start-up and model load included).
+
+    ``actors`` scoring actors share the ``cpus`` cores: ``cpus // actors``
+    torch threads each; their CPU reservations leave the read and write
+    tasks one logical CPU (half of one on a single core), so the pool does
+    not starve its own input (ENVIRONMENT.md, deadlock 1).
+    """
     from pipeline.run import ScoreConfig, score
 
     cfg = ScoreConfig(input=input_url, output=output, model=model, pretrained=pretrained, batch_size=batch_size,
-                      min_actors=1, max_actors=1, actor_cpus=1.0, torch_threads=threads)
+                      min_actors=actors, max_actors=actors, actor_cpus=(cpus - min(1, cpus / 2)) / actors,
+                      torch_threads=max(1, cpus // actors))
     start = time.perf_counter()
     summary = score(cfg)
     return summary["rows_in"], time.perf_counter() - start
@@ -171,11 +183,13 @@ def efficiency(args: EfficiencyConfig) -> dict:
     import ray
 
     base_rows = args.base_rows or max(1, args.rows // 4)
+    actors = args.actors or args.cpus
     # Shards of one size for both subsets, so the bigger one only adds shards like them.
     per_shard = max(1, base_rows // 4)
     sides = {"bare": lambda shards, out: _in_fresh_process(bare_loop, shards, args.model, args.pretrained,
                                                            args.batch_size, args.cpus),
-             "ray": lambda shards, out: ray_job(shards, out, args.model, args.pretrained, args.batch_size, args.cpus)}
+             "ray": lambda shards, out: ray_job(shards, out, args.model, args.pretrained, args.batch_size, args.cpus,
+                                                actors)}
     sizes = {"base": base_rows, "rows": args.rows}
     seconds = {side: {size: [] for size in sizes} for side in sides}
     with tempfile.TemporaryDirectory() as tmp:
@@ -194,7 +208,7 @@ def efficiency(args: EfficiencyConfig) -> dict:
     end_to_end = {side: args.rows / m["rows"] for side, m in median.items()}
     steady = {side: (args.rows - base_rows) / max(m["rows"] - m["base"], 1e-9) for side, m in median.items()}
     return {"model": args.model, "rows": args.rows, "base_rows": base_rows, "batch_size": args.batch_size,
-            "cpus": args.cpus,
+            "cpus": args.cpus, "actors": actors, "threads_per_actor": max(1, args.cpus // actors),
             "seconds": {side: {size: [round(x, 4) for x in t] for size, t in by_size.items()}
                         for side, by_size in seconds.items()},
             "bare_pairs_per_s": round(end_to_end["bare"], 1), "ray_pairs_per_s": round(end_to_end["ray"], 1),

@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from jobs import score as score_job
 from pipeline import io as mio
 from pipeline.datasets import make_synthetic, write_dataset
@@ -25,6 +27,7 @@ def test_efficiency_reports_end_to_end_and_steady_state_rates(tmp_path):
     result = _bench("efficiency", "--input", f"{data}/train", "--rows", "96", "--base-rows", "32",
                     "--model", "mmdp-tiny", "--batch-size", "16", "--repeats", "1")
     assert (result["rows"], result["base_rows"]) == (96, 32)
+    assert (result["actors"], result["threads_per_actor"]) == (2, 1)  # one actor per core of --cpus 2
     for side in ("bare", "ray"):
         base, rows = result["seconds"][side]["base"], result["seconds"][side]["rows"]
         assert len(base) == len(rows) == 1 and base[0] > 0 and rows[0] > 0
@@ -34,10 +37,12 @@ def test_efficiency_reports_end_to_end_and_steady_state_rates(tmp_path):
     assert result["config"]["command"] == "efficiency"
 
 
-def test_efficiency_rejects_base_rows_not_below_rows(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "jobs.bench_scoring", "efficiency", "--input", str(tmp_path),
-                           "--rows", "10", "--base-rows", "10"], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2 and "--base-rows" in done.stderr
+@pytest.mark.parametrize("flags, named", [(("--rows", "10", "--base-rows", "10"), "--base-rows"),
+                                          (("--cpus", "2", "--actors", "3"), "--actors")])
+def test_efficiency_rejects_bad_sizes_by_name(tmp_path, flags, named):
+    done = subprocess.run([sys.executable, "-m", "jobs.bench_scoring", "efficiency", "--input", str(tmp_path), *flags],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and named in done.stderr
 
 
 def test_auroc_counts_every_row_against_the_ground_truth(ray_session, tmp_path):
