@@ -13,10 +13,10 @@ from its ``import torch`` on: imports, model load, reading, decoding,
 scoring; the Ray job is timed from its call on a running Ray to its
 committed output: the scoring actors' process start, imports and model
 load, the pipeline, the write; by default one actor of one torch thread
-per core, ``--actors`` sets how many share the cores), and the
-steady-state rate, from a second,
-smaller run of ``--base-rows`` on each side: ``(rows - base_rows) /
-(t(rows) - t(base_rows))``, which cancels every fixed cost::
+per core, ``--actors`` sets how many share the cores), and the steady-state
+rate, from a second, smaller run of ``--base-rows`` on each side:
+``(rows - base_rows) / (t(rows) - t(base_rows))``, which cancels every
+fixed cost (unreliable where the small run is mostly fixed cost)::
 
     python -m jobs.bench_scoring efficiency --input data/fmnist/train --rows 4000 \\
         --model mmdp-ref --pretrained runs/ref-clip/model.pt
