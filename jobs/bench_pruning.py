@@ -233,10 +233,9 @@ def final_plan_noise(run_dir: str, data: str, scores: str) -> float | None:
         return None
     state = torch.load(io.BytesIO(mio.read_bytes(mio.join(run_dir, "checkpoint", "pruner.pt"))),
                        map_location="cpu", weights_only=True)
-    state = {k: v.numpy() if torch.is_tensor(v) else v for k, v in state.items()}
     keys, consistency, _ = load_index(scores, "auto")
     pruner = Pruner(**state["config"], consistency=consistency)  # the config names the constructor's arguments
-    pruner.load_state_dict(state)
+    pruner.load_state_dict(state)  # takes the saved tensors as they are
     kept, _ = pruner.plan(pruner.epochs - 1)
     return float(np.isin(keys[kept], list(noisy_keys)).mean()) if len(kept) else 0.0
 
