@@ -29,9 +29,9 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from pipeline import io as mio
+from pipeline import storage
 from pipeline.cli import log, option, start_job
-from pipeline.policies import POLICIES
+from pipeline.prune.policies import POLICIES
 
 # Seconds each stage took at the defaults on a 2-core machine (see BENCHMARKS.md),
 # per unit of work; the time-left estimate scales them by how fast the stages
@@ -69,26 +69,26 @@ def stages(cfg: DemoConfig) -> list[tuple[str, str, object, list[str], str]]:
     """(stage, what, job module, argv, output whose completeness means done) for each step."""
     from jobs import make_dataset, pretrain_reference_clip, report, score, train
 
-    data, clip = mio.join(cfg.out, "data"), mio.join(cfg.out, "clip", "model.pt")
-    scores = mio.join(cfg.out, "scores")
+    data, clip = storage.join(cfg.out, "data"), storage.join(cfg.out, "clip", "model.pt")
+    scores = storage.join(cfg.out, "scores")
     s3 = ["--s3-endpoint", cfg.s3_endpoint] if cfg.s3_endpoint else []
     steps = [
         ("data", f"dataset with {cfg.noise} noise", make_dataset,
          ["--out", data, "--noise", cfg.noise, "--seed", str(cfg.seed), "--reference-size", str(cfg.reference_rows),
-          "--limit", str(cfg.train_rows), *s3], mio.join(data, "metadata.json")),
+          "--limit", str(cfg.train_rows), *s3], storage.join(data, "metadata.json")),
         ("clip", "reference CLIP pre-training", pretrain_reference_clip,
          ["--data", data, "--out", clip, "--epochs", str(cfg.clip_epochs), "--seed", str(cfg.seed)],
          pretrain_reference_clip.metrics_url(clip)),
         ("score", "CLIP consistency of every train pair", score,
-         ["--input", mio.join(data, "train"), "--output", scores, "--model", "mmdp-ref", "--pretrained", clip,
-          "--mode", "label", *s3], mio.join(scores, "summary.json")),
+         ["--input", storage.join(data, "train"), "--output", scores, "--model", "mmdp-ref", "--pretrained", clip,
+          "--mode", "label", *s3], storage.join(scores, "summary.json")),
     ]
     for policy in cfg.policies:
-        run = mio.join(cfg.out, "runs", policy)
+        run = storage.join(cfg.out, "runs", policy)
         steps.append(("train", f"training with policy {policy}", train,
                       ["--data", data, "--scores", scores, "--out", run, "--policy", policy,
                        "--keep-ratio", str(cfg.keep_ratio), "--epochs", str(cfg.epochs),
-                       "--workers", str(cfg.workers), "--seed", str(cfg.seed), *s3], mio.join(run, "metrics.json")))
+                       "--workers", str(cfg.workers), "--seed", str(cfg.seed), *s3], storage.join(run, "metrics.json")))
     steps.append(("report", "report", report, [cfg.out, *s3], None))
     return steps
 
@@ -110,7 +110,7 @@ def run(cfg: DemoConfig) -> int:
         pace = ran_seconds / ran_expected if ran_expected else 1.0
         left = pace * sum(expected[number - 1:])
         banner = f"[{number}/{len(steps)}] {what}  (elapsed {time.perf_counter() - started:.0f} s, about {left:.0f} s left)"
-        if cfg.reuse and marker is not None and mio.exists(marker):
+        if cfg.reuse and marker is not None and storage.exists(marker):
             log.info("%s: reusing %s", banner, marker)
             expected[number - 1] = 0.0
             continue
@@ -122,13 +122,13 @@ def run(cfg: DemoConfig) -> int:
             return code
         ran_seconds += time.perf_counter() - stage_started
         ran_expected += cost
-    log.info("done in %.0f s: %s", time.perf_counter() - started, mio.join(cfg.out, "report.md"))
+    log.info("done in %.0f s: %s", time.perf_counter() - started, storage.join(cfg.out, "report.md"))
     return 0
 
 
 def main(argv=None) -> int:
     cfg = start_job(DemoConfig, __doc__, argv, "python -m jobs.demo")
-    mio.write_json(dataclasses.asdict(cfg), mio.join(cfg.out, "demo_config.json"))
+    storage.write_json(dataclasses.asdict(cfg), storage.join(cfg.out, "demo_config.json"))
     return run(cfg)
 
 

@@ -23,7 +23,8 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 
-from pipeline import datasets, io
+from pipeline import storage
+from pipeline.data import reference
 from pipeline.cli import HELP, config_json, config_parser, log, option, parse_config, setup_logging
 
 
@@ -33,12 +34,12 @@ class MakeDatasetConfig:
 
     out: str = field(metadata={HELP: "dataset URL: a folder, file://, s3:// or gs://"})
     source: str | None = option(
-        None, f"folder or URL with the four *-ubyte.gz files; none: {datasets.FASHION_MNIST_DIR}")
+        None, f"folder or URL with the four *-ubyte.gz files; none: {reference.FASHION_MNIST_DIR}")
     # A clean slice to pre-train the reference CLIP model on, disjoint from the
     # pool being pruned; 10k of 60k leaves the 50k pool the protocol draws from.
     reference_size: int = option(10_000, "clean training images kept apart for the reference model")
     # Clean by default: noise is what an experiment asks for, e.g. "symmetric:0.2,caption:0.05".
-    noise: str = option("none", f"kind:rate,... over the train split; kinds: {', '.join(datasets.NOISE_KINDS)}")
+    noise: str = option("none", f"kind:rate,... over the train split; kinds: {', '.join(reference.NOISE_KINDS)}")
     seed: int = option(0, "seed for the split, noise and images")
     limit: int | None = option(None, "cap on rows per split (with --synthetic: rows in total; none there: 256)")
     # ~2.5 MB of PNGs a shard: a handful of read tasks per split.
@@ -49,11 +50,11 @@ class MakeDatasetConfig:
     def __post_init__(self):
         # A ValueError here is a usage error: parse_config turns it into exit code 2.
         try:
-            datasets.parse_noise_spec(self.noise)
+            reference.parse_noise_spec(self.noise)
         except ValueError as exc:
             raise ValueError(f"--noise: {exc}") from None
-        if not 0 <= self.reference_size < datasets.FASHION_MNIST_TRAIN_SIZE:
-            raise ValueError(f"--reference-size must be in [0, {datasets.FASHION_MNIST_TRAIN_SIZE})")
+        if not 0 <= self.reference_size < reference.FASHION_MNIST_TRAIN_SIZE:
+            raise ValueError(f"--reference-size must be in [0, {reference.FASHION_MNIST_TRAIN_SIZE})")
         for flag in ("limit", "rows_per_shard"):
             if getattr(self, flag) is not None and getattr(self, flag) < 1:
                 raise ValueError(f"--{flag.replace('_', '-')} must be >= 1")
@@ -68,13 +69,13 @@ def build_parser():
     return parser
 
 
-def run(config: MakeDatasetConfig) -> datasets.Dataset:
+def run(config: MakeDatasetConfig) -> reference.Dataset:
     """Build the dataset the config names and write it under ``config.out``."""
     io.configure_s3(config.s3_endpoint)
     if config.synthetic:
-        dataset = datasets.make_synthetic(n=config.limit or 256, seed=config.seed, noise=config.noise)
+        dataset = reference.make_synthetic(n=config.limit or 256, seed=config.seed, noise=config.noise)
     else:
-        dataset = datasets.make_fashion_mnist(
+        dataset = reference.make_fashion_mnist(
             source=config.source,
             reference_size=config.reference_size,
             noise=config.noise,
@@ -82,7 +83,7 @@ def run(config: MakeDatasetConfig) -> datasets.Dataset:
             limit=config.limit,
         )
     io.write_json(asdict(config), io.join(config.out, "config.json"))
-    datasets.write_dataset(dataset, config.out, rows_per_shard=config.rows_per_shard)
+    reference.write_dataset(dataset, config.out, rows_per_shard=config.rows_per_shard)
     return dataset
 
 
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         dataset = run(config)
-    except datasets.MissingSourceError as exc:
+    except reference.MissingSourceError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     meta = dataset.metadata

@@ -37,11 +37,11 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
-from pipeline import io
+from pipeline import storage
 from pipeline.cli import HELP, log, option, start_job
-from pipeline.clip_models import REFERENCE_MODEL, load_clip, register_model_configs, save_checkpoint
-from pipeline.schema import CAPTION, IMAGE, LABEL
-from pipeline.scoring import DEFAULT_TEMPLATES, ImageDecoder, class_text_embeddings, fill_template, normalize_pixels
+from pipeline.score.clip_models import REFERENCE_MODEL, load_clip, register_model_configs, save_checkpoint
+from pipeline.data.contract import CAPTION, IMAGE, LABEL
+from pipeline.score.scorer import DEFAULT_TEMPLATES, ImageDecoder, class_text_embeddings, fill_template, normalize_pixels
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ def metrics_url(checkpoint_url: str) -> str:
 
 def _decode_split(cfg: PretrainConfig, split: str, decoder: ImageDecoder, classes: list[str], templates):
     """Decoded uint8 pixels, captions and labels of a split's well-formed rows, plus how many were dropped."""
-    table = io.read_table(io.join(cfg.data, split), columns=[IMAGE, CAPTION, LABEL])
+    table = storage.read_table(storage.join(cfg.data, split), columns=[IMAGE, CAPTION, LABEL])
     pixels, captions, labels, dropped = [], [], [], 0
     for start in range(0, table.num_rows, 2048):
         chunk = table.slice(start, 2048).to_pydict()
@@ -153,9 +153,9 @@ def train(cfg: PretrainConfig) -> dict:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    meta = io.read_json(io.join(cfg.data, "metadata.json"))
+    meta = storage.read_json(storage.join(cfg.data, "metadata.json"))
     if not meta.get("classes"):
-        raise ValueError(f"{io.join(cfg.data, 'metadata.json')} names no classes; zero-shot evaluation needs them")
+        raise ValueError(f"{storage.join(cfg.data, 'metadata.json')} names no classes; zero-shot evaluation needs them")
     classes = list(meta["classes"])
     templates = list(meta.get("templates") or DEFAULT_TEMPLATES)
     model, _, tokenizer = load_clip(cfg.model)
@@ -223,7 +223,7 @@ def train(cfg: PretrainConfig) -> dict:
         "templates": templates,
         "config": asdict(cfg),
     }
-    io.write_json(metrics, metrics_url(cfg.out))
+    storage.write_json(metrics, metrics_url(cfg.out))
     print(f"zero-shot accuracy on test: {accuracy:.4f} ({metrics['test_rows']} rows); "
           f"trained in {train_seconds:.1f}s; checkpoint {cfg.out}", flush=True)
     return metrics
@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = start_job(PretrainConfig, __doc__, argv, "python -m jobs.pretrain_reference_clip", check=_check_model)
     try:
         train(cfg)
-    except (io.ShardError, FileNotFoundError, ValueError) as exc:
+    except (storage.ShardError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -26,7 +26,7 @@ import json
 import sys
 from dataclasses import dataclass
 
-from pipeline import io as mio
+from pipeline import storage
 from pipeline.cli import config_parser, option, parse_config
 
 
@@ -64,13 +64,13 @@ def _parser():
 
 
 def main(argv=None) -> int:
-    from pipeline.report_render import build_report
+    from pipeline.report.page import build_report
 
     cfg = parse_config(ReportConfig, _parser(), argv)
-    mio.configure_s3(cfg.s3_endpoint)
+    storage.configure_s3(cfg.s3_endpoint)
     try:
         summary = build_report(list(cfg.run_dirs), cfg.out or cfg.run_dirs[0], cfg.exclude, cfg.html)
-    except (ValueError, mio.ShardError) as exc:
+    except (ValueError, storage.ShardError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(summary, indent=2))

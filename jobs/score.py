@@ -24,7 +24,7 @@ from pipeline.cli import run_ray_job
 
 
 def main(argv=None) -> int:
-    from pipeline.run import ScoreConfig, score
+    from pipeline.score.job import ScoreConfig, score
 
     return run_ray_job(ScoreConfig, __doc__, argv, score)
 

@@ -25,7 +25,7 @@ from pipeline.cli import run_ray_job
 
 
 def main(argv=None) -> int:
-    from pipeline.trainer import TrainConfig, fit
+    from pipeline.train.driver import TrainConfig, fit
 
     return run_ray_job(TrainConfig, __doc__, argv, lambda cfg: fit(cfg)["totals"])
 

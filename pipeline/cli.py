@@ -111,14 +111,14 @@ def start_job(config_cls, description: str, argv, prog: str | None = None, check
     a config's ``s3_endpoint`` field, where it has one, applies to the whole
     process (and the Ray workers it starts).
     """
-    from pipeline import io as mio
+    from pipeline import storage
 
     parser = config_parser(config_cls, description)
     if prog:
         parser.prog = prog
     cfg = parse_config(config_cls, parser, argv, check)
     setup_logging()
-    mio.configure_s3(getattr(cfg, "s3_endpoint", None))
+    storage.configure_s3(getattr(cfg, "s3_endpoint", None))
     log.info("config:\n%s", config_json(cfg))
     return cfg
 
@@ -127,12 +127,12 @@ def run_ray_job(config_cls, description: str, argv, work) -> int:
     """The body of every Ray job's ``main``: parse, log the config, connect Ray, run, summarise.
 
     ``ray.init()`` starts a local Ray here and joins the cluster under ``ray
-    job submit``. A :class:`pipeline.io.ShardError` or ``ValueError`` from
+    job submit``. A :class:`pipeline.storage.ShardError` or ``ValueError`` from
     ``work(cfg)`` is bad input: its message and exit code 2, no traceback.
     """
     import ray
 
-    from pipeline import io as mio
+    from pipeline import storage
 
     cfg = start_job(config_cls, description, argv)
     if not ray.is_initialized():
@@ -142,7 +142,7 @@ def run_ray_job(config_cls, description: str, argv, work) -> int:
         ray.init(runtime_env={"env_vars": env} if env else None)
     try:
         summary = work(cfg)
-    except (mio.ShardError, ValueError) as exc:
+    except (storage.ShardError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(summary, indent=2, default=str))

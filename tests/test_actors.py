@@ -7,7 +7,7 @@ import uuid
 import numpy as np
 import pytest
 
-from pipeline.pruner import Pruner
+from pipeline.prune.pruner import Pruner
 
 N, EPOCHS = 4000, 6
 ARGS = dict(policy="mmdp", keep_ratio=0.5, epochs=EPOCHS, seed=3,
@@ -17,7 +17,7 @@ ARGS = dict(policy="mmdp", keep_ratio=0.5, epochs=EPOCHS, seed=3,
 
 @pytest.fixture
 def pruner(ray_local):
-    from pipeline.actors import actor_name, create_pruner
+    from pipeline.prune.actor import actor_name, create_pruner
 
     name = actor_name(uuid.uuid4().hex[:8])
     actor = create_pruner(name, N, **ARGS)
@@ -32,7 +32,7 @@ def test_workers_find_the_named_actor_and_deliver_every_loss_exactly_once(ray_lo
     @ray.remote(num_cpus=0)
     def worker(name: str, part: int, parts: int, epoch: int) -> int:
         """A training worker: finds the actor by name, reads the plan, reports its share."""
-        from pipeline.actors import LossReporter, get_pruner
+        from pipeline.prune.actor import LossReporter, get_pruner
 
         actor = get_pruner(name)
         plan_epoch, [ref] = ray.get(actor.current_plan.remote())
@@ -61,7 +61,7 @@ def test_workers_find_the_named_actor_and_deliver_every_loss_exactly_once(ray_lo
 
 
 def test_plan_ref_equals_the_plain_pruner_plan_and_is_shared(ray_local, pruner):
-    from pipeline.actors import fetch_plan
+    from pipeline.prune.actor import fetch_plan
 
     _, actor = pruner
     local = Pruner(N, **ARGS)
@@ -76,7 +76,7 @@ def test_plan_ref_equals_the_plain_pruner_plan_and_is_shared(ray_local, pruner):
 
 
 def test_create_pruner_with_the_same_name_returns_the_running_actor(ray_local, pruner):
-    from pipeline.actors import create_pruner, get_pruner
+    from pipeline.prune.actor import create_pruner, get_pruner
 
     name, actor = pruner
     ray_local.get(actor.update.remote(np.array([1, 2]), np.array([0.5, 0.5]), 0))
@@ -88,7 +88,7 @@ def test_create_pruner_with_the_same_name_returns_the_running_actor(ray_local, p
 
 
 def test_reporter_surfaces_actor_errors_at_flush(ray_local, pruner):
-    from pipeline.actors import LossReporter
+    from pipeline.prune.actor import LossReporter
 
     _, actor = pruner
     reporter = LossReporter(actor, chunk_size=1)
@@ -98,7 +98,7 @@ def test_reporter_surfaces_actor_errors_at_flush(ray_local, pruner):
 
 
 def test_a_killed_actor_restarts_and_reloads_its_checkpoint_to_the_same_plans(ray_local, pruner):
-    from pipeline.actors import fetch_plan
+    from pipeline.prune.actor import fetch_plan
 
     _, actor = pruner
 

@@ -10,9 +10,9 @@ import json
 import numpy as np
 import pyarrow.compute as pc
 
-from jobs import bench_pruning
-from pipeline import io as mio
-from pipeline.clip_models import TINY_MODEL, load_clip, save_checkpoint
+from benchmarks import pruning as bench_pruning
+from pipeline import storage
+from pipeline.score.clip_models import TINY_MODEL, load_clip, save_checkpoint
 
 POOL, EPOCHS, WORKERS = 96, 2, 2
 
@@ -39,7 +39,7 @@ def test_bench_runs_every_policy_and_the_oracle_on_clean_rows_only(ray_session, 
         assert abs(run["driver_test_accuracy"] - run["final_test_accuracy"]) <= 1 / (POOL // 2) + 1e-9
         assert run["wall_seconds"] > 0 and run["seed"] == 3 and run["noise"] == "symmetric:0.25"
 
-    gt = mio.read_table(f"{out}/data/symmetric0.25-s3/ground_truth.parquet")
+    gt = storage.read_table(f"{out}/data/symmetric0.25-s3/ground_truth.parquet")
     clean = int(pc.sum(pc.equal(gt.column("corruption"), "none")).as_py())
     assert gt.num_rows == POOL and clean == POOL - round(0.25 * POOL)
     oracle = runs["oracle"]
@@ -54,7 +54,7 @@ def test_bench_runs_every_policy_and_the_oracle_on_clean_rows_only(ray_session, 
     assert POOL * EPOCHS - (WORKERS - 1) * EPOCHS <= runs["full"]["samples_forwarded"] <= POOL * EPOCHS
 
     # The oracle's scores folder has the score job's layout; noisy rows are rejected with a reason.
-    scores = mio.read_table(f"{out}/scores/symmetric0.25-s3-oracle/scores")
+    scores = storage.read_table(f"{out}/scores/symmetric0.25-s3-oracle/scores")
     status = scores.column("status").to_numpy(zero_copy_only=False)
     assert (status == "ok").sum() == clean
     assert set(scores.column("error").to_numpy(zero_copy_only=False)[status != "ok"]) == {bench_pruning.ORACLE_REASON}
@@ -74,7 +74,7 @@ def test_bench_runs_every_policy_and_the_oracle_on_clean_rows_only(ray_session, 
 
 
 def test_shifted_test_copy_is_deterministic_and_differs_from_the_original():
-    png = bench_pruning.datasets.encode_png(np.tile(np.arange(28, dtype=np.uint8) * 9, (28, 1)))
+    png = bench_pruning.reference.encode_png(np.tile(np.arange(28, dtype=np.uint8) * 9, (28, 1)))
     a = bench_pruning.shift_image(png, np.random.default_rng([1, 2]))
     b = bench_pruning.shift_image(png, np.random.default_rng([1, 2]))
     c = bench_pruning.shift_image(png, np.random.default_rng([1, 3]))

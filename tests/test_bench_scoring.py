@@ -9,13 +9,13 @@ import sys
 import pytest
 
 from jobs import score as score_job
-from pipeline import io as mio
-from pipeline.datasets import make_synthetic, write_dataset
+from pipeline import storage
+from pipeline.data.reference import make_synthetic, write_dataset
 
 
 def _bench(*args: str) -> dict:
     # A process of its own: `efficiency` starts (and stops) a Ray of its own.
-    done = subprocess.run([sys.executable, "-m", "jobs.bench_scoring", *args],
+    done = subprocess.run([sys.executable, "-m", "benchmarks.scoring", *args],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout[done.stdout.index("{"):])
@@ -40,7 +40,7 @@ def test_efficiency_reports_end_to_end_and_steady_state_rates(tmp_path):
 @pytest.mark.parametrize("flags, named", [(("--rows", "10", "--base-rows", "10"), "--base-rows"),
                                           (("--cpus", "2", "--actors", "3"), "--actors")])
 def test_efficiency_rejects_bad_sizes_by_name(tmp_path, flags, named):
-    done = subprocess.run([sys.executable, "-m", "jobs.bench_scoring", "efficiency", "--input", str(tmp_path), *flags],
+    done = subprocess.run([sys.executable, "-m", "benchmarks.scoring", "efficiency", "--input", str(tmp_path), *flags],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and named in done.stderr
 
@@ -51,7 +51,7 @@ def test_auroc_counts_every_row_against_the_ground_truth(ray_session, tmp_path):
     assert score_job.main(["--input", f"{data}/train", "--output", scores, "--model", "mmdp-tiny",
                            "--mode", "label", "--actor-cpus", "0.5", "--batch-size", "32"]) == 0
     result = _bench("auroc", "--data", data, "--scores", scores)
-    truth = mio.read_table(f"{data}/ground_truth.parquet").to_pandas()
+    truth = storage.read_table(f"{data}/ground_truth.parquet").to_pandas()
     assert result["rows"] == len(truth) == result["scored"] + result["rejected"]
     assert result["noisy_scored"] == int((truth["corruption"] != "none").sum()) > 0
     for column in ("auroc_clip_score", "auroc_clip_margin", "auroc_clip_margin_symmetric"):

@@ -21,7 +21,7 @@ JOBS = sorted(m.name for m in pkgutil.iter_modules(jobs.__path__) if m.name != "
 
 
 def _help(name: str, capsys, argv=("--help",)) -> str:
-    module = importlib.import_module(f"jobs.{name}")
+    module = importlib.import_module(name if "." in name else f"jobs.{name}")
     with pytest.raises(SystemExit) as exc:
         module.main(list(argv))
     captured = capsys.readouterr()
@@ -60,11 +60,11 @@ def test_help_shows_local_and_cluster_commands_and_every_default(name, capsys):
 
 
 def test_subcommand_flags_are_their_config_fields(capsys):
-    """``jobs.bench_scoring COMMAND --help``: one flag per field of the command's config, and no other."""
-    from jobs import bench_scoring
+    """``benchmarks.scoring COMMAND --help``: one flag per field of the command's config, and no other."""
+    from benchmarks import scoring as bench_scoring
 
     for command, (config_cls, _, _) in bench_scoring.COMMANDS.items():
-        flags = set(_options(_help("bench_scoring", capsys, argv=(command, "--help")))) - {"-h"}
+        flags = set(_options(_help("benchmarks.scoring", capsys, argv=(command, "--help")))) - {"-h"}
         assert flags == {"--" + f.name.replace("_", "-") for f in dataclasses.fields(config_cls)}
 
 

@@ -63,7 +63,7 @@ def test_workers_get_object_store_access_from_an_instance_profile(prepared):
     for name in ("cpu_worker", "gpu_worker"):
         profile = prepared["available_node_types"][name]["node_config"]["IamInstanceProfile"]
         assert profile.get("Name") or profile.get("Arn"), name
-    # pipeline.io's S3 client takes the region from the environment: every container gets the cluster's.
+    # pipeline.storage's S3 client takes the region from the environment: every container gets the cluster's.
     assert f"--env AWS_DEFAULT_REGION={prepared['provider']['region']}" in prepared["docker"]["run_options"]
 
 

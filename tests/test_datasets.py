@@ -1,4 +1,4 @@
-"""pipeline.datasets without writing: idx reading, noise spec and injection, the synthetic set."""
+"""pipeline.data.reference without writing: idx reading, noise spec and injection, the synthetic set."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import datasets as ds
+from pipeline.data import reference as ds
 
 ALL_KINDS = {"symmetric": 0.3, "pairflip": 0.1, "caption": 0.05, "duplicate": 0.05, "corrupt_image": 0.05}
 

@@ -5,8 +5,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import io as mio
-from pipeline.schema import SHARD_SCHEMA, ColumnMapping, SchemaError, to_contract
+from pipeline import storage
+from pipeline.data.contract import SHARD_SCHEMA, ColumnMapping, SchemaError, to_contract
 from shardfiles import tar_bytes
 
 
@@ -32,49 +32,49 @@ def root(request, tmp_path):
 
 def test_shards_round_trip(root):
     table = _table(25)
-    urls = mio.write_shards(table, mio.join(root, "train"), rows_per_shard=10)
+    urls = storage.write_shards(table, storage.join(root, "train"), rows_per_shard=10)
     assert len(urls) == 3
-    assert mio.read_table(mio.join(root, "train")).equals(table)
-    assert mio.list_files(mio.join(root, "train")) == urls
+    assert storage.read_table(storage.join(root, "train")).equals(table)
+    assert storage.list_files(storage.join(root, "train")) == urls
 
 
 def test_single_file_json_and_bytes_round_trip(root):
     table = _table(7)
-    mio.write_table(table, mio.join(root, "one.parquet"))
-    assert mio.read_table(mio.join(root, "one.parquet")).equals(table)
-    mio.write_json({"classes": ["a", "b"], "n": 3}, mio.join(root, "meta.json"))
-    assert mio.read_json(mio.join(root, "meta.json")) == {"classes": ["a", "b"], "n": 3}
-    mio.write_bytes(b"\x00\x01weights", mio.join(root, "deep/er/model.pt"))
-    assert mio.read_bytes(mio.join(root, "deep/er/model.pt")) == b"\x00\x01weights"
+    storage.write_table(table, storage.join(root, "one.parquet"))
+    assert storage.read_table(storage.join(root, "one.parquet")).equals(table)
+    storage.write_json({"classes": ["a", "b"], "n": 3}, storage.join(root, "meta.json"))
+    assert storage.read_json(storage.join(root, "meta.json")) == {"classes": ["a", "b"], "n": 3}
+    storage.write_bytes(b"\x00\x01weights", storage.join(root, "deep/er/model.pt"))
+    assert storage.read_bytes(storage.join(root, "deep/er/model.pt")) == b"\x00\x01weights"
 
 
 def test_fetch_to_cache_downloads_once(s3_bucket, tmp_path):
-    mio.write_bytes(b"checkpoint-bytes", f"{s3_bucket}/ckpt/model.pt")
-    local = mio.fetch_to_cache(f"{s3_bucket}/ckpt/model.pt", cache_dir=str(tmp_path))
+    storage.write_bytes(b"checkpoint-bytes", f"{s3_bucket}/ckpt/model.pt")
+    local = storage.fetch_to_cache(f"{s3_bucket}/ckpt/model.pt", cache_dir=str(tmp_path))
     assert open(local, "rb").read() == b"checkpoint-bytes"
-    assert mio.fetch_to_cache(f"{s3_bucket}/ckpt/model.pt", cache_dir=str(tmp_path)) == local
+    assert storage.fetch_to_cache(f"{s3_bucket}/ckpt/model.pt", cache_dir=str(tmp_path)) == local
 
 
 def test_uncommitted_output_is_refused(root):
-    out = mio.join(root, "scores")
-    mio.begin_output(out)
-    mio.write_table(_table(3), mio.join(out, "part-00000.parquet"))
-    with pytest.raises(mio.ShardError, match="incomplete output"):
-        mio.read_table(out)
-    mio.commit_output(out, ["part-00000.parquet"], 3)
-    assert mio.read_table(out).num_rows == 3
+    out = storage.join(root, "scores")
+    storage.begin_output(out)
+    storage.write_table(_table(3), storage.join(out, "part-00000.parquet"))
+    with pytest.raises(storage.ShardError, match="incomplete output"):
+        storage.read_table(out)
+    storage.commit_output(out, ["part-00000.parquet"], 3)
+    assert storage.read_table(out).num_rows == 3
 
 
 def test_rewriting_a_committed_folder_uncommits_it_first(tmp_path):
     out = str(tmp_path / "t")
-    mio.write_shards(_table(5), out)
-    mio.begin_output(out)  # a second writer starts, then dies
-    with pytest.raises(mio.ShardError, match="incomplete"):
-        mio.read_table(out)
+    storage.write_shards(_table(5), out)
+    storage.begin_output(out)  # a second writer starts, then dies
+    with pytest.raises(storage.ShardError, match="incomplete"):
+        storage.read_table(out)
 
 
 def test_local_write_leaves_no_temp_files(tmp_path):
-    mio.write_table(_table(4), str(tmp_path / "x.parquet"))
+    storage.write_table(_table(4), str(tmp_path / "x.parquet"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.parquet"]
 
 
@@ -83,7 +83,7 @@ def test_img2dataset_parquet_maps_onto_contract(tmp_path):
                     "txt": ["a dog", "a cat"], "url": ["http://x/1", "http://x/2"]})
     pq.write_table(raw, tmp_path / "00000.parquet")
     (tmp_path / "00000_stats.json").write_text("{}")
-    table = mio.read_shards(str(tmp_path), ColumnMapping.parse("img2dataset"))
+    table = storage.read_shards(str(tmp_path), ColumnMapping.parse("img2dataset"))
     assert table.schema == SHARD_SCHEMA
     assert table.column("image").to_pylist() == [b"\xff\xd8a", b"\xff\xd8b"]
     assert table.column("caption").to_pylist() == ["a dog", "a cat"]
@@ -97,7 +97,7 @@ def test_webdataset_tar_maps_onto_contract(tmp_path):
     (tmp_path / "00000.tar").write_bytes(data)
     # img2dataset writes a metadata parquet beside each tar; it holds no samples.
     pq.write_table(pa.table({"key": ["000000001"], "status": ["success"]}), tmp_path / "00000.parquet")
-    table = mio.read_shards(str(tmp_path))
+    table = storage.read_shards(str(tmp_path))
     assert table.to_pylist() == [
         {"key": "000000001", "image": b"img1", "caption": "a dog", "label": 3},
         {"key": "000000002", "image": b"img2", "caption": "a cat", "label": 5},
@@ -107,24 +107,24 @@ def test_webdataset_tar_maps_onto_contract(tmp_path):
 def test_truncated_tar_names_the_file(tmp_path):
     data = tar_bytes([(f"{i:09d}.jpg", b"x" * 2000) for i in range(5)])
     (tmp_path / "00000.tar").write_bytes(data[: len(data) // 2])
-    with pytest.raises(mio.ShardError, match="00000.tar"):
-        mio.read_webdataset(str(tmp_path))
+    with pytest.raises(storage.ShardError, match="00000.tar"):
+        storage.read_webdataset(str(tmp_path))
 
 
 def test_corrupt_parquet_names_the_file(tmp_path):
-    mio.write_shards(_table(4), str(tmp_path / "in"))
+    storage.write_shards(_table(4), str(tmp_path / "in"))
     (tmp_path / "in2").mkdir()
     pq.write_table(_table(4), tmp_path / "in2" / "a.parquet")
     (tmp_path / "in2" / "b.parquet").write_bytes(b"this is not parquet")
-    with pytest.raises(mio.ShardError, match="b.parquet"):
-        mio.read_table(str(tmp_path / "in2"))
+    with pytest.raises(storage.ShardError, match="b.parquet"):
+        storage.read_table(str(tmp_path / "in2"))
 
 
 def test_stray_non_shard_file_names_the_file(tmp_path):
     pq.write_table(_table(4), tmp_path / "a.parquet")
     (tmp_path / "notes.csv").write_text("x,y")
-    with pytest.raises(mio.ShardError, match="notes.csv"):
-        mio.read_shards(str(tmp_path))
+    with pytest.raises(storage.ShardError, match="notes.csv"):
+        storage.read_shards(str(tmp_path))
 
 
 def test_missing_required_column_is_named():
@@ -135,5 +135,5 @@ def test_missing_required_column_is_named():
 
 
 def test_missing_url_is_a_clear_error(tmp_path):
-    with pytest.raises(mio.ShardError, match="no such file"):
-        mio.read_table(str(tmp_path / "nope"))
+    with pytest.raises(storage.ShardError, match="no such file"):
+        storage.read_table(str(tmp_path / "nope"))

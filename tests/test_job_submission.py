@@ -26,9 +26,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import io as mio
-from pipeline.clip_models import load_clip, save_checkpoint
-from pipeline.datasets import make_synthetic, write_dataset
+from pipeline import storage
+from pipeline.score.clip_models import load_clip, save_checkpoint
+from pipeline.data.reference import make_synthetic, write_dataset
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent  # the venv's bin: its `ray` and `python` (not resolved: a venv's python is a link)
@@ -158,9 +158,9 @@ def test_score_then_train_jobs_run_under_ray_job_submit(ray_head, inputs):
     _submit(ray_head, "score", "--input", f"{data}/train", "--output", scores, "--model", "mmdp-tiny",
             "--pretrained", ckpt, "--mode", "label", "--batch-size", "32", "--max-actors", "1",
             "--actor-cpus", "0.5")
-    train_rows = mio.read_table(f"{data}/train").num_rows
-    scored = mio.read_table(mio.join(scores, "scores"))
-    summary = mio.read_json(mio.join(scores, "summary.json"))
+    train_rows = storage.read_table(f"{data}/train").num_rows
+    scored = storage.read_table(storage.join(scores, "scores"))
+    summary = storage.read_json(storage.join(scores, "summary.json"))
     assert scored.num_rows == train_rows == N_ROWS - 2 * (N_ROWS // 4)
     assert set(scored.column("status").to_pylist()) == {"ok"}
     assert summary["rows_in"] == train_rows and summary["scored"] == train_rows
@@ -172,4 +172,4 @@ def test_score_then_train_jobs_run_under_ray_job_submit(ray_head, inputs):
     assert [e["epoch"] for e in metrics["epochs"]] == [0, 1]
     assert metrics["totals"]["num_samples"] == train_rows
     assert [e["plan_kept"] for e in metrics["epochs"]] == [train_rows // 2] * 2
-    assert mio.exists(str(root / "run" / "checkpoint" / "train.pt"))
+    assert storage.exists(str(root / "run" / "checkpoint" / "train.pt"))

@@ -1,4 +1,4 @@
-"""jobs.make_dataset end to end: the real main() on Fashion-MNIST subsets, read back through pipeline.io."""
+"""jobs.make_dataset end to end: the real main() on Fashion-MNIST subsets, read back through pipeline.storage."""
 
 from __future__ import annotations
 
@@ -10,17 +10,17 @@ import pytest
 from PIL import Image
 
 from jobs.make_dataset import main
-from pipeline import datasets as ds
-from pipeline import io
+from pipeline.data import reference as ds
+from pipeline import storage
 
 COMPOSED = "symmetric:0.2,pairflip:0.1,caption:0.05,duplicate:0.05,corrupt_image:0.05"
 
 
 def _make(out, *flags: str) -> dict:
     assert main(["--out", str(out), *flags]) == 0
-    splits = {s: io.read_table(io.join(str(out), s)) for s in ds.SPLITS}
-    truth = io.read_table(io.join(str(out), "ground_truth.parquet"))
-    return {"splits": splits, "truth": truth, "meta": io.read_json(io.join(str(out), "metadata.json"))}
+    splits = {s: storage.read_table(storage.join(str(out), s)) for s in ds.SPLITS}
+    truth = storage.read_table(storage.join(str(out), "ground_truth.parquet"))
+    return {"splits": splits, "truth": truth, "meta": storage.read_json(storage.join(str(out), "metadata.json"))}
 
 
 @pytest.fixture(scope="module")
@@ -55,10 +55,10 @@ def test_composed_rates_shards_and_layout(composed):
         assert abs((truth.corruption == kind).mean() - rate) <= 0.01, kind
         assert abs(composed["meta"]["noise_measured"][kind] - rate) <= 0.01
     assert (truth.corruption == "none").mean() == pytest.approx(0.55, abs=0.01)
-    assert len(io.list_files(io.join(str(composed["out"]), "train"))) == 3  # 2000 rows / 700 per shard
+    assert len(storage.list_files(storage.join(str(composed["out"]), "train"))) == 3  # 2000 rows / 700 per shard
     names = sorted(p.name for p in Path(composed["out"]).iterdir())
     assert names == ["config.json", "ground_truth.parquet", "metadata.json", "reference", "test", "train"]
-    assert io.read_json(io.join(str(composed["out"]), "config.json"))["noise"] == COMPOSED
+    assert storage.read_json(storage.join(str(composed["out"]), "config.json"))["noise"] == COMPOSED
 
 
 def test_splits_are_disjoint_and_keys_unique(composed, source_index):

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from pipeline.metrics import auroc
+from pipeline.score.quality import auroc
 
 
 def test_auroc_known_values():
@@ -26,7 +26,7 @@ def test_auroc_needs_both_classes():
 
 
 def test_noise_fraction_is_the_low_mode_of_a_two_mode_histogram():
-    from pipeline.metrics import estimate_noise_fraction
+    from pipeline.score.quality import estimate_noise_fraction
 
     rng = np.random.default_rng(0)
     clean, noisy = rng.normal(0.2, 0.1, 7000), rng.normal(-0.5, 0.15, 3000)
@@ -39,7 +39,7 @@ def test_noise_fraction_is_the_low_mode_of_a_two_mode_histogram():
 
 
 def test_policy_params_parse_numbers_and_reject_malformed_pairs():
-    from pipeline.trainer import parse_params
+    from pipeline.train.driver import parse_params
 
     assert parse_params(("loss_weight=0.3", "loss_ramp_epochs=2", "delta=-1")) == {
         "loss_weight": 0.3, "loss_ramp_epochs": 2, "delta": -1}

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline import policies as P
+from pipeline.prune import policies as P
 
 N, EPOCHS = 2000, 10
 

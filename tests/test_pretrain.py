@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from jobs.pretrain_reference_clip import main, metrics_url
-from pipeline import io as pio
-from pipeline.clip_models import TINY_MODEL, load_clip
-from pipeline.datasets import make_synthetic, write_dataset
-from pipeline.scoring import ClipScorer, ImageDecoder
+from pipeline import storage as pio
+from pipeline.score.clip_models import TINY_MODEL, load_clip
+from pipeline.data.reference import make_synthetic, write_dataset
+from pipeline.score.scorer import ClipScorer, ImageDecoder
 
 
 @pytest.fixture(scope="module")

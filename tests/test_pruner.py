@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.policies import POLICIES
-from pipeline.pruner import Pruner
+from pipeline.prune.policies import POLICIES
+from pipeline.prune.pruner import Pruner
 
 N, EPOCHS = 3000, 8
 

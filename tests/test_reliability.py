@@ -33,12 +33,12 @@ from conftest import FAKE_SECRET
 from faults import FaultProxy, always, flaky, session_pids
 from jobs import make_dataset as make_dataset_job
 from jobs import score as score_job
-from pipeline import io as mio
-from pipeline.clip_models import TINY_MODEL, load_clip, save_checkpoint
-from pipeline.datasets import SPLITS
-from pipeline.schema import SHARD_SCHEMA
+from pipeline import storage
+from pipeline.score.clip_models import TINY_MODEL, load_clip, save_checkpoint
+from pipeline.data.reference import SPLITS
+from pipeline.data.contract import SHARD_SCHEMA
 from shardfiles import tar_bytes
-from pipeline.scoring import ClipScorer, ImageDecoder
+from pipeline.score.scorer import ClipScorer, ImageDecoder
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -119,7 +119,7 @@ def _scorer_actors():
 
 def test_scoring_actor_killed_mid_job(ray_session, ckpt, tmp_path):
     rows = _rows(640)
-    mio.write_shards(rows, str(tmp_path / "in"), rows_per_shard=32)
+    storage.write_shards(rows, str(tmp_path / "in"), rows_per_shard=32)
     out = str(tmp_path / "out")
     killed = {}
 
@@ -142,7 +142,7 @@ def test_scoring_actor_killed_mid_job(ray_session, ckpt, tmp_path):
     assert rc == 0
     assert killed and killed["at"] < finished, "the actor was not killed while the job ran"
     restarts = [a["NumRestarts"] for a in _scorer_actors() if a["ActorID"] == killed["actor"]][0]
-    scores = mio.read_table(mio.join(out, "scores"))
+    scores = storage.read_table(storage.join(out, "scores"))
     keys = scores.column("key").to_pylist()
     assert sorted(keys) == rows.column("key").to_pylist()  # every row exactly once
     expected = _expected_scores(rows, ckpt)
@@ -162,12 +162,12 @@ def test_s3_retries_survive_pickling_to_ray_workers(s3_server, s3_bucket, monkey
     # failures in a row need a fourth attempt.
     with FaultProxy(s3_server, lambda method, key: 3 if method == "PUT" else 0, seed=5) as proxy:
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
-        fs, path = mio.filesystem_for(f"{s3_bucket}/a.bin")
+        fs, path = storage.filesystem_for(f"{s3_bucket}/a.bin")
         worker_fs = pickle.loads(pickle.dumps(fs))
         with worker_fs.open_output_stream(path) as f:
             f.write(b"written through three failures")
     monkeypatch.undo()
-    assert mio.read_bytes(f"{s3_bucket}/a.bin") == b"written through three failures"
+    assert storage.read_bytes(f"{s3_bucket}/a.bin") == b"written through three failures"
     assert proxy.stats["requests"] - proxy.stats["forwarded"] == 3
 
 
@@ -188,14 +188,14 @@ def via_proxy(s3_server, monkeypatch):
 
 
 def _read_dataset(url: str) -> dict:
-    tables = {split: mio.read_table(mio.join(url, split)) for split in SPLITS}
-    tables["ground_truth"] = mio.read_table(mio.join(url, "ground_truth.parquet"))
-    return {"tables": tables, "metadata": mio.read_json(mio.join(url, "metadata.json"))}
+    tables = {split: storage.read_table(storage.join(url, split)) for split in SPLITS}
+    tables["ground_truth"] = storage.read_table(storage.join(url, "ground_truth.parquet"))
+    return {"tables": tables, "metadata": storage.read_json(storage.join(url, "metadata.json"))}
 
 
 def test_flaky_object_store_jobs_equal_fault_free_runs(ray_session, ckpt, s3_bucket, s3_server, via_proxy, tmp_path,
                                                        capfd):
-    data, scores = mio.join(s3_bucket, "data"), mio.join(s3_bucket, "scores")
+    data, scores = storage.join(s3_bucket, "data"), storage.join(s3_bucket, "scores")
     dataset_args = ["--synthetic", "--limit", "64", "--rows-per-shard", "16", "--seed", "2"]
     # Fault-free references: the same jobs on a local folder.
     assert make_dataset_job.main(["--out", str(tmp_path / "data"), *dataset_args]) == 0
@@ -209,7 +209,7 @@ def test_flaky_object_store_jobs_equal_fault_free_runs(ray_session, ckpt, s3_buc
     # The score job's output names are random (its staging folder), and so would be its share of
     # faults: its reads of the train shards also fail once each, so it always meets some.
     proxy.plan = lambda method, key: max(flaky_plan(method, key), int(method == "GET" and "/data/train/" in key))
-    assert score_job.main(_score_args(mio.join(data, "train"), scores, ckpt, "--batch-size", "16")) == 0
+    assert score_job.main(_score_args(storage.join(data, "train"), scores, ckpt, "--batch-size", "16")) == 0
     faults = {k: proxy.stats[k] - made.get(k, 0) for k in ("500", "503", "drop", "requests")}
     assert made["requests"] > made["forwarded"] and faults["requests"] > sum(faults[k] for k in ("500", "503", "drop")) > 0
     assert any(m == "GET" and "/data/train/" in k and o != "forwarded" for m, k, o in proxy.log)
@@ -218,8 +218,8 @@ def test_flaky_object_store_jobs_equal_fault_free_runs(ray_session, ckpt, s3_buc
     assert remote["metadata"] == local["metadata"]
     for name, table in local["tables"].items():
         assert remote["tables"][name].equals(table), name
-    got = mio.read_table(mio.join(scores, "scores")).to_pandas()
-    want = mio.read_table(str(tmp_path / "scores" / "scores")).to_pandas()
+    got = storage.read_table(storage.join(scores, "scores")).to_pandas()
+    want = storage.read_table(str(tmp_path / "scores" / "scores")).to_pandas()
     assert got.equals(want)
     rows_in = local["tables"]["train"].num_rows
     # Security: the secret key the jobs ran with is nowhere in their output or logs.
@@ -236,15 +236,15 @@ def test_flaky_object_store_jobs_equal_fault_free_runs(ray_session, ckpt, s3_buc
 @pytest.mark.parametrize("failing", ["every-write", "the-commit"])
 def test_store_that_refuses_writes_leaves_nothing_complete(via_proxy, s3_bucket, monkeypatch, failing):
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")  # fail in seconds, not minutes
-    out = mio.join(s3_bucket, "data")
+    out = storage.join(s3_bucket, "data")
     proxy = via_proxy(always() if failing == "every-write" else always(key_contains="/_SUCCESS"))
     with pytest.raises(OSError):
         make_dataset_job.main(["--out", out, "--synthetic", "--limit", "32", "--rows-per-shard", "8"])
     monkeypatch.undo()  # read the store directly
     for split in SPLITS:
-        with pytest.raises(mio.ShardError, match="incomplete output|no such file"):
-            mio.read_table(mio.join(out, split))
-    assert not mio.exists(mio.join(out, "metadata.json"))
+        with pytest.raises(storage.ShardError, match="incomplete output|no such file"):
+            storage.read_table(storage.join(out, split))
+    assert not storage.exists(storage.join(out, "metadata.json"))
     report(f"fault4-store-refuses-{failing}", requests=proxy.stats["requests"],
            refused=proxy.stats["requests"] - proxy.stats["forwarded"], readable_splits=0, runs_finished=0)
 
@@ -287,8 +287,8 @@ def test_make_dataset_killed_while_writing_then_rerun(tmp_path):
               60, proc)
     _kill_session(proc)
     parts_left = len(list((out / "train").glob("part-*.parquet")))
-    with pytest.raises(mio.ShardError, match="incomplete output") as refused:
-        mio.read_table(str(out / "train"))
+    with pytest.raises(storage.ShardError, match="incomplete output") as refused:
+        storage.read_table(str(out / "train"))
     assert not (out / "metadata.json").exists()
     assert make_dataset_job.main(["--out", str(out), *args]) == 0  # the rerun
     assert make_dataset_job.main(["--out", str(tmp_path / "clean"), *args]) == 0
@@ -303,8 +303,8 @@ def test_make_dataset_killed_while_writing_then_rerun(tmp_path):
 
 def test_score_job_killed_while_writing_then_rerun(ray_session, ckpt, s3_bucket, s3_server, tmp_path):
     rows = _rows(240, seed=3)
-    mio.write_shards(rows, str(tmp_path / "in"), rows_per_shard=20)
-    out = mio.join(s3_bucket, "scores")
+    storage.write_shards(rows, str(tmp_path / "in"), rows_per_shard=20)
+    out = storage.join(s3_bucket, "scores")
     # Writes are held for a while, so the job is surely killed mid-write. The
     # job's driver joins the session's cluster, as under `ray job submit`.
     with FaultProxy(s3_server, delay=0.3) as proxy:
@@ -316,10 +316,10 @@ def test_score_job_killed_while_writing_then_rerun(ray_session, ckpt, s3_bucket,
         finally:
             _kill_session(proc)
     job_log = (tmp_path / "log").read_text(errors="replace")
-    with pytest.raises(mio.ShardError, match="incomplete output") as refused:
-        mio.read_table(mio.join(out, "scores"))
+    with pytest.raises(storage.ShardError, match="incomplete output") as refused:
+        storage.read_table(storage.join(out, "scores"))
     assert score_job.main(_score_args(str(tmp_path / "in"), out, ckpt, "--batch-size", "8")) == 0  # the rerun
-    scores = mio.read_table(mio.join(out, "scores"))
+    scores = storage.read_table(storage.join(out, "scores"))
     expected = _expected_scores(rows, ckpt)
     got = dict(zip(scores.column("key").to_pylist(), scores.column("clip_score").to_pylist()))
     assert sorted(got) == sorted(expected) and scores.num_rows == rows.num_rows
@@ -378,9 +378,9 @@ def bad_input_run(ray_session, ckpt, tmp_path_factory):
                              "caption": pa.array(list(NON_UTF8.values()), pa.binary())}), root / "in" / "c-bytes.parquet")
     out = str(root / "out")
     assert score_job.main(_score_args(str(root / "in"), out, ckpt, "--batch-size", "4")) == 0
-    scores = {r["key"]: r for r in mio.read_table(mio.join(out, "scores")).to_pylist()}
-    rejects = {r["key"]: r["reason"] for r in mio.read_table(mio.join(out, "rejects.parquet")).to_pylist()}
-    summary = mio.read_json(mio.join(out, "summary.json"))
+    scores = {r["key"]: r for r in storage.read_table(storage.join(out, "scores")).to_pylist()}
+    rejects = {r["key"]: r["reason"] for r in storage.read_table(storage.join(out, "rejects.parquet")).to_pylist()}
+    summary = storage.read_json(storage.join(out, "summary.json"))
     inputs = {k: (v[0], v[1]) for k, v in BAD_ROWS.items()}
     inputs.update({k: (_JPEG, v.decode("utf-8", errors="replace")) for k, v in NON_UTF8.items()})
     rows = pa.table({"key": list(inputs), "image": [v[0] for v in inputs.values()],
@@ -457,7 +457,7 @@ def test_unreadable_input_file_is_a_clear_error(ray_session, ckpt, tmp_path, cap
     message = [line for line in err.splitlines() if line.startswith("error:")]
     assert rc == 2 and message, err[-2000:]
     assert bad in message[0] and re.search(r"remove|move|rewrite|re-create|mapping", message[0]), message[0]
-    assert not mio.exists(mio.join(out, "_SUCCESS"))
+    assert not storage.exists(storage.join(out, "_SUCCESS"))
     report(f"bad-file-{make.__name__.strip('_')}", exit_code=rc, message=message[0],
            seconds=round(time.perf_counter() - start, 2), output_committed=False)
 

@@ -15,16 +15,16 @@ import pytest
 from PIL import Image
 
 from jobs import report
-from pipeline import datasets
-from pipeline import io as mio
-from pipeline.schema import KEY, SCORES_SCHEMA
+from pipeline.data import reference as datasets
+from pipeline import storage
+from pipeline.data.contract import KEY, SCORES_SCHEMA
 
 EPOCHS = 3
 
 
 def write_scores(data: str, url: str, checkpoint: str) -> tuple[int, int]:
     """Scores where every clean row beats every noisy one but one; returns (clean, noisy) counts."""
-    gt = mio.read_table(mio.join(data, "ground_truth.parquet"))
+    gt = storage.read_table(storage.join(data, "ground_truth.parquet"))
     keys = sorted(gt.column(KEY).to_pylist())
     noisy = dict(zip(gt.column(KEY).to_pylist(), (c != "none" for c in gt.column("corruption").to_pylist())))
     rng = np.random.default_rng(0)
@@ -34,9 +34,9 @@ def write_scores(data: str, url: str, checkpoint: str) -> tuple[int, int]:
     n = len(keys)
     table = pa.table({KEY: keys, "index": np.arange(n), "clip_score": margin + 0.2, "clip_margin": margin,
                       "status": ["ok"] * n, "error": [None] * n}, schema=SCORES_SCHEMA)
-    mio.write_shards(table, mio.join(url, "scores"))
-    mio.write_json({"rows_in": n, "scored": n, "rejected": 0}, mio.join(url, "summary.json"))
-    mio.write_json({"model": "mmdp-tiny", "pretrained": checkpoint, "mode": "label"}, mio.join(url, "config.json"))
+    storage.write_shards(table, storage.join(url, "scores"))
+    storage.write_json({"rows_in": n, "scored": n, "rejected": 0}, storage.join(url, "summary.json"))
+    storage.write_json({"model": "mmdp-tiny", "pretrained": checkpoint, "mode": "label"}, storage.join(url, "config.json"))
     n_noisy = sum(noisy.values())
     return n - n_noisy, n_noisy
 
@@ -44,34 +44,34 @@ def write_scores(data: str, url: str, checkpoint: str) -> tuple[int, int]:
 def write_run(url: str, data: str, scores: str, policy: str, seed: int, accuracy: list[float], wall: float,
               kept: list[int], num_samples: int, reasons: list[dict] | None = None) -> None:
     """A run folder as ``jobs.train`` writes it: config.json, metrics.json, plans.json."""
-    mio.write_json({"data": data, "scores": scores, "out": url, "policy": policy, "seed": seed,
-                    "epochs": len(accuracy), "keep_ratio": 0.5}, mio.join(url, "config.json"))
+    storage.write_json({"data": data, "scores": scores, "out": url, "policy": policy, "seed": seed,
+                    "epochs": len(accuracy), "keep_ratio": 0.5}, storage.join(url, "config.json"))
     history = [{"epoch": e, "test_accuracy": a, "samples_forwarded": k, "epoch_seconds": 1.0, "train_seconds": 0.8}
                for e, (a, k) in enumerate(zip(accuracy, kept))]
     totals = {"epochs": len(accuracy), "wall_seconds": wall, "samples_forwarded": sum(kept),
               "final_test_accuracy": accuracy[-1], "num_samples": num_samples, "signal": "clip_margin"}
-    mio.write_json({"epochs": history, "totals": totals}, mio.join(url, "metrics.json"))
+    storage.write_json({"epochs": history, "totals": totals}, storage.join(url, "metrics.json"))
     plans = [{"epoch": e, "kept": k} for e, k in enumerate(kept)]
     for plan, by_reason in zip(plans, reasons or []):
         plan["pruned_by_reason"] = by_reason
-    mio.write_json(plans, mio.join(url, "plans.json"))
+    storage.write_json(plans, storage.join(url, "plans.json"))
 
 
 def make_bench(root: str) -> dict:
     """Two RUN_DIRs over one dataset and score set: full + mmdp (seed 0), and mmdp (seed 1)."""
-    data, scores = mio.join(root, "data"), mio.join(root, "scores")
+    data, scores = storage.join(root, "data"), storage.join(root, "scores")
     datasets.write_dataset(datasets.make_synthetic(n=48, seed=0, noise="symmetric:0.25"), data)
-    checkpoint = mio.join(root, "clip", "model.pt")
-    mio.write_json({"zero_shot_accuracy": 0.777}, mio.join(root, "clip", "model.metrics.json"))
+    checkpoint = storage.join(root, "clip", "model.pt")
+    storage.write_json({"zero_shot_accuracy": 0.777}, storage.join(root, "clip", "model.metrics.json"))
     clean, noisy = write_scores(data, scores, checkpoint)
     n = clean + noisy
-    a, b = mio.join(root, "seed0"), mio.join(root, "seed1")
-    write_run(mio.join(a, "full"), data, scores, "full", 0, [0.5, 0.7, 0.80], 100.0, [n] * EPOCHS, n)
+    a, b = storage.join(root, "seed0"), storage.join(root, "seed1")
+    write_run(storage.join(a, "full"), data, scores, "full", 0, [0.5, 0.7, 0.80], 100.0, [n] * EPOCHS, n)
     half = n // 2
     reasons = [{"low consistency": 5, "well learned (low loss)": n - half - 5}] * EPOCHS
-    write_run(mio.join(a, "mmdp"), data, scores, "mmdp", 0, [0.6, 0.8, 0.84], 50.0, [half] * EPOCHS, n, reasons)
-    write_run(mio.join(b, "mmdp"), data, scores, "mmdp", 1, [0.6, 0.8, 0.86], 60.0, [half] * EPOCHS, n, reasons)
-    return {"a": a, "b": b, "n": n, "half": half, "noisy": noisy, "out": mio.join(root, "report")}
+    write_run(storage.join(a, "mmdp"), data, scores, "mmdp", 0, [0.6, 0.8, 0.84], 50.0, [half] * EPOCHS, n, reasons)
+    write_run(storage.join(b, "mmdp"), data, scores, "mmdp", 1, [0.6, 0.8, 0.86], 60.0, [half] * EPOCHS, n, reasons)
+    return {"a": a, "b": b, "n": n, "half": half, "noisy": noisy, "out": storage.join(root, "report")}
 
 
 def tables(text: str) -> list[list[dict]]:
@@ -98,7 +98,7 @@ def row(text: str, column: str, value: str) -> dict:
 def test_report_compares_policies_across_run_dirs(where, tmp_path, request):
     bench = make_bench(str(tmp_path) if where == "local" else request.getfixturevalue("s3_bucket"))
     assert report.main([bench["a"], bench["b"], "--out", bench["out"]]) == 0
-    text = mio.read_bytes(mio.join(bench["out"], "report.md")).decode()
+    text = storage.read_bytes(storage.join(bench["out"], "report.md")).decode()
 
     # Final figures: one row per policy; mmdp's two seeds as mean ± sample std, speedup = 100 s / 55 s.
     final = {r["policy"]: r for r in tables(text)[0]}
@@ -125,12 +125,12 @@ def test_report_compares_policies_across_run_dirs(where, tmp_path, request):
     figures = re.findall(r"!\[[^\]]*\]\((figures/[^)]+\.png)\)", text)
     assert {"figures/accuracy.png", "figures/kept.png", "figures/wall.png"} <= set(figures) and len(figures) == 4
     for rel in figures:
-        png = mio.read_bytes(mio.join(bench["out"], rel))
+        png = storage.read_bytes(storage.join(bench["out"], rel))
         with Image.open(io.BytesIO(png)) as im:
             im.verify()
         with Image.open(io.BytesIO(png)) as im:
             assert im.format == "PNG" and im.size[0] >= 700 and im.size[1] >= 300 and len(png) > 10_000
-    page = mio.read_bytes(mio.join(bench["out"], "report.html")).decode()
+    page = storage.read_bytes(storage.join(bench["out"], "report.html")).decode()
     assert '<img src="figures/accuracy.png"' in page and "85.00 ± 1.41" in page
 
 
@@ -148,7 +148,7 @@ def test_missing_optional_pieces_read_as_not_recorded(tmp_path):
     # No plan log: pruned is derived from the metrics' per-epoch counts, its reasons unknown.
     reasons = next(t for t in tables(text) if t and "pruned by the plans" in t[0])
     assert reasons[0]["reason not recorded"] == "10" and "Reasons were not recorded" in text
-    assert not mio.exists(f"{out}/report.html")
+    assert not storage.exists(f"{out}/report.html")
 
 
 def test_bad_run_dirs_exit_2(tmp_path, capsys):

@@ -10,11 +10,11 @@ import pytest
 from PIL import Image
 
 from jobs import score as score_job
-from pipeline import io as mio
-from pipeline.datasets import make_synthetic, write_dataset
-from pipeline.schema import SHARD_SCHEMA
-from pipeline.clip_models import load_clip, save_checkpoint
-from pipeline.scoring import ClipScorer, ImageDecoder
+from pipeline import storage
+from pipeline.data.reference import make_synthetic, write_dataset
+from pipeline.data.contract import SHARD_SCHEMA
+from pipeline.score.clip_models import load_clip, save_checkpoint
+from pipeline.score.scorer import ClipScorer, ImageDecoder
 from shardfiles import tar_bytes
 
 
@@ -43,13 +43,13 @@ def _direct_scores(rows: pa.Table, ckpt: str, mode: str, classes=None) -> dict[s
 @pytest.mark.parametrize("mode", ["caption", "label"])
 def test_score_job_equals_direct_scorer(ray_session, synthetic, tiny_ckpt, tmp_path, mode):
     out = str(tmp_path / "scores")
-    rc = score_job.main(["--input", mio.join(synthetic, "train"), "--output", out, "--model", "mmdp-tiny",
+    rc = score_job.main(["--input", storage.join(synthetic, "train"), "--output", out, "--model", "mmdp-tiny",
                          "--pretrained", tiny_ckpt,
                          "--mode", mode, "--batch-size", "16", "--max-actors", "2", "--actor-cpus", "0.5"])
     assert rc == 0
-    scores = mio.read_table(mio.join(out, "scores"))
-    rows = mio.read_table(mio.join(synthetic, "train"))
-    classes = mio.read_json(mio.join(synthetic, "metadata.json"))["classes"]
+    scores = storage.read_table(storage.join(out, "scores"))
+    rows = storage.read_table(storage.join(synthetic, "train"))
+    classes = storage.read_json(storage.join(synthetic, "metadata.json"))["classes"]
     expected = _direct_scores(rows, tiny_ckpt, mode, classes)
     assert scores.num_rows == rows.num_rows == len(expected)
     assert (np.asarray(scores.column("status").to_pylist()) == "ok").all()
@@ -63,7 +63,7 @@ def test_score_job_equals_direct_scorer(ray_session, synthetic, tiny_ckpt, tmp_p
     # The dense index is 0..n-1 in key order.
     order = np.argsort(scores.column("key").to_pylist())
     assert scores.column("index").to_numpy()[order].tolist() == list(range(rows.num_rows))
-    assert mio.read_json(mio.join(out, "summary.json"))["rows_in"] == rows.num_rows
+    assert storage.read_json(storage.join(out, "summary.json"))["rows_in"] == rows.num_rows
 
 
 def _png(size=(8, 8), mode="RGB"):
@@ -89,15 +89,15 @@ def test_every_bad_row_is_rejected_with_its_reason(ray_session, tmp_path):
     ]
     table = pa.table({"key": [r[0] for r in rows], "image": [r[1] for r in rows], "caption": [r[2] for r in rows],
                       "label": pa.array([r[3] for r in rows], pa.int64())}, schema=SHARD_SCHEMA)
-    mio.write_shards(table.slice(0, 5), str(tmp_path / "in" / "a"))
-    mio.write_shards(table.slice(5), str(tmp_path / "in" / "b"))
+    storage.write_shards(table.slice(0, 5), str(tmp_path / "in" / "a"))
+    storage.write_shards(table.slice(5), str(tmp_path / "in" / "b"))
     out = str(tmp_path / "out")
     rc = score_job.main(["--input", str(tmp_path / "in"), "--output", out, "--model", "mmdp-tiny",
                          "--classes", "zero,one", "--batch-size", "4", "--actor-cpus", "0.5"])
     assert rc == 0
-    scores = mio.read_table(mio.join(out, "scores")).to_pylist()
-    rejects = mio.read_table(mio.join(out, "rejects.parquet")).to_pylist()
-    summary = mio.read_json(mio.join(out, "summary.json"))
+    scores = storage.read_table(storage.join(out, "scores")).to_pylist()
+    rejects = storage.read_table(storage.join(out, "rejects.parquet")).to_pylist()
+    summary = storage.read_json(storage.join(out, "summary.json"))
     assert summary["rows_in"] == len(rows) == summary["scored"] + summary["rejected"]
     assert summary["scored"] == 3 and len(rejects) == summary["rejected"] == 7
     for (key, _, caption, _, reason), row in zip(rows, scores):
@@ -111,16 +111,16 @@ def test_every_bad_row_is_rejected_with_its_reason(ray_session, tmp_path):
 
 
 def test_score_job_reads_and_writes_s3(ray_session, tiny_ckpt, s3_bucket, tmp_path):
-    src = mio.join(s3_bucket, "data")
+    src = storage.join(s3_bucket, "data")
     write_dataset(make_synthetic(n=64, seed=1), src, rows_per_shard=20)
     local_out = str(tmp_path / "local")
-    s3_out = mio.join(s3_bucket, "scores")
+    s3_out = storage.join(s3_bucket, "scores")
     args = ["--model", "mmdp-tiny", "--pretrained", tiny_ckpt, "--batch-size", "16", "--actor-cpus", "0.5"]
-    assert score_job.main(["--input", mio.join(src, "train"), "--output", s3_out, *args]) == 0
+    assert score_job.main(["--input", storage.join(src, "train"), "--output", s3_out, *args]) == 0
     write_dataset(make_synthetic(n=64, seed=1), str(tmp_path / "data"), rows_per_shard=20)
     assert score_job.main(["--input", str(tmp_path / "data" / "train"), "--output", local_out, *args]) == 0
-    from_s3 = mio.read_table(mio.join(s3_out, "scores"))
-    local = mio.read_table(mio.join(local_out, "scores"))
+    from_s3 = storage.read_table(storage.join(s3_out, "scores"))
+    local = storage.read_table(storage.join(local_out, "scores"))
     assert from_s3.num_rows == 32
     assert from_s3.to_pandas().equals(local.to_pandas())  # NaN margins compare equal here
 
@@ -131,7 +131,7 @@ def test_bad_input_folder_is_a_clear_error(ray_session, tmp_path, capsys):
     rc = score_job.main(["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--model", "mmdp-tiny"])
     assert rc == 2
     assert "a.parquet" in capsys.readouterr().err
-    assert not mio.exists(str(tmp_path / "out" / "_SUCCESS"))
+    assert not storage.exists(str(tmp_path / "out" / "_SUCCESS"))
 
 
 def test_score_job_reads_webdataset_tars_with_mixed_image_types(ray_session, tiny_ckpt, tmp_path):
@@ -149,6 +149,6 @@ def test_score_job_reads_webdataset_tars_with_mixed_image_types(ray_session, tin
     out = str(tmp_path / "out")
     assert score_job.main(["--input", str(tmp_path / "in"), "--output", out, "--model", "mmdp-tiny",
                            "--pretrained", tiny_ckpt, "--batch-size", "4", "--actor-cpus", "0.5"]) == 0
-    scores = mio.read_table(mio.join(out, "scores"))
+    scores = storage.read_table(storage.join(out, "scores"))
     assert sorted(scores.column("key").to_pylist()) == [f"{i:09d}" for i in range(6)]
     assert scores.column("status").to_pylist() == ["ok"] * 6  # png and jpg rows alike

@@ -13,7 +13,7 @@ CONSISTENCY = np.random.default_rng(0).normal(0.25, 0.05, N)
 
 
 def start(ray, policy, **sharding):
-    from pipeline.actors import actor_name, create_pruner
+    from pipeline.prune.actor import actor_name, create_pruner
 
     return create_pruner(actor_name(uuid.uuid4().hex[:8]), N, policy=policy, keep_ratio=0.4, epochs=EPOCHS,
                          seed=7, consistency=CONSISTENCY, **sharding)
@@ -21,7 +21,7 @@ def start(ray, policy, **sharding):
 
 @pytest.mark.parametrize("policy", ["mmdp", "infobatch", "random", "clip_filter", "full"])
 def test_sharded_actors_give_the_single_actor_plans_with_updates(ray_local, policy):
-    from pipeline.actors import LossReporter, fetch_plan
+    from pipeline.prune.actor import LossReporter, fetch_plan
 
     single, sharded = start(ray_local, policy), start(ray_local, policy, bounds=BOUNDS)
     try:
@@ -59,8 +59,8 @@ def test_sharded_actors_give_the_single_actor_plans_with_updates(ray_local, poli
 
 
 def test_a_sharded_checkpoint_restores_into_one_pruner_and_back(ray_local):
-    from pipeline.actors import fetch_plan
-    from pipeline.pruner import Pruner
+    from pipeline.prune.actor import fetch_plan
+    from pipeline.prune.pruner import Pruner
 
     sharded = start(ray_local, "mmdp", num_shards=4)
     try:

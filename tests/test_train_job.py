@@ -13,9 +13,9 @@ import pytest
 
 from jobs import score as score_job
 from jobs import train as train_job
-from pipeline import io as mio
-from pipeline.datasets import make_synthetic, write_dataset
-from pipeline.procmem import tree
+from pipeline import storage
+from pipeline.data.reference import make_synthetic, write_dataset
+from benchmarks.procmem import tree
 
 
 @pytest.fixture(scope="module")
@@ -57,9 +57,9 @@ def test_each_kept_sample_reports_exactly_one_loss(scored_ready, tmp_path):
     assert [e["plan_kept"] for e in metrics["epochs"]] == [100, 100, 100, 100]
     assert [p["epoch"] for p in plans] == [0, 1, 2, 3]
     # The two workers split the test split between them: one exact pass, every epoch.
-    test_rows = mio.read_json(f"{data}/metadata.json")["splits"]["test"]
+    test_rows = storage.read_json(f"{data}/metadata.json")["splits"]["test"]
     assert test_rows > 0 and [e["test_rows"] for e in metrics["epochs"]] == [test_rows] * 4
-    assert mio.exists(str(tmp_path / "run" / "checkpoint" / "train.pt"))
+    assert storage.exists(str(tmp_path / "run" / "checkpoint" / "train.pt"))
 
 
 # A fixed noise fraction: the plans then vary with the losses every epoch (the test is about them).

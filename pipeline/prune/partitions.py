@@ -6,9 +6,9 @@ epoch a loss arrived int32, consistency rank float32), 13 with the
 consistency bin (uint8) it derives once for mmdp's plans, plus, only while a
 plan is being made, a ``scratch`` dict of that plan's temporaries (freed at
 its end). :class:`LocalShards` is a cluster of them in one process with the
-``map`` / ``map_each`` interface of :mod:`pipeline.selection`;
-:mod:`pipeline.sharded` is the same over Ray actors. One local shard is
-what a single :class:`~pipeline.pruner.Pruner` uses; several local shards
+``map`` / ``map_each`` interface of :mod:`pipeline.prune.selection`;
+:mod:`pipeline.prune.remote` is the same over Ray actors. One local shard is
+what a single :class:`~pipeline.prune.pruner.Pruner` uses; several local shards
 exist to test that plans do not depend on the split.
 
 No Ray here.
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.plan_steps import consistency_bins
+from pipeline.prune.steps import consistency_bins
 
 
 class PrunerShard:
@@ -106,7 +106,7 @@ def split_by_bounds(bounds: np.ndarray, indices: np.ndarray):
 
 
 class LocalShards:
-    """Shards of one process, with the cluster interface of :mod:`pipeline.selection`.
+    """Shards of one process, with the cluster interface of :mod:`pipeline.prune.selection`.
 
     Args:
         bounds: increasing boundaries ``[0, b1, ..., n]``: shard i holds [b_i, b_i+1).

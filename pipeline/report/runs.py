@@ -1,6 +1,6 @@
 """Training runs and score sets, read from what the jobs write: the data behind ``report.md``.
 
-Inputs are what the jobs write, read through :mod:`pipeline.io` (local or
+Inputs are what the jobs write, read through :mod:`pipeline.storage` (local or
 object store): every ``metrics.json`` with a ``config.json`` next to it under
 the run folders is a training run (``jobs.train``); its config names the
 dataset (``metadata.json``, ``ground_truth.parquet``) and the score job's
@@ -9,8 +9,8 @@ checkpoint, whose zero-shot accuracy the pretraining job saves beside it).
 Anything optional that is missing reads as "not recorded", never as an error.
 
 The report is three modules, each importing only the ones before it: this one
-(loading and grouping), :mod:`pipeline.report_figures` (matplotlib figures) and
-:mod:`pipeline.report_render` (the page: ``build_report``, Markdown and HTML).
+(loading and grouping), :mod:`pipeline.report.figures` (matplotlib figures) and
+:mod:`pipeline.report.page` (the page: ``build_report``, Markdown and HTML).
 No Ray here.
 """
 
@@ -27,9 +27,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
-from pipeline import io as mio
-from pipeline.metrics import auroc
-from pipeline.schema import KEY
+from pipeline import storage
+from pipeline.score.quality import auroc
+from pipeline.data.contract import KEY
 
 # Table and legend order: the benchmark's (DESIGN.md); any other policy name follows, sorted.
 POLICY_ORDER = ("full", "random", "infobatch", "clip_filter", "mmdp", "oracle")
@@ -78,9 +78,9 @@ class Sources:
         if key not in self.cache:
             self.cache[key] = {}
             try:
-                table = mio.read_table(mio.join(scores_url, "scores"), columns=["status", "error"])
+                table = storage.read_table(storage.join(scores_url, "scores"), columns=["status", "error"])
                 self.cache[key] = _rejected_by_reason(table)
-            except (mio.ShardError, OSError, KeyError, pa.ArrowInvalid):
+            except (storage.ShardError, OSError, KeyError, pa.ArrowInvalid):
                 pass
         return self.cache[key]
 
@@ -90,8 +90,8 @@ class Sources:
             return None
         if url not in self.cache:
             try:
-                self.cache[url] = mio.read_json(url)
-            except (mio.ShardError, OSError, ValueError):
+                self.cache[url] = storage.read_json(url)
+            except (storage.ShardError, OSError, ValueError):
                 self.cache[url] = None
         return self.cache[url]
 
@@ -108,7 +108,7 @@ def find_run_folders(root: str, exclude: tuple[str, ...] = ()) -> tuple[list[str
     Raises:
         ValueError: ``root`` does not exist or is not a folder.
     """
-    fs, base = mio.filesystem_for(root)
+    fs, base = storage.filesystem_for(root)
     info = fs.get_file_info(base)
     if info.type != pafs.FileType.Directory:
         raise ValueError(f"{root}: no such folder")
@@ -129,10 +129,10 @@ def load_runs(roots: list[str], exclude: tuple[str, ...] = (),
     runs, notes = [], []
     for root, name in zip(roots, names):
         folders, excluded = find_run_folders(root, exclude)
-        notes += [f"{mio.join(root, r)}: excluded by --exclude" for r in excluded]
+        notes += [f"{storage.join(root, r)}: excluded by --exclude" for r in excluded]
         shifted = _shifted_from_results(root, sources)
         for rel in folders:
-            url = mio.join(root, rel) if rel else root
+            url = storage.join(root, rel) if rel else root
             label = posixpath.join(name if names.count(name) == 1 else root, rel) if prefix else (rel or name)
             run = _load_run(url, label, sources)
             if run is None:
@@ -145,13 +145,13 @@ def load_runs(roots: list[str], exclude: tuple[str, ...] = (),
 
 
 def _load_run(url: str, label: str, sources: Sources) -> Run | None:
-    metrics, config = sources.json(mio.join(url, "metrics.json")), sources.json(mio.join(url, "config.json"))
+    metrics, config = sources.json(storage.join(url, "metrics.json")), sources.json(storage.join(url, "config.json"))
     if not isinstance(metrics, dict) or not isinstance(metrics.get("epochs"), list) or "totals" not in metrics:
         return None
     config = config if isinstance(config, dict) else {}
-    plans = sources.json(mio.join(url, "plans.json"))
-    summary = sources.json(mio.join(config["scores"], "summary.json")) if config.get("scores") else None
-    meta = sources.json(mio.join(config["data"], "metadata.json")) if config.get("data") else None
+    plans = sources.json(storage.join(url, "plans.json"))
+    summary = sources.json(storage.join(config["scores"], "summary.json")) if config.get("scores") else None
+    meta = sources.json(storage.join(config["data"], "metadata.json")) if config.get("data") else None
     policy = str(config.get("policy", "unknown"))
     # The benchmark's clean oracle is policy "full" on a score set whose noisy rows were rejected.
     if summary and summary.get("oracle_excluded"):
@@ -164,12 +164,12 @@ def _load_run(url: str, label: str, sources: Sources) -> Run | None:
 
 
 def _norm(url: str) -> str:
-    return mio.filesystem_for(url)[1]
+    return storage.filesystem_for(url)[1]
 
 
 def _shifted_from_results(root: str, sources: Sources) -> dict[str, float]:
     """Shifted-test accuracies the benchmark keeps in ``results.json`` (not in the runs' metrics)."""
-    results = sources.json(mio.join(root, "results.json"))
+    results = sources.json(storage.join(root, "results.json"))
     if not isinstance(results, dict):
         return {}
     return {_norm(r["out"]): r["shifted_test_accuracy"] for r in results.get("runs", [])
@@ -265,7 +265,7 @@ def score_sets(runs: list[Run], sources: Sources) -> list[ScoreSet]:
         url, data = r.config.get("scores"), r.config.get("data")
         if not url:
             continue
-        derived = (sources.json(mio.join(url, "config.json")) or {}).get("derived_from")
+        derived = (sources.json(storage.join(url, "config.json")) or {}).get("derived_from")
         url = derived or url
         if url not in seen:
             seen[url] = load_score_set(url, data, sources)
@@ -275,12 +275,12 @@ def score_sets(runs: list[Run], sources: Sources) -> list[ScoreSet]:
 
 def load_score_set(url: str, data: str | None, sources: Sources) -> ScoreSet:
     s = ScoreSet(url=url, data=data or "")
-    cfg = sources.json(mio.join(url, "config.json")) or {}
+    cfg = sources.json(storage.join(url, "config.json")) or {}
     s.model, s.pretrained = cfg.get("model"), cfg.get("pretrained")
     s.zero_shot = reference_zero_shot(s.pretrained, sources)
     try:
-        table = mio.read_table(mio.join(url, "scores"))
-    except (mio.ShardError, OSError) as exc:
+        table = storage.read_table(storage.join(url, "scores"))
+    except (storage.ShardError, OSError) as exc:
         s.note = f"scores not readable ({exc})"
         return s
     s.rows = table.num_rows
@@ -325,8 +325,8 @@ def _rejected_by_reason(table: pa.Table) -> dict[str, int]:
 
 def _corruptions(keys: pa.ChunkedArray, data: str, sources: Sources) -> np.ndarray | None:
     try:
-        gt = mio.read_table(mio.join(data, "ground_truth.parquet"), columns=[KEY, "corruption"])
-    except (mio.ShardError, OSError, KeyError, pa.ArrowInvalid):
+        gt = storage.read_table(storage.join(data, "ground_truth.parquet"), columns=[KEY, "corruption"])
+    except (storage.ShardError, OSError, KeyError, pa.ArrowInvalid):
         return None
     idx = pc.index_in(keys, value_set=gt.column(KEY).combine_chunks())
     kinds = pc.fill_null(pc.take(gt.column("corruption"), idx), "unknown")

@@ -13,12 +13,12 @@ State is three arrays, 12 bytes a sample: the loss moving average (float32),
 the last epoch a loss arrived (int32, -1 = never) and the consistency rank
 (float32, stored once). Everything is vectorised: no per-sample Python.
 
-The arrays live in index-range shards (:mod:`pipeline.shards`): one local
+The arrays live in index-range shards (:mod:`pipeline.prune.partitions`): one local
 shard by default; ``bounds=`` splits them, and ``cluster=`` puts the shards
-elsewhere (:mod:`pipeline.sharded` puts each in a Ray actor). Plans do not
-depend on the split (:mod:`pipeline.selection` says why).
+elsewhere (:mod:`pipeline.prune.remote` puts each in a Ray actor). Plans do not
+depend on the split (:mod:`pipeline.prune.selection` says why).
 
-No Ray here; :mod:`pipeline.actors` wraps this in a Ray actor.
+No Ray here; :mod:`pipeline.prune.actor` wraps this in a Ray actor.
 """
 from __future__ import annotations
 
@@ -26,9 +26,9 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from pipeline.policies import PlanContext, Policy, make_policy, rank_normalise, target_count
-from pipeline.selection import mix64
-from pipeline.shards import LocalShards
+from pipeline.prune.policies import PlanContext, Policy, make_policy, rank_normalise, target_count
+from pipeline.prune.selection import mix64
+from pipeline.prune.partitions import LocalShards
 
 STATE_VERSION = 1
 
@@ -38,7 +38,7 @@ class Pruner:
 
     Args:
         num_samples: n; samples are the indices 0..n-1.
-        policy: a registered policy name (see ``pipeline.policies.POLICIES``)
+        policy: a registered policy name (see ``pipeline.prune.policies.POLICIES``)
             or a ``Policy`` instance.
         keep_ratio: fraction of samples a pruning epoch keeps, in (0, 1].
         epochs: total epochs of the run (annealing policies need it).
@@ -51,7 +51,7 @@ class Pruner:
         policy_params: knobs passed to the policy when ``policy`` is a name.
         bounds: shard boundaries ``[0, b1, ..., n]`` (default one shard).
         cluster: ``cluster(bounds, ranks, loss_momentum)`` makes the shards
-            (default :class:`~pipeline.shards.LocalShards`).
+            (default :class:`~pipeline.prune.partitions.LocalShards`).
     """
 
     def __init__(self, num_samples: int, policy: str | Policy = "mmdp",
@@ -107,7 +107,7 @@ class Pruner:
 
     @property
     def shards(self):
-        """The shard set holding the state (local, or :class:`pipeline.sharded.RayShards`)."""
+        """The shard set holding the state (local, or :class:`pipeline.prune.remote.RayShards`)."""
         return self._shards
 
     @property

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-from pipeline.clip_models import load_clip, preprocess_config
+from pipeline.score.clip_models import load_clip, preprocess_config
 
 # 8192 x 8192: above any real photo, far below what exhausts a worker's memory
 # (a 50k x 50k PNG header would ask for 7.5 GB of RGB).

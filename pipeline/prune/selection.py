@@ -18,8 +18,8 @@ per-shard summaries that add up the same whatever the split:
 A "cluster" is anything with ``map(fn, *args) -> [fn(shard, *args) per
 shard in index order]`` and ``map_each(fn, args_per_shard)``; a shard has
 ``start`` (its first global index), ``n``, and a ``scratch`` dict for one
-plan's temporaries. :mod:`pipeline.shards` has the local one; the Ray one in
-:mod:`pipeline.sharded` runs the same functions inside shard actors.
+plan's temporaries. :mod:`pipeline.prune.partitions` has the local one; the Ray one in
+:mod:`pipeline.prune.remote` runs the same functions inside shard actors.
 
 No Ray here.
 """

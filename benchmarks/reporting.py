@@ -2,19 +2,19 @@
 
 The same model, batches and optimiser train in one process; with reporting
 on, every step hands its per-sample losses to a real pruning actor through
-the real :class:`pipeline.actors.LossReporter` (fire-and-forget, flushed at
+the real :class:`pipeline.prune.actor.LossReporter` (fire-and-forget, flushed at
 the end of each trial, as the train loop flushes at the end of an epoch).
 Trials alternate on/off/off/on so drift (other load, thermal, caches) hits
 both alike; the ratio is mean on-time over mean off-time.
 
 Local (Ray starts on this machine)::
 
-    python -m jobs.bench_reporting --steps 200 --repeats 3
+    python -m benchmarks.reporting --steps 200 --repeats 3
 
 On a cluster (the training loop runs on the node the job's driver runs on,
 the pruning actor wherever Ray places it)::
 
-    ray job submit --working-dir . -- python -m jobs.bench_reporting --steps 200 --repeats 3
+    ray job submit --working-dir . -- python -m benchmarks.reporting --steps 200 --repeats 3
 
 Prints the result as JSON, with the resolved config (also logged) under
 ``config``. Target (issue 7): ratio <= 1.03.
@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from pipeline.cli import option, start_job
-from pipeline.policies import POLICIES
+from pipeline.prune.policies import POLICIES
 
 
 @dataclass(frozen=True)
@@ -56,8 +56,8 @@ def run(steps: int, repeats: int, batch_size: int, num_samples: int, threads: in
     import torch
     import torch.nn.functional as F
 
-    from pipeline.actors import LossReporter, actor_name, create_pruner
-    from pipeline.models import build_model
+    from pipeline.prune.actor import LossReporter, actor_name, create_pruner
+    from pipeline.train.models import build_model
 
     torch.manual_seed(0)
     torch.set_num_threads(threads)
@@ -106,7 +106,7 @@ def run(steps: int, repeats: int, batch_size: int, num_samples: int, threads: in
 
 
 def main(argv=None) -> int:
-    cfg = start_job(BenchReportingConfig, __doc__, argv, "python -m jobs.bench_reporting")
+    cfg = start_job(BenchReportingConfig, __doc__, argv, "python -m benchmarks.reporting")
     result = run(cfg.steps, cfg.repeats, cfg.batch_size, cfg.num_samples, cfg.threads, cfg.policy)
     print(json.dumps({**result, "config": asdict(cfg)}))
     print(f"reporting overhead ratio (on / off step time): {result['ratio']}  "

@@ -27,8 +27,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image, ImageDraw
 
-from pipeline import io
-from pipeline.schema import SHARD_SCHEMA
+from pipeline import storage
+from pipeline.data.contract import SHARD_SCHEMA
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist
 FASHION_MNIST_FILES = {
@@ -120,7 +120,7 @@ def load_fashion_mnist(source: str | None = None) -> dict[str, tuple[np.ndarray,
     """
     folder = source or FASHION_MNIST_DIR
     names = [n for pair in FASHION_MNIST_FILES.values() for n in pair]
-    missing = [n for n in names if not io.exists(io.join(folder, n))]
+    missing = [n for n in names if not storage.exists(storage.join(folder, n))]
     if missing:
         raise MissingSourceError(
             f"Fashion-MNIST not found: {', '.join(missing)} missing in {folder}.\n"
@@ -130,8 +130,8 @@ def load_fashion_mnist(source: str | None = None) -> dict[str, tuple[np.ndarray,
         )
     out = {}
     for split, (image_name, label_name) in FASHION_MNIST_FILES.items():
-        images = _read_idx(_gunzip(io.read_bytes(io.join(folder, image_name))), "images", image_name)
-        labels = _read_idx(_gunzip(io.read_bytes(io.join(folder, label_name))), "labels", label_name)
+        images = _read_idx(_gunzip(storage.read_bytes(storage.join(folder, image_name))), "images", image_name)
+        labels = _read_idx(_gunzip(storage.read_bytes(storage.join(folder, label_name))), "labels", label_name)
         if len(images) != len(labels):
             raise ValueError(f"{image_name} has {len(images)} images but {label_name} {len(labels)} labels")
         out[split] = (images, labels.astype(np.int64))
@@ -457,11 +457,11 @@ def write_dataset(dataset: Dataset, url: str, rows_per_shard: int = 5000) -> Non
     A reader takes ``metadata.json`` as the mark of a complete dataset, so an
     old one is removed first: a rewrite that dies half-way reads as incomplete.
     """
-    meta_url = io.join(url, "metadata.json")
-    if io.exists(meta_url):
-        fs, path = io.filesystem_for(meta_url)
+    meta_url = storage.join(url, "metadata.json")
+    if storage.exists(meta_url):
+        fs, path = storage.filesystem_for(meta_url)
         fs.delete_file(path)
     for split in SPLITS:
-        io.write_shards(dataset.splits[split], io.join(url, split), rows_per_shard)
-    io.write_table(dataset.ground_truth, io.join(url, "ground_truth.parquet"))
-    io.write_json(dataset.metadata, meta_url)
+        storage.write_shards(dataset.splits[split], storage.join(url, split), rows_per_shard)
+    storage.write_table(dataset.ground_truth, storage.join(url, "ground_truth.parquet"))
+    storage.write_json(dataset.metadata, meta_url)

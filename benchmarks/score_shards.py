@@ -9,12 +9,12 @@ every 0.2 s.
 
 Local::
 
-    python -m jobs.bench_score_shards --rows 10000 --shards 100,1000
+    python -m benchmarks.score_shards --rows 10000 --shards 100,1000
 
 On a cluster it measures the node it runs on: each score job still starts
 its own Ray there (``RAY_ADDRESS=local``), as it does locally::
 
-    ray job submit --working-dir . -- python -m jobs.bench_score_shards --rows 10000 --shards 100,1000
+    ray job submit --working-dir . -- python -m benchmarks.score_shards --rows 10000 --shards 100,1000
 
 Prints one JSON line per layout, each with the resolved config (also logged)
 under ``config``. Target (issue 7): peak memory at 1,000 shards within 20%
@@ -51,9 +51,9 @@ class BenchScoreShardsConfig:
 
 
 def prepare(folder: str, rows: int, shard_counts: list[int], seed: int = 0) -> tuple[dict[int, str], str]:
-    from pipeline import io as mio
-    from pipeline.clip_models import load_clip, save_checkpoint
-    from pipeline.datasets import make_synthetic
+    from pipeline import storage
+    from pipeline.score.clip_models import load_clip, save_checkpoint
+    from pipeline.data.reference import make_synthetic
 
     train = make_synthetic(2 * rows + 8, seed=seed).splits["train"].slice(0, rows)
     inputs = {}
@@ -68,7 +68,7 @@ def prepare(folder: str, rows: int, shard_counts: list[int], seed: int = 0) -> t
 
 
 def measure(input_dir: str, ckpt: str, out: str, batch_size: int, interval: float) -> dict:
-    from pipeline.procmem import PeakSampler
+    from benchmarks.procmem import PeakSampler
 
     cmd = [sys.executable, "-m", "jobs.score", "--input", input_dir, "--output", out, "--model", "mmdp-tiny",
            "--pretrained", ckpt, "--batch-size", str(batch_size), "--max-actors", "1", "--actor-cpus", "0.5"]
@@ -91,7 +91,7 @@ def measure(input_dir: str, ckpt: str, out: str, batch_size: int, interval: floa
 
 
 def main(argv=None) -> int:
-    cfg = start_job(BenchScoreShardsConfig, __doc__, argv, "python -m jobs.bench_score_shards")
+    cfg = start_job(BenchScoreShardsConfig, __doc__, argv, "python -m benchmarks.score_shards")
     counts = list(cfg.shards)
     folder = cfg.workdir or tempfile.mkdtemp(prefix="mmdp-bench-shards-")
     inputs, ckpt = prepare(folder, cfg.rows, counts)

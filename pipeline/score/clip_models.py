@@ -1,7 +1,7 @@
 """open_clip models for mmdp: the configs it ships, loading from anywhere, saving checkpoints.
 
 A model is named by an open_clip config name (``ViT-B-32``, or one of the
-configs in ``pipeline/model_configs/``: ``mmdp-tiny`` for tests, ``mmdp-ref``
+configs in ``pipeline/score/model_configs/``: ``mmdp-tiny`` for tests, ``mmdp-ref``
 for the offline reference model: a 4-layer, width-128 ViT on 28 px images cut
 into 7 px patches, since 4 px patches trained 2.5x slower per epoch for no
 better zero-shot accuracy at equal epochs) plus where its weights come from:
@@ -29,14 +29,14 @@ import open_clip
 import torch
 from open_clip.transform import PreprocessCfg, merge_preprocess_dict
 
-from pipeline import io
+from pipeline import storage
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 TINY_MODEL, REFERENCE_MODEL = "mmdp-tiny", "mmdp-ref"
 
 
 def register_model_configs() -> list[str]:
-    """Make the configs shipped in ``pipeline/model_configs`` known to open_clip in this process.
+    """Make the configs shipped in ``pipeline/score/model_configs`` known to open_clip in this process.
 
     Idempotent and cheap after the first call, so call it at the top of every
     process (Ray actors and workers start with a fresh open_clip registry).
@@ -72,7 +72,7 @@ def resolve_pretrained(pretrained: str | None) -> str | None:
     if not pretrained:
         return None
     if _is_url(pretrained):
-        return io.fetch_to_cache(pretrained)
+        return storage.fetch_to_cache(pretrained)
     if os.path.exists(os.path.expanduser(pretrained)):
         return os.path.abspath(os.path.expanduser(pretrained))
     return pretrained  # a hub tag; open_clip says clearly if it is not one
@@ -131,4 +131,4 @@ def save_checkpoint(model: torch.nn.Module, url: str, model_name: str, **extra: 
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     buf = _io.BytesIO()
     torch.save({"state_dict": state, "model_name": model_name, **extra}, buf)
-    io.write_bytes(buf.getvalue(), url)
+    storage.write_bytes(buf.getvalue(), url)

@@ -3,7 +3,7 @@
 Signal quality: how well the consistency scores of a score job separate the
 rows the dataset job corrupted from the clean ones (ground truth)::
 
-    python -m jobs.bench_scoring auroc --data data/fmnist --scores runs/scores
+    python -m benchmarks.scoring auroc --data data/fmnist --scores runs/scores
 
 Pipeline efficiency: the Ray Data score job's pairs/s over a bare PyTorch
 loop's, same model, batch size, cores and shards, decoding included in both,
@@ -18,21 +18,21 @@ rate, from a second, smaller run of ``--base-rows`` on each side:
 ``(rows - base_rows) / (t(rows) - t(base_rows))``, which cancels every
 fixed cost (unreliable where the small run is mostly fixed cost)::
 
-    python -m jobs.bench_scoring efficiency --input data/fmnist/train --rows 4000 \\
+    python -m benchmarks.scoring efficiency --input data/fmnist/train --rows 4000 \\
         --model mmdp-ref --pretrained runs/ref-clip/model.pt
-    python -m jobs.bench_scoring efficiency --input data/fmnist/train --rows 256 --model ViT-B-32
+    python -m benchmarks.scoring efficiency --input data/fmnist/train --rows 256 --model ViT-B-32
 
 On a cluster (``efficiency`` measures the node it runs on: it starts its own
 Ray there with ``--cpus`` CPUs, so both sides get the same cores)::
 
-    ray job submit --working-dir . -- python -m jobs.bench_scoring auroc \\
+    ray job submit --working-dir . -- python -m benchmarks.scoring auroc \\
         --data s3://bucket/fmnist --scores s3://bucket/scores
-    ray job submit --working-dir . -- python -m jobs.bench_scoring efficiency \\
+    ray job submit --working-dir . -- python -m benchmarks.scoring efficiency \\
         --input s3://bucket/fmnist/train --rows 4000
 
 Prints the result as JSON, with the resolved config (also logged) under
 ``config``. Each command's options are listed below, and by
-``python -m jobs.bench_scoring COMMAND --help``.
+``python -m benchmarks.scoring COMMAND --help``.
 """
 
 from __future__ import annotations
@@ -49,9 +49,9 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from pipeline import io as mio
+from pipeline import storage
 from pipeline.cli import HELP, config_json, config_parser, log, option, setup_logging
-from pipeline.metrics import auroc
+from pipeline.score.quality import auroc
 
 
 @dataclass(frozen=True)
@@ -96,8 +96,8 @@ COMMANDS = {
 
 def signal_quality(data: str, scores_url: str) -> dict:
     """AUROC of each score for flagging noisy rows, overall and per corruption kind."""
-    gt = mio.read_table(mio.join(data, "ground_truth.parquet")).to_pandas()
-    scores = mio.read_table(mio.join(scores_url, "scores")).to_pandas()
+    gt = storage.read_table(storage.join(data, "ground_truth.parquet")).to_pandas()
+    scores = storage.read_table(storage.join(scores_url, "scores")).to_pandas()
     merged = gt.merge(scores, on="key", how="inner", validate="one_to_one")
     ok = merged[merged["status"] == "ok"]
     out = {"rows": int(len(merged)), "scored": int(len(ok)), "rejected": int((merged["status"] != "ok").sum()),
@@ -118,10 +118,10 @@ def signal_quality(data: str, scores_url: str) -> dict:
 
 
 def _subset(input_url: str, rows: int, rows_per_shard: int, folder: str) -> str:
-    table = mio.read_table(input_url)
+    table = storage.read_table(input_url)
     if table.num_rows < rows:
         raise ValueError(f"{input_url} has {table.num_rows} rows, fewer than the {rows} asked")
-    mio.write_shards(table.slice(0, rows), folder, rows_per_shard=rows_per_shard)
+    storage.write_shards(table.slice(0, rows), folder, rows_per_shard=rows_per_shard)
     return folder
 
 
@@ -135,16 +135,16 @@ def bare_loop(input_url: str, model: str, pretrained: str | None, batch_size: in
     start = time.perf_counter()
     import torch
 
-    from pipeline.scoring import ClipScorer, ImageDecoder
-    from pipeline.validate import RowValidator
+    from pipeline.score.scorer import ClipScorer, ImageDecoder
+    from pipeline.data.validate import RowValidator
 
     torch.set_num_threads(threads)
     decoder = ImageDecoder(model, pretrained, pixel_dtype="uint8")
     scorer = ClipScorer(model, pretrained, num_threads=threads)
     validator = RowValidator("caption")
     n = 0
-    for file_url in mio.list_files(input_url):
-        table = mio.read_table(file_url)
+    for file_url in storage.list_files(input_url):
+        table = storage.read_table(file_url)
         for start_row in range(0, table.num_rows, batch_size):
             chunk = table.slice(start_row, batch_size)
             batch = {c: np.asarray(chunk.column(c).to_pylist(), dtype=object) for c in chunk.column_names}
@@ -168,7 +168,7 @@ def ray_job(input_url: str, output: str, model: str, pretrained: str | None, bat
     tasks one logical CPU (half of one on a single core), so the pool does
     not starve its own input (ENVIRONMENT.md, deadlock 1).
     """
-    from pipeline.run import ScoreConfig, score
+    from pipeline.score.job import ScoreConfig, score
 
     cfg = ScoreConfig(input=input_url, output=output, model=model, pretrained=pretrained, batch_size=batch_size,
                       min_actors=actors, max_actors=actors, actor_cpus=(cpus - min(1, cpus / 2)) / actors,
@@ -219,7 +219,7 @@ def efficiency(args: EfficiencyConfig) -> dict:
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     """The job's parser and its subcommands' (one per entry of ``COMMANDS``, a flag per config field)."""
-    parser = argparse.ArgumentParser(prog="python -m jobs.bench_scoring", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.scoring", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands = {}

@@ -1,7 +1,7 @@
 """Ray runners: the Ray Data scoring pipeline.
 
-Stages are plain callables from :mod:`pipeline.validate` and
-:mod:`pipeline.scoring`; this module only decides where they run: row checks
+Stages are plain callables from :mod:`pipeline.data.validate` and
+:mod:`pipeline.score.scorer`; this module only decides where they run: row checks
 and image decoding in CPU tasks, the CLIP model in an autoscaling actor pool
 (one GPU per actor when the cluster has GPUs), writing through Ray Data.
 """
@@ -21,10 +21,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from pipeline import io as mio
+from pipeline import storage
 from pipeline.cli import option
-from pipeline.schema import KEY, REJECTS_SCHEMA, SCORES_SCHEMA, ColumnMapping, SchemaError, to_contract
-from pipeline.validate import DUPLICATE_KEY, RowValidator, first_occurrence_mask
+from pipeline.data.contract import KEY, REJECTS_SCHEMA, SCORES_SCHEMA, ColumnMapping, SchemaError, to_contract
+from pipeline.data.validate import DUPLICATE_KEY, RowValidator, first_occurrence_mask
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def _contract_stage(batch: pa.Table, mapping: ColumnMapping) -> pa.Table:
 
 @functools.lru_cache(maxsize=4)
 def _decoder(model: str, pretrained: str | None):
-    from pipeline.scoring import ImageDecoder
+    from pipeline.score.scorer import ImageDecoder
 
     # uint8 pixels: a quarter of the bytes to ship to the scoring actors.
     return ImageDecoder(model, pretrained, pixel_dtype="uint8")
@@ -83,7 +83,7 @@ class _Scorer:
     """Actor-side wrapper: one ClipScorer per actor, loaded once."""
 
     def __init__(self, **kwargs):
-        from pipeline.scoring import ClipScorer
+        from pipeline.score.scorer import ClipScorer
 
         self.scorer = ClipScorer(**kwargs)
 
@@ -103,18 +103,18 @@ def resolve_classes(cfg: ScoreConfig) -> tuple[str, ...]:
     """Class names from the config, else the dataset's metadata.json next to the split folder."""
     if cfg.classes:
         return tuple(cfg.classes)
-    for meta in (mio.join(cfg.input, "metadata.json"), mio.join(cfg.input.rstrip("/").rsplit("/", 1)[0], "metadata.json")):
-        if mio.exists(meta):
-            return tuple(mio.read_json(meta)["classes"])
+    for meta in (storage.join(cfg.input, "metadata.json"), storage.join(cfg.input.rstrip("/").rsplit("/", 1)[0], "metadata.json")):
+        if storage.exists(meta):
+            return tuple(storage.read_json(meta)["classes"])
     return ()
 
 
 def _read(cfg: ScoreConfig) -> ray.data.Dataset:
     """The input as a Ray dataset in the data contract; bad files fail here, on the driver, by name."""
-    kind, files = mio.shard_files(cfg.input)
+    kind, files = storage.shard_files(cfg.input)
     mapping = ColumnMapping.parse(cfg.columns)
-    fs, _ = mio.filesystem_for(cfg.input)
-    paths = [mio.filesystem_for(u)[1] for u in files]
+    fs, _ = storage.filesystem_for(cfg.input)
+    paths = [storage.filesystem_for(u)[1] for u in files]
     if kind == "webdataset":
         mapping = mapping if cfg.columns != "mmdp" else ColumnMapping.parse("img2dataset")
         raw = ray.data.read_webdataset(paths, filesystem=fs, decoder=None)
@@ -135,7 +135,7 @@ def _webdataset_stage(batch: dict, mapping: ColumnMapping) -> pa.Table:
     # Ray's reader holds members as Python objects, NaN where a sample lacks one.
     members = {name: pa.array([v if isinstance(v, bytes) else None for v in values], pa.binary())
                for name, values in batch.items() if name not in ("__key__", "__url__")}
-    return mio.webdataset_to_contract(pa.table({"__key__": batch["__key__"].astype(str), **members}), mapping)
+    return storage.webdataset_to_contract(pa.table({"__key__": batch["__key__"].astype(str), **members}), mapping)
 
 
 def score(cfg: ScoreConfig) -> dict:
@@ -179,15 +179,15 @@ def _score(cfg: ScoreConfig, classes: tuple[str, ...]) -> dict:
     )
     # From here until the commit, readers refuse the output folder (and an
     # earlier run's scores/ in it): a job killed half-way leaves it pending.
-    mio.begin_output(cfg.output)
-    staging = mio.join(cfg.output, f"_staging-{uuid.uuid4().hex[:8]}")
-    fs, staging_path = mio.filesystem_for(staging)
+    storage.begin_output(cfg.output)
+    staging = storage.join(cfg.output, f"_staging-{uuid.uuid4().hex[:8]}")
+    fs, staging_path = storage.filesystem_for(staging)
     try:
         ds.write_parquet(staging_path, filesystem=fs)
-        table = mio.read_table(staging) if mio.exists(staging) else SCORES_SCHEMA.empty_table()
+        table = storage.read_table(staging) if storage.exists(staging) else SCORES_SCHEMA.empty_table()
         summary = _commit(cfg, table, time.perf_counter() - start)
     finally:
-        if mio.exists(staging):
+        if storage.exists(staging):
             fs.delete_dir(staging_path)
     return summary
 
@@ -228,10 +228,10 @@ def _commit(cfg: ScoreConfig, table: pa.Table, seconds: float) -> dict:
         "seconds": round(seconds, 2),
         "pairs_per_second": round(len(keys) / seconds, 1) if seconds > 0 else None,
     }
-    mio.begin_output(cfg.output)
-    mio.write_shards(scores, mio.join(cfg.output, "scores"), rows_per_shard=1_000_000)
-    mio.write_table(rejects, mio.join(cfg.output, "rejects.parquet"))
-    mio.write_json(summary, mio.join(cfg.output, "summary.json"))
-    mio.write_json(dataclasses.asdict(cfg), mio.join(cfg.output, "config.json"))
-    mio.commit_output(cfg.output, ["config.json", "rejects.parquet", "scores", "summary.json"], len(keys))
+    storage.begin_output(cfg.output)
+    storage.write_shards(scores, storage.join(cfg.output, "scores"), rows_per_shard=1_000_000)
+    storage.write_table(rejects, storage.join(cfg.output, "rejects.parquet"))
+    storage.write_json(summary, storage.join(cfg.output, "summary.json"))
+    storage.write_json(dataclasses.asdict(cfg), storage.join(cfg.output, "config.json"))
+    storage.commit_output(cfg.output, ["config.json", "rejects.parquet", "scores", "summary.json"], len(keys))
     return summary

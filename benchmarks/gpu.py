@@ -8,13 +8,13 @@ real ones. Target on one GPU: >= 5,000 pairs/s.
 
 On a machine with a CUDA GPU::
 
-    python -m jobs.bench_gpu --rows 100000
+    python -m benchmarks.gpu --rows 100000
 
 On a cluster it measures the GPUs of the node it runs on and any that can
 read that node's disk: the driver checks for CUDA itself and writes the
 shards to its local temp folder (so, e.g., a one-node GPU cluster)::
 
-    ray job submit --working-dir . -- python -m jobs.bench_gpu --rows 100000 --max-actors 8
+    ray job submit --working-dir . -- python -m benchmarks.gpu --rows 100000 --max-actors 8
 
 Prints the result as JSON, with the resolved config (also logged) under
 ``config``. Without a GPU it exits with code 2 unless ``--allow-cpu``.
@@ -34,9 +34,9 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image, ImageDraw
 
-from pipeline import io as mio
+from pipeline import storage
 from pipeline.cli import option, start_job
-from pipeline.schema import SHARD_SCHEMA
+from pipeline.data.contract import SHARD_SCHEMA
 
 DISTINCT_IMAGES = 512  # encoded once, reused under distinct keys: writing 100k JPEGs is not the point
 
@@ -77,17 +77,17 @@ def synthetic_shards(folder: str, rows: int, size: int = 256, rows_per_shard: in
         },
         schema=SHARD_SCHEMA,
     )
-    mio.write_shards(table, folder, rows_per_shard=rows_per_shard)
+    storage.write_shards(table, folder, rows_per_shard=rows_per_shard)
     return folder
 
 
 def main(argv=None) -> int:
-    cfg = start_job(BenchGpuConfig, __doc__, argv, "python -m jobs.bench_gpu")
+    cfg = start_job(BenchGpuConfig, __doc__, argv, "python -m benchmarks.gpu")
 
     import ray
     import torch
 
-    from pipeline.run import ScoreConfig, score
+    from pipeline.score.job import ScoreConfig, score
 
     if not torch.cuda.is_available() and not cfg.allow_cpu:
         print("error: no CUDA GPU here; pass --allow-cpu for a smoke test", file=sys.stderr)

@@ -2,8 +2,8 @@
 
 The page is built as a list of blocks (heading, paragraph, table, image) and
 rendered to Markdown and to HTML from the same list, so both say the same.
-The data comes from :mod:`pipeline.report`, the figures from
-:mod:`pipeline.report_figures`. No Ray here.
+The data comes from :mod:`pipeline.report.runs`, the figures from
+:mod:`pipeline.report.figures`. No Ray here.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ import posixpath
 
 import numpy as np
 
-from pipeline import io as mio
-from pipeline.report import (NOT_RECORDED, Run, ScoreSet, Sources, accuracy_per_epoch, group_runs, kept_per_epoch,
+from pipeline import storage
+from pipeline.report.runs import (NOT_RECORDED, Run, ScoreSet, Sources, accuracy_per_epoch, group_runs, kept_per_epoch,
                              load_runs, noise_auroc, pruned_by_reason, score_sets)
-from pipeline.report_figures import curves_figure, save_png, score_histogram, wall_figure
+from pipeline.report.figures import curves_figure, save_png, score_histogram, wall_figure
 
 # ---------------------------------------------------------------- numbers
 
@@ -85,7 +85,7 @@ def build_report(roots: list[str], out: str, exclude: tuple[str, ...] = (), writ
     figures: list[str] = []
 
     def figure(fig, name: str, alt: str) -> tuple:
-        figures.append(mio.join(out, "figures", name))
+        figures.append(storage.join(out, "figures", name))
         save_png(fig, figures[-1])
         return ("img", f"figures/{name}", alt)
 
@@ -136,11 +136,11 @@ def build_report(roots: list[str], out: str, exclude: tuple[str, ...] = (), writ
     blocks += _score_blocks(sets, figure)
 
     text = to_markdown(blocks)
-    mio.write_bytes(text.encode(), mio.join(out, "report.md"))
-    written = [mio.join(out, "report.md")]
+    storage.write_bytes(text.encode(), storage.join(out, "report.md"))
+    written = [storage.join(out, "report.md")]
     if write_html:
-        mio.write_bytes(to_html(blocks, "mmdp training report").encode(), mio.join(out, "report.html"))
-        written.append(mio.join(out, "report.html"))
+        storage.write_bytes(to_html(blocks, "mmdp training report").encode(), storage.join(out, "report.html"))
+        written.append(storage.join(out, "report.html"))
     return {"report": written, "figures": figures, "runs": len(runs), "groups": list(groups), "notes": notes}
 
 

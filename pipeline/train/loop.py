@@ -1,7 +1,7 @@
 """The Ray Train loop: train on each epoch's kept samples, report every sample's loss.
 
 Each epoch, rank 0 asks the pruning actor to publish the epoch's plan; the
-training dataset's keep stage (:func:`pipeline.ingest.keep_stage`) drops pruned rows
+training dataset's keep stage (:func:`pipeline.train.stages.keep_stage`) drops pruned rows
 *before* they are decoded, so a pruned sample costs a parquet read and a
 mask, never a decode, an augmentation or a forward pass. Workers weight the
 per-sample losses by the plan's weights and send them to the pruner without
@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from pipeline.models import build_model
+from pipeline.train.models import build_model
 
 
 def cosine_lr(step: int, total: int, warmup: int) -> float:
@@ -73,7 +73,7 @@ def train_loop_per_worker(config: dict) -> None:
     """Runs on every Ray Train worker. ``config`` holds the TrainConfig fields and the pruner's name."""
     import ray.train
 
-    from pipeline.actors import LossReporter, get_pruner
+    from pipeline.prune.actor import LossReporter, get_pruner
 
     cfg = config
     ctx = ray.train.get_context()
@@ -205,7 +205,7 @@ def _evaluate(model, shard, cache, batch_size, rank, world):
     """(correct, total, cache) over this worker's part of the test split.
 
     Every worker reads the whole split once and caches the rows whose key hash
-    (``index``, :func:`pipeline.ingest.test_stage`) is ``rank`` modulo
+    (``index``, :func:`pipeline.train.stages.test_stage`) is ``rank`` modulo
     ``world``: the workers' counts sum to exactly one pass over the split.
     Buffers (BatchNorm statistics) differ per rank after the last training
     step; every rank first takes rank 0's, so the figure is that of the one

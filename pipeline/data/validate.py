@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.schema import CAPTION, IMAGE, KEY, LABEL
+from pipeline.data.contract import CAPTION, IMAGE, KEY, LABEL
 
 MISSING_KEY = "missing key"
 EMPTY_TEXT = "empty caption and no label"

@@ -1,7 +1,7 @@
 """The steps policies plan with: shard-side functions and their exact reductions.
 
 Each lowercase function taking ``shard`` first runs inside one shard (in
-this process, or in a shard actor by :mod:`pipeline.sharded`) on that
+this process, or in a shard actor by :mod:`pipeline.prune.remote`) on that
 shard's state and its plan ``scratch``; the others run on the coordinator and
 combine per-shard results with ``cluster.map``. Scratch keys a plan uses:
 
@@ -12,7 +12,7 @@ combine per-shard results with ``cluster.map``. Scratch keys a plan uses:
     group   uint8  0 = excluded, 1 = hard / candidate, 2 = well-learned
     chosen  bool   kept
 
-Everything elementwise runs in chunks (:data:`pipeline.selection.CHUNK`),
+Everything elementwise runs in chunks (:data:`pipeline.prune.selection.CHUNK`),
 so a plan's temporaries are these few bytes a sample plus the output.
 
 No Ray here.
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.selection import chunks, exact_sums, exact_total, random_keys, sortable
+from pipeline.prune.selection import chunks, exact_sums, exact_total, random_keys, sortable
 
 BINS = 1 << 16  # loss histogram bins; bin numbers fit a uint16
 CONSISTENCY_BINS = 32  # consistency bins of the expected loss rank of unseen samples
@@ -258,7 +258,7 @@ def emit(cluster, weights: list[float], pruned_by_reason: dict[str, int]) -> tup
 
 
 class StateCluster:
-    """A one-shard cluster over a :class:`~pipeline.policies.PlanState` (arrays used as they are)."""
+    """A one-shard cluster over a :class:`~pipeline.prune.policies.PlanState` (arrays used as they are)."""
 
     def __init__(self, state):
         self.shard = _StateShard(state)

@@ -2,15 +2,15 @@
 
     pruner = Pruner(n, "mmdp", consistency=scores, bounds=even_bounds(n, 4), cluster=RayShards)
 
-:class:`RayShards` is the Ray version of :class:`pipeline.shards.LocalShards`:
+:class:`RayShards` is the Ray version of :class:`pipeline.prune.partitions.LocalShards`:
 each index range lives in a :class:`ShardActor`, and ``map(fn, *args)``
-runs a planning step (a plain function of :mod:`pipeline.plan_steps` or
-:mod:`pipeline.selection`) in every shard actor at once. The pruner that
+runs a planning step (a plain function of :mod:`pipeline.prune.steps` or
+:mod:`pipeline.prune.selection`) in every shard actor at once. The pruner that
 holds it is the coordinator: it routes each loss to the shard that owns the
 index (without waiting), combines the shards' summaries into the global
 quantities (thresholds, means, histograms), and gathers the kept indices.
 Plans are the same as one pruner's for the same state, seed and epoch
-(:mod:`pipeline.selection`). :class:`pipeline.actors.PruningActor` uses
+(:mod:`pipeline.prune.selection`). :class:`pipeline.prune.actor.PruningActor` uses
 this above ``shard_size`` samples, so callers see one actor either way.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ import warnings
 import numpy as np
 import ray
 
-from pipeline.shards import PrunerShard, _split_sorted, split_by_bounds
+from pipeline.prune.partitions import PrunerShard, _split_sorted, split_by_bounds
 
 # Shard actors are restarted like the coordinator; a restarted shard is back
 # to its initial state and the coordinator's info() reports it.
@@ -35,7 +35,7 @@ _PUT_BYTES = 64 * 1024
 
 @ray.remote(num_cpus=0, max_restarts=MAX_RESTARTS, max_task_retries=MAX_TASK_RETRIES)
 class ShardActor:
-    """One :class:`~pipeline.shards.PrunerShard` (num_cpus=0: idle most of the time, see ENVIRONMENT.md)."""
+    """One :class:`~pipeline.prune.partitions.PrunerShard` (num_cpus=0: idle most of the time, see ENVIRONMENT.md)."""
 
     def __init__(self, start: int, stop: int, consistency: np.ndarray | None, loss_momentum: float):
         self._shard = PrunerShard(start, stop, consistency, loss_momentum)
@@ -74,7 +74,7 @@ class ShardActor:
 
 
 class RayShards:
-    """Shards in Ray actors, with the cluster interface of :mod:`pipeline.selection`.
+    """Shards in Ray actors, with the cluster interface of :mod:`pipeline.prune.selection`.
 
     Args:
         bounds: ``[0, b1, ..., n]``: one actor per range [b_i, b_i+1).

@@ -16,7 +16,7 @@ import zlib
 import numpy as np
 from PIL import Image
 
-from pipeline.schema import KEY
+from pipeline.data.contract import KEY
 
 # Fashion-MNIST pixel statistics; any dataset's images are normalised alike
 # since the default models are trained from scratch.
@@ -40,7 +40,7 @@ def test_stage(batch: dict) -> dict:
 
 @functools.lru_cache(maxsize=8)
 def _pruner(name: str):
-    from pipeline.actors import get_pruner
+    from pipeline.prune.actor import get_pruner
 
     return get_pruner(name)  # a handle stays valid across actor restarts
 

@@ -14,11 +14,11 @@
 
 Above ``shard_size`` samples (or with ``num_shards=`` / ``bounds=``) the
 actor is a coordinator: the per-sample state lives in shard actors it owns
-(:mod:`pipeline.sharded`), it routes losses to them and plans with them, and
+(:mod:`pipeline.prune.remote`), it routes losses to them and plans with them, and
 its remote methods, plans and checkpoints are the same as unsharded.
 
-The Ray Core code of the library (with :mod:`pipeline.sharded`); the state
-and the policies are plain NumPy (:mod:`pipeline.pruner`, :mod:`pipeline.policies`).
+The Ray Core code of the library (with :mod:`pipeline.prune.remote`); the state
+and the policies are plain NumPy (:mod:`pipeline.prune.pruner`, :mod:`pipeline.prune.policies`).
 """
 from __future__ import annotations
 
@@ -30,9 +30,9 @@ import warnings
 import numpy as np
 import ray
 
-from pipeline.pruner import Pruner
-from pipeline.sharded import RayShards
-from pipeline.shards import even_bounds
+from pipeline.prune.pruner import Pruner
+from pipeline.prune.remote import RayShards
+from pipeline.prune.partitions import even_bounds
 
 # A crashed pruner comes back (Ray re-runs __init__ with the same arguments);
 # the train loop then sees info()["reconstructed"] and reloads its checkpoint.
@@ -55,13 +55,13 @@ def actor_name(run_id: str) -> str:
 
 @ray.remote(num_cpus=0, max_restarts=MAX_RESTARTS, max_task_retries=MAX_TASK_RETRIES)
 class PruningActor:
-    """A :class:`~pipeline.pruner.Pruner` shared by the driver and all workers.
+    """A :class:`~pipeline.prune.pruner.Pruner` shared by the driver and all workers.
 
     num_cpus=0: it is mostly idle and must not take a CPU slot that Ray Data
     or a training worker needs (see ENVIRONMENT.md, deadlocks on 2 cores).
     Calls run one at a time, so updates and plans never interleave.
 
-    Args are those of :class:`~pipeline.pruner.Pruner`, and:
+    Args are those of :class:`~pipeline.prune.pruner.Pruner`, and:
         shard_size: most samples one actor holds; more are split over
             ``ceil(n / shard_size)`` shard actors of near-equal ranges.
         num_shards: the number of shard actors, overriding ``shard_size``.
@@ -155,7 +155,7 @@ class PruningActor:
 
         Trainers divide each step's weighted loss by it, so a step's expected
         gradient is the eligible samples' mean gradient whatever the weights'
-        scale (see :mod:`pipeline.train`).
+        scale (see :mod:`pipeline.train.loop`).
         """
         self.plan_ref(epoch)
         return self._log[int(epoch)][1]["weight_mean"] or 1.0

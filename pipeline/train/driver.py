@@ -23,11 +23,11 @@ import ray
 import ray.train
 from ray.train.torch import TorchTrainer
 
-from pipeline import io as mio
+from pipeline import storage
 from pipeline.cli import option
-from pipeline.metrics import estimate_noise_fraction
-from pipeline.policies import POLICIES
-from pipeline.schema import KEY
+from pipeline.score.quality import estimate_noise_fraction
+from pipeline.prune.policies import POLICIES
+from pipeline.data.contract import KEY
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ class TrainConfig:
     cpus_per_worker: float = option(0.5, "CPUs each Train worker reserves")
     threads: int = option(1, "torch threads per worker")
     seed: int = option(0, "seed for the model, the plans and the augmentations")
-    model: str = option("resnet", "image model (pipeline.models)", choices=("resnet", "cnn"))
+    model: str = option("resnet", "image model (pipeline.train.models)", choices=("resnet", "cnn"))
     width: int = option(8, "channels of the model's first stage (0 = the model's default)")
     batch_size: int = option(128, "samples per step per worker")
     lr: float = option(0.1, "peak learning rate (SGD, momentum 0.9, cosine schedule)")
@@ -111,7 +111,7 @@ def load_index(scores_url: str, signal: str) -> tuple[np.ndarray, np.ndarray, st
     The score job gave every good row a dense ``index`` in key order, so the
     sorted key array *is* the key -> index map (by binary search).
     """
-    table = mio.read_table(mio.join(scores_url, "scores"))
+    table = storage.read_table(storage.join(scores_url, "scores"))
     ok = np.asarray(table.column("status").to_numpy(zero_copy_only=False) == "ok")
     table = table.filter(pa.array(ok))
     order = np.argsort(table.column("index").to_numpy())
@@ -124,10 +124,10 @@ def load_index(scores_url: str, signal: str) -> tuple[np.ndarray, np.ndarray, st
 
 
 def build_datasets(cfg: TrainConfig, keys: np.ndarray, pruner_name: str) -> dict:
-    from pipeline.ingest import decode_stage, index_stage, keep_stage, test_decode_stage, test_stage
+    from pipeline.train.stages import decode_stage, index_stage, keep_stage, test_decode_stage, test_stage
 
-    fs, _ = mio.filesystem_for(cfg.data)
-    paths = lambda split: [mio.filesystem_for(u)[1] for u in mio.list_files(mio.join(cfg.data, split))]  # noqa: E731
+    fs, _ = storage.filesystem_for(cfg.data)
+    paths = lambda split: [storage.filesystem_for(u)[1] for u in storage.list_files(storage.join(cfg.data, split))]  # noqa: E731
     train = (
         ray.data.read_parquet(paths("train"), filesystem=fs).select_columns([KEY, "image", "label"])
         .map_batches(index_stage, fn_kwargs={"keys": keys}, batch_format="numpy")
@@ -144,11 +144,11 @@ def build_datasets(cfg: TrainConfig, keys: np.ndarray, pruner_name: str) -> dict
 
 def fit(cfg: TrainConfig) -> dict:
     """Train with pruning; writes the run folder and returns the metrics."""
-    from pipeline.actors import create_pruner
-    from pipeline.train import train_loop_per_worker
+    from pipeline.prune.actor import create_pruner
+    from pipeline.train.loop import train_loop_per_worker
 
     started = time.perf_counter()
-    meta = mio.read_json(mio.join(cfg.data, "metadata.json"))
+    meta = storage.read_json(storage.join(cfg.data, "metadata.json"))
     keys, consistency, signal = load_index(cfg.scores, cfg.signal)
     run_id = uuid.uuid4().hex[:8]
     pruner_name = f"mmdp-pruner-{run_id}"
@@ -163,7 +163,7 @@ def fit(cfg: TrainConfig) -> dict:
     loop_config.update(pruner_name=pruner_name, num_classes=len(meta["classes"]),
                        pruner_initial=[pruner.state_dict.remote()],
                        epochs=cfg.stop_after if cfg.stop_after else cfg.epochs, plan_epochs=cfg.epochs)
-    storage = os.path.abspath(os.path.join(cfg.out, "ray")) if mio.is_local(cfg.out) else mio.join(cfg.out, "ray")
+    storage = os.path.abspath(os.path.join(cfg.out, "ray")) if storage.is_local(cfg.out) else storage.join(cfg.out, "ray")
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
@@ -185,7 +185,7 @@ def fit(cfg: TrainConfig) -> dict:
     with result.checkpoint.as_directory() as d:
         history = json.load(open(os.path.join(d, "history.json")))
         plans = json.load(open(os.path.join(d, "plans.json")))
-        _copy_checkpoint(d, mio.join(cfg.out, "checkpoint"))
+        _copy_checkpoint(d, storage.join(cfg.out, "checkpoint"))
     ray.kill(pruner)
     totals = {
         "epochs": len(history),
@@ -199,9 +199,9 @@ def fit(cfg: TrainConfig) -> dict:
         "policy_params": params,
     }
     metrics = {"epochs": history, "totals": totals}
-    mio.write_json(dataclasses.asdict(cfg), mio.join(cfg.out, "config.json"))
-    mio.write_json(plans, mio.join(cfg.out, "plans.json"))
-    mio.write_json(metrics, mio.join(cfg.out, "metrics.json"))
+    storage.write_json(dataclasses.asdict(cfg), storage.join(cfg.out, "config.json"))
+    storage.write_json(plans, storage.join(cfg.out, "plans.json"))
+    storage.write_json(metrics, storage.join(cfg.out, "metrics.json"))
     return metrics
 
 
@@ -214,4 +214,4 @@ def _ingest_options(cfg: TrainConfig):
 def _copy_checkpoint(local_dir: str, url: str) -> None:
     for name in sorted(os.listdir(local_dir)):
         with open(os.path.join(local_dir, name), "rb") as f:
-            mio.write_bytes(f.read(), mio.join(url, name))
+            storage.write_bytes(f.read(), storage.join(url, name))

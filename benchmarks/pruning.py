@@ -11,16 +11,16 @@ against a plain Ray Train loop without it, alternated side by side.
 
 Local (Ray starts here with 2 CPUs; about 3 hours on 2 idle cores: ~5.5 min a full-data run)::
 
-    python -m jobs.bench_pruning --out runs/bench --clip-pretrained runs/ref-clip/model.pt
+    python -m benchmarks.pruning --out runs/bench --clip-pretrained runs/ref-clip/model.pt
 
 A quick end-to-end check (about 5 minutes)::
 
-    python -m jobs.bench_pruning --out /tmp/bench-small --pool-size 2000 --epochs 2 --seeds 0 \\
+    python -m benchmarks.pruning --out /tmp/bench-small --pool-size 2000 --epochs 2 --seeds 0 \\
         --noise symmetric:0.3 --policies full,mmdp,oracle --clip-pretrained runs/ref-clip/model.pt
 
 On a cluster::
 
-    ray job submit --working-dir . -- python -m jobs.bench_pruning --out s3://bucket/bench \\
+    ray job submit --working-dir . -- python -m benchmarks.pruning --out s3://bucket/bench \\
         --clip-pretrained s3://bucket/ref-clip/model.pt --workers 4
 
 Writes ``OUT/results.json`` (every run, the summaries, the overhead, the
@@ -47,9 +47,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline import datasets
-from pipeline import io as mio
-from pipeline.schema import KEY, REJECTS_SCHEMA, SCORES_SCHEMA
+from pipeline.data import reference as datasets
+from pipeline import storage
+from pipeline.data.contract import KEY, REJECTS_SCHEMA, SCORES_SCHEMA
 
 POLICIES = ("full", "random", "infobatch", "clip_filter", "mmdp")
 ORACLE = "oracle"
@@ -64,10 +64,10 @@ SHIFT = {"rotate_deg": 12.0, "shift_px": 2, "blur_radius": (0.4, 1.0), "noise_st
 
 @functools.lru_cache(maxsize=1)
 def _fashion_mnist():
-    return datasets.load_fashion_mnist()
+    return reference.load_fashion_mnist()
 
 
-def build_pool(pool_size: int, noise: str, seed: int, split_seed: int, synthetic: bool) -> datasets.Dataset:
+def build_pool(pool_size: int, noise: str, seed: int, split_seed: int, synthetic: bool) -> reference.Dataset:
     """The pool of one (noise, seed) cell.
 
     The noise draw follows ``seed``, but the reference/pool split stays that of
@@ -75,21 +75,21 @@ def build_pool(pool_size: int, noise: str, seed: int, split_seed: int, synthetic
     ``reference`` rows, which must never land in the pool being pruned.
     """
     if synthetic:
-        return datasets.make_synthetic(n=2 * pool_size, seed=seed, noise=noise)
+        return reference.make_synthetic(n=2 * pool_size, seed=seed, noise=noise)
     raw = _fashion_mnist()
     images, labels = raw["train"]
     # build_dataset splits by a permutation seeded with `seed`; reorder the
     # source so that permutation picks split_seed's reference and pool images.
-    # datasets._rng is the generator build_dataset uses (see the report: a
-    # split_seed argument in pipeline.datasets would make this unnecessary).
+    # reference._rng is the generator build_dataset uses (see the report: a
+    # split_seed argument in pipeline.data.reference would make this unnecessary).
     perm = np.arange(len(labels))
     if seed != split_seed:
-        run_order = datasets._rng(seed, "split").permutation(len(labels))
-        perm[run_order] = datasets._rng(split_seed, "split").permutation(len(labels))
-    ds = datasets.build_dataset(
-        (images[perm], labels[perm]), raw["test"], datasets.FASHION_MNIST_CLASSES, reference_size=10_000,
-        noise=noise, seed=seed, limit=pool_size, pairflip=datasets.FASHION_MNIST_PAIRFLIP,
-        name="fashion-mnist", source=datasets.FASHION_MNIST_DIR,
+        run_order = reference._rng(seed, "split").permutation(len(labels))
+        perm[run_order] = reference._rng(split_seed, "split").permutation(len(labels))
+    ds = reference.build_dataset(
+        (images[perm], labels[perm]), raw["test"], reference.FASHION_MNIST_CLASSES, reference_size=10_000,
+        noise=noise, seed=seed, limit=pool_size, pairflip=reference.FASHION_MNIST_PAIRFLIP,
+        name="fashion-mnist", source=reference.FASHION_MNIST_DIR,
     )
     gt = ds.ground_truth
     source = pa.array(perm[gt.column("source_index").to_numpy()], pa.int64())
@@ -98,20 +98,20 @@ def build_pool(pool_size: int, noise: str, seed: int, split_seed: int, synthetic
 
 
 def prepare_data(url: str, args, noise: str, seed: int) -> str:
-    if not (args.reuse and mio.exists(mio.join(url, "metadata.json"))):
+    if not (args.reuse and storage.exists(storage.join(url, "metadata.json"))):
         ds = build_pool(args.pool_size, noise, seed, args.split_seed, args.synthetic)
-        datasets.write_dataset(ds, url, rows_per_shard=max(64, math.ceil(args.pool_size / 8)))
+        reference.write_dataset(ds, url, rows_per_shard=max(64, math.ceil(args.pool_size / 8)))
     return url
 
 
 def prepare_scores(url: str, data: str, args) -> str:
     import ray
 
-    from pipeline.run import ScoreConfig, score
+    from pipeline.score.job import ScoreConfig, score
 
-    if args.reuse and mio.exists(mio.join(url, mio.SUCCESS)):  # committed by the score job
+    if args.reuse and storage.exists(storage.join(url, storage.SUCCESS)):  # committed by the score job
         return url
-    cfg = ScoreConfig(input=mio.join(data, "train"), output=url, model=args.clip_model,
+    cfg = ScoreConfig(input=storage.join(data, "train"), output=url, model=args.clip_model,
                       pretrained=args.clip_pretrained, mode=args.mode, batch_size=256, min_actors=1,
                       max_actors=args.score_actors, actor_cpus=args.score_actor_cpus,
                       torch_threads=max(1, int(args.cpus)))
@@ -132,8 +132,8 @@ def write_oracle_scores(data: str, scores: str, url: str) -> int:
     The trainer trains on ``status == "ok"`` rows only, so the oracle needs no
     code path of its own: policy ``full`` on this folder trains on the clean rows.
     """
-    table = mio.read_table(mio.join(scores, "scores"))
-    gt = mio.read_table(mio.join(data, "ground_truth.parquet"), columns=[KEY, "corruption"])
+    table = storage.read_table(storage.join(scores, "scores"))
+    gt = storage.read_table(storage.join(data, "ground_truth.parquet"), columns=[KEY, "corruption"])
     noisy_keys = gt.filter(pc.not_equal(gt.column("corruption"), "none")).column(KEY)
     keys = table.column(KEY).to_numpy(zero_copy_only=False).astype(str)
     status = table.column("status").to_numpy(zero_copy_only=False).astype(object)
@@ -148,15 +148,15 @@ def write_oracle_scores(data: str, scores: str, url: str) -> int:
                     "clip_score": table.column("clip_score"), "clip_margin": table.column("clip_margin"),
                     "status": pa.array(status, pa.string()), "error": pa.array(error, pa.string())},
                    schema=SCORES_SCHEMA)
-    mio.begin_output(url)
-    mio.write_shards(out, mio.join(url, "scores"), rows_per_shard=1_000_000)
-    mio.write_table(pa.table({KEY: keys[~ok], "reason": pa.array(error[~ok], pa.string())}, schema=REJECTS_SCHEMA),
-                    mio.join(url, "rejects.parquet"))
-    mio.write_json({"rows_in": len(keys), "scored": int(ok.sum()), "rejected": int((~ok).sum()),
-                    "oracle_excluded": int(excluded.sum())}, mio.join(url, "summary.json"))
-    mio.write_json({"derived_from": scores, "ground_truth": mio.join(data, "ground_truth.parquet")},
-                   mio.join(url, "config.json"))
-    mio.commit_output(url, ["config.json", "rejects.parquet", "scores", "summary.json"], len(keys))
+    storage.begin_output(url)
+    storage.write_shards(out, storage.join(url, "scores"), rows_per_shard=1_000_000)
+    storage.write_table(pa.table({KEY: keys[~ok], "reason": pa.array(error[~ok], pa.string())}, schema=REJECTS_SCHEMA),
+                    storage.join(url, "rejects.parquet"))
+    storage.write_json({"rows_in": len(keys), "scored": int(ok.sum()), "rejected": int((~ok).sum()),
+                    "oracle_excluded": int(excluded.sum())}, storage.join(url, "summary.json"))
+    storage.write_json({"derived_from": scores, "ground_truth": storage.join(data, "ground_truth.parquet")},
+                   storage.join(url, "config.json"))
+    storage.commit_output(url, ["config.json", "rejects.parquet", "scores", "summary.json"], len(keys))
     return int(ok.sum())
 
 
@@ -174,15 +174,15 @@ def shift_image(png: bytes, rng: np.random.Generator) -> bytes:
     im = im.rotate(angle, resample=Image.BILINEAR, translate=(dx, dy), fillcolor=0)
     im = im.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(*SHIFT["blur_radius"]))))
     pixels = np.asarray(im, np.float32) + rng.normal(0.0, SHIFT["noise_std"], (28, 28))
-    return datasets.encode_png(np.clip(np.rint(pixels), 0, 255).astype(np.uint8))
+    return reference.encode_png(np.clip(np.rint(pixels), 0, 255).astype(np.uint8))
 
 
 @functools.lru_cache(maxsize=2)  # one dataset at a time: its clean and shifted copies
 def test_inputs(data: str, shifted: bool) -> tuple:
     """(x, labels) of the test split, normalised by the train pipeline's own decode stage."""
-    from pipeline.ingest import decode_stage
+    from pipeline.train.stages import decode_stage
 
-    table = mio.read_table(mio.join(data, "test"), columns=[KEY, "image", "label"]).sort_by(KEY)
+    table = storage.read_table(storage.join(data, "test"), columns=[KEY, "image", "label"]).sort_by(KEY)
     images = table.column("image").to_pylist()
     if shifted:
         images = [shift_image(b, np.random.default_rng([SHIFT_SEED, i])) for i, b in enumerate(images)]
@@ -196,11 +196,11 @@ def evaluate_checkpoint(run_dir: str, data: str, cfg) -> dict:
     """Accuracy of a run's final checkpoint on the clean and the shifted test split."""
     import torch
 
-    from pipeline.models import build_model
+    from pipeline.train.models import build_model
 
-    state = torch.load(io.BytesIO(mio.read_bytes(mio.join(run_dir, "checkpoint", "train.pt"))),
+    state = torch.load(io.BytesIO(storage.read_bytes(storage.join(run_dir, "checkpoint", "train.pt"))),
                        map_location="cpu", weights_only=True)
-    num_classes = len(mio.read_json(mio.join(data, "metadata.json"))["classes"])
+    num_classes = len(storage.read_json(storage.join(data, "metadata.json"))["classes"])
     model = build_model(cfg.model, num_classes, cfg.width or None)
     model.load_state_dict(state["model"])
     model.eval()
@@ -224,14 +224,14 @@ def final_plan_noise(run_dir: str, data: str, scores: str) -> float | None:
     """
     import torch
 
-    from pipeline.pruner import Pruner
-    from pipeline.trainer import load_index
+    from pipeline.prune.pruner import Pruner
+    from pipeline.train.driver import load_index
 
-    truth = mio.read_table(mio.join(data, "ground_truth.parquet"), columns=[KEY, "corruption"]).to_pandas()
+    truth = storage.read_table(storage.join(data, "ground_truth.parquet"), columns=[KEY, "corruption"]).to_pandas()
     noisy_keys = set(truth.loc[truth["corruption"] != "none", KEY])
     if not noisy_keys:
         return None
-    state = torch.load(io.BytesIO(mio.read_bytes(mio.join(run_dir, "checkpoint", "pruner.pt"))),
+    state = torch.load(io.BytesIO(storage.read_bytes(storage.join(run_dir, "checkpoint", "pruner.pt"))),
                        map_location="cpu", weights_only=True)
     keys, consistency, _ = load_index(scores, "auto")
     pruner = Pruner(**state["config"], consistency=consistency)  # the config names the constructor's arguments
@@ -256,7 +256,7 @@ def plain_loop_per_worker(config: dict) -> None:
     import torch
     import torch.nn.functional as F
 
-    from pipeline.train import _all_sum, _evaluate, _unwrap, setup_model
+    from pipeline.train.loop import _all_sum, _evaluate, _unwrap, setup_model
 
     cfg = config
     ctx = ray.train.get_context()
@@ -302,13 +302,13 @@ def plain_fit(cfg, out: str) -> dict:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from pipeline.ingest import decode_stage
-    from pipeline.ingest import test_stage
+    from pipeline.train.stages import decode_stage
+    from pipeline.train.stages import test_stage
 
     started = time.perf_counter()
-    meta = mio.read_json(mio.join(cfg.data, "metadata.json"))
-    fs, _ = mio.filesystem_for(cfg.data)
-    paths = lambda split: [mio.filesystem_for(u)[1] for u in mio.list_files(mio.join(cfg.data, split))]  # noqa: E731
+    meta = storage.read_json(storage.join(cfg.data, "metadata.json"))
+    fs, _ = storage.filesystem_for(cfg.data)
+    paths = lambda split: [storage.filesystem_for(u)[1] for u in storage.list_files(storage.join(cfg.data, split))]  # noqa: E731
     train = (ray.data.read_parquet(paths("train"), filesystem=fs).select_columns([KEY, "image", "label"])
              .map_batches(_plain_stage, batch_format="numpy")
              .map_batches(decode_stage, fn_kwargs={"augment": cfg.augment, "seed": cfg.seed}, batch_format="numpy"))
@@ -317,7 +317,7 @@ def plain_fit(cfg, out: str) -> dict:
             .map_batches(decode_stage, fn_kwargs={"augment": False, "seed": 0}, batch_format="numpy"))
     config = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
     config.update(num_classes=len(meta["classes"]), num_samples=meta["splits"]["train"])
-    storage = os.path.abspath(os.path.join(out, "ray")) if mio.is_local(out) else mio.join(out, "ray")
+    storage = os.path.abspath(os.path.join(out, "ray")) if storage.is_local(out) else storage.join(out, "ray")
     trainer = TorchTrainer(
         plain_loop_per_worker, train_loop_config=config,
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
@@ -335,15 +335,15 @@ def plain_fit(cfg, out: str) -> dict:
 
 def measure_overhead(args, data: str, scores: str, root: str) -> dict:
     """``full`` through the pruner vs the plain loop, alternated A B B A so drift hits both alike."""
-    from pipeline.trainer import fit
+    from pipeline.train.driver import fit
 
-    cfg = train_config(args, data, scores, mio.join(root, "unused"), "full", args.seeds[0])
+    cfg = train_config(args, data, scores, storage.join(root, "unused"), "full", args.seeds[0])
     # wall: the whole fit() from the driver; epoch: the loops' epochs (training + test evaluation);
     # train: the training steps alone. Start-up (about 11 s a fit) is in wall only.
     times = {m: {"pruner": [], "plain": []} for m in ("wall", "epoch", "train")}
     order = ["pruner", "plain", "plain", "pruner"] * math.ceil(args.overhead_repeats / 2)
     for i, kind in enumerate(order[: 2 * args.overhead_repeats]):
-        out = mio.join(root, f"{i}-{kind}")
+        out = storage.join(root, f"{i}-{kind}")
         print(f"[overhead {i + 1}/{2 * args.overhead_repeats}] {kind}", flush=True)
         started = time.perf_counter()
         if kind == "pruner":
@@ -362,7 +362,7 @@ def measure_overhead(args, data: str, scores: str, root: str) -> dict:
 
 
 def train_config(args, data: str, scores: str, out: str, policy: str, seed: int):
-    from pipeline.trainer import TrainConfig
+    from pipeline.train.driver import TrainConfig
 
     return TrainConfig(data=data, scores=scores, out=out, policy="full" if policy == ORACLE else policy,
                        keep_ratio=args.keep_ratio, epochs=args.epochs, workers=args.workers, seed=seed,
@@ -371,11 +371,11 @@ def train_config(args, data: str, scores: str, out: str, policy: str, seed: int)
 
 
 def run_policy(args, data: str, scores: str, out: str, policy: str, seed: int) -> dict:
-    from pipeline.trainer import fit
+    from pipeline.train.driver import fit
 
     cfg = train_config(args, data, scores, out, policy, seed)
-    reused = args.reuse and mio.exists(mio.join(out, "metrics.json"))
-    metrics = mio.read_json(mio.join(out, "metrics.json")) if reused else fit(cfg)
+    reused = args.reuse and storage.exists(storage.join(out, "metrics.json"))
+    metrics = storage.read_json(storage.join(out, "metrics.json")) if reused else fit(cfg)
     totals, epochs = metrics["totals"], metrics["epochs"]
     return {"policy": policy, "seed": seed, "out": out, "reused": bool(reused),
             "final_test_accuracy": totals["final_test_accuracy"], **evaluate_checkpoint(out, data, cfg),
@@ -388,7 +388,7 @@ def run_policy(args, data: str, scores: str, out: str, policy: str, seed: int) -
 def warm_up(args, data: str, scores: str, out: str) -> None:
     """One unmeasured one-epoch fit, so that the first measured run does not pay Ray's cold start
     (fresh worker processes importing torch and Ray Train) alone."""
-    from pipeline.trainer import fit
+    from pipeline.train.driver import fit
 
     started = time.perf_counter()
     print("[warm-up] one epoch of full, not measured", flush=True)
@@ -519,13 +519,13 @@ def _clip_info(args) -> dict:
     if not args.clip_pretrained:
         return {}
     url = os.path.splitext(args.clip_pretrained)[0] + ".json"
-    if not mio.exists(url):
+    if not storage.exists(url):
         return {}
-    info = mio.read_json(url)
+    info = storage.read_json(url)
     out = {"clip_zero_shot_accuracy": info.get("zero_shot_accuracy")}
-    meta_url = mio.join(info.get("config", {}).get("data", ""), "metadata.json")
-    if not args.synthetic and info.get("config", {}).get("data") and mio.exists(meta_url):
-        meta = mio.read_json(meta_url)
+    meta_url = storage.join(info.get("config", {}).get("data", ""), "metadata.json")
+    if not args.synthetic and info.get("config", {}).get("data") and storage.exists(meta_url):
+        meta = storage.read_json(meta_url)
         if (meta.get("seed"), meta.get("reference_size")) != (args.split_seed, 10_000):
             print(f"WARNING: the CLIP model was pre-trained on the reference split of seed {meta.get('seed')} "
                   f"(size {meta.get('reference_size')}); this benchmark's pools come from split seed "
@@ -538,13 +538,13 @@ def _parse_noise(text: str) -> list[str]:
     out = []
     for part in filter(None, (p.strip() for p in text.split(","))):
         spec = "none" if part in ("clean", "none") else part.replace("+", ",")
-        datasets.parse_noise_spec(spec)  # a bad spec fails here, before any work
+        reference.parse_noise_spec(spec)  # a bad spec fails here, before any work
         out.append("clean" if spec == "none" else part)
     return out
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m jobs.bench_pruning", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m benchmarks.pruning", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     d = lambda text: text + " (default: %(default)s)"  # noqa: E731
     p.add_argument("--out", required=True,
@@ -628,15 +628,15 @@ def main(argv=None) -> int:
     def ensure_warm(data, scores):
         nonlocal warm
         if not warm:
-            warm_up(args, data, scores, mio.join(args.out, "warmup"))
+            warm_up(args, data, scores, storage.join(args.out, "warmup"))
             warm = True
 
     try:
         for noise, seed in cells:
             tag = f"{noise_tag(noise)}-s{seed}"
             spec = "none" if noise == "clean" else noise.replace("+", ",")
-            data = prepare_data(mio.join(args.out, "data", tag), args, spec, seed)
-            scores = prepare_scores(mio.join(args.out, "scores", tag), data, args)
+            data = prepare_data(storage.join(args.out, "data", tag), args, spec, seed)
+            scores = prepare_scores(storage.join(args.out, "scores", tag), data, args)
             cell_runs = {}
             for policy in args.policies:
                 done = len(runs)
@@ -645,14 +645,14 @@ def main(argv=None) -> int:
                       f"elapsed {(time.perf_counter() - t0) / 60:.1f} min, ETA {eta}", flush=True)
                 run_scores = scores
                 if policy == ORACLE:
-                    run_scores = mio.join(args.out, "scores", f"{tag}-oracle")
+                    run_scores = storage.join(args.out, "scores", f"{tag}-oracle")
                     clean = write_oracle_scores(data, scores, run_scores)
                     if "full" in cell_runs and clean == cell_runs["full"]["num_samples"]:
                         # No noisy row in the pool: the oracle *is* full; training it again would be a copy.
                         runs.append({**cell_runs["full"], "policy": ORACLE, "same_as": "full", "noise": noise})
                         continue
-                run_dir = mio.join(args.out, "runs", tag, policy)
-                if not (args.reuse and mio.exists(mio.join(run_dir, "metrics.json"))):
+                run_dir = storage.join(args.out, "runs", tag, policy)
+                if not (args.reuse and storage.exists(storage.join(run_dir, "metrics.json"))):
                     ensure_warm(data, scores)
                 began = time.perf_counter()
                 run = run_policy(args, data, run_scores, run_dir, policy, seed)
@@ -665,16 +665,16 @@ def main(argv=None) -> int:
                       f"wall {run['wall_seconds']:.1f}s  forwarded {run['samples_forwarded']}", flush=True)
         overhead = None
         if not args.skip_overhead:
-            root = mio.join(args.out, "overhead")
-            if args.reuse and mio.exists(mio.join(root, "overhead.json")):
-                overhead = mio.read_json(mio.join(root, "overhead.json"))
+            root = storage.join(args.out, "overhead")
+            if args.reuse and storage.exists(storage.join(root, "overhead.json")):
+                overhead = storage.read_json(storage.join(root, "overhead.json"))
             else:
                 noise, seed = cells[0]
                 tag = f"{noise_tag(noise)}-s{seed}"
-                ensure_warm(mio.join(args.out, "data", tag), mio.join(args.out, "scores", tag))
-                overhead = measure_overhead(args, mio.join(args.out, "data", tag),
-                                            mio.join(args.out, "scores", tag), root)
-                mio.write_json(overhead, mio.join(root, "overhead.json"))
+                ensure_warm(storage.join(args.out, "data", tag), storage.join(args.out, "scores", tag))
+                overhead = measure_overhead(args, storage.join(args.out, "data", tag),
+                                            storage.join(args.out, "scores", tag), root)
+                storage.write_json(overhead, storage.join(root, "overhead.json"))
     finally:
         if started_here:
             ray.shutdown()
@@ -682,9 +682,9 @@ def main(argv=None) -> int:
     result = {"setup": setup, "noise_settings": args.noise, "runs": runs, "summary": summary,
               "overhead": overhead, "targets": check_targets(summary, overhead),
               "seconds": round(time.perf_counter() - t0, 1)}
-    mio.write_json(result, mio.join(args.out, "results.json"))
+    storage.write_json(result, storage.join(args.out, "results.json"))
     text = markdown(result)
-    mio.write_bytes(text.encode(), mio.join(args.out, "results.md"))
+    storage.write_bytes(text.encode(), storage.join(args.out, "results.md"))
     print(text, flush=True)
     return 0
 

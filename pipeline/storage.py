@@ -29,7 +29,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipeline.schema import ColumnMapping, MAPPINGS, to_contract
+from pipeline.data.contract import ColumnMapping, MAPPINGS, to_contract
 
 SUCCESS, PENDING = "_SUCCESS", "_PENDING"
 # Object-store requests are retried by the SDK with exponential backoff; ten

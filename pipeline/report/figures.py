@@ -14,8 +14,8 @@ import warnings
 
 import numpy as np
 
-from pipeline import io as mio
-from pipeline.report import POLICY_ORDER, Run, ScoreSet
+from pipeline import storage
+from pipeline.report.runs import POLICY_ORDER, Run, ScoreSet
 
 # One look for every figure: readable at a page's width, and the same size, so they line up.
 FIGSIZE, DPI = (7.0, 4.0), 120
@@ -25,7 +25,7 @@ def save_png(fig, url: str) -> None:
     """Write ``fig`` as a PNG to ``url`` (local path or object-store URL)."""
     buf = _bytesio.BytesIO()
     fig.savefig(buf, format="png")
-    mio.write_bytes(buf.getvalue(), url)
+    storage.write_bytes(buf.getvalue(), url)
 
 
 def stack_curves(curves: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

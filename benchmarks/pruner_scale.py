@@ -6,14 +6,14 @@ batch, like workers' chunks), then plans of pruning and annealing epochs.
 
 Local::
 
-    python -m jobs.bench_pruner_scale --sizes 1e6,1e7,1e8 --policy mmdp
-    python -m jobs.bench_pruner_scale --sizes 1e7 --policy random,infobatch,clip_filter,full
-    python -m jobs.bench_pruner_scale --sizes 1e7 --shards 4   # state split in 4 (in process)
+    python -m benchmarks.pruner_scale --sizes 1e6,1e7,1e8 --policy mmdp
+    python -m benchmarks.pruner_scale --sizes 1e7 --policy random,infobatch,clip_filter,full
+    python -m benchmarks.pruner_scale --sizes 1e7 --shards 4   # state split in 4 (in process)
 
 On a cluster it measures the node it runs on (no Ray is used: it measures the
 pruner itself)::
 
-    ray job submit --working-dir . -- python -m jobs.bench_pruner_scale --sizes 1e7,1e8 --json results.json
+    ray job submit --working-dir . -- python -m benchmarks.pruner_scale --sizes 1e7,1e8 --json results.json
 
 Prints one JSON line per size and policy, then a markdown table; ``--json``
 also writes the rows and the resolved config (also logged) to a file.
@@ -33,11 +33,11 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from pipeline.cli import option, start_job
-from pipeline.policies import POLICIES
+from pipeline.prune.policies import POLICIES
 
 BATCH = 1 << 20
 # The child process: one size, one policy, in a fresh interpreter; prints its row as JSON.
-_CHILD = ("import json, sys; from jobs.bench_pruner_scale import measure; "
+_CHILD = ("import json, sys; from benchmarks.pruner_scale import measure; "
           "print(json.dumps(measure(*json.loads(sys.argv[1]))))")
 
 
@@ -71,9 +71,9 @@ class BenchPrunerScaleConfig:
 
 def measure(n: int, policy: str, shards: int, ingest_losses: int, seed: int = 0) -> dict:
     """One size in this process: memory, init, ingest and plan timings."""
-    from pipeline.procmem import PeakSampler, rss
-    from pipeline.pruner import Pruner
-    from pipeline.shards import even_bounds
+    from benchmarks.procmem import PeakSampler, rss
+    from pipeline.prune.pruner import Pruner
+    from pipeline.prune.partitions import even_bounds
 
     rng = np.random.default_rng(seed)
     out = {"n": n, "policy": policy, "shards": shards, "loadavg_start": os.getloadavg()[0]}
@@ -139,7 +139,7 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    cfg = start_job(BenchPrunerScaleConfig, __doc__, argv, "python -m jobs.bench_pruner_scale")
+    cfg = start_job(BenchPrunerScaleConfig, __doc__, argv, "python -m benchmarks.pruner_scale")
     rows = []
     for policy in cfg.policy:
         for n in cfg.counts:

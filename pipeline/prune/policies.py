@@ -2,7 +2,7 @@
 
 A policy is a small frozen dataclass holding its knobs. It plans an epoch
 over a *cluster* of index-range shards of the pruner's state (see
-:mod:`pipeline.selection`)::
+:mod:`pipeline.prune.selection`)::
 
     kept, weights, pruned_by_reason = policy.plan(cluster, ctx)
 
@@ -49,8 +49,8 @@ from typing import ClassVar
 
 import numpy as np
 
-from pipeline import plan_steps as S
-from pipeline.selection import chunks, select_smallest
+from pipeline.prune import steps
+from pipeline.prune.selection import chunks, select_smallest
 
 LOW_CONSISTENCY = "low consistency"
 WELL_LEARNED = "well learned (low loss)"
@@ -135,21 +135,21 @@ def rank_normalise(scores: np.ndarray) -> np.ndarray:
     return ranks
 
 
-def approx_rank(values: np.ndarray, mask: np.ndarray, bins: int = S.BINS) -> np.ndarray:
+def approx_rank(values: np.ndarray, mask: np.ndarray, bins: int = steps.BINS) -> np.ndarray:
     """Rank of each masked value among the masked values, in (0, 1); 0 outside ``mask``.
 
     A full argsort of 10M floats takes about 1.5 s on one core, over the plan
     budget, so ranks come from a 65,536-bin histogram of ``arcsinh`` of the
     values (so a few huge losses do not squash the rest into one bin).
     Values sharing a bin share its mid-rank; for n up to ~10^5 that is nearly
-    exact. :mod:`pipeline.plan_steps` computes the same over shards.
+    exact. :mod:`pipeline.prune.steps` computes the same over shards.
     """
     values = np.asarray(values, dtype=np.float32)
-    count, lo, hi = S.asinh_range(values, mask)
+    count, lo, hi = steps.asinh_range(values, mask)
     if count == 0:
         return np.zeros(len(values), dtype=np.float32)
-    b = S.asinh_bins(values, lo, hi, bins)
-    mid = S.mid_ranks(np.bincount(b[mask], minlength=bins), count)
+    b = steps.asinh_bins(values, lo, hi, bins)
+    mid = steps.mid_ranks(np.bincount(b[mask], minlength=bins), count)
     return np.where(mask, mid[b], np.float32(0.0))
 
 
@@ -183,21 +183,21 @@ def allocate(n_hard: int, n_well: int, k: int, max_prune_prob: float) -> tuple[i
 
 def soft_prune(cluster, ctx: PlanContext, max_prune_prob: float, noise: int = 0) -> tuple:
     """Keep exactly ``ctx.target`` of the eligible samples (group > 0 after
-    :func:`~pipeline.plan_steps.strata`), unbiased: see the module docstring.
+    :func:`~pipeline.prune.steps.strata`), unbiased: see the module docstring.
 
     Returns (kept, weights, pruned_by_reason): ``noise`` samples excluded
     before (group 0) are :data:`LOW_CONSISTENCY`, pruned ones of the
     well-learned stratum :data:`WELL_LEARNED`, hard ones subsampled to fit
     the budget :data:`RANDOM`.
     """
-    n_hard, n_well = (int(c) for c in np.sum(cluster.map(S.strata, ctx.salt), axis=0))
+    n_hard, n_well = (int(c) for c in np.sum(cluster.map(steps.strata, ctx.salt), axis=0))
     keep_hard, keep_well = allocate(n_hard, n_well, ctx.target, max_prune_prob)
     select_smallest(cluster, [keep_hard, keep_well])
     weights = [0.0, n_hard / keep_hard if keep_hard else 0.0, n_well / keep_well if keep_well else 0.0]
     reasons = {RANDOM: n_hard - keep_hard, WELL_LEARNED: n_well - keep_well}
     if noise:
         reasons = {LOW_CONSISTENCY: noise, **reasons}
-    return S.emit(cluster, weights, reasons)
+    return steps.emit(cluster, weights, reasons)
 
 
 class Policy:
@@ -216,7 +216,7 @@ class Policy:
     def select(self, state: PlanState, epoch: int,
                rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """Plans a :class:`PlanState` in one shard; (kept, weights). ``rng`` gives the salt."""
-        cluster = S.StateCluster(state)
+        cluster = steps.StateCluster(state)
         ctx = PlanContext(state.num_samples, state.keep_ratio, state.epochs, int(epoch),
                           int(rng.integers(0, 2**63)))
         kept, weights, _ = self.plan(cluster, ctx)
@@ -255,8 +255,8 @@ class Full(Policy):
     name: ClassVar[str] = "full"
 
     def plan(self, cluster, ctx):
-        cluster.map(S.keep_all)
-        return S.emit(cluster, [0.0, 1.0], {})
+        cluster.map(steps.keep_all)
+        return steps.emit(cluster, [0.0, 1.0], {})
 
     def kept_count(self, num_samples, keep_ratio, epochs, epoch):
         return num_samples
@@ -270,9 +270,9 @@ class Random(Policy):
     name: ClassVar[str] = "random"
 
     def plan(self, cluster, ctx):
-        cluster.map(S.random_candidates, ctx.salt)
+        cluster.map(steps.random_candidates, ctx.salt)
         select_smallest(cluster, [ctx.target])
-        return S.emit(cluster, [0.0, 1.0], {RANDOM: ctx.num_samples - ctx.target})
+        return steps.emit(cluster, [0.0, 1.0], {RANDOM: ctx.num_samples - ctx.target})
 
 
 @register
@@ -288,9 +288,9 @@ class ClipFilter(Policy):
     needs_consistency: ClassVar[bool] = True
 
     def plan(self, cluster, ctx):
-        cluster.map(S.consistency_candidates)
+        cluster.map(steps.consistency_candidates)
         select_smallest(cluster, [ctx.target])
-        return S.emit(cluster, [0.0, 1.0], {LOW_CONSISTENCY: ctx.num_samples - ctx.target})
+        return steps.emit(cluster, [0.0, 1.0], {LOW_CONSISTENCY: ctx.num_samples - ctx.target})
 
 
 @register
@@ -320,10 +320,10 @@ class InfoBatch(Policy):
 
     def plan(self, cluster, ctx):
         if is_annealing(ctx.epoch, ctx.epochs, self.delta):
-            cluster.map(S.keep_all)
-            return S.emit(cluster, [0.0, 1.0], {})
-        cluster.map(S.mark_eligible, False)
-        S.below_mean(cluster)
+            cluster.map(steps.keep_all)
+            return steps.emit(cluster, [0.0, 1.0], {})
+        cluster.map(steps.mark_eligible, False)
+        steps.below_mean(cluster)
         return soft_prune(cluster, ctx, self.max_prune_prob)
 
     def kept_count(self, num_samples, keep_ratio, epochs, epoch):
@@ -346,7 +346,7 @@ class Mmdp(Policy):
        flags noise, and loss counts only once training has made it
        informative. Before any loss is seen (epoch 0) ``s = 1 - c``. A sample
        with no loss yet gets for ``l`` the mean loss rank of seen samples of
-       similar consistency (:func:`~pipeline.plan_steps.expected_ranks`), so
+       similar consistency (:func:`~pipeline.prune.steps.expected_ranks`), so
        a clean sample wrongly dropped at epoch 0 can come back when
        consistency turns out to say little about loss.
     2. The ``noise_count`` samples with the highest ``s`` are dropped (ties
@@ -392,14 +392,14 @@ class Mmdp(Policy):
         """Sets each shard's ``scratch["noisy"]``: the samples dropped as likely noise."""
         ramp = 1.0 if self.loss_ramp_epochs == 0 else min(1.0, ctx.epoch / self.loss_ramp_epochs)
         lam = float(np.float32(self.loss_weight * ramp))
-        tables = S.loss_rank_tables(cluster) if lam > 0 else None
-        cluster.map(S.noise_candidates, lam, tables)
+        tables = steps.loss_rank_tables(cluster) if lam > 0 else None
+        cluster.map(steps.noise_candidates, lam, tables)
         select_smallest(cluster, [self.noise_count(ctx.num_samples, ctx.keep_ratio)])
-        cluster.map(S.chosen_is_noisy)
+        cluster.map(steps.chosen_is_noisy)
 
     def noisy(self, state: PlanState, epoch: int) -> np.ndarray:
         """Boolean mask of the samples dropped as likely noise at ``epoch`` (one shard)."""
-        cluster = S.StateCluster(state)
+        cluster = steps.StateCluster(state)
         self.mark_noise(cluster, PlanContext(state.num_samples, state.keep_ratio, state.epochs, epoch, 0))
         return cluster.shard.scratch["noisy"]
 
@@ -407,10 +407,10 @@ class Mmdp(Policy):
         self.mark_noise(cluster, ctx)
         noise = self.noise_count(ctx.num_samples, ctx.keep_ratio)
         if is_annealing(ctx.epoch, ctx.epochs, self.delta):
-            cluster.map(S.keep_eligible)
-            return S.emit(cluster, [0.0, 1.0], {LOW_CONSISTENCY: noise})
-        cluster.map(S.mark_eligible, True)
-        S.below_mean(cluster)
+            cluster.map(steps.keep_eligible)
+            return steps.emit(cluster, [0.0, 1.0], {LOW_CONSISTENCY: noise})
+        cluster.map(steps.mark_eligible, True)
+        steps.below_mean(cluster)
         return soft_prune(cluster, ctx, self.max_prune_prob, noise)
 
     def kept_count(self, num_samples, keep_ratio, epochs, epoch):
