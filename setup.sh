@@ -14,7 +14,7 @@ fi
 python=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-# constraints.txt pins what installs fast here (loose aiobotocore/botocore/boto3
+# constraints.txt pins what installs fast here (loose botocore/boto3
 # cost pip minutes of backtracking); pyproject.toml keeps the ranges.
 .venv/bin/python -m pip install -q -c constraints.txt -e ".[test]"
 echo "mmdp is set up in .venv"

@@ -23,7 +23,6 @@ Prints the result as JSON, with the resolved config (also logged) under
 from __future__ import annotations
 
 import io
-import json
 import os
 import sys
 import tempfile
@@ -35,7 +34,7 @@ import pyarrow as pa
 from PIL import Image, ImageDraw
 
 from pipeline import storage
-from pipeline.cli import option, start_job
+from pipeline.cli import connect_ray, option, run_job
 from pipeline.data.contract import SHARD_SCHEMA
 
 DISTINCT_IMAGES = 512  # encoded once, reused under distinct keys: writing 100k JPEGs is not the point
@@ -82,18 +81,19 @@ def synthetic_shards(folder: str, rows: int, size: int = 256, rows_per_shard: in
 
 
 def main(argv=None) -> int:
-    cfg = start_job(BenchGpuConfig, __doc__, argv, "python -m benchmarks.gpu")
+    return run_job(BenchGpuConfig, argv, run, doc=__doc__, prog="python -m benchmarks.gpu")
 
+
+def run(cfg: BenchGpuConfig) -> dict:
+    """Score ``cfg.rows`` synthetic pairs with the Ray Data score job; its pairs/s and the card's name."""
     import ray
     import torch
 
     from pipeline.score.job import ScoreConfig, score
 
     if not torch.cuda.is_available() and not cfg.allow_cpu:
-        print("error: no CUDA GPU here; pass --allow-cpu for a smoke test", file=sys.stderr)
-        return 2
-    if not ray.is_initialized():
-        ray.init()
+        raise ValueError("no CUDA GPU here; pass --allow-cpu for a smoke test")
+    connect_ray()
     gpus = int(ray.cluster_resources().get("GPU", 0))
     card = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     with tempfile.TemporaryDirectory() as tmp:
@@ -105,12 +105,10 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         summary = score(score_cfg)
         seconds = time.perf_counter() - start
-    result = {"card": card, "gpus": gpus, "model": cfg.model, "rows": summary["rows_in"],
-              "scored": summary["scored"], "seconds": round(seconds, 2),
-              "pairs_per_second": round(summary["rows_in"] / seconds, 1),
-              "cpus": ray.cluster_resources().get("CPU"), "config": asdict(cfg)}
-    print(json.dumps(result, indent=2))
-    return 0
+    return {"card": card, "gpus": gpus, "model": cfg.model, "rows": summary["rows_in"],
+            "scored": summary["scored"], "seconds": round(seconds, 2),
+            "pairs_per_second": round(summary["rows_in"] / seconds, 1),
+            "cpus": ray.cluster_resources().get("CPU"), "config": asdict(cfg)}
 
 
 if __name__ == "__main__":

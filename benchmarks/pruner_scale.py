@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from pipeline.cli import option, start_job
+from pipeline.cli import option, run_job
 from pipeline.prune.policies import POLICIES
 
 BATCH = 1 << 20
@@ -126,20 +126,26 @@ _CPU: list[float] = []
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| samples | policy | shards | state B/sample (nbytes) | RSS growth B/sample | peak RSS over start B/sample "
-             "| plan wall s (epoch 0 / 3 / 4 / 19) | plan CPU s (same) | ingest losses/s (wall / CPU) | load avg |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in rows:
-        lines.append(f"| {r['n']:,} | {r['policy']} | {r['shards']} | {r['state_nbytes_per_sample']} "
-                     f"| {r['rss_growth_per_sample']} | {r['peak_rss_per_sample']} "
-                     f"| {r['plan_s_epoch0']} / {r['plan_s_epoch3']} / {r['plan_s_epoch4']} / {r['plan_s_epoch19']} "
-                     f"| {' / '.join(str(v) for v in r['plan_cpu_s'].values())} "
-                     f"| {r['ingest_per_s'] / 1e6:.1f}M / {r['ingest_per_cpu_s'] / 1e6:.1f}M | {r['loadavg_start']:.2f} |")
-    return "\n".join(lines)
+    from pipeline.report.page import markdown_table
+
+    header = ("samples", "policy", "shards", "state B/sample (nbytes)", "RSS growth B/sample",
+              "peak RSS over start B/sample", "plan wall s (epoch 0 / 3 / 4 / 19)", "plan CPU s (same)",
+              "ingest losses/s (wall / CPU)", "load avg")
+    return markdown_table(header, [
+        (f"{r['n']:,}", r["policy"], r["shards"], r["state_nbytes_per_sample"], r["rss_growth_per_sample"],
+         r["peak_rss_per_sample"],
+         f"{r['plan_s_epoch0']} / {r['plan_s_epoch3']} / {r['plan_s_epoch4']} / {r['plan_s_epoch19']}",
+         " / ".join(str(v) for v in r["plan_cpu_s"].values()),
+         f"{r['ingest_per_s'] / 1e6:.1f}M / {r['ingest_per_cpu_s'] / 1e6:.1f}M", f"{r['loadavg_start']:.2f}")
+        for r in rows])
 
 
 def main(argv=None) -> int:
-    cfg = start_job(BenchPrunerScaleConfig, __doc__, argv, "python -m benchmarks.pruner_scale")
+    return run_job(BenchPrunerScaleConfig, argv, run, doc=__doc__, prog="python -m benchmarks.pruner_scale")
+
+
+def run(cfg: BenchPrunerScaleConfig) -> None:
+    """Each size and policy in a fresh subprocess; their rows as JSON lines, then the table."""
     rows = []
     for policy in cfg.policy:
         for n in cfg.counts:
@@ -147,14 +153,13 @@ def main(argv=None) -> int:
             done = subprocess.run([sys.executable, "-c", _CHILD, child], capture_output=True, text=True)
             if done.returncode:
                 print(done.stderr, file=sys.stderr)
-                return done.returncode
+                raise SystemExit(done.returncode)
             rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
             print(json.dumps(rows[-1]), flush=True)
     print(table(rows))
     if cfg.json:
         with open(cfg.json, "w") as f:
             json.dump({"config": asdict(cfg), "rows": rows}, f, indent=1)
-    return 0
 
 
 if __name__ == "__main__":

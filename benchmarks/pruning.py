@@ -23,33 +23,36 @@ On a cluster::
     ray job submit --working-dir . -- python -m benchmarks.pruning --out s3://bucket/bench \\
         --clip-pretrained s3://bucket/ref-clip/model.pt --workers 4
 
-Writes ``OUT/results.json`` (every run, the summaries, the overhead, the
-setup with the options) and ``OUT/results.md`` (the tables); ``--reuse``
-resumes a stopped benchmark from the runs, datasets and scores already in ``OUT``.
+Writes ``OUT/config.json`` (the resolved config, also logged),
+``OUT/results.json`` (every run, the summaries, the overhead, the setup with
+the options) and ``OUT/results.md`` (the tables), then commits ``OUT``;
+``--reuse`` resumes a stopped benchmark from the committed runs, datasets
+and scores already in ``OUT``.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import io
-import json
 import math
 import os
 import platform
-import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.data import reference as datasets
 from pipeline import storage
-from pipeline.data.contract import KEY, REJECTS_SCHEMA, SCORES_SCHEMA
+from pipeline.cli import HELP, connect_ray, execute, option, run_job
+from pipeline.data import reference
+from pipeline.data.contract import KEY
+from pipeline.report.page import markdown_table
 
 POLICIES = ("full", "random", "infobatch", "clip_filter", "mmdp")
 ORACLE = "oracle"
@@ -57,6 +60,63 @@ ORACLE_REASON = "oracle: excluded (noisy in ground truth)"
 # The shifted test copy is a pure function of the test images and this seed.
 SHIFT_SEED = 20240
 SHIFT = {"rotate_deg": 12.0, "shift_px": 2, "blur_radius": (0.4, 1.0), "noise_std": 20.0}
+
+
+@dataclass(frozen=True)
+class BenchPruningConfig:
+    """The benchmark's knobs; one field per command-line flag."""
+
+    OUTPUT: ClassVar[str] = "out"
+
+    out: str = field(metadata={HELP: "benchmark folder: data/, scores/, runs/, results.json, results.md"})
+    pool_size: int = option(20_000, "train rows in each pool")
+    epochs: int = option(20, "training epochs")
+    seeds: tuple[int, ...] = option((0, 1, 2), "comma-separated seeds (noise draw, model, plans)")
+    noise: tuple[str, ...] = option(("clean", "symmetric:0.3"),
+                                    "comma-separated noise settings; join the kinds of one setting with +, "
+                                    "e.g. symmetric:0.2+caption:0.05")
+    policies: tuple[str, ...] = option((*POLICIES, ORACLE), "policies to train, and oracle")
+    keep_ratio: float = option(0.5, "keep ratio of every pruning policy")
+    workers: int = option(2, "Ray Train workers")
+    model: str = option("resnet", "image model", choices=("resnet", "cnn"))
+    width: int = option(8, "model width (0 = the model's default)")
+    batch_size: int = option(128, "samples per step per worker")
+    lr: float = option(0.1, "peak learning rate")
+    warmup_steps: int = option(50, "linear warm-up steps")
+    clip_model: str = option("mmdp-ref", "open_clip model that scores the pools")
+    clip_pretrained: str | None = option(None, "its checkpoint (OUT/model.pt of python -m jobs.pretrain_reference_clip)")
+    mode: str = option("label", "score against label prompts (gives clip_margin) or captions",
+                       choices=("label", "caption"))
+    split_seed: int = option(0, "seed of the reference/pool split: the one the CLIP model's dataset used")
+    synthetic: bool = option(False, "the tiny synthetic dataset instead of Fashion-MNIST (tests)")
+    score_actors: int = option(1, "most scoring actors")
+    score_actor_cpus: float = option(1.0, "CPUs each scoring actor reserves")
+    cpus: float = option(2, "CPUs of the local Ray instance (not used under a cluster)")
+    warmup: bool = option(True, "an unmeasured one-epoch fit before the first measured one")
+    skip_overhead: bool = option(False, "skip the machinery overhead measurement")
+    overhead_repeats: int = option(2, "runs of each side in the overhead measurement")
+    reuse: bool = option(False, "keep datasets, scores and runs already in --out (resume)")
+
+    def __post_init__(self):
+        # Normalised here, so the config logged and saved is the one that runs.
+        noise = []
+        for part in self.noise:
+            spec = "none" if part in ("clean", "none") else part.replace("+", ",")
+            try:
+                reference.parse_noise_spec(spec)
+            except ValueError as exc:
+                raise ValueError(f"--noise: {exc}") from None
+            noise.append("clean" if spec == "none" else part)
+        object.__setattr__(self, "noise", tuple(noise))
+        unknown = set(self.policies) - {*POLICIES, ORACLE}
+        if unknown or not self.policies:
+            raise ValueError(f"--policies: unknown {sorted(unknown)}; choose from {', '.join((*POLICIES, ORACLE))}")
+        # The oracle runs last in a cell so that, on a pool with no noisy row, it can reuse full's run.
+        object.__setattr__(self, "policies", tuple(p for p in (*POLICIES, ORACLE) if p in self.policies))
+        if not self.seeds or not self.noise:
+            raise ValueError("--seeds and --noise need at least one value")
+        if self.pool_size < 8 or self.epochs < 1 or self.workers < 1 or not 0 < self.keep_ratio <= 1:
+            raise ValueError("need --pool-size >= 8, --epochs >= 1, --workers >= 1 and 0 < --keep-ratio <= 1")
 
 
 # ---------------------------------------------------------------- data and scores
@@ -78,10 +138,9 @@ def build_pool(pool_size: int, noise: str, seed: int, split_seed: int, synthetic
         return reference.make_synthetic(n=2 * pool_size, seed=seed, noise=noise)
     raw = _fashion_mnist()
     images, labels = raw["train"]
-    # build_dataset splits by a permutation seeded with `seed`; reorder the
-    # source so that permutation picks split_seed's reference and pool images.
-    # reference._rng is the generator build_dataset uses (see the report: a
-    # split_seed argument in pipeline.data.reference would make this unnecessary).
+    # build_dataset splits by a permutation seeded with `seed` (from
+    # reference._rng); reorder the source so that permutation picks
+    # split_seed's reference and pool images.
     perm = np.arange(len(labels))
     if seed != split_seed:
         run_order = reference._rng(seed, "split").permutation(len(labels))
@@ -97,32 +156,22 @@ def build_pool(pool_size: int, noise: str, seed: int, split_seed: int, synthetic
     return dataclasses.replace(ds, ground_truth=gt, metadata={**ds.metadata, "split_seed": split_seed})
 
 
-def prepare_data(url: str, args, noise: str, seed: int) -> str:
-    if not (args.reuse and storage.exists(storage.join(url, "metadata.json"))):
-        ds = build_pool(args.pool_size, noise, seed, args.split_seed, args.synthetic)
-        reference.write_dataset(ds, url, rows_per_shard=max(64, math.ceil(args.pool_size / 8)))
+def prepare_data(url: str, cfg: BenchPruningConfig, noise: str, seed: int) -> str:
+    if not (cfg.reuse and storage.is_complete(url)):
+        ds = build_pool(cfg.pool_size, noise, seed, cfg.split_seed, cfg.synthetic)
+        with storage.output(url):
+            reference.write_dataset(ds, url, rows_per_shard=max(64, math.ceil(cfg.pool_size / 8)))
     return url
 
 
-def prepare_scores(url: str, data: str, args) -> str:
-    import ray
-
+def prepare_scores(url: str, data: str, cfg: BenchPruningConfig) -> str:
     from pipeline.score.job import ScoreConfig, score
 
-    if args.reuse and storage.exists(storage.join(url, storage.SUCCESS)):  # committed by the score job
-        return url
-    cfg = ScoreConfig(input=storage.join(data, "train"), output=url, model=args.clip_model,
-                      pretrained=args.clip_pretrained, mode=args.mode, batch_size=256, min_actors=1,
-                      max_actors=args.score_actors, actor_cpus=args.score_actor_cpus,
-                      torch_threads=max(1, int(args.cpus)))
-    ctx = ray.data.DataContext.get_current()
-    preserve = ctx.execution_options.preserve_order
-    try:
-        score(cfg)
-    finally:
-        # score() turns preserve_order on in the driver's DataContext; the
-        # training runs after it must not inherit that (see the report).
-        ctx.execution_options.preserve_order = preserve
+    if not (cfg.reuse and storage.is_complete(url)):
+        execute(ScoreConfig(input=storage.join(data, "train"), output=url, model=cfg.clip_model,
+                            pretrained=cfg.clip_pretrained, mode=cfg.mode, batch_size=256, min_actors=1,
+                            max_actors=cfg.score_actors, actor_cpus=cfg.score_actor_cpus,
+                            torch_threads=max(1, int(cfg.cpus))), score)
     return url
 
 
@@ -132,32 +181,22 @@ def write_oracle_scores(data: str, scores: str, url: str) -> int:
     The trainer trains on ``status == "ok"`` rows only, so the oracle needs no
     code path of its own: policy ``full`` on this folder trains on the clean rows.
     """
+    from pipeline.score.job import write_scores
+
     table = storage.read_table(storage.join(scores, "scores"))
     gt = storage.read_table(storage.join(data, "ground_truth.parquet"), columns=[KEY, "corruption"])
     noisy_keys = gt.filter(pc.not_equal(gt.column("corruption"), "none")).column(KEY)
-    keys = table.column(KEY).to_numpy(zero_copy_only=False).astype(str)
     status = table.column("status").to_numpy(zero_copy_only=False).astype(object)
     error = table.column("error").to_numpy(zero_copy_only=False).astype(object)
     excluded = pc.is_in(table.column(KEY), value_set=noisy_keys).to_numpy(zero_copy_only=False) & (status == "ok")
     status[excluded], error[excluded] = "rejected", ORACLE_REASON
-    ok = status == "ok"
-    index = np.zeros(len(keys), np.int64)  # dense over good rows in key order, as the score job writes it
-    rows = np.flatnonzero(ok)
-    index[rows[np.argsort(keys[rows], kind="stable")]] = np.arange(len(rows))
-    out = pa.table({KEY: keys, "index": pa.array(index, pa.int64(), mask=~ok),
-                    "clip_score": table.column("clip_score"), "clip_margin": table.column("clip_margin"),
-                    "status": pa.array(status, pa.string()), "error": pa.array(error, pa.string())},
-                   schema=SCORES_SCHEMA)
-    storage.begin_output(url)
-    storage.write_shards(out, storage.join(url, "scores"), rows_per_shard=1_000_000)
-    storage.write_table(pa.table({KEY: keys[~ok], "reason": pa.array(error[~ok], pa.string())}, schema=REJECTS_SCHEMA),
-                    storage.join(url, "rejects.parquet"))
-    storage.write_json({"rows_in": len(keys), "scored": int(ok.sum()), "rejected": int((~ok).sum()),
-                    "oracle_excluded": int(excluded.sum())}, storage.join(url, "summary.json"))
-    storage.write_json({"derived_from": scores, "ground_truth": storage.join(data, "ground_truth.parquet")},
-                   storage.join(url, "config.json"))
-    storage.commit_output(url, ["config.json", "rejects.parquet", "scores", "summary.json"], len(keys))
-    return int(ok.sum())
+    for name, values in (("status", status), ("error", error)):
+        table = table.set_column(table.schema.get_field_index(name), name, pa.array(values, pa.string()))
+    with storage.output(url):
+        summary = write_scores(table, url, oracle_excluded=int(excluded.sum()))
+        storage.write_json({"derived_from": scores, "ground_truth": storage.join(data, "ground_truth.parquet")},
+                           storage.join(url, "config.json"))
+    return summary["scored"]
 
 
 # ---------------------------------------------------------------- evaluation
@@ -251,36 +290,30 @@ def _plain_stage(batch: dict) -> dict:
 
 
 def plain_loop_per_worker(config: dict) -> None:
-    """A Ray Train loop with no pruner: same model, optimiser, schedule, evaluation and checkpoints."""
+    """A Ray Train loop with no pruner: the train loop's model, optimiser, schedule, evaluation and checkpoints."""
     import ray.train
-    import torch
     import torch.nn.functional as F
 
-    from pipeline.train.loop import _all_sum, _evaluate, _unwrap, setup_model
+    from pipeline.train.loop import DTYPES, all_sum, evaluate, report_epoch, save_train_state, setup_model, take_step, unwrap
 
     cfg = config
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     model, opt, sched = setup_model(cfg, cfg["epochs"] * math.ceil(cfg["num_samples"] / (cfg["batch_size"] * world)))
-    bare = _unwrap(model)
+    bare = unwrap(model)
     train_shard = ray.train.get_dataset_shard("train")
     test_shard = ray.train.get_dataset_shard("test")
     cache, sums = None, {"train_seconds": 0.0, "epoch_seconds": 0.0, "samples_forwarded": 0}
-    dtypes = {"x": torch.float32, "label": torch.int64, "index": torch.int64}
     for epoch in range(cfg["epochs"]):
         started = time.perf_counter()
         model.train()
         forwarded = 0
-        for batch in train_shard.iter_torch_batches(batch_size=cfg["batch_size"], dtypes=dtypes, drop_last=False):
-            loss = F.cross_entropy(model(batch["x"]), batch["label"])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+        for batch in train_shard.iter_torch_batches(batch_size=cfg["batch_size"], dtypes=DTYPES, drop_last=False):
+            take_step(F.cross_entropy(model(batch["x"]), batch["label"]), opt, sched)
             forwarded += len(batch["label"])
         train_seconds = time.perf_counter() - started
-        correct, count, cache = _evaluate(bare, test_shard, cache, cfg["batch_size"], rank, world)
-        totals = _all_sum([forwarded, correct, count])
+        correct, count, cache = evaluate(bare, test_shard, cache, cfg["batch_size"], rank, world)
+        totals = all_sum([forwarded, correct, count])
         sums["train_seconds"] += train_seconds
         sums["epoch_seconds"] += time.perf_counter() - started
         sums["samples_forwarded"] += int(totals[0])
@@ -288,111 +321,89 @@ def plain_loop_per_worker(config: dict) -> None:
         checkpoint_dir = None
         if rank == 0:
             checkpoint_dir = tempfile.mkdtemp(prefix="mmdp-plain-ckpt-")
-            torch.save({"model": bare.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                        "epoch": epoch}, os.path.join(checkpoint_dir, "train.pt"))
-        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        ray.train.report(metrics, checkpoint=checkpoint)
-        if checkpoint_dir:
-            shutil.rmtree(checkpoint_dir, ignore_errors=True)  # report() has persisted it
+            save_train_state(checkpoint_dir, model, opt, sched, epoch)
+        report_epoch(metrics, checkpoint_dir)
 
 
 def plain_fit(cfg, out: str) -> dict:
     """Train ``cfg``'s model on all of ``cfg.data``'s train split without the pruner; returns totals."""
-    import ray
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
+    from pipeline.train.driver import evaluation_dataset, read_split, run_trainer
     from pipeline.train.stages import decode_stage
-    from pipeline.train.stages import test_stage
 
     started = time.perf_counter()
+    # No retries: a plain loop that restarted would start over, and its time would not compare.
+    cfg = dataclasses.replace(cfg, out=out, max_failures=0)
     meta = storage.read_json(storage.join(cfg.data, "metadata.json"))
-    fs, _ = storage.filesystem_for(cfg.data)
-    paths = lambda split: [storage.filesystem_for(u)[1] for u in storage.list_files(storage.join(cfg.data, split))]  # noqa: E731
-    train = (ray.data.read_parquet(paths("train"), filesystem=fs).select_columns([KEY, "image", "label"])
-             .map_batches(_plain_stage, batch_format="numpy")
+    train = (read_split(cfg.data, "train").map_batches(_plain_stage, batch_format="numpy")
              .map_batches(decode_stage, fn_kwargs={"augment": cfg.augment, "seed": cfg.seed}, batch_format="numpy"))
-    test = (ray.data.read_parquet(paths("test"), filesystem=fs).select_columns([KEY, "image", "label"])
-            .map_batches(test_stage, batch_format="numpy")
-            .map_batches(decode_stage, fn_kwargs={"augment": False, "seed": 0}, batch_format="numpy"))
     config = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
     config.update(num_classes=len(meta["classes"]), num_samples=meta["splits"]["train"])
-    storage = os.path.abspath(os.path.join(out, "ray")) if storage.is_local(out) else storage.join(out, "ray")
-    trainer = TorchTrainer(
-        plain_loop_per_worker, train_loop_config=config,
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
-                                               resources_per_worker={"CPU": cfg.cpus_per_worker}),
-        datasets={"train": train, "test": test},
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
-        run_config=ray.train.RunConfig(name=f"plain-{os.getpid()}-{time.time_ns()}", storage_path=storage,
-                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
-    )
-    result = trainer.fit()
-    if result.error:
-        raise result.error
+    result = run_trainer(cfg, plain_loop_per_worker, config, {"train": train, "test": evaluation_dataset(cfg.data)},
+                         f"plain-{os.getpid()}-{time.time_ns()}")
     return {**result.metrics, "wall_seconds": round(time.perf_counter() - started, 2)}
 
 
-def measure_overhead(args, data: str, scores: str, root: str) -> dict:
+def measure_overhead(cfg: BenchPruningConfig, data: str, scores: str, root: str) -> dict:
     """``full`` through the pruner vs the plain loop, alternated A B B A so drift hits both alike."""
-    from pipeline.train.driver import fit
-
-    cfg = train_config(args, data, scores, storage.join(root, "unused"), "full", args.seeds[0])
+    train_cfg = train_config(cfg, data, scores, storage.join(root, "unused"), "full", cfg.seeds[0])
     # wall: the whole fit() from the driver; epoch: the loops' epochs (training + test evaluation);
     # train: the training steps alone. Start-up (about 11 s a fit) is in wall only.
     times = {m: {"pruner": [], "plain": []} for m in ("wall", "epoch", "train")}
-    order = ["pruner", "plain", "plain", "pruner"] * math.ceil(args.overhead_repeats / 2)
-    for i, kind in enumerate(order[: 2 * args.overhead_repeats]):
+    order = ["pruner", "plain", "plain", "pruner"] * math.ceil(cfg.overhead_repeats / 2)
+    for i, kind in enumerate(order[: 2 * cfg.overhead_repeats]):
         out = storage.join(root, f"{i}-{kind}")
-        print(f"[overhead {i + 1}/{2 * args.overhead_repeats}] {kind}", flush=True)
+        print(f"[overhead {i + 1}/{2 * cfg.overhead_repeats}] {kind}", flush=True)
         started = time.perf_counter()
         if kind == "pruner":
-            history = fit(dataclasses.replace(cfg, out=out))["epochs"]
-            epoch, train = (sum(h[k] for h in history) for k in ("epoch_seconds", "train_seconds"))
+            history = train(dataclasses.replace(train_cfg, out=out))["epochs"]
+            epoch, train_s = (sum(h[k] for h in history) for k in ("epoch_seconds", "train_seconds"))
         else:
-            totals = plain_fit(cfg, out)
-            epoch, train = totals["epoch_seconds"], totals["train_seconds"]
-        for name, value in (("wall", time.perf_counter() - started), ("epoch", epoch), ("train", train)):
+            totals = plain_fit(train_cfg, out)
+            epoch, train_s = totals["epoch_seconds"], totals["train_seconds"]
+        for name, value in (("wall", time.perf_counter() - started), ("epoch", epoch), ("train", train_s)):
             times[name][kind].append(round(value, 2))
     ratio = {name: round(float(np.mean(t["pruner"]) / np.mean(t["plain"])), 3) for name, t in times.items()}
-    return {"seconds": times, "ratio": ratio, "epochs": cfg.epochs, "data": data, "target": 1.05}
+    return {"seconds": times, "ratio": ratio, "epochs": train_cfg.epochs, "data": data, "target": 1.05}
 
 
 # ---------------------------------------------------------------- runs
 
 
-def train_config(args, data: str, scores: str, out: str, policy: str, seed: int):
+def train_config(cfg: BenchPruningConfig, data: str, scores: str, out: str, policy: str, seed: int):
     from pipeline.train.driver import TrainConfig
 
     return TrainConfig(data=data, scores=scores, out=out, policy="full" if policy == ORACLE else policy,
-                       keep_ratio=args.keep_ratio, epochs=args.epochs, workers=args.workers, seed=seed,
-                       model=args.model, width=args.width, batch_size=args.batch_size, lr=args.lr,
-                       warmup_steps=args.warmup_steps)
+                       keep_ratio=cfg.keep_ratio, epochs=cfg.epochs, workers=cfg.workers, seed=seed,
+                       model=cfg.model, width=cfg.width, batch_size=cfg.batch_size, lr=cfg.lr,
+                       warmup_steps=cfg.warmup_steps)
 
 
-def run_policy(args, data: str, scores: str, out: str, policy: str, seed: int) -> dict:
+def train(train_cfg) -> dict:
+    """One training run as ``jobs.train`` runs it: its folder gets config.json and is committed."""
     from pipeline.train.driver import fit
 
-    cfg = train_config(args, data, scores, out, policy, seed)
-    reused = args.reuse and storage.exists(storage.join(out, "metrics.json"))
-    metrics = storage.read_json(storage.join(out, "metrics.json")) if reused else fit(cfg)
+    return execute(train_cfg, fit)
+
+
+def run_policy(cfg: BenchPruningConfig, data: str, scores: str, out: str, policy: str, seed: int) -> dict:
+    train_cfg = train_config(cfg, data, scores, out, policy, seed)
+    reused = cfg.reuse and storage.is_complete(out)
+    metrics = storage.read_json(storage.join(out, "metrics.json")) if reused else train(train_cfg)
     totals, epochs = metrics["totals"], metrics["epochs"]
     return {"policy": policy, "seed": seed, "out": out, "reused": bool(reused),
-            "final_test_accuracy": totals["final_test_accuracy"], **evaluate_checkpoint(out, data, cfg),
+            "final_test_accuracy": totals["final_test_accuracy"], **evaluate_checkpoint(out, data, train_cfg),
             "noisy_in_final_plan": final_plan_noise(out, data, scores),
             "wall_seconds": totals["wall_seconds"], "train_seconds": totals["train_seconds"],
             "samples_forwarded": totals["samples_forwarded"], "num_samples": totals["num_samples"],
             "missing": int(sum(e.get("plan_missing", 0) for e in epochs)), "signal": totals["signal"]}
 
 
-def warm_up(args, data: str, scores: str, out: str) -> None:
+def warm_up(cfg: BenchPruningConfig, data: str, scores: str, out: str) -> None:
     """One unmeasured one-epoch fit, so that the first measured run does not pay Ray's cold start
     (fresh worker processes importing torch and Ray Train) alone."""
-    from pipeline.train.driver import fit
-
     started = time.perf_counter()
     print("[warm-up] one epoch of full, not measured", flush=True)
-    fit(dataclasses.replace(train_config(args, data, scores, out, "full", args.seeds[0]), stop_after=1))
+    train(dataclasses.replace(train_config(cfg, data, scores, out, "full", cfg.seeds[0]), stop_after=1))
     print(f"    warm-up took {time.perf_counter() - started:.1f}s", flush=True)
 
 
@@ -479,19 +490,18 @@ def markdown(result: dict) -> str:
              "the last epoch's plan, replayed from the final checkpoint's pruner state.",
              ""]
     for noise in result["noise_settings"]:
-        lines += [f"## noise: {noise}", "",
-                  "| policy | test acc % (mean ± std) | shifted acc % | wall s | train s | speedup vs full (wall / train) "
-                  "| samples forwarded | rows trained on | noisy in plan % |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        rows = []
         for r in (r for r in result["summary"] if r["noise"] == noise):
             speed = (f"{r['speedup_vs_full']:.2f}x / {r['train_speedup_vs_full']:.2f}x"
                      if r["speedup_vs_full"] else "n/a")
             noisy = "n/a" if r.get("noisy_in_final_plan_mean") is None else f"{r['noisy_in_final_plan_mean']:.1f}"
-            lines.append(f"| {r['policy']} | {r['accuracy_mean']:.2f} ± {r['accuracy_std']:.2f} | "
-                         f"{r['shifted_accuracy_mean']:.2f} | {r['wall_seconds_mean']:.1f} | "
-                         f"{r['train_seconds_mean']:.1f} | {speed} | "
-                         f"{r['samples_forwarded_mean']} | {r['num_samples']} | {noisy} |")
-        lines.append("")
+            rows.append((r["policy"], f"{r['accuracy_mean']:.2f} ± {r['accuracy_std']:.2f}",
+                         f"{r['shifted_accuracy_mean']:.2f}", f"{r['wall_seconds_mean']:.1f}",
+                         f"{r['train_seconds_mean']:.1f}", speed, r["samples_forwarded_mean"], r["num_samples"], noisy))
+        lines += [f"## noise: {noise}", "",
+                  markdown_table(("policy", "test acc % (mean ± std)", "shifted acc %", "wall s", "train s",
+                                  "speedup vs full (wall / train)", "samples forwarded", "rows trained on",
+                                  "noisy in plan %"), rows), ""]
     o = result.get("overhead")
     if o:
         sec = o["seconds"]
@@ -499,163 +509,98 @@ def markdown(result: dict) -> str:
                   f"Policy full through the pruner vs a plain Ray Train loop (same model, data, batch, workers), "
                   f"{o['epochs']} epochs, alternated A B B A. Wall = the whole fit, epoch = the loops' epochs "
                   "(training + evaluation), train = training steps alone.", "",
-                  "| measure | pruner s | plain s | ratio |", "| --- | --- | --- | --- |"]
-        lines += [f"| {m} | {sec[m]['pruner']} | {sec[m]['plain']} | {o['ratio'][m]} |"
-                  for m in ("wall", "epoch", "train")]
-        lines.append("")
+                  markdown_table(("measure", "pruner s", "plain s", "ratio"),
+                                 [(m, sec[m]["pruner"], sec[m]["plain"], o["ratio"][m]) for m in ("wall", "epoch", "train")]),
+                  ""]
     if result["targets"]:
-        lines += ["## targets", "", "| check | value | target | met |", "| --- | --- | --- | --- |"]
-        lines += [f"| {c['what']} | {c['value']} | {c['target']} | {'yes' if c['met'] else 'NO'} |"
-                  for c in result["targets"]]
-        lines.append("")
+        lines += ["## targets", "",
+                  markdown_table(("check", "value", "target", "met"),
+                                 [(c["what"], c["value"], c["target"], "yes" if c["met"] else "NO")
+                                  for c in result["targets"]]),
+                  ""]
     return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- main
 
 
-def _clip_info(args) -> dict:
-    """The reference model's zero-shot accuracy, and a warning if its reference split is not ours."""
-    if not args.clip_pretrained:
+def _clip_info(cfg: BenchPruningConfig) -> dict:
+    """The reference model's zero-shot accuracy, and a warning if its reference split is not ours.
+
+    Both come from the pretraining job's output folder, the one holding the
+    checkpoint: ``metrics.json`` and ``config.json`` (which names its dataset).
+    """
+    from pipeline.report.runs import Sources, reference_zero_shot
+
+    if not cfg.clip_pretrained:
         return {}
-    url = os.path.splitext(args.clip_pretrained)[0] + ".json"
-    if not storage.exists(url):
-        return {}
-    info = storage.read_json(url)
-    out = {"clip_zero_shot_accuracy": info.get("zero_shot_accuracy")}
-    meta_url = storage.join(info.get("config", {}).get("data", ""), "metadata.json")
-    if not args.synthetic and info.get("config", {}).get("data") and storage.exists(meta_url):
-        meta = storage.read_json(meta_url)
-        if (meta.get("seed"), meta.get("reference_size")) != (args.split_seed, 10_000):
-            print(f"WARNING: the CLIP model was pre-trained on the reference split of seed {meta.get('seed')} "
-                  f"(size {meta.get('reference_size')}); this benchmark's pools come from split seed "
-                  f"{args.split_seed}: "
-                  "they may contain the CLIP model's training images", flush=True)
-    return out
-
-
-def _parse_noise(text: str) -> list[str]:
-    out = []
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        spec = "none" if part in ("clean", "none") else part.replace("+", ",")
-        reference.parse_noise_spec(spec)  # a bad spec fails here, before any work
-        out.append("clean" if spec == "none" else part)
-    return out
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.pruning", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    d = lambda text: text + " (default: %(default)s)"  # noqa: E731
-    p.add_argument("--out", required=True,
-                   help="benchmark folder: data/, scores/, runs/, results.json, results.md (required)")
-    p.add_argument("--pool-size", type=int, default=20_000, help=d("train rows in each pool"))
-    p.add_argument("--epochs", type=int, default=20, help=d("training epochs"))
-    p.add_argument("--seeds", default="0,1,2", help=d("comma-separated seeds (noise draw, model, plans)"))
-    p.add_argument("--noise", default="clean,symmetric:0.3",
-                   help=d("comma-separated noise settings; join the kinds of one setting with +, "
-                          "e.g. symmetric:0.2+caption:0.05"))
-    p.add_argument("--policies", default=",".join((*POLICIES, ORACLE)), help=d("policies to train, and oracle"))
-    p.add_argument("--keep-ratio", type=float, default=0.5, help=d("keep ratio of every pruning policy"))
-    p.add_argument("--workers", type=int, default=2, help=d("Ray Train workers"))
-    p.add_argument("--model", default="resnet", choices=("resnet", "cnn"), help=d("image model"))
-    p.add_argument("--width", type=int, default=8, help=d("model width (0 = the model's default)"))
-    p.add_argument("--batch-size", type=int, default=128, help=d("samples per step per worker"))
-    p.add_argument("--lr", type=float, default=0.1, help=d("peak learning rate"))
-    p.add_argument("--warmup-steps", type=int, default=50, help=d("linear warm-up steps"))
-    p.add_argument("--clip-model", default="mmdp-ref", help=d("open_clip model that scores the pools"))
-    p.add_argument("--clip-pretrained", default=None, help=d("its checkpoint (python -m jobs.pretrain_reference_clip)"))
-    p.add_argument("--mode", default="label", choices=("label", "caption"),
-                   help=d("score against label prompts (gives clip_margin) or captions"))
-    p.add_argument("--split-seed", type=int, default=0,
-                   help=d("seed of the reference/pool split: the one the CLIP model's dataset used"))
-    p.add_argument("--synthetic", action="store_true",
-                   help=d("the tiny synthetic dataset instead of Fashion-MNIST (tests)"))
-    p.add_argument("--score-actors", type=int, default=1, help=d("most scoring actors"))
-    p.add_argument("--score-actor-cpus", type=float, default=1.0, help=d("CPUs each scoring actor reserves"))
-    p.add_argument("--cpus", type=float, default=2, help=d("CPUs of the local Ray instance (not used under a cluster)"))
-    p.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
-                   help=d("an unmeasured one-epoch fit before the first measured one"))
-    p.add_argument("--skip-overhead", action="store_true", help=d("skip the machinery overhead measurement"))
-    p.add_argument("--overhead-repeats", type=int, default=2, help=d("runs of each side in the overhead measurement"))
-    p.add_argument("--reuse", action="store_true", help=d("keep datasets, scores and runs already in --out (resume)"))
-    return p
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-        args.noise = _parse_noise(args.noise)
-    except ValueError as exc:
-        parser.error(f"--seeds/--noise: {exc}")
-    args.policies = [p.strip() for p in args.policies.split(",") if p.strip()]
-    unknown = set(args.policies) - {*POLICIES, ORACLE}
-    if unknown or not args.policies:
-        parser.error(f"--policies: unknown {sorted(unknown)}; choose from {', '.join((*POLICIES, ORACLE))}")
-    # The oracle runs last in a cell so that, on a pool with no noisy row, it can reuse full's run.
-    args.policies = [p for p in (*POLICIES, ORACLE) if p in args.policies]
-    if not args.seeds or not args.noise:
-        parser.error("--seeds and --noise need at least one value")
-    if args.pool_size < 8 or args.epochs < 1 or args.workers < 1 or not 0 < args.keep_ratio <= 1:
-        parser.error("need --pool-size >= 8, --epochs >= 1, --workers >= 1 and 0 < --keep-ratio <= 1")
-    return args
+    sources = Sources()
+    zero_shot = reference_zero_shot(cfg.clip_pretrained, sources)
+    folder = cfg.clip_pretrained.rstrip("/").rpartition("/")[0]
+    data = ((folder and sources.json(storage.join(folder, "config.json"))) or {}).get("data")
+    meta = sources.json(storage.join(data, "metadata.json")) if data and not cfg.synthetic else None
+    if meta and (meta.get("seed"), meta.get("reference_size")) != (cfg.split_seed, 10_000):
+        print(f"WARNING: the CLIP model was pre-trained on the reference split of seed {meta.get('seed')} "
+              f"(size {meta.get('reference_size')}); this benchmark's pools come from split seed "
+              f"{cfg.split_seed}: they may contain the CLIP model's training images", flush=True)
+    return {} if zero_shot is None else {"clip_zero_shot_accuracy": zero_shot}
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    return run_job(BenchPruningConfig, argv, run, doc=__doc__, prog="python -m benchmarks.pruning")
+
+
+def run(cfg: BenchPruningConfig) -> None:
+    """Every cell's runs, the overhead, then ``results.json`` and ``results.md`` in ``cfg.out``."""
     import ray
     import torch
 
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))  # the driver's evaluations; workers idle meanwhile
     started_here = not ray.is_initialized()
-    if started_here:
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init()  # under `ray job submit`: the cluster's Ray
-        else:
-            ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
-    print(f"bench_pruning: {json.dumps({k: v for k, v in vars(args).items()})}", flush=True)
-    setup = {**{k: v for k, v in vars(args).items() if k not in ("out", "reuse")}, **_clip_info(args),
+    # Under `ray job submit` the cluster's Ray, which takes no num_cpus; else a local one of --cpus CPUs.
+    connect_ray(**({} if os.environ.get("RAY_ADDRESS") else
+                   {"num_cpus": cfg.cpus, "include_dashboard": False, "log_to_driver": False}))
+    setup = {**{k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()
+                if k not in ("out", "reuse")}, **_clip_info(cfg),
              "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores, Ray CPUs "
                         f"{ray.cluster_resources().get('CPU')}, torch {torch.__version__}, ray {ray.__version__}",
              "shift": SHIFT, "shift_seed": SHIFT_SEED}
-    cells = [(noise, seed) for noise in args.noise for seed in args.seeds]
-    total_runs = len(cells) * len(args.policies)
+    cells = [(noise, seed) for noise in cfg.noise for seed in cfg.seeds]
+    total_runs = len(cells) * len(cfg.policies)
     runs, timed, t0 = [], [], time.perf_counter()
-    warm = not args.warmup
+    warm = not cfg.warmup
 
     def ensure_warm(data, scores):
         nonlocal warm
         if not warm:
-            warm_up(args, data, scores, storage.join(args.out, "warmup"))
+            warm_up(cfg, data, scores, storage.join(cfg.out, "warmup"))
             warm = True
 
     try:
         for noise, seed in cells:
             tag = f"{noise_tag(noise)}-s{seed}"
             spec = "none" if noise == "clean" else noise.replace("+", ",")
-            data = prepare_data(storage.join(args.out, "data", tag), args, spec, seed)
-            scores = prepare_scores(storage.join(args.out, "scores", tag), data, args)
+            data = prepare_data(storage.join(cfg.out, "data", tag), cfg, spec, seed)
+            scores = prepare_scores(storage.join(cfg.out, "scores", tag), data, cfg)
             cell_runs = {}
-            for policy in args.policies:
+            for policy in cfg.policies:
                 done = len(runs)
                 eta = f"{np.mean(timed) * (total_runs - done) / 60:.1f} min" if timed else "?"
                 print(f"[run {done + 1}/{total_runs}] noise={noise} seed={seed} policy={policy}  "
                       f"elapsed {(time.perf_counter() - t0) / 60:.1f} min, ETA {eta}", flush=True)
                 run_scores = scores
                 if policy == ORACLE:
-                    run_scores = storage.join(args.out, "scores", f"{tag}-oracle")
+                    run_scores = storage.join(cfg.out, "scores", f"{tag}-oracle")
                     clean = write_oracle_scores(data, scores, run_scores)
                     if "full" in cell_runs and clean == cell_runs["full"]["num_samples"]:
                         # No noisy row in the pool: the oracle *is* full; training it again would be a copy.
                         runs.append({**cell_runs["full"], "policy": ORACLE, "same_as": "full", "noise": noise})
                         continue
-                run_dir = storage.join(args.out, "runs", tag, policy)
-                if not (args.reuse and storage.exists(storage.join(run_dir, "metrics.json"))):
+                run_dir = storage.join(cfg.out, "runs", tag, policy)
+                if not (cfg.reuse and storage.is_complete(run_dir)):
                     ensure_warm(data, scores)
                 began = time.perf_counter()
-                run = run_policy(args, data, run_scores, run_dir, policy, seed)
+                run = run_policy(cfg, data, run_scores, run_dir, policy, seed)
                 if not run["reused"]:
                     timed.append(time.perf_counter() - began)
                 run["noise"] = noise
@@ -664,29 +609,29 @@ def main(argv=None) -> int:
                 print(f"    acc {run['final_test_accuracy']:.4f}  shifted {run['shifted_test_accuracy']:.4f}  "
                       f"wall {run['wall_seconds']:.1f}s  forwarded {run['samples_forwarded']}", flush=True)
         overhead = None
-        if not args.skip_overhead:
-            root = storage.join(args.out, "overhead")
-            if args.reuse and storage.exists(storage.join(root, "overhead.json")):
+        if not cfg.skip_overhead:
+            root = storage.join(cfg.out, "overhead")
+            if cfg.reuse and storage.is_complete(root):
                 overhead = storage.read_json(storage.join(root, "overhead.json"))
             else:
                 noise, seed = cells[0]
                 tag = f"{noise_tag(noise)}-s{seed}"
-                ensure_warm(storage.join(args.out, "data", tag), storage.join(args.out, "scores", tag))
-                overhead = measure_overhead(args, storage.join(args.out, "data", tag),
-                                            storage.join(args.out, "scores", tag), root)
-                storage.write_json(overhead, storage.join(root, "overhead.json"))
+                data, scores = storage.join(cfg.out, "data", tag), storage.join(cfg.out, "scores", tag)
+                ensure_warm(data, scores)
+                with storage.output(root):
+                    overhead = measure_overhead(cfg, data, scores, root)
+                    storage.write_json(overhead, storage.join(root, "overhead.json"))
     finally:
         if started_here:
             ray.shutdown()
-    summary = summarise(runs, args.noise, args.policies)
-    result = {"setup": setup, "noise_settings": args.noise, "runs": runs, "summary": summary,
+    summary = summarise(runs, list(cfg.noise), list(cfg.policies))
+    result = {"setup": setup, "noise_settings": list(cfg.noise), "runs": runs, "summary": summary,
               "overhead": overhead, "targets": check_targets(summary, overhead),
               "seconds": round(time.perf_counter() - t0, 1)}
-    storage.write_json(result, storage.join(args.out, "results.json"))
+    storage.write_json(result, storage.join(cfg.out, "results.json"))
     text = markdown(result)
-    storage.write_bytes(text.encode(), storage.join(args.out, "results.md"))
+    storage.write_bytes(text.encode(), storage.join(cfg.out, "results.md"))
     print(text, flush=True)
-    return 0
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from pipeline.cli import option, start_job
+from pipeline.cli import connect_ray, option, run_job
 from pipeline.prune.policies import POLICIES
 
 
@@ -61,8 +61,7 @@ def run(steps: int, repeats: int, batch_size: int, num_samples: int, threads: in
 
     torch.manual_seed(0)
     torch.set_num_threads(threads)
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=False)  # local by default, the cluster under ray job submit
+    connect_ray(include_dashboard=False, log_to_driver=False)  # local by default, the cluster under ray job submit
     rng = np.random.default_rng(0)
     actor = create_pruner(actor_name("bench-" + uuid.uuid4().hex[:8]), num_samples, policy=policy,
                           consistency=rng.random(num_samples, dtype=np.float32))
@@ -106,12 +105,14 @@ def run(steps: int, repeats: int, batch_size: int, num_samples: int, threads: in
 
 
 def main(argv=None) -> int:
-    cfg = start_job(BenchReportingConfig, __doc__, argv, "python -m benchmarks.reporting")
+    return run_job(BenchReportingConfig, argv, report, doc=__doc__, prog="python -m benchmarks.reporting")
+
+
+def report(cfg: BenchReportingConfig) -> None:
     result = run(cfg.steps, cfg.repeats, cfg.batch_size, cfg.num_samples, cfg.threads, cfg.policy)
     print(json.dumps({**result, "config": asdict(cfg)}))
     print(f"reporting overhead ratio (on / off step time): {result['ratio']}  "
           f"({result['step_ms_on']} ms vs {result['step_ms_off']} ms a step)")
-    return 0
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 
-from pipeline.cli import log, option, start_job
+from pipeline.cli import option, run_job
 
 
 @dataclass(frozen=True)
@@ -59,8 +59,8 @@ def prepare(folder: str, rows: int, shard_counts: list[int], seed: int = 0) -> t
     inputs = {}
     for count in shard_counts:
         inputs[count] = os.path.join(folder, f"shards-{count}")
-        mio.write_shards(train, inputs[count], rows_per_shard=-(-rows // count))
-        assert len(mio.list_files(inputs[count])) == count, "rows must divide into the shard counts"
+        storage.write_shards(train, inputs[count], rows_per_shard=-(-rows // count))
+        assert len(storage.list_files(inputs[count])) == count, "rows must divide into the shard counts"
     ckpt = os.path.join(folder, "tiny.pt")
     model, _, _ = load_clip("mmdp-tiny")
     save_checkpoint(model, ckpt, "mmdp-tiny")
@@ -91,7 +91,11 @@ def measure(input_dir: str, ckpt: str, out: str, batch_size: int, interval: floa
 
 
 def main(argv=None) -> int:
-    cfg = start_job(BenchScoreShardsConfig, __doc__, argv, "python -m benchmarks.score_shards")
+    return run_job(BenchScoreShardsConfig, argv, run, doc=__doc__, prog="python -m benchmarks.score_shards")
+
+
+def run(cfg: BenchScoreShardsConfig) -> None:
+    """Each layout's score job, measured; a JSON line each, then the ratios to the first layout."""
     counts = list(cfg.shards)
     folder = cfg.workdir or tempfile.mkdtemp(prefix="mmdp-bench-shards-")
     inputs, ckpt = prepare(folder, cfg.rows, counts)
@@ -106,7 +110,6 @@ def main(argv=None) -> int:
         print(f"{count} vs {counts[0]} shards: peak RSS x{r['peak_rss_gb'] / base['peak_rss_gb']:.3f}, "
               f"peak PSS x{r['peak_pss_gb'] / base['peak_pss_gb']:.3f}, "
               f"throughput x{r['pairs_per_second'] / base['pairs_per_second']:.3f}")
-    return 0
 
 
 if __name__ == "__main__":

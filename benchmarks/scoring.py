@@ -38,7 +38,6 @@ Prints the result as JSON, with the resolved config (also logged) under
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import os
 import sys
@@ -50,7 +49,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from pipeline import storage
-from pipeline.cli import HELP, config_json, config_parser, log, option, setup_logging
+from pipeline.cli import HELP, config_parser, connect_ray, option, run_job
 from pipeline.score.quality import auroc
 
 
@@ -92,6 +91,7 @@ COMMANDS = {
     "efficiency": (EfficiencyConfig, "Ray Data score job vs a bare PyTorch loop, pairs/s",
                    lambda cfg: efficiency(cfg)),
 }
+PROG = "python -m benchmarks.scoring"
 
 
 def signal_quality(data: str, scores_url: str) -> dict:
@@ -195,7 +195,7 @@ def efficiency(args: EfficiencyConfig) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         inputs = {size: _subset(args.input, n, per_shard, os.path.join(tmp, f"in-{size}")) for size, n in sizes.items()}
         # A Ray of its own on this node, also under `ray job submit`: both sides get the same --cpus cores.
-        ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+        connect_ray(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
         for i in range(args.repeats):  # alternate, so drift on a shared machine hits both
             for size, asked in sizes.items():
                 for side, run in sides.items():
@@ -217,36 +217,28 @@ def efficiency(args: EfficiencyConfig) -> dict:
             "ratio_steady": round(steady["ray"] / steady["bare"], 3)}
 
 
-def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
-    """The job's parser and its subcommands' (one per entry of ``COMMANDS``, a flag per config field)."""
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.scoring", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    commands = {}
-    for name, (config_cls, text, _) in COMMANDS.items():
-        # The config's parser is the parent: its flags (and -h) become the subcommand's.
-        commands[name] = sub.add_parser(name, parents=[config_parser(config_cls, text)], add_help=False,
-                                        help=text, description=text,
-                                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    # The top-level --help lists every command's options too, with their defaults.
-    parser.epilog = "\n".join(command.format_help() for command in commands.values())
-    return parser, commands
-
-
 def main(argv=None) -> int:
-    parser, commands = build_parser()
-    args = vars(parser.parse_args(argv))
-    name = args.pop("command")
-    config_cls, _, run = COMMANDS[name]
-    try:
-        cfg = config_cls(**args)
-    except ValueError as exc:
-        commands[name].error(str(exc))  # exit code 2, with the command's usage
-    setup_logging()
-    log.info("config:\n%s", config_json(cfg))
-    result = run(cfg)
-    print(json.dumps({**result, "config": {"command": name, **asdict(cfg)}}, indent=2))
-    return 0
+    """``COMMAND [options]``: the command's config through the job skeleton (:func:`pipeline.cli.run_job`)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        commands_parser().parse_args(argv[:1])  # --help, or a usage error (exit code 2)
+    name = argv[0]
+    config_cls, text, work = COMMANDS[name]
+    return run_job(config_cls, argv[1:], lambda cfg: {**work(cfg), "config": {"command": name, **asdict(cfg)}},
+                   doc=text, prog=f"{PROG} {name}")
+
+
+def commands_parser() -> argparse.ArgumentParser:
+    """The top level: a command's name; ``--help`` lists every command's options, with their defaults."""
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=tuple(COMMANDS), metavar="COMMAND", help=", ".join(COMMANDS))
+    helps = []
+    for name, (config_cls, text, _) in COMMANDS.items():
+        sub = config_parser(config_cls, text)
+        sub.prog = f"{PROG} {name}"
+        helps.append(sub.format_help())
+    parser.epilog = "\n".join(helps)
+    return parser
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ Stages, each one of mmdp's jobs run with the arguments printed before it:
    offline on the clean ``reference`` split;
 3. ``jobs.score``: every train pair's CLIP consistency (Ray Data);
 4. ``jobs.train``, once per policy (Ray Train + the pruning actor);
-5. ``jobs.report``: ``OUT/report.md`` (+ ``report.html`` and ``figures/``).
+5. ``jobs.report``: ``OUT/report/report.md`` (+ ``report.html`` and ``figures/``).
 
 A stage whose output is already complete is reused (``--no-reuse`` redoes
 it), so a second run with more policies only trains those.
@@ -24,13 +24,13 @@ it), so a second run with more policies only trains those.
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from pipeline import storage
-from pipeline.cli import log, option, start_job
+from pipeline.cli import log, option, run_job
 from pipeline.prune.policies import POLICIES
 
 # Seconds each stage took at the defaults on a 2-core machine (see BENCHMARKS.md),
@@ -43,6 +43,8 @@ _STAGE_FIXED = {"data": 3.0, "clip": 5.0, "score": 8.0, "train": 25.0, "report":
 @dataclass(frozen=True)
 class DemoConfig:
     """What the demo does; every field is a flag."""
+
+    OUTPUT: ClassVar[str] = "out"
 
     out: str = field(metadata={"help": "folder or URL for every stage's output and the report"})
     noise: str = option("symmetric:0.3", "label noise injected into the train split (kind:rate,...)")
@@ -66,30 +68,29 @@ class DemoConfig:
 
 
 def stages(cfg: DemoConfig) -> list[tuple[str, str, object, list[str], str]]:
-    """(stage, what, job module, argv, output whose completeness means done) for each step."""
+    """(stage, what, job module, argv, the stage's output folder) for each step."""
     from jobs import make_dataset, pretrain_reference_clip, report, score, train
 
-    data, clip = storage.join(cfg.out, "data"), storage.join(cfg.out, "clip", "model.pt")
+    data, clip = storage.join(cfg.out, "data"), storage.join(cfg.out, "clip")
     scores = storage.join(cfg.out, "scores")
     s3 = ["--s3-endpoint", cfg.s3_endpoint] if cfg.s3_endpoint else []
     steps = [
         ("data", f"dataset with {cfg.noise} noise", make_dataset,
          ["--out", data, "--noise", cfg.noise, "--seed", str(cfg.seed), "--reference-size", str(cfg.reference_rows),
-          "--limit", str(cfg.train_rows), *s3], storage.join(data, "metadata.json")),
+          "--limit", str(cfg.train_rows), *s3], data),
         ("clip", "reference CLIP pre-training", pretrain_reference_clip,
-         ["--data", data, "--out", clip, "--epochs", str(cfg.clip_epochs), "--seed", str(cfg.seed)],
-         pretrain_reference_clip.metrics_url(clip)),
+         ["--data", data, "--out", clip, "--epochs", str(cfg.clip_epochs), "--seed", str(cfg.seed)], clip),
         ("score", "CLIP consistency of every train pair", score,
-         ["--input", storage.join(data, "train"), "--output", scores, "--model", "mmdp-ref", "--pretrained", clip,
-          "--mode", "label", *s3], storage.join(scores, "summary.json")),
+         ["--input", storage.join(data, "train"), "--output", scores, "--model", "mmdp-ref",
+          "--pretrained", pretrain_reference_clip.checkpoint_url(clip), "--mode", "label", *s3], scores),
     ]
     for policy in cfg.policies:
         run = storage.join(cfg.out, "runs", policy)
         steps.append(("train", f"training with policy {policy}", train,
                       ["--data", data, "--scores", scores, "--out", run, "--policy", policy,
                        "--keep-ratio", str(cfg.keep_ratio), "--epochs", str(cfg.epochs),
-                       "--workers", str(cfg.workers), "--seed", str(cfg.seed), *s3], storage.join(run, "metrics.json")))
-    steps.append(("report", "report", report, [cfg.out, *s3], None))
+                       "--workers", str(cfg.workers), "--seed", str(cfg.seed), *s3], run))
+    steps.append(("report", "report", report, [cfg.out, "--out", report_dir(cfg), *s3], None))
     return steps
 
 
@@ -105,13 +106,13 @@ def run(cfg: DemoConfig) -> int:
     expected = [_work(cfg, s[0]) for s in steps]
     started = time.perf_counter()
     ran_seconds = ran_expected = 0.0
-    for number, ((stage, what, job, argv, marker), cost) in enumerate(zip(steps, expected), start=1):
+    for number, ((stage, what, job, argv, output), cost) in enumerate(zip(steps, expected), start=1):
         # Time left: the rest of the expected work, at the pace of the stages run so far.
         pace = ran_seconds / ran_expected if ran_expected else 1.0
         left = pace * sum(expected[number - 1:])
         banner = f"[{number}/{len(steps)}] {what}  (elapsed {time.perf_counter() - started:.0f} s, about {left:.0f} s left)"
-        if cfg.reuse and marker is not None and storage.exists(marker):
-            log.info("%s: reusing %s", banner, marker)
+        if cfg.reuse and output is not None and storage.is_complete(output):
+            log.info("%s: reusing %s", banner, output)
             expected[number - 1] = 0.0
             continue
         log.info("%s\n    python -m %s %s", banner, job.__name__, " ".join(argv))
@@ -122,14 +123,22 @@ def run(cfg: DemoConfig) -> int:
             return code
         ran_seconds += time.perf_counter() - stage_started
         ran_expected += cost
-    log.info("done in %.0f s: %s", time.perf_counter() - started, storage.join(cfg.out, "report.md"))
+    log.info("done in %.0f s: %s", time.perf_counter() - started, storage.join(report_dir(cfg), "report.md"))
     return 0
 
 
+def report_dir(cfg: DemoConfig) -> str:
+    return storage.join(cfg.out, "report")
+
+
 def main(argv=None) -> int:
-    cfg = start_job(DemoConfig, __doc__, argv, "python -m jobs.demo")
-    storage.write_json(dataclasses.asdict(cfg), storage.join(cfg.out, "demo_config.json"))
-    return run(cfg)
+    return run_job(DemoConfig, argv, _run_or_fail, doc=__doc__, prog="python -m jobs.demo")
+
+
+def _run_or_fail(cfg: DemoConfig) -> None:
+    code = run(cfg)
+    if code:  # a stage failed: its message is above; the demo's output stays uncommitted
+        raise SystemExit(code)
 
 
 if __name__ == "__main__":

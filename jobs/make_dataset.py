@@ -12,25 +12,27 @@ the Debian package ``dataset-fashion-mnist``, or ``--source`` pointing at a fold
     ray job submit --working-dir . -- python -m jobs.make_dataset --out s3://bucket/fmnist-sym30 --noise symmetric:0.3
 
 Writes OUT/{reference,train,test}/part-*.parquet, OUT/ground_truth.parquet,
-OUT/config.json (the resolved config, also logged) and, last,
-OUT/metadata.json. The whole 70k-image dataset takes a few seconds in one
-process, so this job starts no Ray workers.
+OUT/metadata.json and OUT/config.json (the resolved config, also logged),
+then commits OUT (``_SUCCESS``). The whole 70k-image dataset takes a few
+seconds in one process, so this job starts no Ray workers.
 """
 
 from __future__ import annotations
 
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
+from typing import ClassVar
 
-from pipeline import storage
 from pipeline.data import reference
-from pipeline.cli import HELP, config_json, config_parser, log, option, parse_config, setup_logging
+from pipeline.cli import HELP, option, run_job
 
 
 @dataclass(frozen=True)
 class MakeDatasetConfig:
     """What to write; one field per command-line flag (``--reference-size`` for ``reference_size``)."""
+
+    OUTPUT: ClassVar[str] = "out"
 
     out: str = field(metadata={HELP: "dataset URL: a folder, file://, s3:// or gs://"})
     source: str | None = option(
@@ -62,16 +64,9 @@ class MakeDatasetConfig:
             raise ValueError("--limit must be >= 8 with --synthetic")
 
 
-def build_parser():
-    """The job's argument parser: one flag per :class:`MakeDatasetConfig` field, the docstring as help."""
-    parser = config_parser(MakeDatasetConfig, __doc__)
-    parser.prog = "python -m jobs.make_dataset"
-    return parser
-
-
-def run(config: MakeDatasetConfig) -> reference.Dataset:
+def run(config: MakeDatasetConfig) -> None:
     """Build the dataset the config names and write it under ``config.out``."""
-    io.configure_s3(config.s3_endpoint)
+    start = time.perf_counter()
     if config.synthetic:
         dataset = reference.make_synthetic(n=config.limit or 256, seed=config.seed, noise=config.noise)
     else:
@@ -82,28 +77,17 @@ def run(config: MakeDatasetConfig) -> reference.Dataset:
             seed=config.seed,
             limit=config.limit,
         )
-    io.write_json(asdict(config), io.join(config.out, "config.json"))
     reference.write_dataset(dataset, config.out, rows_per_shard=config.rows_per_shard)
-    return dataset
-
-
-def main(argv: list[str] | None = None) -> int:
-    config = parse_config(MakeDatasetConfig, build_parser(), argv)
-    setup_logging()
-    log.info("config:\n%s", config_json(config))
-    start = time.perf_counter()
-    try:
-        dataset = run(config)
-    except reference.MissingSourceError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     meta = dataset.metadata
     print(f"wrote {meta['name']} to {config.out} in {time.perf_counter() - start:.1f} s")
     print("  rows: " + ", ".join(f"{split} {n}" for split, n in meta["splits"].items()))
     asked, measured = meta["noise"], meta["noise_measured"]
     noise = ", ".join(f"{kind} {measured[kind]:.4f} (asked {rate:g})" for kind, rate in asked.items())
     print(f"  train noise: {noise or 'none'}")
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_job(MakeDatasetConfig, argv, run, doc=__doc__, prog="python -m jobs.make_dataset")
 
 
 if __name__ == "__main__":

@@ -10,27 +10,28 @@ instead (``--model ViT-B-32 --pretrained laion2b_s34b_b79k`` in the score job).
 
 Local (about 3-5 minutes on 2 CPU cores)::
 
-    python -m jobs.pretrain_reference_clip --data /tmp/fmnist --out /tmp/ref-clip/model.pt
+    python -m jobs.pretrain_reference_clip --data /tmp/fmnist --out /tmp/ref-clip
 
 On a Ray cluster (runs on the head node; the paths may be object-store URLs)::
 
     ray job submit --working-dir . -- python -m jobs.pretrain_reference_clip \\
-        --data s3://bucket/fmnist --out s3://bucket/ref-clip/model.pt
+        --data s3://bucket/fmnist --out s3://bucket/ref-clip
 
-Outputs: the checkpoint at ``--out`` (what ``load_clip("mmdp-ref", pretrained=OUT)``
-and the score job's ``--pretrained OUT`` load) and ``OUT`` with its extension
-replaced by ``.metrics.json``: zero-shot accuracy, timings, losses and the
-resolved config (also logged at the start). Argument errors exit with code 2,
-a missing or unusable dataset with code 1.
+Writes the folder ``OUT``: ``model.pt``, the checkpoint (what
+``load_clip("mmdp-ref", pretrained="OUT/model.pt")`` and the score job's
+``--pretrained OUT/model.pt`` load), ``metrics.json`` (zero-shot accuracy,
+timings, losses) and ``config.json`` (the resolved config, also logged),
+committed last. Argument errors, and a missing or unusable dataset, exit
+with code 2.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from typing import ClassVar
 
 import numpy as np
 import open_clip
@@ -38,22 +39,25 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import storage
-from pipeline.cli import HELP, log, option, start_job
+from pipeline.cli import HELP, option, run_job
 from pipeline.score.clip_models import REFERENCE_MODEL, load_clip, register_model_configs, save_checkpoint
 from pipeline.data.contract import CAPTION, IMAGE, LABEL
 from pipeline.score.scorer import DEFAULT_TEMPLATES, ImageDecoder, class_text_embeddings, fill_template, normalize_pixels
+
+
+MODEL_FILE = "model.pt"
 
 
 @dataclass(frozen=True)
 class PretrainConfig:
     """What the job trains and how; one field per command-line flag (``--batch-size`` for ``batch_size``)."""
 
+    OUTPUT: ClassVar[str] = "out"
+
     data: str = field(metadata={HELP: "dataset URL (metadata.json, reference/, test/)"})
-    out: str = field(metadata={HELP: "checkpoint URL to write; metrics and config go beside it as .metrics.json"})
+    out: str = field(metadata={HELP: "output folder URL: model.pt (the checkpoint), metrics.json, config.json"})
     model: str = option(REFERENCE_MODEL, "open_clip config name")
-    # Measured on the 10k Fashion-MNIST reference split, 2 cores: 12 epochs at batch 256 and
-    # lr 1e-3 gave 82.1% zero-shot; 20 epochs at batch 128 and lr 2e-3 gave 85.4% in ~4-5 min.
-    # The model still underfits (reference-split accuracy ~ test accuracy), so more steps pay.
+    # The reference model underfits at this size, so more steps pay (BENCHMARKS.md has the runs).
     epochs: int = option(20, "passes over the reference split")
     # Twice the steps of 256 per epoch; ~13 positives of each class per batch.
     batch_size: int = option(128, "pairs per contrastive batch")
@@ -79,16 +83,16 @@ class PretrainConfig:
             (self.shift >= 0, "--shift must be >= 0"),
             (0 <= self.flip <= 1, "--flip must be in [0, 1]"),
             (self.threads is None or self.threads >= 1, "--threads must be >= 1"),
+            (not self.out.endswith(".pt"), f"--out is a folder (the checkpoint goes to OUT/{MODEL_FILE}), got {self.out}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
 
 
-def metrics_url(checkpoint_url: str) -> str:
-    """Where the job writes its metrics JSON: the checkpoint URL with a ``.metrics.json`` extension."""
-    root, _ = os.path.splitext(checkpoint_url)
-    return root + ".metrics.json"
+def checkpoint_url(out: str) -> str:
+    """The checkpoint in the job's output folder: what ``--pretrained`` of the score job takes."""
+    return storage.join(out, MODEL_FILE)
 
 
 def _decode_split(cfg: PretrainConfig, split: str, decoder: ImageDecoder, classes: list[str], templates):
@@ -153,6 +157,7 @@ def train(cfg: PretrainConfig) -> dict:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
+    storage.check_not_pending(cfg.data)
     meta = storage.read_json(storage.join(cfg.data, "metadata.json"))
     if not meta.get("classes"):
         raise ValueError(f"{storage.join(cfg.data, 'metadata.json')} names no classes; zero-shot evaluation needs them")
@@ -206,10 +211,10 @@ def train(cfg: PretrainConfig) -> dict:
     accuracy = zero_shot_accuracy(
         model, tokenizer, decoder, test_pixels[keep], test_labels[keep], classes, templates
     )
-    save_checkpoint(model.eval(), cfg.out, cfg.model, epochs=cfg.epochs, zero_shot_accuracy=accuracy)
+    save_checkpoint(model.eval(), checkpoint_url(cfg.out), cfg.model, epochs=cfg.epochs, zero_shot_accuracy=accuracy)
     metrics = {
         "model": cfg.model,
-        "checkpoint": cfg.out,
+        "checkpoint": checkpoint_url(cfg.out),
         "zero_shot_accuracy": accuracy,
         "test_rows": int(keep.sum()),
         "test_rows_skipped": int(test_dropped + (~keep).sum()),
@@ -223,9 +228,9 @@ def train(cfg: PretrainConfig) -> dict:
         "templates": templates,
         "config": asdict(cfg),
     }
-    storage.write_json(metrics, metrics_url(cfg.out))
+    storage.write_json(metrics, storage.join(cfg.out, "metrics.json"))
     print(f"zero-shot accuracy on test: {accuracy:.4f} ({metrics['test_rows']} rows); "
-          f"trained in {train_seconds:.1f}s; checkpoint {cfg.out}", flush=True)
+          f"trained in {train_seconds:.1f}s; checkpoint {checkpoint_url(cfg.out)}", flush=True)
     return metrics
 
 
@@ -236,13 +241,12 @@ def _check_model(cfg: PretrainConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = start_job(PretrainConfig, __doc__, argv, "python -m jobs.pretrain_reference_clip", check=_check_model)
-    try:
-        train(cfg)
-    except (storage.ShardError, FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return run_job(PretrainConfig, argv, _run, doc=__doc__, prog="python -m jobs.pretrain_reference_clip",
+                   check=_check_model)
+
+
+def _run(cfg: PretrainConfig) -> None:
+    train(cfg)  # prints its progress and result
 
 
 if __name__ == "__main__":

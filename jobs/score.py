@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import sys
 
-from pipeline.cli import run_ray_job
+from pipeline.cli import run_job
 
 
 def main(argv=None) -> int:
     from pipeline.score.job import ScoreConfig, score
 
-    return run_ray_job(ScoreConfig, __doc__, argv, score)
+    return run_job(ScoreConfig, argv, score, doc=__doc__, prog="python -m jobs.score")
 
 
 if __name__ == "__main__":

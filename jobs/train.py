@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import sys
 
-from pipeline.cli import run_ray_job
+from pipeline.cli import run_job
 
 
 def main(argv=None) -> int:
     from pipeline.train.driver import TrainConfig, fit
 
-    return run_ray_job(TrainConfig, __doc__, argv, lambda cfg: fit(cfg)["totals"])
+    return run_job(TrainConfig, argv, lambda cfg: fit(cfg)["totals"], doc=__doc__, prog="python -m jobs.train")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,14 @@
-"""One flag per config field: build an argparse parser from a frozen dataclass.
+"""The one job skeleton: a config dataclass becomes the command line, the log, the saved config and the run.
 
-Every job's options map one to one onto its config dataclass, so the resolved
-config that a run logs and saves is exactly what the user asked for, and the
-``--help`` text (with defaults) is written once, in the dataclass.
+Every job and benchmark is ``run_job(Config, argv, work, ...)``: one flag per
+field of a frozen dataclass (so the resolved config a run logs and saves is
+exactly what the user asked for, and ``--help`` with defaults is written once,
+in the dataclass), logging, the object-store settings, Ray when the config
+says the job uses it (:func:`connect_ray`, the library's one ``ray.init``),
+the output folder's commit protocol (:mod:`pipeline.storage`) and one
+exit-code convention: 0 done, 2 a bad command line or bad input (its
+message, no traceback). :func:`execute` is the same run for a config built
+in code (the benchmarks, the demo).
 """
 
 from __future__ import annotations
@@ -55,7 +61,8 @@ def config_parser(config_cls, description: str, positional: tuple[str, ...] = ()
         text = field.metadata.get(HELP, "")
         text += " (required)" if required else f" (default: {_show(default)})"
         if field.name in positional:
-            parser.add_argument(field.name, help=text, type=kind)
+            many = {"nargs": "+"} if isinstance(kind, tuple) else {"type": kind}
+            parser.add_argument(field.name, help=text, metavar=field.name.upper(), **many)
             continue
         flag = "--" + field.name.replace("_", "-")
         if kind is bool:
@@ -104,46 +111,66 @@ def setup_logging() -> None:
     )
 
 
-def start_job(config_cls, description: str, argv, prog: str | None = None, check=None) -> object:
-    """The start of every job's ``main``: parse, set up logging, point S3 access, log the config.
+def connect_ray(**init_args) -> None:
+    """Start a local Ray, or join the cluster under ``ray job submit``: the library's one ``ray.init``.
 
-    Usage errors (and a ``ValueError`` from ``check(cfg)``) exit with code 2;
-    a config's ``s3_endpoint`` field, where it has one, applies to the whole
-    process (and the Ray workers it starts).
+    The driver's object-store settings (never credentials) reach every
+    worker, also on a cluster that the driver joins (there, its environment
+    is not the workers'). ``init_args`` go to ``ray.init`` (a benchmark's
+    ``num_cpus``, the tests' temp folder). Does nothing when Ray is up.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {k: os.environ[k] for k in S3_ENV if k in os.environ}
+    ray.init(runtime_env={"env_vars": env} if env else None, **init_args)
+
+
+def execute(cfg, work):
+    """Run a parsed config the way its job runs: the part of :func:`run_job` after parsing.
+
+    The config class says what the job needs: ``OUTPUT``, the name of the
+    field holding its output folder, which is marked pending, given the
+    config as ``config.json``, and committed when ``work(cfg)`` returns
+    (:mod:`pipeline.storage`); ``RAY = True``, Ray connected first. Returns
+    what ``work(cfg)`` returns; its exceptions propagate and leave the output
+    uncommitted. Benchmarks call this with configs they build.
     """
     from pipeline import storage
 
-    parser = config_parser(config_cls, description)
-    if prog:
-        parser.prog = prog
+    if getattr(type(cfg), "RAY", False):
+        connect_ray()
+    if not getattr(type(cfg), "OUTPUT", None):
+        return work(cfg)
+    with storage.output(getattr(cfg, type(cfg).OUTPUT)) as out:
+        storage.write_json(dataclasses.asdict(cfg), storage.join(out, "config.json"))
+        return work(cfg)
+
+
+def run_job(config_cls, argv, work, *, doc: str, prog: str, check=None, positional: tuple[str, ...] = ()) -> int:
+    """The body of every job's and benchmark's ``main``: parse, log, :func:`execute`, exit code.
+
+    A usage error, or a ``ValueError`` from ``check(cfg)``, exits with code 2
+    (argparse's message). Then logging and the object-store settings (a
+    config's ``s3_endpoint``) are set up and the config is logged.
+    ``work(cfg)`` returns a summary (printed as JSON) or None; an
+    :class:`~pipeline.storage.InputError` or ``ValueError`` from it is bad
+    input: its message, exit code 2, the output left uncommitted.
+    """
+    from pipeline import storage
+
+    parser = config_parser(config_cls, doc, positional)
+    parser.prog = prog
     cfg = parse_config(config_cls, parser, argv, check)
     setup_logging()
     storage.configure_s3(getattr(cfg, "s3_endpoint", None))
     log.info("config:\n%s", config_json(cfg))
-    return cfg
-
-
-def run_ray_job(config_cls, description: str, argv, work) -> int:
-    """The body of every Ray job's ``main``: parse, log the config, connect Ray, run, summarise.
-
-    ``ray.init()`` starts a local Ray here and joins the cluster under ``ray
-    job submit``. A :class:`pipeline.storage.ShardError` or ``ValueError`` from
-    ``work(cfg)`` is bad input: its message and exit code 2, no traceback.
-    """
-    import ray
-
-    from pipeline import storage
-
-    cfg = start_job(config_cls, description, argv)
-    if not ray.is_initialized():
-        # The driver's S3 settings reach every worker, also on a cluster that
-        # the driver joins (there, its environment is not the workers').
-        env = {k: os.environ[k] for k in S3_ENV if k in os.environ}
-        ray.init(runtime_env={"env_vars": env} if env else None)
     try:
-        summary = work(cfg)
-    except (storage.ShardError, ValueError) as exc:
+        summary = execute(cfg, work)
+    except (storage.InputError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps(summary, indent=2, default=str))
+    if summary is not None:
+        print(json.dumps(summary, indent=2, default=str))
     return 0

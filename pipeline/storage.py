@@ -8,8 +8,14 @@ test server) is named by ``AWS_ENDPOINT_URL`` or the jobs' ``--s3-endpoint``.
 
 Writes are atomic. A single file is written under a temporary name and moved
 into place (local), or uploaded as one object that appears only when complete
-(object stores). A folder of shards is committed by a ``_SUCCESS`` manifest
-written last; a ``_PENDING`` marker makes a folder whose writer died read as
+(object stores).
+
+Every output a job writes (a dataset, a split's shards, scores, a run folder,
+a checkpoint folder, a report) is a folder with one commit protocol:
+:func:`begin_output` marks it ``_PENDING``, the writer fills it, and
+:func:`commit_output` writes the ``_SUCCESS`` manifest (its files) and drops
+the mark. :func:`is_complete` is the one "is it done" check (the demo's reuse
+test); readers refuse a pending folder, so one whose writer died reads as
 incomplete rather than as a smaller dataset.
 """
 
@@ -18,18 +24,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tarfile
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-
-from pipeline.data.contract import ColumnMapping, MAPPINGS, to_contract
 
 SUCCESS, PENDING = "_SUCCESS", "_PENDING"
 # Object-store requests are retried by the SDK with exponential backoff; ten
@@ -41,12 +44,9 @@ S3_MAX_ATTEMPTS = 10
 # retried here (apache/arrow and apache/doris have hit the same).
 _TRANSIENT_READ_ERRORS = ("Failed to flush response stream",)
 READ_ATTEMPTS = 5
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-# Files that sit beside shards in real datasets (img2dataset stats, checksums, notes).
-SIDECAR_SUFFIXES = (".json", ".crc", ".md")
 
 
-class ShardError(RuntimeError):
+class InputError(RuntimeError):
     """An input file or folder cannot be read; the message names it and what to do."""
 
 
@@ -88,7 +88,7 @@ def _s3_filesystem() -> pafs.S3FileSystem:
     return _S3FileSystem(int(os.environ.get("AWS_MAX_ATTEMPTS") or S3_MAX_ATTEMPTS), **kwargs)
 
 
-def _retry_reads(read):
+def retry_reads(read):
     """Call ``read()``, again after a backoff when the object store's answer was a transient error."""
     for attempt in range(READ_ATTEMPTS):
         try:
@@ -159,9 +159,9 @@ def write_bytes(data: bytes, url: str) -> None:
 def read_bytes(url: str) -> bytes:
     fs, path = filesystem_for(url)
     try:
-        return _retry_reads(lambda: _read_all(fs, path))
+        return retry_reads(lambda: _read_all(fs, path))
     except FileNotFoundError as exc:
-        raise ShardError(f"{url}: no such file") from exc
+        raise InputError(f"{url}: no such file") from exc
 
 
 def _read_all(fs: pafs.FileSystem, path: str) -> bytes:
@@ -194,11 +194,48 @@ def begin_output(dir_url: str) -> None:
     write_bytes(b"", join(dir_url, PENDING))
 
 
-def commit_output(dir_url: str, files: list[str], rows: int) -> None:
-    """Commit ``files`` (names relative to ``dir_url``) as the folder's complete content."""
-    write_json({"files": sorted(files), "rows": int(rows)}, join(dir_url, SUCCESS))
+def commit_output(dir_url: str, files: list[str] | None = None, rows: int | None = None) -> None:
+    """Commit ``dir_url``: its ``_SUCCESS`` manifest names its content, then the pending mark goes.
+
+    Args:
+        files: names relative to ``dir_url``; default: every top-level entry
+            not starting with ``_`` or ``.`` (a job's staging).
+        rows: the row count, for folders of shards.
+    """
     fs, path = filesystem_for(dir_url)
-    fs.delete_file(join(path, PENDING))
+    if files is None:
+        files = [info.base_name for info in fs.get_file_info(pafs.FileSelector(path))
+                 if not info.base_name.startswith(("_", "."))]
+    manifest = {"files": sorted(files)}
+    if rows is not None:
+        manifest["rows"] = int(rows)
+    write_json(manifest, join(dir_url, SUCCESS))
+    if fs.get_file_info(join(path, PENDING)).type != pafs.FileType.NotFound:
+        fs.delete_file(join(path, PENDING))
+
+
+@contextmanager
+def output(dir_url: str):
+    """``with output(url): write...``: :func:`begin_output`, then :func:`commit_output` if the block succeeds."""
+    begin_output(dir_url)
+    yield dir_url
+    commit_output(dir_url)
+
+
+def is_complete(dir_url: str) -> bool:
+    """Whether ``dir_url`` is an output whose writer committed it (:func:`commit_output`)."""
+    return exists(join(dir_url, SUCCESS))
+
+
+def check_not_pending(dir_url: str) -> None:
+    """Refuse an output whose writer has not committed it (still running, or died).
+
+    Raises:
+        InputError: naming the folder and what to do.
+    """
+    if exists(join(dir_url, PENDING)):
+        raise InputError(f"{dir_url}: incomplete output (its writer stopped before committing); "
+                         "rerun the job that writes it")
 
 
 def write_shards(table: pa.Table, dir_url: str, rows_per_shard: int = 5000) -> list[str]:
@@ -226,7 +263,7 @@ def list_files(url: str, suffixes: tuple[str, ...] = (".parquet",)) -> list[str]
     with a matching suffix, skipping hidden and ``_``-prefixed names.
 
     Raises:
-        ShardError: the URL does not exist, is an uncommitted output, or holds no data files.
+        InputError: the URL does not exist, is an uncommitted output, or holds no data files.
     """
     fs, path = filesystem_for(url)
     parent, _, name = str(url).rstrip("/").rpartition("/")
@@ -234,18 +271,15 @@ def list_files(url: str, suffixes: tuple[str, ...] = (".parquet",)) -> list[str]
     # as the output it belongs to; ``_``-names are the writer's own staging.
     if parent.rstrip("/") and not parent.rstrip("/").endswith(":") and not name.startswith("_") \
             and exists(join(parent, PENDING)):
-        raise ShardError(f"{url}: part of an incomplete output ({parent} is not committed); rerun the job that writes it")
+        raise InputError(f"{url}: part of an incomplete output ({parent} is not committed); rerun the job that writes it")
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.NotFound:
-        raise ShardError(f"{url}: no such file or folder")
+        raise InputError(f"{url}: no such file or folder")
     if info.type == pafs.FileType.File:
         return [str(url)]
     if exists(join(url, SUCCESS)):
         return [join(url, name) for name in read_json(join(url, SUCCESS))["files"] if name.endswith(suffixes)]
-    if exists(join(url, PENDING)):
-        raise ShardError(
-            f"{url}: incomplete output (its writer stopped before committing); rerun the job that writes it"
-        )
+    check_not_pending(url)
     selector = pafs.FileSelector(path, recursive=True)
     found = []
     for entry in fs.get_file_info(selector):
@@ -255,154 +289,28 @@ def list_files(url: str, suffixes: tuple[str, ...] = (".parquet",)) -> list[str]
         if rel.endswith(suffixes):
             found.append(join(url, rel))
     if not found:
-        raise ShardError(f"{url}: no {'/'.join(suffixes)} files in this folder")
+        raise InputError(f"{url}: no {'/'.join(suffixes)} files in this folder")
     return sorted(found)
 
 
-def _unreadable_parquet(file_url: str, exc: Exception) -> ShardError:
-    return ShardError(f"{file_url}: not a readable parquet file ({exc}); remove it from the input folder or rewrite it")
+def unreadable_parquet(file_url: str, exc: Exception) -> InputError:
+    return InputError(f"{file_url}: not a readable parquet file ({exc}); remove it from the input folder or rewrite it")
 
 
 def read_table(url: str, columns: list[str] | None = None) -> pa.Table:
     """Read one parquet file, or every shard of a folder, into one table.
 
     Raises:
-        ShardError: naming the first file that is not readable parquet.
+        InputError: naming the first file that is not readable parquet.
     """
     tables = []
     for file_url in list_files(url):
         fs, path = filesystem_for(file_url)
         try:
-            tables.append(_retry_reads(lambda: pq.read_table(path, filesystem=fs, columns=columns)))
+            tables.append(retry_reads(lambda: pq.read_table(path, filesystem=fs, columns=columns)))
         except (pa.ArrowInvalid, OSError) as exc:
-            raise _unreadable_parquet(file_url, exc) from exc
+            raise unreadable_parquet(file_url, exc) from exc
     return pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0]
-
-
-def read_webdataset(url: str, mapping: ColumnMapping = MAPPINGS["img2dataset"]) -> pa.Table:
-    """Read webdataset tars (one file or a folder of ``.tar``) into the data contract.
-
-    Members are grouped by sample key (the member path up to the first dot of
-    its file name), and each extension becomes a column: ``jpg``/``png``/...
-    bytes, ``txt`` text, ``cls`` label, which ``mapping`` renames onto the contract.
-
-    Raises:
-        ShardError: a tar is unreadable or cut short, naming the file.
-    """
-    rows: dict[str, dict[str, bytes]] = {}
-    for file_url in list_files(url, suffixes=(".tar",)):
-        fs, path = filesystem_for(file_url)
-        try:
-            with fs.open_input_file(path) as f, tarfile.open(fileobj=f, mode="r:") as tar:
-                for member in tar:
-                    if not member.isfile():
-                        continue
-                    directory, _, base = member.name.rpartition("/")
-                    stem, _, ext = base.partition(".")
-                    key = f"{directory}/{stem}" if directory else stem
-                    rows.setdefault(key, {})[ext.lower()] = tar.extractfile(member).read()
-                # tarfile takes a header cut short for the end of the archive; a
-                # whole tar ends in two zero blocks, so check for them.
-                f.seek(tar.offset)
-                if f.read(1024) != bytes(1024):
-                    raise tarfile.ReadError("archive ends without its end-of-archive blocks")
-        except (tarfile.TarError, EOFError, OSError) as exc:
-            raise ShardError(f"{file_url}: unreadable or truncated tar ({exc}); re-create or remove it") from exc
-    keys = list(rows)
-    extensions = sorted({ext for r in rows.values() for ext in r})
-    table = pa.table({"__key__": keys, **{e: pa.array([rows[k].get(e) for k in keys], pa.binary()) for e in extensions}})
-    return webdataset_to_contract(table, mapping)
-
-
-def webdataset_to_contract(table: pa.Table, mapping: ColumnMapping = MAPPINGS["img2dataset"]) -> pa.Table:
-    """Webdataset samples (``__key__`` plus one bytes column per member extension) in the data contract.
-
-    The image is each sample's first image member, whatever its extension
-    (``jpg``/``png``/...), under the mapping's image column; ``txt`` and
-    ``cls`` become trimmed text, undecodable bytes replaced rather than lost.
-    Shared by :func:`read_webdataset` and the score job's Ray Data reader.
-    """
-    present = [e for e in IMAGE_EXTENSIONS if e in table.column_names]
-    images = [table.column(e).cast(pa.binary()) for e in present]
-    columns = {
-        "__key__": table.column("__key__"),
-        mapping.image: pc.coalesce(*images) if images else pa.nulls(table.num_rows, pa.binary()),
-    }
-    for ext in ("txt", "cls"):
-        if ext in table.column_names:
-            columns[ext] = pa.array([_text(v) for v in table.column(ext).cast(pa.binary()).to_pylist()], pa.string())
-    out = pa.table(columns)
-    if mapping.key not in out.column_names:
-        out = out.append_column(mapping.key, out.column("__key__"))
-    return to_contract(out, mapping)
-
-
-def _text(data: bytes | None) -> str | None:
-    return None if data is None else data.decode("utf-8", errors="replace").strip()
-
-
-def shard_files(url: str) -> tuple[str, list[str]]:
-    """The shard format (``parquet`` or ``webdataset``) of a dataset and its files.
-
-    A folder with ``.tar`` files is webdataset (img2dataset writes a metadata
-    ``.parquet`` beside each tar; those are not samples). Any other file that
-    is neither a shard nor a known sidecar is an error naming it, so a stray
-    or misnamed shard is never skipped unnoticed.
-
-    Raises:
-        ShardError: naming the offending file or folder.
-    """
-    fs, path = filesystem_for(url)
-    if fs.get_file_info(path).type == pafs.FileType.Directory and not exists(join(url, SUCCESS)):
-        for entry in fs.get_file_info(pafs.FileSelector(path, recursive=True)):
-            rel = entry.path[len(path):].lstrip("/")
-            if entry.type == pafs.FileType.File and not any(p.startswith(("_", ".")) for p in rel.split("/")):
-                if not rel.endswith((".parquet", ".tar") + SIDECAR_SUFFIXES):
-                    raise ShardError(f"{join(url, rel)}: not a parquet or tar shard; move it out of the input folder")
-    tars = _safe_list(url, (".tar",))
-    if tars:
-        for file_url in tars:
-            _check_tar_end(file_url)
-        return "webdataset", tars
-    files = list_files(url)
-    for file_url in files:
-        fs, path = filesystem_for(file_url)
-        try:
-            _retry_reads(lambda: pq.read_metadata(path, filesystem=fs))
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise _unreadable_parquet(file_url, exc) from exc
-    return "parquet", files
-
-
-def _check_tar_end(file_url: str) -> None:
-    """Refuse a tar cut short: a whole one is 512-byte blocks ending in two zero blocks.
-
-    Reads only the last 1 KiB, so a folder of large shards is checked cheaply
-    on the driver instead of failing a read task later.
-    """
-    fs, path = filesystem_for(file_url)
-    size = fs.get_file_info(path).size
-    tail = b""
-    if size and size % 512 == 0 and size >= 1024:
-        with fs.open_input_file(path) as f:
-            tail = _retry_reads(lambda: f.read_at(1024, size - 1024))
-    if tail != bytes(1024):
-        raise ShardError(f"{file_url}: truncated tar ({size} bytes, no end-of-archive blocks); re-create or remove it")
-
-
-def read_shards(url: str, mapping: ColumnMapping | None = None) -> pa.Table:
-    """Read a dataset folder of parquet or webdataset shards into the data contract."""
-    kind, _ = shard_files(url)
-    if kind == "webdataset":
-        return read_webdataset(url, mapping or MAPPINGS["img2dataset"])
-    return to_contract(read_table(url), mapping or ColumnMapping())
-
-
-def _safe_list(url: str, suffixes: tuple[str, ...]) -> list[str]:
-    try:
-        return list_files(url, suffixes)
-    except ShardError:
-        return []
 
 
 def fetch_to_cache(url: str, cache_dir: str | None = None) -> str:

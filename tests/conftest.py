@@ -57,7 +57,9 @@ def ray_session(s3_server, tmp_path_factory):
     """One local Ray cluster of 2 logical CPUs for the whole test session."""
     import ray
 
-    ray.init(
+    from pipeline.cli import connect_ray
+
+    connect_ray(
         num_cpus=2,
         include_dashboard=False,
         log_to_driver=False,

@@ -14,6 +14,11 @@ ARGS = dict(policy="mmdp", keep_ratio=0.5, epochs=EPOCHS, seed=3,
             consistency=np.random.default_rng(0).random(N))
 
 
+def plan(ray, actor, epoch):
+    """(kept, weights) of ``epoch``, read from the object store as workers do."""
+    [ref] = ray.get(actor.plan_ref.remote(epoch))
+    return ray.get(ref)
+
 
 @pytest.fixture
 def pruner(ray_local):
@@ -61,8 +66,6 @@ def test_workers_find_the_named_actor_and_deliver_every_loss_exactly_once(ray_lo
 
 
 def test_plan_ref_equals_the_plain_pruner_plan_and_is_shared(ray_local, pruner):
-    from pipeline.prune.actor import fetch_plan
-
     _, actor = pruner
     local = Pruner(N, **ARGS)
     [ref] = ray_local.get(actor.plan_ref.remote(0))
@@ -71,7 +74,6 @@ def test_plan_ref_equals_the_plain_pruner_plan_and_is_shared(ray_local, pruner):
     kept, weights = ray_local.get(ref)
     np.testing.assert_array_equal(kept, local.plan(0)[0])
     np.testing.assert_array_equal(weights, local.plan(0)[1])
-    np.testing.assert_array_equal(fetch_plan(actor, 0)[0], kept)
     assert ray_local.get(actor.kept_counts.remote(EPOCHS)) == [local.kept_count(e) for e in range(EPOCHS)]
 
 
@@ -98,14 +100,12 @@ def test_reporter_surfaces_actor_errors_at_flush(ray_local, pruner):
 
 
 def test_a_killed_actor_restarts_and_reloads_its_checkpoint_to_the_same_plans(ray_local, pruner):
-    from pipeline.prune.actor import fetch_plan
-
     _, actor = pruner
 
     def run(epochs):
         plans = []
         for epoch in epochs:
-            kept, weights = fetch_plan(actor, epoch)
+            kept, weights = plan(ray_local, actor, epoch)
             ray_local.get(actor.update.remote(kept, np.sqrt(kept.astype(np.float32)), epoch))
             plans.append((kept, weights))
         return plans

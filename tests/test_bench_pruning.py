@@ -1,10 +1,12 @@
-"""The pruning benchmark end to end on the tiny synthetic dataset (one seed, two epochs, full + oracle).
+"""The pruning benchmark end to end on the tiny synthetic dataset (one seed, two epochs, full + oracle,
+and the machinery overhead: one run through the pruner against one plain Ray Train run).
 
-Two training runs keep it near a minute on 2 cores; the policies themselves are tested in
+Four training runs keep it near two minutes on 2 cores; the policies themselves are tested in
 test_policies.py and test_train_job.py."""
 
 from __future__ import annotations
 
+import glob
 import json
 
 import numpy as np
@@ -12,22 +14,31 @@ import pyarrow.compute as pc
 
 from benchmarks import pruning as bench_pruning
 from pipeline import storage
+from pipeline.cli import config_parser, parse_config
 from pipeline.score.clip_models import TINY_MODEL, load_clip, save_checkpoint
 
 POOL, EPOCHS, WORKERS = 96, 2, 2
+ZERO_SHOT = 0.4321  # what the pretraining job would have measured
 
 
 def test_bench_runs_every_policy_and_the_oracle_on_clean_rows_only(ray_session, tmp_path):
-    checkpoint = str(tmp_path / "tiny-clip.pt")
+    # Laid out as the pretraining job's output folder: model.pt beside its metrics.json.
+    checkpoint = str(tmp_path / "clip" / "model.pt")
     model, _, _ = load_clip(TINY_MODEL)  # random weights: the test checks the machinery, not the signal
     save_checkpoint(model, checkpoint, TINY_MODEL)
+    storage.write_json({"zero_shot_accuracy": ZERO_SHOT}, str(tmp_path / "clip" / "metrics.json"))
     out = str(tmp_path / "bench")
     assert bench_pruning.main([
         "--out", out, "--synthetic", "--pool-size", str(POOL), "--epochs", str(EPOCHS), "--seeds", "3",
         "--noise", "symmetric:0.25", "--policies", "oracle,full", "--workers", str(WORKERS),
         "--clip-model", TINY_MODEL, "--clip-pretrained", checkpoint, "--batch-size", "16",
-        "--warmup-steps", "2", "--score-actor-cpus", "0.5", "--skip-overhead", "--no-warmup",
+        "--warmup-steps", "2", "--score-actor-cpus", "0.5", "--overhead-repeats", "1", "--no-warmup",
     ]) == 0
+    # The benchmark folder and every dataset, score set and run in it are committed outputs.
+    assert storage.is_complete(out) and storage.read_json(f"{out}/config.json")["policies"] == ["full", "oracle"]
+    for part in ("data/symmetric0.25-s3", "scores/symmetric0.25-s3", "scores/symmetric0.25-s3-oracle",
+                 "runs/symmetric0.25-s3/full", "runs/symmetric0.25-s3/oracle", "overhead", "overhead/0-pruner"):
+        assert storage.is_complete(f"{out}/{part}"), part
 
     result = json.loads(open(f"{out}/results.json").read())
     runs = {r["policy"]: r for r in result["runs"]}
@@ -64,6 +75,20 @@ def test_bench_runs_every_policy_and_the_oracle_on_clean_rows_only(ray_session, 
     table = open(f"{out}/results.md").read()
     for policy in ("full", "oracle"):
         assert sum(line.startswith(f"| {policy} |") for line in table.splitlines()) == 1
+    # The CLIP zero-shot figure comes from the pretraining job's metrics.json.
+    assert result["setup"]["clip_zero_shot_accuracy"] == ZERO_SHOT
+    assert f"CLIP zero-shot test accuracy {ZERO_SHOT:.4f}" in table
+
+    # Overhead: one run of each side; the ratio is the one their times give.
+    overhead = result["overhead"]
+    assert overhead["epochs"] == EPOCHS
+    for measure in ("wall", "epoch", "train"):
+        pruner, plain = overhead["seconds"][measure]["pruner"], overhead["seconds"][measure]["plain"]
+        assert len(pruner) == len(plain) == 1 and pruner[0] > 0 and plain[0] > 0
+        assert abs(overhead["ratio"][measure] - pruner[0] / plain[0]) <= 5e-4 + 1e-9  # rounded to 3 places
+        assert sum(line.startswith(f"| {measure} |") for line in table.splitlines()) == 1
+    # The plain loop checkpointed every epoch through the train loop's checkpoint writer.
+    assert glob.glob(f"{out}/overhead/1-plain/ray/*/checkpoint_*/train.pt")
     summary = {r["policy"]: r for r in result["summary"]}
     assert summary["full"]["speedup_vs_full"] == 1.0
     speedup = runs["full"]["wall_seconds"] / oracle["wall_seconds"]
@@ -81,14 +106,20 @@ def test_shifted_test_copy_is_deterministic_and_differs_from_the_original():
     assert a == b and a != c and a != png
 
 
+def _parse(argv: list[str]) -> bench_pruning.BenchPruningConfig:
+    config_cls = bench_pruning.BenchPruningConfig
+    return parse_config(config_cls, config_parser(config_cls, ""), argv)
+
+
 def test_noise_and_policy_flags_are_checked(capsys):
     for bad in (["--noise", "symmetric:2"], ["--policies", "full,bogus"], ["--seeds", "x"]):
         try:
-            bench_pruning.parse_args(["--out", "/tmp/unused", *bad])
+            _parse(["--out", "/tmp/unused", *bad])
         except SystemExit as exc:
             assert exc.code == 2
         else:
             raise AssertionError(f"{bad} was accepted")
-    args = bench_pruning.parse_args(["--out", "o", "--noise", "clean,symmetric:0.2+caption:0.05",
-                                     "--policies", "oracle,full"])
-    assert args.noise == ["clean", "symmetric:0.2+caption:0.05"] and args.policies == ["full", "oracle"]
+        assert bad[0] in capsys.readouterr().err
+    cfg = _parse(["--out", "o", "--noise", "none,symmetric:0.2+caption:0.05", "--policies", "oracle,full"])
+    assert cfg.noise == ("clean", "symmetric:0.2+caption:0.05") and cfg.policies == ("full", "oracle")
+    assert _parse(["--out", "o"]).seeds == (0, 1, 2)

@@ -23,7 +23,8 @@ def _bench(*args: str) -> dict:
 
 def test_efficiency_reports_end_to_end_and_steady_state_rates(tmp_path):
     data = str(tmp_path / "data")
-    write_dataset(make_synthetic(n=256, seed=3), data, rows_per_shard=32)
+    with storage.output(data):
+        write_dataset(make_synthetic(n=256, seed=3), data, rows_per_shard=32)
     result = _bench("efficiency", "--input", f"{data}/train", "--rows", "96", "--base-rows", "32",
                     "--model", "mmdp-tiny", "--batch-size", "16", "--repeats", "1")
     assert (result["rows"], result["base_rows"]) == (96, 32)
@@ -47,7 +48,8 @@ def test_efficiency_rejects_bad_sizes_by_name(tmp_path, flags, named):
 
 def test_auroc_counts_every_row_against_the_ground_truth(ray_session, tmp_path):
     data, scores = str(tmp_path / "data"), str(tmp_path / "scores")
-    write_dataset(make_synthetic(n=256, seed=4, noise="symmetric:0.25"), data, rows_per_shard=32)
+    with storage.output(data):
+        write_dataset(make_synthetic(n=256, seed=4, noise="symmetric:0.25"), data, rows_per_shard=32)
     assert score_job.main(["--input", f"{data}/train", "--output", scores, "--model", "mmdp-tiny",
                            "--mode", "label", "--actor-cpus", "0.5", "--batch-size", "32"]) == 0
     result = _bench("auroc", "--data", data, "--scores", scores)

@@ -1,4 +1,4 @@
-"""Every job's command line, found by walking ``jobs/``: ``--help`` and argument errors.
+"""Every job's and benchmark's command line, found by walking ``jobs/`` and ``benchmarks/``: ``--help`` and argument errors.
 
 ``--help`` must say how to run the job locally and on a cluster and give
 every option's default (or say it is required); a bad command line must end
@@ -15,6 +15,7 @@ import re
 
 import pytest
 
+import benchmarks
 import jobs
 
 JOBS = sorted(m.name for m in pkgutil.iter_modules(jobs.__path__) if m.name != "__init__")
@@ -57,6 +58,36 @@ def test_help_shows_local_and_cluster_commands_and_every_default(name, capsys):
     missing = [flag for flag, entry in options.items() if "(default" not in entry and "(required" not in entry]
     assert not missing, f"jobs.{name} --help gives no default for {missing}"
     assert any("(default" in entry for entry in options.values())
+
+
+BENCHMARKS = sorted(m.name for m in pkgutil.iter_modules(benchmarks.__path__)
+                    if hasattr(importlib.import_module(f"benchmarks.{m.name}"), "main"))
+
+
+def test_every_benchmark_is_found():
+    assert {"gpu", "pruner_scale", "pruning", "reporting", "score_shards", "scoring"} <= set(BENCHMARKS)
+
+
+@pytest.mark.parametrize("name", BENCHMARKS)
+def test_benchmark_help_shows_local_and_cluster_commands_and_every_default(name, capsys):
+    """Benchmarks go through the same skeleton (``pipeline.cli.run_job``); ``scoring`` lists every command's options."""
+    text = _help(f"benchmarks.{name}", capsys)
+    assert f"python -m benchmarks.{name}" in text
+    assert f"ray job submit --working-dir . -- python -m benchmarks.{name}" in text
+    options = {flag: entry for flag, entry in _options(text).items() if flag not in ("-h", "--help")}
+    assert options, f"no options found in benchmarks.{name} --help"
+    missing = [flag for flag, entry in options.items() if "(default" not in entry and "(required" not in entry]
+    assert not missing, f"benchmarks.{name} --help gives no default for {missing}"
+
+
+@pytest.mark.parametrize("name", BENCHMARKS)
+def test_benchmark_unknown_option_exits_2_with_a_message(name, capsys):
+    module = importlib.import_module(f"benchmarks.{name}")
+    with pytest.raises(SystemExit) as exc:
+        module.main(["--no-such-option"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2
+    assert "error:" in err and "Traceback" not in err
 
 
 def test_subcommand_flags_are_their_config_fields(capsys):

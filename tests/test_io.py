@@ -59,7 +59,7 @@ def test_uncommitted_output_is_refused(root):
     out = storage.join(root, "scores")
     storage.begin_output(out)
     storage.write_table(_table(3), storage.join(out, "part-00000.parquet"))
-    with pytest.raises(storage.ShardError, match="incomplete output"):
+    with pytest.raises(storage.InputError, match="incomplete output"):
         storage.read_table(out)
     storage.commit_output(out, ["part-00000.parquet"], 3)
     assert storage.read_table(out).num_rows == 3
@@ -69,7 +69,7 @@ def test_rewriting_a_committed_folder_uncommits_it_first(tmp_path):
     out = str(tmp_path / "t")
     storage.write_shards(_table(5), out)
     storage.begin_output(out)  # a second writer starts, then dies
-    with pytest.raises(storage.ShardError, match="incomplete"):
+    with pytest.raises(storage.InputError, match="incomplete"):
         storage.read_table(out)
 
 
@@ -83,7 +83,7 @@ def test_img2dataset_parquet_maps_onto_contract(tmp_path):
                     "txt": ["a dog", "a cat"], "url": ["http://x/1", "http://x/2"]})
     pq.write_table(raw, tmp_path / "00000.parquet")
     (tmp_path / "00000_stats.json").write_text("{}")
-    table = storage.read_shards(str(tmp_path), ColumnMapping.parse("img2dataset"))
+    table = shards.read_shards(str(tmp_path), ColumnMapping.parse("img2dataset"))
     assert table.schema == SHARD_SCHEMA
     assert table.column("image").to_pylist() == [b"\xff\xd8a", b"\xff\xd8b"]
     assert table.column("caption").to_pylist() == ["a dog", "a cat"]
@@ -97,7 +97,7 @@ def test_webdataset_tar_maps_onto_contract(tmp_path):
     (tmp_path / "00000.tar").write_bytes(data)
     # img2dataset writes a metadata parquet beside each tar; it holds no samples.
     pq.write_table(pa.table({"key": ["000000001"], "status": ["success"]}), tmp_path / "00000.parquet")
-    table = storage.read_shards(str(tmp_path))
+    table = shards.read_shards(str(tmp_path))
     assert table.to_pylist() == [
         {"key": "000000001", "image": b"img1", "caption": "a dog", "label": 3},
         {"key": "000000002", "image": b"img2", "caption": "a cat", "label": 5},
@@ -107,8 +107,8 @@ def test_webdataset_tar_maps_onto_contract(tmp_path):
 def test_truncated_tar_names_the_file(tmp_path):
     data = tar_bytes([(f"{i:09d}.jpg", b"x" * 2000) for i in range(5)])
     (tmp_path / "00000.tar").write_bytes(data[: len(data) // 2])
-    with pytest.raises(storage.ShardError, match="00000.tar"):
-        storage.read_webdataset(str(tmp_path))
+    with pytest.raises(storage.InputError, match="00000.tar"):
+        shards.read_webdataset(str(tmp_path))
 
 
 def test_corrupt_parquet_names_the_file(tmp_path):
@@ -116,15 +116,15 @@ def test_corrupt_parquet_names_the_file(tmp_path):
     (tmp_path / "in2").mkdir()
     pq.write_table(_table(4), tmp_path / "in2" / "a.parquet")
     (tmp_path / "in2" / "b.parquet").write_bytes(b"this is not parquet")
-    with pytest.raises(storage.ShardError, match="b.parquet"):
+    with pytest.raises(storage.InputError, match="b.parquet"):
         storage.read_table(str(tmp_path / "in2"))
 
 
 def test_stray_non_shard_file_names_the_file(tmp_path):
     pq.write_table(_table(4), tmp_path / "a.parquet")
     (tmp_path / "notes.csv").write_text("x,y")
-    with pytest.raises(storage.ShardError, match="notes.csv"):
-        storage.read_shards(str(tmp_path))
+    with pytest.raises(storage.InputError, match="notes.csv"):
+        shards.read_shards(str(tmp_path))
 
 
 def test_missing_required_column_is_named():
@@ -135,5 +135,5 @@ def test_missing_required_column_is_named():
 
 
 def test_missing_url_is_a_clear_error(tmp_path):
-    with pytest.raises(storage.ShardError, match="no such file"):
+    with pytest.raises(storage.InputError, match="no such file"):
         storage.read_table(str(tmp_path / "nope"))

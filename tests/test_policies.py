@@ -1,25 +1,56 @@
-"""The pruning policies on synthetic per-sample state (no Ray, no pruner)."""
+"""The pruning policies, planned by a Pruner holding synthetic per-sample state (no Ray)."""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
 
+from pipeline.prune import budget
 from pipeline.prune import policies as P
+from pipeline.prune.pruner import Pruner
 
 N, EPOCHS = 2000, 10
 
 
-def make_state(n=N, keep_ratio=0.5, seen_frac=1.0, seed=0, consistency=True):
-    """Skewed losses (most samples learned, a tail of hard ones), ranks of uniform scores."""
+@dataclass
+class State:
+    """Per-sample state to plan from: losses (meaningful where seen) and raw consistency scores."""
+
+    loss: np.ndarray
+    seen: np.ndarray
+    consistency: np.ndarray
+    keep_ratio: float = 0.5
+
+
+def make_state(n=N, keep_ratio=0.5, seen_frac=1.0, seed=0):
+    """Skewed losses (most samples learned, a tail of hard ones), uniform consistency scores."""
     rng = np.random.default_rng(seed)
     loss = rng.exponential(0.5, n).astype(np.float32)
     seen = rng.random(n) < seen_frac
-    cons = P.rank_normalise(rng.random(n)) if consistency else None
-    return P.PlanState(loss=loss, seen=seen, consistency=cons, keep_ratio=keep_ratio, epochs=EPOCHS)
+    return State(loss, seen, rng.random(n), keep_ratio)
+
+
+def pruner(policy, state, seed=0):
+    """A Pruner whose seen samples each reported their loss once (taken as is)."""
+    p = Pruner(len(state.loss), policy, keep_ratio=state.keep_ratio, epochs=EPOCHS, seed=seed,
+               consistency=state.consistency)
+    seen = np.flatnonzero(state.seen)
+    p.update(seen, state.loss[seen], epoch=0)
+    return p
 
 
 def select(policy, state, epoch, seed=0):
-    return policy.select(state, epoch, np.random.default_rng([seed, epoch]))
+    return pruner(policy, state, seed).plan(epoch)
+
+
+def eligible(state, epoch, **mmdp_params):
+    """mmdp's samples not dropped as noise at ``epoch``: all that an annealing epoch keeps (delta=0)."""
+    kept, weights = select(P.make_policy("mmdp", **mmdp_params, delta=0.0), state, epoch)
+    assert (weights == 1).all()
+    mask = np.zeros(len(state.loss), dtype=bool)
+    mask[kept] = True
+    return mask
 
 
 def test_registry_has_the_five_policies_and_rejects_unknown_names():
@@ -32,10 +63,10 @@ def test_registry_has_the_five_policies_and_rejects_unknown_names():
 
 
 def test_target_count_rounds_half_up_and_stays_in_range():
-    assert P.target_count(10, 0.25) == 3  # 2.5 -> 3
-    assert P.target_count(1000, 0.3) == 300
-    assert P.target_count(5, 0.01) == 1
-    assert P.target_count(7, 1.0) == 7
+    assert budget.target_count(10, 0.25) == 3  # 2.5 -> 3
+    assert budget.target_count(1000, 0.3) == 300
+    assert budget.target_count(5, 0.01) == 1
+    assert budget.target_count(7, 1.0) == 7
 
 
 def test_rank_normalise_ignores_score_scale_and_ranks_nan_lowest():
@@ -45,21 +76,10 @@ def test_rank_normalise_ignores_score_scale_and_ranks_nan_lowest():
     np.testing.assert_array_equal(P.rank_normalise(np.exp(5 * np.nan_to_num(scores, nan=-9))), ranks)
 
 
-def test_approx_rank_is_close_to_exact_rank_on_the_masked_values():
-    rng = np.random.default_rng(1)
-    values = rng.lognormal(0, 2, 20_000).astype(np.float32)  # heavy tail
-    mask = rng.random(len(values)) < 0.7
-    approx = P.approx_rank(values, mask)
-    exact = P.rank_normalise(values[mask])
-    assert np.abs(approx[mask] - exact).max() < 2e-3
-    assert (approx[~mask] == 0).all()
-    np.testing.assert_array_equal(P.approx_rank(np.ones(4), np.array([1, 1, 0, 1], bool)), [0.5, 0.5, 0, 0.5])
-
-
 @pytest.mark.parametrize("n_hard,n_well,k", [(300, 700, 500), (600, 400, 500), (900, 100, 500),
                                              (100, 900, 150), (0, 50, 10), (50, 0, 10), (10, 990, 1000)])
 def test_allocate_fills_k_exactly_and_favours_hard_samples(n_hard, n_well, k):
-    keep_hard, keep_well = P.allocate(n_hard, n_well, k, max_prune_prob=0.75)
+    keep_hard, keep_well = budget.allocate(n_hard, n_well, k, max_prune_prob=0.75)
     assert keep_hard + keep_well == k
     assert 0 <= keep_hard <= n_hard and 0 <= keep_well <= n_well
     if n_hard and n_well:
@@ -73,9 +93,9 @@ def test_allocate_fills_k_exactly_and_favours_hard_samples(n_hard, n_well, k):
 def test_pruning_epochs_keep_exactly_round_keep_ratio_n(name, keep_ratio):
     policy = P.make_policy(name)
     for seen_frac in (0.0, 0.6, 1.0):
-        state = make_state(keep_ratio=keep_ratio, seen_frac=seen_frac)
+        p = pruner(policy, make_state(keep_ratio=keep_ratio, seen_frac=seen_frac))
         for epoch in range(EPOCHS):
-            kept, weights = select(policy, state, epoch)
+            kept, weights = p.plan(epoch)
             expected = policy.kept_count(N, keep_ratio, EPOCHS, epoch)
             assert len(kept) == len(weights) == expected
             if not P.is_annealing(epoch, EPOCHS, getattr(policy, "delta", 1.0)):
@@ -100,8 +120,7 @@ def test_random_draws_a_new_subset_each_epoch_and_the_same_one_for_the_same_seed
 
 def test_clip_filter_keeps_exactly_the_top_fraction_every_epoch():
     raw = np.random.default_rng(3).normal(size=N)
-    state = P.PlanState(loss=np.zeros(N, np.float32), seen=np.zeros(N, bool),
-                        consistency=P.rank_normalise(raw), keep_ratio=0.3, epochs=EPOCHS)
+    state = State(loss=np.zeros(N, np.float32), seen=np.zeros(N, bool), consistency=raw, keep_ratio=0.3)
     top = np.sort(np.argsort(raw)[-600:])
     for epoch in (0, 5, 9):
         kept, weights = select(P.make_policy("clip_filter"), state, epoch, seed=epoch)
@@ -133,12 +152,12 @@ def test_infobatch_weights_keep_the_weighted_loss_sum_unbiased(keep_ratio):
 def test_mmdp_weights_keep_the_eligible_loss_sum_unbiased(keep_ratio, epoch):
     policy = P.make_policy("mmdp")
     state = make_state(keep_ratio=keep_ratio, seen_frac=0.0 if epoch == 0 else 0.9)
-    eligible = ~policy.noisy(state, epoch)
-    assert eligible.sum() == N - policy.noise_count(N, keep_ratio)
-    estimate, truth = weighted_sums(policy, state, epoch, eligible)
+    clean = eligible(state, epoch)
+    assert clean.sum() == N - policy.noise_count(N, keep_ratio)
+    estimate, truth = weighted_sums(policy, state, epoch, clean)
     assert estimate == pytest.approx(truth, rel=0.01)
     kept, _ = select(policy, state, epoch)
-    assert eligible[kept].all()  # never trains on what it dropped as noise
+    assert clean[kept].all()  # never trains on what it dropped as noise
 
 
 def test_infobatch_prunes_only_well_learned_samples_when_the_budget_allows():
@@ -155,8 +174,9 @@ def test_annealing_epochs_train_every_consistent_sample_with_weight_one(name):
     state = make_state(seen_frac=1.0)
     for epoch in (8, 9):
         kept, weights = select(policy, state, epoch)
-        eligible = ~policy.noisy(state, epoch) if name == "mmdp" else np.ones(N, bool)
-        np.testing.assert_array_equal(kept, np.flatnonzero(eligible))
+        clean = eligible(state, epoch) if name == "mmdp" else np.ones(N, bool)
+        assert clean.sum() == N - (policy.noise_count(N, 0.5) if name == "mmdp" else 0)
+        np.testing.assert_array_equal(kept, np.flatnonzero(clean))
         assert (weights == 1).all()
     assert len(select(policy, state, 7)[0]) == N // 2  # still pruning
 
@@ -166,14 +186,13 @@ def synthetic_noise(n=5000, noisy_share=0.3, separation=0.2, seed=0):
     rng = np.random.default_rng(seed)
     noisy = rng.random(n) < noisy_share
     raw = np.where(noisy, rng.normal(0.5 - separation / 2, 0.15, n), rng.normal(0.5 + separation / 2, 0.15, n))
-    return noisy, P.rank_normalise(raw)
+    return noisy, raw
 
 
 def test_mmdp_drops_low_consistency_noise_from_epoch_zero_on():
     noisy, cons = synthetic_noise(separation=2.0)  # the scorer separates the noise
     n = len(noisy)
-    state = P.PlanState(loss=np.zeros(n, np.float32), seen=np.zeros(n, bool), consistency=cons,
-                        keep_ratio=0.5, epochs=EPOCHS)
+    state = State(loss=np.zeros(n, np.float32), seen=np.zeros(n, bool), consistency=cons, keep_ratio=0.5)
     policy = P.make_policy("mmdp", noise_fraction=noisy.mean())
     kept, _ = select(policy, state, 0)
     assert noisy[kept].sum() == 0
@@ -189,8 +208,8 @@ def test_mmdp_uses_high_loss_with_low_consistency_to_find_noise_consistency_miss
     loss, seen = np.zeros(n, np.float32), np.zeros(n, bool)
     precision = []
     for epoch in range(8):
-        state = P.PlanState(loss=loss, seen=seen, consistency=cons, keep_ratio=0.5, epochs=EPOCHS)
-        precision.append(noisy[policy.noisy(state, epoch)].mean())
+        state = State(loss=loss, seen=seen, consistency=cons, keep_ratio=0.5)
+        precision.append(noisy[~eligible(state, epoch, noise_fraction=0.3)].mean())
         kept, _ = select(policy, state, epoch)
         # Trained samples report losses: wrong labels stay hard to fit.
         loss[kept] = np.where(noisy[kept], 1.0 + rng.exponential(1.0, len(kept)),

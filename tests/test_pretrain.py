@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from jobs.pretrain_reference_clip import main, metrics_url
+from jobs.pretrain_reference_clip import checkpoint_url, main
 from pipeline import storage as pio
 from pipeline.score.clip_models import TINY_MODEL, load_clip
 from pipeline.data.reference import make_synthetic, write_dataset
@@ -23,16 +23,18 @@ def synthetic(tmp_path_factory) -> str:
 
 
 def test_one_epoch_writes_a_loadable_checkpoint_and_metrics(synthetic, tmp_path, capsys):
-    out = str(tmp_path / "ref" / "model.pt")
-    argv = ["--data", synthetic, "--out", out, "--model", TINY_MODEL, "--epochs", "1", "--batch-size", "8",
+    folder = str(tmp_path / "ref")
+    out = checkpoint_url(folder)
+    argv = ["--data", synthetic, "--out", folder, "--model", TINY_MODEL, "--epochs", "1", "--batch-size", "8",
             "--warmup-steps", "2", "--threads", "2"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "epoch 1/1" in printed and "zero-shot accuracy on test:" in printed
 
-    metrics = json.loads(open(metrics_url(out)).read())
+    metrics = json.loads(open(tmp_path / "ref" / "metrics.json").read())
     meta = pio.read_json(pio.join(synthetic, "metadata.json"))
-    assert metrics_url(out) == str(tmp_path / "ref" / "model.metrics.json")
+    assert out == str(tmp_path / "ref" / "model.pt") and pio.is_complete(folder)
+    assert pio.read_json(pio.join(folder, "config.json"))["epochs"] == 1
     assert 0.0 <= metrics["zero_shot_accuracy"] <= 1.0
     assert metrics["train_pairs"] == meta["splits"]["reference"] and metrics["test_rows"] == meta["splits"]["test"]
     assert metrics["config"]["epochs"] == 1 and metrics["classes"] == meta["classes"]
@@ -55,26 +57,27 @@ def test_one_epoch_writes_a_loadable_checkpoint_and_metrics(synthetic, tmp_path,
 
 
 def test_training_is_reproducible_for_a_seed(synthetic, tmp_path):
-    outs = [str(tmp_path / f"{i}.pt") for i in range(2)]
+    outs = [str(tmp_path / str(i)) for i in range(2)]
     for out in outs:
         assert main(["--data", synthetic, "--out", out, "--model", TINY_MODEL, "--epochs", "1",
                      "--batch-size", "8", "--seed", "3"]) == 0
-    a, b = (torch.load(o, weights_only=True)["state_dict"] for o in outs)
+    a, b = (torch.load(checkpoint_url(o), weights_only=True)["state_dict"] for o in outs)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.parametrize(
     "extra",
     [["--epochs", "0"], ["--batch-size", "1"], ["--lr", "-1"], ["--threads", "0"], ["--model", "no-such-model"],
-     ["--epochs", "two"]],
+     ["--epochs", "two"], ["--out", "model.pt"]],
 )
 def test_bad_arguments_exit_2(extra, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
-        main(["--data", str(tmp_path), "--out", str(tmp_path / "m.pt"), *extra])
+        main(["--data", str(tmp_path), "--out", str(tmp_path / "m"), *extra])
     assert exc.value.code == 2
     assert "error:" in capsys.readouterr().err
 
 
-def test_missing_dataset_fails_with_a_message(tmp_path, capsys):
-    assert main(["--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "m.pt")]) == 1
+def test_missing_dataset_fails_with_a_message_and_commits_nothing(tmp_path, capsys):
+    assert main(["--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "m")]) == 2
     assert "nothing" in capsys.readouterr().err
+    assert not pio.is_complete(str(tmp_path / "m"))

@@ -76,11 +76,11 @@ def test_exactly_one_loss_per_kept_sample_is_checkable():
     p = make()
     kept, _ = p.plan(0)
     p.update(kept[:-1], np.ones(len(kept) - 1))  # default epoch: the one planned
-    assert (p.losses_received(0), p.missing(0)) == (len(kept) - 1, 1)
+    assert (p.losses_received(0), p.coverage(0)["missing"]) == (len(kept) - 1, 1)
     p.update(kept[:1], np.ones(1))  # a duplicate does not fill the gap
-    assert (p.losses_received(0), p.missing(0)) == (len(kept), 1)
+    assert (p.losses_received(0), p.coverage(0)["missing"]) == (len(kept), 1)
     p.update(kept[-1:], np.ones(1))
-    assert p.missing(0) == 0
+    assert p.coverage(0) == {"received": len(kept) + 1, "reported": len(kept), "outside_plan": 0, "missing": 0}
 
 
 def test_state_is_at_most_16_bytes_a_sample():
@@ -179,8 +179,8 @@ def test_plan_for_a_million_samples_is_fast():
 
 
 @pytest.mark.parametrize("name", sorted(POLICIES))
-def test_split_state_plans_like_one_pruner_whatever_the_shard_bounds(name):
-    """Shards only change where the arrays live: same kept indices, weights and reasons."""
+def test_split_state_plans_like_one_pruner_whatever_the_partition_bounds(name):
+    """Partitions only change where the arrays live: same kept indices, weights and reasons."""
     pruners = [make(name), make(name, bounds=[0, 1, 1000, 1001, 2999, N]), make(name, bounds=[0, 1500, N])]
     rng = np.random.default_rng(3)
     for epoch in range(EPOCHS):

@@ -242,7 +242,7 @@ def test_store_that_refuses_writes_leaves_nothing_complete(via_proxy, s3_bucket,
         make_dataset_job.main(["--out", out, "--synthetic", "--limit", "32", "--rows-per-shard", "8"])
     monkeypatch.undo()  # read the store directly
     for split in SPLITS:
-        with pytest.raises(storage.ShardError, match="incomplete output|no such file"):
+        with pytest.raises(storage.InputError, match="incomplete output|no such file"):
             storage.read_table(storage.join(out, split))
     assert not storage.exists(storage.join(out, "metadata.json"))
     report(f"fault4-store-refuses-{failing}", requests=proxy.stats["requests"],
@@ -287,7 +287,7 @@ def test_make_dataset_killed_while_writing_then_rerun(tmp_path):
               60, proc)
     _kill_session(proc)
     parts_left = len(list((out / "train").glob("part-*.parquet")))
-    with pytest.raises(storage.ShardError, match="incomplete output") as refused:
+    with pytest.raises(storage.InputError, match="incomplete output") as refused:
         storage.read_table(str(out / "train"))
     assert not (out / "metadata.json").exists()
     assert make_dataset_job.main(["--out", str(out), *args]) == 0  # the rerun
@@ -316,7 +316,7 @@ def test_score_job_killed_while_writing_then_rerun(ray_session, ckpt, s3_bucket,
         finally:
             _kill_session(proc)
     job_log = (tmp_path / "log").read_text(errors="replace")
-    with pytest.raises(storage.ShardError, match="incomplete output") as refused:
+    with pytest.raises(storage.InputError, match="incomplete output") as refused:
         storage.read_table(storage.join(out, "scores"))
     assert score_job.main(_score_args(str(tmp_path / "in"), out, ckpt, "--batch-size", "8")) == 0  # the rerun
     scores = storage.read_table(storage.join(out, "scores"))

@@ -62,7 +62,7 @@ def make_bench(root: str) -> dict:
     data, scores = storage.join(root, "data"), storage.join(root, "scores")
     datasets.write_dataset(datasets.make_synthetic(n=48, seed=0, noise="symmetric:0.25"), data)
     checkpoint = storage.join(root, "clip", "model.pt")
-    storage.write_json({"zero_shot_accuracy": 0.777}, storage.join(root, "clip", "model.metrics.json"))
+    storage.write_json({"zero_shot_accuracy": 0.777}, storage.join(root, "clip", "metrics.json"))
     clean, noisy = write_scores(data, scores, checkpoint)
     n = clean + noisy
     a, b = storage.join(root, "seed0"), storage.join(root, "seed1")
@@ -121,6 +121,7 @@ def test_report_compares_policies_across_run_dirs(where, tmp_path, request):
     k = bench["noisy"]
     assert f"AUROC of low consistency for injected noise: {(k - 1) / k:.3f}" in text
     assert "77.70" in text  # the reference CLIP's zero-shot accuracy, read beside its checkpoint
+    assert storage.is_complete(bench["out"])
 
     figures = re.findall(r"!\[[^\]]*\]\((figures/[^)]+\.png)\)", text)
     assert {"figures/accuracy.png", "figures/kept.png", "figures/wall.png"} <= set(figures) and len(figures) == 4
@@ -156,8 +157,10 @@ def test_bad_run_dirs_exit_2(tmp_path, capsys):
     empty.mkdir()
     assert report.main([str(empty)]) == 2
     assert "no training runs" in capsys.readouterr().err
-    assert report.main([str(tmp_path / "missing")]) == 2
+    assert not storage.is_complete(str(empty / "report"))
+    for argv in ([str(tmp_path / "missing")], []):
+        with pytest.raises(SystemExit) as exc:
+            report.main(argv)
+        assert exc.value.code == 2
     assert "no such folder" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as exc:
-        report.main([])
-    assert exc.value.code == 2
+    assert not storage.exists(str(tmp_path / "missing"))

@@ -22,7 +22,8 @@ from benchmarks.procmem import tree
 def scored(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
     data, scores = str(root / "data"), str(root / "scores")
-    write_dataset(make_synthetic(n=400, seed=5), data, rows_per_shard=50)
+    with storage.output(data):
+        write_dataset(make_synthetic(n=400, seed=5), data, rows_per_shard=50)
     return data, scores
 
 
@@ -60,6 +61,9 @@ def test_each_kept_sample_reports_exactly_one_loss(scored_ready, tmp_path):
     test_rows = storage.read_json(f"{data}/metadata.json")["splits"]["test"]
     assert test_rows > 0 and [e["test_rows"] for e in metrics["epochs"]] == [test_rows] * 4
     assert storage.exists(str(tmp_path / "run" / "checkpoint" / "train.pt"))
+    # The run folder is a committed output with the resolved config beside the metrics.
+    assert storage.is_complete(str(tmp_path / "run"))
+    assert storage.read_json(str(tmp_path / "run" / "config.json"))["policy"] == "mmdp"
 
 
 # A fixed noise fraction: the plans then vary with the losses every epoch (the test is about them).

@@ -1,0 +1,8 @@
+"""Data: the first step of read -> score -> prune -> train -> report.
+
+The data contract every stage reads (``contract.py``: key, image, caption,
+label, and how img2dataset's columns map onto it), the readers of the shard
+files a dataset is stored in (``shards.py``), row checks before scoring
+(``validate.py``), and the reference datasets with their injected noise
+(``reference.py``, ``noise.py``). No Ray here.
+"""

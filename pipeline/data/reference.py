@@ -6,7 +6,7 @@ contract, a ground-truth table and metadata), then written by
 
     URL/{reference,train,test}/part-*.parquet   key, image (PNG), caption, label
     URL/ground_truth.parquet                    one row per train row: what was done to it
-    URL/metadata.json                           written last: the dataset is complete
+    URL/metadata.json                           classes, splits, noise asked and measured
 
 ``reference`` is a clean slice of the 60k training images (to pre-train the
 reference CLIP model), ``train`` the rest (the pool that gets pruned, and the
@@ -59,7 +59,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _IDX_MAGIC = {"images": 0x00000803, "labels": 0x00000801}  # uint8 data, 3 dims / 1 dim
 
 
-class MissingSourceError(FileNotFoundError):
+class MissingSourceError(storage.InputError):
     """The Fashion-MNIST files are not where they were looked for; the message says how to get them."""
 
 
@@ -452,15 +452,13 @@ def make_synthetic(n: int = 256, seed: int = 0, size: int = 32, noise: str | dic
 
 
 def write_dataset(dataset: Dataset, url: str, rows_per_shard: int = 5000) -> None:
-    """Write ``dataset`` under ``url`` (local folder or object store); ``metadata.json`` goes last.
+    """Write ``dataset``'s files under ``url`` (local folder or object store).
 
-    A reader takes ``metadata.json`` as the mark of a complete dataset, so an
-    old one is removed first: a rewrite that dies half-way reads as incomplete.
+    Each split is a committed folder of shards; the dataset folder as a whole
+    is committed by its writer (``storage.output``, or the make_dataset job's
+    skeleton), so a rewrite that dies half-way reads as incomplete.
     """
     meta_url = storage.join(url, "metadata.json")
-    if storage.exists(meta_url):
-        fs, path = storage.filesystem_for(meta_url)
-        fs.delete_file(path)
     for split in SPLITS:
         storage.write_shards(dataset.splits[split], storage.join(url, split), rows_per_shard)
     storage.write_table(dataset.ground_truth, storage.join(url, "ground_truth.parquet"))

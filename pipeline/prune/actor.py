@@ -12,10 +12,11 @@
     reporter.flush()                                              # end of epoch
     ray.get(actor.epoch_summary.remote(epoch))                    # kept, received, missing...
 
-Above ``shard_size`` samples (or with ``num_shards=`` / ``bounds=``) the
-actor is a coordinator: the per-sample state lives in shard actors it owns
-(:mod:`pipeline.prune.remote`), it routes losses to them and plans with them, and
-its remote methods, plans and checkpoints are the same as unsharded.
+Above ``partition_size`` samples (or with ``num_partitions=`` / ``bounds=``)
+the actor is a coordinator: the per-sample state lives in partition actors it
+owns (:mod:`pipeline.prune.remote`), it routes losses to them and plans with
+them, and its remote methods, plans and checkpoints are the same as with one
+partition.
 
 The Ray Core code of the library (with :mod:`pipeline.prune.remote`); the state
 and the policies are plain NumPy (:mod:`pipeline.prune.pruner`, :mod:`pipeline.prune.policies`).
@@ -30,9 +31,10 @@ import warnings
 import numpy as np
 import ray
 
-from pipeline.prune.pruner import Pruner
-from pipeline.prune.remote import RayShards
 from pipeline.prune.partitions import even_bounds
+from pipeline.prune.plan_log import PlanLog
+from pipeline.prune.pruner import Pruner
+from pipeline.prune.remote import RayPartitions
 
 # A crashed pruner comes back (Ray re-runs __init__ with the same arguments);
 # the train loop then sees info()["reconstructed"] and reloads its checkpoint.
@@ -44,8 +46,8 @@ MAX_TASK_RETRIES = 4
 # (a slow worker may still be fetching it).
 PLANS_CACHED = 2
 # One actor holds up to this many samples (16 B each: 0.8 GB); beyond, the
-# state is split over ceil(n / SHARD_SIZE) shard actors.
-SHARD_SIZE = 50_000_000
+# state is split over ceil(n / PARTITION_SIZE) partition actors.
+PARTITION_SIZE = 50_000_000
 
 
 def actor_name(run_id: str) -> str:
@@ -62,37 +64,35 @@ class PruningActor:
     Calls run one at a time, so updates and plans never interleave.
 
     Args are those of :class:`~pipeline.prune.pruner.Pruner`, and:
-        shard_size: most samples one actor holds; more are split over
-            ``ceil(n / shard_size)`` shard actors of near-equal ranges.
-        num_shards: the number of shard actors, overriding ``shard_size``.
-        bounds: explicit shard boundaries ``[0, ..., n]``, overriding both.
-        One shard means no shard actors: the state lives in this actor.
+        partition_size: most samples one actor holds; more are split over
+            ``ceil(n / partition_size)`` partition actors of near-equal ranges.
+        num_partitions: the number of partition actors, overriding ``partition_size``.
+        bounds: explicit partition boundaries ``[0, ..., n]``, overriding both.
+        One partition means no partition actors: the state lives in this actor.
     """
 
     def __init__(self, num_samples: int, policy: str = "mmdp", keep_ratio: float = 0.5,
                  epochs: int = 20, seed: int = 0, consistency: np.ndarray | None = None,
                  loss_momentum: float = 0.5, policy_params: dict | None = None,
-                 shard_size: int = SHARD_SIZE, num_shards: int | None = None,
+                 partition_size: int = PARTITION_SIZE, num_partitions: int | None = None,
                  bounds: list[int] | None = None):
         if bounds is None:
-            shards = num_shards or max(1, -(-int(num_samples) // max(1, int(shard_size))))
-            bounds = even_bounds(int(num_samples), min(shards, max(1, int(num_samples))))
+            parts = num_partitions or max(1, -(-int(num_samples) // max(1, int(partition_size))))
+            bounds = even_bounds(int(num_samples), min(parts, max(1, int(num_samples))))
         self._pruner = Pruner(num_samples, policy, keep_ratio=keep_ratio, epochs=epochs,
                               seed=seed, consistency=consistency,
                               loss_momentum=loss_momentum, policy_params=policy_params,
-                              bounds=bounds, cluster=RayShards if len(bounds) > 2 else None)
+                              bounds=bounds, cluster=RayPartitions if len(bounds) > 2 else None)
         self._plan_refs: dict[int, ray.ObjectRef] = {}
         # New with every (re)start: a trainer that sees it change knows the
         # state went back to its initial value and must reload a checkpoint.
         self._incarnation = uuid.uuid4().hex
-        # Per-epoch kept bitmaps, weight stats and pruned-by-reason counts for
-        # plan_log (n/8 bytes an epoch).
-        self._log: dict[int, tuple[np.ndarray, dict, dict]] = {}
+        self._log = PlanLog(self._pruner.num_samples)
 
     def info(self) -> dict:
         """Config, current epoch, and whether Ray restarted this actor.
 
-        ``reconstructed`` True means the state (or a shard's part of it) is
+        ``reconstructed`` True means the state (or a partition of it) is
         back to its initial value: load the last checkpoint with
         ``load_state_dict``.
         """
@@ -101,15 +101,15 @@ class PruningActor:
             warnings.simplefilter("ignore", DeprecationWarning)
             reconstructed = ray.get_runtime_context().was_current_actor_reconstructed
         incarnation = self._incarnation
-        shards = self._pruner.shards
-        if isinstance(shards, RayShards):
-            # A restarted shard actor lost its part of the state: that is a new incarnation too.
-            shard_incarnations = shards.incarnations()
-            reconstructed = reconstructed or any(r for r, _ in shard_incarnations)
-            incarnation = hashlib.sha256(":".join([incarnation] + [i for _, i in shard_incarnations])
+        parts = self._pruner.partitions
+        if isinstance(parts, RayPartitions):
+            # A restarted partition actor lost its part of the state: that is a new incarnation too.
+            part_incarnations = parts.incarnations()
+            reconstructed = reconstructed or any(r for r, _ in part_incarnations)
+            incarnation = hashlib.sha256(":".join([incarnation] + [i for _, i in part_incarnations])
                                          .encode()).hexdigest()[:32]
         return {"config": self._pruner.config, "current_epoch": self._pruner.current_epoch,
-                "nbytes": self._pruner.nbytes, "shards": len(self._pruner.bounds) - 1,
+                "nbytes": self._pruner.nbytes, "partitions": len(self._pruner.bounds) - 1,
                 "reconstructed": bool(reconstructed), "incarnation": incarnation}
 
     def update(self, indices: np.ndarray, losses: np.ndarray, epoch: int | None = None) -> int:
@@ -143,12 +143,8 @@ class PruningActor:
             self._plan_refs[epoch] = ray.put((kept, weights))
             for old in sorted(self._plan_refs)[:-PLANS_CACHED]:
                 del self._plan_refs[old]
-            self._log[epoch] = (np.packbits(_mask(kept, self._pruner.num_samples)),
-                                _weight_stats(weights), reasons)
+            self._log.record(epoch, kept, weights, reasons)
         return [self._plan_refs[epoch]]
-
-    def kept_count(self, epoch: int) -> int:
-        return self._pruner.kept_count(epoch)
 
     def weight_mean(self, epoch: int) -> float:
         """Mean weight of ``epoch``'s plan (planning it if needed); 1.0 for an empty plan.
@@ -158,7 +154,7 @@ class PruningActor:
         scale (see :mod:`pipeline.train.loop`).
         """
         self.plan_ref(epoch)
-        return self._log[int(epoch)][1]["weight_mean"] or 1.0
+        return self._log.weight_stats(epoch)["weight_mean"] or 1.0
 
     def kept_counts(self, epochs: int) -> list[int]:
         """Kept counts of epochs 0..epochs-1 (to size a learning-rate schedule)."""
@@ -166,9 +162,6 @@ class PruningActor:
 
     def losses_received(self, epoch: int) -> int:
         return self._pruner.losses_received(epoch)
-
-    def missing(self, epoch: int) -> int:
-        return self._pruner.missing(epoch)
 
     def epoch_summary(self, epoch: int) -> dict:
         """Metrics of a finished epoch's plan (JSON-safe), prefixed ``plan_``.
@@ -180,7 +173,7 @@ class PruningActor:
         summary = {"plan_kept": self._pruner.kept_count(epoch),
                    "plan_losses_received": self._pruner.losses_received(epoch)}
         if epoch in self._log:
-            summary.update({f"plan_{k}": v for k, v in self._log[epoch][1].items()})
+            summary.update({f"plan_{k}": v for k, v in self._log.weight_stats(epoch).items()})
         try:
             summary.update({f"plan_{k}": v for k, v in self._pruner.coverage(epoch).items()})
         except ValueError:
@@ -198,19 +191,7 @@ class PruningActor:
                 bytes an epoch are kept in memory; the list itself is large).
             epoch: only this epoch's entry (none if it was not planned here).
         """
-        entries = []
-        planned = sorted(self._log) if epoch is None else [e for e in (int(epoch),) if e in self._log]
-        for planned_epoch in planned:
-            bits, stats, reasons = self._log[planned_epoch]
-            entry = {"epoch": planned_epoch, "kept": self._pruner.kept_count(planned_epoch),
-                     "losses_received": self._pruner.losses_received(planned_epoch),
-                     "kept_sha256": hashlib.sha256(bits.tobytes()).hexdigest()[:16], **stats,
-                     "pruned_by_reason": dict(reasons)}
-            if include_indices:
-                mask = np.unpackbits(bits, count=self._pruner.num_samples).astype(bool)
-                entry["kept_indices"] = np.flatnonzero(mask).tolist()
-            entries.append(entry)
-        return entries
+        return self._log.entries(self._pruner, include_indices, epoch)
 
     def state_dict(self) -> dict:
         return self._pruner.state_dict()
@@ -221,21 +202,7 @@ class PruningActor:
         self._plan_refs.clear()
 
 
-def _mask(kept: np.ndarray, n: int) -> np.ndarray:
-    mask = np.zeros(n, dtype=bool)
-    mask[kept] = True
-    return mask
-
-
-def _weight_stats(weights: np.ndarray) -> dict:
-    if len(weights) == 0:
-        return {"weight_mean": 0.0, "weight_max": 0.0, "weight_sum": 0.0}
-    return {"weight_mean": float(weights.mean(dtype=np.float64)), "weight_max": float(weights.max()),
-            "weight_sum": float(weights.sum(dtype=np.float64))}
-
-
-def create_pruner(name: str, num_samples: int, *, namespace: str | None = None,
-                  detached: bool = False, **pruner_args) -> ray.actor.ActorHandle:
+def create_pruner(name: str, num_samples: int, **pruner_args) -> ray.actor.ActorHandle:
     """Starts the pruning actor registered as ``name``, or returns it if it already runs.
 
     Args:
@@ -243,23 +210,14 @@ def create_pruner(name: str, num_samples: int, *, namespace: str | None = None,
             second call with the same name gets the existing actor (its
             arguments are then ignored).
         num_samples: n.
-        namespace: Ray namespace; None = the job's own.
-        detached: outlive the driver (for drivers that restart); then the
-            caller must ``ray.kill`` it when the run is over.
         **pruner_args: ``policy``, ``keep_ratio``, ``epochs``, ``seed``,
             ``consistency``, ``loss_momentum``, ``policy_params``, and the
-            sharding knobs ``shard_size``, ``num_shards``, ``bounds``.
+            partitioning knobs ``partition_size``, ``num_partitions``, ``bounds``.
     """
-    options = {"name": name, "get_if_exists": True}
-    if namespace is not None:
-        options["namespace"] = namespace
-    if detached:
-        options["lifetime"] = "detached"
-    return PruningActor.options(**options).remote(num_samples, **pruner_args)
+    return PruningActor.options(name=name, get_if_exists=True).remote(num_samples, **pruner_args)
 
 
-def get_pruner(name: str, namespace: str | None = None,
-               timeout_s: float = 30.0) -> ray.actor.ActorHandle:
+def get_pruner(name: str, timeout_s: float = 30.0) -> ray.actor.ActorHandle:
     """The pruning actor registered as ``name``, waiting up to ``timeout_s`` for it.
 
     Workers may start before the driver's actor registration is visible, so
@@ -268,17 +226,11 @@ def get_pruner(name: str, namespace: str | None = None,
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            return ray.get_actor(name, namespace=namespace)
+            return ray.get_actor(name)
         except ValueError:
             if time.monotonic() >= deadline:
                 raise
             time.sleep(0.2)
-
-
-def fetch_plan(actor: ray.actor.ActorHandle, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-    """(kept, weights) of ``epoch``, read from the object store (read-only arrays)."""
-    [ref] = ray.get(actor.plan_ref.remote(epoch))
-    return ray.get(ref)
 
 
 class LossReporter:

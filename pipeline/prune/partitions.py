@@ -1,15 +1,15 @@
 """Per-sample pruning state for one index range, and a local set of such ranges.
 
-A :class:`PrunerShard` holds the dense state of the global indices
+A :class:`Partition` holds the dense state of the global indices
 ``[start, stop)``: 12 bytes a sample (loss moving average float32, last
 epoch a loss arrived int32, consistency rank float32), 13 with the
 consistency bin (uint8) it derives once for mmdp's plans, plus, only while a
 plan is being made, a ``scratch`` dict of that plan's temporaries (freed at
-its end). :class:`LocalShards` is a cluster of them in one process with the
-``map`` / ``map_each`` interface of :mod:`pipeline.prune.selection`;
-:mod:`pipeline.prune.remote` is the same over Ray actors. One local shard is
-what a single :class:`~pipeline.prune.pruner.Pruner` uses; several local shards
-exist to test that plans do not depend on the split.
+its end). :class:`LocalPartitions` is a cluster of them in one process with
+the ``map`` / ``map_each`` interface of :mod:`pipeline.prune.selection`;
+:mod:`pipeline.prune.remote` is the same over Ray actors. A
+:class:`~pipeline.prune.pruner.Pruner` uses one local partition unless given
+``bounds``.
 
 No Ray here.
 """
@@ -20,7 +20,7 @@ import numpy as np
 from pipeline.prune.steps import consistency_bins
 
 
-class PrunerShard:
+class Partition:
     """The state of global indices ``[start, stop)``.
 
     Args:
@@ -44,7 +44,7 @@ class PrunerShard:
         return sum(a.nbytes for a in arrays if a is not None)
 
     def update(self, local: np.ndarray, values: np.ndarray, epoch: int) -> None:
-        """Blends losses into the moving average (indices local to the shard, checked by the caller)."""
+        """Blends losses into the moving average (indices local to the partition, checked by the caller)."""
         prev = self.last_seen[local]
         m = np.float32(self.loss_momentum)
         blended = self.loss[local]
@@ -60,9 +60,6 @@ class PrunerShard:
 
     def end_plan(self) -> None:
         self.scratch = {}
-
-    def run(self, fn, *args):
-        return fn(self, *args)
 
     def get_state(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         return self.loss, self.last_seen, self.consistency
@@ -89,73 +86,72 @@ def _writable(a, dtype) -> np.ndarray:
     return a if a.dtype == dtype and a.flags.writeable else np.array(a, dtype=dtype, copy=True)
 
 
-def even_bounds(num_samples: int, num_shards: int) -> list[int]:
-    """Boundaries splitting range(num_samples) into ``num_shards`` near-equal ranges."""
-    return [num_samples * i // num_shards for i in range(num_shards + 1)]
+def even_bounds(num_samples: int, num_parts: int) -> list[int]:
+    """Boundaries splitting range(num_samples) into ``num_parts`` near-equal ranges."""
+    return [num_samples * i // num_parts for i in range(num_parts + 1)]
 
 
 def split_by_bounds(bounds: np.ndarray, indices: np.ndarray):
-    """Yields (shard, local indices, positions in ``indices``) for each shard that gets any."""
+    """Yields (partition, local indices, positions in ``indices``) for each partition that gets any."""
     if len(bounds) == 2:
         yield 0, indices - bounds[0] if bounds[0] else indices, slice(None)
         return
-    shard = np.searchsorted(bounds, indices, side="right") - 1
-    for s in np.unique(shard).tolist():
-        pos = np.flatnonzero(shard == s)
-        yield s, indices[pos] - bounds[s], pos
+    part = np.searchsorted(bounds, indices, side="right") - 1
+    for p in np.unique(part).tolist():
+        pos = np.flatnonzero(part == p)
+        yield p, indices[pos] - bounds[p], pos
 
 
-class LocalShards:
-    """Shards of one process, with the cluster interface of :mod:`pipeline.prune.selection`.
+class LocalPartitions:
+    """Partitions of one process, with the cluster interface of :mod:`pipeline.prune.selection`.
 
     Args:
-        bounds: increasing boundaries ``[0, b1, ..., n]``: shard i holds [b_i, b_i+1).
-        consistency: float32 [n] ranks or None (shards keep views of it).
-        loss_momentum: passed to every shard.
+        bounds: increasing boundaries ``[0, b1, ..., n]``: partition i holds [b_i, b_i+1).
+        consistency: float32 [n] ranks or None (partitions keep views of it).
+        loss_momentum: passed to every partition.
     """
 
     def __init__(self, bounds, consistency: np.ndarray | None, loss_momentum: float):
         self.bounds = np.asarray(bounds, dtype=np.int64)
-        self.shards = [PrunerShard(a, b, None if consistency is None else consistency[a:b], loss_momentum)
-                       for a, b in zip(self.bounds[:-1].tolist(), self.bounds[1:].tolist())]
+        self.parts = [Partition(a, b, None if consistency is None else consistency[a:b], loss_momentum)
+                      for a, b in zip(self.bounds[:-1].tolist(), self.bounds[1:].tolist())]
 
     def map(self, fn, *args) -> list:
-        return [fn(shard, *args) for shard in self.shards]
+        return [fn(part, *args) for part in self.parts]
 
-    def map_each(self, fn, args_per_shard) -> list:
-        return [fn(shard, *args) for shard, args in zip(self.shards, args_per_shard)]
+    def map_each(self, fn, args_per_part) -> list:
+        return [fn(part, *args) for part, args in zip(self.parts, args_per_part)]
 
     def update(self, indices: np.ndarray, values: np.ndarray, epoch: int) -> None:
-        for s, local, pos in split_by_bounds(self.bounds, indices):
-            self.shards[s].update(local, values[pos], epoch)
+        for p, local, pos in split_by_bounds(self.bounds, indices):
+            self.parts[p].update(local, values[pos], epoch)
 
     def begin_plan(self) -> None:
-        for shard in self.shards:
-            shard.begin_plan()
+        for part in self.parts:
+            part.begin_plan()
 
     def end_plan(self) -> None:
-        for shard in self.shards:
-            shard.end_plan()
+        for part in self.parts:
+            part.end_plan()
 
     def coverage(self, kept: np.ndarray, epoch: int) -> dict:
-        parts = [s.count_last_seen(local, epoch) for s, local in zip(self.shards, _split_sorted(self.bounds, kept))]
-        return {k: sum(p[k] for p in parts) for k in parts[0]}
+        counts = [p.count_last_seen(local, epoch) for p, local in zip(self.parts, split_sorted(self.bounds, kept))]
+        return {k: sum(c[k] for c in counts) for k in counts[0]}
 
     def get_state(self):
-        states = [s.get_state() for s in self.shards]
-        return _concat(states)
+        return _concat([p.get_state() for p in self.parts])
 
     def set_state(self, loss, last_seen, consistency) -> None:
-        for s, a, b in zip(self.shards, self.bounds[:-1].tolist(), self.bounds[1:].tolist()):
-            s.set_state(loss[a:b], last_seen[a:b], None if consistency is None else consistency[a:b])
+        for p, a, b in zip(self.parts, self.bounds[:-1].tolist(), self.bounds[1:].tolist()):
+            p.set_state(loss[a:b], last_seen[a:b], None if consistency is None else consistency[a:b])
 
     @property
     def nbytes(self) -> int:
-        return sum(s.nbytes for s in self.shards)
+        return sum(p.nbytes for p in self.parts)
 
 
-def _split_sorted(bounds: np.ndarray, kept: np.ndarray) -> list[np.ndarray]:
-    """A sorted global index array cut into each shard's local indices."""
+def split_sorted(bounds: np.ndarray, kept: np.ndarray) -> list[np.ndarray]:
+    """A sorted global index array cut into each partition's local indices."""
     cuts = np.searchsorted(kept, bounds)
     return [kept[cuts[i]:cuts[i + 1]] - bounds[i] for i in range(len(bounds) - 1)]
 

@@ -1,44 +1,31 @@
 """Pruning policies: which samples an epoch trains on, with what weight, and why the rest not.
 
-A policy is a small frozen dataclass holding its knobs. It plans an epoch
-over a *cluster* of index-range shards of the pruner's state (see
+A policy is a small frozen dataclass of knobs, registered by name in
+:data:`POLICIES` and built by :func:`make_policy`. It plans an epoch over a
+*cluster* of index-range partitions of the pruner's state (see
 :mod:`pipeline.prune.selection`)::
 
     kept, weights, pruned_by_reason = policy.plan(cluster, ctx)
 
 ``kept`` is a sorted int64 array of global sample indices, ``weights`` a
-float32 array of the same length that multiplies each kept sample's loss,
-``pruned_by_reason`` a ``{reason: count}`` dict whose counts sum to
-``n - len(kept)`` (reasons: :data:`LOW_CONSISTENCY`, :data:`WELL_LEARNED`,
-:data:`RANDOM`). Every global quantity (a mean, a histogram, a top-k
-threshold) comes from per-shard summaries that combine exactly, and each
-sample's random draw is a hash of (seed, epoch, global index), so a plan is
-a pure function of (state, epoch, seed), whatever the number of shards.
-``policy.select(state, epoch, rng)`` plans a plain :class:`PlanState` in one
-shard (for tests and notebooks). ``policy.kept_count(...)`` says how many
-samples an epoch keeps before any loss is seen, so a trainer can size its
-learning-rate schedule by real steps.
+float32 array that multiplies each kept sample's loss, ``pruned_by_reason``
+a ``{reason: count}`` dict summing to ``n - len(kept)``. A plan is a pure
+function of (state, epoch, seed), whatever the partitions.
+``policy.kept_count(...)`` says how many samples an epoch keeps before any
+loss is seen, so a trainer can size its learning-rate schedule by real steps.
+With ``k = round(keep_ratio * n)``:
 
-Policies are registered by name in :data:`POLICIES` (``full``, ``random``,
-``infobatch``, ``clip_filter``, ``mmdp``); :func:`make_policy` builds one.
+- ``full``: every sample, weight 1.
+- ``random``: a new uniform subset of k samples each epoch, weight 1.
+- ``clip_filter``: the k most consistent samples, every epoch, weight 1.
+- ``infobatch``: k samples, pruning the well-learned (loss below the mean)
+  first, survivors weighted so the expected loss sum is unchanged
+  (:mod:`pipeline.prune.budget`); the last epochs train on everything.
+- ``mmdp``: drops a fixed share of likely noise (low consistency, then also
+  high loss), and keeps k of the rest like ``infobatch``; the last epochs
+  train on every sample not dropped.
 
-**Exact keep ratio with unbiased weights.** InfoBatch prunes each
-well-learned sample (loss below the mean) with a fixed probability ``p``, so
-the kept count floats. Here the count is fixed at ``k = round(keep_ratio*n)``
-and the pruning probability follows from it: the eligible samples are split
-into a *hard* stratum (loss at or above the mean, or no loss seen yet) and a
-*well-learned* stratum, each stratum keeps an exact number of samples chosen
-uniformly without replacement (the smallest random keys), and a survivor of
-a stratum of size ``N`` that keeps ``K`` gets weight ``N / K`` (``1/(1-p)``
-with ``p = 1 - K/N``). Every sample of a stratum is kept with probability
-``K/N``, so ``E[sum_kept w_i * loss_i] == sum_eligible loss_i`` exactly,
-whatever the rounding. Hard samples are kept whole when the budget allows;
-the well-learned stratum's pruning probability is capped at
-``max_prune_prob`` (bounding weights at ``1/(1 - max_prune_prob)``), and
-when even that does not fit, the hard stratum is subsampled too
-(:func:`allocate`).
-
-No Ray here: this is plain NumPy, testable on its own.
+No Ray here.
 """
 from __future__ import annotations
 
@@ -50,61 +37,8 @@ from typing import ClassVar
 import numpy as np
 
 from pipeline.prune import steps
+from pipeline.prune.budget import LOW_CONSISTENCY, RANDOM, PlanContext, soft_prune, target_count
 from pipeline.prune.selection import chunks, select_smallest
-
-LOW_CONSISTENCY = "low consistency"
-WELL_LEARNED = "well learned (low loss)"
-RANDOM = "random"
-
-
-@dataclass(frozen=True)
-class PlanState:
-    """A plain, single-array view of pruning state (for :meth:`Policy.select`).
-
-    Attributes:
-        loss: float32 [n], moving average of each sample's training loss;
-            meaningless where ``seen`` is False.
-        seen: bool [n], True where at least one loss has been received.
-        consistency: float32 [n] rank-normalised cross-modal consistency in
-            (0, 1), 1 = most consistent; None when no scores were given.
-        keep_ratio: fraction of the samples a pruning epoch keeps.
-        epochs: total epochs of the run (annealing is relative to it).
-    """
-
-    loss: np.ndarray
-    seen: np.ndarray
-    consistency: np.ndarray | None
-    keep_ratio: float
-    epochs: int
-
-    @property
-    def num_samples(self) -> int:
-        return len(self.loss)
-
-    @property
-    def target(self) -> int:
-        """The number of samples a pruning epoch keeps."""
-        return target_count(self.num_samples, self.keep_ratio)
-
-
-@dataclass(frozen=True)
-class PlanContext:
-    """What a plan depends on besides the state: sizes, the epoch and its random salt."""
-
-    num_samples: int
-    keep_ratio: float
-    epochs: int
-    epoch: int
-    salt: int  # 64-bit; e.g. selection.mix64(seed, epoch)
-
-    @property
-    def target(self) -> int:
-        return target_count(self.num_samples, self.keep_ratio)
-
-
-def target_count(num_samples: int, keep_ratio: float) -> int:
-    """``round(keep_ratio * num_samples)`` (half up), at least 1 and at most n."""
-    return min(num_samples, max(1, int(math.floor(keep_ratio * num_samples + 0.5))))
 
 
 def is_annealing(epoch: int, epochs: int, delta: float) -> bool:
@@ -135,73 +69,8 @@ def rank_normalise(scores: np.ndarray) -> np.ndarray:
     return ranks
 
 
-def approx_rank(values: np.ndarray, mask: np.ndarray, bins: int = steps.BINS) -> np.ndarray:
-    """Rank of each masked value among the masked values, in (0, 1); 0 outside ``mask``.
-
-    A full argsort of 10M floats takes about 1.5 s on one core, over the plan
-    budget, so ranks come from a 65,536-bin histogram of ``arcsinh`` of the
-    values (so a few huge losses do not squash the rest into one bin).
-    Values sharing a bin share its mid-rank; for n up to ~10^5 that is nearly
-    exact. :mod:`pipeline.prune.steps` computes the same over shards.
-    """
-    values = np.asarray(values, dtype=np.float32)
-    count, lo, hi = steps.asinh_range(values, mask)
-    if count == 0:
-        return np.zeros(len(values), dtype=np.float32)
-    b = steps.asinh_bins(values, lo, hi, bins)
-    mid = steps.mid_ranks(np.bincount(b[mask], minlength=bins), count)
-    return np.where(mask, mid[b], np.float32(0.0))
-
-
-def allocate(n_hard: int, n_well: int, k: int, max_prune_prob: float) -> tuple[int, int]:
-    """How many hard and well-learned samples to keep so that exactly k survive.
-
-    In order of preference: keep every hard sample and the rest of the budget
-    from the well-learned ones; else keep the well-learned ones with the
-    smallest survival rate allowed (``1 - max_prune_prob``) and subsample the
-    hard ones (still at a higher rate); else sample both at the same rate.
-    Both strata keep at least one sample when they are non-empty and k >= 2,
-    since a stratum with no survivors would make the weighted sum biased.
-    """
-    if k > n_hard + n_well:
-        raise ValueError(f"cannot keep {k} of {n_hard + n_well} eligible samples")
-    if n_well == 0:
-        return k, 0
-    if n_hard == 0:
-        return 0, k
-    # The epsilon keeps (1 - 0.75) * 400 = 100.00000000000001 from becoming 101.
-    well_min = min(n_well, math.ceil((1.0 - max_prune_prob) * n_well - 1e-9))
-    if k - n_hard >= well_min:
-        return n_hard, k - n_hard
-    if (k - well_min) * n_well >= well_min * n_hard:
-        return k - well_min, well_min
-    keep_hard = int(math.floor(k * n_hard / (n_hard + n_well) + 0.5))
-    if k >= 2:
-        keep_hard = min(max(keep_hard, 1), k - 1)
-    return keep_hard, k - keep_hard
-
-
-def soft_prune(cluster, ctx: PlanContext, max_prune_prob: float, noise: int = 0) -> tuple:
-    """Keep exactly ``ctx.target`` of the eligible samples (group > 0 after
-    :func:`~pipeline.prune.steps.strata`), unbiased: see the module docstring.
-
-    Returns (kept, weights, pruned_by_reason): ``noise`` samples excluded
-    before (group 0) are :data:`LOW_CONSISTENCY`, pruned ones of the
-    well-learned stratum :data:`WELL_LEARNED`, hard ones subsampled to fit
-    the budget :data:`RANDOM`.
-    """
-    n_hard, n_well = (int(c) for c in np.sum(cluster.map(steps.strata, ctx.salt), axis=0))
-    keep_hard, keep_well = allocate(n_hard, n_well, ctx.target, max_prune_prob)
-    select_smallest(cluster, [keep_hard, keep_well])
-    weights = [0.0, n_hard / keep_hard if keep_hard else 0.0, n_well / keep_well if keep_well else 0.0]
-    reasons = {RANDOM: n_hard - keep_hard, WELL_LEARNED: n_well - keep_well}
-    if noise:
-        reasons = {LOW_CONSISTENCY: noise, **reasons}
-    return steps.emit(cluster, weights, reasons)
-
-
 class Policy:
-    """Base of the registered policies: ``plan``, ``select`` and ``kept_count``."""
+    """Base of the registered policies: ``plan`` and ``kept_count``."""
 
     name: ClassVar[str] = ""
     needs_consistency: ClassVar[bool] = False
@@ -209,18 +78,9 @@ class Policy:
     def plan(self, cluster, ctx: PlanContext) -> tuple[np.ndarray, np.ndarray, dict]:
         """(kept indices sorted int64, weights float32, pruned_by_reason) for ``ctx.epoch``.
 
-        The shards' scratch must have been reset (``begin_plan``) before.
+        The partitions' scratch must have been reset (``begin_plan``) before.
         """
         raise NotImplementedError
-
-    def select(self, state: PlanState, epoch: int,
-               rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        """Plans a :class:`PlanState` in one shard; (kept, weights). ``rng`` gives the salt."""
-        cluster = steps.StateCluster(state)
-        ctx = PlanContext(state.num_samples, state.keep_ratio, state.epochs, int(epoch),
-                          int(rng.integers(0, 2**63)))
-        kept, weights, _ = self.plan(cluster, ctx)
-        return kept, weights
 
     def kept_count(self, num_samples: int, keep_ratio: float, epochs: int, epoch: int) -> int:
         """How many samples ``plan`` keeps at ``epoch``, known before training."""
@@ -300,7 +160,7 @@ class InfoBatch(Policy):
 
     Well-learned = seen with loss below the mean loss of the seen samples;
     unseen samples count as hard (InfoBatch starts every score high). The
-    kept count is exact and the weights unbiased (see the module docstring),
+    kept count is exact and the weights unbiased (:mod:`pipeline.prune.budget`),
     so before any loss is seen this is a uniform sample weighted ``n / k``.
     Epochs ``>= delta * epochs`` train on everything with weight 1.
 
@@ -346,7 +206,7 @@ class Mmdp(Policy):
        flags noise, and loss counts only once training has made it
        informative. Before any loss is seen (epoch 0) ``s = 1 - c``. A sample
        with no loss yet gets for ``l`` the mean loss rank of seen samples of
-       similar consistency (:func:`~pipeline.prune.steps.expected_ranks`), so
+       similar consistency (:func:`~pipeline.prune.steps.loss_rank_tables`), so
        a clean sample wrongly dropped at epoch 0 can come back when
        consistency turns out to say little about loss.
     2. The ``noise_count`` samples with the highest ``s`` are dropped (ties
@@ -389,19 +249,13 @@ class Mmdp(Policy):
         return min(wanted, num_samples - target_count(num_samples, keep_ratio))
 
     def mark_noise(self, cluster, ctx: PlanContext) -> None:
-        """Sets each shard's ``scratch["noisy"]``: the samples dropped as likely noise."""
+        """Sets each partition's ``scratch["noisy"]``: the samples dropped as likely noise."""
         ramp = 1.0 if self.loss_ramp_epochs == 0 else min(1.0, ctx.epoch / self.loss_ramp_epochs)
         lam = float(np.float32(self.loss_weight * ramp))
         tables = steps.loss_rank_tables(cluster) if lam > 0 else None
         cluster.map(steps.noise_candidates, lam, tables)
         select_smallest(cluster, [self.noise_count(ctx.num_samples, ctx.keep_ratio)])
         cluster.map(steps.chosen_is_noisy)
-
-    def noisy(self, state: PlanState, epoch: int) -> np.ndarray:
-        """Boolean mask of the samples dropped as likely noise at ``epoch`` (one shard)."""
-        cluster = steps.StateCluster(state)
-        self.mark_noise(cluster, PlanContext(state.num_samples, state.keep_ratio, state.epochs, epoch, 0))
-        return cluster.shard.scratch["noisy"]
 
     def plan(self, cluster, ctx):
         self.mark_noise(cluster, ctx)

@@ -13,10 +13,11 @@ State is three arrays, 12 bytes a sample: the loss moving average (float32),
 the last epoch a loss arrived (int32, -1 = never) and the consistency rank
 (float32, stored once). Everything is vectorised: no per-sample Python.
 
-The arrays live in index-range shards (:mod:`pipeline.prune.partitions`): one local
-shard by default; ``bounds=`` splits them, and ``cluster=`` puts the shards
-elsewhere (:mod:`pipeline.prune.remote` puts each in a Ray actor). Plans do not
-depend on the split (:mod:`pipeline.prune.selection` says why).
+The arrays live in index-range partitions (:mod:`pipeline.prune.partitions`):
+one local partition by default; ``bounds=`` splits them, and ``cluster=``
+puts the partitions elsewhere (:mod:`pipeline.prune.remote` puts each in a
+Ray actor). Plans do not depend on the split (:mod:`pipeline.prune.selection`
+says why).
 
 No Ray here; :mod:`pipeline.prune.actor` wraps this in a Ray actor.
 """
@@ -26,9 +27,10 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from pipeline.prune.policies import PlanContext, Policy, make_policy, rank_normalise, target_count
+from pipeline.prune.budget import PlanContext
+from pipeline.prune.partitions import LocalPartitions
+from pipeline.prune.policies import Policy, make_policy, rank_normalise
 from pipeline.prune.selection import mix64
-from pipeline.prune.partitions import LocalShards
 
 STATE_VERSION = 1
 
@@ -49,9 +51,9 @@ class Pruner:
         loss_momentum: m in ``ema = m * ema + (1 - m) * loss``; the first
             loss a sample gets is taken as is. Smooths out one noisy epoch.
         policy_params: knobs passed to the policy when ``policy`` is a name.
-        bounds: shard boundaries ``[0, b1, ..., n]`` (default one shard).
-        cluster: ``cluster(bounds, ranks, loss_momentum)`` makes the shards
-            (default :class:`~pipeline.prune.partitions.LocalShards`).
+        bounds: partition boundaries ``[0, b1, ..., n]`` (default one partition).
+        cluster: ``cluster(bounds, ranks, loss_momentum)`` makes the partitions
+            (default :class:`~pipeline.prune.partitions.LocalPartitions`).
     """
 
     def __init__(self, num_samples: int, policy: str | Policy = "mmdp",
@@ -93,7 +95,7 @@ class Pruner:
             raise ValueError(f"bounds must rise strictly from 0 to {self.num_samples}, got {bounds}")
         self.bounds = bounds
         self._has_consistency = ranks is not None
-        self._shards = (cluster or LocalShards)(bounds, ranks, self.loss_momentum)
+        self._parts = (cluster or LocalPartitions)(bounds, ranks, self.loss_momentum)
         self._received: dict[int, int] = {}
         self.current_epoch = 0  # the latest epoch planned: update()'s default epoch
         self._cached: tuple[int, np.ndarray, np.ndarray, dict] | None = None
@@ -106,14 +108,14 @@ class Pruner:
                 "epochs": self.epochs, "seed": self.seed, "loss_momentum": self.loss_momentum}
 
     @property
-    def shards(self):
-        """The shard set holding the state (local, or :class:`pipeline.prune.remote.RayShards`)."""
-        return self._shards
+    def partitions(self):
+        """The partitions holding the state (local, or :class:`pipeline.prune.remote.RayPartitions`)."""
+        return self._parts
 
     @property
     def nbytes(self) -> int:
-        """Bytes of per-sample state over all shards (the design budget is 16 a sample)."""
-        return self._shards.nbytes
+        """Bytes of per-sample state over all partitions (the design budget is 16 a sample)."""
+        return self._parts.nbytes
 
     def update(self, indices: np.ndarray, losses: np.ndarray, epoch: int | None = None) -> int:
         """Records per-sample training losses; returns how many were recorded.
@@ -139,14 +141,14 @@ class Pruner:
             raise ValueError(f"{int(np.count_nonzero(~np.isfinite(values)))} of "
                              f"{values.size} losses are not finite")
         e = self.current_epoch if epoch is None else int(epoch)
-        self._shards.update(idx, values, e)
+        self._parts.update(idx, values, e)
         self._received[e] = self._received.get(e, 0) + int(idx.size)
         return int(idx.size)
 
     def plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """The samples to train on at ``epoch`` and their loss weights.
 
-        A pure function of (state, epoch, seed), whatever the shards. The
+        A pure function of (state, epoch, seed), whatever the partitions. The
         latest epoch's plan is memoised, so asking again mid-epoch (after
         some losses arrived) gives the same plan; an earlier epoch is
         recomputed from the current state.
@@ -165,11 +167,11 @@ class Pruner:
         if self._cached is not None and self._cached[0] == epoch:
             return self._cached[1:]
         ctx = PlanContext(self.num_samples, self.keep_ratio, self.epochs, epoch, mix64(self.seed, epoch))
-        self._shards.begin_plan()
+        self._parts.begin_plan()
         try:
-            kept, weights, reasons = self.policy.plan(self._shards, ctx)
+            kept, weights, reasons = self.policy.plan(self._parts, ctx)
         finally:
-            self._shards.end_plan()  # frees the plan's temporaries
+            self._parts.end_plan()  # frees the plan's temporaries
         expected = self.kept_count(epoch)
         if len(kept) != expected or sum(reasons.values()) != self.num_samples - expected:
             raise AssertionError(f"policy {self.policy.name!r} kept {len(kept)} and gave reasons for "
@@ -185,22 +187,9 @@ class Pruner:
         """How many samples ``plan(epoch)`` keeps; known before any loss is seen."""
         return self.policy.kept_count(self.num_samples, self.keep_ratio, self.epochs, int(epoch))
 
-    def target(self) -> int:
-        """``round(keep_ratio * n)``, the kept count of a pruning epoch."""
-        return target_count(self.num_samples, self.keep_ratio)
-
     def losses_received(self, epoch: int) -> int:
         """How many losses were recorded for ``epoch`` (repeats counted)."""
         return self._received.get(int(epoch), 0)
-
-    def missing(self, epoch: int) -> int:
-        """How many samples kept at ``epoch`` have no loss from that epoch.
-
-        With ``losses_received(epoch) == kept_count(epoch)``, zero missing
-        means every kept sample got exactly one loss. Only for the latest
-        planned epoch, whose plan is memoised.
-        """
-        return self.coverage(epoch)["missing"]
 
     def coverage(self, epoch: int) -> dict:
         """Who reported at ``epoch`` (the latest planned one), against its plan.
@@ -211,7 +200,7 @@ class Pruner:
         """
         if self._cached is None or self._cached[0] != int(epoch):
             raise ValueError(f"epoch {epoch} is not the latest planned epoch")
-        counts = self._shards.coverage(self._cached[1], int(epoch))
+        counts = self._parts.coverage(self._cached[1], int(epoch))
         return {"received": self.losses_received(epoch), "reported": counts["reported"],
                 "outside_plan": counts["outside_plan"], "missing": counts["missing"]}
 
@@ -224,7 +213,7 @@ class Pruner:
         (``load_state_dict`` accepts tensors back as they are).
         """
         epochs_seen = sorted(self._received)
-        loss, last_seen, consistency = self._shards.get_state()  # copies, gathered from the shards
+        loss, last_seen, consistency = self._parts.get_state()  # copies, gathered from the partitions
         return {
             "version": STATE_VERSION,
             "config": self.config,
@@ -252,7 +241,7 @@ class Pruner:
             consistency = _array(state["consistency"], np.float32, self.num_samples)
         elif self.policy.needs_consistency:
             raise ValueError(f"saved state has no consistency; {self.policy.name!r} needs it")
-        self._shards.set_state(loss, last_seen, consistency)
+        self._parts.set_state(loss, last_seen, consistency)
         epochs_seen = np.asarray(state["received_epochs"]).tolist()
         counts = np.asarray(state["received_counts"]).tolist()
         self._received = {int(e): int(c) for e, c in zip(epochs_seen, counts)}

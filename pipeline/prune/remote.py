@@ -1,17 +1,18 @@
 """Pruner state split by index range over Ray actors that plan together.
 
-    pruner = Pruner(n, "mmdp", consistency=scores, bounds=even_bounds(n, 4), cluster=RayShards)
+    pruner = Pruner(n, "mmdp", consistency=scores, bounds=even_bounds(n, 4), cluster=RayPartitions)
 
-:class:`RayShards` is the Ray version of :class:`pipeline.prune.partitions.LocalShards`:
-each index range lives in a :class:`ShardActor`, and ``map(fn, *args)``
-runs a planning step (a plain function of :mod:`pipeline.prune.steps` or
-:mod:`pipeline.prune.selection`) in every shard actor at once. The pruner that
-holds it is the coordinator: it routes each loss to the shard that owns the
-index (without waiting), combines the shards' summaries into the global
-quantities (thresholds, means, histograms), and gathers the kept indices.
-Plans are the same as one pruner's for the same state, seed and epoch
-(:mod:`pipeline.prune.selection`). :class:`pipeline.prune.actor.PruningActor` uses
-this above ``shard_size`` samples, so callers see one actor either way.
+:class:`RayPartitions` is the Ray version of
+:class:`pipeline.prune.partitions.LocalPartitions`: each index range lives in
+a :class:`PartitionActor`, and ``map(fn, *args)`` runs a planning step (a
+plain function of :mod:`pipeline.prune.steps` or
+:mod:`pipeline.prune.selection`) in every partition actor at once. The pruner
+that holds it is the coordinator: it routes each loss to the partition that
+owns the index (without waiting), combines the partitions' summaries into the
+global quantities (thresholds, means, histograms), and gathers the kept
+indices. Plans are the same as one pruner's for the same state, seed and
+epoch (:mod:`pipeline.prune.selection`). :class:`pipeline.prune.actor.PruningActor`
+uses this above ``partition_size`` samples, so callers see one actor either way.
 """
 from __future__ import annotations
 
@@ -21,50 +22,50 @@ import warnings
 import numpy as np
 import ray
 
-from pipeline.prune.partitions import PrunerShard, _split_sorted, split_by_bounds
+from pipeline.prune.partitions import Partition, split_by_bounds, split_sorted
 
-# Shard actors are restarted like the coordinator; a restarted shard is back
+# Partition actors are restarted like the coordinator; a restarted one is back
 # to its initial state and the coordinator's info() reports it.
 MAX_RESTARTS = 4
 MAX_TASK_RETRIES = 4
-# Updates sent to the shards without waiting; past this many the oldest are awaited.
+# Updates sent to the partitions without waiting; past this many the oldest are awaited.
 MAX_PENDING_UPDATES = 64
-# Arguments bigger than this go to the object store once for all shards.
+# Arguments bigger than this go to the object store once for all partitions.
 _PUT_BYTES = 64 * 1024
 
 
 @ray.remote(num_cpus=0, max_restarts=MAX_RESTARTS, max_task_retries=MAX_TASK_RETRIES)
-class ShardActor:
-    """One :class:`~pipeline.prune.partitions.PrunerShard` (num_cpus=0: idle most of the time, see ENVIRONMENT.md)."""
+class PartitionActor:
+    """One :class:`~pipeline.prune.partitions.Partition` (num_cpus=0: idle most of the time, see ENVIRONMENT.md)."""
 
     def __init__(self, start: int, stop: int, consistency: np.ndarray | None, loss_momentum: float):
-        self._shard = PrunerShard(start, stop, consistency, loss_momentum)
+        self._part = Partition(start, stop, consistency, loss_momentum)
         self._incarnation = uuid.uuid4().hex  # new with every (re)start
 
     def run(self, fn, *args):
-        return fn(self._shard, *args)
+        return fn(self._part, *args)
 
     def update(self, local: np.ndarray, values: np.ndarray, epoch: int) -> int:
-        self._shard.update(local, values, epoch)
+        self._part.update(local, values, epoch)
         return len(local)
 
     def begin_plan(self) -> None:
-        self._shard.begin_plan()
+        self._part.begin_plan()
 
     def end_plan(self) -> None:
-        self._shard.end_plan()
+        self._part.end_plan()
 
     def coverage(self, local_kept: np.ndarray, epoch: int) -> dict:
-        return self._shard.count_last_seen(local_kept, epoch)
+        return self._part.count_last_seen(local_kept, epoch)
 
     def get_state(self):
-        return self._shard.get_state()
+        return self._part.get_state()
 
     def set_state(self, loss, last_seen, consistency) -> None:
-        self._shard.set_state(loss, last_seen, consistency)
+        self._part.set_state(loss, last_seen, consistency)
 
     def nbytes(self) -> int:
-        return self._shard.nbytes
+        return self._part.nbytes
 
     def incarnation(self) -> tuple[bool, str]:
         """(whether Ray restarted this actor, an id new with every start)."""
@@ -73,19 +74,19 @@ class ShardActor:
             return bool(ray.get_runtime_context().was_current_actor_reconstructed), self._incarnation
 
 
-class RayShards:
-    """Shards in Ray actors, with the cluster interface of :mod:`pipeline.prune.selection`.
+class RayPartitions:
+    """Partitions in Ray actors, with the cluster interface of :mod:`pipeline.prune.selection`.
 
     Args:
         bounds: ``[0, b1, ..., n]``: one actor per range [b_i, b_i+1).
         consistency: float32 [n] ranks or None; each actor gets its slice.
-        loss_momentum: passed to every shard.
+        loss_momentum: passed to every partition.
     """
 
     def __init__(self, bounds, consistency: np.ndarray | None, loss_momentum: float):
         self.bounds = np.asarray(bounds, dtype=np.int64)
         self.actors = [
-            ShardActor.remote(a, b, None if consistency is None else consistency[a:b], loss_momentum)
+            PartitionActor.remote(a, b, None if consistency is None else consistency[a:b], loss_momentum)
             for a, b in zip(self.bounds[:-1].tolist(), self.bounds[1:].tolist())
         ]
         self._pending: list[ray.ObjectRef] = []
@@ -95,17 +96,17 @@ class RayShards:
         args = tuple(ray.put(a) if isinstance(a, np.ndarray) and a.nbytes > _PUT_BYTES else a for a in args)
         return ray.get([actor.run.remote(fn, *args) for actor in self.actors])
 
-    def map_each(self, fn, args_per_shard) -> list:
+    def map_each(self, fn, args_per_part) -> list:
         self._settle()
-        return ray.get([actor.run.remote(fn, *args) for actor, args in zip(self.actors, args_per_shard)])
+        return ray.get([actor.run.remote(fn, *args) for actor, args in zip(self.actors, args_per_part)])
 
     def update(self, indices: np.ndarray, values: np.ndarray, epoch: int) -> None:
-        """Routes each loss to its shard; does not wait (calls from one caller run in order)."""
-        for s, local, pos in split_by_bounds(self.bounds, indices):
-            self._pending.append(self.actors[s].update.remote(local, values[pos], epoch))
+        """Routes each loss to its partition; does not wait (calls from one caller run in order)."""
+        for p, local, pos in split_by_bounds(self.bounds, indices):
+            self._pending.append(self.actors[p].update.remote(local, values[pos], epoch))
         if len(self._pending) > MAX_PENDING_UPDATES:
             done, self._pending = ray.wait(self._pending, num_returns=len(self._pending) - MAX_PENDING_UPDATES // 2)
-            ray.get(done)  # a shard's error surfaces here rather than never
+            ray.get(done)  # a partition's error surfaces here rather than never
 
     def begin_plan(self) -> None:
         self._settle()
@@ -116,9 +117,9 @@ class RayShards:
 
     def coverage(self, kept: np.ndarray, epoch: int) -> dict:
         self._settle()
-        parts = ray.get([a.coverage.remote(local, epoch)
-                         for a, local in zip(self.actors, _split_sorted(self.bounds, kept))])
-        return {k: sum(p[k] for p in parts) for k in parts[0]}
+        counts = ray.get([a.coverage.remote(local, epoch)
+                          for a, local in zip(self.actors, split_sorted(self.bounds, kept))])
+        return {k: sum(c[k] for c in counts) for k in counts[0]}
 
     def get_state(self):
         self._settle()
@@ -136,7 +137,7 @@ class RayShards:
         return sum(ray.get([a.nbytes.remote() for a in self.actors]))
 
     def incarnations(self) -> list[tuple[bool, str]]:
-        """Per shard actor: (restarted by Ray, so its state is back to the start; its start id)."""
+        """Per partition actor: (restarted by Ray, so its state is back to the start; its start id)."""
         return ray.get([a.incarnation.remote() for a in self.actors])
 
     def _settle(self) -> None:

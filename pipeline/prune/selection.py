@@ -1,25 +1,26 @@
-"""Exact, layout-independent global selections over index-range shards.
+"""Exact, layout-independent global selections over index-range partitions.
 
 A plan must not depend on how the per-sample state is split across pruning
 actors: one pruner and three pruners holding the same state must keep the
 same samples with the same weights. The building blocks here make that true
 by construction, because every global quantity is an *exact* function of
-per-shard summaries that add up the same whatever the split:
+per-partition summaries that add up the same whatever the split:
 
 - :func:`random_keys`: a sample's random draw is a hash of (salt, global
   index), not the next number of a generator that walks the array;
 - :func:`select_smallest`: "the k members with the smallest keys, ties to
-  the lower index" by a radix select over per-shard 16-bit histograms
+  the lower index" by a radix select over per-partition 16-bit histograms
   (integer counts add exactly), three rounds, no gather of the keys;
 - :func:`exact_sums` / :func:`exact_total`: sums of float32 values split by
   binary exponent into integer mantissa sums, so the total (and a mean) is
   exact and does not depend on summation order.
 
-A "cluster" is anything with ``map(fn, *args) -> [fn(shard, *args) per
-shard in index order]`` and ``map_each(fn, args_per_shard)``; a shard has
-``start`` (its first global index), ``n``, and a ``scratch`` dict for one
-plan's temporaries. :mod:`pipeline.prune.partitions` has the local one; the Ray one in
-:mod:`pipeline.prune.remote` runs the same functions inside shard actors.
+A "cluster" is anything with ``map(fn, *args) -> [fn(part, *args) per
+partition in index order]`` and ``map_each(fn, args_per_part)``; a partition
+has ``start`` (its first global index), ``n``, and a ``scratch`` dict for one
+plan's temporaries. :mod:`pipeline.prune.partitions` has the local cluster;
+the Ray one in :mod:`pipeline.prune.remote` runs the same functions inside
+partition actors.
 
 No Ray here.
 """
@@ -60,8 +61,8 @@ def mix64(*values: int) -> int:
 def random_keys(salt: int, start: int, stop: int) -> np.ndarray:
     """uint32 uniform keys of the global indices [start, stop): splitmix64 of (salt, index).
 
-    A pure function of the global index, so a shard computes its own keys
-    and gets the same numbers as one pruner holding everything.
+    A pure function of the global index, so a partition computes its own
+    keys and gets the same numbers as one pruner holding everything.
     """
     with np.errstate(over="ignore"):
         z = np.arange(start, stop, dtype=np.uint64)
@@ -89,8 +90,8 @@ def exact_sums(values: np.ndarray, groups: np.ndarray | None = None, ngroups: in
 
     Each value is ``m * 2**(e-24)`` with an integer ``|m| < 2**24``; the
     mantissas are summed per (group, exponent) in float64, exact while a
-    slot's total stays below 2**53 (up to ~5e8 samples a shard). Adding two
-    such arrays is exact too, so shards' results combine in any order.
+    slot's total stays below 2**53 (up to ~5e8 samples a partition). Adding
+    two such arrays is exact too, so partitions' results combine in any order.
     """
     out = np.zeros(ngroups * _EXP_SLOTS, dtype=np.float64)
     for sl in chunks(len(values)):
@@ -112,24 +113,24 @@ def exact_total(sums: np.ndarray) -> Fraction:
 
 
 # ---- radix selection ----------------------------------------------------------
-# Shard scratch keys read by the steps: "key" (uint32 [n]) and "group" (uint8
+# Partition scratch keys read by the steps: "key" (uint32 [n]) and "group" (uint8
 # [n], 0 = not a candidate, g = a member of group g). Written: "chosen" (bool [n]).
 
-def _hist_hi(shard, ngroups: int) -> np.ndarray:
-    key, group = shard.scratch["key"], shard.scratch["group"]
+def _hist_hi(part, ngroups: int) -> np.ndarray:
+    key, group = part.scratch["key"], part.scratch["group"]
     hist = np.zeros((ngroups + 1) * RADIX, dtype=np.int64)
-    for sl in chunks(shard.n):
+    for sl in chunks(part.n):
         slot = (key[sl] >> 16).astype(np.intp)
         slot += group[sl].astype(np.intp) << 16  # group 0 (not a candidate) fills a row ignored below
         hist += np.bincount(slot, minlength=(ngroups + 1) * RADIX)
     return hist.reshape(ngroups + 1, RADIX)[1:]
 
 
-def _hist_lo(shard, buckets: list[int]) -> np.ndarray:
+def _hist_lo(part, buckets: list[int]) -> np.ndarray:
     """Low-16-bit histograms of each group's members in its chosen high bucket."""
-    key, group = shard.scratch["key"], shard.scratch["group"]
+    key, group = part.scratch["key"], part.scratch["group"]
     hist = np.zeros((len(buckets), RADIX), dtype=np.int64)
-    for sl in chunks(shard.n):
+    for sl in chunks(part.n):
         k, g = key[sl], group[sl]
         hi = k >> 16
         for i, bucket in enumerate(buckets):
@@ -138,12 +139,12 @@ def _hist_lo(shard, buckets: list[int]) -> np.ndarray:
     return hist
 
 
-def _choose(shard, thresholds: list[int], quotas: list[int]) -> int:
+def _choose(part, thresholds: list[int], quotas: list[int]) -> int:
     """chosen = members with key < threshold, plus the first ``quota`` equal to it (by index)."""
-    key, group = shard.scratch["key"], shard.scratch["group"]
-    chosen = np.zeros(shard.n, dtype=bool)
+    key, group = part.scratch["key"], part.scratch["group"]
+    chosen = np.zeros(part.n, dtype=bool)
     left = list(quotas)
-    for sl in chunks(shard.n):
+    for sl in chunks(part.n):
         k, g = key[sl], group[sl]
         for i, t in enumerate(thresholds):
             member = g == i + 1
@@ -157,21 +158,21 @@ def _choose(shard, thresholds: list[int], quotas: list[int]) -> int:
                 ties = np.flatnonzero(member & (k == np.uint32(t)))[:left[i]]
                 chosen[sl][ties] = True
                 left[i] -= len(ties)
-    shard.scratch["chosen"] = chosen
+    part.scratch["chosen"] = chosen
     return int(np.count_nonzero(chosen))
 
 
 def select_smallest(cluster, counts: list[int]) -> None:
-    """In every shard, ``scratch["chosen"]`` := per group g, the ``counts[g-1]``
-    members with the smallest keys over all shards, ties to the lower global index.
+    """In every partition, ``scratch["chosen"]`` := per group g, the ``counts[g-1]``
+    members with the smallest keys over all partitions, ties to the lower global index.
 
-    Shards must already hold ``scratch["key"]`` and ``scratch["group"]``.
-    Exact and independent of the shard layout: the threshold comes from
-    integer histograms, and ties are handed out to shards in index order.
+    Partitions must already hold ``scratch["key"]`` and ``scratch["group"]``.
+    Exact and independent of the partition layout: the threshold comes from
+    integer histograms, and ties are handed out to partitions in index order.
     """
     g_count = len(counts)
-    per_shard_hi = cluster.map(_hist_hi, g_count)
-    hi = np.sum(per_shard_hi, axis=0)
+    per_part_hi = cluster.map(_hist_hi, g_count)
+    hi = np.sum(per_part_hi, axis=0)
     totals = hi.sum(axis=1)
     buckets, below = [], []
     for g, k in enumerate(counts):
@@ -182,20 +183,20 @@ def select_smallest(cluster, counts: list[int]) -> None:
         b = int(np.searchsorted(cum, k))  # first bucket where the running count reaches k
         buckets.append(b)
         below.append(int(cum[b] - hi[g][b]))
-    per_shard_lo = cluster.map(_hist_lo, buckets) if any(b >= 0 for b in buckets) else None
-    thresholds, shard_quotas = [], [[0] * g_count for _ in range(len(per_shard_hi))]
+    per_part_lo = cluster.map(_hist_lo, buckets) if any(b >= 0 for b in buckets) else None
+    thresholds, part_quotas = [], [[0] * g_count for _ in range(len(per_part_hi))]
     for g, k in enumerate(counts):
         if buckets[g] < 0:
             thresholds.append(0 if k <= 0 else 1 << 32)
             continue
-        lo_per_shard = np.stack([p[g] for p in per_shard_lo])
-        cum = np.cumsum(lo_per_shard.sum(axis=0))
+        lo_per_part = np.stack([p[g] for p in per_part_lo])
+        cum = np.cumsum(lo_per_part.sum(axis=0))
         need = k - below[g]
         low = int(np.searchsorted(cum, need))
         thresholds.append((buckets[g] << 16) | low)
-        ties = need - int(cum[low] - lo_per_shard[:, low].sum())
-        for s, available in enumerate(lo_per_shard[:, low].tolist()):
+        ties = need - int(cum[low] - lo_per_part[:, low].sum())
+        for p, available in enumerate(lo_per_part[:, low].tolist()):
             take = min(ties, int(available))
-            shard_quotas[s][g] = take
+            part_quotas[p][g] = take
             ties -= take
-    cluster.map_each(_choose, [(thresholds, q) for q in shard_quotas])
+    cluster.map_each(_choose, [(thresholds, q) for q in part_quotas])

@@ -1,9 +1,10 @@
-"""The steps policies plan with: shard-side functions and their exact reductions.
+"""The steps policies plan with: partition-side functions and their exact reductions.
 
-Each lowercase function taking ``shard`` first runs inside one shard (in
-this process, or in a shard actor by :mod:`pipeline.prune.remote`) on that
-shard's state and its plan ``scratch``; the others run on the coordinator and
-combine per-shard results with ``cluster.map``. Scratch keys a plan uses:
+Each lowercase function taking ``part`` first runs inside one partition (in
+this process, or in a partition actor by :mod:`pipeline.prune.remote`) on
+that partition's state and its plan ``scratch``; the others run on the
+coordinator and combine per-partition results with ``cluster.map``. Scratch
+keys a plan uses:
 
     seen    bool   a loss has arrived (set by begin_plan)
     lbin    uint16 the sample's bin of the loss histogram (mmdp)
@@ -28,7 +29,7 @@ CONSISTENCY_BINS = 32  # consistency bins of the expected loss rank of unseen sa
 MIN_BIN_COUNT = 5  # seen samples a consistency bin needs to count
 
 
-# ---- array helpers (also used by policies.approx_rank) ----------------------
+# ---- array helpers ----------------------------------------------------------
 
 def asinh_range(values: np.ndarray, mask: np.ndarray) -> tuple[int, float, float]:
     """(count, arcsinh(min), arcsinh(max)) of ``values`` over ``mask`` (float32 arcsinh).
@@ -46,13 +47,13 @@ def asinh_range(values: np.ndarray, mask: np.ndarray) -> tuple[int, float, float
     return count, float(np.arcsinh(np.float32(lo))), float(np.arcsinh(np.float32(hi)))
 
 
-def asinh_bins(values: np.ndarray, lo: float, hi: float, bins: int = BINS) -> np.ndarray:
-    """Each value's histogram bin of ``arcsinh`` over [lo, hi] (all 0 when hi <= lo)."""
-    out = np.empty(len(values), dtype=np.uint16 if bins <= BINS else np.intp)
-    scale = np.float32((bins - 1) / (hi - lo)) if hi > lo else np.float32(0.0)
+def asinh_bins(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Each value's uint16 bin of ``arcsinh`` over [lo, hi] in :data:`BINS` bins (all 0 when hi <= lo)."""
+    out = np.empty(len(values), dtype=np.uint16)
+    scale = np.float32((BINS - 1) / (hi - lo)) if hi > lo else np.float32(0.0)
     for sl in chunks(len(values)):
         b = ((np.arcsinh(values[sl]) - np.float32(lo)) * scale).astype(np.intp)
-        np.clip(b, 0, bins - 1, out=b)  # float rounding at the top end
+        np.clip(b, 0, BINS - 1, out=b)  # float rounding at the top end
         out[sl] = b
     return out
 
@@ -72,22 +73,22 @@ def consistency_bins(c: np.ndarray | None) -> np.ndarray | None:
     return out
 
 
-# ---- shard steps ------------------------------------------------------------
+# ---- partition steps --------------------------------------------------------
 
-def loss_range(shard):
-    return asinh_range(shard.loss, shard.scratch["seen"])
+def loss_range(part):
+    return asinh_range(part.loss, part.scratch["seen"])
 
 
-def loss_hist(shard, lo: float, hi: float) -> np.ndarray:
-    seen = shard.scratch["seen"]
-    shard.scratch["lbin"] = lbin = asinh_bins(shard.loss, lo, hi)
+def loss_hist(part, lo: float, hi: float) -> np.ndarray:
+    seen = part.scratch["seen"]
+    part.scratch["lbin"] = lbin = asinh_bins(part.loss, lo, hi)
     hist = np.zeros(BINS, dtype=np.int64)
-    for sl in chunks(shard.n):
+    for sl in chunks(part.n):
         hist += np.bincount(lbin[sl][seen[sl]], minlength=BINS)
     return hist
 
 
-def rank_sums(shard, numerators: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def rank_sums(part, numerators: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per consistency bin: how many seen samples, and the sum of their loss-rank numerators.
 
     A bin's mid-rank is ``numerators[bin] / (2 * count)`` with an integer
@@ -95,115 +96,115 @@ def rank_sums(shard, numerators: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     integers: a chunk's float64 sum stays below 2**53 while
     ``CHUNK * 2 * count < 2**53`` (count < 2**32 samples).
     """
-    seen, lbin = shard.scratch["seen"], shard.scratch["lbin"]
+    seen, lbin = part.scratch["seen"], part.scratch["lbin"]
     counts = np.zeros(CONSISTENCY_BINS + 1, dtype=np.int64)
     sums = np.zeros(CONSISTENCY_BINS + 1, dtype=np.int64)
-    for sl in chunks(shard.n):
-        cb = np.where(seen[sl], shard.cbin[sl], np.uint8(CONSISTENCY_BINS))  # unseen: an ignored bin
+    for sl in chunks(part.n):
+        cb = np.where(seen[sl], part.cbin[sl], np.uint8(CONSISTENCY_BINS))  # unseen: an ignored bin
         counts += np.bincount(cb, minlength=CONSISTENCY_BINS + 1)
         sums += np.bincount(cb, weights=numerators[lbin[sl]], minlength=CONSISTENCY_BINS + 1).astype(np.int64)
     return counts[:-1], sums[:-1]
 
 
-def noise_candidates(shard, lam: float, tables) -> None:
+def noise_candidates(part, lam: float, tables) -> None:
     """key = the noise score, highest first; every sample a candidate."""
-    seen, c = shard.scratch["seen"], shard.consistency
-    key = np.empty(shard.n, dtype=np.uint32)
+    seen, c = part.scratch["seen"], part.consistency
+    key = np.empty(part.n, dtype=np.uint32)
     lam32 = np.float32(lam)
-    for sl in chunks(shard.n):
+    for sl in chunks(part.n):
         score = np.float32(1.0) - c[sl]
         if tables is not None:
             mid, per_bin = tables
-            guess = per_bin[shard.cbin[sl]]
-            loss_rank = np.where(seen[sl], mid[shard.scratch["lbin"][sl]], guess)
+            guess = per_bin[part.cbin[sl]]
+            loss_rank = np.where(seen[sl], mid[part.scratch["lbin"][sl]], guess)
             score = (np.float32(1.0) - lam32) * score + lam32 * loss_rank
         key[sl] = sortable(score, descending=True)
-    shard.scratch.pop("lbin", None)
-    shard.scratch["key"], shard.scratch["group"] = key, np.ones(shard.n, dtype=np.uint8)
+    part.scratch.pop("lbin", None)
+    part.scratch["key"], part.scratch["group"] = key, np.ones(part.n, dtype=np.uint8)
 
 
-def chosen_is_noisy(shard) -> None:
-    shard.scratch["noisy"] = shard.scratch.pop("chosen")
+def chosen_is_noisy(part) -> None:
+    part.scratch["noisy"] = part.scratch.pop("chosen")
 
 
-def mark_eligible(shard, exclude_noisy: bool) -> None:
+def mark_eligible(part, exclude_noisy: bool) -> None:
     """group := 1 for eligible samples (all, or all but the noisy), 0 else."""
     if exclude_noisy:
-        shard.scratch["group"] = (~shard.scratch["noisy"]).view(np.uint8)
+        part.scratch["group"] = (~part.scratch["noisy"]).view(np.uint8)
     else:
-        shard.scratch["group"] = np.ones(shard.n, dtype=np.uint8)
+        part.scratch["group"] = np.ones(part.n, dtype=np.uint8)
 
 
-def loss_sums(shard) -> tuple[int, np.ndarray]:
+def loss_sums(part) -> tuple[int, np.ndarray]:
     """Count and exact loss sum of the seen eligible samples."""
-    seen, group = shard.scratch["seen"], shard.scratch["group"]
+    seen, group = part.scratch["seen"], part.scratch["group"]
     count, sums = 0, exact_sums(np.zeros(0, np.float32))
-    for sl in chunks(shard.n):
+    for sl in chunks(part.n):
         among = seen[sl] & (group[sl] > 0)
         count += int(np.count_nonzero(among))
-        sums += exact_sums(shard.loss[sl][among])
+        sums += exact_sums(part.loss[sl][among])
     return count, sums
 
 
-def mark_well(shard, mean: float | None) -> None:
+def mark_well(part, mean: float | None) -> None:
     """group 2 for seen eligible samples with loss below ``mean`` (float64 comparison)."""
     if mean is None:
         return
-    seen, group = shard.scratch["seen"], shard.scratch["group"]
+    seen, group = part.scratch["seen"], part.scratch["group"]
     m = np.float64(mean)
-    for sl in chunks(shard.n):
-        well = seen[sl] & (group[sl] > 0) & (shard.loss[sl] < m)
+    for sl in chunks(part.n):
+        well = seen[sl] & (group[sl] > 0) & (part.loss[sl] < m)
         group[sl][well] = 2
 
 
-def strata(shard, salt: int) -> list[int]:
+def strata(part, salt: int) -> list[int]:
     """Random keys for the eligible samples; [hard, well-learned] counts."""
-    shard.scratch["key"] = _random_key_array(shard, salt)
-    group = shard.scratch["group"]
+    part.scratch["key"] = _random_key_array(part, salt)
+    group = part.scratch["group"]
     return [int(np.count_nonzero(group == 1)), int(np.count_nonzero(group == 2))]
 
 
-def random_candidates(shard, salt: int) -> None:
-    shard.scratch["key"] = _random_key_array(shard, salt)
-    shard.scratch["group"] = np.ones(shard.n, dtype=np.uint8)
+def random_candidates(part, salt: int) -> None:
+    part.scratch["key"] = _random_key_array(part, salt)
+    part.scratch["group"] = np.ones(part.n, dtype=np.uint8)
 
 
-def consistency_candidates(shard) -> None:
-    key = np.empty(shard.n, dtype=np.uint32)
-    for sl in chunks(shard.n):
-        key[sl] = sortable(shard.consistency[sl], descending=True)
-    shard.scratch["key"], shard.scratch["group"] = key, np.ones(shard.n, dtype=np.uint8)
+def consistency_candidates(part) -> None:
+    key = np.empty(part.n, dtype=np.uint32)
+    for sl in chunks(part.n):
+        key[sl] = sortable(part.consistency[sl], descending=True)
+    part.scratch["key"], part.scratch["group"] = key, np.ones(part.n, dtype=np.uint8)
 
 
-def keep_all(shard) -> None:
-    shard.scratch["group"] = np.ones(shard.n, dtype=np.uint8)
-    shard.scratch["chosen"] = np.ones(shard.n, dtype=bool)
+def keep_all(part) -> None:
+    part.scratch["group"] = np.ones(part.n, dtype=np.uint8)
+    part.scratch["chosen"] = np.ones(part.n, dtype=bool)
 
 
-def keep_eligible(shard) -> None:
-    noisy = shard.scratch.pop("noisy")
-    shard.scratch["chosen"] = ~noisy
-    shard.scratch["group"] = shard.scratch["chosen"].astype(np.uint8)  # a copy: emit_part flips chosen
+def keep_eligible(part) -> None:
+    noisy = part.scratch.pop("noisy")
+    part.scratch["chosen"] = ~noisy
+    part.scratch["group"] = part.scratch["chosen"].astype(np.uint8)  # a copy: emit_part flips chosen
 
 
-def emit_part(shard, weights: list[float]) -> tuple[np.ndarray, np.ndarray]:
-    """(global kept indices, their weights: ``weights[group]``) of this shard."""
-    chosen, group = shard.scratch.pop("chosen"), shard.scratch.pop("group")
-    shard.scratch.pop("key", None)
+def emit_part(part, weights: list[float]) -> tuple[np.ndarray, np.ndarray]:
+    """(global kept indices, their weights: ``weights[group]``) of this partition."""
+    chosen, group = part.scratch.pop("chosen"), part.scratch.pop("group")
+    part.scratch.pop("key", None)
     kept = np.flatnonzero(chosen)
     if len(set(weights[1:])) == 1:  # one weight for every kept sample: no gather
         w = np.full(len(kept), weights[1], dtype=np.float32)
     else:
         w = np.asarray(weights, dtype=np.float32)[group[kept]]
-    if shard.start:
-        kept += shard.start
+    if part.start:
+        kept += part.start
     return kept.astype(np.int64, copy=False), w
 
 
-def _random_key_array(shard, salt: int) -> np.ndarray:
-    key = np.empty(shard.n, dtype=np.uint32)
-    for sl in chunks(shard.n):
-        key[sl] = random_keys(salt, shard.start + sl.start, shard.start + sl.stop)
+def _random_key_array(part, salt: int) -> np.ndarray:
+    key = np.empty(part.n, dtype=np.uint32)
+    for sl in chunks(part.n):
+        key[sl] = random_keys(salt, part.start + sl.start, part.start + sl.stop)
     return key
 
 
@@ -212,7 +213,7 @@ def _random_key_array(shard, salt: int) -> np.ndarray:
 def loss_rank_tables(cluster):
     """(mid rank per loss bin, expected loss rank per consistency bin), or None before any loss.
 
-    Every shard keeps ``scratch["lbin"]`` for :func:`noise_candidates`.
+    Every partition keeps ``scratch["lbin"]`` for :func:`noise_candidates`.
     """
     ranges = [r for r in cluster.map(loss_range) if r[0] > 0]
     if not ranges:
@@ -243,7 +244,7 @@ def below_mean(cluster) -> None:
 
 
 def emit(cluster, weights: list[float], pruned_by_reason: dict[str, int]) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Gathers the kept indices and weights (``weights[group]``) from the shards in index order.
+    """Gathers the kept indices and weights (``weights[group]``) from the partitions in index order.
 
     ``pruned_by_reason`` is passed through: the coordinator knows the counts
     already (group sizes minus what each keeps); the pruner checks they sum
@@ -255,24 +256,3 @@ def emit(cluster, weights: list[float], pruned_by_reason: dict[str, int]) -> tup
     else:
         kept, w = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
     return kept, w, dict(pruned_by_reason)
-
-
-class StateCluster:
-    """A one-shard cluster over a :class:`~pipeline.prune.policies.PlanState` (arrays used as they are)."""
-
-    def __init__(self, state):
-        self.shard = _StateShard(state)
-
-    def map(self, fn, *args) -> list:
-        return [fn(self.shard, *args)]
-
-    def map_each(self, fn, args_per_shard) -> list:
-        return [fn(self.shard, *args) for args in args_per_shard]
-
-
-class _StateShard:
-    def __init__(self, state):
-        self.start, self.n = 0, state.num_samples
-        self.loss, self.consistency = np.asarray(state.loss, np.float32), state.consistency
-        self.cbin = consistency_bins(state.consistency)
-        self.scratch = {"seen": np.asarray(state.seen, bool)}

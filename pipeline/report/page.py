@@ -220,13 +220,15 @@ def to_markdown(blocks: list[tuple]) -> str:
         elif kind == "img":
             out += [f"![{rest[1]}]({rest[0]})", ""]
         elif kind == "table":
-            header, rows = rest
-            cell = lambda v: str(v).replace("|", "\\|")  # noqa: E731
-            out.append("| " + " | ".join(map(cell, header)) + " |")
-            out.append("|" + " --- |" * len(header))
-            out += ["| " + " | ".join(map(cell, row)) + " |" for row in rows]
-            out.append("")
+            out += [markdown_table(*rest), ""]
     return "\n".join(out)
+
+
+def markdown_table(header, rows) -> str:
+    """A Markdown pipe table: one line for ``header``, the rule, one line per row (``|`` in a cell escaped)."""
+    cell = lambda v: str(v).replace("|", "\\|")  # noqa: E731
+    lines = ["| " + " | ".join(map(cell, header)) + " |", "|" + " --- |" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(map(cell, row)) + " |" for row in rows])
 
 
 def to_html(blocks: list[tuple], title: str) -> str:

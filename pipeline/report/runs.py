@@ -80,7 +80,7 @@ class Sources:
             try:
                 table = storage.read_table(storage.join(scores_url, "scores"), columns=["status", "error"])
                 self.cache[key] = _rejected_by_reason(table)
-            except (storage.ShardError, OSError, KeyError, pa.ArrowInvalid):
+            except (storage.InputError, OSError, KeyError, pa.ArrowInvalid):
                 pass
         return self.cache[key]
 
@@ -91,7 +91,7 @@ class Sources:
         if url not in self.cache:
             try:
                 self.cache[url] = storage.read_json(url)
-            except (storage.ShardError, OSError, ValueError):
+            except (storage.InputError, OSError, ValueError):
                 self.cache[url] = None
         return self.cache[url]
 
@@ -280,7 +280,7 @@ def load_score_set(url: str, data: str | None, sources: Sources) -> ScoreSet:
     s.zero_shot = reference_zero_shot(s.pretrained, sources)
     try:
         table = storage.read_table(storage.join(url, "scores"))
-    except (storage.ShardError, OSError) as exc:
+    except (storage.InputError, OSError) as exc:
         s.note = f"scores not readable ({exc})"
         return s
     s.rows = table.num_rows
@@ -326,7 +326,7 @@ def _rejected_by_reason(table: pa.Table) -> dict[str, int]:
 def _corruptions(keys: pa.ChunkedArray, data: str, sources: Sources) -> np.ndarray | None:
     try:
         gt = storage.read_table(storage.join(data, "ground_truth.parquet"), columns=[KEY, "corruption"])
-    except (storage.ShardError, OSError, KeyError, pa.ArrowInvalid):
+    except (storage.InputError, OSError, KeyError, pa.ArrowInvalid):
         return None
     idx = pc.index_in(keys, value_set=gt.column(KEY).combine_chunks())
     kinds = pc.fill_null(pc.take(gt.column("corruption"), idx), "unknown")
@@ -336,11 +336,11 @@ def _corruptions(keys: pa.ChunkedArray, data: str, sources: Sources) -> np.ndarr
 def reference_zero_shot(pretrained: str | None, sources: Sources) -> float | None:
     """The zero-shot accuracy ``jobs.pretrain_reference_clip`` saved beside the checkpoint, if any.
 
-    That job writes it to the checkpoint path with its extension replaced by
-    ``.metrics.json`` (key ``zero_shot_accuracy``); a hub tag has no such file.
+    That job writes ``metrics.json`` (key ``zero_shot_accuracy``) into the
+    folder holding the checkpoint; a hub tag has no such file.
     """
-    if not pretrained:
+    if not pretrained or "/" not in pretrained:
         return None
-    metrics = sources.json(os.path.splitext(pretrained)[0] + ".metrics.json")
+    metrics = sources.json(storage.join(pretrained.rstrip("/").rsplit("/", 1)[0], "metrics.json"))
     value = (metrics or {}).get("zero_shot_accuracy")
     return float(value) if isinstance(value, (int, float)) else None

@@ -1,0 +1,7 @@
+"""Score: the second step of read -> score -> prune -> train -> report.
+
+Image decoding and CLIP image-text consistency scoring as plain batch stages
+(``scorer.py``), the CLIP models and their configs (``clip_models.py``), how
+well a score separates noise (``quality.py``), and the Ray Data job that runs
+the stages over a dataset and writes the scores the pruner reads (``job.py``).
+"""

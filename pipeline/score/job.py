@@ -9,12 +9,12 @@ and image decoding in CPU tasks, the CLIP model in an autoscaling actor pool
 from __future__ import annotations
 
 import collections
-import dataclasses
 import functools
 import logging
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 import pyarrow as pa
@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 import ray
 
 from pipeline import storage
+from pipeline.data import shards
 from pipeline.cli import option
 from pipeline.data.contract import KEY, REJECTS_SCHEMA, SCORES_SCHEMA, ColumnMapping, SchemaError, to_contract
 from pipeline.data.validate import DUPLICATE_KEY, RowValidator, first_occurrence_mask
@@ -32,6 +33,9 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class ScoreConfig:
     """What the score job does; every field is a ``jobs.score`` flag."""
+
+    OUTPUT: ClassVar[str] = "output"
+    RAY: ClassVar[bool] = True
 
     input: str = field(metadata={"help": "shards to score: a folder or file URL (local, s3://, gs://) of parquet or webdataset tars"})
     output: str = field(metadata={"help": "where scores/, rejects.parquet and summary.json go (URL)"})
@@ -111,7 +115,7 @@ def resolve_classes(cfg: ScoreConfig) -> tuple[str, ...]:
 
 def _read(cfg: ScoreConfig) -> ray.data.Dataset:
     """The input as a Ray dataset in the data contract; bad files fail here, on the driver, by name."""
-    kind, files = storage.shard_files(cfg.input)
+    kind, files = shards.shard_files(cfg.input)
     mapping = ColumnMapping.parse(cfg.columns)
     fs, _ = storage.filesystem_for(cfg.input)
     paths = [storage.filesystem_for(u)[1] for u in files]
@@ -135,7 +139,7 @@ def _webdataset_stage(batch: dict, mapping: ColumnMapping) -> pa.Table:
     # Ray's reader holds members as Python objects, NaN where a sample lacks one.
     members = {name: pa.array([v if isinstance(v, bytes) else None for v in values], pa.binary())
                for name, values in batch.items() if name not in ("__key__", "__url__")}
-    return storage.webdataset_to_contract(pa.table({"__key__": batch["__key__"].astype(str), **members}), mapping)
+    return shards.webdataset_to_contract(pa.table({"__key__": batch["__key__"].astype(str), **members}), mapping)
 
 
 def score(cfg: ScoreConfig) -> dict:
@@ -177,23 +181,27 @@ def _score(cfg: ScoreConfig, classes: tuple[str, ...]) -> dict:
         num_gpus=1 if use_gpu else 0,
         num_cpus=1 if use_gpu else cfg.actor_cpus,
     )
-    # From here until the commit, readers refuse the output folder (and an
-    # earlier run's scores/ in it): a job killed half-way leaves it pending.
-    storage.begin_output(cfg.output)
+    # The job's output folder is pending until the job skeleton commits it
+    # (pipeline.cli.execute): a job killed half-way leaves it refused by readers.
     staging = storage.join(cfg.output, f"_staging-{uuid.uuid4().hex[:8]}")
     fs, staging_path = storage.filesystem_for(staging)
     try:
         ds.write_parquet(staging_path, filesystem=fs)
         table = storage.read_table(staging) if storage.exists(staging) else SCORES_SCHEMA.empty_table()
-        summary = _commit(cfg, table, time.perf_counter() - start)
+        summary = write_scores(table, cfg.output, time.perf_counter() - start)
     finally:
         if storage.exists(staging):
             fs.delete_dir(staging_path)
     return summary
 
 
-def _commit(cfg: ScoreConfig, table: pa.Table, seconds: float) -> dict:
-    """Mark repeated keys, give good rows a dense index, and write the outputs whole."""
+def write_scores(table: pa.Table, output: str, seconds: float | None = None, **extra) -> dict:
+    """Mark repeated keys, give good rows a dense index, write ``scores/``, ``rejects.parquet``, ``summary.json``.
+
+    ``table`` has the scores schema's columns (``index`` is recomputed); rows
+    already ``rejected`` stay so. ``extra`` goes into the summary, which is
+    returned. The caller commits ``output`` (the job skeleton does).
+    """
     keys = table.column(KEY).to_numpy(zero_copy_only=False)
     status = table.column("status").to_numpy(zero_copy_only=False).astype(object)
     error = table.column("error").to_numpy(zero_copy_only=False).astype(object)
@@ -225,13 +233,12 @@ def _commit(cfg: ScoreConfig, table: pa.Table, seconds: float) -> dict:
         "scored": int(ok.sum()),
         "rejected": int((~ok).sum()),
         "rejected_by_reason": dict(sorted(reasons.items(), key=lambda kv: -kv[1])),
-        "seconds": round(seconds, 2),
-        "pairs_per_second": round(len(keys) / seconds, 1) if seconds > 0 else None,
+        **extra,
     }
-    storage.begin_output(cfg.output)
-    storage.write_shards(scores, storage.join(cfg.output, "scores"), rows_per_shard=1_000_000)
-    storage.write_table(rejects, storage.join(cfg.output, "rejects.parquet"))
-    storage.write_json(summary, storage.join(cfg.output, "summary.json"))
-    storage.write_json(dataclasses.asdict(cfg), storage.join(cfg.output, "config.json"))
-    storage.commit_output(cfg.output, ["config.json", "rejects.parquet", "scores", "summary.json"], len(keys))
+    if seconds is not None:
+        summary.update(seconds=round(seconds, 2),
+                       pairs_per_second=round(len(keys) / seconds, 1) if seconds > 0 else None)
+    storage.write_shards(scores, storage.join(output, "scores"), rows_per_shard=1_000_000)
+    storage.write_table(rejects, storage.join(output, "rejects.parquet"))
+    storage.write_json(summary, storage.join(output, "summary.json"))
     return summary

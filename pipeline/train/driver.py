@@ -16,6 +16,7 @@ import os
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 import pyarrow as pa
@@ -35,6 +36,9 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class TrainConfig:
     """What the train job does; every field is a ``jobs.train`` flag."""
+
+    OUTPUT: ClassVar[str] = "out"
+    RAY: ClassVar[bool] = True
 
     data: str = field(metadata={"help": "dataset root with train/, test/ and metadata.json (URL)"})
     scores: str = field(metadata={"help": "output folder of the score job for the train split (URL)"})
@@ -123,23 +127,63 @@ def load_index(scores_url: str, signal: str) -> tuple[np.ndarray, np.ndarray, st
     return keys, consistency, signal
 
 
-def build_datasets(cfg: TrainConfig, keys: np.ndarray, pruner_name: str) -> dict:
-    from pipeline.train.stages import decode_stage, index_stage, keep_stage, test_decode_stage, test_stage
+def read_split(data: str, split: str) -> ray.data.Dataset:
+    """A split of the dataset at ``data`` as ``(key, image, label)`` rows (lazy)."""
+    fs, _ = storage.filesystem_for(data)
+    paths = [storage.filesystem_for(u)[1] for u in storage.list_files(storage.join(data, split))]
+    return ray.data.read_parquet(paths, filesystem=fs).select_columns([KEY, "image", "label"])
 
-    fs, _ = storage.filesystem_for(cfg.data)
-    paths = lambda split: [storage.filesystem_for(u)[1] for u in storage.list_files(storage.join(cfg.data, split))]  # noqa: E731
+
+def evaluation_dataset(data: str) -> ray.data.Dataset:
+    """The test split, decoded, with the key hash that splits evaluation across workers as ``index``."""
+    from pipeline.train.stages import test_decode_stage, test_stage
+
+    return (read_split(data, "test").map_batches(test_stage, batch_format="numpy")
+            .map_batches(test_decode_stage, batch_format="numpy"))
+
+
+def build_datasets(cfg: TrainConfig, keys: np.ndarray, pruner_name: str) -> dict:
+    from pipeline.train.stages import decode_stage, index_stage, keep_stage
+
     train = (
-        ray.data.read_parquet(paths("train"), filesystem=fs).select_columns([KEY, "image", "label"])
+        read_split(cfg.data, "train")
         .map_batches(index_stage, fn_kwargs={"keys": keys}, batch_format="numpy")
         .map_batches(keep_stage, fn_kwargs={"pruner_name": pruner_name}, batch_format="numpy")
         .map_batches(decode_stage, fn_kwargs={"augment": cfg.augment, "seed": cfg.seed}, batch_format="numpy")
     )
-    test = (
-        ray.data.read_parquet(paths("test"), filesystem=fs).select_columns([KEY, "image", "label"])
-        .map_batches(test_stage, batch_format="numpy")
-        .map_batches(test_decode_stage, batch_format="numpy")
+    return {"train": train, "test": evaluation_dataset(cfg.data)}
+
+
+def run_trainer(cfg: TrainConfig, loop, loop_config: dict, datasets: dict, name: str) -> ray.train.Result:
+    """Run ``loop`` on ``cfg.workers`` Ray Train workers; Ray keeps its run folder in ``cfg.out``/ray.
+
+    ``datasets["train"]`` is split equally across the workers, every other
+    dataset goes whole to each; failed workers restart from the last
+    checkpoint, up to ``cfg.max_failures`` times.
+
+    Raises:
+        The run's error, when it failed for good.
+    """
+    ray_storage = os.path.abspath(os.path.join(cfg.out, "ray")) if storage.is_local(cfg.out) else storage.join(cfg.out, "ray")
+    trainer = TorchTrainer(
+        loop,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cfg.cpus_per_worker}
+        ),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"], execution_options=_ingest_options(cfg)),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=ray_storage,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
     )
-    return {"train": train, "test": test}
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    return result
 
 
 def fit(cfg: TrainConfig) -> dict:
@@ -148,6 +192,8 @@ def fit(cfg: TrainConfig) -> dict:
     from pipeline.train.loop import train_loop_per_worker
 
     started = time.perf_counter()
+    storage.check_not_pending(cfg.data)
+    storage.check_not_pending(cfg.scores)
     meta = storage.read_json(storage.join(cfg.data, "metadata.json"))
     keys, consistency, signal = load_index(cfg.scores, cfg.signal)
     run_id = uuid.uuid4().hex[:8]
@@ -163,25 +209,8 @@ def fit(cfg: TrainConfig) -> dict:
     loop_config.update(pruner_name=pruner_name, num_classes=len(meta["classes"]),
                        pruner_initial=[pruner.state_dict.remote()],
                        epochs=cfg.stop_after if cfg.stop_after else cfg.epochs, plan_epochs=cfg.epochs)
-    storage = os.path.abspath(os.path.join(cfg.out, "ray")) if storage.is_local(cfg.out) else storage.join(cfg.out, "ray")
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=loop_config,
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cfg.cpus_per_worker}
-        ),
-        datasets=build_datasets(cfg, keys, pruner_name),
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"], execution_options=_ingest_options(cfg)),
-        run_config=ray.train.RunConfig(
-            name=f"mmdp-{run_id}",
-            storage_path=storage,
-            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-        ),
-    )
-    result = trainer.fit()
-    if result.error:
-        raise result.error
+    result = run_trainer(cfg, train_loop_per_worker, loop_config, build_datasets(cfg, keys, pruner_name),
+                         f"mmdp-{run_id}")
     with result.checkpoint.as_directory() as d:
         history = json.load(open(os.path.join(d, "history.json")))
         plans = json.load(open(os.path.join(d, "plans.json")))
@@ -199,7 +228,6 @@ def fit(cfg: TrainConfig) -> dict:
         "policy_params": params,
     }
     metrics = {"epochs": history, "totals": totals}
-    storage.write_json(dataclasses.asdict(cfg), storage.join(cfg.out, "config.json"))
     storage.write_json(plans, storage.join(cfg.out, "plans.json"))
     storage.write_json(metrics, storage.join(cfg.out, "metrics.json"))
     return metrics

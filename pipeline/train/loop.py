@@ -16,6 +16,11 @@ epoch then takes fewer steps of the usual size, rather than fewer steps each
 ``mean_w`` times larger (InfoBatch's ``sum(w_i * loss_i) / B``), which at the
 same peak learning rate gave mmdp lower final accuracy (BENCHMARKS.md). For
 policies with unit weights the two are the same.
+
+The pieces any Ray Train loop over these datasets needs (model set-up, the
+optimiser step, the split test pass, the epoch's checkpoint and report) are
+public here, so a loop without the pruner (the pruning benchmark's baseline)
+differs from this one only in the pruning machinery.
 """
 
 from __future__ import annotations
@@ -34,8 +39,14 @@ import torch.nn.functional as F
 
 from pipeline.train.models import build_model
 
+# Column dtypes of the decoded batches (pipeline.train.stages.decode_stage);
+# iter_torch_batches needs every column named.
+DTYPES = {"x": torch.float32, "label": torch.int64, "index": torch.int64}
+WEIGHTED_DTYPES = {**DTYPES, "weight": torch.float32}
+
 
 def cosine_lr(step: int, total: int, warmup: int) -> float:
+    """The learning-rate factor at ``step``: linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``total``."""
     if step < warmup:
         return (step + 1) / warmup
     return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
@@ -46,19 +57,21 @@ def _barrier():
         dist.barrier()
 
 
-def _all_sum(values: list[float]) -> list[float]:
+def all_sum(values: list[float]) -> list[float]:
+    """``values`` summed over every worker (float64); the values themselves outside a process group."""
     t = torch.tensor(values, dtype=torch.float64)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t)
     return t.tolist()
 
 
-def setup_model(cfg: dict, total_steps: int):
-    """Seeded model (prepared for DDP), SGD with Nesterov momentum, and the warm-up + cosine schedule.
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The bare module of a DDP-wrapped model (the model itself otherwise)."""
+    return model.module if hasattr(model, "module") else model
 
-    One set-up for the pruning loop and the benchmark's plain loop, so that
-    they differ only in the pruning machinery.
-    """
+
+def setup_model(cfg: dict, total_steps: int):
+    """Seeded model (prepared for DDP), SGD with Nesterov momentum, and the warm-up + cosine schedule."""
     import ray.train.torch
 
     torch.manual_seed(cfg["seed"])
@@ -67,6 +80,29 @@ def setup_model(cfg: dict, total_steps: int):
     opt = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=0.9, weight_decay=cfg["weight_decay"], nesterov=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, total_steps, cfg["warmup_steps"]))
     return model, opt, sched
+
+
+def take_step(loss: torch.Tensor, opt: torch.optim.Optimizer, sched) -> None:
+    """One optimiser step on ``loss``, then one step of the schedule."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
+
+
+def save_train_state(directory: str, model: torch.nn.Module, opt, sched, epoch: int) -> None:
+    """``directory/train.pt``: the bare model's, optimiser's and schedule's state after ``epoch``."""
+    torch.save({"model": unwrap(model).state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "epoch": epoch}, os.path.join(directory, "train.pt"))
+
+
+def report_epoch(metrics: dict, checkpoint_dir: str | None) -> None:
+    """``ray.train.report`` the epoch's metrics (and rank 0's checkpoint folder, then removed: Ray has copied it)."""
+    import ray.train
+
+    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
+    if checkpoint_dir:
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -83,31 +119,7 @@ def train_loop_per_worker(config: dict) -> None:
     steps = [math.ceil(c / per_step) for c in ray.get(pruner.kept_counts.remote(cfg["plan_epochs"]))]
     # The schedule follows the real number of steps in each pruned epoch.
     model, opt, sched = setup_model(cfg, sum(steps))
-
-    start_epoch, history, plans = 0, [], []
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None and cfg.get("resume_from"):
-        checkpoint = ray.train.Checkpoint(cfg["resume_from"])
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            state = torch.load(os.path.join(d, "train.pt"), map_location="cpu", weights_only=True)
-            pruner_state = torch.load(os.path.join(d, "pruner.pt"), map_location="cpu", weights_only=True)
-            history = json.loads(open(os.path.join(d, "history.json")).read())
-            if os.path.exists(os.path.join(d, "plans.json")):  # absent in checkpoints of mmdp <= 0.1
-                plans = json.loads(open(os.path.join(d, "plans.json")).read())
-        _unwrap(model).load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        start_epoch = int(state["epoch"]) + 1
-        if rank == 0:
-            # The pruner goes back to the checkpoint too: losses it took after
-            # it belong to an epoch that is about to be trained again.
-            ray.get(pruner.load_state_dict.remote({k: v.numpy() if torch.is_tensor(v) else v for k, v in pruner_state.items()}))
-        _barrier()
-    elif rank == 0 and ray.get(pruner.losses_received.remote(0)):
-        # A retry before the first checkpoint: the pruner holds losses of an
-        # attempt that died; go back to its state at the start of the run.
-        ray.get(pruner.load_state_dict.remote(ray.get(cfg["pruner_initial"][0])))
+    start_epoch, history, plans = _resume(cfg, model, opt, sched, pruner, rank)
     # A pruner that Ray restarts comes back in its initial state; each epoch
     # checks that the actor it trained against is the one it started with.
     incarnation = ray.get(pruner.info.remote())["incarnation"] if rank == 0 else None
@@ -125,13 +137,9 @@ def train_loop_per_worker(config: dict) -> None:
         weight_mean = ray.get(pruner.weight_mean.remote(epoch))
         model.train()
         loss_sum, forwarded = 0.0, 0
-        for batch in train_shard.iter_torch_batches(batch_size=cfg["batch_size"], dtypes=_DTYPES, drop_last=False):
+        for batch in train_shard.iter_torch_batches(batch_size=cfg["batch_size"], dtypes=WEIGHTED_DTYPES, drop_last=False):
             per_sample = F.cross_entropy(model(batch["x"]), batch["label"], reduction="none")
-            loss = (per_sample * batch["weight"]).sum() / (len(per_sample) * weight_mean)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+            take_step((per_sample * batch["weight"]).sum() / (len(per_sample) * weight_mean), opt, sched)
             reporter.report(batch["index"].numpy(), per_sample.detach().numpy())
             loss_sum += float(per_sample.detach().sum())
             forwarded += len(per_sample)
@@ -139,8 +147,8 @@ def train_loop_per_worker(config: dict) -> None:
         train_seconds = time.perf_counter() - started
         # Each worker scores its part of the test split (by key hash): exact, and split.
         # The bare module: a DDP forward would wait for the other ranks.
-        correct, total, test_cache = _evaluate(_unwrap(model), test_shard, test_cache, cfg["batch_size"], rank, world)
-        loss_sum, forwarded, correct, total = _all_sum([loss_sum, forwarded, correct, total])
+        correct, total, test_cache = evaluate(unwrap(model), test_shard, test_cache, cfg["batch_size"], rank, world)
+        loss_sum, forwarded, correct, total = all_sum([loss_sum, forwarded, correct, total])
         _barrier()
         metrics = {
             "epoch": epoch,
@@ -160,17 +168,8 @@ def train_loop_per_worker(config: dict) -> None:
             # only remembers the epochs it planned itself.
             plans = [p for p in plans if p["epoch"] < epoch] + ray.get(pruner.plan_log.remote(epoch=epoch))
             checkpoint_dir = tempfile.mkdtemp(prefix="mmdp-ckpt-")
-            torch.save(
-                {"model": _unwrap(model).state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epoch": epoch},
-                os.path.join(checkpoint_dir, "train.pt"),
-            )
-            pruner_state = ray.get(pruner.state_dict.remote())
-            if ray.get(pruner.info.remote())["incarnation"] != incarnation:
-                # Its losses for this epoch (and its plan) are gone: fail the
-                # attempt, and Ray Train restarts it from the last checkpoint.
-                raise PrunerRestartedError(f"the pruning actor restarted during epoch {epoch}")
-            torch.save({k: torch.from_numpy(np.asarray(v)) if isinstance(v, np.ndarray) else v for k, v in pruner_state.items()},
-                       os.path.join(checkpoint_dir, "pruner.pt"))
+            save_train_state(checkpoint_dir, model, opt, sched, epoch)
+            _save_pruner_state(checkpoint_dir, pruner, incarnation, epoch)
             for name, value in (("history.json", history), ("plans.json", plans)):
                 with open(os.path.join(checkpoint_dir, name), "w") as f:
                     json.dump(value, f)
@@ -179,16 +178,52 @@ def train_loop_per_worker(config: dict) -> None:
             print(f"epoch {epoch + 1}/{cfg['epochs']}: trained on {metrics['samples_forwarded']} samples, "
                   f"loss {metrics['train_loss']:.4f}, test accuracy {metrics['test_accuracy']:.4f}, "
                   f"{metrics['epoch_seconds']:.1f} s; about {left:.0f} s left", flush=True)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
-        if checkpoint_dir:
-            shutil.rmtree(checkpoint_dir, ignore_errors=True)  # report() has copied it to the run's storage
+        report_epoch(metrics, checkpoint_dir)
+
+
+def _resume(cfg: dict, model, opt, sched, pruner, rank: int) -> tuple[int, list, list]:
+    """(first epoch, history, plan log): from Ray Train's last checkpoint or ``resume_from``, else a fresh start."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and cfg.get("resume_from"):
+        checkpoint = ray.train.Checkpoint(cfg["resume_from"])
+    if checkpoint is None:
+        if rank == 0 and ray.get(pruner.losses_received.remote(0)):
+            # A retry before the first checkpoint: the pruner holds losses of an
+            # attempt that died; go back to its state at the start of the run.
+            ray.get(pruner.load_state_dict.remote(ray.get(cfg["pruner_initial"][0])))
+        return 0, [], []
+    with checkpoint.as_directory() as d:
+        state = torch.load(os.path.join(d, "train.pt"), map_location="cpu", weights_only=True)
+        pruner_state = torch.load(os.path.join(d, "pruner.pt"), map_location="cpu", weights_only=True)
+        history = json.loads(open(os.path.join(d, "history.json")).read())
+        plans = json.loads(open(os.path.join(d, "plans.json")).read())
+    unwrap(model).load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    if rank == 0:
+        # The pruner goes back to the checkpoint too: losses it took after
+        # it belong to an epoch that is about to be trained again.
+        ray.get(pruner.load_state_dict.remote({k: v.numpy() if torch.is_tensor(v) else v for k, v in pruner_state.items()}))
+    _barrier()
+    return int(state["epoch"]) + 1, history, plans
+
+
+def _save_pruner_state(directory: str, pruner, incarnation, epoch: int) -> None:
+    import ray
+
+    state = ray.get(pruner.state_dict.remote())
+    if ray.get(pruner.info.remote())["incarnation"] != incarnation:
+        # Its losses for this epoch (and its plan) are gone: fail the
+        # attempt, and Ray Train restarts it from the last checkpoint.
+        raise PrunerRestartedError(f"the pruning actor restarted during epoch {epoch}")
+    torch.save({k: torch.from_numpy(np.asarray(v)) if isinstance(v, np.ndarray) else v for k, v in state.items()},
+               os.path.join(directory, "pruner.pt"))
 
 
 class PrunerRestartedError(RuntimeError):
     """The pruning actor lost its state mid-epoch; the epoch must be trained again."""
-
-
-_DTYPES = {"x": torch.float32, "label": torch.int64, "index": torch.int64, "weight": torch.float32}
 
 
 def _broadcast_buffers(model: torch.nn.Module) -> None:
@@ -197,11 +232,7 @@ def _broadcast_buffers(model: torch.nn.Module) -> None:
             dist.broadcast(buffer, src=0)
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if hasattr(model, "module") else model
-
-
-def _evaluate(model, shard, cache, batch_size, rank, world):
+def evaluate(model, shard, cache, batch_size: int, rank: int, world: int):
     """(correct, total, cache) over this worker's part of the test split.
 
     Every worker reads the whole split once and caches the rows whose key hash
@@ -209,14 +240,14 @@ def _evaluate(model, shard, cache, batch_size, rank, world):
     ``world``: the workers' counts sum to exactly one pass over the split.
     Buffers (BatchNorm statistics) differ per rank after the last training
     step; every rank first takes rank 0's, so the figure is that of the one
-    model a checkpoint saves. Call it on every rank.
+    model a checkpoint saves. Call it on every rank, with the bare module
+    (:func:`unwrap`): a DDP forward would wait for the other ranks.
     """
     _broadcast_buffers(model)
     model.eval()
     if cache is None:
         cache = []
-        for b in shard.iter_torch_batches(
-                batch_size=batch_size, dtypes={"x": torch.float32, "label": torch.int64, "index": torch.int64}):
+        for b in shard.iter_torch_batches(batch_size=batch_size, dtypes=DTYPES):
             mine = b["index"] % world == rank
             cache.append((b["x"][mine], b["label"][mine]))
     correct = total = 0

@@ -1,0 +1,151 @@
+"""Shards: the data files a dataset is stored in (parquet, webdataset tars), read into the data contract.
+
+A dataset is a folder (or one file) of shards, local or in an object store.
+:func:`shard_files` names the format and the files and refuses anything that
+would silently lose rows (a stray file, a truncated tar, unreadable parquet);
+:func:`webdataset_to_contract` maps webdataset members (img2dataset's
+``.jpg``/``.txt``/``.cls``) onto the contract for the score job's reader.
+"""
+
+from __future__ import annotations
+
+import tarfile
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from pipeline import storage
+from pipeline.data.contract import MAPPINGS, ColumnMapping, to_contract
+from pipeline.storage import InputError, exists, filesystem_for, join, list_files
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+# Files that sit beside shards in real datasets (img2dataset stats, checksums, notes).
+SIDECAR_SUFFIXES = (".json", ".crc", ".md")
+
+
+def read_webdataset(url: str, mapping: ColumnMapping = MAPPINGS["img2dataset"]) -> pa.Table:
+    """Read webdataset tars (one file or a folder of ``.tar``) into the data contract.
+
+    Members are grouped by sample key (the member path up to the first dot of
+    its file name), and each extension becomes a column: ``jpg``/``png``/...
+    bytes, ``txt`` text, ``cls`` label, which ``mapping`` renames onto the contract.
+
+    Raises:
+        InputError: a tar is unreadable or cut short, naming the file.
+    """
+    rows: dict[str, dict[str, bytes]] = {}
+    for file_url in list_files(url, suffixes=(".tar",)):
+        fs, path = filesystem_for(file_url)
+        try:
+            with fs.open_input_file(path) as f, tarfile.open(fileobj=f, mode="r:") as tar:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    directory, _, base = member.name.rpartition("/")
+                    stem, _, ext = base.partition(".")
+                    key = f"{directory}/{stem}" if directory else stem
+                    rows.setdefault(key, {})[ext.lower()] = tar.extractfile(member).read()
+                # tarfile takes a header cut short for the end of the archive; a
+                # whole tar ends in two zero blocks, so check for them.
+                f.seek(tar.offset)
+                if f.read(1024) != bytes(1024):
+                    raise tarfile.ReadError("archive ends without its end-of-archive blocks")
+        except (tarfile.TarError, EOFError, OSError) as exc:
+            raise InputError(f"{file_url}: unreadable or truncated tar ({exc}); re-create or remove it") from exc
+    keys = list(rows)
+    extensions = sorted({ext for r in rows.values() for ext in r})
+    table = pa.table({"__key__": keys, **{e: pa.array([rows[k].get(e) for k in keys], pa.binary()) for e in extensions}})
+    return webdataset_to_contract(table, mapping)
+
+
+def webdataset_to_contract(table: pa.Table, mapping: ColumnMapping = MAPPINGS["img2dataset"]) -> pa.Table:
+    """Webdataset samples (``__key__`` plus one bytes column per member extension) in the data contract.
+
+    The image is each sample's first image member, whatever its extension
+    (``jpg``/``png``/...), under the mapping's image column; ``txt`` and
+    ``cls`` become trimmed text, undecodable bytes replaced rather than lost.
+    Shared by :func:`read_webdataset` and the score job's Ray Data reader.
+    """
+    present = [e for e in IMAGE_EXTENSIONS if e in table.column_names]
+    images = [table.column(e).cast(pa.binary()) for e in present]
+    columns = {
+        "__key__": table.column("__key__"),
+        mapping.image: pc.coalesce(*images) if images else pa.nulls(table.num_rows, pa.binary()),
+    }
+    for ext in ("txt", "cls"):
+        if ext in table.column_names:
+            columns[ext] = pa.array([_text(v) for v in table.column(ext).cast(pa.binary()).to_pylist()], pa.string())
+    out = pa.table(columns)
+    if mapping.key not in out.column_names:
+        out = out.append_column(mapping.key, out.column("__key__"))
+    return to_contract(out, mapping)
+
+
+def _text(data: bytes | None) -> str | None:
+    return None if data is None else data.decode("utf-8", errors="replace").strip()
+
+
+def shard_files(url: str) -> tuple[str, list[str]]:
+    """The shard format (``parquet`` or ``webdataset``) of a dataset and its files.
+
+    A folder with ``.tar`` files is webdataset (img2dataset writes a metadata
+    ``.parquet`` beside each tar; those are not samples). Any other file that
+    is neither a shard nor a known sidecar is an error naming it, so a stray
+    or misnamed shard is never skipped unnoticed.
+
+    Raises:
+        InputError: naming the offending file or folder.
+    """
+    fs, path = filesystem_for(url)
+    if fs.get_file_info(path).type == pafs.FileType.Directory and not exists(join(url, storage.SUCCESS)):
+        for entry in fs.get_file_info(pafs.FileSelector(path, recursive=True)):
+            rel = entry.path[len(path):].lstrip("/")
+            if entry.type == pafs.FileType.File and not any(p.startswith(("_", ".")) for p in rel.split("/")):
+                if not rel.endswith((".parquet", ".tar") + SIDECAR_SUFFIXES):
+                    raise InputError(f"{join(url, rel)}: not a parquet or tar shard; move it out of the input folder")
+    tars = _safe_list(url, (".tar",))
+    if tars:
+        for file_url in tars:
+            _check_tar_end(file_url)
+        return "webdataset", tars
+    files = list_files(url)
+    for file_url in files:
+        fs, path = filesystem_for(file_url)
+        try:
+            storage.retry_reads(lambda: pq.read_metadata(path, filesystem=fs))
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise storage.unreadable_parquet(file_url, exc) from exc
+    return "parquet", files
+
+
+def _check_tar_end(file_url: str) -> None:
+    """Refuse a tar cut short: a whole one is 512-byte blocks ending in two zero blocks.
+
+    Reads only the last 1 KiB, so a folder of large shards is checked cheaply
+    on the driver instead of failing a read task later.
+    """
+    fs, path = filesystem_for(file_url)
+    size = fs.get_file_info(path).size
+    tail = b""
+    if size and size % 512 == 0 and size >= 1024:
+        with fs.open_input_file(path) as f:
+            tail = storage.retry_reads(lambda: f.read_at(1024, size - 1024))
+    if tail != bytes(1024):
+        raise InputError(f"{file_url}: truncated tar ({size} bytes, no end-of-archive blocks); re-create or remove it")
+
+
+def read_shards(url: str, mapping: ColumnMapping | None = None) -> pa.Table:
+    """Read a dataset folder of parquet or webdataset shards into the data contract."""
+    kind, _ = shard_files(url)
+    if kind == "webdataset":
+        return read_webdataset(url, mapping or MAPPINGS["img2dataset"])
+    return to_contract(storage.read_table(url), mapping or ColumnMapping())
+
+
+def _safe_list(url: str, suffixes: tuple[str, ...]) -> list[str]:
+    try:
+        return list_files(url, suffixes)
+    except InputError:
+        return []

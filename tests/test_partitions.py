@@ -1,0 +1,82 @@
+"""The partitioned pruner on a real local Ray: several partition actors plan exactly like one pruner."""
+from __future__ import annotations
+
+import uuid
+
+import numpy as np
+import pytest
+
+N, EPOCHS = 1000, 8
+BOUNDS = [0, 123, 700, N]  # three partition actors, uneven ranges
+CONSISTENCY = np.random.default_rng(0).normal(0.25, 0.05, N)
+
+
+def start(ray, policy, **partitioning):
+    from pipeline.prune.actor import actor_name, create_pruner
+
+    return create_pruner(actor_name(uuid.uuid4().hex[:8]), N, policy=policy, keep_ratio=0.4, epochs=EPOCHS,
+                         seed=7, consistency=CONSISTENCY, **partitioning)
+
+
+def plan(ray, actor, epoch):
+    """(kept, weights) of ``epoch``, read from the object store as workers do."""
+    [ref] = ray.get(actor.plan_ref.remote(epoch))
+    return ray.get(ref)
+
+
+@pytest.mark.parametrize("policy", ["mmdp", "infobatch", "random", "clip_filter", "full"])
+def test_partition_actors_give_the_single_actor_plans_with_updates(ray_local, policy):
+    from pipeline.prune.actor import LossReporter
+
+    single, split = start(ray_local, policy), start(ray_local, policy, bounds=BOUNDS)
+    try:
+        assert ray_local.get(split.info.remote())["partitions"] == 3
+        assert ray_local.get(single.info.remote())["partitions"] == 1
+        rng = np.random.default_rng(1)
+        for epoch in [0, 1, 2, 3, 4, EPOCHS - 1]:  # the last one anneals
+            plans = []
+            for actor in (single, split):
+                ray_local.get(actor.start_epoch.remote(epoch))
+                plans.append(plan(ray_local, actor, epoch))
+            (k1, w1), (k2, w2) = plans
+            np.testing.assert_array_equal(k1, k2)
+            np.testing.assert_array_equal(w1, w2)
+            # Losses that depend on the sample (some hard, most learned), sent as workers do.
+            losses = (np.sin(k1 * 0.37) ** 2 * 3 + rng.exponential(0.2, len(k1))).astype(np.float32)
+            order = rng.permutation(len(k1))
+            for actor in (single, split):
+                reporter = LossReporter(actor, max_in_flight=2, chunk_size=97)
+                for part in np.array_split(order, 9):
+                    reporter.report(k1[part], losses[part], epoch)
+                assert reporter.flush() == len(k1)
+            s1, s2 = (ray_local.get(a.epoch_summary.remote(epoch)) for a in (single, split))
+            assert s1 == s2 and s2["plan_missing"] == 0 and s2["plan_outside_plan"] == 0
+        log1, log2 = (ray_local.get(a.plan_log.remote()) for a in (single, split))
+        assert log1 == log2
+        for entry in log2:
+            assert sum(entry["pruned_by_reason"].values()) == N - entry["kept"]
+        st1, st2 = (ray_local.get(a.state_dict.remote()) for a in (single, split))
+        for key in ("loss", "last_seen", "consistency"):
+            np.testing.assert_array_equal(st1[key], st2[key])
+    finally:
+        ray_local.kill(single)
+        ray_local.kill(split)
+
+
+def test_a_partitioned_checkpoint_restores_into_one_pruner_and_back(ray_local):
+    from pipeline.prune.pruner import Pruner
+
+    split = start(ray_local, "mmdp", num_partitions=4)
+    try:
+        assert ray_local.get(split.info.remote())["partitions"] == 4
+        for epoch in range(3):
+            kept, _ = plan(ray_local, split, epoch)
+            ray_local.get(split.update.remote(kept, np.cos(kept * 0.1).astype(np.float32) + 1, epoch))
+        state = ray_local.get(split.state_dict.remote())
+        local = Pruner(N, "mmdp", keep_ratio=0.4, epochs=EPOCHS, seed=7, consistency=CONSISTENCY)
+        local.load_state_dict(state)
+        np.testing.assert_array_equal(plan(ray_local, split, 3)[0], local.plan(3)[0])
+        ray_local.get(split.load_state_dict.remote(local.state_dict()))  # and back into partitions
+        assert ray_local.get(split.losses_received.remote(2)) == local.losses_received(2)
+    finally:
+        ray_local.kill(split)
