@@ -51,6 +51,7 @@ import pyarrow.compute as pc
 from pipeline import storage
 from pipeline.cli import HELP, connect_ray, execute, option, run_job
 from pipeline.data import reference
+from pipeline.data.noise import parse_noise_spec, stream_rng
 from pipeline.data.contract import KEY
 from pipeline.report.page import markdown_table
 
@@ -103,7 +104,7 @@ class BenchPruningConfig:
         for part in self.noise:
             spec = "none" if part in ("clean", "none") else part.replace("+", ",")
             try:
-                reference.parse_noise_spec(spec)
+                parse_noise_spec(spec)
             except ValueError as exc:
                 raise ValueError(f"--noise: {exc}") from None
             noise.append("clean" if spec == "none" else part)
@@ -139,12 +140,12 @@ def build_pool(pool_size: int, noise: str, seed: int, split_seed: int, synthetic
     raw = _fashion_mnist()
     images, labels = raw["train"]
     # build_dataset splits by a permutation seeded with `seed` (from
-    # reference._rng); reorder the source so that permutation picks
+    # stream_rng); reorder the source so that permutation picks
     # split_seed's reference and pool images.
     perm = np.arange(len(labels))
     if seed != split_seed:
-        run_order = reference._rng(seed, "split").permutation(len(labels))
-        perm[run_order] = reference._rng(split_seed, "split").permutation(len(labels))
+        run_order = stream_rng(seed, "split").permutation(len(labels))
+        perm[run_order] = stream_rng(split_seed, "split").permutation(len(labels))
     ds = reference.build_dataset(
         (images[perm], labels[perm]), raw["test"], reference.FASHION_MNIST_CLASSES, reference_size=10_000,
         noise=noise, seed=seed, limit=pool_size, pairflip=reference.FASHION_MNIST_PAIRFLIP,

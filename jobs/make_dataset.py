@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from pipeline.data import reference
+from pipeline.data.noise import NOISE_KINDS, parse_noise_spec
 from pipeline.cli import HELP, option, run_job
 
 
@@ -41,7 +42,7 @@ class MakeDatasetConfig:
     # pool being pruned; 10k of 60k leaves the 50k pool the protocol draws from.
     reference_size: int = option(10_000, "clean training images kept apart for the reference model")
     # Clean by default: noise is what an experiment asks for, e.g. "symmetric:0.2,caption:0.05".
-    noise: str = option("none", f"kind:rate,... over the train split; kinds: {', '.join(reference.NOISE_KINDS)}")
+    noise: str = option("none", f"kind:rate,... over the train split; kinds: {', '.join(NOISE_KINDS)}")
     seed: int = option(0, "seed for the split, noise and images")
     limit: int | None = option(None, "cap on rows per split (with --synthetic: rows in total; none there: 256)")
     # ~2.5 MB of PNGs a shard: a handful of read tasks per split.
@@ -52,7 +53,7 @@ class MakeDatasetConfig:
     def __post_init__(self):
         # A ValueError here is a usage error: parse_config turns it into exit code 2.
         try:
-            reference.parse_noise_spec(self.noise)
+            parse_noise_spec(self.noise)
         except ValueError as exc:
             raise ValueError(f"--noise: {exc}") from None
         if not 0 <= self.reference_size < reference.FASHION_MNIST_TRAIN_SIZE:

@@ -120,11 +120,15 @@ def connect_ray(**init_args) -> None:
     ``num_cpus``, the tests' temp folder). Does nothing when Ray is up.
     """
     import ray
+    import ray.data
 
     if ray.is_initialized():
         return
     env = {k: os.environ[k] for k in S3_ENV if k in os.environ}
     ray.init(runtime_env={"env_vars": env} if env else None, **init_args)
+    # Progress bars are for terminals; in a log file they are mostly escape codes
+    # and carriage returns. The jobs log their own per-stage lines either way.
+    ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
 
 
 def execute(cfg, work):

@@ -22,7 +22,7 @@ JOBS = sorted(m.name for m in pkgutil.iter_modules(jobs.__path__) if m.name != "
 
 
 def _help(name: str, capsys, argv=("--help",)) -> str:
-    module = importlib.import_module(name if "." in name else f"jobs.{name}")
+    module = importlib.import_module(name)
     with pytest.raises(SystemExit) as exc:
         module.main(list(argv))
     captured = capsys.readouterr()
@@ -44,50 +44,28 @@ def _options(help_text: str) -> dict[str, str]:
     return entries
 
 
-def test_every_job_is_found():
-    assert {"make_dataset", "pretrain_reference_clip", "score", "train", "report", "demo"} <= set(JOBS)
-
-
-@pytest.mark.parametrize("name", JOBS)
-def test_help_shows_local_and_cluster_commands_and_every_default(name, capsys):
-    text = _help(name, capsys)
-    assert f"python -m jobs.{name}" in text
-    assert f"ray job submit --working-dir . -- python -m jobs.{name}" in text
-    options = {flag: entry for flag, entry in _options(text).items() if flag not in ("-h", "--help")}
-    assert options, f"no options found in jobs.{name} --help"
-    missing = [flag for flag, entry in options.items() if "(default" not in entry and "(required" not in entry]
-    assert not missing, f"jobs.{name} --help gives no default for {missing}"
-    assert any("(default" in entry for entry in options.values())
-
-
+# Benchmarks run through the same skeleton (pipeline.cli.run_job); benchmarks.procmem is a helper, not a command.
 BENCHMARKS = sorted(m.name for m in pkgutil.iter_modules(benchmarks.__path__)
                     if hasattr(importlib.import_module(f"benchmarks.{m.name}"), "main"))
+COMMANDS = [f"jobs.{name}" for name in JOBS] + [f"benchmarks.{name}" for name in BENCHMARKS]
 
 
-def test_every_benchmark_is_found():
+def test_every_job_is_found():
+    assert {"make_dataset", "pretrain_reference_clip", "score", "train", "report", "demo"} <= set(JOBS)
     assert {"gpu", "pruner_scale", "pruning", "reporting", "score_shards", "scoring"} <= set(BENCHMARKS)
 
 
-@pytest.mark.parametrize("name", BENCHMARKS)
-def test_benchmark_help_shows_local_and_cluster_commands_and_every_default(name, capsys):
-    """Benchmarks go through the same skeleton (``pipeline.cli.run_job``); ``scoring`` lists every command's options."""
-    text = _help(f"benchmarks.{name}", capsys)
-    assert f"python -m benchmarks.{name}" in text
-    assert f"ray job submit --working-dir . -- python -m benchmarks.{name}" in text
+@pytest.mark.parametrize("module", COMMANDS)
+def test_help_shows_local_and_cluster_commands_and_every_default(module, capsys):
+    """``benchmarks.scoring --help`` lists every command's options."""
+    text = _help(module, capsys)
+    assert f"python -m {module}" in text
+    assert f"ray job submit --working-dir . -- python -m {module}" in text
     options = {flag: entry for flag, entry in _options(text).items() if flag not in ("-h", "--help")}
-    assert options, f"no options found in benchmarks.{name} --help"
+    assert options, f"no options found in {module} --help"
     missing = [flag for flag, entry in options.items() if "(default" not in entry and "(required" not in entry]
-    assert not missing, f"benchmarks.{name} --help gives no default for {missing}"
-
-
-@pytest.mark.parametrize("name", BENCHMARKS)
-def test_benchmark_unknown_option_exits_2_with_a_message(name, capsys):
-    module = importlib.import_module(f"benchmarks.{name}")
-    with pytest.raises(SystemExit) as exc:
-        module.main(["--no-such-option"])
-    err = capsys.readouterr().err
-    assert exc.value.code == 2
-    assert "error:" in err and "Traceback" not in err
+    assert not missing, f"{module} --help gives no default for {missing}"
+    assert any("(default" in entry for entry in options.values())
 
 
 def test_subcommand_flags_are_their_config_fields(capsys):
@@ -99,11 +77,10 @@ def test_subcommand_flags_are_their_config_fields(capsys):
         assert flags == {"--" + f.name.replace("_", "-") for f in dataclasses.fields(config_cls)}
 
 
-@pytest.mark.parametrize("name", JOBS)
-def test_unknown_option_exits_2_with_a_message(name, capsys):
-    module = importlib.import_module(f"jobs.{name}")
+@pytest.mark.parametrize("module", COMMANDS)
+def test_unknown_option_exits_2_with_a_message(module, capsys):
     with pytest.raises(SystemExit) as exc:
-        module.main(["--no-such-option"])
+        importlib.import_module(module).main(["--no-such-option"])
     err = capsys.readouterr().err
     assert exc.value.code == 2
     assert "error:" in err and "Traceback" not in err

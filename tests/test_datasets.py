@@ -1,4 +1,4 @@
-"""pipeline.data.reference without writing: idx reading, noise spec and injection, the synthetic set."""
+"""pipeline.data.reference and .noise without writing: idx reading, noise spec and injection, the synthetic set."""
 
 from __future__ import annotations
 
@@ -9,18 +9,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipeline.data import noise
 from pipeline.data import reference as ds
 
 ALL_KINDS = {"symmetric": 0.3, "pairflip": 0.1, "caption": 0.05, "duplicate": 0.05, "corrupt_image": 0.05}
 
 
 def test_parse_noise_spec_canonical_order_and_clean():
-    assert ds.parse_noise_spec("symmetric:0.3") == {"symmetric": 0.3}
-    a = ds.parse_noise_spec("caption:0.05, symmetric:0.3")
+    assert noise.parse_noise_spec("symmetric:0.3") == {"symmetric": 0.3}
+    a = noise.parse_noise_spec("caption:0.05, symmetric:0.3")
     assert list(a.items()) == [("symmetric", 0.3), ("caption", 0.05)]
-    assert ds.parse_noise_spec(ds.format_noise_spec(a)) == a
-    assert ds.parse_noise_spec("") == ds.parse_noise_spec("none") == ds.parse_noise_spec(None) == {}
-    assert ds.parse_noise_spec("symmetric:0.6,pairflip:0.4") == {"symmetric": 0.6, "pairflip": 0.4}  # total 1 is fine
+    assert noise.parse_noise_spec(noise.format_noise_spec(a)) == a
+    assert noise.parse_noise_spec("") == noise.parse_noise_spec("none") == noise.parse_noise_spec(None) == {}
+    assert noise.parse_noise_spec("symmetric:0.6,pairflip:0.4") == {"symmetric": 0.6, "pairflip": 0.4}  # total 1 is fine
 
 
 @pytest.mark.parametrize(
@@ -37,12 +38,12 @@ def test_parse_noise_spec_canonical_order_and_clean():
 )
 def test_parse_noise_spec_rejects(spec, message):
     with pytest.raises(ValueError, match=message):
-        ds.parse_noise_spec(spec)
+        noise.parse_noise_spec(spec)
 
 
 def test_inject_noise_exact_disjoint_counts_and_labels():
     clean = np.arange(2000, dtype=np.int64) % 10
-    out = ds.inject_noise(clean, 10, ALL_KINDS, seed=3, pairflip=ds.FASHION_MNIST_PAIRFLIP)
+    out = noise.inject_noise(clean, 10, ALL_KINDS, seed=3, pairflip=ds.FASHION_MNIST_PAIRFLIP)
     kind, label, cap = out["corruption"], out["label"], out["caption_label"]
     for name, rate in ALL_KINDS.items():
         assert (kind == name).sum() == round(rate * 2000)
@@ -149,7 +150,7 @@ def test_corrupt_bytes_never_decode_and_duplicates_are_near_copies():
     train, truth = data.splits["train"], data.ground_truth.to_pylist()
     images, keys = train["image"].to_pylist(), train["key"].to_pylist()
     for image, row in zip(images, truth):
-        assert ds.decodes(image) == (row["corruption"] != "corrupt_image")
+        assert noise.decodes(image) == (row["corruption"] != "corrupt_image")
         if row["corruption"] == "duplicate":
             copy, source = _rgb(image).astype(int), _rgb(images[keys.index(row["duplicate_of"])]).astype(int)
             assert 0 < np.abs(copy - source).max() <= 8

@@ -1,4 +1,4 @@
-"""Shard I/O round trips through a local folder and a loopback S3 server."""
+"""Storage round trips through a local folder and a loopback S3 server; shard files onto the contract."""
 
 import numpy as np
 import pyarrow as pa
@@ -6,6 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import storage
+from pipeline.data import shards
 from pipeline.data.contract import SHARD_SCHEMA, ColumnMapping, SchemaError, to_contract
 from shardfiles import tar_bytes
 
@@ -83,7 +84,9 @@ def test_img2dataset_parquet_maps_onto_contract(tmp_path):
                     "txt": ["a dog", "a cat"], "url": ["http://x/1", "http://x/2"]})
     pq.write_table(raw, tmp_path / "00000.parquet")
     (tmp_path / "00000_stats.json").write_text("{}")
-    table = shards.read_shards(str(tmp_path), ColumnMapping.parse("img2dataset"))
+    kind, files = shards.shard_files(str(tmp_path))  # the stats sidecar is not a shard
+    assert (kind, files) == ("parquet", [storage.join(str(tmp_path), "00000.parquet")])
+    table = to_contract(storage.read_table(files[0]), ColumnMapping.parse("img2dataset"))
     assert table.schema == SHARD_SCHEMA
     assert table.column("image").to_pylist() == [b"\xff\xd8a", b"\xff\xd8b"]
     assert table.column("caption").to_pylist() == ["a dog", "a cat"]
@@ -97,7 +100,11 @@ def test_webdataset_tar_maps_onto_contract(tmp_path):
     (tmp_path / "00000.tar").write_bytes(data)
     # img2dataset writes a metadata parquet beside each tar; it holds no samples.
     pq.write_table(pa.table({"key": ["000000001"], "status": ["success"]}), tmp_path / "00000.parquet")
-    table = shards.read_shards(str(tmp_path))
+    assert shards.shard_files(str(tmp_path)) == ("webdataset", [storage.join(str(tmp_path), "00000.tar")])
+    # Each sample's members by extension, as the score job's webdataset reader hands them over.
+    members = pa.table({"__key__": ["000000001", "000000002"], "jpg": [b"img1", None], "png": [None, b"img2"],
+                        "txt": [b"a dog\n", b"a cat"], "cls": [b"3", b"5\n"], "json": [b"{}", None]})
+    table = shards.webdataset_to_contract(members)
     assert table.to_pylist() == [
         {"key": "000000001", "image": b"img1", "caption": "a dog", "label": 3},
         {"key": "000000002", "image": b"img2", "caption": "a cat", "label": 5},
@@ -108,7 +115,7 @@ def test_truncated_tar_names_the_file(tmp_path):
     data = tar_bytes([(f"{i:09d}.jpg", b"x" * 2000) for i in range(5)])
     (tmp_path / "00000.tar").write_bytes(data[: len(data) // 2])
     with pytest.raises(storage.InputError, match="00000.tar"):
-        shards.read_webdataset(str(tmp_path))
+        shards.shard_files(str(tmp_path))
 
 
 def test_corrupt_parquet_names_the_file(tmp_path):
@@ -124,7 +131,7 @@ def test_stray_non_shard_file_names_the_file(tmp_path):
     pq.write_table(_table(4), tmp_path / "a.parquet")
     (tmp_path / "notes.csv").write_text("x,y")
     with pytest.raises(storage.InputError, match="notes.csv"):
-        shards.read_shards(str(tmp_path))
+        shards.shard_files(str(tmp_path))
 
 
 def test_missing_required_column_is_named():

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from jobs.make_dataset import main
+from pipeline.data import noise
 from pipeline.data import reference as ds
 from pipeline import storage
 
@@ -51,7 +52,7 @@ def test_symmetric_rate_and_labels(tmp_path):
 
 def test_composed_rates_shards_and_layout(composed):
     truth = composed["truth"].to_pandas()
-    for kind, rate in ds.parse_noise_spec(COMPOSED).items():
+    for kind, rate in noise.parse_noise_spec(COMPOSED).items():
         assert abs((truth.corruption == kind).mean() - rate) <= 0.01, kind
         assert abs(composed["meta"]["noise_measured"][kind] - rate) <= 0.01
     assert (truth.corruption == "none").mean() == pytest.approx(0.55, abs=0.01)
@@ -67,7 +68,7 @@ def test_splits_are_disjoint_and_keys_unique(composed, source_index):
     found = {}
     for split, table in composed["splits"].items():
         lookup = source_index["test" if split == "test" else "train"]
-        images = [_pixels(b) for b in table["image"].to_pylist() if ds.decodes(b)]
+        images = [_pixels(b) for b in table["image"].to_pylist() if noise.decodes(b)]
         found[split] = {lookup.get(p.tobytes()) for p in images} - {None}
     assert len(found["reference"]) == 2000 and len(found["test"]) == 2000
     assert len(found["train"]) >= 2000 * 0.9 - 1  # duplicates are perturbed and corrupt rows unreadable
@@ -89,7 +90,7 @@ def test_ground_truth_matches_rows(composed):
     for row, gt in zip(train, truth):
         kind = gt["corruption"]
         assert row["label"] == gt["label"] and _names(row["caption"], classes[gt["caption_label"]])
-        assert ds.decodes(row["image"]) == (kind != "corrupt_image")
+        assert noise.decodes(row["image"]) == (kind != "corrupt_image")
         assert (row["label"] != gt["clean_label"]) == (kind in ("symmetric", "pairflip")), gt
         assert (gt["caption_label"] != gt["clean_label"]) == (kind in ("symmetric", "pairflip", "caption")), gt
         assert (gt["duplicate_of"] is not None) == (kind == "duplicate")

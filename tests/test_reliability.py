@@ -127,7 +127,7 @@ def test_scoring_actor_killed_mid_job(ray_session, ckpt, tmp_path):
         end = time.monotonic() + 120
         while time.monotonic() < end and not killed:
             alive = [a for a in _scorer_actors() if a["State"] == "ALIVE" and a["Pid"]]
-            staged = list((tmp_path / "out").glob("_staging-*/*.parquet"))
+            staged = list((tmp_path / "out").glob("_staging/*.parquet"))
             if alive and staged:  # it has scored and written some rows: mid-job
                 killed.update(pid=alive[0]["Pid"], actor=alive[0]["ActorID"], files_written=len(staged),
                               at=time.monotonic())
@@ -312,13 +312,14 @@ def test_score_job_killed_while_writing_then_rerun(ray_session, ckpt, s3_bucket,
         proc = _start(["jobs.score", *_score_args(str(tmp_path / "in"), out, ckpt, "--batch-size", "8")], env,
                       tmp_path / "log")
         try:
-            _wait_for(lambda: any("_staging-" in key and method == "PUT" for method, key, _ in proxy.log), 120, proc)
+            _wait_for(lambda: any("_staging/" in key and method == "PUT" for method, key, _ in proxy.log), 120, proc)
         finally:
             _kill_session(proc)
     job_log = (tmp_path / "log").read_text(errors="replace")
     with pytest.raises(storage.InputError, match="incomplete output") as refused:
         storage.read_table(storage.join(out, "scores"))
     assert score_job.main(_score_args(str(tmp_path / "in"), out, ckpt, "--batch-size", "8")) == 0  # the rerun
+    assert not storage.exists(storage.join(out, "_staging"))  # cleared, not left behind
     scores = storage.read_table(storage.join(out, "scores"))
     expected = _expected_scores(rows, ckpt)
     got = dict(zip(scores.column("key").to_pylist(), scores.column("clip_score").to_pylist()))

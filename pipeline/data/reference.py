@@ -1,4 +1,4 @@
-"""Reference datasets: Fashion-MNIST from its idx files, noise injection, a synthetic test set.
+"""Reference datasets: Fashion-MNIST from its idx files and a synthetic test set, with injected noise.
 
 A dataset is built in memory as a :class:`Dataset` (three tables in the shard
 contract, a ground-truth table and metadata), then written by
@@ -10,25 +10,27 @@ contract, a ground-truth table and metadata), then written by
 
 ``reference`` is a clean slice of the 60k training images (to pre-train the
 reference CLIP model), ``train`` the rest (the pool that gets pruned, and the
-only split with injected noise), ``test`` the clean 10k test set. Everything
-is a pure function of the arguments and ``seed``: same arguments, same bytes.
-No Ray here.
+only split with noise, injected by :mod:`pipeline.data.noise`), ``test`` the
+clean 10k test set. Everything is a pure function of the arguments and
+``seed``: same arguments, same bytes. No Ray here.
 """
 
 from __future__ import annotations
 
 import gzip
-import io as _bytesio
+import io
 import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 from PIL import Image, ImageDraw
 
 from pipeline import storage
 from pipeline.data.contract import SHARD_SCHEMA
+from pipeline.data.noise import (
+    corrupt_png, format_noise_spec, inject_noise, measured_noise, parse_noise_spec, stream_rng,
+)
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist
 FASHION_MNIST_FILES = {
@@ -53,9 +55,6 @@ CAPTION_TEMPLATES = (
     "an image of a {}.",
 )
 SPLITS = ("reference", "train", "test")
-# Canonical order: rows are dealt to kinds in this order, whatever order the spec names them in.
-NOISE_KINDS = ("symmetric", "pairflip", "caption", "duplicate", "corrupt_image")
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _IDX_MAGIC = {"images": 0x00000803, "labels": 0x00000801}  # uint8 data, 3 dims / 1 dim
 
 
@@ -80,12 +79,6 @@ class Dataset:
     splits: dict[str, pa.Table]
     ground_truth: pa.Table
     metadata: dict = field(default_factory=dict)
-
-
-def _rng(seed: int, stream: str) -> np.random.Generator:
-    # One independent stream per purpose, so changing (say) the noise spec
-    # does not move which images land in the reference split.
-    return np.random.default_rng([seed, zlib.crc32(stream.encode())])
 
 
 def _read_idx(data: bytes, kind: str, name: str) -> np.ndarray:
@@ -138,47 +131,6 @@ def load_fashion_mnist(source: str | None = None) -> dict[str, tuple[np.ndarray,
     return out
 
 
-def parse_noise_spec(spec: str | dict | None) -> dict[str, float]:
-    """``"symmetric:0.3,caption:0.05"`` -> ``{"symmetric": 0.3, "caption": 0.05}`` (canonical order).
-
-    Empty, ``None`` or ``"none"`` means no noise. Each rate is the fraction of
-    train rows given that kind; the kinds get disjoint rows.
-
-    Raises:
-        ValueError: malformed entry, unknown or repeated kind, rate outside [0, 1), or rates summing above 1.
-    """
-    if isinstance(spec, dict):
-        items = [(str(k), v) for k, v in spec.items()]
-    else:
-        text = (spec or "").strip()
-        items = []
-        for part in filter(None, (p.strip() for p in ("" if text == "none" else text).split(","))):
-            kind, sep, rate = part.partition(":")
-            try:
-                items.append((kind.strip(), float(rate)))
-            except ValueError:
-                raise ValueError(f"bad noise entry {part!r}: use kind:rate, e.g. symmetric:0.3") from None
-            if not sep:
-                raise ValueError(f"bad noise entry {part!r}: use kind:rate, e.g. symmetric:0.3")
-    rates = {}
-    for kind, rate in items:
-        if kind not in NOISE_KINDS:
-            raise ValueError(f"unknown noise kind {kind!r}; known kinds: {', '.join(NOISE_KINDS)}")
-        if kind in rates:
-            raise ValueError(f"noise kind {kind!r} given twice")
-        if not 0.0 <= float(rate) < 1.0:
-            raise ValueError(f"noise rate for {kind!r} is {rate}; it must be in [0, 1)")
-        rates[kind] = float(rate)
-    if sum(rates.values()) > 1.0 + 1e-9:
-        raise ValueError(f"noise rates sum to {sum(rates.values()):.3g} > 1; kinds get disjoint rows")
-    return {k: rates[k] for k in NOISE_KINDS if k in rates}
-
-
-def format_noise_spec(rates: dict[str, float]) -> str:
-    """The inverse of :func:`parse_noise_spec` (``"none"`` when clean)."""
-    return ",".join(f"{k}:{v:g}" for k, v in rates.items()) or "none"
-
-
 def caption_for(key: str, class_name: str) -> str:
     """A caption for a row: the template is picked by the row's key, so it never depends on the seed."""
     return CAPTION_TEMPLATES[zlib.crc32(key.encode()) % len(CAPTION_TEMPLATES)].format(class_name)
@@ -186,89 +138,9 @@ def caption_for(key: str, class_name: str) -> str:
 
 def encode_png(pixels: np.ndarray) -> bytes:
     """PNG bytes of a uint8 ``[H, W]`` (grayscale) or ``[H, W, 3]`` (RGB) image; deterministic."""
-    buf = _bytesio.BytesIO()
+    buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, format="PNG", compress_level=6)
     return buf.getvalue()
-
-
-def decodes(data: bytes) -> bool:
-    """Whether ``data`` is an image PIL can fully decode."""
-    try:
-        with Image.open(_bytesio.BytesIO(data)) as image:
-            image.load()
-        return True
-    except Exception:  # PIL raises OSError, SyntaxError, ValueError, zlib.error... for broken bytes
-        return False
-
-
-def inject_noise(
-    labels: np.ndarray,
-    num_classes: int,
-    rates: dict[str, float],
-    seed: int,
-    pairflip: tuple[int, ...] | None = None,
-) -> dict[str, np.ndarray]:
-    """Decide which rows get which corruption, and their new labels.
-
-    Each kind gets ``round(rate * n)`` rows, disjoint across kinds, so each
-    measured rate equals the asked one up to rounding.
-
-    Args:
-        labels: clean labels of the pool, int64 ``[n]``.
-        num_classes: number of classes.
-        rates: parsed noise spec (:func:`parse_noise_spec`).
-        seed: random seed.
-        pairflip: class -> class map for pair-flip noise; default ``c -> (c + 1) % num_classes``.
-
-    Returns:
-        Arrays of length n: ``corruption`` (kind or "none"), ``clean_label`` (a duplicate's
-        is its source's), ``label`` (what the shard says), ``caption_label`` (the class its caption
-        names) and ``duplicate_of`` (source row index, -1 if none).
-    """
-    n = len(labels)
-    rng = _rng(seed, "noise")
-    flip = np.asarray(pairflip if pairflip is not None else [(c + 1) % num_classes for c in range(num_classes)])
-    order = rng.permutation(n)
-    corruption = np.full(n, "none", dtype=object)
-    clean, label, caption_label = labels.copy(), labels.copy(), labels.copy()
-    duplicate_of = np.full(n, -1, dtype=np.int64)
-    start, chosen = 0, {}
-    for kind in NOISE_KINDS:
-        count = min(int(rates.get(kind, 0.0) * n + 0.5), n - start)
-        chosen[kind] = rows = order[start : start + count]
-        corruption[rows] = kind
-        start += count
-    rows = chosen["symmetric"]  # uniform over the OTHER classes: every such row is really wrong
-    label[rows] = caption_label[rows] = (labels[rows] + rng.integers(1, num_classes, len(rows))) % num_classes
-    rows = chosen["pairflip"]
-    label[rows] = caption_label[rows] = flip[labels[rows]]
-    rows = chosen["caption"]  # the caption names another class; the label stays right
-    caption_label[rows] = (labels[rows] + rng.integers(1, num_classes, len(rows))) % num_classes
-    rows = chosen["duplicate"]  # a near-copy of a clean row, with that row's (correct) label
-    pool = order[start:] if start < n else np.setdiff1d(order, rows)
-    if len(rows) and not len(pool):
-        raise ValueError(f"duplicate rate {rates['duplicate']} leaves no row of {n} to copy from")
-    if len(rows):
-        sources = rng.choice(pool, size=len(rows), replace=len(rows) > len(pool))
-        duplicate_of[rows] = sources
-        clean[rows] = label[rows] = caption_label[rows] = labels[sources]
-    return {
-        "corruption": corruption,
-        "clean_label": clean,
-        "label": label,
-        "caption_label": caption_label,
-        "duplicate_of": duplicate_of,
-    }
-
-
-def _corrupt(data: bytes, rng: np.random.Generator, truncate: bool) -> bytes:
-    # Half cut short mid-stream (a partial download), half garbled after the
-    # signature (bit rot); both keep the PNG signature so they look like images.
-    if truncate:
-        broken = data[: int(len(data) * rng.uniform(0.3, 0.7))]
-    else:
-        broken = PNG_SIGNATURE + rng.integers(0, 256, len(data) - len(PNG_SIGNATURE), dtype=np.uint8).tobytes()
-    return broken if not decodes(broken) else PNG_SIGNATURE
 
 
 def _table(keys: list[str], images: list[bytes], captions: list[str], labels: np.ndarray) -> pa.Table:
@@ -310,7 +182,7 @@ def build_dataset(
         raise ValueError(f"reference_size {reference_size} must be in [0, {len(labels)})")
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
-    order = _rng(seed, "split").permutation(len(labels))
+    order = stream_rng(seed, "split").permutation(len(labels))
     ref_index, pool_index = order[:reference_size][:limit], order[reference_size:][:limit]
     test_index = np.arange(len(test[1]))[:limit]
     splits = {
@@ -323,7 +195,7 @@ def build_dataset(
     dup_rows = np.flatnonzero(noisy["duplicate_of"] >= 0)
     dup_src = noisy["duplicate_of"][dup_rows]
     # +-8 grey levels: a near-copy that a byte hash does not catch.
-    jitter = _rng(seed, "duplicate").integers(-8, 9, pixels[dup_rows].shape)
+    jitter = stream_rng(seed, "duplicate").integers(-8, 9, pixels[dup_rows].shape)
     pixels[dup_rows] = np.clip(pixels[dup_src].astype(np.int16) + jitter, 0, 255).astype(np.uint8)
     # A near-duplicate repeats its source's caption too: the same pair posted twice.
     caption_keys = list(keys)
@@ -331,9 +203,9 @@ def build_dataset(
         caption_keys[row] = keys[src]
     captions = [caption_for(k, classes[c]) for k, c in zip(caption_keys, noisy["caption_label"])]
     encoded = [encode_png(p) for p in pixels]
-    corrupt_rng = _rng(seed, "corrupt_image")
+    corrupt_rng = stream_rng(seed, "corrupt_image")
     for j, row in enumerate(np.flatnonzero(noisy["corruption"] == "corrupt_image")):
-        encoded[row] = _corrupt(encoded[row], corrupt_rng, truncate=j % 2 == 0)
+        encoded[row] = corrupt_png(encoded[row], corrupt_rng, truncate=j % 2 == 0)
     splits["train"] = _table(keys, encoded, captions, noisy["label"])
     ground_truth = pa.table({
         "key": pa.array(keys, pa.string()),
@@ -361,14 +233,6 @@ def build_dataset(
         "image": {"format": "png", "shape": list(images.shape[1:])},
     }
     return Dataset(splits=splits, ground_truth=ground_truth, metadata=metadata)
-
-
-def measured_noise(ground_truth: pa.Table) -> dict[str, float]:
-    """Fraction of train rows of each noise kind, from a ground-truth table."""
-    n = max(ground_truth.num_rows, 1)
-    counts = pc.value_counts(ground_truth.column("corruption")).to_pylist()
-    found = {c["values"]: c["counts"] for c in counts}
-    return {kind: found.get(kind, 0) / n for kind in NOISE_KINDS}
 
 
 def make_fashion_mnist(
@@ -409,7 +273,7 @@ def draw_synthetic(n: int, seed: int = 0, size: int = 32, stream: str = "pool") 
     Returns:
         uint8 ``[n, size, size, 3]`` images and int64 ``[n]`` labels.
     """
-    rng = _rng(seed, f"synthetic-{stream}")
+    rng = stream_rng(seed, f"synthetic-{stream}")
     labels = rng.permutation(np.arange(n) % len(SYNTHETIC_CLASSES)).astype(np.int64)
     images = np.empty((n, size, size, 3), np.uint8)
     for i, c in enumerate(labels):
@@ -440,7 +304,7 @@ def make_synthetic(n: int = 256, seed: int = 0, size: int = 32, noise: str | dic
         n: rows in total: ``n // 4`` reference, ``n // 4`` test, the rest train.
         seed: random seed (images, split, noise).
         size: image side in pixels.
-        noise: noise spec for the train split, as in :func:`parse_noise_spec`.
+        noise: noise spec for the train split, as in :func:`~pipeline.data.noise.parse_noise_spec`.
     """
     if n < 8:
         raise ValueError(f"make_synthetic needs n >= 8 rows, got {n}")

@@ -1,4 +1,4 @@
-"""Shards: the data files a dataset is stored in (parquet, webdataset tars), read into the data contract.
+"""Shards: the data files a dataset is stored in (parquet, webdataset tars), and their mapping onto the contract.
 
 A dataset is a folder (or one file) of shards, local or in an object store.
 :func:`shard_files` names the format and the files and refuses anything that
@@ -8,8 +8,6 @@ would silently lose rows (a stray file, a truncated tar, unreadable parquet);
 """
 
 from __future__ import annotations
-
-import tarfile
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -25,48 +23,12 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 SIDECAR_SUFFIXES = (".json", ".crc", ".md")
 
 
-def read_webdataset(url: str, mapping: ColumnMapping = MAPPINGS["img2dataset"]) -> pa.Table:
-    """Read webdataset tars (one file or a folder of ``.tar``) into the data contract.
-
-    Members are grouped by sample key (the member path up to the first dot of
-    its file name), and each extension becomes a column: ``jpg``/``png``/...
-    bytes, ``txt`` text, ``cls`` label, which ``mapping`` renames onto the contract.
-
-    Raises:
-        InputError: a tar is unreadable or cut short, naming the file.
-    """
-    rows: dict[str, dict[str, bytes]] = {}
-    for file_url in list_files(url, suffixes=(".tar",)):
-        fs, path = filesystem_for(file_url)
-        try:
-            with fs.open_input_file(path) as f, tarfile.open(fileobj=f, mode="r:") as tar:
-                for member in tar:
-                    if not member.isfile():
-                        continue
-                    directory, _, base = member.name.rpartition("/")
-                    stem, _, ext = base.partition(".")
-                    key = f"{directory}/{stem}" if directory else stem
-                    rows.setdefault(key, {})[ext.lower()] = tar.extractfile(member).read()
-                # tarfile takes a header cut short for the end of the archive; a
-                # whole tar ends in two zero blocks, so check for them.
-                f.seek(tar.offset)
-                if f.read(1024) != bytes(1024):
-                    raise tarfile.ReadError("archive ends without its end-of-archive blocks")
-        except (tarfile.TarError, EOFError, OSError) as exc:
-            raise InputError(f"{file_url}: unreadable or truncated tar ({exc}); re-create or remove it") from exc
-    keys = list(rows)
-    extensions = sorted({ext for r in rows.values() for ext in r})
-    table = pa.table({"__key__": keys, **{e: pa.array([rows[k].get(e) for k in keys], pa.binary()) for e in extensions}})
-    return webdataset_to_contract(table, mapping)
-
-
 def webdataset_to_contract(table: pa.Table, mapping: ColumnMapping = MAPPINGS["img2dataset"]) -> pa.Table:
     """Webdataset samples (``__key__`` plus one bytes column per member extension) in the data contract.
 
     The image is each sample's first image member, whatever its extension
     (``jpg``/``png``/...), under the mapping's image column; ``txt`` and
     ``cls`` become trimmed text, undecodable bytes replaced rather than lost.
-    Shared by :func:`read_webdataset` and the score job's Ray Data reader.
     """
     present = [e for e in IMAGE_EXTENSIONS if e in table.column_names]
     images = [table.column(e).cast(pa.binary()) for e in present]
@@ -134,14 +96,6 @@ def _check_tar_end(file_url: str) -> None:
             tail = storage.retry_reads(lambda: f.read_at(1024, size - 1024))
     if tail != bytes(1024):
         raise InputError(f"{file_url}: truncated tar ({size} bytes, no end-of-archive blocks); re-create or remove it")
-
-
-def read_shards(url: str, mapping: ColumnMapping | None = None) -> pa.Table:
-    """Read a dataset folder of parquet or webdataset shards into the data contract."""
-    kind, _ = shard_files(url)
-    if kind == "webdataset":
-        return read_webdataset(url, mapping or MAPPINGS["img2dataset"])
-    return to_contract(storage.read_table(url), mapping or ColumnMapping())
 
 
 def _safe_list(url: str, suffixes: tuple[str, ...]) -> list[str]:

@@ -1,10 +1,9 @@
 """open_clip models for mmdp: the configs it ships, loading from anywhere, saving checkpoints.
 
 A model is named by an open_clip config name (``ViT-B-32``, or one of the
-configs in ``pipeline/score/model_configs/``: ``mmdp-tiny`` for tests, ``mmdp-ref``
-for the offline reference model: a 4-layer, width-128 ViT on 28 px images cut
-into 7 px patches, since 4 px patches trained 2.5x slower per epoch for no
-better zero-shot accuracy at equal epochs) plus where its weights come from:
+configs in ``pipeline/score/model_configs/``: ``mmdp-tiny`` for tests,
+``mmdp-ref`` for the offline reference model, a 4-layer, width-128 ViT on
+28 px images cut into 7 px patches) plus where its weights come from:
 
 * ``None``: random initialisation;
 * an open_clip hub tag such as ``laion2b_s34b_b79k`` (downloaded by open_clip);

@@ -12,7 +12,6 @@ import collections
 import functools
 import logging
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -28,6 +27,8 @@ from pipeline.data.contract import KEY, REJECTS_SCHEMA, SCORES_SCHEMA, ColumnMap
 from pipeline.data.validate import DUPLICATE_KEY, RowValidator, first_occurrence_mask
 
 log = logging.getLogger(__name__)
+# Ray Data writes the scored rows here before write_scores commits them as scores/.
+STAGING = "_staging"
 
 
 @dataclass(frozen=True)
@@ -182,9 +183,12 @@ def _score(cfg: ScoreConfig, classes: tuple[str, ...]) -> dict:
         num_cpus=1 if use_gpu else cfg.actor_cpus,
     )
     # The job's output folder is pending until the job skeleton commits it
-    # (pipeline.cli.execute): a job killed half-way leaves it refused by readers.
-    staging = storage.join(cfg.output, f"_staging-{uuid.uuid4().hex[:8]}")
+    # (pipeline.cli.execute): a job killed half-way leaves it refused by readers,
+    # and its staging folder is cleared by the next run here.
+    staging = storage.join(cfg.output, STAGING)
     fs, staging_path = storage.filesystem_for(staging)
+    if storage.exists(staging):
+        fs.delete_dir(staging_path)
     try:
         ds.write_parquet(staging_path, filesystem=fs)
         table = storage.read_table(staging) if storage.exists(staging) else SCORES_SCHEMA.empty_table()

@@ -115,7 +115,6 @@ class ImageDecoder:
         max_pixels: pixel budget per image, checked before decoding.
         pixel_dtype: ``"float32"`` or ``"uint8"``.
         jpeg_draft: let JPEG decoding downscale large photos on the fly.
-        keep_image: pass the encoded bytes through too (off: they are not needed after this).
     """
 
     def __init__(
@@ -125,7 +124,6 @@ class ImageDecoder:
         max_pixels: int = MAX_PIXELS,
         pixel_dtype: str = "float32",
         jpeg_draft: bool = True,
-        keep_image: bool = False,
     ):
         if pixel_dtype not in ("float32", "uint8"):
             raise ValueError(f"pixel_dtype must be 'float32' or 'uint8', not {pixel_dtype!r}")
@@ -142,7 +140,7 @@ class ImageDecoder:
         self.size = tuple(cfg["size"]) if isinstance(cfg["size"], (tuple, list)) else (cfg["size"], cfg["size"])
         self.mean = torch.tensor(cfg["mean"], dtype=torch.float32).view(1, 3, 1, 1)
         self.std = torch.tensor(cfg["std"], dtype=torch.float32).view(1, 3, 1, 1)
-        self.max_pixels, self.pixel_dtype, self.keep_image = max_pixels, pixel_dtype, keep_image
+        self.max_pixels, self.pixel_dtype = max_pixels, pixel_dtype
         self.resize_shortest = cfg["resize_mode"] == "shortest"
         self.draft_size = max(self.size) if jpeg_draft else None
 
@@ -172,7 +170,7 @@ class ImageDecoder:
         if self.pixel_dtype == "float32":
             chw = normalize_pixels(torch.from_numpy(chw), self.mean, self.std).numpy()
             chw[errors != ""] = 0.0
-        out = {k: v for k, v in batch.items() if k != "image" or self.keep_image}
+        out = {k: v for k, v in batch.items() if k != "image"}
         if "error" in batch:  # an earlier stage's reason wins
             earlier = np.array(["" if e is None else str(e) for e in batch["error"]], dtype=object)
             errors = np.where(earlier != "", earlier, errors)
@@ -218,8 +216,7 @@ class ClipScorer:
     would cost as much as shipping them in), plus ``clip_score`` and
     ``clip_margin`` (float32; margin NaN in caption mode), ``error`` (input
     errors kept, plus ``empty caption`` / ``missing label`` / ``label out of
-    range: k`` for rows this mode cannot score; those rows get NaN scores) and,
-    with ``return_embedding``, ``embedding`` (normalised image embedding, float32).
+    range: k`` for rows this mode cannot score; those rows get NaN scores).
 
     Args:
         model: open_clip config name.
@@ -229,7 +226,6 @@ class ClipScorer:
         templates: prompt templates with ``{}`` for the class name (label mode).
         device: ``None`` picks CUDA when available (then fp16 autocast), else CPU.
         num_threads: CPU threads for torch (the cores Ray gave this actor); ``None`` leaves torch's default.
-        return_embedding: also return image embeddings (for dedup later).
     """
 
     def __init__(
@@ -241,7 +237,6 @@ class ClipScorer:
         templates: Sequence[str] | None = None,
         device: str | None = None,
         num_threads: int | None = None,
-        return_embedding: bool = False,
     ):
         if mode not in ("caption", "label"):
             raise ValueError(f"mode must be 'caption' or 'label', not {mode!r}")
@@ -250,9 +245,8 @@ class ClipScorer:
         if num_threads:
             torch.set_num_threads(int(num_threads))
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.mode, self.return_embedding = mode, return_embedding
+        self.mode = mode
         self.model, _, self.tokenizer = load_clip(model, pretrained, device=self.device)
-        self.embed_dim = int(open_clip.get_model_config(model)["embed_dim"])
         cfg = self.model.visual.preprocess_cfg
         self.mean = torch.tensor(cfg["mean"], dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(cfg["std"], dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
@@ -294,7 +288,6 @@ class ClipScorer:
         ok = np.flatnonzero(errors == "")
         score = np.full(n, np.nan, dtype=np.float32)
         margin = np.full(n, np.nan, dtype=np.float32)
-        embedding = None
         if len(ok):
             x = torch.from_numpy(np.ascontiguousarray(pixels[ok])).to(self.device)
             if x.dtype == torch.uint8:
@@ -315,11 +308,6 @@ class ClipScorer:
                 others = sims.scatter(1, labels[:, None], float("-inf")).max(dim=1).values
                 score[ok] = own.cpu().numpy()
                 margin[ok] = (own - others).cpu().numpy()
-            if self.return_embedding:
-                embedding = np.full((n, img.shape[1]), np.nan, dtype=np.float32)
-                embedding[ok] = img.cpu().numpy()
         out = {k: v for k, v in batch.items() if k != "pixels"}
         out.update(clip_score=score, clip_margin=margin, error=errors.astype(str))
-        if self.return_embedding:
-            out["embedding"] = embedding if embedding is not None else np.full((n, self.embed_dim), np.nan, np.float32)
         return out
