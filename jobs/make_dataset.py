@@ -88,7 +88,12 @@ def run(config: MakeDatasetConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_job(MakeDatasetConfig, argv, run, doc=__doc__, prog="python -m jobs.make_dataset")
+    return run_job(MakeDatasetConfig, argv, run, doc=__doc__, prog="python -m jobs.make_dataset", check=_check_source)
+
+
+def _check_source(config: MakeDatasetConfig) -> None:
+    if not config.synthetic:
+        reference.check_fashion_mnist(config.source)  # before the output folder exists
 
 
 if __name__ == "__main__":

@@ -90,13 +90,16 @@ def _comma_list(kind):
 
 
 def parse_config(config_cls, parser: argparse.ArgumentParser, argv=None, check=None):
-    """Parse ``argv`` into ``config_cls``; a ``ValueError`` from ``check(cfg)`` is a usage error (exit 2)."""
+    """Parse ``argv`` into ``config_cls``; a ``ValueError`` (or an input missing: ``InputError``)
+    from the config or ``check(cfg)`` is a usage error (exit 2), raised before any output exists."""
+    from pipeline.storage import InputError
+
     args = vars(parser.parse_args(argv))
     try:
         cfg = config_cls(**args)
         if check is not None:
             check(cfg)
-    except ValueError as exc:
+    except (ValueError, InputError) as exc:
         parser.error(str(exc))
     return cfg
 

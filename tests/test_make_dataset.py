@@ -58,7 +58,7 @@ def test_composed_rates_shards_and_layout(composed):
     assert (truth.corruption == "none").mean() == pytest.approx(0.55, abs=0.01)
     assert len(storage.list_files(storage.join(str(composed["out"]), "train"))) == 3  # 2000 rows / 700 per shard
     names = sorted(p.name for p in Path(composed["out"]).iterdir())
-    assert names == ["config.json", "ground_truth.parquet", "metadata.json", "reference", "test", "train"]
+    assert names == ["_SUCCESS", "config.json", "ground_truth.parquet", "metadata.json", "reference", "test", "train"]
     assert storage.read_json(storage.join(str(composed["out"]), "config.json"))["noise"] == COMPOSED
 
 
@@ -114,16 +114,18 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path):
         assert main(["--out", str(tmp_path / name), "--seed", seed, *flags]) == 0
     a, b, c = (_files(tmp_path / n) for n in "abc")
     a.pop("config.json"), b.pop("config.json"), c.pop("config.json")  # holds --out, which differs
-    assert len(a) == 3 * 4 + 2 and a == b  # 3 shards + _SUCCESS per split, ground truth, metadata
+    assert len(a) == 3 * 4 + 3 and a == b  # 3 shards + _SUCCESS per split, ground truth, metadata, _SUCCESS
     assert a["train/part-00000.parquet"] != c["train/part-00000.parquet"]
     assert a["reference/part-00000.parquet"] != c["reference/part-00000.parquet"]
 
 
 def test_missing_source_exits_2_with_instructions(tmp_path, capsys):
-    assert main(["--out", str(tmp_path / "out"), "--source", str(tmp_path)]) == 2
+    with pytest.raises(SystemExit) as info:
+        main(["--out", str(tmp_path / "out"), "--source", str(tmp_path)])
     err = capsys.readouterr().err
+    assert info.value.code == 2
     assert "apt-get install -y dataset-fashion-mnist" in err and "--source" in err and "Traceback" not in err
-    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "out").exists()  # checked before any output is written
 
 
 BAD_FLAGS = [["--noise", "symmetric:1.5"], ["--noise", "blur:0.1"], ["--limit", "0"], ["--reference-size", "60000"]]

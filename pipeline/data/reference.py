@@ -98,6 +98,25 @@ def _gunzip(data: bytes) -> bytes:
     return gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
 
 
+def check_fashion_mnist(source: str | None = None) -> str:
+    """The folder holding Fashion-MNIST's four idx files (default: the Debian package's).
+
+    Raises:
+        MissingSourceError: a file is missing; the message says how to get them.
+    """
+    folder = source or FASHION_MNIST_DIR
+    names = [n for pair in FASHION_MNIST_FILES.values() for n in pair]
+    missing = [n for n in names if not storage.exists(storage.join(folder, n))]
+    if missing:
+        raise MissingSourceError(
+            f"Fashion-MNIST not found: {', '.join(missing)} missing in {folder}.\n"
+            "Install the Debian package:  apt-get install -y dataset-fashion-mnist\n"
+            f"or download {', '.join(names)} from the Fashion-MNIST project "
+            "(https://github.com/zalandoresearch/fashion-mnist) into a folder and pass --source FOLDER."
+        )
+    return folder
+
+
 def load_fashion_mnist(source: str | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Read Fashion-MNIST's four ``*-ubyte.gz`` idx files.
 
@@ -111,16 +130,7 @@ def load_fashion_mnist(source: str | None = None) -> dict[str, tuple[np.ndarray,
         MissingSourceError: a file is missing; the message says how to get them.
         ValueError: a file is not an idx file of the right kind, or is cut short.
     """
-    folder = source or FASHION_MNIST_DIR
-    names = [n for pair in FASHION_MNIST_FILES.values() for n in pair]
-    missing = [n for n in names if not storage.exists(storage.join(folder, n))]
-    if missing:
-        raise MissingSourceError(
-            f"Fashion-MNIST not found: {', '.join(missing)} missing in {folder}.\n"
-            "Install the Debian package:  apt-get install -y dataset-fashion-mnist\n"
-            f"or download {', '.join(names)} from the Fashion-MNIST project "
-            "(https://github.com/zalandoresearch/fashion-mnist) into a folder and pass --source FOLDER."
-        )
+    folder = check_fashion_mnist(source)
     out = {}
     for split, (image_name, label_name) in FASHION_MNIST_FILES.items():
         images = _read_idx(_gunzip(storage.read_bytes(storage.join(folder, image_name))), "images", image_name)
