@@ -531,7 +531,8 @@ def _clip_info(cfg: BenchPruningConfig) -> dict:
     Both come from the pretraining job's output folder, the one holding the
     checkpoint: ``metrics.json`` and ``config.json`` (which names its dataset).
     """
-    from pipeline.report.runs import Sources, reference_zero_shot
+    from pipeline.report.runs import Sources
+    from pipeline.report.scores import reference_zero_shot
 
     if not cfg.clip_pretrained:
         return {}

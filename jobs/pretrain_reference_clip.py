@@ -42,6 +42,7 @@ from pipeline import storage
 from pipeline.cli import HELP, option, run_job
 from pipeline.score.clip_models import REFERENCE_MODEL, load_clip, register_model_configs, save_checkpoint
 from pipeline.data.contract import CAPTION, IMAGE, LABEL
+from pipeline.train.loop import cosine_lr
 from pipeline.score.scorer import DEFAULT_TEMPLATES, ImageDecoder, class_text_embeddings, fill_template, normalize_pixels
 
 
@@ -131,10 +132,7 @@ def _augment(batch: torch.Tensor, max_shift: int, flip: float, gen: torch.Genera
 
 
 def _lr_at(step: int, total: int, cfg: PretrainConfig) -> float:
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
-    return 0.5 * cfg.lr * (1 + math.cos(math.pi * progress))
+    return cfg.lr * cosine_lr(step, total, cfg.warmup_steps)
 
 
 @torch.inference_mode()

@@ -15,7 +15,8 @@ import warnings
 import numpy as np
 
 from pipeline import storage
-from pipeline.report.runs import POLICY_ORDER, Run, ScoreSet
+from pipeline.report.runs import POLICY_ORDER, Run
+from pipeline.report.scores import ScoreSet
 
 # One look for every figure: readable at a page's width, and the same size, so they line up.
 FIGSIZE, DPI = (7.0, 4.0), 120

@@ -15,8 +15,9 @@ import posixpath
 import numpy as np
 
 from pipeline import storage
-from pipeline.report.runs import (NOT_RECORDED, Run, ScoreSet, Sources, accuracy_per_epoch, group_runs, kept_per_epoch,
-                             load_runs, noise_auroc, pruned_by_reason, score_sets)
+from pipeline.report.runs import (NOT_RECORDED, Run, Sources, accuracy_per_epoch, group_runs, kept_per_epoch, load_runs,
+                                  pruned_by_reason)
+from pipeline.report.scores import ScoreSet, noise_auroc, score_sets
 from pipeline.report.figures import curves_figure, save_png, score_histogram, wall_figure
 
 # ---------------------------------------------------------------- numbers

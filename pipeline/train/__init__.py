@@ -1,0 +1,8 @@
+"""Train: a model on Ray Train, on each epoch's plan, reporting every sample's loss back.
+
+``driver`` sets up the TorchTrainer (datasets, the pruning actor, the run
+folder); ``stages`` are the training data's Ray Data stages (index, keep the
+plan's rows, decode and augment); ``loop`` is the worker loop (weighted
+per-sample losses, the schedule, evaluation, checkpoints); ``models`` the
+image models. Reads ``score``'s output and drives ``prune``'s actor.
+"""
