@@ -2,9 +2,12 @@
 
 For each noise setting and seed: build the pool (Fashion-MNIST, 20k train
 rows), score it once with the reference CLIP model, then train every policy
-(``full``, ``random``, ``infobatch``, ``clip_filter``, ``mmdp``) and the clean
-oracle (``full`` on the pool's truly clean rows only) with the same model,
-epochs, workers and keep ratio. Each run's final checkpoint is also evaluated
+(``full``, ``mmdp``, ``infobatch``, ``infobatch_exact``, ``clip_cut``,
+``clip_filter``, ``random``) and the clean oracle (``full`` on the pool's
+truly clean rows only) with the same model, epochs, workers and schedule.
+The fixed-ratio baselines (``random``, ``clip_filter``, ``infobatch_exact``)
+train at mmdp's measured compute in the same cell, so every comparison is at
+equal samples forwarded; the others spend what their rules spend. Each run's final checkpoint is also evaluated
 on a deterministic shifted copy of the test split (noise, blur, rotation,
 shift). Last, the machinery overhead: policy ``full`` through the pruner
 against a plain Ray Train loop without it, alternated side by side.
@@ -34,33 +37,28 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import io
 import math
 import os
 import platform
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
+from benchmarks.plain_loop import measure_overhead
+from benchmarks.pruning_eval import SHIFT, SHIFT_SEED, evaluate_checkpoint, final_plan_noise, write_oracle_scores
+from benchmarks.pruning_tables import ORACLE, check_targets, markdown, noise_tag, summarise
 from pipeline import storage
 from pipeline.cli import HELP, connect_ray, execute, option, run_job
 from pipeline.data import reference
 from pipeline.data.noise import parse_noise_spec, stream_rng
-from pipeline.data.contract import KEY
-from pipeline.report.page import markdown_table
 
-POLICIES = ("full", "random", "infobatch", "clip_filter", "mmdp")
-ORACLE = "oracle"
-ORACLE_REASON = "oracle: excluded (noisy in ground truth)"
-# The shifted test copy is a pure function of the test images and this seed.
-SHIFT_SEED = 20240
-SHIFT = {"rotate_deg": 12.0, "shift_px": 2, "blur_radius": (0.4, 1.0), "noise_std": 20.0}
+# Run order in a cell: mmdp before the fixed-ratio baselines, which run at its measured compute.
+POLICIES = ("full", "mmdp", "infobatch", "infobatch_exact", "clip_cut", "clip_filter", "random")
+FIXED_RATIO = ("random", "clip_filter", "infobatch_exact")
 
 
 @dataclass(frozen=True)
@@ -77,7 +75,11 @@ class BenchPruningConfig:
                                     "comma-separated noise settings; join the kinds of one setting with +, "
                                     "e.g. symmetric:0.2+caption:0.05")
     policies: tuple[str, ...] = option((*POLICIES, ORACLE), "policies to train, and oracle")
-    keep_ratio: float = option(0.5, "keep ratio of every pruning policy")
+    keep_ratio: float = option(0.7, "mmdp's keep ratio: the share of the rows not excluded as noise an epoch trains on")
+    baseline_keep_ratio: float | None = option(
+        None, "keep ratio of random, clip_filter and infobatch_exact; none = mmdp's measured share of full's "
+              "sample passes in the same cell (equal compute)")
+    step_schedule: str = option("full", "steps per epoch of every run (jobs.train --step-schedule)", choices=("full", "batch"))
     workers: int = option(2, "Ray Train workers")
     model: str = option("resnet", "image model", choices=("resnet", "cnn"))
     width: int = option(8, "model width (0 = the model's default)")
@@ -118,6 +120,8 @@ class BenchPruningConfig:
             raise ValueError("--seeds and --noise need at least one value")
         if self.pool_size < 8 or self.epochs < 1 or self.workers < 1 or not 0 < self.keep_ratio <= 1:
             raise ValueError("need --pool-size >= 8, --epochs >= 1, --workers >= 1 and 0 < --keep-ratio <= 1")
+        if self.baseline_keep_ratio is not None and not 0 < self.baseline_keep_ratio <= 1:
+            raise ValueError("need 0 < --baseline-keep-ratio <= 1")
 
 
 # ---------------------------------------------------------------- data and scores
@@ -176,207 +180,17 @@ def prepare_scores(url: str, data: str, cfg: BenchPruningConfig) -> str:
     return url
 
 
-def write_oracle_scores(data: str, scores: str, url: str) -> int:
-    """A copy of ``scores`` where rows noisy in the ground truth are rejected; returns the clean count.
-
-    The trainer trains on ``status == "ok"`` rows only, so the oracle needs no
-    code path of its own: policy ``full`` on this folder trains on the clean rows.
-    """
-    from pipeline.score.job import write_scores
-
-    table = storage.read_table(storage.join(scores, "scores"))
-    gt = storage.read_table(storage.join(data, "ground_truth.parquet"), columns=[KEY, "corruption"])
-    noisy_keys = gt.filter(pc.not_equal(gt.column("corruption"), "none")).column(KEY)
-    status = table.column("status").to_numpy(zero_copy_only=False).astype(object)
-    error = table.column("error").to_numpy(zero_copy_only=False).astype(object)
-    excluded = pc.is_in(table.column(KEY), value_set=noisy_keys).to_numpy(zero_copy_only=False) & (status == "ok")
-    status[excluded], error[excluded] = "rejected", ORACLE_REASON
-    for name, values in (("status", status), ("error", error)):
-        table = table.set_column(table.schema.get_field_index(name), name, pa.array(values, pa.string()))
-    with storage.output(url):
-        summary = write_scores(table, url, oracle_excluded=int(excluded.sum()))
-        storage.write_json({"derived_from": scores, "ground_truth": storage.join(data, "ground_truth.parquet")},
-                           storage.join(url, "config.json"))
-    return summary["scored"]
-
-
-# ---------------------------------------------------------------- evaluation
-
-
-def shift_image(png: bytes, rng: np.random.Generator) -> bytes:
-    """A deterministic out-of-distribution copy of one image: rotation, shift, blur, Gaussian noise."""
-    from PIL import Image, ImageFilter
-
-    with Image.open(io.BytesIO(png)) as im:
-        im = im.convert("L").resize((28, 28))
-    dx, dy = (int(v) for v in rng.integers(-SHIFT["shift_px"], SHIFT["shift_px"] + 1, 2))
-    angle = float(rng.uniform(-1, 1) * SHIFT["rotate_deg"])
-    im = im.rotate(angle, resample=Image.BILINEAR, translate=(dx, dy), fillcolor=0)
-    im = im.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(*SHIFT["blur_radius"]))))
-    pixels = np.asarray(im, np.float32) + rng.normal(0.0, SHIFT["noise_std"], (28, 28))
-    return reference.encode_png(np.clip(np.rint(pixels), 0, 255).astype(np.uint8))
-
-
-@functools.lru_cache(maxsize=2)  # one dataset at a time: its clean and shifted copies
-def test_inputs(data: str, shifted: bool) -> tuple:
-    """(x, labels) of the test split, normalised by the train pipeline's own decode stage."""
-    from pipeline.train.stages import decode_stage
-
-    table = storage.read_table(storage.join(data, "test"), columns=[KEY, "image", "label"]).sort_by(KEY)
-    images = table.column("image").to_pylist()
-    if shifted:
-        images = [shift_image(b, np.random.default_rng([SHIFT_SEED, i])) for i, b in enumerate(images)]
-    labels = table.column("label").to_numpy()
-    batch = {"index": np.arange(len(labels)), "image": np.array(images, dtype=object), "label": labels}
-    out = decode_stage(batch, augment=False, seed=0)
-    return out["x"], out["label"]
-
-
-def evaluate_checkpoint(run_dir: str, data: str, cfg) -> dict:
-    """Accuracy of a run's final checkpoint on the clean and the shifted test split."""
-    import torch
-
-    from pipeline.train.models import build_model
-
-    state = torch.load(io.BytesIO(storage.read_bytes(storage.join(run_dir, "checkpoint", "train.pt"))),
-                       map_location="cpu", weights_only=True)
-    num_classes = len(storage.read_json(storage.join(data, "metadata.json"))["classes"])
-    model = build_model(cfg.model, num_classes, cfg.width or None)
-    model.load_state_dict(state["model"])
-    model.eval()
-    out = {}
-    for name, shifted in (("driver_test_accuracy", False), ("shifted_test_accuracy", True)):
-        x, y = test_inputs(data, shifted)
-        with torch.inference_mode():
-            pred = torch.cat([model(torch.from_numpy(x[i:i + 1024])).argmax(1) for i in range(0, len(x), 1024)])
-        out[name] = float((pred.numpy() == y).mean())
-    return out
-
-
-def final_plan_noise(run_dir: str, data: str, scores: str) -> float | None:
-    """Share of the rows noisy in the ground truth among those the last epoch's plan keeps.
-
-    The plan is replayed from the pruner state in the run's final checkpoint
-    (a plan is a pure function of state, epoch and seed). That state already
-    holds the last epoch's own losses, so for loss-driven policies this is
-    the plan a next epoch at the same step would get: close to, not exactly,
-    the last one trained on. None when the pool has no noisy row.
-    """
-    import torch
-
-    from pipeline.prune.pruner import Pruner
-    from pipeline.train.driver import load_index
-
-    truth = storage.read_table(storage.join(data, "ground_truth.parquet"), columns=[KEY, "corruption"]).to_pandas()
-    noisy_keys = set(truth.loc[truth["corruption"] != "none", KEY])
-    if not noisy_keys:
-        return None
-    state = torch.load(io.BytesIO(storage.read_bytes(storage.join(run_dir, "checkpoint", "pruner.pt"))),
-                       map_location="cpu", weights_only=True)
-    keys, consistency, _ = load_index(scores, "auto")
-    pruner = Pruner(**state["config"], consistency=consistency)  # the config names the constructor's arguments
-    pruner.load_state_dict(state)  # takes the saved tensors as they are
-    kept, _ = pruner.plan(pruner.epochs - 1)
-    return float(np.isin(keys[kept], list(noisy_keys)).mean()) if len(kept) else 0.0
-
-
-# ---------------------------------------------------------------- the plain Ray Train loop
-
-
-def _plain_stage(batch: dict) -> dict:
-    """What the pruner's index + keep stages give decode_stage, without a pruner: fresh random crops."""
-    n = len(batch["label"])
-    return {"index": np.random.default_rng().integers(0, 2**62, n), "image": batch["image"],
-            "label": batch["label"].astype(np.int64), "epoch": np.zeros(n, np.int64)}
-
-
-def plain_loop_per_worker(config: dict) -> None:
-    """A Ray Train loop with no pruner: the train loop's model, optimiser, schedule, evaluation and checkpoints."""
-    import ray.train
-    import torch.nn.functional as F
-
-    from pipeline.train.loop import DTYPES, all_sum, evaluate, report_epoch, save_train_state, setup_model, take_step, unwrap
-
-    cfg = config
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    model, opt, sched = setup_model(cfg, cfg["epochs"] * math.ceil(cfg["num_samples"] / (cfg["batch_size"] * world)))
-    bare = unwrap(model)
-    train_shard = ray.train.get_dataset_shard("train")
-    test_shard = ray.train.get_dataset_shard("test")
-    cache, sums = None, {"train_seconds": 0.0, "epoch_seconds": 0.0, "samples_forwarded": 0}
-    for epoch in range(cfg["epochs"]):
-        started = time.perf_counter()
-        model.train()
-        forwarded = 0
-        for batch in train_shard.iter_torch_batches(batch_size=cfg["batch_size"], dtypes=DTYPES, drop_last=False):
-            take_step(F.cross_entropy(model(batch["x"]), batch["label"]), opt, sched)
-            forwarded += len(batch["label"])
-        train_seconds = time.perf_counter() - started
-        correct, count, cache = evaluate(bare, test_shard, cache, cfg["batch_size"], rank, world)
-        totals = all_sum([forwarded, correct, count])
-        sums["train_seconds"] += train_seconds
-        sums["epoch_seconds"] += time.perf_counter() - started
-        sums["samples_forwarded"] += int(totals[0])
-        metrics = {"epoch": epoch, "test_accuracy": float(totals[1] / max(float(totals[2]), 1.0)), **sums}
-        checkpoint_dir = None
-        if rank == 0:
-            checkpoint_dir = tempfile.mkdtemp(prefix="mmdp-plain-ckpt-")
-            save_train_state(checkpoint_dir, model, opt, sched, epoch)
-        report_epoch(metrics, checkpoint_dir)
-
-
-def plain_fit(cfg, out: str) -> dict:
-    """Train ``cfg``'s model on all of ``cfg.data``'s train split without the pruner; returns totals."""
-    from pipeline.train.driver import evaluation_dataset, read_split, run_trainer
-    from pipeline.train.stages import decode_stage
-
-    started = time.perf_counter()
-    # No retries: a plain loop that restarted would start over, and its time would not compare.
-    cfg = dataclasses.replace(cfg, out=out, max_failures=0)
-    meta = storage.read_json(storage.join(cfg.data, "metadata.json"))
-    train = (read_split(cfg.data, "train").map_batches(_plain_stage, batch_format="numpy")
-             .map_batches(decode_stage, fn_kwargs={"augment": cfg.augment, "seed": cfg.seed}, batch_format="numpy"))
-    config = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
-    config.update(num_classes=len(meta["classes"]), num_samples=meta["splits"]["train"])
-    result = run_trainer(cfg, plain_loop_per_worker, config, {"train": train, "test": evaluation_dataset(cfg.data)},
-                         f"plain-{os.getpid()}-{time.time_ns()}")
-    return {**result.metrics, "wall_seconds": round(time.perf_counter() - started, 2)}
-
-
-def measure_overhead(cfg: BenchPruningConfig, data: str, scores: str, root: str) -> dict:
-    """``full`` through the pruner vs the plain loop, alternated A B B A so drift hits both alike."""
-    train_cfg = train_config(cfg, data, scores, storage.join(root, "unused"), "full", cfg.seeds[0])
-    # wall: the whole fit() from the driver; epoch: the loops' epochs (training + test evaluation);
-    # train: the training steps alone. Start-up (about 11 s a fit) is in wall only.
-    times = {m: {"pruner": [], "plain": []} for m in ("wall", "epoch", "train")}
-    order = ["pruner", "plain", "plain", "pruner"] * math.ceil(cfg.overhead_repeats / 2)
-    for i, kind in enumerate(order[: 2 * cfg.overhead_repeats]):
-        out = storage.join(root, f"{i}-{kind}")
-        print(f"[overhead {i + 1}/{2 * cfg.overhead_repeats}] {kind}", flush=True)
-        started = time.perf_counter()
-        if kind == "pruner":
-            history = train(dataclasses.replace(train_cfg, out=out))["epochs"]
-            epoch, train_s = (sum(h[k] for h in history) for k in ("epoch_seconds", "train_seconds"))
-        else:
-            totals = plain_fit(train_cfg, out)
-            epoch, train_s = totals["epoch_seconds"], totals["train_seconds"]
-        for name, value in (("wall", time.perf_counter() - started), ("epoch", epoch), ("train", train_s)):
-            times[name][kind].append(round(value, 2))
-    ratio = {name: round(float(np.mean(t["pruner"]) / np.mean(t["plain"])), 3) for name, t in times.items()}
-    return {"seconds": times, "ratio": ratio, "epochs": train_cfg.epochs, "data": data, "target": 1.05}
-
-
 # ---------------------------------------------------------------- runs
 
 
-def train_config(cfg: BenchPruningConfig, data: str, scores: str, out: str, policy: str, seed: int):
+def train_config(cfg: BenchPruningConfig, data: str, scores: str, out: str, policy: str, seed: int,
+                 keep_ratio: float | None = None):
     from pipeline.train.driver import TrainConfig
 
     return TrainConfig(data=data, scores=scores, out=out, policy="full" if policy == ORACLE else policy,
-                       keep_ratio=cfg.keep_ratio, epochs=cfg.epochs, workers=cfg.workers, seed=seed,
+                       keep_ratio=keep_ratio or cfg.keep_ratio, epochs=cfg.epochs, workers=cfg.workers, seed=seed,
                        model=cfg.model, width=cfg.width, batch_size=cfg.batch_size, lr=cfg.lr,
-                       warmup_steps=cfg.warmup_steps)
+                       warmup_steps=cfg.warmup_steps, step_schedule=cfg.step_schedule)
 
 
 def train(train_cfg) -> dict:
@@ -386,8 +200,9 @@ def train(train_cfg) -> dict:
     return execute(train_cfg, fit)
 
 
-def run_policy(cfg: BenchPruningConfig, data: str, scores: str, out: str, policy: str, seed: int) -> dict:
-    train_cfg = train_config(cfg, data, scores, out, policy, seed)
+def run_policy(cfg: BenchPruningConfig, data: str, scores: str, out: str, policy: str, seed: int,
+               keep_ratio: float | None = None) -> dict:
+    train_cfg = train_config(cfg, data, scores, out, policy, seed, keep_ratio)
     reused = cfg.reuse and storage.is_complete(out)
     metrics = storage.read_json(storage.join(out, "metrics.json")) if reused else train(train_cfg)
     totals, epochs = metrics["totals"], metrics["epochs"]
@@ -396,7 +211,16 @@ def run_policy(cfg: BenchPruningConfig, data: str, scores: str, out: str, policy
             "noisy_in_final_plan": final_plan_noise(out, data, scores),
             "wall_seconds": totals["wall_seconds"], "train_seconds": totals["train_seconds"],
             "samples_forwarded": totals["samples_forwarded"], "num_samples": totals["num_samples"],
-            "missing": int(sum(e.get("plan_missing", 0) for e in epochs)), "signal": totals["signal"]}
+            "missing": int(sum(e.get("plan_missing", 0) for e in epochs)), "signal": totals["signal"],
+            "keep_ratio": train_cfg.keep_ratio}
+
+
+def matched_keep_ratio(mmdp_run: dict | None, cfg: BenchPruningConfig) -> float:
+    """mmdp's samples forwarded as a share of full's (pool x epochs): the fixed-ratio baselines' keep ratio."""
+    if not mmdp_run:
+        return cfg.keep_ratio
+    share = mmdp_run["samples_forwarded"] / (mmdp_run["num_samples"] * cfg.epochs)
+    return round(min(1.0, max(share, 1.0 / mmdp_run["num_samples"])), 4)
 
 
 def warm_up(cfg: BenchPruningConfig, data: str, scores: str, out: str) -> None:
@@ -406,120 +230,6 @@ def warm_up(cfg: BenchPruningConfig, data: str, scores: str, out: str) -> None:
     print("[warm-up] one epoch of full, not measured", flush=True)
     train(dataclasses.replace(train_config(cfg, data, scores, out, "full", cfg.seeds[0]), stop_after=1))
     print(f"    warm-up took {time.perf_counter() - started:.1f}s", flush=True)
-
-
-def noise_tag(noise: str) -> str:
-    return "clean" if noise in ("", "none", "clean") else noise.replace(":", "").replace("+", "_")
-
-
-def summarise(runs: list[dict], noises: list[str], policies: list[str]) -> list[dict]:
-    rows = []
-    for noise in noises:
-        cell = [r for r in runs if r["noise"] == noise]
-        full_wall = [r["wall_seconds"] for r in cell if r["policy"] == "full"]
-        full_train = [r["train_seconds"] for r in cell if r["policy"] == "full"]
-        for policy in policies:
-            rs = [r for r in cell if r["policy"] == policy]
-            if not rs:
-                continue
-            acc = np.array([r["final_test_accuracy"] for r in rs]) * 100
-            shifted = 100 * float(np.mean([r["shifted_test_accuracy"] for r in rs]))
-            wall = float(np.mean([r["wall_seconds"] for r in rs]))
-            train = float(np.mean([r["train_seconds"] for r in rs]))
-            residual = [r["noisy_in_final_plan"] for r in rs if r.get("noisy_in_final_plan") is not None]
-            rows.append({"noise": noise, "policy": policy, "seeds": len(rs),
-                         "accuracy_mean": round(float(acc.mean()), 3),
-                         "accuracy_std": round(float(acc.std(ddof=1)) if len(acc) > 1 else 0.0, 3),
-                         "shifted_accuracy_mean": round(shifted, 3),
-                         "wall_seconds_mean": round(wall, 2),
-                         "train_seconds_mean": round(train, 2),
-                         "noisy_in_final_plan_mean": round(100 * float(np.mean(residual)), 2) if residual else None,
-                         "samples_forwarded_mean": int(round(np.mean([r["samples_forwarded"] for r in rs]))),
-                         "num_samples": int(rs[0]["num_samples"]),
-                         "speedup_vs_full": round(float(np.mean(full_wall)) / wall, 3) if full_wall else None,
-                         "train_speedup_vs_full": round(float(np.mean(full_train)) / train, 3) if full_train else None})
-    return rows
-
-
-def check_targets(summary: list[dict], overhead: dict | None) -> list[dict]:
-    get = {(r["noise"], r["policy"]): r for r in summary}
-    checks = []
-
-    def add(what, value, target, ok):
-        checks.append({"what": what, "value": round(value, 3), "target": target, "met": bool(ok)})
-
-    for noise in sorted({r["noise"] for r in summary}):
-        acc = {p: get[(noise, p)]["accuracy_mean"] for p in (*POLICIES, ORACLE) if (noise, p) in get}
-        if "mmdp" not in acc:
-            continue
-        if "full" in acc:
-            d = acc["mmdp"] - acc["full"]
-            if noise_tag(noise) == "clean":
-                add(f"{noise}: mmdp - full (points)", d, ">= -0.3", d >= -0.3)
-            else:
-                add(f"{noise}: mmdp - full (points)", d, ">= +2.8", d >= 2.8)
-            s = get[(noise, "mmdp")]["speedup_vs_full"]
-            add(f"{noise}: mmdp wall-clock speedup over full (whole fit)", s, ">= 1.7", s >= 1.7)
-            s = get[(noise, "mmdp")]["train_speedup_vs_full"]
-            add(f"{noise}: mmdp speedup over full (training time)", s, ">= 1.7", s >= 1.7)
-        if ORACLE in acc and noise_tag(noise) != "clean":
-            d = acc["mmdp"] - acc[ORACLE]
-            add(f"{noise}: mmdp - clean oracle (points)", d, ">= -0.5", d >= -0.5)
-        for base in ("infobatch", "clip_filter", "random"):
-            if base in acc and noise_tag(noise) != "clean":
-                d = acc["mmdp"] - acc[base]
-                add(f"{noise}: mmdp - {base} (points)", d, "> 0", d > 0)
-    if overhead:
-        add("machinery overhead (full via pruner / plain loop, wall)", overhead["ratio"]["wall"], "<= 1.05",
-            overhead["ratio"]["wall"] <= 1.05)
-    return checks
-
-
-def markdown(result: dict) -> str:
-    s = result["setup"]
-    zero_shot = s.get("clip_zero_shot_accuracy")
-    lines = [f"# Pruning benchmark ({'synthetic' if s['synthetic'] else 'Fashion-MNIST'})", "",
-             f"Pool {s['pool_size']} rows, {s['epochs']} epochs, keep ratio {s['keep_ratio']}, {s['workers']} workers, "
-             f"model {s['model']} (width {s['width']}), seeds {s['seeds']}, scores: {s['clip_model']} "
-             f"{s['clip_pretrained'] or '(random init)'} in {s['mode']} mode"
-             + (f", CLIP zero-shot test accuracy {zero_shot:.4f}" if zero_shot else "")
-             + f". Machine: {s['machine']}.", "",
-             "Accuracy is the final epoch's, on the clean test split; shifted = the same checkpoint on a deterministic "
-             "shifted copy (rotation, shift, blur, Gaussian noise). Wall = the whole fit (Ray Train start-up and the "
-             "per-epoch test evaluation included); train = the epochs' training time alone (each epoch's planning "
-             "included). Speedups = full's mean / the policy's. Noisy in plan = share of ground-truth noisy rows in "
-             "the last epoch's plan, replayed from the final checkpoint's pruner state.",
-             ""]
-    for noise in result["noise_settings"]:
-        rows = []
-        for r in (r for r in result["summary"] if r["noise"] == noise):
-            speed = (f"{r['speedup_vs_full']:.2f}x / {r['train_speedup_vs_full']:.2f}x"
-                     if r["speedup_vs_full"] else "n/a")
-            noisy = "n/a" if r.get("noisy_in_final_plan_mean") is None else f"{r['noisy_in_final_plan_mean']:.1f}"
-            rows.append((r["policy"], f"{r['accuracy_mean']:.2f} ± {r['accuracy_std']:.2f}",
-                         f"{r['shifted_accuracy_mean']:.2f}", f"{r['wall_seconds_mean']:.1f}",
-                         f"{r['train_seconds_mean']:.1f}", speed, r["samples_forwarded_mean"], r["num_samples"], noisy))
-        lines += [f"## noise: {noise}", "",
-                  markdown_table(("policy", "test acc % (mean ± std)", "shifted acc %", "wall s", "train s",
-                                  "speedup vs full (wall / train)", "samples forwarded", "rows trained on",
-                                  "noisy in plan %"), rows), ""]
-    o = result.get("overhead")
-    if o:
-        sec = o["seconds"]
-        lines += ["## machinery overhead", "",
-                  f"Policy full through the pruner vs a plain Ray Train loop (same model, data, batch, workers), "
-                  f"{o['epochs']} epochs, alternated A B B A. Wall = the whole fit, epoch = the loops' epochs "
-                  "(training + evaluation), train = training steps alone.", "",
-                  markdown_table(("measure", "pruner s", "plain s", "ratio"),
-                                 [(m, sec[m]["pruner"], sec[m]["plain"], o["ratio"][m]) for m in ("wall", "epoch", "train")]),
-                  ""]
-    if result["targets"]:
-        lines += ["## targets", "",
-                  markdown_table(("check", "value", "target", "met"),
-                                 [(c["what"], c["value"], c["target"], "yes" if c["met"] else "NO")
-                                  for c in result["targets"]]),
-                  ""]
-    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- main
@@ -601,8 +311,11 @@ def run(cfg: BenchPruningConfig) -> None:
                 run_dir = storage.join(cfg.out, "runs", tag, policy)
                 if not (cfg.reuse and storage.is_complete(run_dir)):
                     ensure_warm(data, scores)
+                keep = None
+                if policy in FIXED_RATIO:
+                    keep = cfg.baseline_keep_ratio or matched_keep_ratio(cell_runs.get("mmdp"), cfg)
                 began = time.perf_counter()
-                run = run_policy(cfg, data, run_scores, run_dir, policy, seed)
+                run = run_policy(cfg, data, run_scores, run_dir, policy, seed, keep)
                 if not run["reused"]:
                     timed.append(time.perf_counter() - began)
                 run["noise"] = noise
@@ -621,7 +334,8 @@ def run(cfg: BenchPruningConfig) -> None:
                 data, scores = storage.join(cfg.out, "data", tag), storage.join(cfg.out, "scores", tag)
                 ensure_warm(data, scores)
                 with storage.output(root):
-                    overhead = measure_overhead(cfg, data, scores, root)
+                    overhead = measure_overhead(train_config(cfg, data, scores, root, "full", cfg.seeds[0]), root,
+                                                cfg.overhead_repeats)
                     storage.write_json(overhead, storage.join(root, "overhead.json"))
     finally:
         if started_here:

@@ -1,7 +1,8 @@
-"""The pruning benchmark end to end on the tiny synthetic dataset (one seed, two epochs, full + oracle,
-and the machinery overhead: one run through the pruner against one plain Ray Train run).
+"""The pruning benchmark end to end on the tiny synthetic dataset (one seed, two epochs: full, mmdp,
+random at mmdp's compute, the oracle, and the machinery overhead: one run through the pruner against
+one plain Ray Train run).
 
-Four training runs keep it near two minutes on 2 cores; the policies themselves are tested in
+Six training runs keep it near three minutes on 2 cores; the policies themselves are tested in
 test_policies.py and test_train_job.py."""
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ import numpy as np
 import pyarrow.compute as pc
 
 from benchmarks import pruning as bench_pruning
+from benchmarks.pruning_eval import ORACLE_REASON, shift_image
 from pipeline import storage
 from pipeline.cli import config_parser, parse_config
+from pipeline.data.reference import encode_png
 from pipeline.score.clip_models import TINY_MODEL, load_clip, save_checkpoint
 
 POOL, EPOCHS, WORKERS = 96, 2, 2
@@ -30,19 +33,24 @@ def test_bench_runs_every_policy_and_the_oracle_on_clean_rows_only(ray_session, 
     out = str(tmp_path / "bench")
     assert bench_pruning.main([
         "--out", out, "--synthetic", "--pool-size", str(POOL), "--epochs", str(EPOCHS), "--seeds", "3",
-        "--noise", "symmetric:0.25", "--policies", "oracle,full", "--workers", str(WORKERS),
+        "--noise", "symmetric:0.25", "--policies", "oracle,random,mmdp,full", "--workers", str(WORKERS),
         "--clip-model", TINY_MODEL, "--clip-pretrained", checkpoint, "--batch-size", "16",
         "--warmup-steps", "2", "--score-actor-cpus", "0.5", "--overhead-repeats", "1", "--no-warmup",
     ]) == 0
     # The benchmark folder and every dataset, score set and run in it are committed outputs.
-    assert storage.is_complete(out) and storage.read_json(f"{out}/config.json")["policies"] == ["full", "oracle"]
+    assert storage.is_complete(out)
+    assert storage.read_json(f"{out}/config.json")["policies"] == ["full", "mmdp", "random", "oracle"]
     for part in ("data/symmetric0.25-s3", "scores/symmetric0.25-s3", "scores/symmetric0.25-s3-oracle",
                  "runs/symmetric0.25-s3/full", "runs/symmetric0.25-s3/oracle", "overhead", "overhead/0-pruner"):
         assert storage.is_complete(f"{out}/{part}"), part
 
     result = json.loads(open(f"{out}/results.json").read())
     runs = {r["policy"]: r for r in result["runs"]}
-    assert sorted(runs) == ["full", "oracle"] and len(result["runs"]) == 2
+    assert sorted(runs) == ["full", "mmdp", "oracle", "random"] and len(result["runs"]) == 4
+    # random, a fixed-ratio baseline, trains at mmdp's measured share of full's sample passes.
+    share = runs["mmdp"]["samples_forwarded"] / (POOL * EPOCHS)
+    assert runs["random"]["keep_ratio"] == round(share, 4) and runs["mmdp"]["keep_ratio"] == 0.7
+    assert abs(runs["random"]["samples_forwarded"] - runs["mmdp"]["samples_forwarded"]) <= 2 * EPOCHS
     for run in runs.values():
         assert 0.0 <= run["final_test_accuracy"] <= 1.0 and 0.0 <= run["shifted_test_accuracy"] <= 1.0
         # The driver's evaluation of the saved checkpoint repeats the trainer's last-epoch figure
@@ -68,12 +76,12 @@ def test_bench_runs_every_policy_and_the_oracle_on_clean_rows_only(ray_session, 
     scores = storage.read_table(f"{out}/scores/symmetric0.25-s3-oracle/scores")
     status = scores.column("status").to_numpy(zero_copy_only=False)
     assert (status == "ok").sum() == clean
-    assert set(scores.column("error").to_numpy(zero_copy_only=False)[status != "ok"]) == {bench_pruning.ORACLE_REASON}
+    assert set(scores.column("error").to_numpy(zero_copy_only=False)[status != "ok"]) == {ORACLE_REASON}
     index = scores.column("index").to_numpy(zero_copy_only=False)
     assert sorted(index[status == "ok"].astype(int)) == list(range(clean))
 
     table = open(f"{out}/results.md").read()
-    for policy in ("full", "oracle"):
+    for policy in ("full", "mmdp", "random", "oracle"):
         assert sum(line.startswith(f"| {policy} |") for line in table.splitlines()) == 1
     # The CLIP zero-shot figure comes from the pretraining job's metrics.json.
     assert result["setup"]["clip_zero_shot_accuracy"] == ZERO_SHOT
@@ -99,10 +107,10 @@ def test_bench_runs_every_policy_and_the_oracle_on_clean_rows_only(ray_session, 
 
 
 def test_shifted_test_copy_is_deterministic_and_differs_from_the_original():
-    png = bench_pruning.reference.encode_png(np.tile(np.arange(28, dtype=np.uint8) * 9, (28, 1)))
-    a = bench_pruning.shift_image(png, np.random.default_rng([1, 2]))
-    b = bench_pruning.shift_image(png, np.random.default_rng([1, 2]))
-    c = bench_pruning.shift_image(png, np.random.default_rng([1, 3]))
+    png = encode_png(np.tile(np.arange(28, dtype=np.uint8) * 9, (28, 1)))
+    a = shift_image(png, np.random.default_rng([1, 2]))
+    b = shift_image(png, np.random.default_rng([1, 2]))
+    c = shift_image(png, np.random.default_rng([1, 3]))
     assert a == b and a != c and a != png
 
 
@@ -122,4 +130,11 @@ def test_noise_and_policy_flags_are_checked(capsys):
         assert bad[0] in capsys.readouterr().err
     cfg = _parse(["--out", "o", "--noise", "none,symmetric:0.2+caption:0.05", "--policies", "oracle,full"])
     assert cfg.noise == ("clean", "symmetric:0.2+caption:0.05") and cfg.policies == ("full", "oracle")
+    for bad in (["--baseline-keep-ratio", "0"], ["--step-schedule", "weekly"]):
+        try:
+            _parse(["--out", "o", *bad])
+        except SystemExit as exc:
+            assert exc.code == 2 and bad[0] in capsys.readouterr().err
+        else:
+            raise AssertionError(f"{bad} was accepted")
     assert _parse(["--out", "o"]).seeds == (0, 1, 2)

@@ -53,8 +53,8 @@ def eligible(state, epoch, **mmdp_params):
     return mask
 
 
-def test_registry_has_the_five_policies_and_rejects_unknown_names():
-    assert sorted(P.POLICIES) == ["clip_filter", "full", "infobatch", "mmdp", "random"]
+def test_registry_has_the_policies_and_rejects_unknown_names():
+    assert sorted(P.POLICIES) == ["clip_cut", "clip_filter", "full", "infobatch", "infobatch_exact", "mmdp", "random"]
     assert P.make_policy("mmdp", noise_fraction=0.3).noise_fraction == 0.3
     with pytest.raises(ValueError, match="clip_filter"):
         P.make_policy("nope")
@@ -88,20 +88,65 @@ def test_allocate_fills_k_exactly_and_favours_hard_samples(n_hard, n_well, k):
         assert keep_hard == n_hard  # the budget allows every hard sample
 
 
-@pytest.mark.parametrize("name", ["random", "infobatch", "clip_filter", "mmdp"])
+@pytest.mark.parametrize("name", ["random", "infobatch_exact", "clip_filter"])
 @pytest.mark.parametrize("keep_ratio", [0.1, 0.3, 0.5, 0.77])
-def test_pruning_epochs_keep_exactly_round_keep_ratio_n(name, keep_ratio):
+def test_fixed_ratio_policies_keep_exactly_round_keep_ratio_n(name, keep_ratio):
     policy = P.make_policy(name)
     for seen_frac in (0.0, 0.6, 1.0):
         p = pruner(policy, make_state(keep_ratio=keep_ratio, seen_frac=seen_frac))
         for epoch in range(EPOCHS):
             kept, weights = p.plan(epoch)
-            expected = policy.kept_count(N, keep_ratio, EPOCHS, epoch)
-            assert len(kept) == len(weights) == expected
-            if not P.is_annealing(epoch, EPOCHS, getattr(policy, "delta", 1.0)):
-                assert expected == round(keep_ratio * N)
+            assert len(kept) == len(weights) == p.kept_count(epoch)
+            annealing = P.is_annealing(epoch, EPOCHS, getattr(policy, "delta", 1.0))
+            assert len(kept) == (N if annealing else round(keep_ratio * N))
             assert kept.dtype == np.int64 and weights.dtype == np.float32
             assert (np.diff(kept) > 0).all() and (weights > 0).all()
+
+
+@pytest.mark.parametrize("keep_ratio", [0.3, 0.6, 0.9])
+def test_mmdp_budget_is_a_share_of_the_eligible_samples_and_holds_exactly(keep_ratio):
+    """Excluded noise costs nothing: a pruning epoch trains on round(keep_ratio * eligible)
+    samples when enough of them are well-learned, else prunes every well-learned one it may
+    (max_prune_prob of them) and trains on more; probes (weight 0) come on top."""
+    policy = P.make_policy("mmdp", noise_fraction=0.3, max_prune_prob=0.9)
+    state = make_state(keep_ratio=keep_ratio, seen_frac=1.0)
+    for epoch in (1, 5):
+        clean = eligible(state, epoch, noise_fraction=0.3)
+        well = int((clean & (state.loss < state.loss[clean].mean(dtype=np.float64))).sum())
+        target = int(np.floor(keep_ratio * clean.sum() + 0.5))
+        kept, weights = select(policy, state, epoch)
+        trained = weights > 0
+        assert trained.sum() == max(target, clean.sum() - int(np.floor(0.9 * well + 0.5)))
+        probed = ~clean & (np.arange(N) % policy.probe_every == epoch % policy.probe_every)
+        np.testing.assert_array_equal(kept[~trained], np.flatnonzero(probed))
+
+
+def test_mmdp_and_infobatch_train_on_every_eligible_sample_before_any_loss():
+    state = make_state(keep_ratio=0.5, seen_frac=0.0)
+    kept, weights = select(P.make_policy("mmdp", noise_fraction=0.3), state, 0)
+    np.testing.assert_array_equal(kept, np.flatnonzero(eligible(state, 0, noise_fraction=0.3)))
+    assert (weights == 1).all()
+    kept, weights = select(P.make_policy("infobatch"), state, 0)
+    assert len(kept) == N and (weights == 1).all()
+
+
+def test_infobatch_prunes_its_share_of_the_well_learned_and_the_count_follows_the_losses():
+    state = make_state(seen_frac=1.0)
+    well = state.loss < state.loss.mean(dtype=np.float64)
+    for r in (0.3, 0.5):
+        kept, weights = select(P.make_policy("infobatch", prune_prob=r), state, 1)
+        cut = int(np.floor(r * well.sum() + 0.5))
+        assert len(kept) == N - cut
+        assert np.isin(np.flatnonzero(~well), kept).all()  # hard samples are never pruned
+        assert weights[well[kept]] == pytest.approx(well.sum() / (well.sum() - cut))
+
+
+def test_clip_cut_drops_exactly_the_estimated_noise_share_by_consistency():
+    raw = np.random.default_rng(4).normal(size=N)
+    state = State(loss=np.zeros(N, np.float32), seen=np.zeros(N, bool), consistency=raw)
+    kept, weights = select(P.make_policy("clip_cut", noise_fraction=0.25), state, 3)
+    np.testing.assert_array_equal(kept, np.sort(np.argsort(raw)[N // 4:]))
+    assert (weights == 1).all()
 
 
 def test_full_keeps_everything_with_weight_one():
@@ -141,9 +186,10 @@ def _gather(plan, loss):
 
 
 @pytest.mark.parametrize("keep_ratio", [0.2, 0.5, 0.7])
-def test_infobatch_weights_keep_the_weighted_loss_sum_unbiased(keep_ratio):
+@pytest.mark.parametrize("name", ["infobatch", "infobatch_exact"])
+def test_infobatch_weights_keep_the_weighted_loss_sum_unbiased(keep_ratio, name):
     state = make_state(keep_ratio=keep_ratio, seen_frac=0.9)
-    estimate, truth = weighted_sums(P.make_policy("infobatch"), state, 2, np.ones(N, bool))
+    estimate, truth = weighted_sums(P.make_policy(name), state, 2, np.ones(N, bool))
     assert estimate == pytest.approx(truth, rel=0.01)
 
 
@@ -153,32 +199,33 @@ def test_mmdp_weights_keep_the_eligible_loss_sum_unbiased(keep_ratio, epoch):
     policy = P.make_policy("mmdp")
     state = make_state(keep_ratio=keep_ratio, seen_frac=0.0 if epoch == 0 else 0.9)
     clean = eligible(state, epoch)
-    assert clean.sum() == N - policy.noise_count(N, keep_ratio)
+    assert clean.sum() == N - P.noise_count(policy.noise_fraction, N)
     estimate, truth = weighted_sums(policy, state, epoch, clean)
     assert estimate == pytest.approx(truth, rel=0.01)
-    kept, _ = select(policy, state, epoch)
-    assert clean[kept].all()  # never trains on what it dropped as noise
+    kept, weights = select(policy, state, epoch)
+    assert clean[kept[weights > 0]].all()  # never trains on what it dropped as noise (probes weigh 0)
 
 
-def test_infobatch_prunes_only_well_learned_samples_when_the_budget_allows():
+def test_infobatch_exact_prunes_only_well_learned_samples_when_the_budget_allows():
     state = make_state(keep_ratio=0.7, seen_frac=1.0)
-    kept, weights = select(P.make_policy("infobatch"), state, 1)
+    kept, weights = select(P.make_policy("infobatch_exact"), state, 1)
     hard = state.loss >= state.loss.mean(dtype=np.float64)
     assert np.isin(np.flatnonzero(hard), kept).all()
     assert (weights[hard[kept]] == 1).all() and (weights[~hard[kept]] > 1).all()
 
 
-@pytest.mark.parametrize("name", ["infobatch", "mmdp"])
+@pytest.mark.parametrize("name", ["infobatch", "infobatch_exact", "mmdp"])
 def test_annealing_epochs_train_every_consistent_sample_with_weight_one(name):
     policy = P.make_policy(name, delta=0.8)  # epochs 8 and 9 of 10 anneal
     state = make_state(seen_frac=1.0)
     for epoch in (8, 9):
         kept, weights = select(policy, state, epoch)
         clean = eligible(state, epoch) if name == "mmdp" else np.ones(N, bool)
-        assert clean.sum() == N - (policy.noise_count(N, 0.5) if name == "mmdp" else 0)
+        assert clean.sum() == N - (P.noise_count(policy.noise_fraction, N) if name == "mmdp" else 0)
         np.testing.assert_array_equal(kept, np.flatnonzero(clean))
         assert (weights == 1).all()
-    assert len(select(policy, state, 7)[0]) == N // 2  # still pruning
+    kept, weights = select(policy, state, 7)
+    assert (weights > 0).sum() < clean.sum()  # still pruning
 
 
 def synthetic_noise(n=5000, noisy_share=0.3, separation=0.2, seed=0):
@@ -195,10 +242,9 @@ def test_mmdp_drops_low_consistency_noise_from_epoch_zero_on():
     state = State(loss=np.zeros(n, np.float32), seen=np.zeros(n, bool), consistency=cons, keep_ratio=0.5)
     policy = P.make_policy("mmdp", noise_fraction=noisy.mean())
     kept, _ = select(policy, state, 0)
-    assert noisy[kept].sum() == 0
-    anneal, weights = select(policy, state, EPOCHS - 1)
-    np.testing.assert_array_equal(anneal, np.flatnonzero(~noisy))
-    assert (weights == 1).all()
+    np.testing.assert_array_equal(kept, np.flatnonzero(~noisy))  # no probes at epoch 0
+    kept, weights = select(policy, state, EPOCHS - 1)
+    assert noisy[kept[weights > 0]].sum() == 0 and (weights[noisy[kept]] == 0).all()
 
 
 def test_mmdp_uses_high_loss_with_low_consistency_to_find_noise_consistency_misses():
@@ -211,8 +257,31 @@ def test_mmdp_uses_high_loss_with_low_consistency_to_find_noise_consistency_miss
         state = State(loss=loss, seen=seen, consistency=cons, keep_ratio=0.5)
         precision.append(noisy[~eligible(state, epoch, noise_fraction=0.3)].mean())
         kept, _ = select(policy, state, epoch)
-        # Trained samples report losses: wrong labels stay hard to fit.
+        # Trained (and probed) samples report losses: wrong labels stay hard to fit.
         loss[kept] = np.where(noisy[kept], 1.0 + rng.exponential(1.0, len(kept)),
                               rng.exponential(0.5, len(kept)))
         seen[kept] = True
     assert precision[0] < 0.7 and precision[-1] > precision[0] + 0.1
+
+
+def test_mmdp_probes_let_a_clean_sample_excluded_by_mistake_return():
+    """Clean samples that the scorer got wrong (lowest consistency) are excluded at epoch 0; a probe
+    sees their low loss, and they come back, while the noise, whose probed loss is high, stays out."""
+    n, rng = 2000, np.random.default_rng(5)
+    noisy = np.zeros(n, bool)
+    noisy[rng.choice(n, 400, replace=False)] = True
+    cons = np.where(noisy, rng.normal(0.0, 0.1, n), rng.normal(1.0, 0.1, n))
+    mistaken = np.flatnonzero(~noisy)[:100]
+    cons[mistaken] = -1.0  # below every noisy sample: excluded first
+    policy = P.make_policy("mmdp", noise_fraction=0.2, probe_every=2, loss_weight=0.8, loss_ramp_epochs=1)
+    p = Pruner(n, policy, keep_ratio=1.0, epochs=EPOCHS, seed=0, consistency=cons)
+    excluded_at = []
+    for epoch in range(6):
+        kept, weights = p.plan(epoch)
+        excluded = np.ones(n, bool)
+        excluded[kept[weights > 0]] = False
+        excluded_at.append(excluded)
+        p.update(kept, np.where(noisy[kept], 3.0, 0.1).astype(np.float32), epoch)
+    assert excluded_at[0][mistaken].all()
+    assert not excluded_at[-1][mistaken].any()  # every mistaken sample returned
+    assert excluded_at[-1][noisy].mean() > 0.9  # and the noise took their place

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 import signal
 import threading
 import time
 
+import numpy as np
 import pytest
 
 from jobs import score as score_job
 from jobs import train as train_job
 from pipeline import storage
+from pipeline.train.loop import cosine_lr, epoch_batch_size
 from pipeline.data.reference import make_synthetic, write_dataset
 from benchmarks.procmem import tree
 
@@ -54,8 +57,17 @@ def test_each_kept_sample_reports_exactly_one_loss(scored_ready, tmp_path):
         assert epoch["plan_received"] == epoch["plan_reported"] == kept - missing
         assert epoch["plan_outside_plan"] == 0
         assert epoch["samples_forwarded"] == kept - missing
-    # Pruning epochs keep exactly half (4 epochs at delta 0.875: none anneals).
-    assert [e["plan_kept"] for e in metrics["epochs"]] == [100, 100, 100, 100]
+    # Epoch 0 trains on every sample not excluded as noise; later ones prune well-learned samples
+    # (and forward probes of the excluded ones), never below half of the eligible ones.
+    excluded = int(np.floor(metrics["totals"]["policy_params"]["noise_fraction"] * n + 0.5))
+    kept = [e["plan_kept"] for e in metrics["epochs"]]
+    assert kept[0] == n - excluded and all(k >= (n - excluded) // 2 for k in kept)
+    # The schedule: every epoch takes an unpruned epoch's steps (200 rows, 2 workers of 16: 7),
+    # on batches shrunk with the plan; the learning rate follows the epochs.
+    for e in metrics["epochs"]:
+        assert e["batch_size"] == epoch_batch_size(e["plan_kept"], n, 16, 2, "full")
+        assert e["steps"] == math.ceil((e["plan_kept"] // 2) / e["batch_size"]) <= 7
+        assert e["lr"] == pytest.approx(0.1 * cosine_lr((e["epoch"] + 1) * 7, 4 * 7, 2), rel=1e-6)
     assert [p["epoch"] for p in plans] == [0, 1, 2, 3]
     # The two workers split the test split between them: one exact pass, every epoch.
     test_rows = storage.read_json(f"{data}/metadata.json")["splits"]["test"]

@@ -146,19 +146,16 @@ class PruningActor:
             self._log.record(epoch, kept, weights, reasons)
         return [self._plan_refs[epoch]]
 
-    def weight_mean(self, epoch: int) -> float:
-        """Mean weight of ``epoch``'s plan (planning it if needed); 1.0 for an empty plan.
+    def plan_size(self, epoch: int) -> tuple[int, float]:
+        """(kept count, mean weight) of ``epoch``'s plan, planning it if needed; mean 1.0 when empty.
 
-        Trainers divide each step's weighted loss by it, so a step's expected
-        gradient is the eligible samples' mean gradient whatever the weights'
-        scale (see :mod:`pipeline.train.loop`).
+        Trainers size the epoch's batches by the count and divide each step's
+        weighted loss by the mean, so a step's expected gradient is the
+        eligible samples' mean gradient whatever the weights' scale (see
+        :mod:`pipeline.train.loop`).
         """
         self.plan_ref(epoch)
-        return self._log.weight_stats(epoch)["weight_mean"] or 1.0
-
-    def kept_counts(self, epochs: int) -> list[int]:
-        """Kept counts of epochs 0..epochs-1 (to size a learning-rate schedule)."""
-        return [self._pruner.kept_count(e) for e in range(int(epochs))]
+        return self._pruner.kept_count(epoch), self._log.weight_stats(epoch)["weight_mean"] or 1.0
 
     def losses_received(self, epoch: int) -> int:
         return self._pruner.losses_received(epoch)

@@ -1,6 +1,8 @@
 """The keep budget of a plan: exactly ``k = round(keep_ratio * n)`` samples, with unbiased weights.
 
-The pruning policies that weight their survivors end with :func:`soft_prune`.
+Two ways to prune with unbiased weights. :func:`prune_well_learned` (``mmdp``,
+``infobatch``) only ever prunes well-learned samples, so the kept count follows
+the losses. :func:`soft_prune` (``infobatch_exact``) keeps an exact count.
 The eligible samples are split into a *hard* stratum (loss at or above the
 mean, or no loss seen yet) and a *well-learned* stratum; each stratum keeps
 an exact number of samples drawn uniformly without replacement (the smallest
@@ -28,6 +30,8 @@ from pipeline.prune.selection import select_smallest
 LOW_CONSISTENCY = "low consistency"
 WELL_LEARNED = "well learned (low loss)"
 RANDOM = "random"
+# Excluded samples that a plan still forwards with weight 0, to see their loss (not pruned).
+PROBED = "probed (weight 0)"
 
 
 @dataclass(frozen=True)
@@ -87,11 +91,40 @@ def soft_prune(cluster, ctx: PlanContext, max_prune_prob: float, noise: int = 0)
     well-learned stratum :data:`WELL_LEARNED`, hard ones subsampled to fit
     the budget :data:`RANDOM`.
     """
-    n_hard, n_well = (int(c) for c in np.sum(cluster.map(steps.strata, ctx.salt), axis=0))
+    n_hard, n_well, _ = (int(c) for c in np.sum(cluster.map(steps.strata, ctx.salt), axis=0))
     keep_hard, keep_well = allocate(n_hard, n_well, ctx.target, max_prune_prob)
     select_smallest(cluster, [keep_hard, keep_well])
     weights = [0.0, n_hard / keep_hard if keep_hard else 0.0, n_well / keep_well if keep_well else 0.0]
     reasons = {RANDOM: n_hard - keep_hard, WELL_LEARNED: n_well - keep_well}
     if noise:
         reasons = {LOW_CONSISTENCY: noise, **reasons}
+    return steps.emit(cluster, weights, reasons)
+
+
+def prune_well_learned(cluster, ctx: PlanContext, pruned: int | None, prune_prob: float,
+                       noise: int = 0) -> tuple:
+    """Keep every hard sample and all but ``pruned`` of the well-learned ones, unbiased.
+
+    Eligible samples are group 1 (hard), 2 (well-learned) and 3 (probes:
+    excluded samples forwarded with weight 0 to see their loss) after
+    :func:`~pipeline.prune.steps.strata`. The well-learned stratum loses
+    ``min(pruned, round(prune_prob * n_well))`` samples drawn uniformly
+    (``pruned=None``: just the ``prune_prob`` share, InfoBatch's rule); its
+    survivors weigh ``n_well / keep_well``, so ``E[sum_kept w * loss]`` is the
+    eligible samples' loss sum. The kept count follows the losses: before any
+    loss is seen nothing is well-learned and every eligible sample is kept.
+
+    Returns (kept, weights, pruned_by_reason), ``noise`` excluded samples
+    counted as :data:`LOW_CONSISTENCY` less those probed.
+    """
+    n_hard, n_well, n_probe = (int(c) for c in np.sum(cluster.map(steps.strata, ctx.salt), axis=0))
+    cut = int(math.floor(prune_prob * n_well + 0.5))
+    if pruned is not None:
+        cut = min(cut, max(0, pruned))
+    keep_well = n_well - cut
+    select_smallest(cluster, [n_hard, keep_well, n_probe])
+    weights = [0.0, 1.0, n_well / keep_well if keep_well else 0.0, 0.0]
+    reasons = {WELL_LEARNED: cut}
+    if noise:
+        reasons = {LOW_CONSISTENCY: noise - n_probe, **reasons}
     return steps.emit(cluster, weights, reasons)

@@ -10,20 +10,21 @@ A policy is a small frozen dataclass of knobs, registered by name in
 ``kept`` is a sorted int64 array of global sample indices, ``weights`` a
 float32 array that multiplies each kept sample's loss, ``pruned_by_reason``
 a ``{reason: count}`` dict summing to ``n - len(kept)``. A plan is a pure
-function of (state, epoch, seed), whatever the partitions.
-``policy.kept_count(...)`` says how many samples an epoch keeps before any
-loss is seen, so a trainer can size its learning-rate schedule by real steps.
-With ``k = round(keep_ratio * n)``:
+function of (state, epoch, seed), whatever the partitions. With
+``k = round(keep_ratio * n)``:
 
 - ``full``: every sample, weight 1.
 - ``random``: a new uniform subset of k samples each epoch, weight 1.
 - ``clip_filter``: the k most consistent samples, every epoch, weight 1.
-- ``infobatch``: k samples, pruning the well-learned (loss below the mean)
-  first, survivors weighted so the expected loss sum is unchanged
-  (:mod:`pipeline.prune.budget`); the last epochs train on everything.
-- ``mmdp``: drops a fixed share of likely noise (low consistency, then also
-  high loss), and keeps k of the rest like ``infobatch``; the last epochs
-  train on every sample not dropped.
+- ``clip_cut``: every sample but the estimated noise (the least consistent
+  ``noise_fraction``), every epoch, weight 1.
+- ``infobatch``: InfoBatch as published: prunes a share of the well-learned
+  (loss below the mean), survivors weighted up; the kept count follows the
+  losses; the last epochs train on everything.
+- ``infobatch_exact``: InfoBatch held to exactly k samples an epoch.
+- ``mmdp``: excludes likely noise (low consistency, then also high loss,
+  with probes so an excluded clean sample can return), then soft-prunes the
+  well-learned among the rest down to ``keep_ratio`` of them at most.
 
 No Ray here.
 """
@@ -37,7 +38,8 @@ from typing import ClassVar
 import numpy as np
 
 from pipeline.prune import steps
-from pipeline.prune.budget import LOW_CONSISTENCY, RANDOM, PlanContext, soft_prune, target_count
+from pipeline.prune.budget import (LOW_CONSISTENCY, RANDOM, PlanContext, prune_well_learned, soft_prune,
+                                   target_count)
 from pipeline.prune.selection import chunks, select_smallest
 
 
@@ -70,7 +72,7 @@ def rank_normalise(scores: np.ndarray) -> np.ndarray:
 
 
 class Policy:
-    """Base of the registered policies: ``plan`` and ``kept_count``."""
+    """Base of the registered policies: ``plan``."""
 
     name: ClassVar[str] = ""
     needs_consistency: ClassVar[bool] = False
@@ -81,10 +83,6 @@ class Policy:
         The partitions' scratch must have been reset (``begin_plan``) before.
         """
         raise NotImplementedError
-
-    def kept_count(self, num_samples: int, keep_ratio: float, epochs: int, epoch: int) -> int:
-        """How many samples ``plan`` keeps at ``epoch``, known before training."""
-        return target_count(num_samples, keep_ratio)
 
     def params(self) -> dict:
         """The knobs as plain Python values (for configs and checkpoints)."""
@@ -117,9 +115,6 @@ class Full(Policy):
     def plan(self, cluster, ctx):
         cluster.map(steps.keep_all)
         return steps.emit(cluster, [0.0, 1.0], {})
-
-    def kept_count(self, num_samples, keep_ratio, epochs, epoch):
-        return num_samples
 
 
 @register
@@ -155,22 +150,75 @@ class ClipFilter(Policy):
 
 @register
 @dataclass(frozen=True)
-class InfoBatch(Policy):
-    """Loss-only soft pruning (Qin et al., ICLR 2024) with an exact keep ratio.
+class ClipCut(Policy):
+    """Static: every sample but the estimated noise, by consistency, every epoch, weight 1.
 
-    Well-learned = seen with loss below the mean loss of the seen samples;
-    unseen samples count as hard (InfoBatch starts every score high). The
-    kept count is exact and the weights unbiased (:mod:`pipeline.prune.budget`),
-    so before any loss is seen this is a uniform sample weighted ``n / k``.
-    Epochs ``>= delta * epochs`` train on everything with weight 1.
+    The consistency filter at the cut the data suggests rather than at a fixed
+    fraction: the ``noise_fraction`` least consistent samples are dropped
+    (the train job estimates it from the consistency histogram, as for mmdp).
+    """
+
+    name: ClassVar[str] = "clip_cut"
+    needs_consistency: ClassVar[bool] = True
+    noise_fraction: float = 0.2
+
+    def __post_init__(self):
+        _check_unit("noise_fraction", self.noise_fraction, closed=False)
+
+    def plan(self, cluster, ctx):
+        drop = noise_count(self.noise_fraction, ctx.num_samples)
+        cluster.map(steps.consistency_candidates)
+        select_smallest(cluster, [ctx.num_samples - drop])
+        return steps.emit(cluster, [0.0, 1.0], {LOW_CONSISTENCY: drop})
+
+
+@register
+@dataclass(frozen=True)
+class InfoBatch(Policy):
+    """Loss-only soft pruning as InfoBatch defines it (Qin et al., ICLR 2024).
+
+    Every sample in epoch 0; then a ``prune_prob`` share of the well-learned
+    samples (seen, loss below the mean) is pruned at random and their
+    survivors weigh ``1 / (1 - prune_prob)``, so the kept count follows the
+    losses; epochs ``>= delta * epochs`` train on everything with weight 1.
+    (InfoBatch draws each sample's fate alone; the share here is exact, with
+    the same expectation.)
 
     Attributes:
+        prune_prob: InfoBatch's r, the chance a well-learned sample is pruned.
         delta: fraction of the epochs that prune (InfoBatch's default 0.875).
-        max_prune_prob: cap on a well-learned sample's pruning probability,
-            so weights stay <= 1/(1 - cap); past it, hard samples are pruned too.
     """
 
     name: ClassVar[str] = "infobatch"
+    prune_prob: float = 0.5
+    delta: float = 0.875
+
+    def __post_init__(self):
+        _check_unit("prune_prob", self.prune_prob, closed=False)
+        _check_unit("delta", self.delta, closed=True)
+
+    def plan(self, cluster, ctx):
+        if is_annealing(ctx.epoch, ctx.epochs, self.delta):
+            cluster.map(steps.keep_all)
+            return steps.emit(cluster, [0.0, 1.0], {})
+        cluster.map(steps.mark_eligible, False)
+        steps.below_mean(cluster)
+        return prune_well_learned(cluster, ctx, None, self.prune_prob)
+
+
+@register
+@dataclass(frozen=True)
+class InfoBatchExact(Policy):
+    """InfoBatch with an exact keep ratio: ``round(keep_ratio * n)`` samples every pruning epoch.
+
+    The well-learned are pruned first (at most ``max_prune_prob`` of them),
+    then hard samples at random; survivors weighted so the expected loss sum
+    is unchanged (:func:`~pipeline.prune.budget.soft_prune`). Before any loss
+    is seen this is a uniform sample weighted ``n / k``. Epochs ``>= delta *
+    epochs`` train on everything with weight 1.
+    """
+
+    name: ClassVar[str] = "infobatch_exact"
     delta: float = 0.875
     max_prune_prob: float = 0.75
 
@@ -186,16 +234,11 @@ class InfoBatch(Policy):
         steps.below_mean(cluster)
         return soft_prune(cluster, ctx, self.max_prune_prob)
 
-    def kept_count(self, num_samples, keep_ratio, epochs, epoch):
-        if is_annealing(epoch, epochs, self.delta):
-            return num_samples
-        return target_count(num_samples, keep_ratio)
-
 
 @register
 @dataclass(frozen=True)
 class Mmdp(Policy):
-    """Ours: drop likely noise by consistency x loss, soft-prune the well-learned.
+    """Ours: exclude likely noise by consistency x loss, soft-prune the well-learned among the rest.
 
     Each epoch:
 
@@ -203,28 +246,31 @@ class Mmdp(Policy):
        ``s = (1 - lam) * (1 - c) + lam * l``, ``c`` the consistency rank,
        ``l`` the loss rank among samples with a loss, ``lam = loss_weight *
        min(1, epoch / loss_ramp_epochs)``: high loss *and* low consistency
-       flags noise, and loss counts only once training has made it
-       informative. Before any loss is seen (epoch 0) ``s = 1 - c``. A sample
-       with no loss yet gets for ``l`` the mean loss rank of seen samples of
-       similar consistency (:func:`~pipeline.prune.steps.loss_rank_tables`), so
-       a clean sample wrongly dropped at epoch 0 can come back when
-       consistency turns out to say little about loss.
-    2. The ``noise_count`` samples with the highest ``s`` are dropped (ties
-       to the lower index); the rest are *eligible*. ``noise_count =
-       min(round(noise_fraction*n), n - k)`` is fixed, so kept counts are
-       known in advance.
-    3. Pruning epochs keep exactly ``k = round(keep_ratio*n)`` eligible
-       samples by :func:`soft_prune`: eligible samples seen with loss below
-       the eligible mean are well-learned, the others hard.
-    4. Annealing epochs (``epoch >= delta * epochs``) keep every eligible
-       sample with weight 1.
+       flags noise, and loss counts once training has made it informative.
+       A sample with no loss yet gets for ``l`` the mean loss rank of seen
+       samples of similar consistency
+       (:func:`~pipeline.prune.steps.loss_rank_tables`).
+    2. The ``round(noise_fraction * n)`` samples with the highest ``s`` are
+       excluded; the rest are *eligible*. Excluded samples cost nothing, except
+       that each is *probed* every ``probe_every`` epochs (from epoch 1): it is
+       forwarded with weight 0, so its loss is real, not imputed, and a clean
+       sample excluded by mistake (its loss low) returns to the eligible set.
+    3. Of the eligible samples, those seen with a loss below the eligible mean
+       are well-learned; at most ``max_prune_prob`` of them, and no more than
+       brings the epoch down to ``keep_ratio`` of the eligible samples, are
+       pruned at random, their survivors weighted up so the expected loss sum
+       is the eligible samples' (:func:`~pipeline.prune.budget.prune_well_learned`).
+       Hard samples are never pruned; epoch 0, with no loss seen, trains on
+       every eligible sample.
+    4. Epochs ``>= delta * epochs`` (none by default) keep every eligible sample, weight 1.
 
     Attributes:
-        noise_fraction: share of the dataset treated as noise and dropped.
+        noise_fraction: share of the dataset excluded as noise.
         loss_weight: weight of the loss rank in the noise score, once ramped.
         loss_ramp_epochs: epochs over which that weight ramps up from 0.
-        delta: fraction of the epochs that prune; the rest anneal.
-        max_prune_prob: cap on a well-learned sample's pruning probability.
+        probe_every: an excluded sample's loss is seen every this many epochs (0: never).
+        max_prune_prob: most of the well-learned samples one epoch prunes.
+        delta: fraction of the epochs that prune; the rest keep every eligible sample.
     """
 
     name: ClassVar[str] = "mmdp"
@@ -232,45 +278,46 @@ class Mmdp(Policy):
     noise_fraction: float = 0.2
     loss_weight: float = 0.5
     loss_ramp_epochs: int = 3
-    delta: float = 0.875
-    max_prune_prob: float = 0.75
+    probe_every: int = 8
+    max_prune_prob: float = 0.5
+    delta: float = 1.0
 
     def __post_init__(self):
         _check_unit("noise_fraction", self.noise_fraction, closed=False)
         _check_unit("loss_weight", self.loss_weight, closed=True)
         _check_unit("delta", self.delta, closed=True)
         _check_unit("max_prune_prob", self.max_prune_prob, closed=False)
-        if self.loss_ramp_epochs < 0:
-            raise ValueError(f"loss_ramp_epochs must be >= 0, got {self.loss_ramp_epochs}")
+        if self.loss_ramp_epochs < 0 or self.probe_every < 0:
+            raise ValueError("loss_ramp_epochs and probe_every must be >= 0")
 
-    def noise_count(self, num_samples: int, keep_ratio: float) -> int:
-        """How many samples are dropped as noise (never so many that k cannot be met)."""
-        wanted = int(math.floor(self.noise_fraction * num_samples + 0.5))
-        return min(wanted, num_samples - target_count(num_samples, keep_ratio))
-
-    def mark_noise(self, cluster, ctx: PlanContext) -> None:
-        """Sets each partition's ``scratch["noisy"]``: the samples dropped as likely noise."""
+    def mark_noise(self, cluster, ctx: PlanContext) -> int:
+        """Sets each partition's ``scratch["noisy"]``; returns how many were excluded."""
         ramp = 1.0 if self.loss_ramp_epochs == 0 else min(1.0, ctx.epoch / self.loss_ramp_epochs)
         lam = float(np.float32(self.loss_weight * ramp))
         tables = steps.loss_rank_tables(cluster) if lam > 0 else None
         cluster.map(steps.noise_candidates, lam, tables)
-        select_smallest(cluster, [self.noise_count(ctx.num_samples, ctx.keep_ratio)])
+        count = noise_count(self.noise_fraction, ctx.num_samples)
+        select_smallest(cluster, [count])
         cluster.map(steps.chosen_is_noisy)
+        return count
 
     def plan(self, cluster, ctx):
-        self.mark_noise(cluster, ctx)
-        noise = self.noise_count(ctx.num_samples, ctx.keep_ratio)
+        noise = self.mark_noise(cluster, ctx)
         if is_annealing(ctx.epoch, ctx.epochs, self.delta):
             cluster.map(steps.keep_eligible)
             return steps.emit(cluster, [0.0, 1.0], {LOW_CONSISTENCY: noise})
         cluster.map(steps.mark_eligible, True)
         steps.below_mean(cluster)
-        return soft_prune(cluster, ctx, self.max_prune_prob, noise)
+        if self.probe_every and ctx.epoch >= 1:
+            cluster.map(steps.mark_probes, ctx.epoch, self.probe_every)
+        eligible = ctx.num_samples - noise
+        pruned = eligible - target_count(eligible, ctx.keep_ratio) if eligible else 0
+        return prune_well_learned(cluster, ctx, pruned, self.max_prune_prob, noise)
 
-    def kept_count(self, num_samples, keep_ratio, epochs, epoch):
-        if is_annealing(epoch, epochs, self.delta):
-            return num_samples - self.noise_count(num_samples, keep_ratio)
-        return target_count(num_samples, keep_ratio)
+
+def noise_count(noise_fraction: float, num_samples: int) -> int:
+    """``round(noise_fraction * n)``, leaving at least one sample."""
+    return min(num_samples - 1, int(math.floor(noise_fraction * num_samples + 0.5)))
 
 
 def _check_unit(name: str, value: float, closed: bool) -> None:

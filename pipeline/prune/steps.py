@@ -158,10 +158,18 @@ def mark_well(part, mean: float | None) -> None:
 
 
 def strata(part, salt: int) -> list[int]:
-    """Random keys for the eligible samples; [hard, well-learned] counts."""
+    """Random keys for the eligible samples; [hard, well-learned, probe] counts."""
     part.scratch["key"] = _random_key_array(part, salt)
     group = part.scratch["group"]
-    return [int(np.count_nonzero(group == 1)), int(np.count_nonzero(group == 2))]
+    return [int(np.count_nonzero(group == g)) for g in (1, 2, 3)]
+
+
+def mark_probes(part, epoch: int, every: int) -> None:
+    """group 3 for the noisy samples probed this epoch: each one every ``every``
+    epochs, a fixed rotation by global index (``index % every == epoch % every``)."""
+    noisy, group = part.scratch["noisy"], part.scratch["group"]
+    phase = (part.start + np.arange(part.n, dtype=np.int64)) % every == epoch % every
+    group[noisy & phase] = 3
 
 
 def random_candidates(part, salt: int) -> None:

@@ -44,7 +44,8 @@ class TrainConfig:
     scores: str = field(metadata={"help": "output folder of the score job for the train split (URL)"})
     out: str = field(metadata={"help": "run folder: metrics.json, config.json, plans.json, checkpoint/"})
     policy: str = option("mmdp", "pruning policy", choices=tuple(POLICIES))
-    keep_ratio: float = option(0.5, "fraction of the samples trained on per (non-annealing) epoch")
+    keep_ratio: float = option(0.5, "fraction of the samples trained on per pruning epoch; for mmdp, of the "
+                                    "samples not excluded as noise (excluded noise costs nothing)")
     epochs: int = option(20, "training epochs (the reference protocol uses 20)")
     workers: int = option(2, "Ray Train workers")
     use_gpu: bool = option(False, "one GPU per worker")
@@ -60,6 +61,11 @@ class TrainConfig:
     weight_decay: float = option(5e-4, "SGD weight decay")
     warmup_steps: int = option(50, "linear warm-up steps before the cosine decay")
     augment: bool = option(True, "random 2-px shifts and horizontal flips")
+    step_schedule: str = option("full", "optimiser steps per epoch: 'full' = as many as an unpruned epoch, on batches "
+                                        "shrunk with the plan; 'batch' = batches of --batch-size, fewer steps",
+                                choices=("full", "batch"))
+    eval_every: int = option(1, "evaluate on the test split every this many epochs (and always after the last)")
+    shuffle_buffer: int = option(2048, "rows each worker mixes before batching, reshuffled every epoch (0: read order)")
     # With one worker, rows arrive in file order every epoch, so a resumed run
     # repeats an uninterrupted one bit for bit; with several, which worker
     # gets which block still depends on timing.
@@ -67,7 +73,7 @@ class TrainConfig:
     signal: str = option("auto", "consistency column: clip_margin, clip_score, or auto (margin when scored in label mode)",
                        choices=("auto", "clip_margin", "clip_score"))
     noise_fraction: float | None = option(
-        None, "mmdp: share of samples dropped as likely noise; none = estimated from the scores "
+        None, "mmdp, clip_cut: share of samples excluded as likely noise; none = estimated from the scores "
               "(the low mode of the consistency histogram, Otsu's cut; 0 if it has one mode)")
     policy_params: tuple[str, ...] = option((), "more policy knobs as name=value, comma-separated (e.g. loss_weight=0.3)")
     max_failures: int = option(2, "worker failures Ray Train recovers from (from the last checkpoint)")
@@ -84,6 +90,10 @@ class TrainConfig:
         parse_params(self.policy_params)
         if self.epochs < 1 or self.workers < 1 or self.batch_size < 1:
             raise ValueError("--epochs, --workers and --batch-size must be at least 1")
+        if self.eval_every < 1:
+            raise ValueError("--eval-every must be >= 1")
+        if self.shuffle_buffer < 0:
+            raise ValueError("--shuffle-buffer must be >= 0")
 
 
 def parse_params(pairs: tuple[str, ...]) -> dict:
@@ -103,7 +113,7 @@ def parse_params(pairs: tuple[str, ...]) -> dict:
 def policy_params(cfg: TrainConfig, consistency: np.ndarray, signal: str) -> dict:
     """The knobs the policy gets: ``--policy-params``, plus mmdp's noise fraction (given or estimated)."""
     params = parse_params(cfg.policy_params)
-    if cfg.policy == "mmdp" and "noise_fraction" not in params:
+    if cfg.policy in ("mmdp", "clip_cut") and "noise_fraction" not in params:
         params["noise_fraction"] = (cfg.noise_fraction if cfg.noise_fraction is not None
                                     else round(estimate_noise_fraction(consistency), 4))
     return params
@@ -206,7 +216,7 @@ def fit(cfg: TrainConfig) -> dict:
     )
     loop_config = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
     # A ref, not the arrays: only a retry before the first checkpoint reads it.
-    loop_config.update(pruner_name=pruner_name, num_classes=len(meta["classes"]),
+    loop_config.update(pruner_name=pruner_name, num_classes=len(meta["classes"]), num_samples=len(keys),
                        pruner_initial=[pruner.state_dict.remote()],
                        epochs=cfg.stop_after if cfg.stop_after else cfg.epochs, plan_epochs=cfg.epochs)
     result = run_trainer(cfg, train_loop_per_worker, loop_config, build_datasets(cfg, keys, pruner_name),

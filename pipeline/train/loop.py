@@ -11,11 +11,17 @@ A step's loss is ``sum(w_i * loss_i) / (B * mean_w)``, ``mean_w`` the mean
 weight of the epoch's plan: the weights make the kept samples an unbiased
 stand-in for the eligible ones (``E[sum_kept w_i loss_i] = sum_eligible
 loss_i``), and dividing by the batch's expected weight sum makes each step's
-expected gradient their *mean* gradient, the size of an unpruned step. An
-epoch then takes fewer steps of the usual size, rather than fewer steps each
-``mean_w`` times larger (InfoBatch's ``sum(w_i * loss_i) / B``), which at the
-same peak learning rate gave mmdp lower final accuracy (BENCHMARKS.md). For
-policies with unit weights the two are the same.
+expected gradient their *mean* gradient, the size of an unpruned step
+(InfoBatch's ``sum(w_i * loss_i) / B`` makes steps ``mean_w`` times larger).
+For policies with unit weights the two are the same.
+
+The schedule does not starve a pruned run: by default (``step_schedule``
+"full") every epoch takes as many optimiser steps as an unpruned one, each on
+a batch shrunk in proportion to the plan, so pruning saves sample passes, not
+updates; with "batch" the batch size stays and a pruned epoch takes fewer
+steps. Either way the learning rate follows the epochs (warm-up and cosine
+decay laid over the unpruned run's steps), not the pruned run's own count.
+Rows are reshuffled every epoch in a per-worker buffer (``shuffle_buffer``).
 
 The pieces any Ray Train loop over these datasets needs (model set-up, the
 optimiser step, the split test pass, the epoch's checkpoint and report) are
@@ -82,6 +88,54 @@ def setup_model(cfg: dict, total_steps: int):
     return model, opt, sched
 
 
+def epoch_batch_size(kept: int, num_samples: int, batch_size: int, world: int, schedule: str) -> int:
+    """Per-worker batch size of an epoch whose plan keeps ``kept`` of ``num_samples`` rows.
+
+    ``schedule`` "full": small enough that the epoch takes an unpruned epoch's
+    number of steps; "batch": ``batch_size`` always.
+    """
+    if schedule == "batch" or kept >= num_samples:
+        return batch_size
+    steps = math.ceil(num_samples / (batch_size * world))
+    return max(1, math.ceil(kept / (world * steps)))
+
+
+def shuffle_args(cfg: dict, epoch: int, rank: int) -> dict:
+    """``iter_torch_batches`` arguments that reshuffle a worker's rows every epoch, reproducibly per (seed, epoch, rank)."""
+    if not cfg["shuffle_buffer"]:
+        return {}
+    return {"local_shuffle_buffer_size": cfg["shuffle_buffer"],
+            "local_shuffle_seed": (cfg["seed"] * 1_000_003 + epoch) * 1_009 + rank}
+
+
+def weighted_step(model, batch: dict, weight_mean: float, opt, sched) -> torch.Tensor:
+    """One optimiser step on a batch of the plan; returns every row's loss (detached).
+
+    Rows of weight 0 are probes (excluded rows whose loss the pruner wants to
+    see): they get a no-grad forward of the bare model in eval mode, a third
+    of a trained row's cost, and leave the gradient and the BatchNorm
+    statistics alone. The step's loss is ``sum(w * loss) / (len(batch) *
+    weight_mean)`` over the whole batch, probes included, so its expectation
+    is the eligible rows' mean loss whatever the share of probes.
+    """
+    x, y, w = batch["x"], batch["label"], batch["weight"]
+    probe = w == 0
+    if not probe.any() or probe.all():  # an all-probe batch still steps: every DDP rank must
+        per_sample = F.cross_entropy(model(x), y, reduction="none")
+        take_step((per_sample * w).sum() / (len(per_sample) * weight_mean), opt, sched)
+        return per_sample.detach()
+    per_sample = torch.empty(len(y), dtype=torch.float32)
+    trained = F.cross_entropy(model(x[~probe]), y[~probe], reduction="none")
+    take_step((trained * w[~probe]).sum() / (len(y) * weight_mean), opt, sched)
+    per_sample[~probe] = trained.detach()
+    bare = unwrap(model)
+    bare.eval()
+    with torch.inference_mode():
+        per_sample[probe] = F.cross_entropy(bare(x[probe]), y[probe], reduction="none")
+    bare.train()
+    return per_sample
+
+
 def take_step(loss: torch.Tensor, opt: torch.optim.Optimizer, sched) -> None:
     """One optimiser step on ``loss``, then one step of the schedule."""
     opt.zero_grad(set_to_none=True)
@@ -115,10 +169,8 @@ def train_loop_per_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     pruner = get_pruner(cfg["pruner_name"])
-    per_step = cfg["batch_size"] * world
-    steps = [math.ceil(c / per_step) for c in ray.get(pruner.kept_counts.remote(cfg["plan_epochs"]))]
-    # The schedule follows the real number of steps in each pruned epoch.
-    model, opt, sched = setup_model(cfg, sum(steps))
+    steps_per_epoch = math.ceil(cfg["num_samples"] / (cfg["batch_size"] * world))  # an unpruned epoch's
+    model, opt, sched = setup_model(cfg, cfg["plan_epochs"] * steps_per_epoch)
     start_epoch, history, plans = _resume(cfg, model, opt, sched, pruner, rank)
     # A pruner that Ray restarts comes back in its initial state; each epoch
     # checks that the actor it trained against is the one it started with.
@@ -134,31 +186,39 @@ def train_loop_per_worker(config: dict) -> None:
         if rank == 0:
             ray.get(pruner.start_epoch.remote(epoch))
         _barrier()
-        weight_mean = ray.get(pruner.weight_mean.remote(epoch))
+        kept, weight_mean = ray.get(pruner.plan_size.remote(epoch))
+        batch_size = epoch_batch_size(kept, cfg["num_samples"], cfg["batch_size"], world, cfg["step_schedule"])
         model.train()
-        loss_sum, forwarded = 0.0, 0
-        for batch in train_shard.iter_torch_batches(batch_size=cfg["batch_size"], dtypes=WEIGHTED_DTYPES, drop_last=False):
-            per_sample = F.cross_entropy(model(batch["x"]), batch["label"], reduction="none")
-            take_step((per_sample * batch["weight"]).sum() / (len(per_sample) * weight_mean), opt, sched)
-            reporter.report(batch["index"].numpy(), per_sample.detach().numpy())
-            loss_sum += float(per_sample.detach().sum())
+        loss_sum, forwarded, steps = 0.0, 0, 0
+        for batch in train_shard.iter_torch_batches(batch_size=batch_size, dtypes=WEIGHTED_DTYPES, drop_last=False,
+                                                    **shuffle_args(cfg, epoch, rank)):
+            steps += 1
+            per_sample = weighted_step(model, batch, weight_mean, opt, sched)
+            reporter.report(batch["index"].numpy(), per_sample.numpy())
+            loss_sum += float(per_sample.sum())
             forwarded += len(per_sample)
         reporter.flush()
+        while sched.last_epoch < (epoch + 1) * steps_per_epoch:  # the schedule follows the epochs
+            sched.step()
         train_seconds = time.perf_counter() - started
-        # Each worker scores its part of the test split (by key hash): exact, and split.
-        # The bare module: a DDP forward would wait for the other ranks.
-        correct, total, test_cache = evaluate(unwrap(model), test_shard, test_cache, cfg["batch_size"], rank, world)
+        correct = total = 0
+        if (epoch + 1) % cfg["eval_every"] == 0 or epoch + 1 == cfg["plan_epochs"]:
+            # Each worker scores its part of the test split (by key hash): exact, and split.
+            # The bare module: a DDP forward would wait for the other ranks.
+            correct, total, test_cache = evaluate(unwrap(model), test_shard, test_cache, cfg["batch_size"], rank, world)
         loss_sum, forwarded, correct, total = all_sum([loss_sum, forwarded, correct, total])
         _barrier()
         metrics = {
             "epoch": epoch,
             "train_loss": loss_sum / max(forwarded, 1),
-            "test_accuracy": correct / max(total, 1),
+            "test_accuracy": correct / total if total else None,  # None: not evaluated this epoch
             "test_rows": int(total),
             "samples_forwarded": int(forwarded),
             "epoch_seconds": round(time.perf_counter() - started, 3),
             "train_seconds": round(train_seconds, 3),
             "lr": sched.get_last_lr()[0],
+            "steps": steps,  # rank 0's; every rank takes as many (equal shares)
+            "batch_size": batch_size,
         }
         checkpoint_dir = None
         if rank == 0:
@@ -175,8 +235,9 @@ def train_loop_per_worker(config: dict) -> None:
                     json.dump(value, f)
             done = [h["epoch_seconds"] for h in history if h["epoch"] >= start_epoch]
             left = (cfg["epochs"] - epoch - 1) * sum(done) / len(done)
+            accuracy = "not evaluated" if total == 0 else f"{metrics['test_accuracy']:.4f}"
             print(f"epoch {epoch + 1}/{cfg['epochs']}: trained on {metrics['samples_forwarded']} samples, "
-                  f"loss {metrics['train_loss']:.4f}, test accuracy {metrics['test_accuracy']:.4f}, "
+                  f"loss {metrics['train_loss']:.4f}, test accuracy {accuracy}, "
                   f"{metrics['epoch_seconds']:.1f} s; about {left:.0f} s left", flush=True)
         report_epoch(metrics, checkpoint_dir)
 

@@ -1,0 +1,147 @@
+"""The pruning benchmark's results: per-policy summaries, the targets (DESIGN.md), the Markdown tables."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.report.page import markdown_table
+
+ORACLE = "oracle"
+MATCHED = "mmdp's measured share of full's sample passes"
+
+
+def noise_tag(noise: str) -> str:
+    return "clean" if noise in ("", "none", "clean") else noise.replace(":", "").replace("+", "_")
+
+
+def summarise(runs: list[dict], noises: list[str], policies: list[str]) -> list[dict]:
+    rows = []
+    for noise in noises:
+        cell = [r for r in runs if r["noise"] == noise]
+        full_wall = [r["wall_seconds"] for r in cell if r["policy"] == "full"]
+        full_train = [r["train_seconds"] for r in cell if r["policy"] == "full"]
+        for policy in policies:
+            rs = [r for r in cell if r["policy"] == policy]
+            if not rs:
+                continue
+            acc = np.array([r["final_test_accuracy"] for r in rs]) * 100
+            shifted = 100 * float(np.mean([r["shifted_test_accuracy"] for r in rs]))
+            wall = float(np.mean([r["wall_seconds"] for r in rs]))
+            train = float(np.mean([r["train_seconds"] for r in rs]))
+            residual = [r["noisy_in_final_plan"] for r in rs if r.get("noisy_in_final_plan") is not None]
+            rows.append({"noise": noise, "policy": policy, "seeds": len(rs),
+                         "accuracy_mean": round(float(acc.mean()), 3),
+                         "accuracy_std": round(float(acc.std(ddof=1)) if len(acc) > 1 else 0.0, 3),
+                         "shifted_accuracy_mean": round(shifted, 3),
+                         "wall_seconds_mean": round(wall, 2),
+                         "train_seconds_mean": round(train, 2),
+                         "noisy_in_final_plan_mean": round(100 * float(np.mean(residual)), 2) if residual else None,
+                         "samples_forwarded_mean": int(round(np.mean([r["samples_forwarded"] for r in rs]))),
+                         "num_samples": int(rs[0]["num_samples"]),
+                         "speedup_vs_full": round(float(np.mean(full_wall)) / wall, 3) if full_wall else None,
+                         "train_speedup_vs_full": round(float(np.mean(full_train)) / train, 3) if full_train else None})
+    return rows
+
+
+def _targets_for(noise: str) -> dict | None:
+    """The accuracy and speed targets of a noise setting (issue/DESIGN.md), None where only reported."""
+    if noise_tag(noise) == "clean":
+        return {"vs_full": -0.3, "train_speedup": 1.25}
+    if noise == "symmetric:0.3":
+        return {"vs_full": 1.5, "vs_oracle": -0.5, "train_speedup": 1.4, "wall_speedup": 1.3}
+    if noise == "pairflip:0.3":
+        return {"vs_full": 1.0, "vs_oracle": -1.0, "train_speedup": 1.3}
+    return None
+
+
+def check_targets(summary: list[dict], overhead: dict | None) -> list[dict]:
+    get = {(r["noise"], r["policy"]): r for r in summary}
+    checks = []
+
+    def add(what, value, target, ok):
+        checks.append({"what": what, "value": round(value, 3), "target": target, "met": bool(ok)})
+
+    for noise in sorted({r["noise"] for r in summary}):
+        if (noise, "mmdp") not in get:
+            continue
+        mmdp, targets = get[(noise, "mmdp")], _targets_for(noise)
+        acc = mmdp["accuracy_mean"]
+        if targets and (noise, "full") in get:
+            d = acc - get[(noise, "full")]["accuracy_mean"]
+            add(f"{noise}: mmdp - full (points)", d, f">= {targets['vs_full']:+}", d >= targets["vs_full"])
+            s = mmdp["train_speedup_vs_full"]
+            add(f"{noise}: mmdp speedup over full (training time)", s, f">= {targets['train_speedup']}",
+                s >= targets["train_speedup"])
+            if "wall_speedup" in targets:
+                s = mmdp["speedup_vs_full"]
+                add(f"{noise}: mmdp speedup over full (whole fit)", s, f">= {targets['wall_speedup']}",
+                    s >= targets["wall_speedup"])
+        if targets and "vs_oracle" in targets and (noise, ORACLE) in get:
+            d = acc - get[(noise, ORACLE)]["accuracy_mean"]
+            add(f"{noise}: mmdp - clean oracle (points)", d, f">= {targets['vs_oracle']}", d >= targets["vs_oracle"])
+        if noise_tag(noise) == "clean":
+            continue
+        for base in ("infobatch", "infobatch_exact", "clip_filter", "clip_cut", "random"):
+            if (noise, base) in get:
+                other = get[(noise, base)]
+                d = acc - other["accuracy_mean"]
+                # Equal compute within rounding (the fixed-ratio baselines run at mmdp's own share).
+                cheaper = mmdp["samples_forwarded_mean"] <= 1.01 * other["samples_forwarded_mean"]
+                add(f"{noise}: mmdp - {base} (points; samples forwarded {mmdp['samples_forwarded_mean']} "
+                    f"vs {other['samples_forwarded_mean']})", d, "> 0 at <= its compute", d > 0 and cheaper)
+    if overhead:
+        add("machinery overhead (full via pruner / plain loop, wall)", overhead["ratio"]["wall"], "<= 1.05",
+            overhead["ratio"]["wall"] <= 1.05)
+    return checks
+
+
+def markdown(result: dict) -> str:
+    s = result["setup"]
+    zero_shot = s.get("clip_zero_shot_accuracy")
+    lines = [f"# Pruning benchmark ({'synthetic' if s['synthetic'] else 'Fashion-MNIST'})", "",
+             f"Pool {s['pool_size']} rows, {s['epochs']} epochs, mmdp keep ratio {s['keep_ratio']} of the eligible rows, "
+             f"fixed-ratio baselines (random, clip_filter, infobatch_exact) at "
+             f"{s['baseline_keep_ratio'] or MATCHED}, {s['workers']} workers, "
+             f"step schedule {s['step_schedule']}, "
+             f"model {s['model']} (width {s['width']}), seeds {s['seeds']}, scores: {s['clip_model']} "
+             f"{s['clip_pretrained'] or '(random init)'} in {s['mode']} mode"
+             + (f", CLIP zero-shot test accuracy {zero_shot:.4f}" if zero_shot else "")
+             + f". Machine: {s['machine']}.", "",
+             "Accuracy is the final epoch's, on the clean test split; shifted = the same checkpoint on a deterministic "
+             "shifted copy (rotation, shift, blur, Gaussian noise). Wall = the whole fit (Ray Train start-up and the "
+             "per-epoch test evaluation included); train = the epochs' training time alone (each epoch's planning "
+             "included). Samples forwarded include mmdp's probes (weight 0). Speedups = full's mean / the policy's. Noisy in plan = share of ground-truth noisy rows in "
+             "the last epoch's plan, replayed from the final checkpoint's pruner state.",
+             ""]
+    for noise in result["noise_settings"]:
+        rows = []
+        for r in (r for r in result["summary"] if r["noise"] == noise):
+            speed = (f"{r['speedup_vs_full']:.2f}x / {r['train_speedup_vs_full']:.2f}x"
+                     if r["speedup_vs_full"] else "n/a")
+            noisy = "n/a" if r.get("noisy_in_final_plan_mean") is None else f"{r['noisy_in_final_plan_mean']:.1f}"
+            rows.append((r["policy"], f"{r['accuracy_mean']:.2f} ± {r['accuracy_std']:.2f}",
+                         f"{r['shifted_accuracy_mean']:.2f}", f"{r['wall_seconds_mean']:.1f}",
+                         f"{r['train_seconds_mean']:.1f}", speed, r["samples_forwarded_mean"], r["num_samples"], noisy))
+        lines += [f"## noise: {noise}", "",
+                  markdown_table(("policy", "test acc % (mean ± std)", "shifted acc %", "wall s", "train s",
+                                  "speedup vs full (wall / train)", "samples forwarded", "rows trained on",
+                                  "noisy in plan %"), rows), ""]
+    o = result.get("overhead")
+    if o:
+        sec = o["seconds"]
+        lines += ["## machinery overhead", "",
+                  f"Policy full through the pruner vs a plain Ray Train loop (same model, data, batch, workers), "
+                  f"{o['epochs']} epochs, alternated A B B A. Wall = the whole fit, epoch = the loops' epochs "
+                  "(training + evaluation), train = training steps alone.", "",
+                  markdown_table(("measure", "pruner s", "plain s", "ratio"),
+                                 [(m, sec[m]["pruner"], sec[m]["plain"], o["ratio"][m]) for m in ("wall", "epoch", "train")]),
+                  ""]
+    if result["targets"]:
+        lines += ["## targets", "",
+                  markdown_table(("check", "value", "target", "met"),
+                                 [(c["what"], c["value"], c["target"], "yes" if c["met"] else "NO")
+                                  for c in result["targets"]]),
+                  ""]
+    return "\n".join(lines)
+
+
