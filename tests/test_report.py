@@ -107,6 +107,10 @@ def test_report_compares_policies_across_run_dirs(where, tmp_path, request):
     assert final["full"]["speedup vs full"] == "1.00x"
     assert final["mmdp"]["runs"] == "2" and final["mmdp"]["final test acc %"] == "85.00 ± 1.41"
     assert final["mmdp"]["wall s"] == "55.0 ± 7.1" and final["mmdp"]["speedup vs full"] == "1.82x"
+    # ... and in words: by how much, at what speed-up and compute (train time is not in these runs' totals).
+    share = 100 * bench["half"] / bench["n"]
+    assert (f"mmdp: +5.00 points against full at a speed-up of 1.82x on the whole fit (start-up included), "
+            f"forwarding {share:.0f}% of full's samples.") in text
     for label, acc in (("seed0/full", "80.00"), ("seed0/mmdp", "84.00"), ("seed1/mmdp", "86.00")):
         assert row(text, "run", label)["final test acc %"] == acc  # every run, labelled by its RUN_DIR
 

@@ -62,12 +62,42 @@ def summary_rows(groups: dict[str, list[Run]]) -> list[dict]:
     for name, rs in groups.items():
         rows.append({"name": name, "policy": rs[0].policy, "noise": rs[0].noise, "complete": rs[0].complete,
                      "runs": rs, "wall": mean_std([r.totals.get("wall_seconds") for r in rs]),
+                     "train": mean_std([r.totals.get("train_seconds") for r in rs]),
+                     "accuracy": mean_std([r.totals.get("final_test_accuracy") for r in rs]),
                      "forwarded": mean_std([r.totals.get("samples_forwarded") for r in rs])})
     for row in rows:
         full = [f for f in rows if f["policy"] == "full" and f["noise"] == row["noise"] and f["complete"]]
-        ok = full and row["complete"] and full[0]["wall"][0] > 0 and row["wall"][0] > 0
-        row["speedup"] = full[0]["wall"][0] / row["wall"][0] if ok else None
+        full = full[0] if full and row["complete"] else None
+        for key, name in (("wall", "speedup"), ("train", "train_speedup")):
+            ok = full and _positive(full[key][0]) and _positive(row[key][0])
+            row[name] = full[key][0] / row[key][0] if ok else None
+        both = full and _finite(full["accuracy"][0]) and _finite(row["accuracy"][0])
+        row["vs_full"] = 100 * (row["accuracy"][0] - full["accuracy"][0]) if both else None
+        row["forwarded_share"] = (row["forwarded"][0] / full["forwarded"][0]
+                                  if full and _positive(full["forwarded"][0]) and _finite(row["forwarded"][0]) else None)
     return rows
+
+
+def _finite(value) -> bool:
+    return value is not None and math.isfinite(value)
+
+
+def _positive(value) -> bool:
+    return _finite(value) and value > 0
+
+
+def versus_full(rows: list[dict]) -> list[str]:
+    """One sentence per policy measured against ``full`` on its noise setting: points, speed-up, compute."""
+    lines = []
+    for r in rows:
+        if r["policy"] == "full" or r["vs_full"] is None:
+            continue
+        speeds = [f"{r['train_speedup']:.2f}x on training time"] if r["train_speedup"] else []
+        speeds += [f"{r['speedup']:.2f}x on the whole fit (start-up included)"] if r["speedup"] else []
+        share = f", forwarding {100 * r['forwarded_share']:.0f}% of full's samples" if r["forwarded_share"] else ""
+        speed = f" at a speed-up of {' and '.join(speeds)}" if speeds else ""
+        lines.append(f"{r['name']}: {r['vs_full']:+.2f} points against full{speed}{share}.")
+    return lines
 
 
 def build_report(roots: list[str], out: str, exclude: tuple[str, ...] = (), write_html: bool = True) -> dict:
@@ -109,6 +139,7 @@ def build_report(roots: list[str], out: str, exclude: tuple[str, ...] = (), writ
                 [[r["name"], len(r["runs"]), _pct_ms([x.totals.get("final_test_accuracy") for x in r["runs"]]),
                   _pct_ms([x.shifted for x in r["runs"]]), _fmt_ms(r["wall"], ".1f"), _fmt_ms(r["forwarded"], ",.0f"),
                   f"{r['speedup']:.2f}x" if r["speedup"] else "n/a"] for r in rows]),
+               *([("p", " ".join(versus_full(rows)))] if versus_full(rows) else []),
                ("p", "Accuracy: the final epoch's, on the clean test split (mean ± std over a policy's runs); "
                      "shifted: the same checkpoint on the benchmark's shifted test copy, when recorded. Wall: the "
                      "whole fit, start-up included. Speedup: full's mean wall-clock / the policy's, on the same "
