@@ -12,7 +12,8 @@ on a deterministic shifted copy of the test split (noise, blur, rotation,
 shift). Last, the machinery overhead: policy ``full`` through the pruner
 against a plain Ray Train loop without it, alternated side by side.
 
-Local (Ray starts here with 2 CPUs; about 3 hours on 2 idle cores: ~5.5 min a full-data run)::
+Local (Ray starts here with 2 CPUs; about 6 hours on 2 idle cores for the 96 runs of the defaults:
+3-4 min a run; `--reuse` resumes a stopped invocation from its committed runs)::
 
     python -m benchmarks.pruning --out runs/bench --clip-pretrained runs/ref-clip/model.pt
 
@@ -71,11 +72,12 @@ class BenchPruningConfig:
     pool_size: int = option(20_000, "train rows in each pool")
     epochs: int = option(20, "training epochs")
     seeds: tuple[int, ...] = option((0, 1, 2), "comma-separated seeds (noise draw, model, plans)")
-    noise: tuple[str, ...] = option(("clean", "symmetric:0.3"),
+    noise: tuple[str, ...] = option(("symmetric:0.3", "pairflip:0.3", "clean", "symmetric:0.5"),
                                     "comma-separated noise settings; join the kinds of one setting with +, "
                                     "e.g. symmetric:0.2+caption:0.05")
     policies: tuple[str, ...] = option((*POLICIES, ORACLE), "policies to train, and oracle")
-    keep_ratio: float = option(0.7, "mmdp's keep ratio: the share of the rows not excluded as noise an epoch trains on")
+    keep_ratio: float = option(0.5, "mmdp's --keep-ratio (jobs.train's default): the least share of the rows not "
+                                    "excluded as noise an epoch trains on")
     baseline_keep_ratio: float | None = option(
         None, "keep ratio of random, clip_filter and infobatch_exact; none = mmdp's measured share of full's "
               "sample passes in the same cell (equal compute)")

@@ -52,7 +52,7 @@ class DemoConfig:
     reference_rows: int = option(5000, "clean rows the reference CLIP model is trained on")
     clip_epochs: int = option(8, "reference CLIP pre-training epochs")
     policies: tuple[str, ...] = option(("full", "mmdp"), "policies to train, comma-separated")
-    keep_ratio: float = option(0.5, "fraction of the samples trained on per epoch (pruning policies)")
+    keep_ratio: float = option(0.5, "--keep-ratio of jobs.train: share kept per epoch (random, clip_filter); least share of the eligible (mmdp)")
     epochs: int = option(8, "training epochs per policy")
     workers: int = option(2, "Ray Train workers")
     seed: int = option(0, "seed for the data, the models and the plans")

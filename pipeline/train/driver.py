@@ -44,8 +44,8 @@ class TrainConfig:
     scores: str = field(metadata={"help": "output folder of the score job for the train split (URL)"})
     out: str = field(metadata={"help": "run folder: metrics.json, config.json, plans.json, checkpoint/"})
     policy: str = option("mmdp", "pruning policy", choices=tuple(POLICIES))
-    keep_ratio: float = option(0.5, "fraction of the samples trained on per pruning epoch; for mmdp, of the "
-                                    "samples not excluded as noise (excluded noise costs nothing)")
+    keep_ratio: float = option(0.5, "share of the samples a pruning epoch trains on (random, clip_filter, "
+                                    "infobatch_exact); for mmdp, the least share of the samples not excluded as noise")
     epochs: int = option(20, "training epochs (the reference protocol uses 20)")
     workers: int = option(2, "Ray Train workers")
     use_gpu: bool = option(False, "one GPU per worker")
