@@ -96,24 +96,30 @@ PROG = "python -m benchmarks.scoring"
 
 def signal_quality(data: str, scores_url: str) -> dict:
     """AUROC of each score for flagging noisy rows, overall and per corruption kind."""
-    gt = storage.read_table(storage.join(data, "ground_truth.parquet")).to_pandas()
-    scores = storage.read_table(storage.join(scores_url, "scores")).to_pandas()
-    merged = gt.merge(scores, on="key", how="inner", validate="one_to_one")
-    ok = merged[merged["status"] == "ok"]
-    out = {"rows": int(len(merged)), "scored": int(len(ok)), "rejected": int((merged["status"] != "ok").sum()),
-           "noisy_scored": int((ok["corruption"] != "none").sum())}
-    noisy = (ok["corruption"] != "none").to_numpy()
+    import collections
+
+    gt = storage.read_table(storage.join(data, "ground_truth.parquet"), columns=["key", "corruption"])
+    scores = storage.read_table(storage.join(scores_url, "scores"))
+    for name, table in ((scores_url, scores), (data, gt)):
+        if len(set(table.column("key").to_pylist())) != table.num_rows:
+            raise ValueError(f"{name}: repeated keys; the scores and the ground truth must match one to one")
+    merged = scores.join(gt, keys="key", join_type="inner")
+    status = merged.column("status").to_numpy(zero_copy_only=False)
+    corruption = merged.column("corruption").to_numpy(zero_copy_only=False).astype(str)
+    ok = status == "ok"
+    out = {"rows": int(merged.num_rows), "scored": int(ok.sum()), "rejected": int((~ok).sum()),
+           "noisy_scored": int((ok & (corruption != "none")).sum())}
+    noisy = corruption[ok] != "none"
     for column in ("clip_score", "clip_margin"):
-        values = ok[column].to_numpy()
+        values = merged.column(column).to_numpy(zero_copy_only=False).astype(float)[ok]
         if np.isnan(values).all():
             continue
         # Low consistency flags noise, so the noise score is the negated column.
         out[f"auroc_{column}"] = round(auroc(-values, noisy), 4)
-        for kind in sorted(set(ok["corruption"]) - {"none"}):
-            rows = ok["corruption"].isin(["none", kind]).to_numpy()
+        for kind in sorted(set(corruption[ok]) - {"none"}):
+            rows = np.isin(corruption[ok], ["none", kind])
             out[f"auroc_{column}_{kind}"] = round(auroc(-values[rows], noisy[rows]), 4)
-    rejected = merged[merged["status"] != "ok"]
-    out["rejected_by_corruption"] = rejected["corruption"].value_counts().to_dict()
+    out["rejected_by_corruption"] = dict(collections.Counter(corruption[~ok].tolist()))
     return out
 
 
