@@ -33,13 +33,6 @@ from pipeline import storage
 from pipeline.cli import log, option, run_job
 from pipeline.prune.policies import POLICIES
 
-# Seconds each stage took at the defaults on a 2-core machine (see BENCHMARKS.md),
-# per unit of work; the time-left estimate scales them by how fast the stages
-# already done ran compared with these.
-_STAGE_COST = {"data": 0.002, "clip": 0.0012, "score": 0.0015, "train": 0.0009, "report": 0.0}
-_STAGE_FIXED = {"data": 3.0, "clip": 5.0, "score": 8.0, "train": 25.0, "report": 3.0}
-
-
 @dataclass(frozen=True)
 class DemoConfig:
     """What the demo does; every field is a flag."""
@@ -94,26 +87,30 @@ def stages(cfg: DemoConfig) -> list[tuple[str, str, object, list[str], str]]:
     return steps
 
 
-def _work(cfg: DemoConfig, stage: str) -> float:
-    """Expected seconds of one stage at this config (the scale the time-left estimate uses)."""
-    rows = {"data": cfg.train_rows + cfg.reference_rows, "clip": cfg.reference_rows * cfg.clip_epochs,
+def _work(cfg: DemoConfig, stage: str) -> int:
+    """A stage's units of work (rows, times epochs where it has them): what its measured pace scales by."""
+    return {"data": cfg.train_rows + cfg.reference_rows, "clip": cfg.reference_rows * cfg.clip_epochs,
             "score": cfg.train_rows, "train": cfg.train_rows * cfg.epochs, "report": 0}[stage]
-    return _STAGE_FIXED[stage] + _STAGE_COST[stage] * rows
+
+
+def time_left(kinds: list[str], pace: dict[str, float], cfg: DemoConfig) -> float | None:
+    """Seconds the stages ``kinds`` will take at the pace measured on this machine so far
+    (seconds a unit of work, per kind of stage); None while a kind among them is not measured yet."""
+    if any(kind not in pace and _work(cfg, kind) for kind in kinds):
+        return None
+    return sum(pace.get(kind, 0.0) * _work(cfg, kind) for kind in kinds)
 
 
 def run(cfg: DemoConfig) -> int:
     steps = stages(cfg)
-    expected = [_work(cfg, s[0]) for s in steps]
     started = time.perf_counter()
-    ran_seconds = ran_expected = 0.0
-    for number, ((stage, what, job, argv, output), cost) in enumerate(zip(steps, expected), start=1):
-        # Time left: the rest of the expected work, at the pace of the stages run so far.
-        pace = ran_seconds / ran_expected if ran_expected else 1.0
-        left = pace * sum(expected[number - 1:])
-        banner = f"[{number}/{len(steps)}] {what}  (elapsed {time.perf_counter() - started:.0f} s, about {left:.0f} s left)"
+    pace: dict[str, float] = {}
+    for number, (stage, what, job, argv, output) in enumerate(steps, start=1):
+        left = time_left([s[0] for s in steps[number - 1:]], pace, cfg)
+        estimate = "" if left is None else f", about {left:.0f} s left"
+        banner = f"[{number}/{len(steps)}] {what}  (elapsed {time.perf_counter() - started:.0f} s{estimate})"
         if cfg.reuse and output is not None and storage.is_complete(output):
             log.info("%s: reusing %s", banner, output)
-            expected[number - 1] = 0.0
             continue
         log.info("%s\n    python -m %s %s", banner, job.__name__, " ".join(argv))
         stage_started = time.perf_counter()
@@ -121,8 +118,8 @@ def run(cfg: DemoConfig) -> int:
         if code:
             log.error("stage %d (%s) failed with exit code %d; see the messages above", number, what, code)
             return code
-        ran_seconds += time.perf_counter() - stage_started
-        ran_expected += cost
+        if _work(cfg, stage):
+            pace[stage] = (time.perf_counter() - stage_started) / _work(cfg, stage)
     log.info("done in %.0f s: %s", time.perf_counter() - started, storage.join(report_dir(cfg), "report.md"))
     return 0
 

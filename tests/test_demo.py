@@ -33,3 +33,12 @@ def test_demo_runs_every_stage_and_reports_what_it_measured(ray_session, tmp_pat
         assert demo.main(["--out", out, *ARGS]) == 0
     reused = [r.getMessage() for r in caplog.records if "reusing" in r.getMessage()]
     assert len(reused) == 5  # data, clip, scores and both runs; the report is written again
+
+
+def test_time_left_comes_from_the_pace_measured_here_and_only_then():
+    cfg = demo.DemoConfig(out="unused", train_rows=1000, epochs=4)
+    kinds = ["train", "train", "report"]
+    assert demo.time_left(kinds, {}, cfg) is None  # no training measured yet: no guess
+    # One training run took 20 s for 1000 rows x 4 epochs: the next one takes 20 s; the report has no work units.
+    assert demo.time_left(kinds[1:], {"train": 20 / 4000}, cfg) == 20.0
+    assert demo.time_left(["report"], {}, cfg) == 0.0

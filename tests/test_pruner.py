@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import io
-import time
 
 import numpy as np
 import pytest
@@ -151,33 +150,18 @@ def test_policies_that_need_scores_say_so():
     assert len(Pruner(10, "infobatch_exact", keep_ratio=0.3).plan(0)[0]) == 3
 
 
-def best_of(fn, tries=5):
-    times = []
-    for _ in range(tries):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
-def test_ingest_of_a_million_losses_is_vectorised():
-    n = 1_000_000
-    p = Pruner(n, "infobatch", keep_ratio=0.5, epochs=EPOCHS)
-    rng = np.random.default_rng(0)
-    idx, losses = rng.permutation(n), rng.random(n, dtype=np.float32)
-    seconds = best_of(lambda: p.update(idx, losses, 0))
-    # Design target 10M/s; a Python loop manages ~1M/s. Shared 2-core machines: best of 5.
-    assert n / seconds > 10e6, f"{n / seconds / 1e6:.1f}M losses/s"
-    assert p.losses_received(0) == 5 * n
-
-
-def test_plan_for_a_million_samples_is_fast():
+def test_a_million_losses_arrive_in_one_vectorised_update():
+    """Ingest and plan at scale, checked for what they compute; their speed is benchmarks.pruner_scale's."""
     n = 1_000_000
     p = Pruner(n, "mmdp", keep_ratio=0.5, epochs=EPOCHS, consistency=np.random.default_rng(0).random(n))
-    p.update(np.arange(0, n, 2), np.random.default_rng(1).random(n // 2), 0)
-    seconds = best_of(lambda: p.plan(3) and p.plan(4), tries=3) / 2  # alternate: no memo hits
-    # The 10M target is <= 1 s (about 0.7 s measured); 1M leaves ample room.
-    assert seconds < 0.3, f"plan took {seconds:.3f} s"
+    rng = np.random.default_rng(1)
+    idx, losses = rng.permutation(n)[: n // 2], rng.random(n // 2, dtype=np.float32)
+    assert p.update(idx, losses, 0) == n // 2 and p.losses_received(0) == n // 2
+    state = p.state_dict()
+    np.testing.assert_array_equal(state["loss"][idx], losses)
+    assert (state["last_seen"][idx] == 0).sum() == n // 2 and (state["last_seen"] == -1).sum() == n - n // 2
+    kept, weights, reasons = p.plan_with_reasons(3)
+    assert (np.diff(kept) > 0).all() and sum(reasons.values()) == n - len(kept) and (weights >= 0).all()
 
 
 @pytest.mark.parametrize("name", sorted(POLICIES))

@@ -244,7 +244,7 @@ def test_store_that_refuses_writes_leaves_nothing_complete(via_proxy, s3_bucket,
     for split in SPLITS:
         with pytest.raises(storage.InputError, match="incomplete output|no such file"):
             storage.read_table(storage.join(out, split))
-    assert not storage.exists(storage.join(out, "metadata.json"))
+    assert not storage.exists(storage.join(out, "metadata.json")) and not storage.is_complete(out)
     report(f"fault4-store-refuses-{failing}", requests=proxy.stats["requests"],
            refused=proxy.stats["requests"] - proxy.stats["forwarded"], readable_splits=0, runs_finished=0)
 
@@ -289,8 +289,9 @@ def test_make_dataset_killed_while_writing_then_rerun(tmp_path):
     parts_left = len(list((out / "train").glob("part-*.parquet")))
     with pytest.raises(storage.InputError, match="incomplete output") as refused:
         storage.read_table(str(out / "train"))
-    assert not (out / "metadata.json").exists()
+    assert not (out / "metadata.json").exists() and (out / "_PENDING").exists()  # the dataset is refused too
     assert make_dataset_job.main(["--out", str(out), *args]) == 0  # the rerun
+    assert storage.is_complete(str(out))
     assert make_dataset_job.main(["--out", str(tmp_path / "clean"), *args]) == 0
     rerun, clean = _read_dataset(str(out)), _read_dataset(str(tmp_path / "clean"))
     assert rerun["metadata"] == clean["metadata"]
