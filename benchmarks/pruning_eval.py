@@ -31,8 +31,9 @@ def noisy_keys(data: str) -> pa.ChunkedArray:
 def write_oracle_scores(data: str, scores: str, url: str) -> int:
     """A copy of ``scores`` where rows noisy in the ground truth are rejected; returns the clean count.
 
-    The trainer trains on ``status == "ok"`` rows only, so the oracle needs no
-    code path of its own: policy ``full`` on this folder trains on the clean rows.
+    Rejected rows go to ``rejects.parquet`` and the trainer reads ``scores/``
+    only, so the oracle needs no code path of its own: policy ``full`` on this
+    folder trains on the clean rows.
     """
     from pipeline.score.job import write_scores
 
@@ -116,7 +117,7 @@ def final_plan_noise(run_dir: str, data: str, scores: str) -> float | None:
     import torch
 
     from pipeline.prune.pruner import Pruner
-    from pipeline.train.driver import load_index
+    from pipeline.train.pruning import load_index
 
     noisy = noisy_keys(data)
     if not len(noisy):

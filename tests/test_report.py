@@ -17,7 +17,7 @@ from PIL import Image
 from jobs import report
 from pipeline.data import reference as datasets
 from pipeline import storage
-from pipeline.data.contract import KEY, SCORES_SCHEMA
+from pipeline.data.contract import KEY, REJECTS_SCHEMA, SCORES_SCHEMA
 
 EPOCHS = 3
 
@@ -35,7 +35,9 @@ def write_scores(data: str, url: str, checkpoint: str) -> tuple[int, int]:
     table = pa.table({KEY: keys, "index": np.arange(n), "clip_score": margin + 0.2, "clip_margin": margin,
                       "status": ["ok"] * n, "error": [None] * n}, schema=SCORES_SCHEMA)
     storage.write_shards(table, storage.join(url, "scores"))
-    storage.write_json({"rows_in": n, "scored": n, "rejected": 0}, storage.join(url, "summary.json"))
+    rejects = pa.table({KEY: ["dup-a", "dup-b"], "reason": ["duplicate key"] * 2}, schema=REJECTS_SCHEMA)
+    storage.write_table(rejects, storage.join(url, "rejects.parquet"))
+    storage.write_json({"rows_in": n + 2, "scored": n, "rejected": 2}, storage.join(url, "summary.json"))
     storage.write_json({"model": "mmdp-tiny", "pretrained": checkpoint, "mode": "label"}, storage.join(url, "config.json"))
     n_noisy = sum(noisy.values())
     return n - n_noisy, n_noisy
@@ -120,6 +122,9 @@ def test_report_compares_policies_across_run_dirs(where, tmp_path, request):
     assert by_run["seed0/mmdp"]["pruned by the plans"] == f"{(bench['n'] - bench['half']) * EPOCHS:,}"
     assert by_run["seed0/mmdp"]["low consistency"] == f"{5 * EPOCHS:,}"
     assert by_run["seed0/full"]["pruned by the plans"] == "0"
+    # The score set's rejects table: rows kept out of every run before training, once per epoch.
+    assert by_run["seed0/full"]["excluded before training: duplicate key"] == f"{2 * EPOCHS:,}"
+    assert f"{bench['n']:,} rows scored, signal clip_margin; rejected before training: duplicate key: 2." in text
 
     # Consistency: the histogram's AUROC, from the one noisy row placed above every clean row.
     k = bench["noisy"]

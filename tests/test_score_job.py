@@ -66,6 +66,23 @@ def test_score_job_equals_direct_scorer(ray_session, synthetic, tiny_ckpt, tmp_p
     assert storage.read_json(storage.join(out, "summary.json"))["rows_in"] == rows.num_rows
 
 
+def test_score_job_reads_img2dataset_parquet(ray_session, synthetic, tiny_ckpt, tmp_path):
+    """img2dataset's parquet columns (key, jpg, txt, cls) through the job's Ray path, no conversion step."""
+    rows = storage.read_table(storage.join(synthetic, "train"))
+    renamed = rows.rename_columns(["key", "jpg", "txt", "cls"]).append_column("url", pa.array(["http://x"] * rows.num_rows))
+    storage.write_shards(renamed, str(tmp_path / "in"), rows_per_shard=25)
+    out = str(tmp_path / "out")
+    assert score_job.main(["--input", str(tmp_path / "in"), "--output", out, "--model", "mmdp-tiny",
+                           "--pretrained", tiny_ckpt, "--columns", "img2dataset", "--batch-size", "16",
+                           "--actor-cpus", "0.5"]) == 0
+    scores = storage.read_table(storage.join(out, "scores"))
+    expected = _direct_scores(rows, tiny_ckpt, "caption")
+    assert sorted(scores.column("key").to_pylist()) == sorted(expected) and len(expected) == rows.num_rows
+    for key, s in zip(scores.column("key").to_pylist(), scores.column("clip_score").to_pylist()):
+        assert abs(s - expected[key][0]) <= 1e-5
+    assert storage.read_table(storage.join(out, "rejects.parquet")).num_rows == 0
+
+
 def _png(size=(8, 8), mode="RGB"):
     buf = pyio.BytesIO()
     Image.new(mode, size).save(buf, format="PNG")
@@ -99,30 +116,32 @@ def test_every_bad_row_is_rejected_with_its_reason(ray_session, tmp_path):
     rejects = storage.read_table(storage.join(out, "rejects.parquet")).to_pylist()
     summary = storage.read_json(storage.join(out, "summary.json"))
     assert summary["rows_in"] == len(rows) == summary["scored"] + summary["rejected"]
-    assert summary["scored"] == 3 and len(rejects) == summary["rejected"] == 7
-    for (key, _, caption, _, reason), row in zip(rows, scores):
-        assert row["key"] == key
-        if reason:
-            assert row["status"] == "rejected" and row["error"].startswith(reason), (key, row)
-            assert np.isnan(row["clip_score"])
-        else:
-            assert row["status"] == "ok" and np.isfinite(row["clip_score"]), (key, row)
-    assert sorted(r["reason"].split(":")[0] for r in rejects) == sorted(r[4].split(":")[0] for r in rows if r[4])
+    assert summary["scored"] == len(scores) == 3 and len(rejects) == summary["rejected"] == 7
+    # Each input row is in exactly one place: scored rows in scores/, rejected ones in rejects.parquet.
+    assert [r["key"] for r in scores] == [r[0] for r in rows if not r[4]]
+    assert all(r["status"] == "ok" and np.isfinite(r["clip_score"]) for r in scores)
+    assert sorted(r["index"] for r in scores) == [0, 1, 2]
+    expected = [(r[0], r[4]) for r in rows if r[4]]
+    assert [r["key"] for r in rejects] == [key for key, _ in expected]
+    for (key, reason), row in zip(expected, rejects):
+        assert row["reason"].startswith(reason), (key, row)
 
 
 def test_score_job_reads_and_writes_s3(ray_session, tiny_ckpt, s3_bucket, tmp_path):
-    src = storage.join(s3_bucket, "data")
-    write_dataset(make_synthetic(n=64, seed=1), src, rows_per_shard=20)
+    root = s3_bucket
+    src = storage.join(root, "data")
+    with storage.output(src):
+        write_dataset(make_synthetic(n=64, seed=1), src, rows_per_shard=20)
     local_out = str(tmp_path / "local")
-    s3_out = storage.join(s3_bucket, "scores")
+    remote_out = storage.join(root, "scores")
     args = ["--model", "mmdp-tiny", "--pretrained", tiny_ckpt, "--batch-size", "16", "--actor-cpus", "0.5"]
-    assert score_job.main(["--input", storage.join(src, "train"), "--output", s3_out, *args]) == 0
+    assert score_job.main(["--input", storage.join(src, "train"), "--output", remote_out, *args]) == 0
     write_dataset(make_synthetic(n=64, seed=1), str(tmp_path / "data"), rows_per_shard=20)
     assert score_job.main(["--input", str(tmp_path / "data" / "train"), "--output", local_out, *args]) == 0
-    from_s3 = storage.read_table(storage.join(s3_out, "scores"))
+    remote = storage.read_table(storage.join(remote_out, "scores"))
     local = storage.read_table(storage.join(local_out, "scores"))
-    assert from_s3.num_rows == 32
-    assert from_s3.to_pandas().equals(local.to_pandas())  # NaN margins compare equal here
+    assert remote.num_rows == 32 and storage.is_complete(remote_out)
+    assert remote.to_pandas().equals(local.to_pandas())  # NaN margins compare equal here
 
 
 def test_bad_input_folder_is_a_clear_error(ray_session, tmp_path, capsys):

@@ -4,5 +4,5 @@ The data contract every stage reads (``contract.py``: key, image, caption,
 label, and how img2dataset's columns map onto it), the readers of the shard
 files a dataset is stored in (``shards.py``), row checks before scoring
 (``validate.py``), and the reference datasets with their injected noise
-(``reference.py``, ``noise.py``). No Ray here.
+(``reference.py``, ``noise.py``). Ray only in ``shards.read_shards``.
 """

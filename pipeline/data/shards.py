@@ -4,10 +4,13 @@ A dataset is a folder (or one file) of shards, local or in an object store.
 :func:`shard_files` names the format and the files and refuses anything that
 would silently lose rows (a stray file, a truncated tar, unreadable parquet);
 :func:`webdataset_to_contract` maps webdataset members (img2dataset's
-``.jpg``/``.txt``/``.cls``) onto the contract for the score job's reader.
+``.jpg``/``.txt``/``.cls``) onto the contract; :func:`read_shards` is the one
+Ray Data reader of them all, for every job (the only Ray code of ``data``).
 """
 
 from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -15,10 +18,13 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline import storage
-from pipeline.data.contract import MAPPINGS, ColumnMapping, to_contract
+from pipeline.data.contract import MAPPINGS, ColumnMapping, SchemaError, to_contract
 from pipeline.storage import InputError, exists, filesystem_for, join, list_files
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+# Shard footers read at once: in an object store each is a round trip, and
+# thousands of shards read one by one take minutes.
+READ_THREADS = 32
 # Files that sit beside shards in real datasets (img2dataset stats, checksums, notes).
 SIDECAR_SUFFIXES = (".json", ".crc", ".md")
 
@@ -49,16 +55,19 @@ def _text(data: bytes | None) -> str | None:
     return None if data is None else data.decode("utf-8", errors="replace").strip()
 
 
-def shard_files(url: str) -> tuple[str, list[str]]:
+def shard_files(url: str, mapping: ColumnMapping | None = None) -> tuple[str, list[str]]:
     """The shard format (``parquet`` or ``webdataset``) of a dataset and its files.
 
     A folder with ``.tar`` files is webdataset (img2dataset writes a metadata
     ``.parquet`` beside each tar; those are not samples). Any other file that
     is neither a shard nor a known sidecar is an error naming it, so a stray
-    or misnamed shard is never skipped unnoticed.
+    or misnamed shard is never skipped unnoticed. Every shard's footer (a
+    tar's last KiB) is read once, :data:`READ_THREADS` at a time; with
+    ``mapping``, each parquet schema must map onto the contract.
 
     Raises:
         InputError: naming the offending file or folder.
+        SchemaError: naming a parquet shard that ``mapping`` cannot read.
     """
     fs, path = filesystem_for(url)
     if fs.get_file_info(path).type == pafs.FileType.Directory and not exists(join(url, storage.SUCCESS)):
@@ -69,17 +78,31 @@ def shard_files(url: str) -> tuple[str, list[str]]:
                     raise InputError(f"{join(url, rel)}: not a parquet or tar shard; move it out of the input folder")
     tars = _safe_list(url, (".tar",))
     if tars:
-        for file_url in tars:
-            _check_tar_end(file_url)
+        _each(_check_tar_end, tars)
         return "webdataset", tars
     files = list_files(url)
-    for file_url in files:
-        fs, path = filesystem_for(file_url)
-        try:
-            storage.retry_reads(lambda: pq.read_metadata(path, filesystem=fs))
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise storage.unreadable_parquet(file_url, exc) from exc
+    _each(lambda file_url: _check_parquet(file_url, mapping), files)
     return "parquet", files
+
+
+def _each(check, items: list) -> None:
+    """``check(item)`` for every item, :data:`READ_THREADS` at a time; the first failing item's error is raised."""
+    with ThreadPoolExecutor(max_workers=max(1, min(READ_THREADS, len(items)))) as pool:
+        for _ in pool.map(check, items):  # results, and errors, come back in item order
+            pass
+
+
+def _check_parquet(file_url: str, mapping: ColumnMapping | None) -> None:
+    fs, path = filesystem_for(file_url)
+    try:
+        schema = storage.retry_reads(lambda: pq.read_schema(path, filesystem=fs))
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise storage.unreadable_parquet(file_url, exc) from exc
+    if mapping is not None:
+        try:
+            to_contract(schema.empty_table(), mapping)
+        except SchemaError as exc:
+            raise SchemaError(f"{file_url}: {exc}") from exc
 
 
 def _check_tar_end(file_url: str) -> None:
@@ -103,3 +126,32 @@ def _safe_list(url: str, suffixes: tuple[str, ...]) -> list[str]:
         return list_files(url, suffixes)
     except InputError:
         return []
+
+
+def read_shards(url: str, columns: str = "mmdp"):
+    """The shards at ``url`` as a lazy Ray dataset in the data contract (key, image, caption, label).
+
+    ``columns`` is a :class:`~pipeline.data.contract.ColumnMapping` spec
+    (``mmdp``, ``img2dataset``, or pairs like ``image=jpg,caption=txt``);
+    webdataset tars read with img2dataset's names unless it says otherwise.
+    Bad files fail here, on the driver, by name (:func:`shard_files`).
+    """
+    import ray.data
+
+    mapping = ColumnMapping.parse(columns)
+    kind, files = shard_files(url, mapping)
+    fs, _ = filesystem_for(url)
+    paths = [filesystem_for(u)[1] for u in files]
+    if kind == "webdataset":
+        mapping = mapping if columns != "mmdp" else MAPPINGS["img2dataset"]
+        raw = ray.data.read_webdataset(paths, filesystem=fs, decoder=None)
+        return raw.map_batches(_webdataset_stage, batch_format="numpy", fn_kwargs={"mapping": mapping})
+    raw = ray.data.read_parquet(paths, filesystem=fs)
+    return raw.map_batches(to_contract, batch_format="pyarrow", fn_kwargs={"mapping": mapping})
+
+
+def _webdataset_stage(batch: dict, mapping: ColumnMapping) -> pa.Table:
+    # Ray's reader holds members as Python objects, NaN where a sample lacks one.
+    members = {name: pa.array([v if isinstance(v, bytes) else None for v in values], pa.binary())
+               for name, values in batch.items() if name not in ("__key__", "__url__")}
+    return webdataset_to_contract(pa.table({"__key__": batch["__key__"].astype(str), **members}), mapping)

@@ -193,7 +193,7 @@ def _reason_blocks(groups: dict[str, list[Run]], sources: Sources) -> list[tuple
                + [f"excluded before training: {k}" for k in before], rows),
               ("p", "Sums over the epochs of each run: a sample pruned in 3 epochs counts 3. Pruned by the plans = "
                     "scored samples - kept, per epoch, split by the reasons the plans recorded."
-                    + (" Excluded before training = rows of the run's score set whose status is not ok (rejected "
+                    + (" Excluded before training = rows in the rejects table of the run's score set (rejected "
                        "by the score job, or left out of the clean oracle's pool), once per epoch." if before else ""))]
     if any(not recorded and counts for _, counts, recorded, _ in per_run):
         blocks.append(("p", f"Reasons were not recorded in these plans (no pruned_by_reason entries): "
@@ -219,7 +219,7 @@ def _score_blocks(sets: list[ScoreSet], figure) -> list[tuple]:
         auc = (f"AUROC of low consistency for injected noise: {s.auroc:.3f} (1 = every noisy row scores below "
                "every clean one, 0.5 = chance)." if s.auroc is not None else
                "AUROC: undefined (the scored rows are not both clean and noisy).")
-        blocks.append(("p", f"{s.url}: {s.rows:,} rows, signal {s.signal}; rejected before training: {rejected}. "
+        blocks.append(("p", f"{s.url}: {s.rows:,} rows scored, signal {s.signal}; rejected before training: {rejected}. "
                             + auc + (f" {s.note}." if s.note else "")))
         clean = s.values.get("clean")
         table = []

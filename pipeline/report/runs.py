@@ -68,15 +68,14 @@ class Sources:
     cache: dict = field(default_factory=dict)
 
     def rejected(self, scores_url: str | None) -> dict[str, int]:
-        """Rows a score set kept out of training (status not ``ok``), by reason; empty when unreadable."""
+        """Rows a score set kept out of training (its ``rejects.parquet``), by reason; empty when unreadable."""
         key = ("rejected", scores_url)
         if not scores_url:
             return {}
         if key not in self.cache:
             self.cache[key] = {}
             try:
-                table = storage.read_table(storage.join(scores_url, "scores"), columns=["status", "error"])
-                self.cache[key] = rejected_by_reason(table)
+                self.cache[key] = rejected_by_reason(storage.read_table(storage.join(scores_url, "rejects.parquet")))
             except (storage.InputError, OSError, KeyError, pa.ArrowInvalid):
                 pass
         return self.cache[key]
@@ -234,11 +233,9 @@ def pruned_by_reason(run: Run) -> tuple[dict[str, int], bool]:
     return out, recorded
 
 
-def rejected_by_reason(table: pa.Table) -> dict[str, int]:
-    status = table.column("status").to_numpy(zero_copy_only=False).astype(str)
-    errors = table.column("error").to_numpy(zero_copy_only=False) if "error" in table.column_names else None
+def rejected_by_reason(rejects: pa.Table) -> dict[str, int]:
+    """Row counts of a ``rejects.parquet`` table by reason."""
     out: dict[str, int] = {}
-    for i in np.flatnonzero(status != "ok"):
-        reason = str(errors[i]) if errors is not None and errors[i] else status[i]
-        out[reason] = out.get(reason, 0) + 1
+    for reason in rejects.column("reason").to_pylist():
+        out[reason or "rejected"] = out.get(reason or "rejected", 0) + 1
     return out

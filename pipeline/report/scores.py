@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 
 from pipeline import storage
 from pipeline.data.contract import KEY
-from pipeline.report.runs import Run, Sources, rejected_by_reason
+from pipeline.report.runs import Run, Sources
 from pipeline.score.quality import auroc
 
 
@@ -65,15 +65,14 @@ def load_score_set(url: str, data: str | None, sources: Sources) -> ScoreSet:
         s.note = f"scores not readable ({exc})"
         return s
     s.rows = table.num_rows
-    s.rejected = rejected_by_reason(table)
-    status = table.column("status").to_numpy(zero_copy_only=False).astype(str)
+    s.rejected = sources.rejected(url)
     s.signal = "clip_score"
     if "clip_margin" in table.column_names:
         margin = table.column("clip_margin").to_numpy(zero_copy_only=False).astype(float)
-        if np.isfinite(margin[status == "ok"]).any():
+        if np.isfinite(margin).any():
             s.signal = "clip_margin"
     values = table.column(s.signal).to_numpy(zero_copy_only=False).astype(float)
-    usable = (status == "ok") & np.isfinite(values)
+    usable = np.isfinite(values)
     kinds = _corruptions(table.column(KEY), data, sources) if data else None
     if kinds is None:
         s.note = "no ground truth found: rows are not split into clean and noisy"

@@ -17,13 +17,12 @@ from typing import ClassVar
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
 
 from pipeline import storage
 from pipeline.data import shards
 from pipeline.cli import option
-from pipeline.data.contract import KEY, REJECTS_SCHEMA, SCORES_SCHEMA, ColumnMapping, SchemaError, to_contract
+from pipeline.data.contract import KEY, REJECTS_SCHEMA, SCORES_SCHEMA
 from pipeline.data.validate import DUPLICATE_KEY, RowValidator, first_occurrence_mask
 
 log = logging.getLogger(__name__)
@@ -65,10 +64,6 @@ class ScoreConfig:
             raise ValueError("--batch-size must be at least 1")
         if self.actor_cpus <= 0:
             raise ValueError("--actor-cpus must be positive")
-
-
-def _contract_stage(batch: pa.Table, mapping: ColumnMapping) -> pa.Table:
-    return to_contract(batch, mapping)
 
 
 @functools.lru_cache(maxsize=4)
@@ -114,35 +109,6 @@ def resolve_classes(cfg: ScoreConfig) -> tuple[str, ...]:
     return ()
 
 
-def _read(cfg: ScoreConfig) -> ray.data.Dataset:
-    """The input as a Ray dataset in the data contract; bad files fail here, on the driver, by name."""
-    kind, files = shards.shard_files(cfg.input)
-    mapping = ColumnMapping.parse(cfg.columns)
-    fs, _ = storage.filesystem_for(cfg.input)
-    paths = [storage.filesystem_for(u)[1] for u in files]
-    if kind == "webdataset":
-        mapping = mapping if cfg.columns != "mmdp" else ColumnMapping.parse("img2dataset")
-        raw = ray.data.read_webdataset(paths, filesystem=fs, decoder=None)
-        return raw.map_batches(_webdataset_stage, batch_format="numpy", fn_kwargs={"mapping": mapping})
-    # Checked on the driver, every shard, so a shard without an image column
-    # is one clear error naming it, not a failed task deep in the pipeline
-    # (or, for a later shard, its rows rejected as having no image).
-    for url, path in zip(files, paths):
-        try:
-            to_contract(pq.read_schema(path, filesystem=fs).empty_table(), mapping)
-        except SchemaError as exc:
-            raise SchemaError(f"{url}: {exc}") from exc
-    raw = ray.data.read_parquet(paths, filesystem=fs)
-    return raw.map_batches(_contract_stage, batch_format="pyarrow", fn_kwargs={"mapping": mapping})
-
-
-def _webdataset_stage(batch: dict, mapping: ColumnMapping) -> pa.Table:
-    # Ray's reader holds members as Python objects, NaN where a sample lacks one.
-    members = {name: pa.array([v if isinstance(v, bytes) else None for v in values], pa.binary())
-               for name, values in batch.items() if name not in ("__key__", "__url__")}
-    return shards.webdataset_to_contract(pa.table({"__key__": batch["__key__"].astype(str), **members}), mapping)
-
-
 def score(cfg: ScoreConfig) -> dict:
     """Run the score job; returns its summary. Writes ``scores/``, ``rejects.parquet`` and ``summary.json``."""
     classes = resolve_classes(cfg)
@@ -162,7 +128,7 @@ def score(cfg: ScoreConfig) -> dict:
 def _score(cfg: ScoreConfig, classes: tuple[str, ...]) -> dict:
     start = time.perf_counter()
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
-    ds = _read(cfg).map_batches(
+    ds = shards.read_shards(cfg.input, cfg.columns).map_batches(
         _decode_stage,
         batch_size=cfg.batch_size,
         fn_kwargs={"model": cfg.model, "pretrained": cfg.pretrained, "mode": cfg.mode, "classes": classes},
@@ -203,8 +169,10 @@ def write_scores(table: pa.Table, output: str, seconds: float | None = None, **e
     """Mark repeated keys, give good rows a dense index, write ``scores/``, ``rejects.parquet``, ``summary.json``.
 
     ``table`` has the scores schema's columns (``index`` is recomputed); rows
-    already ``rejected`` stay so. ``extra`` goes into the summary, which is
-    returned. The caller commits ``output`` (the job skeleton does).
+    already ``rejected`` stay so. Each row lands in exactly one place: a
+    scored row in ``scores/`` (status ``ok``), a rejected one in
+    ``rejects.parquet`` with its reason. ``extra`` goes into the summary,
+    which is returned. The caller commits ``output`` (the job skeleton does).
     """
     keys = table.column(KEY).to_numpy(zero_copy_only=False)
     status = table.column("status").to_numpy(zero_copy_only=False).astype(object)
@@ -214,19 +182,19 @@ def write_scores(table: pa.Table, output: str, seconds: float | None = None, **e
     repeat[has_key] = ~first_occurrence_mask(keys[has_key])
     status[repeat], error[repeat] = "rejected", DUPLICATE_KEY
     ok = status == "ok"
+    ok_rows = np.flatnonzero(ok)
     # The dense index is the training-time sample id: good rows in key order,
     # so it depends on the data alone, not on how Ray ordered the blocks.
-    index = np.full(len(keys), -1, dtype=np.int64)
-    ok_rows = np.flatnonzero(ok)
-    index[ok_rows[np.argsort(keys[ok_rows].astype(str), kind="stable")]] = np.arange(len(ok_rows))
+    index = np.empty(len(ok_rows), dtype=np.int64)
+    index[np.argsort(keys[ok_rows].astype(str), kind="stable")] = np.arange(len(ok_rows))
     scores = pa.table(
         {
-            KEY: keys,
-            "index": pa.array(np.where(ok, index, 0), pa.int64(), mask=~ok),
-            "clip_score": np.where(repeat, np.nan, table.column("clip_score").to_numpy(zero_copy_only=False)).astype(np.float32),
-            "clip_margin": np.where(repeat, np.nan, table.column("clip_margin").to_numpy(zero_copy_only=False)).astype(np.float32),
-            "status": pa.array(status, pa.string()),
-            "error": pa.array(error, pa.string()),
+            KEY: keys[ok_rows],
+            "index": index,
+            "clip_score": table.column("clip_score").take(ok_rows),
+            "clip_margin": table.column("clip_margin").take(ok_rows),
+            "status": pa.array(status[ok_rows], pa.string()),
+            "error": pa.array(error[ok_rows], pa.string()),
         },
         schema=SCORES_SCHEMA,
     )
