@@ -73,11 +73,11 @@ def plain_fit(cfg, out: str) -> dict:
     # No retries: a plain loop that restarted would start over, and its time would not compare.
     cfg = dataclasses.replace(cfg, out=out, max_failures=0)
     meta = storage.read_json(storage.join(cfg.data, "metadata.json"))
-    train = (read_split(cfg.data, "train").map_batches(_plain_stage, batch_format="numpy")
+    train = (read_split(cfg.data, "train", cfg.columns).map_batches(_plain_stage, batch_format="numpy")
              .map_batches(decode_stage, fn_kwargs={"augment": cfg.augment, "seed": cfg.seed}, batch_format="numpy"))
     config = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
     config.update(num_classes=len(meta["classes"]), num_samples=meta["splits"]["train"])
-    result = run_trainer(cfg, plain_loop_per_worker, config, {"train": train, "test": evaluation_dataset(cfg.data)},
+    result = run_trainer(cfg, plain_loop_per_worker, config, {"train": train, "test": evaluation_dataset(cfg.data, cfg.columns)},
                          f"plain-{os.getpid()}-{time.time_ns()}")
     return {**result.metrics, "wall_seconds": round(time.perf_counter() - started, 2)}
 

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import glob
+import importlib.util
 import json
 import math
 import os
+import pathlib
 import signal
 import threading
 import time
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from jobs import score as score_job
@@ -100,6 +103,7 @@ def test_resumed_run_repeats_the_uninterrupted_plans(scored_ready, uninterrupted
     resumed, resumed_plans = _train(data, scores, tmp_path / "resumed", *COMMON,
                                     "--resume-from", str(tmp_path / "part" / "checkpoint"))
     assert [e["epoch"] for e in resumed["epochs"]] == [0, 1, 2, 3]  # history carried over, no epoch twice
+    assert resumed["totals"]["restarts"] == 0  # a resume the user asked for is not a failure
     # The plan log is carried over with the checkpoint; the resumed epochs repeat the uninterrupted plans.
     assert {p["epoch"]: p["kept_sha256"] for p in resumed_plans} == uninterrupted
 
@@ -138,9 +142,64 @@ def test_a_killed_process_mid_run_costs_a_retry_not_the_run_or_its_plans(scored_
     # Ray restarted what died; the run went back to the last checkpoint (pruner state
     # included), trained the lost epoch again and counted it once.
     assert [e["epoch"] for e in metrics["epochs"]] == [0, 1, 2, 3]
+    # One retry, counted: epochs recorded before the kill at 0, those trained after it at 1 (the
+    # kill may land before epoch 0's checkpoint is registered: then every epoch is at 1).
+    restarts = [e["restarts"] for e in metrics["epochs"]]
+    assert metrics["totals"]["restarts"] == 1 == restarts[-1] and restarts == sorted(restarts)
     # Every kept sample's loss reached the pruner exactly once, the retried epoch included.
     assert all(e["plan_received"] == e["plan_reported"] == e["plan_kept"] == e["samples_forwarded"]
                for e in metrics["epochs"])
     assert {p["epoch"]: p["kept_sha256"] for p in plans} == uninterrupted
-    print(f"{title} killed: epochs {len(metrics['epochs'])}/4, kept {sum(e['plan_kept'] for e in metrics['epochs'])}"
+    print(f"{title} killed: epochs {len(metrics['epochs'])}/4, restarts {metrics['totals']['restarts']}, kept {sum(e['plan_kept'] for e in metrics['epochs'])}"
           f" = losses received {sum(e['plan_received'] for e in metrics['epochs'])}, plans equal to the uninterrupted run")
+
+
+def _example(name: str):
+    path = pathlib.Path(__file__).resolve().parent.parent / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"example_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_own_loop_example_trains_its_own_model_on_the_plans(scored_ready, tmp_path):
+    """examples/own_loop.py: a model, loss and optimiser not in pipeline/, pruned through the public API."""
+    data, scores = scored_ready
+    own_loop = _example("own_loop")
+    summary = own_loop.main(["--data", data, "--scores", scores, "--out", str(tmp_path / "ray"), "--epochs", "3",
+                             "--workers", "1", "--batch-size", "32"])
+    n, epochs = summary["num_samples"], summary["epochs"]
+    assert n == 200 and [e["epoch"] for e in epochs] == [0, 1, 2]
+    for e in epochs:  # the loop trained on exactly the plan's rows and reported each one's loss once
+        assert e["samples"] == e["plan_kept"] == e["plan_losses_received"] and math.isfinite(e["train_loss"])
+    excluded = int(np.floor(summary["params"]["noise_fraction"] * n + 0.5))
+    assert epochs[0]["plan_kept"] == n - excluded  # epoch 0: every sample not excluded as noise
+    assert all((n - excluded) // 2 <= e["plan_kept"] <= n - excluded for e in epochs[1:])
+
+
+def test_trains_on_img2dataset_shards_without_metadata(ray_session, tmp_path):
+    """img2dataset's parquet columns (key, jpg, txt, cls as text), classes from --classes: no conversion step."""
+    synthetic = make_synthetic(n=160, seed=8)
+    root = tmp_path / "img2dataset"
+    for split in ("train", "test"):
+        rows = synthetic.splits[split]
+        table = rows.rename_columns(["key", "jpg", "txt", "cls"])
+        table = table.set_column(3, "cls", pa.array([f"{v}\n" for v in rows.column("label").to_pylist()]))
+        storage.write_shards(table, str(root / split), rows_per_shard=25)
+    classes = ",".join(synthetic.metadata["classes"])
+    scores, run = str(tmp_path / "scores"), tmp_path / "run"
+    assert score_job.main(["--input", str(root / "train"), "--output", scores, "--model", "mmdp-tiny",
+                           "--columns", "img2dataset", "--mode", "label", "--classes", classes,
+                           "--actor-cpus", "0.5", "--batch-size", "32"]) == 0
+    metrics, _ = _train(str(root), scores, run, "--columns", "img2dataset", "--classes", classes,
+                        "--workers", "1", "--epochs", "2")
+    assert not (root / "metadata.json").exists()
+    assert metrics["totals"]["num_samples"] == synthetic.splits["train"].num_rows
+    assert [e["test_rows"] for e in metrics["epochs"]] == [synthetic.splits["test"].num_rows] * 2
+
+
+def test_train_without_class_names_is_a_clear_error(scored_ready, tmp_path, capsys):
+    data, scores = scored_ready
+    (tmp_path / "data").mkdir()
+    rc = train_job.main(["--data", str(tmp_path / "data"), "--scores", scores, "--out", str(tmp_path / "run")])
+    assert rc == 2 and "pass --classes" in capsys.readouterr().err

@@ -18,17 +18,17 @@ import uuid
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-import numpy as np
-import pyarrow as pa
 import ray
 import ray.train
 from ray.train.torch import TorchTrainer
 
 from pipeline import storage
 from pipeline.cli import option
-from pipeline.score.quality import estimate_noise_fraction
+from pipeline.prune.actor import actor_name
 from pipeline.prune.policies import POLICIES
-from pipeline.data.contract import KEY
+from pipeline.train.pruning import Pruning
+from pipeline.data.contract import KEY, ColumnMapping
+from pipeline.data.shards import read_shards
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +40,11 @@ class TrainConfig:
     OUTPUT: ClassVar[str] = "out"
     RAY: ClassVar[bool] = True
 
-    data: str = field(metadata={"help": "dataset root with train/, test/ and metadata.json (URL)"})
+    data: str = field(metadata={"help": "dataset root with train/ and test/ shard folders and metadata.json (URL)"})
     scores: str = field(metadata={"help": "output folder of the score job for the train split (URL)"})
     out: str = field(metadata={"help": "run folder: metrics.json, config.json, plans.json, checkpoint/"})
+    columns: str = option("mmdp", "column mapping of the shards: mmdp, img2dataset, or pairs like image=jpg,label=cls")
+    classes: tuple[str, ...] | None = option(None, "class names (label i is the i-th); default: the dataset's metadata.json")
     policy: str = option("mmdp", "pruning policy", choices=tuple(POLICIES))
     keep_ratio: float = option(0.5, "share of the samples a pruning epoch trains on (random, clip_filter, "
                                     "infobatch_exact); for mmdp, the least share of the samples not excluded as noise")
@@ -88,6 +90,7 @@ class TrainConfig:
         if self.noise_fraction is not None and not 0 <= self.noise_fraction < 1:
             raise ValueError(f"--noise-fraction must be in [0, 1), got {self.noise_fraction}")
         parse_params(self.policy_params)
+        ColumnMapping.parse(self.columns)
         if self.epochs < 1 or self.workers < 1 or self.batch_size < 1:
             raise ValueError("--epochs, --workers and --batch-size must be at least 1")
         if self.eval_every < 1:
@@ -110,58 +113,39 @@ def parse_params(pairs: tuple[str, ...]) -> dict:
     return params
 
 
-def policy_params(cfg: TrainConfig, consistency: np.ndarray, signal: str) -> dict:
-    """The knobs the policy gets: ``--policy-params``, plus mmdp's noise fraction (given or estimated)."""
-    params = parse_params(cfg.policy_params)
-    if cfg.policy in ("mmdp", "clip_cut") and "noise_fraction" not in params:
-        params["noise_fraction"] = (cfg.noise_fraction if cfg.noise_fraction is not None
-                                    else round(estimate_noise_fraction(consistency), 4))
-    return params
+def read_split(data: str, split: str, columns: str = "mmdp") -> ray.data.Dataset:
+    """A split of the dataset at ``data`` (its ``split`` folder of parquet or tar shards) as ``(key, image, label)`` rows (lazy)."""
+    return read_shards(storage.join(data, split), columns).select_columns([KEY, "image", "label"])
 
 
-def load_index(scores_url: str, signal: str) -> tuple[np.ndarray, np.ndarray, str]:
-    """Sorted keys of the scored rows, their consistency, and the signal used.
-
-    The score job gave every good row a dense ``index`` in key order, so the
-    sorted key array *is* the key -> index map (by binary search).
-    """
-    table = storage.read_table(storage.join(scores_url, "scores"))
-    ok = np.asarray(table.column("status").to_numpy(zero_copy_only=False) == "ok")
-    table = table.filter(pa.array(ok))
-    order = np.argsort(table.column("index").to_numpy())
-    keys = table.column(KEY).to_numpy(zero_copy_only=False).astype(str)[order]
-    if signal == "auto":
-        margin = table.column("clip_margin").to_numpy(zero_copy_only=False)
-        signal = "clip_margin" if len(margin) and not np.isnan(margin).all() else "clip_score"
-    consistency = table.column(signal).to_numpy(zero_copy_only=False).astype(np.float32)[order]
-    return keys, consistency, signal
-
-
-def read_split(data: str, split: str) -> ray.data.Dataset:
-    """A split of the dataset at ``data`` as ``(key, image, label)`` rows (lazy)."""
-    fs, _ = storage.filesystem_for(data)
-    paths = [storage.filesystem_for(u)[1] for u in storage.list_files(storage.join(data, split))]
-    return ray.data.read_parquet(paths, filesystem=fs).select_columns([KEY, "image", "label"])
-
-
-def evaluation_dataset(data: str) -> ray.data.Dataset:
+def evaluation_dataset(data: str, columns: str = "mmdp") -> ray.data.Dataset:
     """The test split, decoded, with the key hash that splits evaluation across workers as ``index``."""
     from pipeline.train.stages import test_decode_stage, test_stage
 
-    return (read_split(data, "test").map_batches(test_stage, batch_format="numpy")
+    return (read_split(data, "test", columns).map_batches(test_stage, batch_format="numpy")
             .map_batches(test_decode_stage, batch_format="numpy"))
 
 
-def build_datasets(cfg: TrainConfig, keys: np.ndarray, pruner_name: str) -> dict:
-    from pipeline.train.stages import decode_stage, index_stage, keep_stage
+def build_datasets(cfg: TrainConfig, pruning: Pruning) -> dict:
+    from pipeline.train.stages import decode_stage
 
-    train = (
-        read_split(cfg.data, "train")
-        .map_batches(index_stage, fn_kwargs={"keys": keys}, batch_format="numpy")
-        .map_batches(keep_stage, fn_kwargs={"pruner_name": pruner_name}, batch_format="numpy")
-        .map_batches(decode_stage, fn_kwargs={"augment": cfg.augment, "seed": cfg.seed}, batch_format="numpy")
-    )
-    return {"train": train, "test": evaluation_dataset(cfg.data)}
+    train = pruning.dataset(read_split(cfg.data, "train", cfg.columns)).map_batches(
+        decode_stage, fn_kwargs={"augment": cfg.augment, "seed": cfg.seed}, batch_format="numpy")
+    return {"train": train, "test": evaluation_dataset(cfg.data, cfg.columns)}
+
+
+def class_names(data: str, classes: tuple[str, ...] | None) -> list[str]:
+    """``classes`` if given, else those of the dataset's ``metadata.json``.
+
+    Raises:
+        InputError: neither names them.
+    """
+    if classes:
+        return list(classes)
+    meta = storage.join(data, "metadata.json")
+    if not storage.exists(meta) or not storage.read_json(meta).get("classes"):
+        raise storage.InputError(f"{meta}: no class names there; pass --classes (e.g. --classes cat,dog,car)")
+    return list(storage.read_json(meta)["classes"])
 
 
 def run_trainer(cfg: TrainConfig, loop, loop_config: dict, datasets: dict, name: str) -> ray.train.Result:
@@ -174,7 +158,8 @@ def run_trainer(cfg: TrainConfig, loop, loop_config: dict, datasets: dict, name:
     Raises:
         The run's error, when it failed for good.
     """
-    ray_storage = os.path.abspath(os.path.join(cfg.out, "ray")) if storage.is_local(cfg.out) else storage.join(cfg.out, "ray")
+    # mmdp's filesystem for an object store: its retries and endpoint, in Ray Train's uploads too.
+    ray_fs, ray_storage = storage.filesystem_for(storage.join(cfg.out, "ray"))
     trainer = TorchTrainer(
         loop,
         train_loop_config=loop_config,
@@ -186,6 +171,7 @@ def run_trainer(cfg: TrainConfig, loop, loop_config: dict, datasets: dict, name:
         run_config=ray.train.RunConfig(
             name=name,
             storage_path=ray_storage,
+            storage_filesystem=None if storage.is_local(cfg.out) else ray_fs,
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
@@ -198,34 +184,29 @@ def run_trainer(cfg: TrainConfig, loop, loop_config: dict, datasets: dict, name:
 
 def fit(cfg: TrainConfig) -> dict:
     """Train with pruning; writes the run folder and returns the metrics."""
-    from pipeline.prune.actor import create_pruner
     from pipeline.train.loop import train_loop_per_worker
 
     started = time.perf_counter()
     storage.check_not_pending(cfg.data)
     storage.check_not_pending(cfg.scores)
-    meta = storage.read_json(storage.join(cfg.data, "metadata.json"))
-    keys, consistency, signal = load_index(cfg.scores, cfg.signal)
+    classes = class_names(cfg.data, cfg.classes)
     run_id = uuid.uuid4().hex[:8]
-    pruner_name = f"mmdp-pruner-{run_id}"
-    params = policy_params(cfg, consistency, signal)
-    log.info("policy %s with %s", cfg.policy, params or "its defaults")
-    pruner = create_pruner(
-        pruner_name, num_samples=len(keys), policy=cfg.policy, keep_ratio=cfg.keep_ratio,
-        epochs=cfg.epochs, seed=cfg.seed, consistency=consistency, policy_params=params or None,
-    )
+    pruning = Pruning.from_scores(cfg.scores, policy=cfg.policy, epochs=cfg.epochs, keep_ratio=cfg.keep_ratio,
+                                  seed=cfg.seed, signal=cfg.signal, noise_fraction=cfg.noise_fraction,
+                                  policy_params=parse_params(cfg.policy_params),
+                                  max_reports_in_flight=cfg.max_reports_in_flight, name=actor_name(run_id))
+    log.info("policy %s with %s", cfg.policy, pruning.params or "its defaults")
     loop_config = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
     # A ref, not the arrays: only a retry before the first checkpoint reads it.
-    loop_config.update(pruner_name=pruner_name, num_classes=len(meta["classes"]), num_samples=len(keys),
-                       pruner_initial=[pruner.state_dict.remote()],
+    loop_config.update(pruning=pruning, num_classes=len(classes), num_samples=pruning.num_samples,
+                       pruner_initial=[pruning.actor.state_dict.remote()],
                        epochs=cfg.stop_after if cfg.stop_after else cfg.epochs, plan_epochs=cfg.epochs)
-    result = run_trainer(cfg, train_loop_per_worker, loop_config, build_datasets(cfg, keys, pruner_name),
-                         f"mmdp-{run_id}")
+    result = run_trainer(cfg, train_loop_per_worker, loop_config, build_datasets(cfg, pruning), f"mmdp-{run_id}")
     with result.checkpoint.as_directory() as d:
         history = json.load(open(os.path.join(d, "history.json")))
         plans = json.load(open(os.path.join(d, "plans.json")))
         _copy_checkpoint(d, storage.join(cfg.out, "checkpoint"))
-    ray.kill(pruner)
+    pruning.shutdown()
     totals = {
         "epochs": len(history),
         "wall_seconds": round(time.perf_counter() - started, 2),
@@ -233,9 +214,10 @@ def fit(cfg: TrainConfig) -> dict:
         "train_seconds": round(sum(h["train_seconds"] for h in history), 2),
         "samples_forwarded": int(sum(h["samples_forwarded"] for h in history)),
         "final_test_accuracy": history[-1]["test_accuracy"] if history else None,
-        "num_samples": int(len(keys)),
-        "signal": signal,
-        "policy_params": params,
+        "num_samples": pruning.num_samples,
+        "restarts": history[-1].get("restarts", 0) if history else 0,
+        "signal": pruning.signal,
+        "policy_params": pruning.params,
     }
     metrics = {"epochs": history, "totals": totals}
     storage.write_json(plans, storage.join(cfg.out, "plans.json"))

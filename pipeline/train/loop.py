@@ -43,7 +43,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from pipeline import storage
 from pipeline.train.models import build_model
+from pipeline.train.pruning import step_loss
 
 # Column dtypes of the decoded batches (pipeline.train.stages.decode_stage);
 # iter_torch_batches needs every column named.
@@ -114,18 +116,20 @@ def weighted_step(model, batch: dict, weight_mean: float, opt, sched) -> torch.T
     Rows of weight 0 are probes (excluded rows whose loss the pruner wants to
     see): they get a no-grad forward of the bare model in eval mode, a third
     of a trained row's cost, and leave the gradient and the BatchNorm
-    statistics alone. The step's loss is ``sum(w * loss) / (len(batch) *
-    weight_mean)`` over the whole batch, probes included, so its expectation
-    is the eligible rows' mean loss whatever the share of probes.
+    statistics alone. The step's loss is :func:`~pipeline.train.pruning.step_loss`,
+    ``sum(w * loss) / (len(batch) * weight_mean)``, over the whole batch,
+    probes included (at weight 0), so its expectation is the eligible rows'
+    mean loss whatever the share of probes.
     """
     x, y, w = batch["x"], batch["label"], batch["weight"]
     probe = w == 0
     if not probe.any() or probe.all():  # an all-probe batch still steps: every DDP rank must
         per_sample = F.cross_entropy(model(x), y, reduction="none")
-        take_step((per_sample * w).sum() / (len(per_sample) * weight_mean), opt, sched)
+        take_step(step_loss(per_sample, w, weight_mean), opt, sched)
         return per_sample.detach()
     per_sample = torch.empty(len(y), dtype=torch.float32)
     trained = F.cross_entropy(model(x[~probe]), y[~probe], reduction="none")
+    # The probes' zero-weight terms add nothing to the sum but count in its length.
     take_step((trained * w[~probe]).sum() / (len(y) * weight_mean), opt, sched)
     per_sample[~probe] = trained.detach()
     bare = unwrap(model)
@@ -160,18 +164,17 @@ def report_epoch(metrics: dict, checkpoint_dir: str | None) -> None:
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """Runs on every Ray Train worker. ``config`` holds the TrainConfig fields and the pruner's name."""
+    """Runs on every Ray Train worker. ``config`` holds the TrainConfig fields and the run's :class:`~pipeline.train.pruning.Pruning`."""
     import ray.train
-
-    from pipeline.prune.actor import LossReporter, get_pruner
 
     cfg = config
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    pruner = get_pruner(cfg["pruner_name"])
+    pruning = cfg["pruning"]  # pipeline.train.pruning.Pruning: the public API, used as a user's loop would
+    pruner = pruning.actor
     steps_per_epoch = math.ceil(cfg["num_samples"] / (cfg["batch_size"] * world))  # an unpruned epoch's
     model, opt, sched = setup_model(cfg, cfg["plan_epochs"] * steps_per_epoch)
-    start_epoch, history, plans = _resume(cfg, model, opt, sched, pruner, rank)
+    start_epoch, history, plans, restarts = _resume(cfg, model, opt, sched, pruner, rank)
     # A pruner that Ray restarts comes back in its initial state; each epoch
     # checks that the actor it trained against is the one it started with.
     incarnation = ray.get(pruner.info.remote())["incarnation"] if rank == 0 else None
@@ -179,25 +182,21 @@ def train_loop_per_worker(config: dict) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     test_shard = ray.train.get_dataset_shard("test")  # the whole split on every worker
     test_cache = None
-    reporter = LossReporter(pruner, max_in_flight=cfg["max_reports_in_flight"])
     for epoch in range(start_epoch, cfg["epochs"]):
         _barrier()
         started = time.perf_counter()  # planning counts as training time
-        if rank == 0:
-            ray.get(pruner.start_epoch.remote(epoch))
-        _barrier()
-        kept, weight_mean = ray.get(pruner.plan_size.remote(epoch))
+        kept = pruning.start_epoch(epoch)
         batch_size = epoch_batch_size(kept, cfg["num_samples"], cfg["batch_size"], world, cfg["step_schedule"])
         model.train()
         loss_sum, forwarded, steps = 0.0, 0, 0
         for batch in train_shard.iter_torch_batches(batch_size=batch_size, dtypes=WEIGHTED_DTYPES, drop_last=False,
                                                     **shuffle_args(cfg, epoch, rank)):
             steps += 1
-            per_sample = weighted_step(model, batch, weight_mean, opt, sched)
-            reporter.report(batch["index"].numpy(), per_sample.numpy())
+            per_sample = weighted_step(model, batch, pruning.weight_mean, opt, sched)
+            pruning.report(batch["index"], per_sample)
             loss_sum += float(per_sample.sum())
             forwarded += len(per_sample)
-        reporter.flush()
+        pruning.end_epoch()
         while sched.last_epoch < (epoch + 1) * steps_per_epoch:  # the schedule follows the epochs
             sched.step()
         train_seconds = time.perf_counter() - started
@@ -219,6 +218,7 @@ def train_loop_per_worker(config: dict) -> None:
             "lr": sched.get_last_lr()[0],
             "steps": steps,  # rank 0's; every rank takes as many (equal shares)
             "batch_size": batch_size,
+            "restarts": restarts,  # times the run went back to a checkpoint (or its start) after a failure
         }
         checkpoint_dir = None
         if rank == 0:
@@ -236,25 +236,36 @@ def train_loop_per_worker(config: dict) -> None:
             done = [h["epoch_seconds"] for h in history if h["epoch"] >= start_epoch]
             left = (cfg["epochs"] - epoch - 1) * sum(done) / len(done)
             accuracy = "not evaluated" if total == 0 else f"{metrics['test_accuracy']:.4f}"
-            print(f"epoch {epoch + 1}/{cfg['epochs']}: trained on {metrics['samples_forwarded']} samples, "
-                  f"loss {metrics['train_loss']:.4f}, test accuracy {accuracy}, "
+            rate = metrics["samples_forwarded"] / max(train_seconds, 1e-9)
+            print(f"epoch {epoch + 1}/{cfg['epochs']}: trained on {metrics['samples_forwarded']} samples "
+                  f"({rate:.0f}/s), loss {metrics['train_loss']:.4f}, test accuracy {accuracy}, "
                   f"{metrics['epoch_seconds']:.1f} s; about {left:.0f} s left", flush=True)
         report_epoch(metrics, checkpoint_dir)
 
 
-def _resume(cfg: dict, model, opt, sched, pruner, rank: int) -> tuple[int, list, list]:
-    """(first epoch, history, plan log): from Ray Train's last checkpoint or ``resume_from``, else a fresh start."""
+def _resume(cfg: dict, model, opt, sched, pruner, rank: int) -> tuple[int, list, list, int]:
+    """(first epoch, history, plan log, restarts): from Ray Train's last checkpoint or ``resume_from``, else a fresh start.
+
+    Restarts count the times this run went back after a failure (Ray Train
+    hands its own checkpoint only to a restarted attempt); a ``resume_from``
+    carries the count over without adding to it. A retry before the first
+    checkpoint counts when the attempt that died had reported losses (rank
+    0 sees them); one that died earlier lost nothing and is not seen.
+    """
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
+    restarted = checkpoint is not None
     if checkpoint is None and cfg.get("resume_from"):
-        checkpoint = ray.train.Checkpoint(cfg["resume_from"])
+        fs, path = storage.filesystem_for(cfg["resume_from"])
+        checkpoint = ray.train.Checkpoint(path, filesystem=fs)
     if checkpoint is None:
         if rank == 0 and ray.get(pruner.losses_received.remote(0)):
             # A retry before the first checkpoint: the pruner holds losses of an
             # attempt that died; go back to its state at the start of the run.
             ray.get(pruner.load_state_dict.remote(ray.get(cfg["pruner_initial"][0])))
-        return 0, [], []
+            return 0, [], [], 1
+        return 0, [], [], 0
     with checkpoint.as_directory() as d:
         state = torch.load(os.path.join(d, "train.pt"), map_location="cpu", weights_only=True)
         pruner_state = torch.load(os.path.join(d, "pruner.pt"), map_location="cpu", weights_only=True)
@@ -268,7 +279,8 @@ def _resume(cfg: dict, model, opt, sched, pruner, rank: int) -> tuple[int, list,
         # it belong to an epoch that is about to be trained again.
         ray.get(pruner.load_state_dict.remote({k: v.numpy() if torch.is_tensor(v) else v for k, v in pruner_state.items()}))
     _barrier()
-    return int(state["epoch"]) + 1, history, plans
+    restarts = (history[-1].get("restarts", 0) if history else 0) + int(restarted)
+    return int(state["epoch"]) + 1, history, plans, restarts
 
 
 def _save_pruner_state(directory: str, pruner, incarnation, epoch: int) -> None:

@@ -23,12 +23,15 @@ from pipeline.data.contract import KEY
 MEAN, STD = 0.2860, 0.3530
 
 
-def index_stage(batch: dict, keys: np.ndarray) -> dict:
-    """Attach the dense sample index by key; rows the score job rejected have none and leave here."""
-    batch_keys = batch[KEY].astype(str)
+def index_stage(batch: dict, keys: np.ndarray, key: str = KEY) -> dict:
+    """Attach the dense sample ``index`` by the ``key`` column; rows the score table lacks (rejected) leave here.
+
+    Every column is kept, the key too.
+    """
+    batch_keys = batch[key].astype(str)
     pos = np.searchsorted(keys, batch_keys).clip(0, max(len(keys) - 1, 0))
     found = keys[pos] == batch_keys if len(keys) else np.zeros(len(batch_keys), bool)
-    return {"index": pos[found].astype(np.int64), "image": batch["image"][found], "label": batch["label"][found].astype(np.int64)}
+    return {"index": pos[found].astype(np.int64), **{k: v[found] for k, v in batch.items()}}
 
 
 def test_stage(batch: dict) -> dict:

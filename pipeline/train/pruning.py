@@ -1,0 +1,233 @@
+"""Dynamic pruning inside your own Ray Train loop: mmdp's per-epoch plans in a few lines.
+
+On the driver, from the score job's output::
+
+    pruning = Pruning.from_scores("s3://bucket/scores", policy="mmdp", epochs=20)
+    train = pruning.dataset(ray.data.read_parquet("s3://bucket/data/train"))
+    train = train.map_batches(my_decode)              # only the plan's rows get here
+    trainer = TorchTrainer(my_loop, train_loop_config={"pruning": pruning, ...},
+                           datasets={"train": train}, ...)
+    trainer.fit()
+    pruning.shutdown()
+
+In ``my_loop(config)``, on every worker::
+
+    pruning = config["pruning"]
+    shard = ray.train.get_dataset_shard("train")
+    for epoch in range(epochs):
+        pruning.start_epoch(epoch)                    # rank 0 plans; every rank waits for it
+        for batch in shard.iter_torch_batches(batch_size=64):
+            losses = F.cross_entropy(model(batch["x"]), batch["label"], reduction="none")
+            optimizer.zero_grad()
+            pruning.step_loss(losses, batch["weight"]).backward()
+            optimizer.step()
+            pruning.report(batch["index"], losses)   # every row's own loss, not waited for
+        pruning.end_epoch()                           # every loss delivered
+
+:meth:`Pruning.dataset` adds two stages to your dataset: each row gets its
+dense sample ``index`` (from its key, through the score table; rows the score
+job rejected leave there), then the rows the epoch's plan prunes leave before
+anything downstream (decoding, your transforms) touches them, and the kept
+ones get their loss ``weight`` (and ``epoch``). Your model, loss, optimiser
+and schedule are yours; the library's own ``jobs.train`` loop
+(:mod:`pipeline.train.loop`) is built on the same object.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import numpy as np
+
+from pipeline import storage
+from pipeline.data.contract import KEY
+from pipeline.score.quality import estimate_noise_fraction
+
+# Policies that exclude a share of the samples as noise: the share is estimated
+# from the consistency scores unless given.
+NOISE_POLICIES = ("mmdp", "clip_cut")
+
+
+def load_index(scores_url: str, signal: str = "auto") -> tuple[np.ndarray, np.ndarray, str]:
+    """Sorted keys of the scored rows, their consistency, and the signal used.
+
+    The score job gave every scored row a dense ``index`` in key order, so the
+    sorted key array *is* the key -> index map (by binary search).
+    """
+    table = storage.read_table(storage.join(scores_url, "scores"))  # scored rows only: rejects are apart
+    order = np.argsort(table.column("index").to_numpy())
+    keys = table.column(KEY).to_numpy(zero_copy_only=False).astype(str)[order]
+    if signal == "auto":
+        margin = table.column("clip_margin").to_numpy(zero_copy_only=False)
+        signal = "clip_margin" if len(margin) and not np.isnan(margin).all() else "clip_score"
+    consistency = table.column(signal).to_numpy(zero_copy_only=False).astype(np.float32)[order]
+    return keys, consistency, signal
+
+
+class Pruning:
+    """The pruning actor of one training run, and each worker's side of it.
+
+    Build it on the driver with :meth:`from_scores`; pass it to the workers in
+    ``train_loop_config`` (it pickles to its name and settings: the actor is
+    found by name, the key array stays on the driver).
+
+    Attributes:
+        name: the pruning actor's name.
+        num_samples: scored rows, the sample indices ``0..num_samples-1``.
+        policy, params: the policy and its knobs (mmdp's noise fraction filled in).
+        signal: the consistency column used (``clip_margin`` or ``clip_score``).
+        kept, weight_mean: the current epoch's plan size and mean loss weight
+            (set by :meth:`start_epoch`).
+    """
+
+    def __init__(self, name: str, num_samples: int, policy: str, params: dict, signal: str,
+                 max_reports_in_flight: int = 8):
+        self.name, self.num_samples, self.policy, self.params, self.signal = name, num_samples, policy, params, signal
+        self.max_reports_in_flight = max_reports_in_flight
+        self.epoch: int | None = None
+        self.kept, self.weight_mean = num_samples, 1.0
+        self._keys: np.ndarray | None = None
+        self._actor = self._reporter = None
+
+    @classmethod
+    def from_scores(cls, scores: str, *, policy: str = "mmdp", epochs: int = 20, keep_ratio: float = 0.5,
+                    seed: int = 0, signal: str = "auto", noise_fraction: float | None = None,
+                    policy_params: dict | None = None, max_reports_in_flight: int = 8,
+                    name: str | None = None) -> "Pruning":
+        """Start the pruning actor for the score job's output at ``scores`` (call on the driver, Ray up).
+
+        Args:
+            scores: the score job's output folder (URL).
+            policy: a name in :data:`pipeline.prune.policies.POLICIES`.
+            epochs: the run's epochs (some policies plan by the remaining share).
+            keep_ratio: the policy's keep ratio (for mmdp: the least share of the
+                samples not excluded as noise).
+            seed: seeds the plans.
+            signal: consistency column, or "auto" (the margin when scored in label mode).
+            noise_fraction: mmdp and clip_cut: share excluded as noise; None = estimated
+                from the scores (the low mode of their histogram).
+            policy_params: more knobs for the policy.
+            max_reports_in_flight: loss reports a worker may have unacknowledged.
+            name: the actor's name (default: a fresh one).
+        """
+        from pipeline.prune.actor import actor_name, create_pruner
+
+        keys, consistency, signal = load_index(scores, signal)
+        params = dict(policy_params or {})
+        if policy in NOISE_POLICIES and "noise_fraction" not in params:
+            params["noise_fraction"] = (noise_fraction if noise_fraction is not None
+                                        else round(estimate_noise_fraction(consistency), 4))
+        name = name or actor_name(uuid.uuid4().hex[:8])
+        pruning = cls(name, len(keys), policy, params, signal, max_reports_in_flight)
+        # The driver's handle keeps the actor alive (Ray ends an actor with its creator's last handle).
+        pruning._actor = create_pruner(name, num_samples=len(keys), policy=policy, keep_ratio=keep_ratio,
+                                       epochs=epochs, seed=seed, consistency=consistency,
+                                       policy_params=params or None)
+        pruning._keys = keys
+        return pruning
+
+    def __getstate__(self) -> dict:
+        # What a worker needs: the name and settings, not the keys or process-local handles.
+        return {**self.__dict__, "_keys": None, "_actor": None, "_reporter": None}
+
+    # ------------------------------------------------------------ driver
+
+    def dataset(self, ds, key: str = KEY):
+        """``ds`` (rows with a ``key`` column) as each epoch's plan: ``index``, ``weight`` and ``epoch`` added.
+
+        Rows whose key the score table lacks (rejected, or not scored) leave at
+        the first stage; rows the current epoch's plan prunes leave at the
+        second, before any later stage of ``ds`` runs. Ray Data runs the
+        dataset again every epoch, so each epoch reads its own plan.
+        """
+        from pipeline.train.stages import index_stage, keep_stage
+
+        if self._keys is None:
+            raise RuntimeError("Pruning.dataset() runs on the driver, on the object from_scores() returned")
+        return (ds.map_batches(index_stage, fn_kwargs={"keys": self._keys, "key": key}, batch_format="numpy")
+                .map_batches(keep_stage, fn_kwargs={"pruner_name": self.name}, batch_format="numpy"))
+
+    def shutdown(self) -> None:
+        """Stop the pruning actor (after the run: its state is in the checkpoints)."""
+        import ray
+
+        ray.kill(self.actor)
+
+    # ------------------------------------------------------------ both
+
+    @property
+    def actor(self):
+        """The :class:`~pipeline.prune.actor.PruningActor` handle (looked up by name once per process)."""
+        if self._actor is None:
+            from pipeline.prune.actor import get_pruner
+
+            self._actor = get_pruner(self.name)
+        return self._actor
+
+    # ------------------------------------------------------------ workers
+
+    def start_epoch(self, epoch: int) -> int:
+        """Make ``epoch``'s plan current; call on every worker before reading the epoch's data.
+
+        Rank 0 plans the epoch (once, whatever the number of workers); every
+        rank waits for it, then learns its size. Returns the kept count.
+        """
+        import ray
+
+        first = _rank() == 0
+        _barrier()
+        if first:
+            ray.get(self.actor.start_epoch.remote(epoch))
+        _barrier()
+        self.epoch = int(epoch)
+        self.kept, self.weight_mean = ray.get(self.actor.plan_size.remote(epoch))
+        return self.kept
+
+    def step_loss(self, losses, weights):
+        """The step's loss from every row's own ``losses`` (``reduction="none"``) and their plan ``weights``.
+
+        :func:`step_loss` with the current epoch's mean weight.
+        """
+        return step_loss(losses, weights, self.weight_mean)
+
+    def report(self, indices, losses) -> None:
+        """Queue the batch's per-sample losses for the pruner (NumPy arrays or tensors; not waited for)."""
+        if self._reporter is None:
+            from pipeline.prune.actor import LossReporter
+
+            self._reporter = LossReporter(self.actor, max_in_flight=self.max_reports_in_flight)
+        self._reporter.report(indices, losses)
+
+    def end_epoch(self) -> int:
+        """Deliver every queued loss; returns the losses this worker has reported so far."""
+        return self._reporter.flush() if self._reporter is not None else 0
+
+    def epoch_summary(self, epoch: int) -> dict:
+        """The plan's figures for a finished epoch: ``plan_kept``, ``plan_losses_received``, coverage..."""
+        import ray
+
+        return ray.get(self.actor.epoch_summary.remote(epoch))
+
+
+def step_loss(losses, weights, weight_mean: float):
+    """``sum(w * loss) / (len(batch) * weight_mean)``: a step's loss from per-sample losses and plan weights.
+
+    The weights make the kept samples an unbiased stand-in for the eligible
+    ones; dividing by the batch's expected weight sum makes the step's
+    expected gradient their *mean* gradient, an unpruned step's size,
+    whatever the plan's weights (see :mod:`pipeline.train.loop`).
+    """
+    return (losses * weights).sum() / (len(losses) * weight_mean)
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
