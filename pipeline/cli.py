@@ -24,7 +24,9 @@ import typing
 
 HELP = "help"
 # Settings (not secrets) a job's workers need to reach the same object store as its driver.
-S3_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
+STORE_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "STORAGE_EMULATOR_HOST")
+# Ray Data's own setting: seconds between its progress lines when the output is not a terminal.
+PROGRESS_ENV, PROGRESS_SECONDS = "RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL", 30
 log = logging.getLogger("mmdp")
 
 
@@ -121,17 +123,30 @@ def connect_ray(**init_args) -> None:
     worker, also on a cluster that the driver joins (there, its environment
     is not the workers'). ``init_args`` go to ``ray.init`` (a benchmark's
     ``num_cpus``, the tests' temp folder). Does nothing when Ray is up.
+
+    Progress: on a terminal, Ray Data's bars. Otherwise (a log file, ``ray
+    job submit``) Ray Data logs each stage's row counts as lines, every
+    :data:`PROGRESS_SECONDS` (``RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL``
+    overrides it), from the driver and from the tasks that feed Ray Train
+    workers alike, so a log holds no bar redraws (nor colour codes around
+    the workers' line prefixes).
     """
     import ray
     import ray.data
 
     if ray.is_initialized():
         return
-    env = {k: os.environ[k] for k in S3_ENV if k in os.environ}
+    env = {k: os.environ[k] for k in STORE_ENV if k in os.environ}
+    terminal = sys.stdout.isatty()
+    if not terminal:
+        os.environ.setdefault(PROGRESS_ENV, str(PROGRESS_SECONDS))
+        env[PROGRESS_ENV] = os.environ[PROGRESS_ENV]
+        # Workers' lines reach the driver's log without colour codes around their "(Actor pid=...)" prefix.
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     ray.init(runtime_env={"env_vars": env} if env else None, **init_args)
-    # Progress bars are for terminals; in a log file they are mostly escape codes
-    # and carriage returns. The jobs log their own per-stage lines either way.
-    ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
+    # Bars drawn inside Ray workers are sent to the driver to redraw; off a terminal those
+    # workers take Ray Data's logging path instead (their own output is never a terminal).
+    ray.data.DataContext.get_current().use_ray_tqdm = terminal
 
 
 def execute(cfg, work):

@@ -4,7 +4,8 @@ Object-store access goes through pyarrow's filesystems (the same objects Ray
 Data takes as ``filesystem=``), so retries, multipart uploads and credentials
 follow the AWS/GCS SDKs' standard chains: environment variables, the shared
 config files, instance roles. An S3-compatible store (MinIO, Ceph, a loopback
-test server) is named by ``AWS_ENDPOINT_URL`` or the jobs' ``--s3-endpoint``.
+test server) is named by ``AWS_ENDPOINT_URL`` or the jobs' ``--s3-endpoint``; a
+GCS emulator by ``STORAGE_EMULATOR_HOST``, as for Google's client libraries.
 
 Writes are atomic. A single file is written under a temporary name and moved
 into place (local), or uploaded as one object that appears only when complete
@@ -88,6 +89,16 @@ def _s3_filesystem() -> pafs.S3FileSystem:
     return _S3FileSystem(int(os.environ.get("AWS_MAX_ATTEMPTS") or S3_MAX_ATTEMPTS), **kwargs)
 
 
+def _gcs_filesystem() -> pafs.GcsFileSystem:
+    # STORAGE_EMULATOR_HOST names a local GCS emulator (fake-gcs-server,
+    # gcp-storage-emulator), as it does for Google's own client libraries.
+    host = os.environ.get("STORAGE_EMULATOR_HOST")
+    if host:
+        parsed = urlparse(host if "://" in host else f"http://{host}")
+        return pafs.GcsFileSystem(anonymous=True, endpoint_override=parsed.netloc, scheme=parsed.scheme)
+    return pafs.GcsFileSystem(retry_time_limit=None)
+
+
 def retry_reads(read):
     """Call ``read()``, again after a backoff when the object store's answer was a transient error."""
     for attempt in range(READ_ATTEMPTS):
@@ -105,7 +116,7 @@ def filesystem_for(url: str) -> tuple[pafs.FileSystem, str]:
     if parsed.scheme == "s3":
         return _s3_filesystem(), f"{parsed.netloc}{parsed.path}".rstrip("/")
     if parsed.scheme in ("gs", "gcs"):
-        return pafs.GcsFileSystem(retry_time_limit=None), f"{parsed.netloc}{parsed.path}".rstrip("/")
+        return _gcs_filesystem(), f"{parsed.netloc}{parsed.path}".rstrip("/")
     if parsed.scheme in ("", "file"):
         path = parsed.path if parsed.scheme == "file" else str(url)
         return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))

@@ -1,8 +1,9 @@
-"""Shared fixtures: one loopback S3 server and one local Ray cluster per test session.
+"""Shared fixtures: one loopback S3 server, one GCS emulator and one local Ray cluster per test session.
 
-The S3 server starts first and its endpoint and fake credentials go into the
-environment before ``ray.init()``, so every Ray worker inherits them (Ray
-workers copy the driver's environment when the cluster starts).
+The object stores start first and their endpoints (and the S3 server's fake
+credentials) go into the environment before ``ray.init()``, so every Ray
+worker inherits them (Ray workers copy the driver's environment when the
+cluster starts).
 """
 
 from __future__ import annotations
@@ -53,7 +54,39 @@ def s3_bucket(s3_server):
 
 
 @pytest.fixture(scope="session")
-def ray_session(s3_server, tmp_path_factory):
+def gcs_server():
+    """A GCS emulator (gcp-storage-emulator, the JSON API) on 127.0.0.1, named by STORAGE_EMULATOR_HOST."""
+    import socket
+    from contextlib import closing
+
+    from gcp_storage_emulator.server import create_server
+
+    with closing(socket.socket()) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = create_server("127.0.0.1", port, in_memory=True, default_bucket=GCS_BUCKET)
+    server.start()
+    saved = os.environ.get("STORAGE_EMULATOR_HOST")
+    os.environ["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{port}"
+    yield os.environ["STORAGE_EMULATOR_HOST"]
+    server.stop()
+    if saved is None:
+        os.environ.pop("STORAGE_EMULATOR_HOST", None)
+    else:
+        os.environ["STORAGE_EMULATOR_HOST"] = saved
+
+
+GCS_BUCKET = "mmdp-test"
+
+
+@pytest.fixture
+def gcs_prefix(gcs_server):
+    """A fresh folder in the emulator's bucket, as a ``gs://`` URL."""
+    return f"gs://{GCS_BUCKET}/{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture(scope="session")
+def ray_session(s3_server, gcs_server, tmp_path_factory):
     """One local Ray cluster of 2 logical CPUs for the whole test session."""
     import ray
 

@@ -1,4 +1,4 @@
-"""Storage round trips through a local folder and a loopback S3 server; shard files onto the contract."""
+"""Storage round trips through a local folder, a loopback S3 server and a GCS emulator; shard files onto the contract."""
 
 import numpy as np
 import pyarrow as pa
@@ -24,10 +24,12 @@ def _table(n=25, seed=0):
     )
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", "s3", "gs"])
 def root(request, tmp_path):
     if request.param == "local":
         return str(tmp_path)
+    if request.param == "gs":
+        return request.getfixturevalue("gcs_prefix")
     return request.getfixturevalue("s3_bucket") + "/prefix"
 
 

@@ -3,10 +3,11 @@
 The test starts its own Ray head (``ray start --head --block``) on 127.0.0.1
 with free ports and its own temp dir, so it neither joins nor disturbs the
 session's in-process cluster (tests/conftest.py) or anyone else's Ray on this
-machine, and submits a score job and a short train job with the real
+machine, and submits a score job, a short train job and its resume with the real
 ``ray job submit`` CLI. The submitted drivers call a bare ``ray.init()``, which
 joins the cluster through the RAY_ADDRESS the job server sets. The cluster
-reads and writes the test's tmp_path directly: it runs on this machine.
+reads and writes the loopback S3 server, the layout the README asks for on a
+cluster; the jobs name it with ``--s3-endpoint`` alone.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -25,6 +27,7 @@ import urllib.request
 from contextlib import ExitStack, closing
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import pytest
 
 from pipeline import storage
@@ -48,8 +51,13 @@ def _free_ports(n: int) -> list[int]:
 
 
 def _clean_env() -> dict[str, str]:
-    """This process's environment without a Ray address that would point the CLI or drivers elsewhere."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    """This process's environment without a Ray address that would point the CLI or drivers elsewhere.
+
+    Nor an S3 endpoint: the jobs name the loopback store with ``--s3-endpoint``,
+    which must reach the cluster's workers from the driver alone.
+    """
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")}
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"  # the entrypoint's `python` is this venv's
     # A throwaway test cluster: on SIGTERM stop at once instead of draining the node for up to 30 s.
     env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"
@@ -93,8 +101,12 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 @pytest.fixture(scope="module")
-def ray_head(tmp_path_factory):
-    """A 2-CPU Ray head with the dashboard's job server; yields the job server's URL."""
+def ray_head(s3_server, tmp_path_factory):
+    """A 2-CPU Ray head with the dashboard's job server; yields the job server's URL.
+
+    Its processes have the object store's credentials (as a cluster's instance
+    role gives them) but not its endpoint.
+    """
     # Short temp dir: Ray's unix sockets live under it and socket paths are limited to ~107 bytes.
     temp_dir = tempfile.mkdtemp(prefix="mmdp-ray-", dir="/tmp")
     log = tmp_path_factory.mktemp("ray_head") / "ray_start.log"
@@ -127,10 +139,11 @@ def inputs(tmp_path_factory):
     """The tiny synthetic dataset and a tiny CLIP checkpoint, as in test_score_job / test_train_job."""
     root = tmp_path_factory.mktemp("submit")
     data, ckpt = str(root / "data"), str(root / "tiny.pt")
-    write_dataset(make_synthetic(n=N_ROWS, seed=3), data, rows_per_shard=30)
+    with storage.output(data):
+        write_dataset(make_synthetic(n=N_ROWS, seed=3), data, rows_per_shard=30)
     model, _, _ = load_clip("mmdp-tiny")
     save_checkpoint(model, ckpt, "mmdp-tiny")
-    return root, data, ckpt
+    return data, ckpt
 
 
 def _submit(url: str, name: str, *entrypoint: str, timeout: float = 240) -> str:
@@ -152,13 +165,27 @@ def _submit(url: str, name: str, *entrypoint: str, timeout: float = 240) -> str:
     return logs
 
 
-def test_score_then_train_jobs_run_under_ray_job_submit(ray_head, inputs):
-    root, data, ckpt = inputs
-    scores, run = str(root / "scores"), str(root / "run")
+def _upload(local: str, url: str) -> None:
+    fs, path = storage.filesystem_for(url)
+    if os.path.isdir(local):
+        pafs.copy_files(local, path, destination_filesystem=fs)
+    else:
+        storage.write_bytes(Path(local).read_bytes(), url)
 
-    _submit(ray_head, "score", "--input", f"{data}/train", "--output", scores, "--model", "mmdp-tiny",
-            "--pretrained", ckpt, "--mode", "label", "--batch-size", "32", "--max-actors", "1",
-            "--actor-cpus", "0.5")
+
+def test_score_then_train_jobs_run_under_ray_job_submit_on_s3(ray_head, inputs, s3_server, s3_bucket):
+    """The cluster layout the README asks for: every input and output in the object store."""
+    data, ckpt = (storage.join(s3_bucket, name) for name in ("data", "tiny.pt"))
+    for local, url in zip(inputs, (data, ckpt)):
+        _upload(local, url)
+    scores, part, run = (storage.join(s3_bucket, name) for name in ("scores", "part", "run"))
+    endpoint = ["--s3-endpoint", s3_server]
+
+    score_log = _submit(ray_head, "score", "--input", f"{data}/train", "--output", scores, "--model", "mmdp-tiny",
+                        "--pretrained", ckpt, "--mode", "label", "--batch-size", "32", "--max-actors", "1",
+                        "--actor-cpus", "0.5", *endpoint)
+    # A job's log is not a terminal: Ray Data's progress comes as lines per stage, with row counts.
+    assert "Total Progress:" in score_log and re.search(r"MapBatches\(_Scorer\): \d+/\d+", score_log), score_log[-3000:]
     train_rows = storage.read_table(f"{data}/train").num_rows
     scored = storage.read_table(storage.join(scores, "scores"))
     summary = storage.read_json(storage.join(scores, "summary.json"))
@@ -166,14 +193,26 @@ def test_score_then_train_jobs_run_under_ray_job_submit(ray_head, inputs):
     assert set(scored.column("status").to_pylist()) == {"ok"}
     assert summary["rows_in"] == train_rows and summary["scored"] == train_rows
 
-    _submit(ray_head, "train", "--data", data, "--scores", scores, "--out", run, "--epochs", "2",
-            "--workers", "1", "--batch-size", "16", "--keep-ratio", "0.5", "--warmup-steps", "2",
-            "--policy", "mmdp")
-    metrics = json.loads((root / "run" / "metrics.json").read_text())
-    assert [e["epoch"] for e in metrics["epochs"]] == [0, 1]
+    train = ["--data", data, "--scores", scores, "--epochs", "2", "--workers", "1", "--batch-size", "16",
+             "--keep-ratio", "0.5", "--warmup-steps", "2", "--policy", "mmdp", *endpoint]
+    _submit(ray_head, "train", *train, "--out", part, "--stop-after", "1")
+    first = storage.read_json(storage.join(part, "metrics.json"))
+    assert [e["epoch"] for e in first["epochs"]] == [0] and storage.is_complete(part)
+    assert storage.exists(storage.join(part, "checkpoint", "train.pt"))
+    assert storage.exists(storage.join(part, "ray"))  # Ray Train's own run folder, in the store too
+
+    train_log = _submit(ray_head, "train", *train, "--out", run, "--resume-from", storage.join(part, "checkpoint"))
+    assert re.search(r"epoch 2/2: trained on \d+ samples \(\d+/s\)", train_log), train_log[-3000:]
+    for log in (score_log, train_log):  # no bar redraws, no escape codes (but in Ray's own start-up banner)
+        drawn = [line for line in log.split("\n") if "\r" in line
+                 or ("\x1b[" in line and "View the dashboard at" not in line)]
+        assert not drawn, drawn[:5]
+    metrics = storage.read_json(storage.join(run, "metrics.json"))
+    assert [e["epoch"] for e in metrics["epochs"]] == [0, 1] and metrics["totals"]["restarts"] == 0
+    assert metrics["epochs"][0] == first["epochs"][0]  # epoch 0 came back from the checkpoint in the store
     assert metrics["totals"]["num_samples"] == train_rows
     # mmdp trains epoch 0 on every sample it does not exclude as noise, then prunes well-learned ones.
     excluded = int(math.floor(metrics["totals"]["policy_params"]["noise_fraction"] * train_rows + 0.5))
     kept = [e["plan_kept"] for e in metrics["epochs"]]
     assert kept[0] == train_rows - excluded and 0 < kept[1] <= train_rows
-    assert storage.exists(str(root / "run" / "checkpoint" / "train.pt"))
+    assert storage.is_complete(run) and storage.exists(storage.join(run, "checkpoint", "train.pt"))
