@@ -210,15 +210,13 @@ def ray_job_cold(input_url: str, output: str, model: str, pretrained: str | None
     start = time.perf_counter()
     import ray
 
-    from pipeline.cli import connect_ray, execute
-    from pipeline.score.job import score
+    from pipeline.cli import connect_ray
 
-    cfg = _score_config(input_url, output, model, pretrained, batch_size, cpus, actors)
     connect_ray(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
-    summary = execute(cfg, score)
+    n, _ = ray_job(input_url, output, model, pretrained, batch_size, cpus, actors)
     took = time.perf_counter() - start
     ray.shutdown()
-    return summary["rows_in"], took
+    return n, took
 
 
 def efficiency(args: EfficiencyConfig) -> dict:

@@ -143,9 +143,10 @@ def class_names(data: str, classes: tuple[str, ...] | None) -> list[str]:
     if classes:
         return list(classes)
     meta = storage.join(data, "metadata.json")
-    if not storage.exists(meta) or not storage.read_json(meta).get("classes"):
+    names = storage.read_json(meta).get("classes") if storage.exists(meta) else None
+    if not names:
         raise storage.InputError(f"{meta}: no class names there; pass --classes (e.g. --classes cat,dog,car)")
-    return list(storage.read_json(meta)["classes"])
+    return list(names)
 
 
 def run_trainer(cfg: TrainConfig, loop, loop_config: dict, datasets: dict, name: str) -> ray.train.Result:
