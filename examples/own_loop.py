@@ -116,8 +116,10 @@ def main(argv=None) -> dict:
     if result.error:
         raise result.error
     epochs = [{**row, **pruning.epoch_summary(row["epoch"])} for row in result.metrics["history"]]
+    plans = pruning.plan_log()  # each epoch's plan, as jobs.train's plans.json has it
     pruning.shutdown()
-    summary = {"policy": args.policy, "params": pruning.params, "num_samples": pruning.num_samples, "epochs": epochs}
+    summary = {"policy": args.policy, "params": pruning.params, "num_samples": pruning.num_samples, "epochs": epochs,
+               "plans": plans}
     print(json.dumps(summary, indent=2))
     return summary
 

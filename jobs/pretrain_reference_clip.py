@@ -35,15 +35,19 @@ from typing import ClassVar
 
 import numpy as np
 import open_clip
+import ray.data
 import torch
 import torch.nn.functional as F
 
 from pipeline import storage
 from pipeline.cli import HELP, option, run_job
 from pipeline.score.clip_models import REFERENCE_MODEL, load_clip, register_model_configs, save_checkpoint
-from pipeline.data.contract import CAPTION, IMAGE, LABEL
+from pipeline.data.contract import CAPTION, IMAGE, LABEL, ColumnMapping
+from pipeline.data.shards import read_shards
+from pipeline.train.clip import clamp_logit_scale, clip_optimizer, pair_metrics
+from pipeline.train.driver import class_names, dataset_metadata
 from pipeline.train.loop import cosine_lr
-from pipeline.score.scorer import DEFAULT_TEMPLATES, ImageDecoder, class_text_embeddings, fill_template, normalize_pixels
+from pipeline.score.scorer import DEFAULT_TEMPLATES, ImageDecoder, fill_template, normalize_pixels
 
 
 MODEL_FILE = "model.pt"
@@ -54,9 +58,14 @@ class PretrainConfig:
     """What the job trains and how; one field per command-line flag (``--batch-size`` for ``batch_size``)."""
 
     OUTPUT: ClassVar[str] = "out"
+    RAY: ClassVar[bool] = True  # the splits are read with Ray Data (parquet or webdataset shards, any store)
 
-    data: str = field(metadata={HELP: "dataset URL (metadata.json, reference/, test/)"})
+    data: str = field(metadata={HELP: "dataset URL: reference/ and test/ shard folders (and metadata.json)"})
     out: str = field(metadata={HELP: "output folder URL: model.pt (the checkpoint), metrics.json, config.json"})
+    columns: str = option("mmdp", "column mapping of the shards: mmdp, img2dataset, or pairs like image=jpg,caption=txt")
+    classes: tuple[str, ...] | None = option(
+        None, "class names (label i is the i-th), for zero-shot accuracy; default: the dataset's metadata.json, "
+              "else none (recall only)")
     model: str = option(REFERENCE_MODEL, "open_clip config name")
     # The reference model underfits at this size, so more steps pay (BENCHMARKS.md has the runs).
     epochs: int = option(20, "passes over the reference split")
@@ -72,6 +81,7 @@ class PretrainConfig:
     flip: float = option(0.0, "horizontal flip probability")
     seed: int = option(0, "seed for init, order and augmentation")
     threads: int | None = option(None, "torch CPU threads; none: torch's default (all cores)")
+    s3_endpoint: str | None = option(None, "endpoint of an S3-compatible store (default: AWS_ENDPOINT_URL or AWS)")
 
     def __post_init__(self):
         # A ValueError here is a usage error: parse_config turns it into exit code 2.
@@ -86,6 +96,7 @@ class PretrainConfig:
             (self.threads is None or self.threads >= 1, "--threads must be >= 1"),
             (not self.out.endswith(".pt"), f"--out is a folder (the checkpoint goes to OUT/{MODEL_FILE}), got {self.out}"),
         ]
+        ColumnMapping.parse(self.columns)  # a SchemaError (a ValueError) names a bad mapping
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
@@ -97,24 +108,34 @@ def checkpoint_url(out: str) -> str:
 
 
 def _decode_split(cfg: PretrainConfig, split: str, decoder: ImageDecoder, classes: list[str], templates):
-    """Decoded uint8 pixels, captions and labels of a split's well-formed rows, plus how many were dropped."""
-    table = storage.read_table(storage.join(cfg.data, split), columns=[IMAGE, CAPTION, LABEL])
+    """Decoded uint8 pixels, captions and labels (-1: none) of a split's usable rows, plus how many were not.
+
+    A row without a caption takes its label's first prompt; a row with
+    neither, or whose image does not decode, is counted and left out.
+    """
+    # Rows in file order, as they are stored: the run must not depend on Ray's read order.
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    rows = read_shards(storage.join(cfg.data, split), cfg.columns).select_columns([IMAGE, CAPTION, LABEL])
     pixels, captions, labels, dropped = [], [], [], 0
-    for start in range(0, table.num_rows, 2048):
-        chunk = table.slice(start, 2048).to_pydict()
-        out = decoder({IMAGE: np.array(chunk[IMAGE], dtype=object)})
+    for batch in rows.iter_batches(batch_size=2048, batch_format="numpy"):
+        out = decoder({IMAGE: batch[IMAGE]})
         for i, err in enumerate(out["error"]):
-            caption, label = chunk[CAPTION][i], chunk[LABEL][i]
-            if not (caption or "").strip() and label is not None and 0 <= label < len(classes):
+            caption, label = batch[CAPTION][i], _label(batch[LABEL][i])
+            if not (caption or "").strip() and 0 <= label < len(classes):
                 caption = fill_template(templates[0], classes[label])  # a label but no caption: its prompt
             if err or not (caption or "").strip():
                 dropped += 1
                 continue
             pixels.append(out["pixels"][i])
             captions.append(caption)
-            labels.append(-1 if label is None else int(label))
+            labels.append(label)
     pix = torch.from_numpy(np.stack(pixels)) if pixels else torch.zeros((0, 3, *decoder.size), dtype=torch.uint8)
     return pix, captions, torch.tensor(labels, dtype=torch.long), dropped
+
+
+def _label(value) -> int:
+    """A label cell as an int, -1 when absent (Ray hands nulls over as None or NaN)."""
+    return -1 if value is None or (isinstance(value, float) and math.isnan(value)) else int(value)
 
 
 def _augment(batch: torch.Tensor, max_shift: int, flip: float, gen: torch.Generator) -> torch.Tensor:
@@ -136,16 +157,12 @@ def _lr_at(step: int, total: int, cfg: PretrainConfig) -> float:
 
 
 @torch.inference_mode()
-def zero_shot_accuracy(model, tokenizer, decoder, pixels, labels, classes, templates) -> float:
-    """Top-1 accuracy of classifying ``pixels`` by their nearest class prompt embedding."""
+def evaluate(model, tokenizer, decoder, pixels, captions, labels, classes, templates) -> dict:
+    """Recall@1/5 both ways and, with class names and labels, zero-shot accuracy (:func:`pipeline.train.clip.pair_metrics`)."""
     model.eval()
-    class_emb = class_text_embeddings(model, tokenizer, classes, templates)
-    correct = 0
-    for start in range(0, len(pixels), 1024):
-        x = normalize_pixels(pixels[start:start + 1024], decoder.mean, decoder.std)
-        pred = (F.normalize(model.encode_image(x), dim=-1) @ class_emb.T).argmax(dim=1)
-        correct += int((pred == labels[start:start + 1024]).sum())
-    return correct / max(1, len(pixels))
+    image_emb = torch.cat([F.normalize(model.encode_image(normalize_pixels(pixels[s:s + 1024], decoder.mean, decoder.std)),
+                                       dim=-1) for s in range(0, len(pixels), 1024)])
+    return pair_metrics(model, tokenizer, image_emb, captions, labels, classes, templates, tokenizer)
 
 
 def train(cfg: PretrainConfig) -> dict:
@@ -156,11 +173,8 @@ def train(cfg: PretrainConfig) -> dict:
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     storage.check_not_pending(cfg.data)
-    meta = storage.read_json(storage.join(cfg.data, "metadata.json"))
-    if not meta.get("classes"):
-        raise ValueError(f"{storage.join(cfg.data, 'metadata.json')} names no classes; zero-shot evaluation needs them")
-    classes = list(meta["classes"])
-    templates = list(meta.get("templates") or DEFAULT_TEMPLATES)
+    classes = class_names(cfg.data, cfg.classes, required=False)
+    templates = list(dataset_metadata(cfg.data).get("templates") or DEFAULT_TEMPLATES)
     model, _, tokenizer = load_clip(cfg.model)
     decoder = ImageDecoder(cfg.model, pixel_dtype="uint8")
     pixels, captions, _, dropped = _decode_split(cfg, "reference", decoder, classes, templates)
@@ -171,11 +185,7 @@ def train(cfg: PretrainConfig) -> dict:
     print(f"reference: {len(pixels)} pairs ({dropped} unusable rows skipped), {len(unique)} distinct captions, "
           f"decoded in {time.perf_counter() - t0:.1f}s", flush=True)
 
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "logit_scale" not in n]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "logit_scale" in n]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr
-    )
+    opt = clip_optimizer(model, cfg.lr, cfg.weight_decay)
     loss_fn = open_clip.ClipLoss()
     batch = min(cfg.batch_size, len(pixels))
     steps_per_epoch = len(pixels) // batch  # drop the ragged tail: tiny last batches give noisy contrastive steps
@@ -195,8 +205,7 @@ def train(cfg: PretrainConfig) -> dict:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            with torch.no_grad():  # as open_clip's trainer: temperature no lower than 1/100
-                model.logit_scale.clamp_(0, math.log(100))
+            clamp_logit_scale(model)
             epoch_loss += loss.item()
             step += 1
         losses.append(epoch_loss / steps_per_epoch)
@@ -204,18 +213,20 @@ def train(cfg: PretrainConfig) -> dict:
               f"lr {_lr_at(step - 1, total, cfg):.2e}  {time.perf_counter() - t_epoch:.1f}s", flush=True)
     train_seconds = time.perf_counter() - t_train
 
-    test_pixels, _, test_labels, test_dropped = _decode_split(cfg, "test", decoder, classes, templates)
-    keep = test_labels >= 0
-    accuracy = zero_shot_accuracy(
-        model, tokenizer, decoder, test_pixels[keep], test_labels[keep], classes, templates
-    )
+    test_pixels, test_captions, test_labels, test_dropped = _decode_split(cfg, "test", decoder, classes, templates)
+    if not len(test_pixels):
+        raise ValueError(f"{storage.join(cfg.data, 'test')} has no usable rows to evaluate on")
+    quality = evaluate(model, tokenizer, decoder, test_pixels, test_captions, test_labels, classes, templates)
+    accuracy = quality["zero_shot_accuracy"]
     save_checkpoint(model.eval(), checkpoint_url(cfg.out), cfg.model, epochs=cfg.epochs, zero_shot_accuracy=accuracy)
     metrics = {
         "model": cfg.model,
         "checkpoint": checkpoint_url(cfg.out),
         "zero_shot_accuracy": accuracy,
-        "test_rows": int(keep.sum()),
-        "test_rows_skipped": int(test_dropped + (~keep).sum()),
+        "test_rows": quality["zero_shot_rows"],  # the rows zero-shot accuracy is over
+        "test_rows_skipped": test_dropped,
+        "recall": {k: v for k, v in quality.items() if "recall" in k},
+        "test_pairs": quality["test_rows"],
         "train_pairs": len(pixels),
         "train_rows_skipped": dropped,
         "train_seconds": round(train_seconds, 2),
@@ -227,7 +238,8 @@ def train(cfg: PretrainConfig) -> dict:
         "config": asdict(cfg),
     }
     storage.write_json(metrics, storage.join(cfg.out, "metrics.json"))
-    print(f"zero-shot accuracy on test: {accuracy:.4f} ({metrics['test_rows']} rows); "
+    shown = "n/a (no class names or labels)" if accuracy is None else f"{accuracy:.4f} ({metrics['test_rows']} rows)"
+    print(f"zero-shot accuracy on test: {shown}; image-to-text recall@1 {quality['i2t_recall@1']:.4f}; "
           f"trained in {train_seconds:.1f}s; checkpoint {checkpoint_url(cfg.out)}", flush=True)
     return metrics
 

@@ -13,10 +13,11 @@ from pipeline import storage as pio
 from pipeline.score.clip_models import TINY_MODEL, load_clip
 from pipeline.data.reference import make_synthetic, write_dataset
 from pipeline.score.scorer import ClipScorer, ImageDecoder
+from shardfiles import write_img2dataset
 
 
 @pytest.fixture(scope="module")
-def synthetic(tmp_path_factory) -> str:
+def synthetic(ray_session, tmp_path_factory) -> str:
     url = str(tmp_path_factory.mktemp("synthetic"))
     write_dataset(make_synthetic(n=96, seed=0), url)
     return url
@@ -77,7 +78,37 @@ def test_bad_arguments_exit_2(extra, tmp_path, capsys):
     assert "error:" in capsys.readouterr().err
 
 
-def test_missing_dataset_fails_with_a_message_and_commits_nothing(tmp_path, capsys):
+def test_pretrains_on_img2dataset_parquet_in_s3_without_metadata(ray_session, s3_bucket, capsys):
+    """--columns img2dataset straight from S3 (key/jpg/txt/cls), class names from --classes: no conversion step."""
+    dataset = make_synthetic(n=96, seed=2)
+    data, folder = pio.join(s3_bucket, "data"), pio.join(s3_bucket, "ref")
+    write_img2dataset(dataset, data, splits=("reference", "test"))
+    assert main(["--data", data, "--out", folder, "--model", TINY_MODEL, "--epochs", "1", "--batch-size", "8",
+                 "--columns", "img2dataset", "--classes", ",".join(dataset.metadata["classes"])]) == 0
+    assert not pio.exists(pio.join(data, "metadata.json")) and pio.is_complete(folder)
+    metrics = pio.read_json(pio.join(folder, "metrics.json"))
+    splits = {name: table.num_rows for name, table in dataset.splits.items()}
+    assert metrics["train_pairs"] == splits["reference"] and metrics["test_rows"] == splits["test"]
+    assert 0.0 <= metrics["zero_shot_accuracy"] <= 1.0
+    assert set(metrics["recall"]) == {"i2t_recall@1", "i2t_recall@5", "t2i_recall@1", "t2i_recall@5"}
+    load_clip(TINY_MODEL, pretrained=pio.join(folder, "model.pt"))  # the checkpoint loads from the store
+
+
+def test_pretrains_on_caption_only_webdataset_tars(ray_session, tmp_path, capsys):
+    """Tars of jpg/txt members and no labels anywhere: trained on the captions, judged by recall alone."""
+    dataset = make_synthetic(n=96, seed=3)
+    data, folder = str(tmp_path / "data"), str(tmp_path / "ref")
+    write_img2dataset(dataset, data, splits=("reference", "test"), tars=True, labels=False)
+    assert main(["--data", data, "--out", folder, "--model", TINY_MODEL, "--epochs", "1", "--batch-size", "8",
+                 "--columns", "img2dataset"]) == 0
+    metrics = pio.read_json(pio.join(folder, "metrics.json"))
+    assert metrics["zero_shot_accuracy"] is None and metrics["classes"] == []
+    assert metrics["train_pairs"] == dataset.splits["reference"].num_rows
+    assert metrics["test_pairs"] == dataset.splits["test"].num_rows and 0 <= metrics["recall"]["i2t_recall@1"] <= 1
+    assert "zero-shot accuracy on test: n/a" in capsys.readouterr().out
+
+
+def test_missing_dataset_fails_with_a_message_and_commits_nothing(ray_session, tmp_path, capsys):
     assert main(["--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "m")]) == 2
     assert "nothing" in capsys.readouterr().err
     assert not pio.is_complete(str(tmp_path / "m"))

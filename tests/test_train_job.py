@@ -13,7 +13,6 @@ import threading
 import time
 
 import numpy as np
-import pyarrow as pa
 import pytest
 
 from jobs import score as score_job
@@ -22,6 +21,7 @@ from pipeline import storage
 from pipeline.train.loop import cosine_lr, epoch_batch_size
 from pipeline.data.reference import make_synthetic, write_dataset
 from benchmarks.procmem import tree
+from shardfiles import write_img2dataset
 
 
 @pytest.fixture(scope="module")
@@ -175,27 +175,36 @@ def test_own_loop_example_trains_its_own_model_on_the_plans(scored_ready, tmp_pa
     excluded = int(np.floor(summary["params"]["noise_fraction"] * n + 0.5))
     assert epochs[0]["plan_kept"] == n - excluded  # epoch 0: every sample not excluded as noise
     assert all((n - excluded) // 2 <= e["plan_kept"] <= n - excluded for e in epochs[1:])
+    # Its plans are jobs.train's: the same seed and policy give the same epoch 0 (mmdp's later plans
+    # follow each model's own losses), and every epoch alike where the policy does not look at losses.
+    _, job_plans = _train(data, scores, tmp_path / "job", "--policy", "mmdp", "--epochs", "3", "--workers", "1")
+    assert summary["plans"][0]["kept_sha256"] == job_plans[0]["kept_sha256"]
+    random = own_loop.main(["--data", data, "--scores", scores, "--out", str(tmp_path / "ray-random"), "--epochs", "3",
+                            "--workers", "1", "--batch-size", "32", "--policy", "random", "--seed", "4"])
+    _, job_plans = _train(data, scores, tmp_path / "job-random", "--policy", "random", "--epochs", "3",
+                          "--workers", "1", "--seed", "4")
+    digests = [p["kept_sha256"] for p in random["plans"]]
+    assert len(set(digests)) == 3 and digests == [p["kept_sha256"] for p in job_plans]
 
 
-def test_trains_on_img2dataset_shards_without_metadata(ray_session, tmp_path):
-    """img2dataset's parquet columns (key, jpg, txt, cls as text), classes from --classes: no conversion step."""
+def test_trains_on_img2dataset_shards_in_s3_without_metadata(ray_session, s3_bucket):
+    """img2dataset's parquet columns (key, jpg, txt, cls as text) read from S3, labels from ``cls``, class
+    names from --classes: no conversion step."""
     synthetic = make_synthetic(n=160, seed=8)
-    root = tmp_path / "img2dataset"
-    for split in ("train", "test"):
-        rows = synthetic.splits[split]
-        table = rows.rename_columns(["key", "jpg", "txt", "cls"])
-        table = table.set_column(3, "cls", pa.array([f"{v}\n" for v in rows.column("label").to_pylist()]))
-        storage.write_shards(table, str(root / split), rows_per_shard=25)
+    root, scores, run = (storage.join(s3_bucket, name) for name in ("img2dataset", "scores", "run"))
+    write_img2dataset(synthetic, root)
     classes = ",".join(synthetic.metadata["classes"])
-    scores, run = str(tmp_path / "scores"), tmp_path / "run"
-    assert score_job.main(["--input", str(root / "train"), "--output", scores, "--model", "mmdp-tiny",
+    assert score_job.main(["--input", storage.join(root, "train"), "--output", scores, "--model", "mmdp-tiny",
                            "--columns", "img2dataset", "--mode", "label", "--classes", classes,
                            "--actor-cpus", "0.5", "--batch-size", "32"]) == 0
-    metrics, _ = _train(str(root), scores, run, "--columns", "img2dataset", "--classes", classes,
-                        "--workers", "1", "--epochs", "2")
-    assert not (root / "metadata.json").exists()
+    assert train_job.main(["--data", root, "--scores", scores, "--out", run, "--columns", "img2dataset",
+                           "--classes", classes, "--workers", "1", "--epochs", "2", "--batch-size", "16",
+                           "--warmup-steps", "2"]) == 0
+    metrics = storage.read_json(storage.join(run, "metrics.json"))
+    assert not storage.exists(storage.join(root, "metadata.json"))
     assert metrics["totals"]["num_samples"] == synthetic.splits["train"].num_rows
     assert [e["test_rows"] for e in metrics["epochs"]] == [synthetic.splits["test"].num_rows] * 2
+    assert all(0.0 <= e["test_accuracy"] <= 1.0 for e in metrics["epochs"])
 
 
 def test_train_without_class_names_is_a_clear_error(scored_ready, tmp_path, capsys):

@@ -49,7 +49,12 @@ def register_model_configs() -> list[str]:
     return names
 
 
-def _model_config(model: str) -> dict:
+def model_config(model: str) -> dict:
+    """open_clip's config of ``model`` (mmdp's own configs registered first).
+
+    Raises:
+        ValueError: an unknown name, with the known ones.
+    """
     register_model_configs()
     cfg = open_clip.get_model_config(model)
     if cfg is None:
@@ -85,7 +90,7 @@ def preprocess_config(model: str, pretrained: str | None = None) -> dict[str, An
     tag's own preprocessing when ``pretrained`` names a tag. Covers built-in
     and registered configs (not ``hf-hub:``/``local-dir:`` names).
     """
-    cfg = _model_config(model)
+    cfg = model_config(model)
     out = asdict(PreprocessCfg())
     if pretrained and not _is_url(pretrained) and not os.path.exists(os.path.expanduser(pretrained)):
         out = merge_preprocess_dict(out, open_clip.get_pretrained_cfg(model, pretrained))
@@ -112,7 +117,7 @@ def load_clip(
         normalised float tensor [3, H, W]; tokenizer maps a list of strings to
         token ids [n, context_length].
     """
-    _model_config(model)  # registers mmdp configs; clear error for an unknown name
+    model_config(model)  # registers mmdp configs; clear error for an unknown name
     net, _, preprocess = open_clip.create_model_and_transforms(
         model, pretrained=resolve_pretrained(pretrained), device=device, weights_only=True
     )

@@ -26,11 +26,20 @@ from pipeline import storage
 from pipeline.cli import option
 from pipeline.prune.actor import actor_name
 from pipeline.prune.policies import POLICIES
+from pipeline.train.models import MODELS
 from pipeline.train.pruning import Pruning
 from pipeline.data.contract import KEY, ColumnMapping
 from pipeline.data.shards import read_shards
+from pipeline.score.scorer import DEFAULT_TEMPLATES
 
 log = logging.getLogger(__name__)
+
+TASKS = ("classify", "clip")
+TASK_DEFAULTS = {
+    "classify": {"model": "resnet", "lr": 0.1, "weight_decay": 5e-4},
+    # AdamW's peak for small ViTs from scratch, open_clip's weight decay (as jobs.pretrain_reference_clip).
+    "clip": {"model": "mmdp-ref", "lr": 2e-3, "weight_decay": 0.1},
+}
 
 
 @dataclass(frozen=True)
@@ -40,11 +49,14 @@ class TrainConfig:
     OUTPUT: ClassVar[str] = "out"
     RAY: ClassVar[bool] = True
 
-    data: str = field(metadata={"help": "dataset root with train/ and test/ shard folders and metadata.json (URL)"})
+    data: str = field(metadata={"help": "dataset root with train/ and test/ shard folders (and metadata.json) (URL)"})
     scores: str = field(metadata={"help": "output folder of the score job for the train split (URL)"})
     out: str = field(metadata={"help": "run folder: metrics.json, config.json, plans.json, checkpoint/"})
+    task: str = option("classify", "what to train: 'classify' (image -> label, cross entropy) or 'clip' (an open_clip "
+                                   "model on image-caption pairs, open_clip's contrastive loss)", choices=TASKS)
     columns: str = option("mmdp", "column mapping of the shards: mmdp, img2dataset, or pairs like image=jpg,label=cls")
-    classes: tuple[str, ...] | None = option(None, "class names (label i is the i-th); default: the dataset's metadata.json")
+    classes: tuple[str, ...] | None = option(None, "class names (label i is the i-th); default: the dataset's "
+                                                   "metadata.json (clip: optional, for zero-shot accuracy)")
     policy: str = option("mmdp", "pruning policy", choices=tuple(POLICIES))
     keep_ratio: float = option(0.5, "share of the samples a pruning epoch trains on (random, clip_filter, "
                                     "infobatch_exact); for mmdp, the least share of the samples not excluded as noise")
@@ -56,13 +68,15 @@ class TrainConfig:
     cpus_per_worker: float = option(0.5, "CPUs each Train worker reserves")
     threads: int = option(1, "torch threads per worker")
     seed: int = option(0, "seed for the model, the plans and the augmentations")
-    model: str = option("resnet", "image model (pipeline.train.models)", choices=("resnet", "cnn"))
+    model: str | None = option(None, "classify: resnet or cnn (default resnet); clip: an open_clip config name "
+                                     "(default mmdp-ref)")
     width: int = option(8, "channels of the model's first stage (0 = the model's default)")
     batch_size: int = option(128, "samples per step per worker")
-    lr: float = option(0.1, "peak learning rate (SGD, momentum 0.9, cosine schedule)")
-    weight_decay: float = option(5e-4, "SGD weight decay")
+    lr: float | None = option(None, "peak learning rate, cosine schedule (default: classify 0.1, SGD with "
+                                    "momentum 0.9; clip 2e-3, AdamW)")
+    weight_decay: float | None = option(None, "weight decay (default: classify 5e-4; clip 0.1, on matrices only)")
     warmup_steps: int = option(50, "linear warm-up steps before the cosine decay")
-    augment: bool = option(True, "random 2-px shifts and horizontal flips")
+    augment: bool = option(True, "random 2-px shifts (classify: and horizontal flips)")
     step_schedule: str = option("full", "optimiser steps per epoch: 'full' = as many as an unpruned epoch, on batches "
                                         "shrunk with the plan; 'batch' = batches of --batch-size, fewer steps",
                                 choices=("full", "batch"))
@@ -85,6 +99,16 @@ class TrainConfig:
     s3_endpoint: str | None = option(None, "endpoint of an S3-compatible store (default: AWS_ENDPOINT_URL or AWS)")
 
     def __post_init__(self):
+        # Task-dependent defaults, resolved here so config.json records what ran.
+        for name, value in TASK_DEFAULTS[self.task].items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
+        if self.task == "classify" and self.model not in MODELS:
+            raise ValueError(f"--model {self.model!r}: the classifier is one of {', '.join(MODELS)}")
+        if self.task == "clip":
+            from pipeline.score.clip_models import model_config
+
+            model_config(self.model)  # a ValueError naming the known configs
         if not 0 < self.keep_ratio <= 1:
             raise ValueError(f"--keep-ratio must be in (0, 1], got {self.keep_ratio}")
         if self.noise_fraction is not None and not 0 <= self.noise_fraction < 1:
@@ -113,9 +137,11 @@ def parse_params(pairs: tuple[str, ...]) -> dict:
     return params
 
 
-def read_split(data: str, split: str, columns: str = "mmdp") -> ray.data.Dataset:
-    """A split of the dataset at ``data`` (its ``split`` folder of parquet or tar shards) as ``(key, image, label)`` rows (lazy)."""
-    return read_shards(storage.join(data, split), columns).select_columns([KEY, "image", "label"])
+def read_split(data: str, split: str, columns: str = "mmdp", caption: bool = False) -> ray.data.Dataset:
+    """A split of the dataset at ``data`` (its ``split`` folder of parquet or tar shards) as
+    ``(key, image, label)`` rows, and ``caption`` too if asked (lazy)."""
+    return read_shards(storage.join(data, split), columns).select_columns(
+        [KEY, "image", "caption", "label"] if caption else [KEY, "image", "label"])
 
 
 def evaluation_dataset(data: str, columns: str = "mmdp") -> ray.data.Dataset:
@@ -126,7 +152,17 @@ def evaluation_dataset(data: str, columns: str = "mmdp") -> ray.data.Dataset:
             .map_batches(test_decode_stage, batch_format="numpy"))
 
 
-def build_datasets(cfg: TrainConfig, pruning: Pruning) -> dict:
+def build_datasets(cfg: TrainConfig, pruning: Pruning, classes: list[str], templates: list[str]) -> dict:
+    """The training dataset (the plan's rows of each epoch, decoded) and the test split, for ``cfg.task``."""
+    if cfg.task == "clip":
+        from pipeline.train.clip import pair_stage, test_pair_stage
+
+        text = {"model": cfg.model, "classes": tuple(classes), "templates": tuple(templates)}
+        train = pruning.dataset(read_split(cfg.data, "train", cfg.columns, caption=True)).map_batches(
+            pair_stage, fn_kwargs={**text, "augment": cfg.augment, "seed": cfg.seed}, batch_format="numpy")
+        test = read_split(cfg.data, "test", cfg.columns, caption=True).map_batches(
+            test_pair_stage, fn_kwargs=text, batch_format="numpy")
+        return {"train": train, "test": test}
     from pipeline.train.stages import decode_stage
 
     train = pruning.dataset(read_split(cfg.data, "train", cfg.columns)).map_batches(
@@ -134,19 +170,25 @@ def build_datasets(cfg: TrainConfig, pruning: Pruning) -> dict:
     return {"train": train, "test": evaluation_dataset(cfg.data, cfg.columns)}
 
 
-def class_names(data: str, classes: tuple[str, ...] | None) -> list[str]:
-    """``classes`` if given, else those of the dataset's ``metadata.json``.
+def dataset_metadata(data: str) -> dict:
+    """The dataset's ``metadata.json`` (an empty dict where it has none: it is optional)."""
+    meta = storage.join(data, "metadata.json")
+    return storage.read_json(meta) if storage.exists(meta) else {}
+
+
+def class_names(data: str, classes: tuple[str, ...] | None, required: bool = True) -> list[str]:
+    """``classes`` if given, else those of the dataset's ``metadata.json`` (else none, when not ``required``).
 
     Raises:
-        InputError: neither names them.
+        InputError: neither names them and they are ``required``.
     """
     if classes:
         return list(classes)
-    meta = storage.join(data, "metadata.json")
-    names = storage.read_json(meta).get("classes") if storage.exists(meta) else None
-    if not names:
-        raise storage.InputError(f"{meta}: no class names there; pass --classes (e.g. --classes cat,dog,car)")
-    return list(names)
+    names = dataset_metadata(data).get("classes")
+    if not names and required:
+        raise storage.InputError(f"{storage.join(data, 'metadata.json')}: no class names there; pass --classes "
+                                 "(e.g. --classes cat,dog,car)")
+    return list(names or [])
 
 
 def run_trainer(cfg: TrainConfig, loop, loop_config: dict, datasets: dict, name: str) -> ray.train.Result:
@@ -190,7 +232,8 @@ def fit(cfg: TrainConfig) -> dict:
     started = time.perf_counter()
     storage.check_not_pending(cfg.data)
     storage.check_not_pending(cfg.scores)
-    classes = class_names(cfg.data, cfg.classes)
+    classes = class_names(cfg.data, cfg.classes, required=cfg.task == "classify")
+    templates = list(dataset_metadata(cfg.data).get("templates") or DEFAULT_TEMPLATES)
     run_id = uuid.uuid4().hex[:8]
     pruning = Pruning.from_scores(cfg.scores, policy=cfg.policy, epochs=cfg.epochs, keep_ratio=cfg.keep_ratio,
                                   seed=cfg.seed, signal=cfg.signal, noise_fraction=cfg.noise_fraction,
@@ -199,10 +242,12 @@ def fit(cfg: TrainConfig) -> dict:
     log.info("policy %s with %s", cfg.policy, pruning.params or "its defaults")
     loop_config = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
     # A ref, not the arrays: only a retry before the first checkpoint reads it.
-    loop_config.update(pruning=pruning, num_classes=len(classes), num_samples=pruning.num_samples,
+    loop_config.update(pruning=pruning, num_classes=len(classes), class_names=classes, templates=templates,
+                       num_samples=pruning.num_samples,
                        pruner_initial=[pruning.actor.state_dict.remote()],
                        epochs=cfg.stop_after if cfg.stop_after else cfg.epochs, plan_epochs=cfg.epochs)
-    result = run_trainer(cfg, train_loop_per_worker, loop_config, build_datasets(cfg, pruning), f"mmdp-{run_id}")
+    result = run_trainer(cfg, train_loop_per_worker, loop_config, build_datasets(cfg, pruning, classes, templates),
+                         f"mmdp-{run_id}")
     with result.checkpoint.as_directory() as d:
         history = json.load(open(os.path.join(d, "history.json")))
         plans = json.load(open(os.path.join(d, "plans.json")))

@@ -172,8 +172,9 @@ def train_loop_per_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     pruning = cfg["pruning"]  # pipeline.train.pruning.Pruning: the public API, used as a user's loop would
     pruner = pruning.actor
+    task = make_task(cfg)
     steps_per_epoch = math.ceil(cfg["num_samples"] / (cfg["batch_size"] * world))  # an unpruned epoch's
-    model, opt, sched = setup_model(cfg, cfg["plan_epochs"] * steps_per_epoch)
+    model, opt, sched = task.setup(cfg["plan_epochs"] * steps_per_epoch)
     start_epoch, history, plans, restarts = _resume(cfg, model, opt, sched, pruner, rank)
     # A pruner that Ray restarts comes back in its initial state; each epoch
     # checks that the actor it trained against is the one it started with.
@@ -189,10 +190,9 @@ def train_loop_per_worker(config: dict) -> None:
         batch_size = epoch_batch_size(kept, cfg["num_samples"], cfg["batch_size"], world, cfg["step_schedule"])
         model.train()
         loss_sum, forwarded, steps = 0.0, 0, 0
-        for batch in train_shard.iter_torch_batches(batch_size=batch_size, dtypes=WEIGHTED_DTYPES, drop_last=False,
-                                                    **shuffle_args(cfg, epoch, rank)):
+        for batch in task.batches(train_shard, batch_size, shuffle_args(cfg, epoch, rank)):
             steps += 1
-            per_sample = weighted_step(model, batch, pruning.weight_mean, opt, sched)
+            per_sample = task.step(model, batch, pruning.weight_mean, opt, sched)
             pruning.report(batch["index"], per_sample)
             loss_sum += float(per_sample.sum())
             forwarded += len(per_sample)
@@ -200,18 +200,18 @@ def train_loop_per_worker(config: dict) -> None:
         while sched.last_epoch < (epoch + 1) * steps_per_epoch:  # the schedule follows the epochs
             sched.step()
         train_seconds = time.perf_counter() - started
-        correct = total = 0
+        evaluation = {"test_accuracy": None, "test_rows": 0}  # None: not evaluated this epoch
         if (epoch + 1) % cfg["eval_every"] == 0 or epoch + 1 == cfg["plan_epochs"]:
             # Each worker scores its part of the test split (by key hash): exact, and split.
             # The bare module: a DDP forward would wait for the other ranks.
-            correct, total, test_cache = evaluate(unwrap(model), test_shard, test_cache, cfg["batch_size"], rank, world)
-        loss_sum, forwarded, correct, total = all_sum([loss_sum, forwarded, correct, total])
+            scores, test_cache = task.evaluate(unwrap(model), test_shard, test_cache, cfg["batch_size"], rank, world)
+            evaluation.update(scores)
+        loss_sum, forwarded = all_sum([loss_sum, forwarded])
         _barrier()
         metrics = {
             "epoch": epoch,
             "train_loss": loss_sum / max(forwarded, 1),
-            "test_accuracy": correct / total if total else None,  # None: not evaluated this epoch
-            "test_rows": int(total),
+            **evaluation,
             "samples_forwarded": int(forwarded),
             "epoch_seconds": round(time.perf_counter() - started, 3),
             "train_seconds": round(train_seconds, 3),
@@ -235,12 +235,56 @@ def train_loop_per_worker(config: dict) -> None:
                     json.dump(value, f)
             done = [h["epoch_seconds"] for h in history if h["epoch"] >= start_epoch]
             left = (cfg["epochs"] - epoch - 1) * sum(done) / len(done)
-            accuracy = "not evaluated" if total == 0 else f"{metrics['test_accuracy']:.4f}"
+            accuracy = _accuracy_text(metrics)
             rate = metrics["samples_forwarded"] / max(train_seconds, 1e-9)
             print(f"epoch {epoch + 1}/{cfg['epochs']}: trained on {metrics['samples_forwarded']} samples "
                   f"({rate:.0f}/s), loss {metrics['train_loss']:.4f}, test accuracy {accuracy}, "
                   f"{metrics['epoch_seconds']:.1f} s; about {left:.0f} s left", flush=True)
         report_epoch(metrics, checkpoint_dir)
+
+
+def _accuracy_text(metrics: dict) -> str:
+    if not metrics["test_rows"]:
+        return "not evaluated"
+    recall = [f"{k} {metrics[k]:.4f}" for k in ("i2t_recall@1", "t2i_recall@1") if k in metrics]
+    accuracy = "n/a" if metrics["test_accuracy"] is None else f"{metrics['test_accuracy']:.4f}"
+    return ", ".join([accuracy, *recall])
+
+
+class ClassifyTask:
+    """The classifier task (``--task classify``): images to classes, cross entropy per sample.
+
+    A task is what the loop asks of the model side: ``setup`` (model, optimiser,
+    schedule), ``batches`` (a shard's training batches), ``step`` (one weighted
+    step, every row's loss back), ``evaluate`` (test figures, the same on every
+    rank). The contrastive task is :class:`pipeline.train.clip.ClipTask`.
+    """
+
+    def __init__(self, cfg: dict):
+        self.cfg = cfg
+
+    def setup(self, total_steps: int):
+        return setup_model(self.cfg, total_steps)
+
+    def batches(self, shard, batch_size: int, shuffle: dict):
+        return shard.iter_torch_batches(batch_size=batch_size, dtypes=WEIGHTED_DTYPES, drop_last=False, **shuffle)
+
+    def step(self, model, batch: dict, weight_mean: float, opt, sched) -> torch.Tensor:
+        return weighted_step(model, batch, weight_mean, opt, sched)
+
+    def evaluate(self, model, shard, cache, batch_size: int, rank: int, world: int) -> tuple[dict, list]:
+        correct, total, cache = evaluate(model, shard, cache, batch_size, rank, world)
+        correct, total = all_sum([correct, total])
+        return {"test_accuracy": correct / total if total else None, "test_rows": int(total)}, cache
+
+
+def make_task(cfg: dict):
+    """The loop's task for ``cfg["task"]``: :class:`ClassifyTask` or :class:`~pipeline.train.clip.ClipTask`."""
+    if cfg.get("task", "classify") == "clip":
+        from pipeline.train.clip import ClipTask
+
+        return ClipTask(cfg)
+    return ClassifyTask(cfg)
 
 
 def _resume(cfg: dict, model, opt, sched, pruner, rank: int) -> tuple[int, list, list, int]:

@@ -209,6 +209,16 @@ class Pruning:
         return ray.get(self.actor.epoch_summary.remote(epoch))
 
 
+    def plan_log(self) -> list[dict]:
+        """One entry per epoch planned so far: kept count, ``kept_sha256`` (the kept indices' digest), pruned by reason.
+
+        What ``jobs.train`` writes to ``plans.json``; equal digests mean equal plans.
+        """
+        import ray
+
+        return ray.get(self.actor.plan_log.remote())
+
+
 def step_loss(losses, weights, weight_mean: float):
     """``sum(w * loss) / (len(batch) * weight_mean)``: a step's loss from per-sample losses and plan weights.
 

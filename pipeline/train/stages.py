@@ -34,11 +34,15 @@ def index_stage(batch: dict, keys: np.ndarray, key: str = KEY) -> dict:
     return {"index": pos[found].astype(np.int64), **{k: v[found] for k, v in batch.items()}}
 
 
+def key_hash(keys) -> np.ndarray:
+    """CRC-32 of each key: a test row's ``index`` (test rows are not in the pruner), which splits
+    evaluation across workers the same way in any read order."""
+    return np.fromiter((zlib.crc32(str(k).encode()) for k in keys), np.int64, len(keys))
+
+
 def test_stage(batch: dict) -> dict:
-    """Test rows are not in the pruner: their ``index`` is a hash of the key (CRC-32),
-    which splits evaluation across workers the same way in any read order."""
-    index = np.fromiter((zlib.crc32(str(k).encode()) for k in batch[KEY]), np.int64, len(batch[KEY]))
-    return {"index": index, "image": batch["image"], "label": batch["label"].astype(np.int64)}
+    """A test row with its key hash as ``index`` (:func:`key_hash`)."""
+    return {"index": key_hash(batch[KEY]), "image": batch["image"], "label": batch["label"].astype(np.int64)}
 
 
 @functools.lru_cache(maxsize=8)
