@@ -83,10 +83,13 @@ class BenchPruningConfig:
               "sample passes in the same cell (equal compute)")
     step_schedule: str = option("full", "steps per epoch of every run (jobs.train --step-schedule)", choices=("full", "batch"))
     workers: int = option(2, "Ray Train workers")
-    model: str = option("resnet", "image model", choices=("resnet", "cnn"))
-    width: int = option(8, "model width (0 = the model's default)")
+    task: str = option("classify", "jobs.train --task: classify (the reference protocol) or clip (the caption-noise "
+                                   "protocol: an open_clip model trained on the pool's image-caption pairs)",
+                       choices=("classify", "clip"))
+    model: str | None = option(None, "the model trained (jobs.train --model; default: the task's)")
+    width: int = option(8, "classifier width (0 = the model's default)")
     batch_size: int = option(128, "samples per step per worker")
-    lr: float = option(0.1, "peak learning rate")
+    lr: float | None = option(None, "peak learning rate (default: the task's)")
     warmup_steps: int = option(50, "linear warm-up steps")
     clip_model: str = option("mmdp-ref", "open_clip model that scores the pools")
     clip_pretrained: str | None = option(None, "its checkpoint (OUT/model.pt of python -m jobs.pretrain_reference_clip)")
@@ -104,6 +107,11 @@ class BenchPruningConfig:
 
     def __post_init__(self):
         # Normalised here, so the config logged and saved is the one that runs.
+        from pipeline.train.driver import TASK_DEFAULTS
+
+        for name in ("model", "lr"):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, TASK_DEFAULTS[self.task][name])
         noise = []
         for part in self.noise:
             spec = "none" if part in ("clean", "none") else part.replace("+", ",")
@@ -122,6 +130,9 @@ class BenchPruningConfig:
             raise ValueError("--seeds and --noise need at least one value")
         if self.pool_size < 8 or self.epochs < 1 or self.workers < 1 or not 0 < self.keep_ratio <= 1:
             raise ValueError("need --pool-size >= 8, --epochs >= 1, --workers >= 1 and 0 < --keep-ratio <= 1")
+        if self.task == "clip" and not self.skip_overhead:
+            raise ValueError("the overhead measurement compares the classifier's loops; with --task clip pass "
+                             "--skip-overhead")
         if self.baseline_keep_ratio is not None and not 0 < self.baseline_keep_ratio <= 1:
             raise ValueError("need 0 < --baseline-keep-ratio <= 1")
 
@@ -191,7 +202,7 @@ def train_config(cfg: BenchPruningConfig, data: str, scores: str, out: str, poli
 
     return TrainConfig(data=data, scores=scores, out=out, policy="full" if policy == ORACLE else policy,
                        keep_ratio=keep_ratio or cfg.keep_ratio, epochs=cfg.epochs, workers=cfg.workers, seed=seed,
-                       model=cfg.model, width=cfg.width, batch_size=cfg.batch_size, lr=cfg.lr,
+                       task=cfg.task, model=cfg.model, width=cfg.width, batch_size=cfg.batch_size, lr=cfg.lr,
                        warmup_steps=cfg.warmup_steps, step_schedule=cfg.step_schedule)
 
 
@@ -208,8 +219,12 @@ def run_policy(cfg: BenchPruningConfig, data: str, scores: str, out: str, policy
     reused = cfg.reuse and storage.is_complete(out)
     metrics = storage.read_json(storage.join(out, "metrics.json")) if reused else train(train_cfg)
     totals, epochs = metrics["totals"], metrics["epochs"]
+    if cfg.task == "clip":  # the last epoch's zero-shot accuracy and recall, measured by the run itself
+        quality = {k: v for k, v in epochs[-1].items() if "recall" in k}
+    else:  # the classifier's checkpoint on the driver, on the clean and the shifted test split
+        quality = evaluate_checkpoint(out, data, train_cfg)
     return {"policy": policy, "seed": seed, "out": out, "reused": bool(reused),
-            "final_test_accuracy": totals["final_test_accuracy"], **evaluate_checkpoint(out, data, train_cfg),
+            "final_test_accuracy": totals["final_test_accuracy"], **quality,
             "noisy_in_final_plan": final_plan_noise(out, data, scores),
             "wall_seconds": totals["wall_seconds"], "train_seconds": totals["train_seconds"],
             "samples_forwarded": totals["samples_forwarded"], "num_samples": totals["num_samples"],
@@ -323,7 +338,8 @@ def run(cfg: BenchPruningConfig) -> None:
                 run["noise"] = noise
                 cell_runs[policy] = run
                 runs.append(run)
-                print(f"    acc {run['final_test_accuracy']:.4f}  shifted {run['shifted_test_accuracy']:.4f}  "
+                second = ("i2t_recall@1", "i2t R@1") if cfg.task == "clip" else ("shifted_test_accuracy", "shifted")
+                print(f"    acc {run['final_test_accuracy']:.4f}  {second[1]} {run[second[0]]:.4f}  "
                       f"wall {run['wall_seconds']:.1f}s  forwarded {run['samples_forwarded']}", flush=True)
         overhead = None
         if not cfg.skip_overhead:
@@ -344,7 +360,7 @@ def run(cfg: BenchPruningConfig) -> None:
             ray.shutdown()
     summary = summarise(runs, list(cfg.noise), list(cfg.policies))
     result = {"setup": setup, "noise_settings": list(cfg.noise), "runs": runs, "summary": summary,
-              "overhead": overhead, "targets": check_targets(summary, overhead),
+              "overhead": overhead, "targets": check_targets(summary, overhead, cfg.task),
               "seconds": round(time.perf_counter() - t0, 1)}
     storage.write_json(result, storage.join(cfg.out, "results.json"))
     text = markdown(result)

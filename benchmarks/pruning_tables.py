@@ -7,6 +7,7 @@ import numpy as np
 from pipeline.report.page import markdown_table
 
 ORACLE = "oracle"
+RECALL = ("i2t_recall@1", "i2t_recall@5", "t2i_recall@1", "t2i_recall@5")
 MATCHED = "mmdp's measured share of full's sample passes"
 
 
@@ -25,14 +26,15 @@ def summarise(runs: list[dict], noises: list[str], policies: list[str]) -> list[
             if not rs:
                 continue
             acc = np.array([r["final_test_accuracy"] for r in rs]) * 100
-            shifted = 100 * float(np.mean([r["shifted_test_accuracy"] for r in rs]))
+            shifted = _mean_pct(rs, "shifted_test_accuracy")
             wall = float(np.mean([r["wall_seconds"] for r in rs]))
             train = float(np.mean([r["train_seconds"] for r in rs]))
             residual = [r["noisy_in_final_plan"] for r in rs if r.get("noisy_in_final_plan") is not None]
             rows.append({"noise": noise, "policy": policy, "seeds": len(rs),
                          "accuracy_mean": round(float(acc.mean()), 3),
                          "accuracy_std": round(float(acc.std(ddof=1)) if len(acc) > 1 else 0.0, 3),
-                         "shifted_accuracy_mean": round(shifted, 3),
+                         "shifted_accuracy_mean": shifted,
+                         **{f"{k}_mean": _mean_pct(rs, k) for k in RECALL if k in rs[0]},
                          "wall_seconds_mean": round(wall, 2),
                          "train_seconds_mean": round(train, 2),
                          "noisy_in_final_plan_mean": round(100 * float(np.mean(residual)), 2) if residual else None,
@@ -43,8 +45,15 @@ def summarise(runs: list[dict], noises: list[str], policies: list[str]) -> list[
     return rows
 
 
-def _targets_for(noise: str) -> dict | None:
+def _mean_pct(runs: list[dict], key: str) -> float | None:
+    values = [r[key] for r in runs if r.get(key) is not None]
+    return round(100 * float(np.mean(values)), 3) if values else None
+
+
+def _targets_for(noise: str, task: str = "classify") -> dict | None:
     """The accuracy and speed targets of a noise setting (issue/DESIGN.md), None where only reported."""
+    if task == "clip":  # the caption-noise protocol: accuracy is zero-shot accuracy, recall image-to-text R@1
+        return {"vs_full": 2.0, "recall_vs_full": 2.0, "vs_oracle": -1.0, "train_speedup": 1.4} if noise == "caption:0.3" else None
     if noise_tag(noise) == "clean":
         return {"vs_full": -0.3, "train_speedup": 1.25}
     if noise == "symmetric:0.3":
@@ -54,7 +63,7 @@ def _targets_for(noise: str) -> dict | None:
     return None
 
 
-def check_targets(summary: list[dict], overhead: dict | None) -> list[dict]:
+def check_targets(summary: list[dict], overhead: dict | None, task: str = "classify") -> list[dict]:
     get = {(r["noise"], r["policy"]): r for r in summary}
     checks = []
 
@@ -64,11 +73,15 @@ def check_targets(summary: list[dict], overhead: dict | None) -> list[dict]:
     for noise in sorted({r["noise"] for r in summary}):
         if (noise, "mmdp") not in get:
             continue
-        mmdp, targets = get[(noise, "mmdp")], _targets_for(noise)
+        mmdp, targets = get[(noise, "mmdp")], _targets_for(noise, task)
         acc = mmdp["accuracy_mean"]
         if targets and (noise, "full") in get:
             d = acc - get[(noise, "full")]["accuracy_mean"]
             add(f"{noise}: mmdp - full (points)", d, f">= {targets['vs_full']:+}", d >= targets["vs_full"])
+            if "recall_vs_full" in targets:
+                d = mmdp["i2t_recall@1_mean"] - get[(noise, "full")]["i2t_recall@1_mean"]
+                add(f"{noise}: mmdp - full (image-to-text recall@1, points)", d, f">= {targets['recall_vs_full']:+}",
+                    d >= targets["recall_vs_full"])
             s = mmdp["train_speedup_vs_full"]
             add(f"{noise}: mmdp speedup over full (training time)", s, f">= {targets['train_speedup']}",
                 s >= targets["train_speedup"])
@@ -97,6 +110,8 @@ def check_targets(summary: list[dict], overhead: dict | None) -> list[dict]:
 
 def markdown(result: dict) -> str:
     s = result["setup"]
+    if s.get("task") == "clip":
+        return _clip_markdown(result)
     zero_shot = s.get("clip_zero_shot_accuracy")
     lines = [f"# Pruning benchmark ({'synthetic' if s['synthetic'] else 'Fashion-MNIST'})", "",
              f"Pool {s['pool_size']} rows, {s['epochs']} epochs, mmdp keep ratio {s['keep_ratio']} of the eligible rows, "
@@ -126,6 +141,11 @@ def markdown(result: dict) -> str:
                   markdown_table(("policy", "test acc % (mean ± std)", "shifted acc %", "wall s", "train s",
                                   "speedup vs full (wall / train)", "samples forwarded", "rows trained on",
                                   "noisy in plan %"), rows), ""]
+    return "\n".join(lines + _overhead_and_targets(result))
+
+
+def _overhead_and_targets(result: dict) -> list[str]:
+    lines = []
     o = result.get("overhead")
     if o:
         sec = o["seconds"]
@@ -142,6 +162,40 @@ def markdown(result: dict) -> str:
                                  [(c["what"], c["value"], c["target"], "yes" if c["met"] else "NO")
                                   for c in result["targets"]]),
                   ""]
-    return "\n".join(lines)
+    return lines
+
+
+def _clip_markdown(result: dict) -> str:
+    """The caption-noise protocol's tables: zero-shot accuracy and recall instead of accuracy and shift."""
+    s = result["setup"]
+    zero_shot = s.get("clip_zero_shot_accuracy")
+    lines = [f"# Pruning benchmark, contrastive task ({'synthetic' if s['synthetic'] else 'Fashion-MNIST'} "
+             "image-caption pairs)", "",
+             f"Pool {s['pool_size']} pairs, {s['epochs']} epochs of open_clip {s['model']} trained "
+             f"from scratch (jobs.train --task clip), mmdp keep ratio {s['keep_ratio']} of the eligible rows, "
+             f"fixed-ratio baselines at {s['baseline_keep_ratio'] or MATCHED}, {s['workers']} workers, "
+             f"batch {s['batch_size']} per worker, step schedule {s['step_schedule']}, seeds {s['seeds']}; "
+             f"scores: {s['clip_model']} {s['clip_pretrained'] or '(random init)'} in {s['mode']} mode"
+             + (f" (its zero-shot test accuracy {zero_shot:.4f})" if zero_shot else "")
+             + f". Machine: {s['machine']}.", "",
+             "Zero-shot = the final model's zero-shot accuracy on the clean test split (class prompt ensembles); "
+             "R@1 = recall@1 on the test split, image-to-text and text-to-image, captions compared as text. "
+             "Wall = the whole fit; train = the epochs' training time. Samples forwarded include mmdp's probes.",
+             ""]
+    for noise in result["noise_settings"]:
+        rows = []
+        for r in (r for r in result["summary"] if r["noise"] == noise):
+            speed = (f"{r['speedup_vs_full']:.2f}x / {r['train_speedup_vs_full']:.2f}x"
+                     if r["speedup_vs_full"] else "n/a")
+            noisy = "n/a" if r.get("noisy_in_final_plan_mean") is None else f"{r['noisy_in_final_plan_mean']:.1f}"
+            rows.append((r["policy"], f"{r['accuracy_mean']:.2f} ± {r['accuracy_std']:.2f}",
+                         f"{r['i2t_recall@1_mean']:.2f}", f"{r['t2i_recall@1_mean']:.2f}",
+                         f"{r['wall_seconds_mean']:.1f}", f"{r['train_seconds_mean']:.1f}", speed,
+                         r["samples_forwarded_mean"], r["num_samples"], noisy))
+        lines += [f"## noise: {noise}", "",
+                  markdown_table(("policy", "zero-shot % (mean ± std)", "i2t R@1 %", "t2i R@1 %", "wall s",
+                                  "train s", "speedup vs full (wall / train)", "samples forwarded",
+                                  "rows trained on", "noisy in plan %"), rows), ""]
+    return "\n".join(lines + _overhead_and_targets(result))
 
 

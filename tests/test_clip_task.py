@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from jobs import report as report_job
 from jobs import score as score_job
 from jobs import train as train_job
 from pipeline import storage
@@ -121,6 +122,15 @@ def test_clip_task_trains_on_img2dataset_shards_in_s3(ray_session, s3_bucket):
     assert metrics["totals"]["signal"] == "clip_score"  # caption mode: image-caption agreement
     config = storage.read_json(storage.join(out, "config.json"))
     assert (config["task"], config["lr"], config["weight_decay"]) == ("clip", 2e-3, 0.1)  # the task's defaults
+    # The report shows the run's final recall and zero-shot accuracy, and recall per epoch.
+    report_dir = storage.join(s3_bucket, "report")
+    assert report_job.main([out, "--out", report_dir]) == 0
+    text = storage.read_bytes(storage.join(report_dir, "report.md")).decode()
+    last = metrics["epochs"][-1]
+    expected = " | ".join(f"{100 * last[k]:.2f}" for k in ("zero_shot_accuracy", "i2t_recall@1", "i2t_recall@5",
+                                                            "t2i_recall@1", "t2i_recall@5"))
+    assert "## Retrieval (contrastive runs)" in text and f"| mmdp | {expected} |" in text
+    assert "figures/recall.png" in text
 
 
 def test_clip_task_without_labels_or_class_names_reports_recall_only(ray_session, tmp_path):

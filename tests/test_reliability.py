@@ -119,7 +119,7 @@ def _scorer_actors():
 
 def test_scoring_actor_killed_mid_job(ray_session, ckpt, tmp_path):
     # Enough rows that the one actor is still scoring when the first staged file lands.
-    rows = _rows(2560)
+    rows = _rows(5120)
     storage.write_shards(rows, str(tmp_path / "in"), rows_per_shard=128)
     out = str(tmp_path / "out")
     killed = {}

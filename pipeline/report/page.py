@@ -140,7 +140,8 @@ def build_report(roots: list[str], out: str, exclude: tuple[str, ...] = (), writ
                   _pct_ms([x.shifted for x in r["runs"]]), _fmt_ms(r["wall"], ".1f"), _fmt_ms(r["forwarded"], ",.0f"),
                   f"{r['speedup']:.2f}x" if r["speedup"] else "n/a"] for r in rows]),
                *([("p", " ".join(versus_full(rows)))] if versus_full(rows) else []),
-               ("p", "Accuracy: the final epoch's, on the clean test split (mean ± std over a policy's runs); "
+               ("p", "Accuracy: the final epoch's, on the clean test split (mean ± std over a policy's runs; "
+                     "zero-shot accuracy for a contrastive run, --task clip); "
                      "shifted: the same checkpoint on the benchmark's shifted test copy, when recorded. Wall: the "
                      "whole fit, start-up included. Speedup: full's mean wall-clock / the policy's, on the same "
                      "noise setting."),
@@ -152,6 +153,7 @@ def build_report(roots: list[str], out: str, exclude: tuple[str, ...] = (), writ
                   r.totals.get("wall_seconds", "?"), f"{r.totals.get('samples_forwarded', 0):,}"]
                  for rs in groups.values() for r in rs])]
 
+    blocks += _recall_blocks(groups, figure)
     blocks += [("h2", "Test accuracy per epoch"),
                figure(curves_figure(groups, accuracy_per_epoch, "Test accuracy per epoch (clean test split)",
                                     "test accuracy (%)"), "accuracy.png", "test accuracy per epoch"),
@@ -174,6 +176,26 @@ def build_report(roots: list[str], out: str, exclude: tuple[str, ...] = (), writ
         storage.write_bytes(to_html(blocks, "mmdp training report").encode(), storage.join(out, "report.html"))
         written.append(storage.join(out, "report.html"))
     return {"report": written, "figures": figures, "runs": len(runs), "groups": list(groups), "notes": notes}
+
+
+def _recall_blocks(groups: dict, figure) -> list[tuple]:
+    """Contrastive runs (``--task clip``): their final recall and zero-shot accuracy, and recall per epoch."""
+    clip = {name: [r for r in rs if r.history and "i2t_recall@1" in r.history[-1]] for name, rs in groups.items()}
+    clip = {name: rs for name, rs in clip.items() if rs}
+    if not clip:
+        return []
+    keys = ("i2t_recall@1", "i2t_recall@5", "t2i_recall@1", "t2i_recall@5")
+    return [("h2", "Retrieval (contrastive runs)"),
+            ("table", ["run", "policy", "zero-shot %", *(k.replace("_recall", " R") + " %" for k in keys)],
+             [[r.label, r.group, _pct(r.history[-1].get("zero_shot_accuracy")),
+               *(_pct(r.history[-1].get(k)) for k in keys)] for rs in clip.values() for r in rs]),
+            ("p", "The final epoch's recall on the clean test split, captions compared as text: i2t = an image's "
+                  "own caption among its k nearest distinct captions; t2i = a distinct caption's k nearest images "
+                  "include one that carries it. Where captions come from a few templates per class, recall@1 "
+                  "cannot tell the templates apart (one in as many as there are); recall@5 then reflects the class."),
+            figure(curves_figure(clip, lambda r: np.array([h.get("i2t_recall@1", np.nan) for h in r.history], float),
+                                 "Image-to-text recall@1 per epoch (clean test split)", "recall@1 (%)"),
+                   "recall.png", "image-to-text recall@1 per epoch")]
 
 
 def _reason_blocks(groups: dict[str, list[Run]], sources: Sources) -> list[tuple]:
