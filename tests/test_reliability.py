@@ -118,18 +118,21 @@ def _scorer_actors():
 
 
 def test_scoring_actor_killed_mid_job(ray_session, ckpt, tmp_path):
-    # Enough rows that the one actor is still scoring when the first staged file lands.
+    # The one actor scores these rows in about 5 s once it is up (its model loaded), and the writes
+    # follow the scoring; so it is killed half a second after it comes up: mid-scoring.
     rows = _rows(5120)
     storage.write_shards(rows, str(tmp_path / "in"), rows_per_shard=128)
     out = str(tmp_path / "out")
-    killed = {}
+    killed, up = {}, {}
 
     def kill_when_busy():
         end = time.monotonic() + 120
         while time.monotonic() < end and not killed:
             alive = [a for a in _scorer_actors() if a["State"] == "ALIVE" and a["Pid"]]
-            staged = list((tmp_path / "out").glob("_staging/*.parquet"))
-            if alive and staged:  # it has scored and written some rows: mid-job
+            if alive:
+                up.setdefault(alive[0]["ActorID"], time.monotonic())
+            if alive and time.monotonic() - up[alive[0]["ActorID"]] >= 0.5:
+                staged = list((tmp_path / "out").glob("_staging/*.parquet"))
                 killed.update(pid=alive[0]["Pid"], actor=alive[0]["ActorID"], files_written=len(staged),
                               at=time.monotonic(), wall_ms=time.time() * 1000)
                 os.kill(alive[0]["Pid"], signal.SIGKILL)
