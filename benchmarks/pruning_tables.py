@@ -128,6 +128,13 @@ def markdown(result: dict) -> str:
              "included). Samples forwarded include mmdp's probes (weight 0). Speedups = full's mean / the policy's. Noisy in plan = share of ground-truth noisy rows in "
              "the last epoch's plan, replayed from the final checkpoint's pruner state.",
              ""]
+    lines += _policy_tables(result, "test acc % (mean ± std)", (("shifted acc %", "shifted_accuracy_mean"),))
+    return "\n".join(lines + _overhead_and_targets(result))
+
+
+def _policy_tables(result: dict, accuracy: str, columns: tuple[tuple[str, str], ...]) -> list[str]:
+    """One table per noise setting, a row per policy: accuracy, the ``columns`` (header, summary key), costs."""
+    lines = []
     for noise in result["noise_settings"]:
         rows = []
         for r in (r for r in result["summary"] if r["noise"] == noise):
@@ -135,13 +142,13 @@ def markdown(result: dict) -> str:
                      if r["speedup_vs_full"] else "n/a")
             noisy = "n/a" if r.get("noisy_in_final_plan_mean") is None else f"{r['noisy_in_final_plan_mean']:.1f}"
             rows.append((r["policy"], f"{r['accuracy_mean']:.2f} ± {r['accuracy_std']:.2f}",
-                         f"{r['shifted_accuracy_mean']:.2f}", f"{r['wall_seconds_mean']:.1f}",
+                         *(f"{r[key]:.2f}" for _, key in columns), f"{r['wall_seconds_mean']:.1f}",
                          f"{r['train_seconds_mean']:.1f}", speed, r["samples_forwarded_mean"], r["num_samples"], noisy))
         lines += [f"## noise: {noise}", "",
-                  markdown_table(("policy", "test acc % (mean ± std)", "shifted acc %", "wall s", "train s",
+                  markdown_table(("policy", accuracy, *(header for header, _ in columns), "wall s", "train s",
                                   "speedup vs full (wall / train)", "samples forwarded", "rows trained on",
                                   "noisy in plan %"), rows), ""]
-    return "\n".join(lines + _overhead_and_targets(result))
+    return lines
 
 
 def _overhead_and_targets(result: dict) -> list[str]:
@@ -182,20 +189,8 @@ def _clip_markdown(result: dict) -> str:
              "R@1 = recall@1 on the test split, image-to-text and text-to-image, captions compared as text. "
              "Wall = the whole fit; train = the epochs' training time. Samples forwarded include mmdp's probes.",
              ""]
-    for noise in result["noise_settings"]:
-        rows = []
-        for r in (r for r in result["summary"] if r["noise"] == noise):
-            speed = (f"{r['speedup_vs_full']:.2f}x / {r['train_speedup_vs_full']:.2f}x"
-                     if r["speedup_vs_full"] else "n/a")
-            noisy = "n/a" if r.get("noisy_in_final_plan_mean") is None else f"{r['noisy_in_final_plan_mean']:.1f}"
-            rows.append((r["policy"], f"{r['accuracy_mean']:.2f} ± {r['accuracy_std']:.2f}",
-                         f"{r['i2t_recall@1_mean']:.2f}", f"{r['t2i_recall@1_mean']:.2f}",
-                         f"{r['wall_seconds_mean']:.1f}", f"{r['train_seconds_mean']:.1f}", speed,
-                         r["samples_forwarded_mean"], r["num_samples"], noisy))
-        lines += [f"## noise: {noise}", "",
-                  markdown_table(("policy", "zero-shot % (mean ± std)", "i2t R@1 %", "t2i R@1 %", "wall s",
-                                  "train s", "speedup vs full (wall / train)", "samples forwarded",
-                                  "rows trained on", "noisy in plan %"), rows), ""]
+    lines += _policy_tables(result, "zero-shot % (mean ± std)",
+                            (("i2t R@1 %", "i2t_recall@1_mean"), ("t2i R@1 %", "t2i_recall@1_mean")))
     return "\n".join(lines + _overhead_and_targets(result))
 
 
