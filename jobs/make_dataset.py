@@ -1,4 +1,4 @@
-"""Write the reference dataset: Fashion-MNIST with injected noise (or the tiny synthetic set).
+"""Write a noisy benchmark dataset: Fashion-MNIST, your own labelled image-caption shards, or the tiny synthetic set.
 
 Local (a folder or an object store)::
 
@@ -11,10 +11,21 @@ the Debian package ``dataset-fashion-mnist``, or ``--source`` pointing at a fold
 
     ray job submit --working-dir . -- python -m jobs.make_dataset --out s3://bucket/fmnist-sym30 --noise symmetric:0.3
 
+From labelled image-caption shards (parquet or webdataset tars, local or in
+an object store; img2dataset's ``key``/``jpg``/``txt``/``cls`` with
+``--columns img2dataset``), read through Ray Data in file order: a seeded
+``--test-size`` rows become ``test``, ``--reference-size`` of the rest
+``reference``, the remainder the noisy ``train`` pool; images stay as stored
+and a noisy row gets another clean row's caption of the class it now names::
+
+    python -m jobs.make_dataset --source s3://bucket/my-shards --columns img2dataset --classes cat,dog,car \
+        --reference-size 2000 --test-size 2000 --noise symmetric:0.3 --out s3://bucket/my-sym30
+
 Writes OUT/{reference,train,test}/part-*.parquet, OUT/ground_truth.parquet,
 OUT/metadata.json and OUT/config.json (the resolved config, also logged),
-then commits OUT (``_SUCCESS``). The whole 70k-image dataset takes a few
-seconds in one process, so this job starts no Ray workers.
+then commits OUT (``_SUCCESS``). The dataset is built in one process's
+memory (the whole 70k-image Fashion-MNIST takes a few seconds, and starts no
+Ray workers): a benchmark-sized source, not a web-scale one.
 """
 
 from __future__ import annotations
@@ -24,9 +35,14 @@ import time
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from pipeline.data import reference
-from pipeline.data.noise import NOISE_KINDS, parse_noise_spec
+import pyarrow as pa
+
+from pipeline import storage
 from pipeline.cli import HELP, option, run_job
+from pipeline.data import reference
+from pipeline.data.contract import SHARD_SCHEMA, ColumnMapping
+from pipeline.data.noise import NOISE_KINDS, parse_noise_spec
+from pipeline.data.shards import class_names, read_shards, shard_files
 
 
 @dataclass(frozen=True)
@@ -37,7 +53,14 @@ class MakeDatasetConfig:
 
     out: str = field(metadata={HELP: "dataset URL: a folder, file://, s3:// or gs://"})
     source: str | None = option(
-        None, f"folder or URL with the four *-ubyte.gz files; none: {reference.FASHION_MNIST_DIR}")
+        None, f"folder or URL with the four *-ubyte.gz files (none: {reference.FASHION_MNIST_DIR}), "
+              "or with --columns image-caption shards")
+    columns: str | None = option(
+        None, "read --source as image-caption shards with this column mapping: mmdp, img2dataset, "
+              "or pairs like image=jpg,caption=txt,label=cls; none: Fashion-MNIST idx files")
+    classes: tuple[str, ...] | None = option(
+        None, "with --columns: class names (label i is the i-th); default: the source's metadata.json")
+    test_size: int = option(10_000, "with --columns: source rows held out as the clean test split")
     # A clean slice to pre-train the reference CLIP model on, disjoint from the
     # pool being pruned; 10k of 60k leaves the 50k pool the protocol draws from.
     reference_size: int = option(10_000, "clean training images kept apart for the reference model")
@@ -63,6 +86,12 @@ class MakeDatasetConfig:
                 raise ValueError(f"--{flag.replace('_', '-')} must be >= 1")
         if self.synthetic and self.limit is not None and self.limit < 8:
             raise ValueError("--limit must be >= 8 with --synthetic")
+        if self.columns is not None:
+            ColumnMapping.parse(self.columns)
+            if self.synthetic or not self.source:
+                raise ValueError("--columns reads image-caption shards from --source: give --source, not --synthetic")
+        if self.test_size < 1:
+            raise ValueError("--test-size must be >= 1")
 
 
 def run(config: MakeDatasetConfig) -> None:
@@ -70,6 +99,11 @@ def run(config: MakeDatasetConfig) -> None:
     start = time.perf_counter()
     if config.synthetic:
         dataset = reference.make_synthetic(n=config.limit or 256, seed=config.seed, noise=config.noise)
+    elif config.columns is not None:
+        dataset = reference.build_from_rows(
+            read_rows(config.source, config.columns), tuple(class_names(config.source, config.classes)),
+            reference_size=config.reference_size, test_size=config.test_size, noise=config.noise,
+            seed=config.seed, limit=config.limit, source=config.source)
     else:
         dataset = reference.make_fashion_mnist(
             source=config.source,
@@ -87,12 +121,24 @@ def run(config: MakeDatasetConfig) -> None:
     print(f"  train noise: {noise or 'none'}")
 
 
+def read_rows(source: str, columns: str) -> pa.Table:
+    """Every row of the shards at ``source`` in the contract, in file order (so the dataset depends on the seed only)."""
+    import ray.data
+
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    batches = read_shards(source, columns).iter_batches(batch_size=4096, batch_format="pyarrow")
+    return pa.concat_tables([b.select(list(SHARD_SCHEMA.names)).cast(SHARD_SCHEMA) for b in batches])
+
+
 def main(argv: list[str] | None = None) -> int:
     return run_job(MakeDatasetConfig, argv, run, doc=__doc__, prog="python -m jobs.make_dataset", check=_check_source)
 
 
 def _check_source(config: MakeDatasetConfig) -> None:
-    if not config.synthetic:
+    if config.columns is not None:
+        storage.check_not_pending(config.source)
+        shard_files(config.source, ColumnMapping.parse(config.columns))  # bad files fail before OUT exists
+    elif not config.synthetic:
         reference.check_fashion_mnist(config.source)  # before the output folder exists
 
 

@@ -27,7 +27,6 @@ with code 2.
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -43,11 +42,11 @@ from pipeline import storage
 from pipeline.cli import HELP, option, run_job
 from pipeline.score.clip_models import REFERENCE_MODEL, load_clip, register_model_configs, save_checkpoint
 from pipeline.data.contract import CAPTION, IMAGE, LABEL, ColumnMapping
-from pipeline.data.shards import read_shards
-from pipeline.train.clip import clamp_logit_scale, clip_optimizer, pair_metrics
-from pipeline.train.driver import class_names, dataset_metadata
+from pipeline.data.shards import class_names, dataset_metadata, read_shards
+from pipeline.train.clip import (caption_or_prompt, clamp_logit_scale, clip_optimizer, label_of, pair_metrics,
+                                 tokenize_distinct)
 from pipeline.train.loop import cosine_lr
-from pipeline.score.scorer import DEFAULT_TEMPLATES, ImageDecoder, fill_template, normalize_pixels
+from pipeline.score.scorer import DEFAULT_TEMPLATES, ImageDecoder, normalize_pixels
 
 
 MODEL_FILE = "model.pt"
@@ -120,10 +119,9 @@ def _decode_split(cfg: PretrainConfig, split: str, decoder: ImageDecoder, classe
     for batch in rows.iter_batches(batch_size=2048, batch_format="numpy"):
         out = decoder({IMAGE: batch[IMAGE]})
         for i, err in enumerate(out["error"]):
-            caption, label = batch[CAPTION][i], _label(batch[LABEL][i])
-            if not (caption or "").strip() and 0 <= label < len(classes):
-                caption = fill_template(templates[0], classes[label])  # a label but no caption: its prompt
-            if err or not (caption or "").strip():
+            label = label_of(batch[LABEL][i])
+            caption = caption_or_prompt(batch[CAPTION][i], label, classes, templates)
+            if err or caption is None:
                 dropped += 1
                 continue
             pixels.append(out["pixels"][i])
@@ -131,11 +129,6 @@ def _decode_split(cfg: PretrainConfig, split: str, decoder: ImageDecoder, classe
             labels.append(label)
     pix = torch.from_numpy(np.stack(pixels)) if pixels else torch.zeros((0, 3, *decoder.size), dtype=torch.uint8)
     return pix, captions, torch.tensor(labels, dtype=torch.long), dropped
-
-
-def _label(value) -> int:
-    """A label cell as an int, -1 when absent (Ray hands nulls over as None or NaN)."""
-    return -1 if value is None or (isinstance(value, float) and math.isnan(value)) else int(value)
 
 
 def _augment(batch: torch.Tensor, max_shift: int, flip: float, gen: torch.Generator) -> torch.Tensor:
@@ -162,7 +155,7 @@ def evaluate(model, tokenizer, decoder, pixels, captions, labels, classes, templ
     model.eval()
     image_emb = torch.cat([F.normalize(model.encode_image(normalize_pixels(pixels[s:s + 1024], decoder.mean, decoder.std)),
                                        dim=-1) for s in range(0, len(pixels), 1024)])
-    return pair_metrics(model, tokenizer, image_emb, captions, labels, classes, templates, tokenizer)
+    return pair_metrics(model, tokenizer, image_emb, captions, labels, classes, templates)
 
 
 def train(cfg: PretrainConfig) -> dict:
@@ -180,9 +173,8 @@ def train(cfg: PretrainConfig) -> dict:
     pixels, captions, _, dropped = _decode_split(cfg, "reference", decoder, classes, templates)
     if len(pixels) < 2:
         raise ValueError(f"{cfg.data}/reference has {len(pixels)} usable rows; contrastive training needs 2+")
-    unique, index = np.unique(np.array(captions, dtype=object), return_inverse=True)
-    tokens = tokenizer(list(unique))[torch.from_numpy(index)]  # tokenize each distinct caption once
-    print(f"reference: {len(pixels)} pairs ({dropped} unusable rows skipped), {len(unique)} distinct captions, "
+    tokens = tokenize_distinct(tokenizer, captions)
+    print(f"reference: {len(pixels)} pairs ({dropped} unusable rows skipped), {len(set(captions))} distinct captions, "
           f"decoded in {time.perf_counter() - t0:.1f}s", flush=True)
 
     opt = clip_optimizer(model, cfg.lr, cfg.weight_decay)

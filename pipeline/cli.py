@@ -94,12 +94,13 @@ def _comma_list(kind):
 def parse_config(config_cls, parser: argparse.ArgumentParser, argv=None, check=None):
     """Parse ``argv`` into ``config_cls``; a ``ValueError`` (or an input missing: ``InputError``)
     from the config or ``check(cfg)`` is a usage error (exit 2), raised before any output exists."""
-    from pipeline.storage import InputError
+    from pipeline.storage import InputError, configure_s3
 
     args = vars(parser.parse_args(argv))
     try:
         cfg = config_cls(**args)
         if check is not None:
+            configure_s3(getattr(cfg, "s3_endpoint", None))  # a check may read the store already
             check(cfg)
     except (ValueError, InputError) as exc:
         parser.error(str(exc))

@@ -154,3 +154,59 @@ def test_writes_to_s3(s3_bucket, tmp_path):
     for split in ds.SPLITS:
         assert data["splits"][split].equals(local["splits"][split])
     assert data["truth"].equals(local["truth"])
+
+
+def _own_shards(root: str, n: int = 240) -> tuple[dict, tuple[str, ...]]:
+    """img2dataset parquet shards of labelled synthetic images, each with its own caption; returns rows by key."""
+    import pyarrow as pa
+
+    source = ds.make_synthetic(n=n, seed=11)
+    rows = pa.concat_tables([source.splits[s] for s in ds.SPLITS]).to_pylist()
+    by_key = {f"src{i:05d}": {"jpg": r["image"], "txt": f"{ds.SYNTHETIC_CLASSES[r['label']]}, shot {i} in the yard",
+                              "cls": r["label"]} for i, r in enumerate(rows)}
+    table = pa.table({"key": list(by_key), "jpg": [r["jpg"] for r in by_key.values()],
+                      "txt": [r["txt"] for r in by_key.values()], "cls": [f"{r['cls']}\n" for r in by_key.values()]})
+    storage.write_shards(table, root, rows_per_shard=60)
+    return by_key, ds.SYNTHETIC_CLASSES
+
+
+def test_from_img2dataset_shards_in_s3(ray_session, s3_bucket):
+    by_key, classes = _own_shards(f"{s3_bucket}/mine")
+    flags = ["--source", f"{s3_bucket}/mine", "--columns", "img2dataset", "--classes", ",".join(classes),
+             "--reference-size", "40", "--test-size", "40", "--noise", "symmetric:0.25,duplicate:0.05,corrupt_image:0.05"]
+    data = _make(f"{s3_bucket}/noisy", *flags)
+    assert data["meta"]["splits"] == {"reference": 40, "train": 160, "test": 40}
+    truth = data["truth"].to_pylist()
+    assert [r["corruption"] for r in truth].count("symmetric") == 40
+    train = {r["key"]: r for r in data["splits"]["train"].to_pylist()}
+    captions_of = {c: {r["txt"] for r in by_key.values() if r["cls"] == i} for i, c in enumerate(classes)}
+    used = set()
+    for row in truth:
+        source, written = by_key[row["source_key"]], train[row["key"]]
+        used.add(row["source_key"])
+        assert row["clean_label"] == source["cls"] or row["corruption"] == "duplicate"
+        if row["corruption"] == "none":  # as stored: image bytes, caption, label
+            assert (written["image"], written["caption"], written["label"]) == (source["jpg"], source["txt"], source["cls"])
+        elif row["corruption"] == "symmetric":  # another clean row's caption, of the class the label now names
+            assert written["label"] != source["cls"] and written["caption"] in captions_of[classes[written["label"]]]
+            assert written["caption"] != source["txt"]
+        elif row["corruption"] == "duplicate":
+            original = train[row["duplicate_of"]]
+            assert written["caption"] == original["caption"] and written["label"] == original["label"]
+            assert 0 < np.abs(_pixels(written["image"]).astype(int) - _pixels(original["image"]).astype(int)).max() <= 8
+        else:
+            assert not noise.decodes(written["image"])
+    assert len(used) == 160  # every train row traced to its own source row
+    again = _make(f"{s3_bucket}/noisy-again", *flags)  # the source read in file order: same bytes
+    assert all(again["splits"][s].equals(data["splits"][s]) for s in ds.SPLITS)
+
+
+def test_unlabelled_shards_are_refused_by_name(ray_session, tmp_path, capsys):
+    from shardfiles import write_img2dataset
+
+    write_img2dataset(ds.make_synthetic(n=80, seed=2), str(tmp_path / "src"), splits=("train",), tars=True, labels=False)
+    code = main(["--out", str(tmp_path / "out"), "--source", str(tmp_path / "src" / "train"), "--columns", "img2dataset",
+                 "--classes", "a,b,c,d", "--reference-size", "5", "--test-size", "5"])
+    err = capsys.readouterr().err
+    assert code == 2 and "40 of 40 rows have no label" in err and "Traceback" not in err
+    assert not storage.is_complete(str(tmp_path / "out"))

@@ -1,4 +1,4 @@
-"""Reference datasets: Fashion-MNIST from its idx files and a synthetic test set, with injected noise.
+"""Reference datasets: Fashion-MNIST, labelled image-caption rows of any source, a synthetic test set; with injected noise.
 
 A dataset is built in memory as a :class:`Dataset` (three tables in the shard
 contract, a ground-truth table and metadata), then written by
@@ -27,7 +27,7 @@ import pyarrow as pa
 from PIL import Image, ImageDraw
 
 from pipeline import storage
-from pipeline.data.contract import SHARD_SCHEMA
+from pipeline.data.contract import CAPTION, IMAGE, KEY, LABEL, SHARD_SCHEMA
 from pipeline.data.noise import (
     corrupt_png, format_noise_spec, inject_noise, measured_noise, parse_noise_spec, stream_rng,
 )
@@ -70,9 +70,11 @@ class Dataset:
         splits: ``reference``/``train``/``test`` tables in :data:`SHARD_SCHEMA`.
         ground_truth: one row per train row, in the train split's order: ``key``,
             ``source_index`` (the row's image in the source's train file, before any
-            duplicate replaced it), ``clean_label`` (a duplicate's is its source's),
+            duplicate replaced it; for image-caption rows, among the rows left
+            after the test split), ``clean_label`` (a duplicate's is its source's),
             ``label`` (as written), ``caption_label`` (the class the caption names),
-            ``corruption`` ("none" or a noise kind) and ``duplicate_of`` (key or null).
+            ``corruption`` ("none" or a noise kind), ``duplicate_of`` (key or null)
+            and, for image-caption rows, ``source_key`` (the row's key in the source).
         metadata: JSON-able description (classes, split sizes, noise, seed, templates, source).
     """
 
@@ -153,20 +155,99 @@ def encode_png(pixels: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+@dataclass(frozen=True)
+class Images:
+    """Labelled source images: uint8 ``pixels`` or ``encoded`` bytes (any format PIL reads), optional captions.
+
+    The rows a dataset is built from: Fashion-MNIST's idx arrays, or the rows
+    of image-caption shards (:func:`make_from_shards`). A row's own caption is
+    kept where it has one; rows without get a template naming their class.
+    """
+
+    labels: np.ndarray
+    pixels: np.ndarray | None = None
+    encoded: list[bytes] | None = None
+    captions: list[str | None] | None = None
+    keys: list[str] | None = None  # the rows' keys in their source, where it has keys
+
+    def __post_init__(self):
+        if (self.pixels is None) == (self.encoded is None):
+            raise ValueError("Images needs exactly one of pixels and encoded")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def take(self, index: np.ndarray) -> "Images":
+        pick = (lambda values: None if values is None else [values[i] for i in index.tolist()])
+        return Images(self.labels[index], None if self.pixels is None else self.pixels[index],
+                      pick(self.encoded), pick(self.captions), pick(self.keys))
+
+    def image(self, i: int) -> bytes:
+        """Row ``i``'s image bytes: as stored, or PNG of its pixels."""
+        return self.encoded[i] if self.encoded is not None else encode_png(self.pixels[i])
+
+    def decoded(self, i: int) -> np.ndarray:
+        if self.pixels is not None:
+            return self.pixels[i]
+        with Image.open(io.BytesIO(self.encoded[i])) as image:
+            return np.asarray(image.convert("RGB" if image.mode not in ("L", "RGB") else image.mode))
+
+    def caption(self, i: int) -> str | None:
+        """Row ``i``'s own caption, None where it has none."""
+        caption = None if self.captions is None else self.captions[i]
+        return caption if isinstance(caption, str) and caption.strip() else None
+
+    @property
+    def image_info(self) -> dict:
+        if self.pixels is not None:
+            return {"format": "png", "shape": list(self.pixels.shape[1:])}
+        return {"format": "as stored in the source"}
+
+
 def _table(keys: list[str], images: list[bytes], captions: list[str], labels: np.ndarray) -> pa.Table:
     columns = [pa.array(keys, pa.string()), pa.array(images, pa.binary()), pa.array(captions, pa.string())]
     return pa.Table.from_arrays([*columns, pa.array(labels, pa.int64())], schema=SHARD_SCHEMA)
 
 
-def _clean_split(split: str, pixels: np.ndarray, labels: np.ndarray, classes: tuple[str, ...]) -> pa.Table:
-    keys = [f"{split}-{i:06d}" for i in range(len(labels))]
-    captions = [caption_for(k, classes[c]) for k, c in zip(keys, labels)]
-    return _table(keys, [encode_png(p) for p in pixels], captions, labels)
+def _clean_split(split: str, images: Images, classes: tuple[str, ...]) -> pa.Table:
+    keys = [f"{split}-{i:06d}" for i in range(len(images))]
+    captions = [images.caption(i) or caption_for(k, classes[c]) for i, (k, c) in enumerate(zip(keys, images.labels))]
+    return _table(keys, [images.image(i) for i in range(len(images))], captions, images.labels)
+
+
+def _captions(pool: Images, keys: list[str], noisy: dict, classes: tuple[str, ...], seed: int) -> list[str]:
+    """Each train row's caption: its own where it names the row's class, else one naming ``caption_label``.
+
+    A caption that must name another class is a real caption of a clean row of
+    that class when the source has captions (so a mismatched caption reads
+    like any other), else a template; a duplicate repeats its source's caption.
+    """
+    rng = stream_rng(seed, "caption")
+    duplicate_of = noisy["duplicate_of"]
+    donors = {}
+    if pool.captions is not None:
+        has_caption = np.array([pool.caption(i) is not None for i in range(len(pool))], dtype=bool)
+        clean = (noisy["corruption"] == "none") & has_caption
+        donors = {c: np.flatnonzero(clean & (pool.labels == c)) for c in range(len(classes))}
+    captions = []
+    for i, (key, c) in enumerate(zip(keys, noisy["caption_label"].tolist())):
+        own = pool.caption(i)
+        if duplicate_of[i] >= 0:
+            captions.append(None)  # filled below, from its source
+        elif c == pool.labels[i] and own is not None:
+            captions.append(own)
+        elif len(donors.get(c, ())):
+            captions.append(pool.caption(int(rng.choice(donors[c]))))
+        else:
+            captions.append(caption_for(key, classes[c]))
+    for row in np.flatnonzero(duplicate_of >= 0).tolist():
+        captions[row] = captions[int(duplicate_of[row])]  # a clean row's: the same pair posted twice
+    return captions
 
 
 def build_dataset(
-    train: tuple[np.ndarray, np.ndarray],
-    test: tuple[np.ndarray, np.ndarray],
+    train: Images | tuple[np.ndarray, np.ndarray],
+    test: Images | tuple[np.ndarray, np.ndarray],
     classes: tuple[str, ...],
     *,
     reference_size: int,
@@ -179,6 +260,7 @@ def build_dataset(
 ) -> Dataset:
     """Split a labelled image source into reference/train/test and inject noise into train.
 
+    ``train`` and ``test`` are :class:`Images` or ``(pixels, labels)``.
     ``reference`` is the first ``reference_size`` rows of a seeded permutation
     of ``train``, the ``train`` split the rest; ``limit`` caps every split, so
     a limited dataset holds the first rows of the full one's order.
@@ -186,33 +268,35 @@ def build_dataset(
     Raises:
         ValueError: bad noise spec, sizes out of range.
     """
+    train, test = (t if isinstance(t, Images) else Images(labels=t[1], pixels=t[0]) for t in (train, test))
     rates = parse_noise_spec(noise)
-    images, labels = train
+    labels = train.labels
     if not 0 <= reference_size < len(labels):
         raise ValueError(f"reference_size {reference_size} must be in [0, {len(labels)})")
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
     order = stream_rng(seed, "split").permutation(len(labels))
     ref_index, pool_index = order[:reference_size][:limit], order[reference_size:][:limit]
-    test_index = np.arange(len(test[1]))[:limit]
+    test_index = np.arange(len(test))[:limit]
     splits = {
-        "reference": _clean_split("reference", images[ref_index], labels[ref_index], classes),
-        "test": _clean_split("test", test[0][test_index], test[1][test_index], classes),
+        "reference": _clean_split("reference", train.take(ref_index), classes),
+        "test": _clean_split("test", test.take(test_index), classes),
     }
-    noisy = inject_noise(labels[pool_index], len(classes), rates, seed, pairflip)
-    pixels = images[pool_index].copy()
+    pool = train.take(pool_index)
+    noisy = inject_noise(pool.labels, len(classes), rates, seed, pairflip)
     keys = [f"train-{i:06d}" for i in range(len(pool_index))]
+    encoded = [pool.image(i) for i in range(len(pool))]
     dup_rows = np.flatnonzero(noisy["duplicate_of"] >= 0)
-    dup_src = noisy["duplicate_of"][dup_rows]
     # +-8 grey levels: a near-copy that a byte hash does not catch.
-    jitter = stream_rng(seed, "duplicate").integers(-8, 9, pixels[dup_rows].shape)
-    pixels[dup_rows] = np.clip(pixels[dup_src].astype(np.int16) + jitter, 0, 255).astype(np.uint8)
-    # A near-duplicate repeats its source's caption too: the same pair posted twice.
-    caption_keys = list(keys)
-    for row, src in zip(dup_rows, dup_src):
-        caption_keys[row] = keys[src]
-    captions = [caption_for(k, classes[c]) for k, c in zip(caption_keys, noisy["caption_label"])]
-    encoded = [encode_png(p) for p in pixels]
+    jitter_rng = stream_rng(seed, "duplicate")
+    sources = [pool.decoded(int(i)) for i in noisy["duplicate_of"][dup_rows]]
+    if pool.pixels is not None and len(dup_rows):  # one draw for all: images of one shape
+        sources = list(np.stack(sources).astype(np.int16) + jitter_rng.integers(-8, 9, (len(dup_rows), *sources[0].shape)))
+    else:
+        sources = [image.astype(np.int16) + jitter_rng.integers(-8, 9, image.shape) for image in sources]
+    for row, copy in zip(dup_rows.tolist(), sources):
+        encoded[row] = encode_png(np.clip(copy, 0, 255).astype(np.uint8))
+    captions = _captions(pool, keys, noisy, classes, seed)
     corrupt_rng = stream_rng(seed, "corrupt_image")
     for j, row in enumerate(np.flatnonzero(noisy["corruption"] == "corrupt_image")):
         encoded[row] = corrupt_png(encoded[row], corrupt_rng, truncate=j % 2 == 0)
@@ -226,6 +310,8 @@ def build_dataset(
         "corruption": pa.array(noisy["corruption"], pa.string()),
         "duplicate_of": pa.array([keys[s] if s >= 0 else None for s in noisy["duplicate_of"]], pa.string()),
     })
+    if pool.keys is not None:
+        ground_truth = ground_truth.append_column("source_key", pa.array(pool.keys, pa.string()))
     splits = {s: splits[s] for s in SPLITS}
     metadata = {
         "name": name,
@@ -240,7 +326,7 @@ def build_dataset(
         "reference_size": reference_size,
         "limit": limit,
         "templates": list(CAPTION_TEMPLATES),
-        "image": {"format": "png", "shape": list(images.shape[1:])},
+        "image": train.image_info,
     }
     return Dataset(splits=splits, ground_truth=ground_truth, metadata=metadata)
 
@@ -270,6 +356,50 @@ def make_fashion_mnist(
         name="fashion-mnist",
         source=source or FASHION_MNIST_DIR,
     )
+
+
+def images_from_rows(rows: pa.Table, classes: tuple[str, ...]) -> Images:
+    """Contract rows (key, image, caption, label) as :class:`Images`; every row needs a label among ``classes``.
+
+    Raises:
+        ValueError: a row without a label, or with one outside ``classes``, named by key.
+    """
+    labels = rows.column(LABEL).to_pylist()
+    keys = rows.column(KEY).to_pylist()
+    missing = [k for k, v in zip(keys, labels) if v is None]
+    if missing:
+        raise ValueError(f"{len(missing)} of {len(keys)} rows have no label (first: {missing[0]!r}); label noise "
+                         "needs a class on every row: map one with --columns, e.g. img2dataset's label=cls")
+    outside = [(k, v) for k, v in zip(keys, labels) if not 0 <= v < len(classes)]
+    if outside:
+        raise ValueError(f"{len(outside)} rows have a label outside 0..{len(classes) - 1} (first: {outside[0][0]!r} "
+                         f"with {outside[0][1]}); there are {len(classes)} class names")
+    return Images(labels=np.asarray(labels, np.int64), encoded=rows.column(IMAGE).to_pylist(),
+                  captions=rows.column(CAPTION).to_pylist(), keys=keys)
+
+
+def build_from_rows(rows: pa.Table, classes: tuple[str, ...], *, reference_size: int, test_size: int,
+                    noise: str | dict | None = None, seed: int = 0, limit: int | None = None,
+                    source: str = "") -> Dataset:
+    """A dataset from one collection of labelled image-caption rows (image-caption shards, read in order).
+
+    A seeded permutation of the rows gives ``test`` its first ``test_size``
+    rows, then :func:`build_dataset` takes ``reference_size`` of the rest as
+    ``reference`` and the remainder as the noisy ``train`` pool. Images are
+    kept as stored; the rows' own captions are kept (noisy rows get another
+    clean row's caption of the class they now name).
+
+    Raises:
+        ValueError: unlabelled rows, labels outside ``classes``, sizes that leave no train row.
+    """
+    images = images_from_rows(rows, classes)
+    if test_size < 1 or reference_size < 0 or reference_size + test_size >= len(images):
+        raise ValueError(f"{len(images)} rows cannot give {test_size} test and {reference_size} reference rows and "
+                         "leave a train pool: pass smaller --test-size / --reference-size")
+    order = stream_rng(seed, "test-split").permutation(len(images))
+    return build_dataset(images.take(order[test_size:]), images.take(order[:test_size]), tuple(classes),
+                         reference_size=reference_size, noise=noise, seed=seed, limit=limit,
+                         name="image-caption shards", source=source)
 
 
 _COLOURS = {"red": (220, 40, 40), "blue": (40, 80, 230), "green": (40, 190, 60), "yellow": (230, 210, 40)}

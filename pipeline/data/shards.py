@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from pipeline import storage
 from pipeline.data.contract import MAPPINGS, ColumnMapping, SchemaError, to_contract
-from pipeline.storage import InputError, exists, filesystem_for, join, list_files
+from pipeline.storage import InputError, exists, filesystem_for, join, list_files, read_json
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 # Shard footers read at once: in an object store each is a round trip, and
@@ -155,3 +155,24 @@ def _webdataset_stage(batch: dict, mapping: ColumnMapping) -> pa.Table:
     members = {name: pa.array([v if isinstance(v, bytes) else None for v in values], pa.binary())
                for name, values in batch.items() if name not in ("__key__", "__url__")}
     return webdataset_to_contract(pa.table({"__key__": batch["__key__"].astype(str), **members}), mapping)
+
+
+def dataset_metadata(data: str) -> dict:
+    """The dataset's ``metadata.json`` (an empty dict where it has none: it is optional)."""
+    meta = join(data, "metadata.json")
+    return read_json(meta) if exists(meta) else {}
+
+
+def class_names(data: str, classes: tuple[str, ...] | None, required: bool = True) -> list[str]:
+    """``classes`` if given, else those of the dataset's ``metadata.json`` (else none, when not ``required``).
+
+    Raises:
+        InputError: neither names them and they are ``required``.
+    """
+    if classes:
+        return list(classes)
+    names = dataset_metadata(data).get("classes")
+    if not names and required:
+        raise InputError(f"{join(data, 'metadata.json')}: no class names there; pass --classes "
+                                 "(e.g. --classes cat,dog,car)")
+    return list(names or [])

@@ -56,6 +56,20 @@ def _decoder(model: str) -> ImageDecoder:
     return ImageDecoder(model, pixel_dtype="uint8")
 
 
+def label_of(value) -> int:
+    """A label cell as an int, -1 when absent (Ray hands nulls over as None or NaN)."""
+    return -1 if value is None or (isinstance(value, float) and math.isnan(value)) else int(value)
+
+
+def caption_or_prompt(caption, label: int, classes, templates) -> str | None:
+    """The row's caption, or when it has none its label's first prompt; None when it has neither."""
+    if isinstance(caption, str) and caption.strip():
+        return caption
+    if 0 <= label < len(classes):
+        return fill_template(templates[0], classes[label])
+    return None
+
+
 def captions_for(batch: dict, classes: tuple[str, ...], templates: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
     """(captions, labels) of a batch: an empty caption becomes its label's first prompt; a missing label is -1.
 
@@ -64,16 +78,11 @@ def captions_for(batch: dict, classes: tuple[str, ...], templates: tuple[str, ..
     """
     n = len(batch["key"])
     raw_captions = batch.get("caption", np.full(n, None, dtype=object))
-    raw_labels = batch.get("label", np.full(n, None, dtype=object))
-    labels = np.array([-1 if v is None or (isinstance(v, float) and math.isnan(v)) else int(v) for v in raw_labels],
-                      np.int64)
+    labels = np.array([label_of(v) for v in batch.get("label", np.full(n, None, dtype=object))], np.int64)
     captions = np.empty(n, dtype=object)
     for i, caption in enumerate(raw_captions):
-        if isinstance(caption, str) and caption.strip():
-            captions[i] = caption
-        elif 0 <= labels[i] < len(classes):
-            captions[i] = fill_template(templates[0], classes[labels[i]])
-        else:
+        captions[i] = caption_or_prompt(caption, labels[i], classes, templates)
+        if captions[i] is None:
             raise ValueError(f"row {batch['key'][i]!r} has no caption and no known label: nothing to train on")
     return captions, labels
 
@@ -162,7 +171,6 @@ class ClipTask:
         self.cfg = cfg
         self.classes = tuple(cfg.get("class_names") or ())
         self.templates = tuple(cfg.get("templates") or DEFAULT_TEMPLATES)
-        self._tokens: dict[str, torch.Tensor] = {}
 
     def build(self) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
         """The seeded open_clip model (random init, train mode) and its AdamW; sets the tokenizer and pixel statistics."""
@@ -186,11 +194,12 @@ class ClipTask:
         return model, opt, sched
 
     def tokens(self, captions) -> torch.Tensor:
-        """Token ids [n, context] of ``captions``; each distinct caption is tokenised once per worker."""
-        new = [c for c in dict.fromkeys(captions) if c not in self._tokens]
-        if new:
-            self._tokens.update(zip(new, self.tokenizer(new)))
-        return torch.stack([self._tokens[c] for c in captions])
+        """Token ids [n, context] of ``captions``, each distinct caption of the call tokenised once.
+
+        Nothing is kept across calls: web captions are mostly distinct, so a
+        cache would grow with the dataset.
+        """
+        return tokenize_distinct(self.tokenizer, captions)
 
     def batches(self, shard, batch_size: int, shuffle: dict):
         """The shard's rows as training batches: normalised ``x``, ``tokens``, ``index``, ``weight``."""
@@ -269,23 +278,28 @@ class ClipTask:
             return {"test_rows": 0}
         order = np.argsort(np.concatenate([p[3] for p in parts]), kind="stable")  # key-hash order: any split alike
         captions = [c for p in parts for c in p[1]]
-        return pair_metrics(model, self.tokens, torch.from_numpy(np.concatenate([p[0] for p in parts])[order]),
+        return pair_metrics(model, self.tokenizer, torch.from_numpy(np.concatenate([p[0] for p in parts])[order]),
                             [captions[i] for i in order], torch.from_numpy(np.concatenate([p[2] for p in parts])[order]),
-                            self.classes, self.templates, self.tokenizer)
+                            self.classes, self.templates)
+
+
+def tokenize_distinct(tokenizer, captions) -> torch.Tensor:
+    """``tokenizer(captions)`` with each distinct caption tokenised once (templated captions repeat a lot)."""
+    distinct, index = np.unique(np.asarray(list(captions), dtype=object), return_inverse=True)
+    return tokenizer(list(distinct))[torch.from_numpy(index.reshape(-1))]
 
 
 @torch.inference_mode()
-def pair_metrics(model, tokens, image_emb: torch.Tensor, captions: list[str], labels: torch.Tensor,
-                 classes, templates, tokenizer) -> dict:
+def pair_metrics(model, tokenizer, image_emb: torch.Tensor, captions: list[str], labels: torch.Tensor,
+                 classes, templates) -> dict:
     """Test figures of a CLIP model from its normalised image embeddings and the rows' captions and labels.
 
     Recall (:func:`retrieval_metrics`) over the distinct captions, and
     zero-shot accuracy (the nearest class prompt ensemble) over the rows with
     a label among ``classes`` (None when there are none, or no class names).
-    ``tokens`` maps a list of captions to token ids.
     """
     distinct = list(dict.fromkeys(captions))
-    text_emb = torch.cat([F.normalize(model.encode_text(tokens(distinct[s:s + 1024])), dim=-1)
+    text_emb = torch.cat([F.normalize(model.encode_text(tokenizer(distinct[s:s + 1024])), dim=-1)
                           for s in range(0, len(distinct), 1024)])
     where = {c: i for i, c in enumerate(distinct)}
     metrics = retrieval_metrics(image_emb, text_emb, torch.tensor([where[c] for c in captions]))

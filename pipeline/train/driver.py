@@ -29,7 +29,7 @@ from pipeline.prune.policies import POLICIES
 from pipeline.train.models import MODELS
 from pipeline.train.pruning import Pruning
 from pipeline.data.contract import KEY, ColumnMapping
-from pipeline.data.shards import read_shards
+from pipeline.data.shards import class_names, dataset_metadata, read_shards
 from pipeline.score.scorer import DEFAULT_TEMPLATES
 
 log = logging.getLogger(__name__)
@@ -168,27 +168,6 @@ def build_datasets(cfg: TrainConfig, pruning: Pruning, classes: list[str], templ
     train = pruning.dataset(read_split(cfg.data, "train", cfg.columns)).map_batches(
         decode_stage, fn_kwargs={"augment": cfg.augment, "seed": cfg.seed}, batch_format="numpy")
     return {"train": train, "test": evaluation_dataset(cfg.data, cfg.columns)}
-
-
-def dataset_metadata(data: str) -> dict:
-    """The dataset's ``metadata.json`` (an empty dict where it has none: it is optional)."""
-    meta = storage.join(data, "metadata.json")
-    return storage.read_json(meta) if storage.exists(meta) else {}
-
-
-def class_names(data: str, classes: tuple[str, ...] | None, required: bool = True) -> list[str]:
-    """``classes`` if given, else those of the dataset's ``metadata.json`` (else none, when not ``required``).
-
-    Raises:
-        InputError: neither names them and they are ``required``.
-    """
-    if classes:
-        return list(classes)
-    names = dataset_metadata(data).get("classes")
-    if not names and required:
-        raise storage.InputError(f"{storage.join(data, 'metadata.json')}: no class names there; pass --classes "
-                                 "(e.g. --classes cat,dog,car)")
-    return list(names or [])
 
 
 def run_trainer(cfg: TrainConfig, loop, loop_config: dict, datasets: dict, name: str) -> ray.train.Result:
