@@ -2,9 +2,11 @@
 
 For each noise setting and seed: build the pool (Fashion-MNIST, 20k train
 rows), score it once with the reference CLIP model, then train every policy
-(``full``, ``mmdp``, ``infobatch``, ``infobatch_exact``, ``clip_cut``,
-``clip_filter``, ``random``) and the clean oracle (``full`` on the pool's
-truly clean rows only) with the same model, epochs, workers and schedule.
+(``full``, ``mmdp``, ``infobatch``, ``infobatch_exact``, ``trajectory``,
+``clip_cut``, ``clip_filter``, ``random``) and the clean oracle (``full`` on
+the pool's truly clean rows only) with the same model, epochs, workers and
+schedule. ``trajectory`` gets a known-clean reference set of 1% of the pool
+from the ground truth (clean data that the other policies do not get).
 The fixed-ratio baselines (``random``, ``clip_filter``, ``infobatch_exact``)
 train at mmdp's measured compute in the same cell, so every comparison is at
 equal samples forwarded; the others spend what their rules spend. Each run's final checkpoint is also evaluated
@@ -12,7 +14,7 @@ on a deterministic shifted copy of the test split (noise, blur, rotation,
 shift). Last, the machinery overhead: policy ``full`` through the pruner
 against a plain Ray Train loop without it, alternated side by side.
 
-Local (Ray starts here with 2 CPUs; about 6 hours on 2 idle cores for the 96 runs of the defaults:
+Local (Ray starts here with 2 CPUs; about 7 hours on 2 idle cores for the 108 runs of the defaults:
 3-4 min a run; `--reuse` resumes a stopped invocation from its committed runs)::
 
     python -m benchmarks.pruning --out runs/bench --clip-pretrained runs/ref-clip/model.pt
@@ -50,7 +52,8 @@ import numpy as np
 import pyarrow as pa
 
 from benchmarks.plain_loop import measure_overhead
-from benchmarks.pruning_eval import SHIFT, SHIFT_SEED, evaluate_checkpoint, final_plan_noise, write_oracle_scores
+from benchmarks.pruning_eval import (SHIFT, SHIFT_SEED, evaluate_checkpoint, final_plan_noise, write_oracle_scores,
+                                     write_reference_keys)
 from benchmarks.pruning_tables import ORACLE, check_targets, markdown, noise_tag, summarise
 from pipeline import storage
 from pipeline.cli import HELP, connect_ray, execute, option, run_job
@@ -58,7 +61,7 @@ from pipeline.data import reference
 from pipeline.data.noise import parse_noise_spec, stream_rng
 
 # Run order in a cell: mmdp before the fixed-ratio baselines, which run at its measured compute.
-POLICIES = ("full", "mmdp", "infobatch", "infobatch_exact", "clip_cut", "clip_filter", "random")
+POLICIES = ("full", "mmdp", "infobatch", "infobatch_exact", "trajectory", "clip_cut", "clip_filter", "random")
 FIXED_RATIO = ("random", "clip_filter", "infobatch_exact")
 
 
@@ -200,10 +203,15 @@ def train_config(cfg: BenchPruningConfig, data: str, scores: str, out: str, poli
                  keep_ratio: float | None = None):
     from pipeline.train.driver import TrainConfig
 
+    reference_keys = None
+    if policy == "trajectory":  # its known-clean reference: 1% of the pool, from the ground truth
+        reference_keys = out.rstrip("/") + ".reference-keys.txt"  # beside the run folder
+        if not storage.exists(reference_keys):
+            write_reference_keys(data, reference_keys, seed)
     return TrainConfig(data=data, scores=scores, out=out, policy="full" if policy == ORACLE else policy,
                        keep_ratio=keep_ratio or cfg.keep_ratio, epochs=cfg.epochs, workers=cfg.workers, seed=seed,
                        task=cfg.task, model=cfg.model, width=cfg.width, batch_size=cfg.batch_size, lr=cfg.lr,
-                       warmup_steps=cfg.warmup_steps, step_schedule=cfg.step_schedule)
+                       warmup_steps=cfg.warmup_steps, step_schedule=cfg.step_schedule, reference_keys=reference_keys)
 
 
 def train(train_cfg) -> dict:

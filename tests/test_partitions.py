@@ -14,6 +14,8 @@ CONSISTENCY = np.random.default_rng(0).normal(0.25, 0.05, N)
 def start(ray, policy, **partitioning):
     from pipeline.prune.actor import actor_name, create_pruner
 
+    if policy == "trajectory":
+        partitioning["reference"] = np.arange(5, N, 50)  # in every partition but the first's short range too
     return create_pruner(actor_name(uuid.uuid4().hex[:8]), N, policy=policy, keep_ratio=0.4, epochs=EPOCHS,
                          seed=7, consistency=CONSISTENCY, **partitioning)
 
@@ -24,7 +26,7 @@ def plan(ray, actor, epoch):
     return ray.get(ref)
 
 
-@pytest.mark.parametrize("policy", ["mmdp", "infobatch", "random", "clip_filter", "full"])
+@pytest.mark.parametrize("policy", ["mmdp", "infobatch", "random", "clip_filter", "full", "trajectory"])
 def test_partition_actors_give_the_single_actor_plans_with_updates(ray_local, policy):
     from pipeline.prune.actor import LossReporter
 
@@ -56,7 +58,7 @@ def test_partition_actors_give_the_single_actor_plans_with_updates(ray_local, po
         for entry in log2:
             assert sum(entry["pruned_by_reason"].values()) == N - entry["kept"]
         st1, st2 = (ray_local.get(a.state_dict.remote()) for a in (single, split))
-        for key in ("loss", "last_seen", "consistency"):
+        for key in ("loss", "last_seen", "consistency") + (("history", "history_slot_epoch") if policy == "trajectory" else ()):
             np.testing.assert_array_equal(st1[key], st2[key])
     finally:
         ray_local.kill(single)

@@ -54,7 +54,8 @@ def eligible(state, epoch, **mmdp_params):
 
 
 def test_registry_has_the_policies_and_rejects_unknown_names():
-    assert sorted(P.POLICIES) == ["clip_cut", "clip_filter", "full", "infobatch", "infobatch_exact", "mmdp", "random"]
+    assert sorted(P.POLICIES) == ["clip_cut", "clip_filter", "full", "infobatch", "infobatch_exact", "mmdp", "random",
+                                  "trajectory"]
     assert P.make_policy("mmdp", noise_fraction=0.3).noise_fraction == 0.3
     with pytest.raises(ValueError, match="clip_filter"):
         P.make_policy("nope")
@@ -285,3 +286,45 @@ def test_mmdp_probes_let_a_clean_sample_excluded_by_mistake_return():
     assert excluded_at[0][mistaken].all()
     assert not excluded_at[-1][mistaken].any()  # every mistaken sample returned
     assert excluded_at[-1][noisy].mean() > 0.9  # and the noise took their place
+
+
+def test_trajectory_prunes_the_samples_whose_losses_move_unlike_the_clean_reference():
+    """Clean losses fall together (each at its own level); mislabelled ones stay high and wander. Once
+    three epochs of losses exist, the pruned are the misaligned (mostly noise); the reference never is."""
+    n, epochs, rng = 3000, 12, np.random.default_rng(2)
+    noisy = np.zeros(n, bool)
+    noisy[rng.choice(n, 900, replace=False)] = True
+    reference = np.flatnonzero(~noisy)[::70]  # ~1% of the pool, known clean
+    level = rng.uniform(0.5, 2.0, n)
+    p = Pruner(n, "trajectory", keep_ratio=0.5, epochs=epochs, seed=0, reference=reference)
+    pruned_noisy, kept_counts = [], []
+    for epoch in range(epochs):
+        kept, weights, reasons = p.plan_with_reasons(epoch)
+        kept_counts.append(len(kept))
+        assert np.isin(reference, kept).all()  # the reference reports every epoch
+        if epoch >= 3 and epoch < 0.875 * epochs:
+            pruned = np.setdiff1d(np.arange(n), kept)
+            assert (weights == 1).all() and set(reasons) == {budget.MISALIGNED}
+            pruned_noisy.append(noisy[pruned].mean())
+        clean_loss = level * np.exp(-0.3 * epoch) * rng.uniform(0.9, 1.1, n)
+        noisy_loss = 2.0 + rng.uniform(-0.8, 0.8, n)
+        p.update(kept, np.where(noisy, noisy_loss, clean_loss)[kept].astype(np.float32), epoch)
+    assert kept_counts[0] == n and kept_counts[-1] == n  # every sample first and in the annealing epochs
+    assert min(pruned_noisy) > 0.9  # the pool holds 30% noise
+
+
+def test_trajectory_needs_its_reference_and_checkpoints_its_history():
+    with pytest.raises(ValueError, match="needs reference samples"):
+        Pruner(100, "trajectory", epochs=5)
+    with pytest.raises(ValueError, match="takes no reference"):
+        Pruner(100, "infobatch", epochs=5, reference=np.arange(3))
+    p = Pruner(500, "trajectory", epochs=10, reference=np.arange(0, 500, 50))
+    for epoch in range(4):
+        kept, _ = p.plan(epoch)
+        p.update(kept, np.linspace(0.1, 2.0, len(kept), dtype=np.float32), epoch)
+    state = p.state_dict()
+    assert state["history"].shape == (500, 10) and state["history"].dtype == np.float16
+    assert state["history_slot_epoch"][:4].tolist() == [0, 1, 2, 3]
+    other = Pruner(500, "trajectory", epochs=10, reference=np.arange(0, 500, 25))
+    with pytest.raises(ValueError, match="other reference samples"):
+        other.load_state_dict(state)

@@ -15,6 +15,8 @@ N, EPOCHS = 3000, 8
 
 def make(policy="mmdp", n=N, seed=0, **kwargs):
     cons = np.random.default_rng(42).normal(0.25, 0.05, n)  # cosine-similarity-like scale
+    if policy == "trajectory":  # 1% known-clean reference samples
+        kwargs.setdefault("reference", np.arange(7, n, 100))
     return Pruner(n, policy, keep_ratio=0.5, epochs=EPOCHS, seed=seed, consistency=cons, **kwargs)
 
 
@@ -97,7 +99,7 @@ def test_plans_are_deterministic_and_depend_on_the_seed(name):
     for (ka, wa), (kb, wb) in zip(plans_a, plans_b):
         np.testing.assert_array_equal(ka, kb)
         np.testing.assert_array_equal(wa, wb)
-    if name in ("random", "infobatch", "infobatch_exact", "mmdp"):  # the others draw nothing at random
+    if name in ("random", "infobatch", "infobatch_exact", "mmdp", "trajectory"):  # the others draw nothing at random
         d = make(name)
         train(c, range(1)), train(d, range(1))  # epoch 0 (every sample for some): the same losses
         assert not np.array_equal(c.plan(1)[0], d.plan(1)[0])
@@ -188,14 +190,17 @@ def test_pruned_by_reason_counts_every_pruned_sample(name):
     expected_reasons = {"full": set(), "random": {"random"}, "clip_filter": {"low consistency"},
                         "clip_cut": {"low consistency"}, "infobatch": {"well learned (low loss)"},
                         "infobatch_exact": {"random", "well learned (low loss)"},
-                        "mmdp": {"low consistency", "well learned (low loss)"}}[name]
+                        "mmdp": {"low consistency", "well learned (low loss)"},
+                        "trajectory": {"well learned (low loss)"}}[name]
     rng = np.random.default_rng(0)
     for epoch in range(EPOCHS):
         kept, _, reasons = p.plan_with_reasons(epoch)
         assert sum(reasons.values()) == N - len(kept)
         annealing = epoch >= 0.875 * EPOCHS
-        if name in ("infobatch", "infobatch_exact") and annealing:
+        if name in ("infobatch", "infobatch_exact", "trajectory") and (annealing or epoch == 0 and name == "trajectory"):
             assert reasons == {}
+        elif name == "trajectory" and epoch >= 3:  # three epochs of losses: trajectories score samples
+            assert set(reasons) == {"loss trajectory unlike the clean reference's"}
         else:
             assert set(reasons) == expected_reasons
         p.update(kept, rng.exponential(1.0, len(kept)), epoch)

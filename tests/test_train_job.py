@@ -108,6 +108,28 @@ def test_resumed_run_repeats_the_uninterrupted_plans(scored_ready, uninterrupted
     assert {p["epoch"]: p["kept_sha256"] for p in resumed_plans} == uninterrupted
 
 
+def test_trajectory_policy_reads_its_reference_keys_and_resumes_with_its_loss_history(scored_ready, tmp_path):
+    """The AlignPrune baseline through jobs.train: InfoBatch's rule until three epochs of losses exist,
+    then misaligned trajectories pruned; the loss history rides in the checkpoint, so a resumed run
+    plans as the uninterrupted one."""
+    data, scores = scored_ready
+    keys = sorted(storage.read_table(f"{scores}/scores", columns=["key"]).column("key").to_pylist())[::50]
+    (tmp_path / "reference.txt").write_text("\n".join(keys) + "\n")
+    flags = ["--policy", "trajectory", "--reference-keys", str(tmp_path / "reference.txt"), "--workers", "1",
+             "--preserve-order", "--seed", "3", "--epochs", "5"]
+    metrics, plans = _train(data, scores, tmp_path / "whole", *flags)
+    assert [e["plan_kept"] for e in metrics["epochs"]][0] == 200
+    assert set(plans[1]["pruned_by_reason"]) == {"well learned (low loss)"}
+    for plan in plans[3:]:
+        assert set(plan["pruned_by_reason"]) == {"loss trajectory unlike the clean reference's"}
+        assert plan["kept"] < 200
+    _train(data, scores, tmp_path / "part", *flags, "--stop-after", "3")
+    _, resumed = _train(data, scores, tmp_path / "resumed", *flags, "--resume-from", str(tmp_path / "part" / "checkpoint"))
+    assert [p["kept_sha256"] for p in resumed] == [p["kept_sha256"] for p in plans]
+    with pytest.raises(SystemExit):  # the policy needs its reference, and only it takes one
+        train_job.main(["--data", data, "--scores", scores, "--out", str(tmp_path / "x"), "--policy", "trajectory"])
+
+
 def _processes(title: str) -> list[int]:
     pids = []
     for pid in tree(os.getpid())[1:]:  # this test session's processes, itself excluded

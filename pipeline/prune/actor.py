@@ -75,14 +75,15 @@ class PruningActor:
                  epochs: int = 20, seed: int = 0, consistency: np.ndarray | None = None,
                  loss_momentum: float = 0.5, policy_params: dict | None = None,
                  partition_size: int = PARTITION_SIZE, num_partitions: int | None = None,
-                 bounds: list[int] | None = None):
+                 bounds: list[int] | None = None, reference: np.ndarray | None = None):
         if bounds is None:
             parts = num_partitions or max(1, -(-int(num_samples) // max(1, int(partition_size))))
             bounds = even_bounds(int(num_samples), min(parts, max(1, int(num_samples))))
         self._pruner = Pruner(num_samples, policy, keep_ratio=keep_ratio, epochs=epochs,
                               seed=seed, consistency=consistency,
                               loss_momentum=loss_momentum, policy_params=policy_params,
-                              bounds=bounds, cluster=RayPartitions if len(bounds) > 2 else None)
+                              bounds=bounds, cluster=RayPartitions if len(bounds) > 2 else None,
+                              reference=reference)
         self._plan_refs: dict[int, ray.ObjectRef] = {}
         # New with every (re)start: a trainer that sees it change knows the
         # state went back to its initial value and must reload a checkpoint.
@@ -208,7 +209,7 @@ def create_pruner(name: str, num_samples: int, **pruner_args) -> ray.actor.Actor
             arguments are then ignored).
         num_samples: n.
         **pruner_args: ``policy``, ``keep_ratio``, ``epochs``, ``seed``,
-            ``consistency``, ``loss_momentum``, ``policy_params``, and the
+            ``consistency``, ``loss_momentum``, ``policy_params``, ``reference``, and the
             partitioning knobs ``partition_size``, ``num_partitions``, ``bounds``.
     """
     return PruningActor.options(name=name, get_if_exists=True).remote(num_samples, **pruner_args)

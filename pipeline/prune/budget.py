@@ -30,6 +30,7 @@ from pipeline.prune.selection import select_smallest
 LOW_CONSISTENCY = "low consistency"
 WELL_LEARNED = "well learned (low loss)"
 RANDOM = "random"
+MISALIGNED = "loss trajectory unlike the clean reference's"
 # Excluded samples that a plan still forwards with weight 0, to see their loss (not pruned).
 PROBED = "probed (weight 0)"
 

@@ -3,7 +3,8 @@
 A :class:`Partition` holds the dense state of the global indices
 ``[start, stop)``: 12 bytes a sample (loss moving average float32, last
 epoch a loss arrived int32, consistency rank float32), 13 with the
-consistency bin (uint8) it derives once for mmdp's plans, plus, only while a
+consistency bin (uint8) it derives once for mmdp's plans (and, for a policy
+that reads loss trajectories, 2 bytes a sample an epoch of history), plus, only while a
 plan is being made, a ``scratch`` dict of that plan's temporaries (freed at
 its end). :class:`LocalPartitions` is a cluster of them in one process with
 the ``map`` / ``map_each`` interface of :mod:`pipeline.prune.selection`;
@@ -36,12 +37,23 @@ class Partition:
         self.last_seen = np.full(self.n, -1, dtype=np.int32)
         self.consistency = None if consistency is None else np.asarray(consistency, dtype=np.float32)
         self.cbin = consistency_bins(self.consistency)
+        # Loss trajectories, only for policies that read them (set by init_history):
+        # history[i, e % W] = sample i's loss of epoch slot_epoch[e % W] (NaN: none).
+        self.history: np.ndarray | None = None
+        self.slot_epoch: np.ndarray | None = None
+        self.reference: np.ndarray | None = None  # local indices of known-clean samples
         self.scratch: dict = {}
 
     @property
     def nbytes(self) -> int:
-        arrays = [self.loss, self.last_seen, self.consistency, self.cbin]
+        arrays = [self.loss, self.last_seen, self.consistency, self.cbin, self.history, self.reference]
         return sum(a.nbytes for a in arrays if a is not None)
+
+    def init_history(self, window: int, reference: np.ndarray) -> None:
+        """Keeps each sample's losses of the last ``window`` epochs (float16, 2 B a sample an epoch)."""
+        self.history = np.full((self.n, window), np.nan, dtype=np.float16)
+        self.slot_epoch = np.full(window, -1, dtype=np.int64)
+        self.reference = np.asarray(reference, dtype=np.int64)
 
     def update(self, local: np.ndarray, values: np.ndarray, epoch: int) -> None:
         """Blends losses into the moving average (indices local to the partition, checked by the caller)."""
@@ -54,6 +66,13 @@ class Partition:
         # max, so a late report from an older epoch never rewinds "last seen".
         np.maximum(prev, np.int32(epoch), out=prev)
         self.last_seen[local] = prev
+        if self.history is not None:
+            slot = epoch % len(self.slot_epoch)
+            if self.slot_epoch[slot] < epoch:  # a new epoch takes over the oldest slot
+                self.history[:, slot] = np.nan
+                self.slot_epoch[slot] = epoch
+            if self.slot_epoch[slot] == epoch:  # (a report older than the window is not kept)
+                self.history[local, slot] = np.minimum(values, np.float32(60000.0)).astype(np.float16)
 
     def begin_plan(self) -> None:
         self.scratch = {"seen": self.last_seen >= 0}
@@ -78,6 +97,21 @@ class Partition:
         return {"reported": int(np.count_nonzero(reported)),
                 "outside_plan": int(np.count_nonzero(reported & ~kept_mask)),
                 "missing": int(np.count_nonzero(self.last_seen[local_kept] < int(epoch)))}
+
+
+def init_history(part: Partition, window: int, reference: np.ndarray) -> None:
+    """``part.init_history`` as a cluster step (``map_each``): local or in a partition actor."""
+    part.init_history(window, reference)
+
+
+def history_state(part: Partition) -> tuple[np.ndarray, np.ndarray]:
+    """(loss history, slot epochs) of a partition, copies."""
+    return part.history.copy(), part.slot_epoch.copy()
+
+
+def set_history(part: Partition, history: np.ndarray, slot_epoch: np.ndarray) -> None:
+    part.history = np.array(history, dtype=np.float16, copy=True)
+    part.slot_epoch = np.array(slot_epoch, dtype=np.int64, copy=True)
 
 
 def _writable(a, dtype) -> np.ndarray:

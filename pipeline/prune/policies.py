@@ -22,6 +22,9 @@ function of (state, epoch, seed), whatever the partitions. With
   (loss below the mean), survivors weighted up; the kept count follows the
   losses; the last epochs train on everything.
 - ``infobatch_exact``: InfoBatch held to exactly k samples an epoch.
+- ``trajectory``: loss-trajectory pruning after AlignPrune (Qin et al., CVPR
+  2026) inside InfoBatch's rule: the samples whose recent losses move least
+  like a small known-clean reference set's are pruned; needs that reference.
 - ``mmdp``: excludes likely noise (low consistency, then also high loss,
   with probes so an excluded clean sample can return), then soft-prunes the
   well-learned among the rest down to ``keep_ratio`` of them at most.
@@ -38,7 +41,7 @@ from typing import ClassVar
 import numpy as np
 
 from pipeline.prune import steps
-from pipeline.prune.budget import (LOW_CONSISTENCY, RANDOM, PlanContext, prune_well_learned, soft_prune,
+from pipeline.prune.budget import (LOW_CONSISTENCY, MISALIGNED, RANDOM, PlanContext, prune_well_learned, soft_prune,
                                    target_count)
 from pipeline.prune.selection import chunks, select_smallest
 
@@ -76,6 +79,9 @@ class Policy:
 
     name: ClassVar[str] = ""
     needs_consistency: ClassVar[bool] = False
+    # Epochs of per-sample loss history the policy reads (0: none); such a
+    # policy also needs a known-clean reference set (``Pruner(reference=...)``).
+    history_epochs: ClassVar[int] = 0
 
     def plan(self, cluster, ctx: PlanContext) -> tuple[np.ndarray, np.ndarray, dict]:
         """(kept indices sorted int64, weights float32, pruned_by_reason) for ``ctx.epoch``.
@@ -233,6 +239,63 @@ class InfoBatchExact(Policy):
         cluster.map(steps.mark_eligible, False)
         steps.below_mean(cluster)
         return soft_prune(cluster, ctx, self.max_prune_prob)
+
+
+@register
+@dataclass(frozen=True)
+class Trajectory(Policy):
+    """Loss-trajectory pruning (AlignPrune's alignment score, Qin et al., CVPR 2026) inside InfoBatch's rule.
+
+    A sample's score is the Pearson correlation of its losses over the last
+    ``window`` epochs with the mean losses of a small known-clean *reference*
+    set over the same epochs (clean samples' losses fall together; a
+    mislabelled sample's do not). Every sample in epoch 0; while too few
+    epochs have passed for a trajectory (``min_points``), InfoBatch's loss
+    rule; then, of the samples scoring below the mean score, a
+    ``prune_prob`` share is pruned, lowest first, and the rest train with
+    weight 1 (pruning here removes suspect samples, so survivors are not
+    weighted up). The reference samples are never pruned (their losses are the
+    reference); epochs ``>= delta * epochs`` train on everything. Uses clean
+    data that the other policies do not.
+
+    Attributes:
+        prune_prob: share of the below-mean-score samples pruned (InfoBatch's r).
+        delta: fraction of the epochs that prune (InfoBatch's 0.875).
+        window: epochs of loss history per sample (2 B a sample each).
+        min_points: epochs with a loss a trajectory needs to be scored.
+    """
+
+    name: ClassVar[str] = "trajectory"
+    prune_prob: float = 0.5
+    delta: float = 0.875
+    window: int = 10
+    min_points: int = 3
+
+    def __post_init__(self):
+        _check_unit("prune_prob", self.prune_prob, closed=False)
+        _check_unit("delta", self.delta, closed=True)
+        if not 2 <= self.min_points <= self.window:
+            raise ValueError(f"need 2 <= min_points <= window, got {self.min_points} and {self.window}")
+
+    @property
+    def history_epochs(self) -> int:
+        return self.window
+
+    def plan(self, cluster, ctx):
+        if ctx.epoch == 0 or is_annealing(ctx.epoch, ctx.epochs, self.delta):
+            cluster.map(steps.keep_all)
+            return steps.emit(cluster, [0.0, 1.0], {})
+        count, mean = steps.alignment_mean(cluster, self.min_points)
+        if not count:  # no trajectory long enough yet: InfoBatch's loss rule
+            cluster.map(steps.mark_eligible, False)
+            steps.below_mean(cluster)
+            cluster.map(steps.protect_reference)
+            return prune_well_learned(cluster, ctx, None, self.prune_prob)
+        candidates = sum(cluster.map(steps.misaligned_candidates, mean))
+        cut = int(math.floor(self.prune_prob * candidates + 0.5))
+        select_smallest(cluster, [cut])
+        cluster.map(steps.keep_unchosen)
+        return steps.emit(cluster, [0.0, 1.0], {MISALIGNED: cut})
 
 
 @register

@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from pipeline.prune.budget import PlanContext
-from pipeline.prune.partitions import LocalPartitions
+from pipeline.prune.partitions import LocalPartitions, history_state, init_history, set_history
 from pipeline.prune.policies import Policy, make_policy, rank_normalise
 from pipeline.prune.selection import mix64
 
@@ -51,6 +51,8 @@ class Pruner:
         loss_momentum: m in ``ema = m * ema + (1 - m) * loss``; the first
             loss a sample gets is taken as is. Smooths out one noisy epoch.
         policy_params: knobs passed to the policy when ``policy`` is a name.
+        reference: global indices of known-clean samples, for policies that
+            compare loss trajectories with theirs (``trajectory``).
         bounds: partition boundaries ``[0, b1, ..., n]`` (default one partition).
         cluster: ``cluster(bounds, ranks, loss_momentum)`` makes the partitions
             (default :class:`~pipeline.prune.partitions.LocalPartitions`).
@@ -60,7 +62,7 @@ class Pruner:
                  keep_ratio: float = 0.5, epochs: int = 20, seed: int = 0,
                  consistency: np.ndarray | None = None, loss_momentum: float = 0.5,
                  policy_params: dict | None = None, bounds: Sequence[int] | None = None,
-                 cluster: Callable | None = None):
+                 cluster: Callable | None = None, reference: np.ndarray | None = None):
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         if not 0.0 < keep_ratio <= 1.0:
@@ -96,6 +98,14 @@ class Pruner:
         self.bounds = bounds
         self._has_consistency = ranks is not None
         self._parts = (cluster or LocalPartitions)(bounds, ranks, self.loss_momentum)
+        self.reference = None
+        if policy.history_epochs:
+            self.reference = _reference(reference, self.num_samples, policy.name)
+            cuts = np.searchsorted(self.reference, bounds)
+            self._parts.map_each(init_history, [(policy.history_epochs, self.reference[cuts[i]:cuts[i + 1]] - bounds[i])
+                                                for i in range(len(bounds) - 1)])
+        elif reference is not None:
+            raise ValueError(f"policy {policy.name!r} takes no reference samples")
         self._received: dict[int, int] = {}
         self.current_epoch = 0  # the latest epoch planned: update()'s default epoch
         self._cached: tuple[int, np.ndarray, np.ndarray, dict] | None = None
@@ -218,7 +228,7 @@ class Pruner:
         """
         epochs_seen = sorted(self._received)
         loss, last_seen, consistency = self._parts.get_state()  # copies, gathered from the partitions
-        return {
+        state = {
             "version": STATE_VERSION,
             "config": self.config,
             "current_epoch": self.current_epoch,
@@ -228,6 +238,16 @@ class Pruner:
             "received_epochs": np.asarray(epochs_seen, dtype=np.int64),
             "received_counts": np.asarray([self._received[e] for e in epochs_seen], dtype=np.int64),
         }
+        if self.reference is not None:
+            state.update(self._history_state())
+        return state
+
+    def _history_state(self) -> dict:
+        """The loss histories with one slot epoch for all (a partition's older slot saved as no loss)."""
+        parts = self._parts.map(history_state)
+        slot_epoch = np.max([p[1] for p in parts], axis=0)
+        history = np.concatenate([np.where((p[1] == slot_epoch)[None, :], p[0], np.float16(np.nan)) for p in parts])
+        return {"history": history, "history_slot_epoch": slot_epoch, "reference": self.reference.copy()}
 
     def load_state_dict(self, state: dict) -> None:
         """Restores a ``state_dict()``; the config must match this pruner's."""
@@ -246,11 +266,30 @@ class Pruner:
         elif self.policy.needs_consistency:
             raise ValueError(f"saved state has no consistency; {self.policy.name!r} needs it")
         self._parts.set_state(loss, last_seen, consistency)
+        if self.reference is not None:
+            if "history" not in state:
+                raise ValueError(f"saved state has no loss history; {self.policy.name!r} needs it")
+            if not np.array_equal(np.asarray(state["reference"]), self.reference):
+                raise ValueError("saved state was made with other reference samples")
+            history = np.asarray(state["history"].numpy() if hasattr(state["history"], "numpy") else state["history"])
+            slot_epoch = np.asarray(state["history_slot_epoch"])
+            self._parts.map_each(set_history, [(history[a:b], slot_epoch)
+                                               for a, b in zip(self.bounds[:-1], self.bounds[1:])])
         epochs_seen = np.asarray(state["received_epochs"]).tolist()
         counts = np.asarray(state["received_counts"]).tolist()
         self._received = {int(e): int(c) for e, c in zip(epochs_seen, counts)}
         self.current_epoch = int(state["current_epoch"])
         self._cached = None
+
+
+def _reference(reference, num_samples: int, policy: str) -> np.ndarray:
+    """Sorted unique int64 reference indices, checked."""
+    if reference is None or len(reference) == 0:
+        raise ValueError(f"policy {policy!r} needs reference samples (indices of rows known to be clean)")
+    ref = np.unique(np.asarray(reference, dtype=np.int64))
+    if ref[0] < 0 or ref[-1] >= num_samples:
+        raise IndexError(f"reference indices must lie in [0, {num_samples}), got [{ref[0]}, {ref[-1]}]")
+    return ref
 
 
 def _array(value, dtype, length: int) -> np.ndarray:

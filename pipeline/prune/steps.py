@@ -12,6 +12,7 @@ keys a plan uses:
     key     uint32 selection key, smallest first
     group   uint8  0 = excluded, 1 = hard / candidate, 2 = well-learned
     chosen  bool   kept
+    das     float32 alignment of the loss trajectory with the reference's (trajectory)
 
 Everything elementwise runs in chunks (:data:`pipeline.prune.selection.CHUNK`),
 so a plan's temporaries are these few bytes a sample plus the output.
@@ -209,6 +210,78 @@ def emit_part(part, weights: list[float]) -> tuple[np.ndarray, np.ndarray]:
     return kept.astype(np.int64, copy=False), w
 
 
+def reference_sums(part) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per history slot: its epoch here, how many reference samples have a loss, and the exact sums of those losses."""
+    h = part.history[part.reference].astype(np.float32)
+    window = part.history.shape[1]
+    valid = ~np.isnan(h)
+    slots = np.broadcast_to(np.arange(window), h.shape)[valid]
+    return part.slot_epoch.copy(), valid.sum(axis=0).astype(np.int64), exact_sums(h[valid], slots, window)
+
+
+def alignment(part, ref_mean: np.ndarray, ref_epoch: np.ndarray, min_points: int) -> tuple[int, np.ndarray]:
+    """scratch["das"]: each sample's Pearson correlation of its loss trajectory with ``ref_mean``.
+
+    Over the epochs of the window where both have a loss (a slot counts where
+    this partition's epoch in it is ``ref_epoch``'s: a partition that got no
+    loss in an epoch still holds an older one there); NaN with fewer than
+    ``min_points`` such epochs, or a flat trajectory. Returns the count and
+    exact sum of the defined scores (for their mean).
+    """
+    ref = np.asarray(ref_mean, dtype=np.float32)
+    ref_ok = ~np.isnan(ref) & (part.slot_epoch == ref_epoch)
+    das = np.full(part.n, np.nan, dtype=np.float32)
+    count, sums = 0, exact_sums(np.zeros(0, np.float32))
+    for sl in chunks(part.n):
+        h = part.history[sl].astype(np.float32)
+        valid = ~np.isnan(h) & ref_ok
+        m = valid.sum(axis=1)
+        h = np.where(valid, h, np.float32(0.0))
+        r = np.where(valid, ref, np.float32(0.0))
+        safe = np.maximum(m, 1).astype(np.float32)
+        dh = np.where(valid, h - (_row_sums(h) / safe)[:, None], np.float32(0.0))
+        dr = np.where(valid, r - (_row_sums(r) / safe)[:, None], np.float32(0.0))
+        denom = np.sqrt(_row_sums(dh * dh) * _row_sums(dr * dr))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            corr = _row_sums(dh * dr) / denom
+        corr[(m < min_points) | ~(denom > 0)] = np.nan
+        das[sl] = corr
+        ok = ~np.isnan(corr)
+        count += int(np.count_nonzero(ok))
+        sums += exact_sums(corr[ok])
+    part.scratch["das"] = das
+    return count, sums
+
+
+def _row_sums(x: np.ndarray) -> np.ndarray:
+    """Row sums added column by column: each row's float32 result depends on that row alone (not the chunk shape)."""
+    out = np.zeros(len(x), dtype=np.float32)
+    for j in range(x.shape[1]):
+        out += x[:, j]
+    return out
+
+
+def misaligned_candidates(part, mean: float) -> int:
+    """key = alignment, lowest first; group 1 = below ``mean`` and not a reference sample. Returns the count."""
+    das = part.scratch.pop("das")
+    below = das < np.float32(mean)  # NaN compares False: no trajectory yet, not a candidate
+    below[part.reference] = False
+    part.scratch["key"] = sortable(np.where(np.isnan(das), np.float32(np.inf), das))
+    part.scratch["group"] = below.view(np.uint8)
+    return int(np.count_nonzero(below))
+
+
+def keep_unchosen(part) -> None:
+    """Flips a selection of samples to prune into the plan: chosen := not chosen, all in group 1."""
+    part.scratch["chosen"] = ~part.scratch.pop("chosen")
+    part.scratch["group"] = np.ones(part.n, dtype=np.uint8)
+
+
+def protect_reference(part) -> None:
+    """Reference samples are never pruned (group 1, hard): their losses are every epoch's reference."""
+    part.scratch["group"][part.reference] = 1
+
+
 def _random_key_array(part, salt: int) -> np.ndarray:
     key = np.empty(part.n, dtype=np.uint32)
     for sl in chunks(part.n):
@@ -249,6 +322,30 @@ def below_mean(cluster) -> None:
     count = sum(p[0] for p in parts)
     mean = float(exact_total(np.sum([p[1] for p in parts], axis=0)[0]) / count) if count else None
     cluster.map(mark_well, mean)
+
+
+def reference_trajectory(cluster) -> tuple[np.ndarray, np.ndarray]:
+    """(float32 [W] the reference samples' mean loss in each history slot, NaN where none; int64 [W] the
+    slot's epoch, the latest any partition holds there, -1 for none)."""
+    parts = cluster.map(reference_sums)
+    epochs = np.max([p[0] for p in parts], axis=0)
+    counts = np.zeros(len(epochs), dtype=np.int64)
+    sums = np.zeros_like(parts[0][2])
+    for slot_epoch, c, s in parts:  # a partition's slot counts only where it holds the latest epoch
+        ok = slot_epoch == epochs
+        counts += np.where(ok, c, 0)
+        sums[ok] += s[ok]
+    mean = np.array([float(exact_total(sums[j]) / int(c)) if c and epochs[j] >= 0 else np.nan
+                     for j, c in enumerate(counts.tolist())], dtype=np.float32)
+    return mean, epochs
+
+
+def alignment_mean(cluster, min_points: int) -> tuple[int, float | None]:
+    """Sets every partition's ``scratch["das"]``; (how many samples have one, their exact mean)."""
+    ref_mean, ref_epoch = reference_trajectory(cluster)
+    parts = cluster.map(alignment, ref_mean, ref_epoch, min_points)
+    count = sum(p[0] for p in parts)
+    return count, (float(exact_total(np.sum([p[1] for p in parts], axis=0)[0]) / count) if count else None)
 
 
 def emit(cluster, weights: list[float], pruned_by_reason: dict[str, int]) -> tuple[np.ndarray, np.ndarray, dict]:

@@ -92,6 +92,8 @@ class TrainConfig:
         None, "mmdp, clip_cut: share of samples excluded as likely noise; none = estimated from the scores "
               "(the low mode of the consistency histogram, Otsu's cut; 0 if it has one mode)")
     policy_params: tuple[str, ...] = option((), "more policy knobs as name=value, comma-separated (e.g. loss_weight=0.3)")
+    reference_keys: str | None = option(None, "trajectory: a text file (URL) of keys of rows known to be clean, one "
+                                              "per line (about 1%% of the rows); their losses are the reference")
     max_failures: int = option(2, "worker failures Ray Train recovers from (from the last checkpoint)")
     max_reports_in_flight: int = option(8, "loss reports a worker may have unacknowledged before it waits")
     resume_from: str | None = option(None, "a checkpoint folder to continue from (same config)")
@@ -114,6 +116,8 @@ class TrainConfig:
         if self.noise_fraction is not None and not 0 <= self.noise_fraction < 1:
             raise ValueError(f"--noise-fraction must be in [0, 1), got {self.noise_fraction}")
         parse_params(self.policy_params)
+        if (self.policy == "trajectory") != (self.reference_keys is not None):
+            raise ValueError("--reference-keys goes with --policy trajectory, which needs it")
         ColumnMapping.parse(self.columns)
         if self.epochs < 1 or self.workers < 1 or self.batch_size < 1:
             raise ValueError("--epochs, --workers and --batch-size must be at least 1")
@@ -121,6 +125,11 @@ class TrainConfig:
             raise ValueError("--eval-every must be >= 1")
         if self.shuffle_buffer < 0:
             raise ValueError("--shuffle-buffer must be >= 0")
+
+
+def read_keys(url: str) -> list[str]:
+    """The non-empty lines of a text file of keys."""
+    return [line.strip() for line in storage.read_bytes(url).decode().splitlines() if line.strip()]
 
 
 def parse_params(pairs: tuple[str, ...]) -> dict:
@@ -217,7 +226,8 @@ def fit(cfg: TrainConfig) -> dict:
     pruning = Pruning.from_scores(cfg.scores, policy=cfg.policy, epochs=cfg.epochs, keep_ratio=cfg.keep_ratio,
                                   seed=cfg.seed, signal=cfg.signal, noise_fraction=cfg.noise_fraction,
                                   policy_params=parse_params(cfg.policy_params),
-                                  max_reports_in_flight=cfg.max_reports_in_flight, name=actor_name(run_id))
+                                  max_reports_in_flight=cfg.max_reports_in_flight, name=actor_name(run_id),
+                                  reference_keys=read_keys(cfg.reference_keys) if cfg.reference_keys else None)
     log.info("policy %s with %s", cfg.policy, pruning.params or "its defaults")
     loop_config = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
     # A ref, not the arrays: only a retry before the first checkpoint reads it.

@@ -64,6 +64,21 @@ def load_index(scores_url: str, signal: str = "auto") -> tuple[np.ndarray, np.nd
     return keys, consistency, signal
 
 
+def key_indices(keys: np.ndarray, wanted) -> np.ndarray:
+    """The dense indices of ``wanted`` keys in the sorted ``keys`` of the score table.
+
+    Raises:
+        InputError: a key the score table does not hold (rejected, or not in the data).
+    """
+    wanted = np.asarray(list(wanted), dtype=str)
+    at = np.minimum(np.searchsorted(keys, wanted), max(len(keys) - 1, 0))
+    unknown = wanted[keys[at] != wanted] if len(keys) else wanted
+    if len(unknown):
+        raise storage.InputError(f"{len(unknown)} of {len(wanted)} reference keys are not scored rows "
+                                 f"(first: {unknown[0]!r})")
+    return at.astype(np.int64)
+
+
 class Pruning:
     """The pruning actor of one training run, and each worker's side of it.
 
@@ -93,7 +108,7 @@ class Pruning:
     def from_scores(cls, scores: str, *, policy: str = "mmdp", epochs: int = 20, keep_ratio: float = 0.5,
                     seed: int = 0, signal: str = "auto", noise_fraction: float | None = None,
                     policy_params: dict | None = None, max_reports_in_flight: int = 8,
-                    name: str | None = None) -> "Pruning":
+                    name: str | None = None, reference_keys=None) -> "Pruning":
         """Start the pruning actor for the score job's output at ``scores`` (call on the driver, Ray up).
 
         Args:
@@ -109,6 +124,8 @@ class Pruning:
             policy_params: more knobs for the policy.
             max_reports_in_flight: loss reports a worker may have unacknowledged.
             name: the actor's name (default: a fresh one).
+            reference_keys: keys of rows known to be clean, for policies that
+                compare loss trajectories with theirs (``trajectory``; ~1% of the rows).
         """
         from pipeline.prune.actor import actor_name, create_pruner
 
@@ -120,9 +137,10 @@ class Pruning:
         name = name or actor_name(uuid.uuid4().hex[:8])
         pruning = cls(name, len(keys), policy, params, signal, max_reports_in_flight)
         # The driver's handle keeps the actor alive (Ray ends an actor with its creator's last handle).
+        reference = None if reference_keys is None else key_indices(keys, reference_keys)
         pruning._actor = create_pruner(name, num_samples=len(keys), policy=policy, keep_ratio=keep_ratio,
                                        epochs=epochs, seed=seed, consistency=consistency,
-                                       policy_params=params or None)
+                                       policy_params=params or None, reference=reference)
         pruning._keys = keys
         return pruning
 
