@@ -24,9 +24,8 @@ def test_probes_get_their_loss_without_touching_the_gradient_or_batchnorm():
     x, y = torch.randn(12, 1, 28, 28), torch.randint(0, 10, (12,))
     w = torch.tensor([1.5] * 8 + [0.0] * 4)  # the last four rows are probes
     model, opt, sched = _setup()
-    twin, twin_opt, twin_sched = copy.deepcopy(model), None, None
+    twin = copy.deepcopy(model)
     twin_opt = torch.optim.SGD(twin.parameters(), lr=0.1)
-    twin_sched = torch.optim.lr_scheduler.LambdaLR(twin_opt, lambda s: 1.0)
     probe_losses_before = F.cross_entropy(copy.deepcopy(model).eval()(x[8:]), y[8:], reduction="none")
 
     losses = weighted_step(model, {"x": x, "label": y, "weight": w}, weight_mean=1.0, opt=opt, sched=sched)
