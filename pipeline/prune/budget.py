@@ -1,4 +1,4 @@
-"""The keep budget of a plan: exactly ``k = round(keep_ratio * n)`` samples, with unbiased weights.
+"""The keep budget of a plan: how many samples each stratum keeps, with unbiased weights.
 
 Two ways to prune with unbiased weights. :func:`prune_well_learned` (``mmdp``,
 ``infobatch``) only ever prunes well-learned samples, so the kept count follows
