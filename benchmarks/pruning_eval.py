@@ -140,7 +140,9 @@ def final_plan_noise(run_dir: str, data: str, scores: str) -> float | None:
     state = torch.load(io.BytesIO(storage.read_bytes(storage.join(run_dir, "checkpoint", "pruner.pt"))),
                        map_location="cpu", weights_only=True)
     keys, consistency, _ = load_index(scores, "auto")
-    pruner = Pruner(**state["config"], consistency=consistency)  # the config names the constructor's arguments
+    reference = state.get("reference")  # a loss-trajectory policy's known-clean rows
+    pruner = Pruner(**state["config"], consistency=consistency,  # the config names the constructor's arguments
+                    reference=None if reference is None else np.asarray(reference))
     pruner.load_state_dict(state)  # takes the saved tensors as they are
     kept, weights = pruner.plan(pruner.epochs - 1)
     trained = keys[kept[weights > 0]]

@@ -33,20 +33,22 @@ def test_bench_runs_every_policy_and_the_oracle_on_clean_rows_only(ray_session, 
     out = str(tmp_path / "bench")
     assert bench_pruning.main([
         "--out", out, "--synthetic", "--pool-size", str(POOL), "--epochs", str(EPOCHS), "--seeds", "3",
-        "--noise", "symmetric:0.25", "--policies", "oracle,random,mmdp,full", "--workers", str(WORKERS),
+        "--noise", "symmetric:0.25", "--policies", "oracle,random,mmdp,trajectory,full", "--workers", str(WORKERS),
         "--clip-model", TINY_MODEL, "--clip-pretrained", checkpoint, "--batch-size", "16",
         "--warmup-steps", "2", "--score-actor-cpus", "0.5", "--overhead-repeats", "1", "--no-warmup",
     ]) == 0
     # The benchmark folder and every dataset, score set and run in it are committed outputs.
     assert storage.is_complete(out)
-    assert storage.read_json(f"{out}/config.json")["policies"] == ["full", "mmdp", "random", "oracle"]
+    assert storage.read_json(f"{out}/config.json")["policies"] == ["full", "mmdp", "trajectory", "random", "oracle"]
     for part in ("data/symmetric0.25-s3", "scores/symmetric0.25-s3", "scores/symmetric0.25-s3-oracle",
                  "runs/symmetric0.25-s3/full", "runs/symmetric0.25-s3/oracle", "overhead", "overhead/0-pruner"):
         assert storage.is_complete(f"{out}/{part}"), part
 
     result = json.loads(open(f"{out}/results.json").read())
     runs = {r["policy"]: r for r in result["runs"]}
-    assert sorted(runs) == ["full", "mmdp", "oracle", "random"] and len(result["runs"]) == 4
+    assert sorted(runs) == ["full", "mmdp", "oracle", "random", "trajectory"] and len(result["runs"]) == 5
+    # trajectory gets its known-clean reference (1% of the pool, at least 2 rows) and its last plan replays.
+    assert 0.0 <= runs["trajectory"]["noisy_in_final_plan"] <= 1.0
     # random, a fixed-ratio baseline, trains at mmdp's measured share of full's sample passes.
     share = runs["mmdp"]["samples_forwarded"] / (POOL * EPOCHS)
     assert runs["random"]["keep_ratio"] == round(share, 4) and runs["mmdp"]["keep_ratio"] == 0.5
