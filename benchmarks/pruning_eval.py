@@ -26,16 +26,21 @@ SHIFT = {"rotate_deg": 12.0, "shift_px": 2, "blur_radius": (0.4, 1.0), "noise_st
 REFERENCE_FRACTION = 0.01
 
 
+def _corruption(data: str) -> pa.Table:
+    """Each train row's key and what the dataset job did to it (its ground truth)."""
+    return storage.read_table(storage.join(data, "ground_truth.parquet"), columns=[KEY, "corruption"])
+
+
 def noisy_keys(data: str) -> pa.ChunkedArray:
     """Keys of the train rows the dataset job corrupted (its ground truth)."""
-    gt = storage.read_table(storage.join(data, "ground_truth.parquet"), columns=[KEY, "corruption"])
+    gt = _corruption(data)
     return gt.filter(pc.not_equal(gt.column("corruption"), "none")).column(KEY)
 
 
 def write_reference_keys(data: str, url: str, seed: int, fraction: float = REFERENCE_FRACTION) -> int:
     """A text file of ``fraction`` of the pool's keys drawn from its clean rows (the ground truth): the
     known-clean reference set the ``trajectory`` policy compares loss trajectories with. Returns its size."""
-    gt = storage.read_table(storage.join(data, "ground_truth.parquet"), columns=[KEY, "corruption"])
+    gt = _corruption(data)
     clean = gt.filter(pc.equal(gt.column("corruption"), "none")).column(KEY).to_pylist()
     count = max(2, int(round(fraction * gt.num_rows)))
     keys = sorted(np.random.default_rng([seed, 0x7E7]).choice(clean, size=min(count, len(clean)), replace=False))

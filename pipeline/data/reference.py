@@ -160,7 +160,7 @@ class Images:
     """Labelled source images: uint8 ``pixels`` or ``encoded`` bytes (any format PIL reads), optional captions.
 
     The rows a dataset is built from: Fashion-MNIST's idx arrays, or the rows
-    of image-caption shards (:func:`make_from_shards`). A row's own caption is
+    of image-caption shards (:func:`build_from_rows`). A row's own caption is
     kept where it has one; rows without get a template naming their class.
     """
 

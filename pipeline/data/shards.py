@@ -174,5 +174,5 @@ def class_names(data: str, classes: tuple[str, ...] | None, required: bool = Tru
     names = dataset_metadata(data).get("classes")
     if not names and required:
         raise InputError(f"{join(data, 'metadata.json')}: no class names there; pass --classes "
-                                 "(e.g. --classes cat,dog,car)")
+                         "(e.g. --classes cat,dog,car)")
     return list(names or [])

@@ -49,12 +49,6 @@ class Partition:
         arrays = [self.loss, self.last_seen, self.consistency, self.cbin, self.history, self.reference]
         return sum(a.nbytes for a in arrays if a is not None)
 
-    def init_history(self, window: int, reference: np.ndarray) -> None:
-        """Keeps each sample's losses of the last ``window`` epochs (float16, 2 B a sample an epoch)."""
-        self.history = np.full((self.n, window), np.nan, dtype=np.float16)
-        self.slot_epoch = np.full(window, -1, dtype=np.int64)
-        self.reference = np.asarray(reference, dtype=np.int64)
-
     def update(self, local: np.ndarray, values: np.ndarray, epoch: int) -> None:
         """Blends losses into the moving average (indices local to the partition, checked by the caller)."""
         prev = self.last_seen[local]
@@ -100,8 +94,11 @@ class Partition:
 
 
 def init_history(part: Partition, window: int, reference: np.ndarray) -> None:
-    """``part.init_history`` as a cluster step (``map_each``): local or in a partition actor."""
-    part.init_history(window, reference)
+    """A cluster step (``map_each``): the partition keeps each sample's losses of the last ``window``
+    epochs (float16, 2 B a sample an epoch) and the local indices of its known-clean ``reference`` samples."""
+    part.history = np.full((part.n, window), np.nan, dtype=np.float16)
+    part.slot_epoch = np.full(window, -1, dtype=np.int64)
+    part.reference = np.asarray(reference, dtype=np.int64)
 
 
 def history_state(part: Partition) -> tuple[np.ndarray, np.ndarray]:

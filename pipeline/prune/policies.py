@@ -119,8 +119,7 @@ class Full(Policy):
     name: ClassVar[str] = "full"
 
     def plan(self, cluster, ctx):
-        cluster.map(steps.keep_all)
-        return steps.emit(cluster, [0.0, 1.0], {})
+        return steps.plan_everything(cluster)
 
 
 @register
@@ -205,8 +204,7 @@ class InfoBatch(Policy):
 
     def plan(self, cluster, ctx):
         if is_annealing(ctx.epoch, ctx.epochs, self.delta):
-            cluster.map(steps.keep_all)
-            return steps.emit(cluster, [0.0, 1.0], {})
+            return steps.plan_everything(cluster)
         cluster.map(steps.mark_eligible, False)
         steps.below_mean(cluster)
         return prune_well_learned(cluster, ctx, None, self.prune_prob)
@@ -234,8 +232,7 @@ class InfoBatchExact(Policy):
 
     def plan(self, cluster, ctx):
         if is_annealing(ctx.epoch, ctx.epochs, self.delta):
-            cluster.map(steps.keep_all)
-            return steps.emit(cluster, [0.0, 1.0], {})
+            return steps.plan_everything(cluster)
         cluster.map(steps.mark_eligible, False)
         steps.below_mean(cluster)
         return soft_prune(cluster, ctx, self.max_prune_prob)
@@ -283,8 +280,7 @@ class Trajectory(Policy):
 
     def plan(self, cluster, ctx):
         if ctx.epoch == 0 or is_annealing(ctx.epoch, ctx.epochs, self.delta):
-            cluster.map(steps.keep_all)
-            return steps.emit(cluster, [0.0, 1.0], {})
+            return steps.plan_everything(cluster)
         count, mean = steps.alignment_mean(cluster, self.min_points)
         if not count:  # no trajectory long enough yet: InfoBatch's loss rule
             cluster.map(steps.mark_eligible, False)

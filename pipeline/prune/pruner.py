@@ -269,10 +269,9 @@ class Pruner:
         if self.reference is not None:
             if "history" not in state:
                 raise ValueError(f"saved state has no loss history; {self.policy.name!r} needs it")
-            if not np.array_equal(np.asarray(state["reference"]), self.reference):
+            if not np.array_equal(_numpy(state["reference"]), self.reference):
                 raise ValueError("saved state was made with other reference samples")
-            history = np.asarray(state["history"].numpy() if hasattr(state["history"], "numpy") else state["history"])
-            slot_epoch = np.asarray(state["history_slot_epoch"])
+            history, slot_epoch = _numpy(state["history"]), _numpy(state["history_slot_epoch"])
             self._parts.map_each(set_history, [(history[a:b], slot_epoch)
                                                for a, b in zip(self.bounds[:-1], self.bounds[1:])])
         epochs_seen = np.asarray(state["received_epochs"]).tolist()
@@ -292,11 +291,14 @@ def _reference(reference, num_samples: int, policy: str) -> np.ndarray:
     return ref
 
 
+def _numpy(value) -> np.ndarray:
+    """A NumPy view of a NumPy array or a CPU torch tensor (no torch import needed here)."""
+    return np.asarray(value.numpy() if hasattr(value, "numpy") else value)
+
+
 def _array(value, dtype, length: int) -> np.ndarray:
     """A private, writable copy (accepts NumPy arrays and CPU torch tensors)."""
-    if hasattr(value, "numpy"):  # a torch tensor; no torch import needed here
-        value = value.numpy()
-    out = np.array(value, dtype=dtype, copy=True)
+    out = np.array(_numpy(value), dtype=dtype, copy=True)
     if out.shape != (length,):
         raise ValueError(f"saved array has shape {out.shape}, expected ({length},)")
     return out

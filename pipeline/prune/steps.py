@@ -348,6 +348,12 @@ def alignment_mean(cluster, min_points: int) -> tuple[int, float | None]:
     return count, (float(exact_total(np.sum([p[1] for p in parts], axis=0)[0]) / count) if count else None)
 
 
+def plan_everything(cluster) -> tuple[np.ndarray, np.ndarray, dict]:
+    """The plan that keeps every sample with weight 1 (nothing pruned)."""
+    cluster.map(keep_all)
+    return emit(cluster, [0.0, 1.0], {})
+
+
 def emit(cluster, weights: list[float], pruned_by_reason: dict[str, int]) -> tuple[np.ndarray, np.ndarray, dict]:
     """Gathers the kept indices and weights (``weights[group]``) from the partitions in index order.
 

@@ -70,9 +70,11 @@ def key_indices(keys: np.ndarray, wanted) -> np.ndarray:
     Raises:
         InputError: a key the score table does not hold (rejected, or not in the data).
     """
+    from pipeline.train.stages import sorted_lookup
+
     wanted = np.asarray(list(wanted), dtype=str)
-    at = np.minimum(np.searchsorted(keys, wanted), max(len(keys) - 1, 0))
-    unknown = wanted[keys[at] != wanted] if len(keys) else wanted
+    at, found = sorted_lookup(keys, wanted)
+    unknown = wanted[~found]
     if len(unknown):
         raise storage.InputError(f"{len(unknown)} of {len(wanted)} reference keys are not scored rows "
                                  f"(first: {unknown[0]!r})")

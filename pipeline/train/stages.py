@@ -23,14 +23,19 @@ from pipeline.data.contract import KEY
 MEAN, STD = 0.2860, 0.3530
 
 
+def sorted_lookup(sorted_values: np.ndarray, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(position of each wanted value in ``sorted_values``, whether it is there); positions of absent ones are junk."""
+    pos = np.searchsorted(sorted_values, wanted).clip(0, max(len(sorted_values) - 1, 0))
+    found = sorted_values[pos] == wanted if len(sorted_values) else np.zeros(len(wanted), bool)
+    return pos, found
+
+
 def index_stage(batch: dict, keys: np.ndarray, key: str = KEY) -> dict:
     """Attach the dense sample ``index`` by the ``key`` column; rows the score table lacks (rejected) leave here.
 
     Every column is kept, the key too.
     """
-    batch_keys = batch[key].astype(str)
-    pos = np.searchsorted(keys, batch_keys).clip(0, max(len(keys) - 1, 0))
-    found = keys[pos] == batch_keys if len(keys) else np.zeros(len(batch_keys), bool)
+    pos, found = sorted_lookup(keys, batch[key].astype(str))
     return {"index": pos[found].astype(np.int64), **{k: v[found] for k, v in batch.items()}}
 
 
@@ -58,9 +63,7 @@ def keep_stage(batch: dict, pruner_name: str) -> dict:
 
     epoch, plan_ref = ray.get(_pruner(pruner_name).current_plan.remote())
     kept, weights = ray.get(plan_ref[0])
-    index = batch["index"].astype(np.int64)
-    pos = np.searchsorted(kept, index).clip(0, max(len(kept) - 1, 0))
-    mask = (kept[pos] == index) if len(kept) else np.zeros(len(index), bool)
+    pos, mask = sorted_lookup(kept, batch["index"].astype(np.int64))
     out = {k: v[mask] for k, v in batch.items()}
     out["weight"] = weights[pos[mask]].astype(np.float32)
     out["epoch"] = np.full(int(mask.sum()), epoch, np.int64)
