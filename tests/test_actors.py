@@ -40,7 +40,7 @@ def test_workers_find_the_named_actor_and_deliver_every_loss_exactly_once(ray_lo
         from pipeline.prune.actor import LossReporter, get_pruner
 
         actor = get_pruner(name)
-        plan_epoch, [ref] = ray.get(actor.current_plan.remote())
+        plan_epoch, [ref] = ray.get(actor.published_plan.remote())
         assert plan_epoch == epoch
         kept, _ = ray.get(ref)
         mine = kept[part::parts]
@@ -76,6 +76,26 @@ def test_plan_ref_equals_the_plain_pruner_plan_and_is_shared(ray_local, pruner):
     np.testing.assert_array_equal(weights, local.plan(0)[1])
     kept_count, weight_mean = ray_local.get(actor.plan_size.remote(0))
     assert kept_count == len(kept) and weight_mean == pytest.approx(float(weights.mean(dtype=np.float64)))
+
+
+def test_plan_lookups_answer_while_losses_queue(ray_local, pruner):
+    _, actor = pruner
+    assert ray_local.get(actor.published_plan.remote()) is None  # no epoch started yet
+    ray_local.get(actor.start_epoch.remote(0))
+    [ref] = ray_local.get(actor.plan_ref.remote(0))
+    # Loss ingest runs one call at a time: four calls of 2M losses queue up before the look-up.
+    many = np.tile(np.arange(N), 500)
+    updates = [actor.update.remote(many, np.ones(len(many), np.float32), 0) for _ in range(4)]
+    lookup = actor.published_plan.remote()
+    ready, _ = ray_local.wait([updates[-1], lookup], num_returns=1)
+    assert ready == [lookup]  # answered beside the queue, not behind it
+    assert ray_local.get(lookup) == (0, [ref])
+    assert ray_local.get(updates) == [len(many)] * 4
+    # A loaded state unpublishes the plan (it came from the old state); the stage then asks current_plan.
+    ray_local.get(actor.load_state_dict.remote(ray_local.get(actor.state_dict.remote())))
+    assert ray_local.get(actor.published_plan.remote()) is None
+    epoch, [again] = ray_local.get(actor.current_plan.remote())
+    assert epoch == 0 and ray_local.get(actor.published_plan.remote()) == (0, [again])
 
 
 def test_create_pruner_with_the_same_name_returns_the_running_actor(ray_local, pruner):

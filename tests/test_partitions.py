@@ -34,6 +34,10 @@ def test_partition_actors_give_the_single_actor_plans_with_updates(ray_local, po
     try:
         assert ray_local.get(split.info.remote())["partitions"] == 3
         assert ray_local.get(single.info.remote())["partitions"] == 1
+        # Reporters send a split pruner's losses straight to the partition actors, not through it.
+        assert ray_local.get(single.routes.remote()) is None
+        bounds, parts = ray_local.get(split.routes.remote())
+        assert bounds == BOUNDS and len(parts) == 3
         rng = np.random.default_rng(1)
         for epoch in [0, 1, 2, 3, 4, EPOCHS - 1]:  # the last one anneals
             plans = []
@@ -53,15 +57,32 @@ def test_partition_actors_give_the_single_actor_plans_with_updates(ray_local, po
                 assert reporter.flush() == len(k1)
             s1, s2 = (ray_local.get(a.epoch_summary.remote(epoch)) for a in (single, split))
             assert s1 == s2 and s2["plan_missing"] == 0 and s2["plan_outside_plan"] == 0
+            direct = [ray_local.get(p.direct_received.remote()).get(epoch, 0) for p in parts]
+            assert sum(direct) == len(k1) and all(direct)  # every loss went to its partition directly
         log1, log2 = (ray_local.get(a.plan_log.remote()) for a in (single, split))
         assert log1 == log2
         for entry in log2:
             assert sum(entry["pruned_by_reason"].values()) == N - entry["kept"]
         st1, st2 = (ray_local.get(a.state_dict.remote()) for a in (single, split))
-        for key in ("loss", "last_seen", "consistency") + (("history", "history_slot_epoch") if policy == "trajectory" else ()):
+        for key in ("loss", "last_seen", "consistency", "received_epochs", "received_counts") + (
+                ("history", "history_slot_epoch") if policy == "trajectory" else ()):
             np.testing.assert_array_equal(st1[key], st2[key])
     finally:
         ray_local.kill(single)
+        ray_local.kill(split)
+
+
+def test_a_split_pruner_needs_each_report_epoch(ray_local):
+    from pipeline.prune.actor import LossReporter
+
+    split = start(ray_local, "random", bounds=BOUNDS)
+    try:
+        reporter = LossReporter(split, chunk_size=1)
+        with pytest.raises(ValueError, match="with their epoch"):
+            reporter.report(np.array([3]), np.array([0.5]))
+        with pytest.raises(IndexError, match="must lie in"):  # checked before it is sent
+            reporter.report(np.array([N]), np.array([0.5]), epoch=0)
+    finally:
         ray_local.kill(split)
 
 

@@ -152,13 +152,24 @@ def _kill_after_first_checkpoint(out, title: str, killed: list, timeout_s: float
         time.sleep(0.05)
 
 
-@pytest.mark.parametrize("title", ["ray::PruningActor", "ray::RayTrainWorker"], ids=["pruning-actor", "train-worker"])
-def test_a_killed_process_mid_run_costs_a_retry_not_the_run_or_its_plans(scored_ready, uninterrupted, tmp_path, title):
+def test_a_partitioned_pruner_gives_the_single_actor_plans(scored_ready, uninterrupted, tmp_path):
+    data, scores = scored_ready
+    metrics, plans = _train(data, scores, tmp_path / "run", *COMMON, "--pruner-partitions", "3")
+    assert {p["epoch"]: p["kept_sha256"] for p in plans} == uninterrupted
+    # The losses went from the worker to the three partition actors, each counted once.
+    assert all(e["plan_received"] == e["plan_kept"] == e["samples_forwarded"] for e in metrics["epochs"])
+
+
+@pytest.mark.parametrize("title, extra", [("ray::PruningActor", []), ("ray::RayTrainWorker", []),
+                                          ("ray::PartitionActor", ["--pruner-partitions", "2"])],
+                         ids=["pruning-actor", "train-worker", "partition-actor"])
+def test_a_killed_process_mid_run_costs_a_retry_not_the_run_or_its_plans(scored_ready, uninterrupted, tmp_path,
+                                                                         title, extra):
     data, scores = scored_ready
     out, killed = tmp_path / "run", []
     killer = threading.Thread(target=_kill_after_first_checkpoint, args=(out, title, killed))
     killer.start()
-    metrics, plans = _train(data, scores, out, *COMMON)
+    metrics, plans = _train(data, scores, out, *COMMON, *extra)
     killer.join()
     assert len(killed) == 1, f"no {title} process was found to kill"
     # Ray restarted what died; the run went back to the last checkpoint (pruner state

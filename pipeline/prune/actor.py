@@ -5,18 +5,24 @@
                   epochs=20, seed=0, consistency=scores)          # driver
     actor = get_pruner(name)                                      # anywhere in the job
     ray.get(actor.start_epoch.remote(epoch))                      # once, before the epoch
-    epoch, [ref] = ray.get(actor.current_plan.remote())           # e.g. in a Ray Data stage
+    epoch, [ref] = ray.get(actor.published_plan.remote())         # e.g. in a Ray Data stage
     kept, weights = ray.get(ref)                                  # shared via object store
     reporter = LossReporter(actor)                                # each training worker
     reporter.report(batch_indices, per_sample_losses)             # fire-and-forget
     reporter.flush()                                              # end of epoch
     ray.get(actor.epoch_summary.remote(epoch))                    # kept, received, missing...
 
+Plan look-ups never wait for loss ingest or planning: ``published_plan``
+runs in its own concurrency group and only reads the reference that
+``start_epoch`` published, so a data stage that asks once per block gets the
+epoch's plan while the actor is busy with losses.
+
 Above ``partition_size`` samples (or with ``num_partitions=`` / ``bounds=``)
 the actor is a coordinator: the per-sample state lives in partition actors it
-owns (:mod:`pipeline.prune.remote`), it routes losses to them and plans with
-them, and its remote methods, plans and checkpoints are the same as with one
-partition.
+owns (:mod:`pipeline.prune.remote`) and it plans with them. Its remote
+methods, plans and checkpoints are the same as with one partition, but loss
+reports skip it: a :class:`LossReporter` asks once for its ``routes`` and
+sends each loss straight to the partition that owns the sample.
 
 The Ray Core code of the library (with :mod:`pipeline.prune.remote`); the state
 and the policies are plain NumPy (:mod:`pipeline.prune.pruner`, :mod:`pipeline.prune.policies`).
@@ -31,9 +37,9 @@ import warnings
 import numpy as np
 import ray
 
-from pipeline.prune.partitions import even_bounds
+from pipeline.prune.partitions import even_bounds, split_by_bounds
 from pipeline.prune.plan_log import PlanLog
-from pipeline.prune.pruner import Pruner
+from pipeline.prune.pruner import Pruner, check_losses
 from pipeline.prune.remote import RayPartitions
 
 # A crashed pruner comes back (Ray re-runs __init__ with the same arguments);
@@ -55,13 +61,16 @@ def actor_name(run_id: str) -> str:
     return f"mmdp-pruner-{run_id}"
 
 
-@ray.remote(num_cpus=0, max_restarts=MAX_RESTARTS, max_task_retries=MAX_TASK_RETRIES)
+@ray.remote(num_cpus=0, max_restarts=MAX_RESTARTS, max_task_retries=MAX_TASK_RETRIES,
+            concurrency_groups={"lookups": 4})
 class PruningActor:
     """A :class:`~pipeline.prune.pruner.Pruner` shared by the driver and all workers.
 
     num_cpus=0: it is mostly idle and must not take a CPU slot that Ray Data
     or a training worker needs (see ENVIRONMENT.md, deadlocks on 2 cores).
-    Calls run one at a time, so updates and plans never interleave.
+    Calls run one at a time, so updates and plans never interleave; only
+    ``published_plan`` (a read of one reference) runs beside them, in the
+    ``lookups`` group.
 
     Args are those of :class:`~pipeline.prune.pruner.Pruner`, and:
         partition_size: most samples one actor holds; more are split over
@@ -85,6 +94,9 @@ class PruningActor:
                               bounds=bounds, cluster=RayPartitions if len(bounds) > 2 else None,
                               reference=reference)
         self._plan_refs: dict[int, ray.ObjectRef] = {}
+        # (epoch, [ref]) of the current epoch's plan once published; replaced
+        # whole, so a lookups-group thread reads either the old or the new one.
+        self._published: tuple[int, list[ray.ObjectRef]] | None = None
         # New with every (re)start: a trainer that sees it change knows the
         # state went back to its initial value and must reload a checkpoint.
         self._incarnation = uuid.uuid4().hex
@@ -117,19 +129,38 @@ class PruningActor:
         """Records per-sample losses (default epoch: the current one); returns the count."""
         return self._pruner.update(indices, losses, epoch)
 
+    def routes(self) -> tuple[list[int], list] | None:
+        """Where reporters send losses: None (here), or (bounds, partition actor handles) of a split state."""
+        parts = self._pruner.partitions
+        return (parts.bounds.tolist(), list(parts.actors)) if isinstance(parts, RayPartitions) else None
+
     def start_epoch(self, epoch: int) -> int:
         """Makes ``epoch`` current: plans it (before any of its losses) and publishes it.
 
         Call once per epoch, before anyone reads the plan; returns its kept count.
         """
-        self.plan_ref(epoch)
+        ref = self.plan_ref(epoch)
         self._pruner.current_epoch = int(epoch)
+        self._published = (int(epoch), ref)
         return self._pruner.kept_count(epoch)
 
+    @ray.method(concurrency_group="lookups")
+    def published_plan(self) -> tuple[int, list[ray.ObjectRef]] | None:
+        """(current epoch, ``[ref]`` to its plan) as ``start_epoch`` published it; None before that.
+
+        For stages that do not know the epoch. Runs beside loss ingest and
+        planning (it reads, never plans), so it answers at once while the
+        actor is busy; on None (no epoch started since this actor (re)started
+        or loaded a state) ask :meth:`current_plan`.
+        """
+        return self._published
+
     def current_plan(self) -> tuple[int, list[ray.ObjectRef]]:
-        """(current epoch, ``[ref]`` to its plan), for stages that do not know the epoch."""
+        """(current epoch, ``[ref]`` to its plan), planning it if needed (waits its turn behind updates)."""
         epoch = self._pruner.current_epoch
-        return epoch, self.plan_ref(epoch)
+        ref = self.plan_ref(epoch)
+        self._published = (epoch, ref)
+        return epoch, ref
 
     def plan_ref(self, epoch: int) -> list[ray.ObjectRef]:
         """``[ref]`` to the object-store copy of ``plan(epoch)`` = (kept, weights).
@@ -198,6 +229,7 @@ class PruningActor:
         """Restores a saved state; cached plans are dropped (they came from the old one)."""
         self._pruner.load_state_dict(state)
         self._plan_refs.clear()
+        self._published = None
 
 
 def create_pruner(name: str, num_samples: int, **pruner_args) -> ray.actor.ActorHandle:
@@ -240,6 +272,10 @@ class LossReporter:
     oldest. Errors raised by the actor surface at the next wait or at
     ``flush``. One reporter per worker; not thread-safe.
 
+    A partitioned pruner's losses go straight to the partition actors that
+    own them (the actor's ``routes``, asked once), checked here first, so the
+    coordinator is not on the hot path; they then need their ``epoch``.
+
     Args:
         actor: a :class:`PruningActor` handle.
         max_in_flight: outstanding ``update`` calls before ``report`` waits.
@@ -257,6 +293,7 @@ class LossReporter:
         self._buffer: list[tuple[np.ndarray, np.ndarray]] = []
         self._buffered = 0
         self._epoch: int | None = None
+        self._routes: tuple[np.ndarray, list] | None = None  # set at the first send; () = the actor itself
         self.sent = 0  # losses handed to the actor (delivered once flush() returns)
 
     def report(self, indices, losses, epoch: int | None = None) -> None:
@@ -291,9 +328,20 @@ class LossReporter:
             ray.get(done)  # re-raise an actor error here rather than never
         idx = np.concatenate([i for i, _ in self._buffer])
         values = np.concatenate([v for _, v in self._buffer])
-        self._in_flight.append(self._actor.update.remote(idx, values, self._epoch))
-        self.sent += idx.size
         self._buffer, self._buffered = [], 0
+        if self._routes is None:
+            routes = ray.get(self._actor.routes.remote())
+            self._routes = () if routes is None else (np.asarray(routes[0], dtype=np.int64), routes[1])
+        if not self._routes:
+            self._in_flight.append(self._actor.update.remote(idx, values, self._epoch))
+        else:
+            bounds, partitions = self._routes
+            if self._epoch is None:
+                raise ValueError("a partitioned pruner takes losses with their epoch: report(..., epoch=)")
+            idx, values = check_losses(idx, values, int(bounds[-1]))
+            for p, local, pos in split_by_bounds(bounds, idx):
+                self._in_flight.append(partitions[p].report.remote(local, values[pos], self._epoch))
+        self.sent += idx.size
 
 
 def _numpy(x) -> np.ndarray:

@@ -180,6 +180,10 @@ class LocalPartitions:
     def nbytes(self) -> int:
         return sum(p.nbytes for p in self.parts)
 
+    def direct_received(self) -> dict[int, int]:
+        """Losses per epoch that bypassed the pruner (none here: only Ray partitions take them)."""
+        return {}
+
 
 def split_sorted(bounds: np.ndarray, kept: np.ndarray) -> list[np.ndarray]:
     """A sorted global index array cut into each partition's local indices."""

@@ -137,20 +137,9 @@ class Pruner:
             epoch: the epoch they were computed in; defaults to the latest
                 epoch planned (``current_epoch``).
         """
-        idx = np.asarray(indices)
-        values = np.asarray(losses, dtype=np.float32)
-        if idx.ndim != 1 or values.shape != idx.shape:
-            raise ValueError(f"indices {idx.shape} and losses {values.shape} must be equal 1-d")
+        idx, values = check_losses(indices, losses, self.num_samples)
         if idx.size == 0:
             return 0
-        if not np.issubdtype(idx.dtype, np.integer):
-            raise TypeError(f"indices must be integers, got {idx.dtype}")
-        if idx.min() < 0 or idx.max() >= self.num_samples:
-            raise IndexError(f"indices must lie in [0, {self.num_samples}), "
-                             f"got [{idx.min()}, {idx.max()}]")
-        if not np.isfinite(values).all():
-            raise ValueError(f"{int(np.count_nonzero(~np.isfinite(values)))} of "
-                             f"{values.size} losses are not finite")
         e = self.current_epoch if epoch is None else int(epoch)
         self._parts.update(idx, values, e)
         self._received[e] = self._received.get(e, 0) + int(idx.size)
@@ -202,8 +191,14 @@ class Pruner:
         return self._kept_counts[epoch]
 
     def losses_received(self, epoch: int) -> int:
-        """How many losses were recorded for ``epoch`` (repeats counted)."""
-        return self._received.get(int(epoch), 0)
+        """How many losses were recorded for ``epoch`` (repeats counted), those sent straight to partitions too."""
+        return self._all_received().get(int(epoch), 0)
+
+    def _all_received(self) -> dict[int, int]:
+        total = dict(self._received)
+        for e, c in self._parts.direct_received().items():
+            total[e] = total.get(e, 0) + c
+        return total
 
     def coverage(self, epoch: int) -> dict:
         """Who reported at ``epoch`` (the latest planned one), against its plan.
@@ -226,7 +221,8 @@ class Pruner:
         torch checkpoint should store ``torch.from_numpy(v)`` for the arrays
         (``load_state_dict`` accepts tensors back as they are).
         """
-        epochs_seen = sorted(self._received)
+        received = self._all_received()
+        epochs_seen = sorted(received)
         loss, last_seen, consistency = self._parts.get_state()  # copies, gathered from the partitions
         state = {
             "version": STATE_VERSION,
@@ -236,7 +232,7 @@ class Pruner:
             "last_seen": last_seen,
             "consistency": consistency,
             "received_epochs": np.asarray(epochs_seen, dtype=np.int64),
-            "received_counts": np.asarray([self._received[e] for e in epochs_seen], dtype=np.int64),
+            "received_counts": np.asarray([received[e] for e in epochs_seen], dtype=np.int64),
         }
         if self.reference is not None:
             state.update(self._history_state())
@@ -279,6 +275,29 @@ class Pruner:
         self._received = {int(e): int(c) for e, c in zip(epochs_seen, counts)}
         self.current_epoch = int(state["current_epoch"])
         self._cached = None
+
+
+def check_losses(indices, losses, num_samples: int) -> tuple[np.ndarray, np.ndarray]:
+    """(indices, float32 losses) as arrays, after checking them against ``num_samples``.
+
+    Raises:
+        ValueError: shapes differ or are not 1-d, or a loss is not finite.
+        TypeError: the indices are not integers.
+        IndexError: an index outside [0, num_samples).
+    """
+    idx = np.asarray(indices)
+    values = np.asarray(losses, dtype=np.float32)
+    if idx.ndim != 1 or values.shape != idx.shape:
+        raise ValueError(f"indices {idx.shape} and losses {values.shape} must be equal 1-d")
+    if idx.size == 0:
+        return idx, values
+    if not np.issubdtype(idx.dtype, np.integer):
+        raise TypeError(f"indices must be integers, got {idx.dtype}")
+    if idx.min() < 0 or idx.max() >= num_samples:
+        raise IndexError(f"indices must lie in [0, {num_samples}), got [{idx.min()}, {idx.max()}]")
+    if not np.isfinite(values).all():
+        raise ValueError(f"{int(np.count_nonzero(~np.isfinite(values)))} of {values.size} losses are not finite")
+    return idx, values
 
 
 def _reference(reference, num_samples: int, policy: str) -> np.ndarray:

@@ -7,10 +7,11 @@
 a :class:`PartitionActor`, and ``map(fn, *args)`` runs a planning step (a
 plain function of :mod:`pipeline.prune.steps` or
 :mod:`pipeline.prune.selection`) in every partition actor at once. The pruner
-that holds it is the coordinator: it routes each loss to the partition that
-owns the index (without waiting), combines the partitions' summaries into the
-global quantities (thresholds, means, histograms), and gathers the kept
-indices. Plans are the same as one pruner's for the same state, seed and
+that holds it is the coordinator: it combines the partitions' summaries into
+the global quantities (thresholds, means, histograms) and gathers the kept
+indices. Losses reach a partition straight from the workers' reporters
+(``PartitionActor.report``, counted there), or routed by the coordinator
+(``update``) for losses handed to the pruner itself. Plans are the same as one pruner's for the same state, seed and
 epoch (:mod:`pipeline.prune.selection`). :class:`pipeline.prune.actor.PruningActor`
 uses this above ``partition_size`` samples, so callers see one actor either way.
 """
@@ -41,6 +42,7 @@ class PartitionActor:
     def __init__(self, start: int, stop: int, consistency: np.ndarray | None, loss_momentum: float):
         self._part = Partition(start, stop, consistency, loss_momentum)
         self._incarnation = uuid.uuid4().hex  # new with every (re)start
+        self._direct: dict[int, int] = {}  # losses per epoch reported straight here, not via the coordinator
 
     def run(self, fn, *args):
         return fn(self._part, *args)
@@ -48,6 +50,15 @@ class PartitionActor:
     def update(self, local: np.ndarray, values: np.ndarray, epoch: int) -> int:
         self._part.update(local, values, epoch)
         return len(local)
+
+    def report(self, local: np.ndarray, values: np.ndarray, epoch: int) -> int:
+        """Losses a worker's reporter sent here directly (indices local, checked by the sender); counted here."""
+        self._part.update(local, values, epoch)
+        self._direct[int(epoch)] = self._direct.get(int(epoch), 0) + len(local)
+        return len(local)
+
+    def direct_received(self) -> dict[int, int]:
+        return dict(self._direct)
 
     def begin_plan(self) -> None:
         self._part.begin_plan()
@@ -62,7 +73,9 @@ class PartitionActor:
         return self._part.get_state()
 
     def set_state(self, loss, last_seen, consistency) -> None:
+        """Restores this range's state; direct counts restart (the saved state's counts include them)."""
         self._part.set_state(loss, last_seen, consistency)
+        self._direct = {}
 
     def nbytes(self) -> int:
         return self._part.nbytes
@@ -135,6 +148,14 @@ class RayPartitions:
     @property
     def nbytes(self) -> int:
         return sum(ray.get([a.nbytes.remote() for a in self.actors]))
+
+    def direct_received(self) -> dict[int, int]:
+        """Losses per epoch that reporters sent straight to the partitions, summed."""
+        total: dict[int, int] = {}
+        for counts in ray.get([a.direct_received.remote() for a in self.actors]):
+            for e, c in counts.items():
+                total[e] = total.get(e, 0) + c
+        return total
 
     def incarnations(self) -> list[tuple[bool, str]]:
         """Per partition actor: (restarted by Ray, so its state is back to the start; its start id)."""

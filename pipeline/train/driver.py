@@ -96,6 +96,8 @@ class TrainConfig:
                                               "per line (about 1%% of the rows); their losses are the reference")
     max_failures: int = option(2, "worker failures Ray Train recovers from (from the last checkpoint)")
     max_reports_in_flight: int = option(8, "loss reports a worker may have unacknowledged before it waits")
+    pruner_partitions: int | None = option(None, "actors the pruner's per-sample state is split over (default: "
+                                                 "one per 50M samples); workers send each loss to its partition")
     resume_from: str | None = option(None, "a checkpoint folder to continue from (same config)")
     stop_after: int | None = option(None, "stop after this many epochs (the plan still covers --epochs)")
     s3_endpoint: str | None = option(None, "endpoint of an S3-compatible store (default: AWS_ENDPOINT_URL or AWS)")
@@ -125,6 +127,8 @@ class TrainConfig:
             raise ValueError("--eval-every must be >= 1")
         if self.shuffle_buffer < 0:
             raise ValueError("--shuffle-buffer must be >= 0")
+        if self.pruner_partitions is not None and self.pruner_partitions < 1:
+            raise ValueError("--pruner-partitions must be >= 1")
 
 
 def read_keys(url: str) -> list[str]:
@@ -227,6 +231,7 @@ def fit(cfg: TrainConfig) -> dict:
                                   seed=cfg.seed, signal=cfg.signal, noise_fraction=cfg.noise_fraction,
                                   policy_params=parse_params(cfg.policy_params),
                                   max_reports_in_flight=cfg.max_reports_in_flight, name=actor_name(run_id),
+                                  num_partitions=cfg.pruner_partitions,
                                   reference_keys=read_keys(cfg.reference_keys) if cfg.reference_keys else None)
     log.info("policy %s with %s", cfg.policy, pruning.params or "its defaults")
     loop_config = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}

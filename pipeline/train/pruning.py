@@ -110,7 +110,7 @@ class Pruning:
     def from_scores(cls, scores: str, *, policy: str = "mmdp", epochs: int = 20, keep_ratio: float = 0.5,
                     seed: int = 0, signal: str = "auto", noise_fraction: float | None = None,
                     policy_params: dict | None = None, max_reports_in_flight: int = 8,
-                    name: str | None = None, reference_keys=None) -> "Pruning":
+                    name: str | None = None, reference_keys=None, num_partitions: int | None = None) -> "Pruning":
         """Start the pruning actor for the score job's output at ``scores`` (call on the driver, Ray up).
 
         Args:
@@ -128,6 +128,8 @@ class Pruning:
             name: the actor's name (default: a fresh one).
             reference_keys: keys of rows known to be clean, for policies that
                 compare loss trajectories with theirs (``trajectory``; ~1% of the rows).
+            num_partitions: partition actors the per-sample state is split over
+                (default: one per :data:`~pipeline.prune.actor.PARTITION_SIZE` samples).
         """
         from pipeline.prune.actor import actor_name, create_pruner
 
@@ -142,7 +144,8 @@ class Pruning:
         reference = None if reference_keys is None else key_indices(keys, reference_keys)
         pruning._actor = create_pruner(name, num_samples=len(keys), policy=policy, keep_ratio=keep_ratio,
                                        epochs=epochs, seed=seed, consistency=consistency,
-                                       policy_params=params or None, reference=reference)
+                                       policy_params=params or None, reference=reference,
+                                       num_partitions=num_partitions)
         pruning._keys = keys
         return pruning
 
@@ -165,7 +168,8 @@ class Pruning:
         if self._keys is None:
             raise RuntimeError("Pruning.dataset() runs on the driver, on the object from_scores() returned")
         return (ds.map_batches(index_stage, fn_kwargs={"keys": self._keys, "key": key}, batch_format="numpy")
-                .map_batches(keep_stage, fn_kwargs={"pruner_name": self.name}, batch_format="numpy"))
+                .map_batches(keep_stage, fn_kwargs={"pruner_name": self.name}, batch_format="numpy",
+                             batch_size=None))  # whole blocks: one plan look-up a block
 
     def shutdown(self) -> None:
         """Stop the pruning actor (after the run: its state is in the checkpoints)."""
@@ -216,7 +220,7 @@ class Pruning:
             from pipeline.prune.actor import LossReporter
 
             self._reporter = LossReporter(self.actor, max_in_flight=self.max_reports_in_flight)
-        self._reporter.report(indices, losses)
+        self._reporter.report(indices, losses, self.epoch)
 
     def end_epoch(self) -> int:
         """Deliver every queued loss; returns the losses this worker has reported so far."""

@@ -61,7 +61,9 @@ def keep_stage(batch: dict, pruner_name: str) -> dict:
     """Keep the rows of this epoch's plan and attach their weights (runs in Ray Data tasks)."""
     import ray
 
-    epoch, plan_ref = ray.get(_pruner(pruner_name).current_plan.remote())
+    # Once per block (the stage gets whole blocks), a read that never queues behind loss ingest.
+    actor = _pruner(pruner_name)
+    epoch, plan_ref = ray.get(actor.published_plan.remote()) or ray.get(actor.current_plan.remote())
     kept, weights = ray.get(plan_ref[0])
     pos, mask = sorted_lookup(kept, batch["index"].astype(np.int64))
     out = {k: v[mask] for k, v in batch.items()}
