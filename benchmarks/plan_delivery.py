@@ -24,6 +24,10 @@ Local::
 
     python -m benchmarks.plan_delivery --sizes 1e6,1e7 --partitions 1,2
 
+On a cluster, where Ray places the partition actors across its nodes::
+
+    ray job submit --working-dir . -- python -m benchmarks.plan_delivery --sizes 1e7,1e8 --partitions 1,4
+
 Prints one JSON line per size and partitioning, then a markdown table.
 Target (issue 15): the plan of 10M samples reaches every worker in <= 2 s.
 """

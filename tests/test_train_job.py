@@ -161,8 +161,9 @@ def test_a_partitioned_pruner_gives_the_single_actor_plans(scored_ready, uninter
 
 
 @pytest.mark.parametrize("title, extra", [("ray::PruningActor", []), ("ray::RayTrainWorker", []),
-                                          ("ray::PartitionActor", ["--pruner-partitions", "2"])],
-                         ids=["pruning-actor", "train-worker", "partition-actor"])
+                                          ("ray::PartitionActor", ["--pruner-partitions", "2"]),
+                                          ("ray::PruningActor", ["--pruner-partitions", "2"])],
+                         ids=["pruning-actor", "train-worker", "partition-actor", "split-pruning-actor"])
 def test_a_killed_process_mid_run_costs_a_retry_not_the_run_or_its_plans(scored_ready, uninterrupted, tmp_path,
                                                                          title, extra):
     data, scores = scored_ready
