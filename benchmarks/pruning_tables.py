@@ -125,7 +125,7 @@ def markdown(result: dict) -> str:
              "Accuracy is the final epoch's, on the clean test split; shifted = the same checkpoint on a deterministic "
              "shifted copy (rotation, shift, blur, Gaussian noise). Wall = the whole fit (Ray Train start-up and the "
              "per-epoch test evaluation included); train = the epochs' training time alone (each epoch's planning "
-             "included). Samples forwarded include mmdp's probes (weight 0). Speedups = full's mean / the policy's. Noisy in plan = share of ground-truth noisy rows in "
+             "included). Samples forwarded include mmdp's probes (weight 0), if it probes. Speedups = full's mean / the policy's. Noisy in plan = share of ground-truth noisy rows in "
              "the last epoch's plan, replayed from the final checkpoint's pruner state. trajectory uses clean data the "
              "others do not: a known-clean reference set of 1% of the pool, drawn from the ground truth's clean rows.",
              ""]
@@ -188,7 +188,7 @@ def _clip_markdown(result: dict) -> str:
              + f". Machine: {s['machine']}.", "",
              "Zero-shot = the final model's zero-shot accuracy on the clean test split (class prompt ensembles); "
              "R@1 = recall@1 on the test split, image-to-text and text-to-image, captions compared as text. "
-             "Wall = the whole fit; train = the epochs' training time. Samples forwarded include mmdp's probes.",
+             "Wall = the whole fit; train = the epochs' training time. Samples forwarded include mmdp's probes, if any.",
              ""]
     lines += _policy_tables(result, "zero-shot % (mean ± std)",
                             (("i2t R@1 %", "i2t_recall@1_mean"), ("t2i R@1 %", "t2i_recall@1_mean")))

@@ -109,7 +109,7 @@ def test_mmdp_budget_is_a_share_of_the_eligible_samples_and_holds_exactly(keep_r
     """Excluded noise costs nothing: a pruning epoch trains on round(keep_ratio * eligible)
     samples when enough of them are well-learned, else prunes every well-learned one it may
     (max_prune_prob of them) and trains on more; probes (weight 0) come on top."""
-    policy = P.make_policy("mmdp", noise_fraction=0.3, max_prune_prob=0.9)
+    policy = P.make_policy("mmdp", noise_fraction=0.3, max_prune_prob=0.9, probe_every=8)
     state = make_state(keep_ratio=keep_ratio, seen_frac=1.0)
     for epoch in (1, 5):
         clean = eligible(state, epoch, noise_fraction=0.3)
@@ -237,6 +237,23 @@ def synthetic_noise(n=5000, noisy_share=0.3, separation=0.2, seed=0):
     return noisy, raw
 
 
+def test_mmdp_noise_decision_is_the_consistency_cut_by_default():
+    """By default the excluded samples are the noise_fraction least consistent, every epoch, whatever the losses."""
+    noisy, cons = synthetic_noise(separation=0.2)
+    n, rng = len(noisy), np.random.default_rng(3)
+    policy = P.make_policy("mmdp", noise_fraction=0.3)
+    cut = np.zeros(n, bool)
+    cut[np.argsort(cons, kind="stable")[:P.noise_count(0.3, n)]] = True
+    loss, seen = np.zeros(n, np.float32), np.zeros(n, bool)
+    for epoch in range(6):
+        state = State(loss=loss, seen=seen, consistency=cons, keep_ratio=0.5)
+        np.testing.assert_array_equal(~eligible(state, epoch, noise_fraction=0.3), cut)
+        kept, weights = select(policy, state, epoch)
+        assert (weights > 0).all() and not cut[kept].any()  # no probes: nothing excluded is forwarded
+        loss[kept] = rng.exponential(1.0, len(kept))  # losses that would move a loss-mixed cut
+        seen[kept] = True
+
+
 def test_mmdp_drops_low_consistency_noise_from_epoch_zero_on():
     noisy, cons = synthetic_noise(separation=2.0)  # the scorer separates the noise
     n = len(noisy)
@@ -248,15 +265,17 @@ def test_mmdp_drops_low_consistency_noise_from_epoch_zero_on():
     assert noisy[kept[weights > 0]].sum() == 0 and (weights[noisy[kept]] == 0).all()
 
 
-def test_mmdp_uses_high_loss_with_low_consistency_to_find_noise_consistency_misses():
+def test_mmdp_with_the_loss_mixed_in_finds_noise_consistency_misses():
+    """An option (``loss_weight`` > 0, off by default): high loss with low consistency flags noise."""
     noisy, cons = synthetic_noise(separation=0.2)  # a weak scorer: noise overlaps clean
     n, rng = len(noisy), np.random.default_rng(1)
-    policy = P.make_policy("mmdp", noise_fraction=0.3)
+    mixed = dict(noise_fraction=0.3, loss_weight=0.5, probe_every=8)
+    policy = P.make_policy("mmdp", **mixed)
     loss, seen = np.zeros(n, np.float32), np.zeros(n, bool)
     precision = []
     for epoch in range(8):
         state = State(loss=loss, seen=seen, consistency=cons, keep_ratio=0.5)
-        precision.append(noisy[~eligible(state, epoch, noise_fraction=0.3)].mean())
+        precision.append(noisy[~eligible(state, epoch, **mixed)].mean())
         kept, _ = select(policy, state, epoch)
         # Trained (and probed) samples report losses: wrong labels stay hard to fit.
         loss[kept] = np.where(noisy[kept], 1.0 + rng.exponential(1.0, len(kept)),

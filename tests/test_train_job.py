@@ -60,8 +60,8 @@ def test_each_kept_sample_reports_exactly_one_loss(scored_ready, tmp_path):
         assert epoch["plan_received"] == epoch["plan_reported"] == kept - missing
         assert epoch["plan_outside_plan"] == 0
         assert epoch["samples_forwarded"] == kept - missing
-    # Epoch 0 trains on every sample not excluded as noise; later ones prune well-learned samples
-    # (and forward probes of the excluded ones), never below half of the eligible ones.
+    # Epoch 0 trains on every sample not excluded as noise; later ones prune well-learned samples,
+    # never below half of the eligible ones.
     excluded = int(np.floor(metrics["totals"]["policy_params"]["noise_fraction"] * n + 0.5))
     kept = [e["plan_kept"] for e in metrics["epochs"]]
     assert kept[0] == n - excluded and all(k >= (n - excluded) // 2 for k in kept)

@@ -297,23 +297,28 @@ class Trajectory(Policy):
 @register
 @dataclass(frozen=True)
 class Mmdp(Policy):
-    """Ours: exclude likely noise by consistency x loss, soft-prune the well-learned among the rest.
+    """Ours: exclude likely noise by consistency, soft-prune the well-learned among the rest by loss.
 
     Each epoch:
 
     1. Noise score from ranks (so any CLIP score scale works):
        ``s = (1 - lam) * (1 - c) + lam * l``, ``c`` the consistency rank,
        ``l`` the loss rank among samples with a loss, ``lam = loss_weight *
-       min(1, epoch / loss_ramp_epochs)``: high loss *and* low consistency
-       flags noise, and loss counts once training has made it informative.
-       A sample with no loss yet gets for ``l`` the mean loss rank of seen
-       samples of similar consistency
+       min(1, epoch / loss_ramp_epochs)``. By default ``loss_weight`` is 0:
+       the noise decision rests on the consistency alone, from a model that
+       never trained on these labels. Mixing the loss in (``loss_weight`` >
+       0) ranks training losses, which memorisation drives down for noise
+       that has structure (pair-flipped labels), against excluded samples'
+       held-out ones: on the reference protocol it cost 0.8 points under
+       pair-flip noise and gained nothing under symmetric noise
+       (BENCHMARKS.md). A sample with no loss yet gets for ``l`` the
+       mean loss rank of seen samples of similar consistency
        (:func:`~pipeline.prune.steps.loss_rank_tables`).
     2. The ``round(noise_fraction * n)`` samples with the highest ``s`` are
        excluded; the rest are *eligible*. Excluded samples cost nothing, except
-       that each is *probed* every ``probe_every`` epochs (from epoch 1): it is
-       forwarded with weight 0, so its loss is real, not imputed, and a clean
-       sample excluded by mistake (its loss low) returns to the eligible set.
+       that with ``probe_every`` > 0 each is *probed* every ``probe_every``
+       epochs (from epoch 1): forwarded with weight 0, so that with the loss
+       mixed in, a clean sample excluded by mistake (its loss low) can return.
     3. Of the eligible samples, those seen with a loss below the eligible mean
        are well-learned; at most ``max_prune_prob`` of them, and no more than
        brings the epoch down to ``keep_ratio`` of the eligible samples, are
@@ -335,9 +340,9 @@ class Mmdp(Policy):
     name: ClassVar[str] = "mmdp"
     needs_consistency: ClassVar[bool] = True
     noise_fraction: float = 0.2
-    loss_weight: float = 0.5
+    loss_weight: float = 0.0
     loss_ramp_epochs: int = 3
-    probe_every: int = 8
+    probe_every: int = 0
     max_prune_prob: float = 0.5
     delta: float = 1.0
 
