@@ -23,6 +23,7 @@ No Ray here; :mod:`pipeline.prune.actor` wraps this in a Ray actor.
 """
 from __future__ import annotations
 
+import collections
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -195,10 +196,9 @@ class Pruner:
         return self._all_received().get(int(epoch), 0)
 
     def _all_received(self) -> dict[int, int]:
-        total = dict(self._received)
-        for e, c in self._parts.direct_received().items():
-            total[e] = total.get(e, 0) + c
-        return total
+        total = collections.Counter(self._received)
+        total.update(self._parts.direct_received())  # update adds counts (and keeps zeros, unlike +)
+        return dict(total)
 
     def coverage(self, epoch: int) -> dict:
         """Who reported at ``epoch`` (the latest planned one), against its plan.

@@ -17,6 +17,7 @@ uses this above ``partition_size`` samples, so callers see one actor either way.
 """
 from __future__ import annotations
 
+import collections
 import uuid
 import warnings
 
@@ -53,9 +54,9 @@ class PartitionActor:
 
     def report(self, local: np.ndarray, values: np.ndarray, epoch: int) -> int:
         """Losses a worker's reporter sent here directly (indices local, checked by the sender); counted here."""
-        self._part.update(local, values, epoch)
-        self._direct[int(epoch)] = self._direct.get(int(epoch), 0) + len(local)
-        return len(local)
+        count = self.update(local, values, epoch)
+        self._direct[int(epoch)] = self._direct.get(int(epoch), 0) + count
+        return count
 
     def direct_received(self) -> dict[int, int]:
         return dict(self._direct)
@@ -151,11 +152,10 @@ class RayPartitions:
 
     def direct_received(self) -> dict[int, int]:
         """Losses per epoch that reporters sent straight to the partitions, summed."""
-        total: dict[int, int] = {}
+        total: collections.Counter = collections.Counter()
         for counts in ray.get([a.direct_received.remote() for a in self.actors]):
-            for e, c in counts.items():
-                total[e] = total.get(e, 0) + c
-        return total
+            total.update(counts)
+        return dict(total)
 
     def incarnations(self) -> list[tuple[bool, str]]:
         """Per partition actor: (restarted by Ray, so its state is back to the start; its start id)."""
