@@ -51,11 +51,11 @@ def write_reference_keys(data: str, url: str, seed: int, fraction: float = REFER
 def write_oracle_scores(data: str, scores: str, url: str) -> int:
     """A copy of ``scores`` where rows noisy in the ground truth are rejected; returns the clean count.
 
-    Rejected rows go to ``rejects.parquet`` and the trainer reads ``scores/``
+    Rejected rows go to ``rejects/`` and the trainer reads ``scores/``
     only, so the oracle needs no code path of its own: policy ``full`` on this
     folder trains on the clean rows.
     """
-    from pipeline.score.job import write_scores
+    from pipeline.score.commit import write_scores
 
     table = storage.read_table(storage.join(scores, "scores"))
     status = table.column("status").to_numpy(zero_copy_only=False).astype(object)

@@ -111,7 +111,7 @@ def signal_quality(data: str, scores_url: str) -> dict:
         if len(set(table.column("key").to_pylist())) != table.num_rows:
             raise ValueError(f"{name}: repeated keys; the scores and the ground truth must match one to one")
     merged = scores.join(gt, keys="key", join_type="inner")
-    rejects = storage.read_table(storage.join(scores_url, "rejects.parquet")).join(gt, keys="key", join_type="inner")
+    rejects = storage.read_table(storage.join(scores_url, "rejects")).join(gt, keys="key", join_type="inner")
     corruption = merged.column("corruption").to_numpy(zero_copy_only=False).astype(str)
     out = {"rows": int(merged.num_rows + rejects.num_rows), "scored": int(merged.num_rows),
            "rejected": int(rejects.num_rows), "noisy_scored": int((corruption != "none").sum())}

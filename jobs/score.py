@@ -12,7 +12,7 @@ On a cluster (GPU actors are used when the cluster has GPUs)::
         --model ViT-B-32 --pretrained laion2b_s34b_b79k --columns img2dataset --max-actors 8
 
 Writes ``OUTPUT/scores/`` (key, index, clip_score, clip_margin, status, error),
-``OUTPUT/rejects.parquet`` (key, reason) and ``OUTPUT/summary.json``; every
+``OUTPUT/rejects/`` (key, reason) and ``OUTPUT/summary.json``; every
 input row is in exactly one of scored or rejected.
 """
 

@@ -76,7 +76,7 @@ def test_bench_runs_every_policy_and_the_oracle_on_clean_rows_only(ray_session, 
 
     # The oracle's scores folder has the score job's layout; noisy rows are rejected with a reason.
     scores = storage.read_table(f"{out}/scores/symmetric0.25-s3-oracle/scores")
-    rejects = storage.read_table(f"{out}/scores/symmetric0.25-s3-oracle/rejects.parquet")
+    rejects = storage.read_table(f"{out}/scores/symmetric0.25-s3-oracle/rejects")
     assert scores.num_rows == clean and rejects.num_rows == POOL - clean
     assert set(rejects.column("reason").to_pylist()) == {ORACLE_REASON}
     assert sorted(scores.column("index").to_pylist()) == list(range(clean))

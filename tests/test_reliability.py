@@ -389,7 +389,7 @@ def bad_input_run(ray_session, ckpt, tmp_path_factory):
     out = str(root / "out")
     assert score_job.main(_score_args(str(root / "in"), out, ckpt, "--batch-size", "4")) == 0
     scores = {r["key"]: r for r in storage.read_table(storage.join(out, "scores")).to_pylist()}
-    rejects = {r["key"]: r["reason"] for r in storage.read_table(storage.join(out, "rejects.parquet")).to_pylist()}
+    rejects = {r["key"]: r["reason"] for r in storage.read_table(storage.join(out, "rejects")).to_pylist()}
     summary = storage.read_json(storage.join(out, "summary.json"))
     inputs = {k: (v[0], v[1]) for k, v in BAD_ROWS.items()}
     inputs.update({k: (_JPEG, v.decode("utf-8", errors="replace")) for k, v in NON_UTF8.items()})
@@ -402,7 +402,7 @@ def bad_input_run(ray_session, ckpt, tmp_path_factory):
 def test_bad_input_rows_are_all_accounted_for(bad_input_run):
     summary, scores, rejects = bad_input_run["summary"], bad_input_run["scores"], bad_input_run["rejects"]
     assert summary["rows_in"] == bad_input_run["rows_in"] == summary["scored"] + summary["rejected"]
-    # Each input row in exactly one of scores/ and rejects.parquet.
+    # Each input row in exactly one of scores/ and rejects/.
     assert len(scores) == summary["scored"] and len(rejects) == summary["rejected"]
     assert not set(scores) & set(rejects) and len(set(scores) | set(rejects)) == bad_input_run["rows_in"]
     report("bad-input-rows", rows_in=summary["rows_in"], scored=summary["scored"], rejected=summary["rejected"],

@@ -36,7 +36,7 @@ def write_scores(data: str, url: str, checkpoint: str) -> tuple[int, int]:
                       "status": ["ok"] * n, "error": [None] * n}, schema=SCORES_SCHEMA)
     storage.write_shards(table, storage.join(url, "scores"))
     rejects = pa.table({KEY: ["dup-a", "dup-b"], "reason": ["duplicate key"] * 2}, schema=REJECTS_SCHEMA)
-    storage.write_table(rejects, storage.join(url, "rejects.parquet"))
+    storage.write_table(rejects, storage.join(url, "rejects", "part-00000.parquet"))
     storage.write_json({"rows_in": n + 2, "scored": n, "rejected": 2}, storage.join(url, "summary.json"))
     storage.write_json({"model": "mmdp-tiny", "pretrained": checkpoint, "mode": "label"}, storage.join(url, "config.json"))
     n_noisy = sum(noisy.values())

@@ -27,7 +27,7 @@ SHARD_SCHEMA = pa.schema(
 
 # What the score job writes to scores/: one row per scored input row (status
 # "ok", error empty), with the dense ``index`` that is its training sample id.
-# A rejected input row is in rejects.parquet instead, with its reason: each
+# A rejected input row is in rejects/ instead, with its reason: each
 # input row is in exactly one of the two.
 SCORES_SCHEMA = pa.schema(
     [

@@ -3,7 +3,7 @@
 A stage in the datatrove sense: ``RowValidator(...)(batch) -> batch`` with an
 ``error`` column ("" for a good row), callable on a plain dict without Ray.
 Duplicate keys are a property of the whole dataset, not of a batch, so they
-are found after scoring by :func:`first_occurrence_mask`.
+are found after scoring, in the cluster (:mod:`pipeline.score.commit`).
 """
 
 from __future__ import annotations
@@ -74,11 +74,3 @@ def _as_label(value) -> int | None:
     if value is None or (isinstance(value, float) and np.isnan(value)):
         return None
     return int(value)
-
-
-def first_occurrence_mask(keys: np.ndarray) -> np.ndarray:
-    """True for the first row of each key (in the given order), False for later repeats."""
-    _, first = np.unique(keys.astype(str), return_index=True)
-    mask = np.zeros(len(keys), dtype=bool)
-    mask[first] = True
-    return mask

@@ -68,14 +68,14 @@ class Sources:
     cache: dict = field(default_factory=dict)
 
     def rejected(self, scores_url: str | None) -> dict[str, int]:
-        """Rows a score set kept out of training (its ``rejects.parquet``), by reason; empty when unreadable."""
+        """Rows a score set kept out of training (its ``rejects/``), by reason; empty when unreadable."""
         key = ("rejected", scores_url)
         if not scores_url:
             return {}
         if key not in self.cache:
             self.cache[key] = {}
             try:
-                self.cache[key] = rejected_by_reason(storage.read_table(storage.join(scores_url, "rejects.parquet")))
+                self.cache[key] = rejected_by_reason(storage.read_table(storage.join(scores_url, "rejects")))
             except (storage.InputError, OSError, KeyError, pa.ArrowInvalid):
                 pass
         return self.cache[key]
@@ -234,7 +234,7 @@ def pruned_by_reason(run: Run) -> tuple[dict[str, int], bool]:
 
 
 def rejected_by_reason(rejects: pa.Table) -> dict[str, int]:
-    """Row counts of a ``rejects.parquet`` table by reason."""
+    """Row counts of a ``rejects/`` table by reason."""
     out: dict[str, int] = {}
     for reason in rejects.column("reason").to_pylist():
         out[reason or "rejected"] = out.get(reason or "rejected", 0) + 1

@@ -8,7 +8,6 @@ and image decoding in CPU tasks, the CLIP model in an autoscaling actor pool
 
 from __future__ import annotations
 
-import collections
 import functools
 import logging
 import time
@@ -16,17 +15,17 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 import numpy as np
-import pyarrow as pa
 import ray
 
 from pipeline import storage
 from pipeline.data import shards
 from pipeline.cli import option
-from pipeline.data.contract import KEY, REJECTS_SCHEMA, SCORES_SCHEMA
-from pipeline.data.validate import DUPLICATE_KEY, RowValidator, first_occurrence_mask
+from pipeline.data.contract import KEY
+from pipeline.data.validate import RowValidator
+from pipeline.score.commit import commit_staged
 
 log = logging.getLogger(__name__)
-# Ray Data writes the scored rows here before write_scores commits them as scores/.
+# Ray Data writes the scored rows here before commit_staged commits them as scores/ and rejects/.
 STAGING = "_staging"
 
 
@@ -38,7 +37,7 @@ class ScoreConfig:
     RAY: ClassVar[bool] = True
 
     input: str = field(metadata={"help": "shards to score: a folder or file URL (local, s3://, gs://) of parquet or webdataset tars"})
-    output: str = field(metadata={"help": "where scores/, rejects.parquet and summary.json go (URL)"})
+    output: str = field(metadata={"help": "where scores/, rejects/ and summary.json go (URL)"})
     model: str = option("mmdp-ref", "open_clip model name, or a config shipped with mmdp (mmdp-tiny, mmdp-ref)")
     pretrained: str | None = option(None, "open_clip pretrained tag, checkpoint path or object-store URL; none = random weights")
     mode: str = option("caption", "score against each row's caption, or against class prompts from its label",
@@ -110,7 +109,7 @@ def resolve_classes(cfg: ScoreConfig) -> tuple[str, ...]:
 
 
 def score(cfg: ScoreConfig) -> dict:
-    """Run the score job; returns its summary. Writes ``scores/``, ``rejects.parquet`` and ``summary.json``."""
+    """Run the score job; returns its summary. Writes ``scores/``, ``rejects/`` and ``summary.json``."""
     classes = resolve_classes(cfg)
     if cfg.mode == "label" and not classes:
         raise ValueError("label mode needs class names: pass --classes or keep metadata.json beside the split")
@@ -157,60 +156,9 @@ def _score(cfg: ScoreConfig, classes: tuple[str, ...]) -> dict:
         fs.delete_dir(staging_path)
     try:
         ds.write_parquet(staging_path, filesystem=fs)
-        table = storage.read_table(staging) if storage.exists(staging) else SCORES_SCHEMA.empty_table()
-        summary = write_scores(table, cfg.output, time.perf_counter() - start)
+        # Staged files sort in the order Ray Data wrote them: input order.
+        summary = commit_staged(storage.list_files(staging) if storage.exists(staging) else [], cfg.output, start)
     finally:
         if storage.exists(staging):
             fs.delete_dir(staging_path)
-    return summary
-
-
-def write_scores(table: pa.Table, output: str, seconds: float | None = None, **extra) -> dict:
-    """Mark repeated keys, give good rows a dense index, write ``scores/``, ``rejects.parquet``, ``summary.json``.
-
-    ``table`` has the scores schema's columns (``index`` is recomputed); rows
-    already ``rejected`` stay so. Each row lands in exactly one place: a
-    scored row in ``scores/`` (status ``ok``), a rejected one in
-    ``rejects.parquet`` with its reason. ``extra`` goes into the summary,
-    which is returned. The caller commits ``output`` (the job skeleton does).
-    """
-    keys = table.column(KEY).to_numpy(zero_copy_only=False)
-    status = table.column("status").to_numpy(zero_copy_only=False).astype(object)
-    error = table.column("error").to_numpy(zero_copy_only=False).astype(object)
-    has_key = np.array([k is not None and k != "" for k in keys])
-    repeat = np.zeros(len(keys), dtype=bool)
-    repeat[has_key] = ~first_occurrence_mask(keys[has_key])
-    status[repeat], error[repeat] = "rejected", DUPLICATE_KEY
-    ok = status == "ok"
-    ok_rows = np.flatnonzero(ok)
-    # The dense index is the training-time sample id: good rows in key order,
-    # so it depends on the data alone, not on how Ray ordered the blocks.
-    index = np.empty(len(ok_rows), dtype=np.int64)
-    index[np.argsort(keys[ok_rows].astype(str), kind="stable")] = np.arange(len(ok_rows))
-    scores = pa.table(
-        {
-            KEY: keys[ok_rows],
-            "index": index,
-            "clip_score": table.column("clip_score").take(ok_rows),
-            "clip_margin": table.column("clip_margin").take(ok_rows),
-            "status": pa.array(status[ok_rows], pa.string()),
-            "error": pa.array(error[ok_rows], pa.string()),
-        },
-        schema=SCORES_SCHEMA,
-    )
-    rejects = pa.table({KEY: keys[~ok], "reason": pa.array(error[~ok], pa.string())}, schema=REJECTS_SCHEMA)
-    reasons = collections.Counter(error[~ok].tolist())
-    summary = {
-        "rows_in": len(keys),
-        "scored": int(ok.sum()),
-        "rejected": int((~ok).sum()),
-        "rejected_by_reason": dict(sorted(reasons.items(), key=lambda kv: -kv[1])),
-        **extra,
-    }
-    if seconds is not None:
-        summary.update(seconds=round(seconds, 2),
-                       pairs_per_second=round(len(keys) / seconds, 1) if seconds > 0 else None)
-    storage.write_shards(scores, storage.join(output, "scores"), rows_per_shard=1_000_000)
-    storage.write_table(rejects, storage.join(output, "rejects.parquet"))
-    storage.write_json(summary, storage.join(output, "summary.json"))
     return summary

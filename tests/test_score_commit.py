@@ -1,0 +1,122 @@
+"""The score job's commit in the cluster: repeats and the dense index, whatever the blocks.
+
+The reference is the rule stated on one table in input order (what the job
+did when its driver read the staged rows back): a key's first row keeps it,
+later rows are duplicates, and the ``ok`` rows are numbered in key order.
+"""
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from pipeline import storage
+from pipeline.data.contract import KEY
+from pipeline.data.validate import DUPLICATE_KEY
+from pipeline.score import commit
+
+
+def staged_rows(n: int, seed: int) -> pa.Table:
+    """Rows as the scoring stage stages them: many repeated keys, some rejected, some without a key."""
+    rng = np.random.default_rng(seed)
+    keys = [f"k{int(k):03d}" for k in rng.integers(0, n // 3, n)]
+    for i in rng.choice(n, n // 20, replace=False):
+        keys[i] = None if i % 2 else ""
+    status = np.where(rng.random(n) < 0.2, "rejected", "ok")
+    error = np.where(status == "ok", "", "undecodable image")
+    for i, key in enumerate(keys):
+        if not key:
+            status[i], error[i] = "rejected", "missing key"
+    return pa.table({KEY: pa.array(keys, pa.string()), "clip_score": rng.random(n).astype(np.float32),
+                     "clip_margin": rng.random(n).astype(np.float32), "status": status, "error": error})
+
+
+def reference(table: pa.Table) -> tuple[dict, list]:
+    """{key: (index, clip_score)} of the scored rows and the sorted (key, reason) rejects, by the stated rule."""
+    seen, scored, rejects = set(), {}, []
+    for row in table.to_pylist():
+        key = row[KEY]
+        if key and key in seen:
+            rejects.append((key, DUPLICATE_KEY))
+            continue
+        seen.add(key)
+        if row["status"] == "ok":
+            scored[key] = row["clip_score"]
+        else:
+            rejects.append((key, row["error"]))
+    index = {key: (i, scored[key]) for i, key in enumerate(sorted(scored))}
+    return index, sorted(rejects, key=lambda kv: (str(kv[0]), kv[1]))
+
+
+def outcome(scores: pa.Table, rejects: pa.Table) -> tuple[dict, list]:
+    got = {r[KEY]: (r["index"], r["clip_score"]) for r in scores.to_pylist()}
+    assert len(got) == scores.num_rows, "a key scored twice"
+    return got, sorted(((r[KEY], r["reason"]) for r in rejects.to_pylist()), key=lambda kv: (str(kv[0]), kv[1]))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_blocks_cut_anywhere_give_the_rule_on_the_whole_table(seed):
+    # Staged files in input order, then the rows sorted by key and cut into
+    # blocks at random places: keys straddle blocks, some blocks are one key.
+    rng = np.random.default_rng(seed)
+    table = staged_rows(240, seed)
+    files = np.sort(rng.choice(np.arange(1, 240), 5, replace=False))
+    staged = [commit.positioned(part, i) for i, part in
+              enumerate(table.slice(a, b - a) for a, b in zip([0, *files], [*files, 240]))]
+    by_key = pa.concat_tables(staged).sort_by(KEY)
+    # Shuffle inside each key run (Ray's sort does not keep input order among equal keys).
+    by_key = by_key.take(np.lexsort((rng.random(by_key.num_rows), by_key.column(KEY).to_numpy(zero_copy_only=False))))
+    cuts = np.sort(rng.choice(np.arange(1, 240), 7, replace=False))
+    blocks = [by_key.slice(a, b - a) for a, b in zip([0, *cuts], [*cuts, 240])]
+    # A block of one key only, in the middle of a run that spans three blocks.
+    keys = by_key.column(KEY).to_pylist()
+    run = [i for i, k in enumerate(keys) if k == keys[120]]
+    if len(run) >= 3:
+        blocks = [by_key.slice(0, run[1]), by_key.slice(run[1], 1), by_key.slice(run[2], 240 - run[2])]
+    edges = [commit.block_edges(b) for b in blocks]
+    lose, offsets = commit.settle(edges)
+    parts = [commit.split_block(b, offsets[i], lose[i]) for i, b in enumerate(blocks)]
+    got = outcome(pa.concat_tables([p[0] for p in parts]), pa.concat_tables([p[1] for p in parts]))
+    assert got == reference(table)
+    assert sum(e["rows"] for e in edges) == 240
+
+
+def test_a_key_first_seen_as_a_rejected_row_is_a_duplicate_later():
+    table = pa.table({KEY: ["b", "a", "b", "a"], "clip_score": pa.array([1, 2, 3, 4], pa.float32()),
+                      "clip_margin": pa.array([0, 0, 0, 0], pa.float32()),
+                      "status": ["rejected", "ok", "ok", "ok"], "error": ["undecodable image", "", "", ""]})
+    block = commit.positioned(table, 0)
+    scores, rejects = commit.split_block(block, 0, [])
+    assert scores.to_pydict()[KEY] == ["a"] and scores.to_pydict()["clip_score"] == [2.0]
+    assert sorted(zip(rejects.column(KEY).to_pylist(), rejects.column("reason").to_pylist())) == [
+        ("a", DUPLICATE_KEY), ("b", DUPLICATE_KEY), ("b", "undecodable image")]
+
+
+def test_commit_in_the_cluster_equals_the_rule(ray_local, tmp_path):
+    # Many small staged files so that Ray's sort gives several blocks.
+    table = staged_rows(3000, 7)
+    staged = []
+    for i, start in enumerate(range(0, 3000, 100)):
+        url = str(tmp_path / "stage" / f"part-{i:06d}.parquet")
+        storage.write_table(table.slice(start, 100), url)
+        staged.append(url)
+    out = str(tmp_path / "out")
+    summary = commit.commit_staged(staged, out, started=0.0)
+    scores, rejects = storage.read_table(f"{out}/scores"), storage.read_table(f"{out}/rejects")
+    assert outcome(scores, rejects) == reference(table)
+    assert len(storage.read_json(f"{out}/scores/_SUCCESS")["files"]) > 1  # written by several block tasks
+    assert summary["rows_in"] == 3000 == summary["scored"] + summary["rejected"]
+    assert summary["rejected_by_reason"][DUPLICATE_KEY] == sum(1 for _, r in reference(table)[1] if r == DUPLICATE_KEY)
+    # The in-memory path (one block) commits the same.
+    assert outcome(*_write_in_memory(table, str(tmp_path / "mem"))) == reference(table)
+
+
+def test_nothing_staged_commits_empty_tables(ray_local, tmp_path):
+    summary = commit.commit_staged([], str(tmp_path / "out"), started=0.0)
+    assert summary["rows_in"] == 0
+    assert storage.read_table(str(tmp_path / "out" / "scores")).num_rows == 0
+    assert storage.read_table(str(tmp_path / "out" / "rejects")).num_rows == 0
+
+
+def _write_in_memory(table: pa.Table, out: str) -> tuple[pa.Table, pa.Table]:
+    commit.write_scores(table.append_column("index", pa.array(np.zeros(table.num_rows, np.int64))), out)
+    return storage.read_table(f"{out}/scores"), storage.read_table(f"{out}/rejects")
