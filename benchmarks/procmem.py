@@ -68,6 +68,7 @@ class PeakSampler:
     def __init__(self, root: int | None = None, interval: float = 0.2):
         self.root, self.interval = root or os.getpid(), interval
         self.peak_rss = self.peak_pss = 0
+        self.peak_root_pss = 0  # the root process alone (a job's driver)
         self.peak_procs = 0
         self.samples = 0
         self._stop = threading.Event()
@@ -77,6 +78,7 @@ class PeakSampler:
         pids = tree(self.root)
         total_rss, total_pss = sum(rss(p) for p in pids), sum(pss(p) for p in pids)
         self.peak_rss, self.peak_pss = max(self.peak_rss, total_rss), max(self.peak_pss, total_pss)
+        self.peak_root_pss = max(self.peak_root_pss, pss(self.root))
         self.peak_procs = max(self.peak_procs, len(pids))
         self.samples += 1
         return total_rss, total_pss

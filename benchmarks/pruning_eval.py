@@ -150,5 +150,5 @@ def final_plan_noise(run_dir: str, data: str, scores: str) -> float | None:
                     reference=None if reference is None else np.asarray(reference))
     pruner.load_state_dict(state)  # takes the saved tensors as they are
     kept, weights = pruner.plan(pruner.epochs - 1)
-    trained = keys[kept[weights > 0]]
+    trained = np.char.decode(keys[kept[weights > 0]], "utf-8")
     return float(pc.is_in(pa.array(trained), value_set=noisy).to_numpy(zero_copy_only=False).mean()) if len(trained) else 0.0

@@ -1,15 +1,17 @@
-"""Benchmark the score job over many small shards: peak memory and throughput.
+"""Benchmark the score job over many rows and many small shards: peak memory and throughput.
 
-Writes the same synthetic rows as few and as many parquet shards (e.g. 100
-shards of 100 rows and 1,000 shards of 10), saves a randomly initialised
+Writes synthetic rows as few and as many parquet shards (e.g. 100 shards of
+100 rows and 1,000 shards of 10), and as many rows in the same shard count
+(e.g. 0.5M and 2M rows in 100 shards), saves a randomly initialised
 ``mmdp-tiny`` CLIP checkpoint, then runs ``python -m jobs.score`` on each as
 a fresh subprocess (its own local Ray cluster) while sampling the summed
 RSS and PSS of the job's whole process tree (driver, GCS, raylet, workers)
-every 0.2 s.
+every 0.2 s, and the driver's own.
 
 Local::
 
     python -m benchmarks.score_shards --rows 10000 --shards 100,1000
+    python -m benchmarks.score_shards --rows 500000,2000000 --shards 100
 
 On a cluster it measures the node it runs on: each score job still starts
 its own Ray there (``RAY_ADDRESS=local``), as it does locally::
@@ -17,8 +19,10 @@ its own Ray there (``RAY_ADDRESS=local``), as it does locally::
     ray job submit --working-dir . -- python -m benchmarks.score_shards --rows 10000 --shards 100,1000
 
 Prints one JSON line per layout, each with the resolved config (also logged)
-under ``config``. Target (issue 7): peak memory at 1,000 shards within 20%
-of that at 100.
+under ``config``, then the ratios of each layout to the first. Targets:
+peak memory at 1,000 shards within 20% of that at 100; the driver's and the
+whole tree's peak PSS growing by at most 10% for 4x the rows (the driver
+holds no per-row data: repeats and the index are found in the cluster).
 """
 from __future__ import annotations
 
@@ -37,30 +41,32 @@ from pipeline.cli import option, run_job
 class BenchScoreShardsConfig:
     """The benchmark's knobs; one field per command-line flag."""
 
-    rows: int = option(10_000, "rows in every layout")
-    shards: tuple[int, ...] = option((100, 1000), "comma-separated shard counts")
+    rows: tuple[int, ...] = option((10_000,), "comma-separated row counts")
+    shards: tuple[int, ...] = option((100, 1000), "comma-separated shard counts (each layout: every row count x shard count)")
     batch_size: int = option(256, "the score job's --batch-size")
     interval: float = option(0.2, "seconds between memory samples")
     workdir: str | None = option(None, "folder for shards and outputs; none: a temp dir")
 
     def __post_init__(self):
-        if not self.shards or any(c < 1 or self.rows % c for c in self.shards):
-            raise ValueError("--shards: every shard count must be >= 1 and divide --rows")
-        if self.rows < 1 or self.batch_size < 1 or self.interval <= 0:
+        if not self.shards or any(c < 1 or r % c for c in self.shards for r in self.rows):
+            raise ValueError("--shards: every shard count must be >= 1 and divide every --rows")
+        if not self.rows or min(self.rows) < 1 or self.batch_size < 1 or self.interval <= 0:
             raise ValueError("need --rows >= 1, --batch-size >= 1 and --interval > 0")
 
 
-def prepare(folder: str, rows: int, shard_counts: list[int], seed: int = 0) -> tuple[dict[int, str], str]:
+def prepare(folder: str, row_counts: list[int], shard_counts: list[int], seed: int = 0) -> tuple[dict, str]:
+    """Shards of every (rows, shards) layout, and a checkpoint: ({(rows, shards): folder}, checkpoint)."""
     from pipeline import storage
     from pipeline.score.clip_models import load_clip, save_checkpoint
     from pipeline.data.reference import make_synthetic
 
-    train = make_synthetic(2 * rows + 8, seed=seed).splits["train"].slice(0, rows)
     inputs = {}
-    for count in shard_counts:
-        inputs[count] = os.path.join(folder, f"shards-{count}")
-        storage.write_shards(train, inputs[count], rows_per_shard=-(-rows // count))
-        assert len(storage.list_files(inputs[count])) == count, "rows must divide into the shard counts"
+    for rows in row_counts:
+        train = make_synthetic(2 * rows + 8, seed=seed).splits["train"].slice(0, rows)
+        for count in shard_counts:
+            inputs[rows, count] = os.path.join(folder, f"rows-{rows}-shards-{count}")
+            storage.write_shards(train, inputs[rows, count], rows_per_shard=-(-rows // count))
+            assert len(storage.list_files(inputs[rows, count])) == count, "rows must divide into the shard counts"
     ckpt = os.path.join(folder, "tiny.pt")
     model, _, _ = load_clip("mmdp-tiny")
     save_checkpoint(model, ckpt, "mmdp-tiny")
@@ -85,6 +91,7 @@ def measure(input_dir: str, ckpt: str, out: str, batch_size: int, interval: floa
     with open(os.path.join(out, "summary.json")) as f:
         summary = json.load(f)
     return {"peak_rss_gb": round(peak.peak_rss / 2**30, 3), "peak_pss_gb": round(peak.peak_pss / 2**30, 3),
+            "driver_peak_pss_gb": round(peak.peak_root_pss / 2**30, 3),
             "peak_processes": peak.peak_procs, "samples": peak.samples, "wall_s": round(wall, 1),
             "rows": summary["rows_in"], "job_seconds": summary["seconds"],
             "pairs_per_second": summary["pairs_per_second"], "loadavg_start": load}
@@ -96,19 +103,21 @@ def main(argv=None) -> int:
 
 def run(cfg: BenchScoreShardsConfig) -> None:
     """Each layout's score job, measured; a JSON line each, then the ratios to the first layout."""
-    counts = list(cfg.shards)
+    layouts = [(rows, count) for rows in cfg.rows for count in cfg.shards]
     folder = cfg.workdir or tempfile.mkdtemp(prefix="mmdp-bench-shards-")
-    inputs, ckpt = prepare(folder, cfg.rows, counts)
+    inputs, ckpt = prepare(folder, list(cfg.rows), list(cfg.shards))
     results = {}
-    for count in counts:
-        results[count] = measure(inputs[count], ckpt, os.path.join(folder, f"out-{count}"), cfg.batch_size,
-                                 cfg.interval)
-        print(json.dumps({"shards": count, **results[count], "config": asdict(cfg)}), flush=True)
-    base = results[counts[0]]
-    for count in counts[1:]:
-        r = results[count]
-        print(f"{count} vs {counts[0]} shards: peak RSS x{r['peak_rss_gb'] / base['peak_rss_gb']:.3f}, "
+    for rows, count in layouts:
+        results[rows, count] = measure(inputs[rows, count], ckpt, os.path.join(folder, f"out-{rows}-{count}"),
+                                       cfg.batch_size, cfg.interval)
+        print(json.dumps({"rows": rows, "shards": count, **results[rows, count], "config": asdict(cfg)}), flush=True)
+    base = results[layouts[0]]
+    for layout in layouts[1:]:
+        r = results[layout]
+        print(f"{layout[0]} rows x {layout[1]} shards vs {layouts[0][0]} x {layouts[0][1]}: "
+              f"peak RSS x{r['peak_rss_gb'] / base['peak_rss_gb']:.3f}, "
               f"peak PSS x{r['peak_pss_gb'] / base['peak_pss_gb']:.3f}, "
+              f"driver peak PSS x{r['driver_peak_pss_gb'] / base['driver_peak_pss_gb']:.3f}, "
               f"throughput x{r['pairs_per_second'] / base['pairs_per_second']:.3f}")
 
 

@@ -120,3 +120,24 @@ def test_nothing_staged_commits_empty_tables(ray_local, tmp_path):
 def _write_in_memory(table: pa.Table, out: str) -> tuple[pa.Table, pa.Table]:
     commit.write_scores(table.append_column("index", pa.array(np.zeros(table.num_rows, np.int64))), out)
     return storage.read_table(f"{out}/scores"), storage.read_table(f"{out}/rejects")
+
+
+def test_the_training_index_stage_finds_the_index_the_commit_gave(tmp_path):
+    # Keys beyond ASCII: the commit orders them byte-wise (UTF-8), and the
+    # train job's key map (UTF-8 bytes, binary search) must agree, key by key.
+    from pipeline.train.pruning import load_index
+    from pipeline.train.stages import index_stage
+
+    keys = ["zebra", "Zoë", "café", "cafe", "naïve", "日本", "émoji-🙂", "a", "Ab", "ß"]
+    n = len(keys)
+    table = pa.table({KEY: keys, "index": np.zeros(n, np.int64), "clip_score": pa.array(np.arange(n), pa.float32()),
+                      "clip_margin": pa.array(np.arange(n), pa.float32()), "status": ["ok"] * n, "error": [""] * n})
+    out = str(tmp_path / "scores")
+    commit.write_scores(table, out)
+    scored = {r[KEY]: r["index"] for r in storage.read_table(f"{out}/scores").to_pylist()}
+    assert sorted(scored, key=lambda k: k.encode()) == [k for k, _ in sorted(scored.items(), key=lambda kv: kv[1])]
+    sorted_keys, consistency, _ = load_index(out)
+    batch = {KEY: np.array(keys + ["not-scored"], dtype=object), "label": np.arange(n + 1)}
+    got = index_stage(batch, sorted_keys)
+    assert dict(zip(got[KEY].tolist(), got["index"].tolist())) == scored  # the unscored row left
+    assert consistency[[scored[k] for k in keys]].tolist() == list(range(n))

@@ -27,6 +27,7 @@ from pipeline.score.commit import commit_staged
 log = logging.getLogger(__name__)
 # Ray Data writes the scored rows here before commit_staged commits them as scores/ and rejects/.
 STAGING = "_staging"
+STAGED_ROWS_PER_FILE = 100_000
 
 
 @dataclass(frozen=True)
@@ -155,7 +156,8 @@ def _score(cfg: ScoreConfig, classes: tuple[str, ...]) -> dict:
     if storage.exists(staging):
         fs.delete_dir(staging_path)
     try:
-        ds.write_parquet(staging_path, filesystem=fs)
+        # Few staged files (Ray's sort shuffles files x files pieces), each in one write task, in order.
+        ds.write_parquet(staging_path, filesystem=fs, min_rows_per_file=STAGED_ROWS_PER_FILE)
         # Staged files sort in the order Ray Data wrote them: input order.
         summary = commit_staged(storage.list_files(staging) if storage.exists(staging) else [], cfg.output, start)
     finally:

@@ -12,12 +12,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+import pyarrow.fs as pafs
 import ray
 import ray.train
 from ray.train.torch import TorchTrainer
@@ -131,11 +131,6 @@ class TrainConfig:
             raise ValueError("--pruner-partitions must be >= 1")
 
 
-def read_keys(url: str) -> list[str]:
-    """The non-empty lines of a text file of keys."""
-    return [line.strip() for line in storage.read_bytes(url).decode().splitlines() if line.strip()]
-
-
 def parse_params(pairs: tuple[str, ...]) -> dict:
     """``("loss_weight=0.3", "loss_ramp_epochs=2")`` -> ``{"loss_weight": 0.3, "loss_ramp_epochs": 2}``."""
     params = {}
@@ -232,7 +227,7 @@ def fit(cfg: TrainConfig) -> dict:
                                   policy_params=parse_params(cfg.policy_params),
                                   max_reports_in_flight=cfg.max_reports_in_flight, name=actor_name(run_id),
                                   num_partitions=cfg.pruner_partitions,
-                                  reference_keys=read_keys(cfg.reference_keys) if cfg.reference_keys else None)
+                                  reference_keys=cfg.reference_keys)
     log.info("policy %s with %s", cfg.policy, pruning.params or "its defaults")
     loop_config = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
     # A ref, not the arrays: only a retry before the first checkpoint reads it.
@@ -242,10 +237,9 @@ def fit(cfg: TrainConfig) -> dict:
                        epochs=cfg.stop_after if cfg.stop_after else cfg.epochs, plan_epochs=cfg.epochs)
     result = run_trainer(cfg, train_loop_per_worker, loop_config, build_datasets(cfg, pruning, classes, templates),
                          f"mmdp-{run_id}")
-    with result.checkpoint.as_directory() as d:
-        history = json.load(open(os.path.join(d, "history.json")))
-        plans = json.load(open(os.path.join(d, "plans.json")))
-        _copy_checkpoint(d, storage.join(cfg.out, "checkpoint"))
+    history = _checkpoint_json(result.checkpoint, "history.json")
+    plans = _checkpoint_json(result.checkpoint, "plans.json")
+    _copy_checkpoint(result.checkpoint, storage.join(cfg.out, "checkpoint"))
     pruning.shutdown()
     totals = {
         "epochs": len(history),
@@ -271,7 +265,13 @@ def _ingest_options(cfg: TrainConfig):
     return options
 
 
-def _copy_checkpoint(local_dir: str, url: str) -> None:
-    for name in sorted(os.listdir(local_dir)):
-        with open(os.path.join(local_dir, name), "rb") as f:
-            storage.write_bytes(f.read(), storage.join(url, name))
+def _checkpoint_json(checkpoint: ray.train.Checkpoint, name: str):
+    with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{name}") as f:
+        return json.loads(f.read())
+
+
+def _copy_checkpoint(checkpoint: ray.train.Checkpoint, url: str) -> None:
+    """Copy the checkpoint's files to ``url``, streamed store to store (the pruner state is never in memory here)."""
+    fs, path = storage.filesystem_for(url)
+    fs.create_dir(path, recursive=True)
+    pafs.copy_files(checkpoint.path, path, source_filesystem=checkpoint.filesystem, destination_filesystem=fs)

@@ -42,6 +42,7 @@ import numpy as np
 from pipeline import storage
 from pipeline.data.contract import KEY
 from pipeline.score.quality import estimate_noise_fraction
+from pipeline.train.stages import encode_keys, sorted_lookup
 
 # Policies that exclude a share of the samples as noise: the share is estimated
 # from the consistency scores unless given.
@@ -49,14 +50,16 @@ NOISE_POLICIES = ("mmdp", "clip_cut")
 
 
 def load_index(scores_url: str, signal: str = "auto") -> tuple[np.ndarray, np.ndarray, str]:
-    """Sorted keys of the scored rows, their consistency, and the signal used.
+    """Sorted keys of the scored rows (UTF-8 bytes), their consistency, and the signal used.
 
     The score job gave every scored row a dense ``index`` in key order, so the
-    sorted key array *is* the key -> index map (by binary search).
+    sorted key array *is* the key -> index map (by binary search). Keys are
+    fixed-width bytes: a quarter of the memory of NumPy's unicode strings for
+    ASCII keys, and the same order as the score job's (byte-wise UTF-8).
     """
     table = storage.read_table(storage.join(scores_url, "scores"))  # scored rows only: rejects are apart
     order = np.argsort(table.column("index").to_numpy())
-    keys = table.column(KEY).to_numpy(zero_copy_only=False).astype(str)[order]
+    keys = encode_keys(table.column(KEY).to_numpy(zero_copy_only=False))[order]
     if signal == "auto":
         margin = table.column("clip_margin").to_numpy(zero_copy_only=False)
         signal = "clip_margin" if len(margin) and not np.isnan(margin).all() else "clip_score"
@@ -65,20 +68,41 @@ def load_index(scores_url: str, signal: str = "auto") -> tuple[np.ndarray, np.nd
 
 
 def key_indices(keys: np.ndarray, wanted) -> np.ndarray:
-    """The dense indices of ``wanted`` keys in the sorted ``keys`` of the score table.
+    """The dense indices of ``wanted`` keys in the sorted ``keys`` (bytes) of the score table.
 
     Raises:
         InputError: a key the score table does not hold (rejected, or not in the data).
     """
-    from pipeline.train.stages import sorted_lookup
-
-    wanted = np.asarray(list(wanted), dtype=str)
-    at, found = sorted_lookup(keys, wanted)
-    unknown = wanted[~found]
-    if len(unknown):
+    wanted = list(wanted)
+    at, found = sorted_lookup(keys, encode_keys(wanted))
+    unknown = [k for k, ok in zip(wanted, found) if not ok]
+    if unknown:
         raise storage.InputError(f"{len(unknown)} of {len(wanted)} reference keys are not scored rows "
                                  f"(first: {unknown[0]!r})")
     return at.astype(np.int64)
+
+
+def read_index(scores_url: str, signal: str, reference_keys, estimate_noise: bool):
+    """The score table as the pruner and the index stage need it (runs in a Ray task, not on the driver).
+
+    Returns:
+        (sorted keys, consistency, reference indices or None, meta): meta
+        holds ``num_samples``, ``signal`` and the estimated ``noise_fraction``
+        (None unless asked). ``reference_keys`` is a list of keys or the URL
+        of a text file of them, one a line.
+    """
+    keys, consistency, signal = load_index(scores_url, signal)
+    if isinstance(reference_keys, str):
+        reference_keys = read_keys(reference_keys)
+    reference = None if reference_keys is None else key_indices(keys, reference_keys)
+    meta = {"num_samples": len(keys), "signal": signal,
+            "noise_fraction": round(estimate_noise_fraction(consistency), 4) if estimate_noise else None}
+    return keys, consistency, reference, meta
+
+
+def read_keys(url: str) -> list[str]:
+    """The non-empty lines of a text file of keys."""
+    return [line.strip() for line in storage.read_bytes(url).decode().splitlines() if line.strip()]
 
 
 class Pruning:
@@ -86,7 +110,7 @@ class Pruning:
 
     Build it on the driver with :meth:`from_scores`; pass it to the workers in
     ``train_loop_config`` (it pickles to its name and settings: the actor is
-    found by name, the key array stays on the driver).
+    found by name; the key array is in the object store, read by the index stage).
 
     Attributes:
         name: the pruning actor's name.
@@ -103,7 +127,7 @@ class Pruning:
         self.max_reports_in_flight = max_reports_in_flight
         self.epoch: int | None = None
         self.kept, self.weight_mean = num_samples, 1.0
-        self._keys: np.ndarray | None = None
+        self._keys = None  # the sorted keys' object reference (driver only)
         self._actor = self._reporter = None
 
     @classmethod
@@ -126,25 +150,31 @@ class Pruning:
             policy_params: more knobs for the policy.
             max_reports_in_flight: loss reports a worker may have unacknowledged.
             name: the actor's name (default: a fresh one).
-            reference_keys: keys of rows known to be clean, for policies that
-                compare loss trajectories with theirs (``trajectory``; ~1% of the rows).
+            reference_keys: keys of rows known to be clean (a list, or the URL of
+                a text file of them, one a line), for policies that compare loss
+                trajectories with theirs (``trajectory``; ~1% of the rows).
             num_partitions: partition actors the per-sample state is split over
                 (default: one per :data:`~pipeline.prune.actor.PARTITION_SIZE` samples).
         """
+        import ray
+
         from pipeline.prune.actor import actor_name, create_pruner
 
-        keys, consistency, signal = load_index(scores, signal)
         params = dict(policy_params or {})
+        estimate = policy in NOISE_POLICIES and "noise_fraction" not in params and noise_fraction is None
+        # Per-row arrays stay in the object store: the pruning actor and the index stage take them by reference.
+        keys, consistency, reference, meta = ray.remote(num_returns=4)(read_index).remote(
+            scores, signal, reference_keys, estimate)
+        meta = ray.get(meta)
         if policy in NOISE_POLICIES and "noise_fraction" not in params:
-            params["noise_fraction"] = (noise_fraction if noise_fraction is not None
-                                        else round(estimate_noise_fraction(consistency), 4))
+            params["noise_fraction"] = noise_fraction if noise_fraction is not None else meta["noise_fraction"]
         name = name or actor_name(uuid.uuid4().hex[:8])
-        pruning = cls(name, len(keys), policy, params, signal, max_reports_in_flight)
+        pruning = cls(name, meta["num_samples"], policy, params, meta["signal"], max_reports_in_flight)
         # The driver's handle keeps the actor alive (Ray ends an actor with its creator's last handle).
-        reference = None if reference_keys is None else key_indices(keys, reference_keys)
-        pruning._actor = create_pruner(name, num_samples=len(keys), policy=policy, keep_ratio=keep_ratio,
+        pruning._actor = create_pruner(name, num_samples=meta["num_samples"], policy=policy, keep_ratio=keep_ratio,
                                        epochs=epochs, seed=seed, consistency=consistency,
-                                       policy_params=params or None, reference=reference,
+                                       policy_params=params or None,
+                                       reference=None if reference_keys is None else reference,
                                        num_partitions=num_partitions)
         pruning._keys = keys
         return pruning

@@ -30,13 +30,29 @@ def sorted_lookup(sorted_values: np.ndarray, wanted: np.ndarray) -> tuple[np.nda
     return pos, found
 
 
-def index_stage(batch: dict, keys: np.ndarray, key: str = KEY) -> dict:
+def encode_keys(keys) -> np.ndarray:
+    """Keys (str) as a fixed-width bytes array of their UTF-8, for :func:`~pipeline.train.stages.sorted_lookup`."""
+    return np.char.encode(np.asarray(keys, dtype=str), "utf-8") if len(keys) else np.zeros(0, dtype="S1")
+
+
+def index_stage(batch: dict, keys, key: str = KEY) -> dict:
     """Attach the dense sample ``index`` by the ``key`` column; rows the score table lacks (rejected) leave here.
 
-    Every column is kept, the key too.
+    ``keys``: the score table's sorted keys as UTF-8 bytes, or the object
+    reference of them (read once per process, zero-copy from the object
+    store). Every column is kept, the key too.
     """
-    pos, found = sorted_lookup(keys, batch[key].astype(str))
+    if not isinstance(keys, np.ndarray):
+        keys = _resolved(keys)
+    pos, found = sorted_lookup(keys, encode_keys(batch[key]))
     return {"index": pos[found].astype(np.int64), **{k: v[found] for k, v in batch.items()}}
+
+
+@functools.lru_cache(maxsize=2)
+def _resolved(ref):
+    import ray
+
+    return ray.get(ref)
 
 
 def key_hash(keys) -> np.ndarray:
