@@ -12,6 +12,12 @@ Local::
 
     python -m benchmarks.score_shards --rows 10000 --shards 100,1000
     python -m benchmarks.score_shards --rows 500000,2000000 --shards 100
+    python -m benchmarks.score_shards --rows 50000 --shards 100,5000 --store s3
+
+``--store s3`` puts the shards and the output on a loopback S3 server
+(moto's server mode, from the test extras) and reports, from each job's
+summary, the delay from its start to the first scored row: with thousands of
+shards, listing and footer reads come before it.
 
 On a cluster it measures the node it runs on: each score job still starts
 its own Ray there (``RAY_ADDRESS=local``), as it does locally::
@@ -46,6 +52,8 @@ class BenchScoreShardsConfig:
     batch_size: int = option(256, "the score job's --batch-size")
     interval: float = option(0.2, "seconds between memory samples")
     workdir: str | None = option(None, "folder for shards and outputs; none: a temp dir")
+    store: str = option("local", "where shards and outputs live: local, or s3 (a loopback S3 server)",
+                        choices=("local", "s3"))
 
     def __post_init__(self):
         if not self.shards or any(c < 1 or r % c for c in self.shards for r in self.rows):
@@ -55,22 +63,47 @@ class BenchScoreShardsConfig:
 
 
 def prepare(folder: str, row_counts: list[int], shard_counts: list[int], seed: int = 0) -> tuple[dict, str]:
-    """Shards of every (rows, shards) layout, and a checkpoint: ({(rows, shards): folder}, checkpoint)."""
+    """Shards of every (rows, shards) layout, and a checkpoint: ({(rows, shards): URL}, checkpoint).
+
+    ``folder`` is a local folder or an ``s3://`` URL (the checkpoint goes beside the shards, locally).
+    """
     from pipeline import storage
     from pipeline.score.clip_models import load_clip, save_checkpoint
-    from pipeline.data.reference import make_synthetic
 
     inputs = {}
     for rows in row_counts:
-        train = make_synthetic(2 * rows + 8, seed=seed).splits["train"].slice(0, rows)
+        train = synthetic_rows(rows, seed)
         for count in shard_counts:
-            inputs[rows, count] = os.path.join(folder, f"rows-{rows}-shards-{count}")
+            inputs[rows, count] = storage.join(folder, f"rows-{rows}-shards-{count}")
             storage.write_shards(train, inputs[rows, count], rows_per_shard=-(-rows // count))
             assert len(storage.list_files(inputs[rows, count])) == count, "rows must divide into the shard counts"
-    ckpt = os.path.join(folder, "tiny.pt")
+    ckpt = os.path.join(tempfile.mkdtemp(prefix="mmdp-bench-ckpt-"), "tiny.pt")
     model, _, _ = load_clip("mmdp-tiny")
     save_checkpoint(model, ckpt, "mmdp-tiny")
     return inputs, ckpt
+
+
+# Distinct synthetic images drawn; larger layouts repeat them under new keys
+# (the job's cost per row is the same, and drawing millions takes long).
+DISTINCT_ROWS = 20_000
+
+
+def synthetic_rows(rows: int, seed: int = 0):
+    """``rows`` synthetic training rows with distinct keys (images repeat past :data:`DISTINCT_ROWS`)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from pipeline.data.contract import KEY
+    from pipeline.data.reference import make_synthetic
+
+    base = make_synthetic(2 * min(rows, DISTINCT_ROWS) + 8, seed=seed).splits["train"]
+    base = base.slice(0, min(rows, base.num_rows))
+    copies = []
+    for copy in range(-(-rows // base.num_rows)):
+        part = base.slice(0, min(base.num_rows, rows - copy * base.num_rows))
+        keys = pc.binary_join_element_wise(part.column(KEY), pa.scalar(f"{copy:05d}"), "-")
+        copies.append(part.set_column(part.schema.get_field_index(KEY), KEY, keys))
+    return pa.concat_tables(copies)
 
 
 def measure(input_dir: str, ckpt: str, out: str, batch_size: int, interval: float) -> dict:
@@ -88,12 +121,14 @@ def measure(input_dir: str, ckpt: str, out: str, batch_size: int, interval: floa
     wall = time.perf_counter() - started
     if proc.returncode:
         raise RuntimeError(f"score job failed ({proc.returncode}):\n{log[-3000:]}")
-    with open(os.path.join(out, "summary.json")) as f:
-        summary = json.load(f)
+    from pipeline import storage
+
+    summary = storage.read_json(storage.join(out, "summary.json"))
     return {"peak_rss_gb": round(peak.peak_rss / 2**30, 3), "peak_pss_gb": round(peak.peak_pss / 2**30, 3),
             "driver_peak_pss_gb": round(peak.peak_root_pss / 2**30, 3),
             "peak_processes": peak.peak_procs, "samples": peak.samples, "wall_s": round(wall, 1),
             "rows": summary["rows_in"], "job_seconds": summary["seconds"],
+            "first_row_seconds": summary.get("first_row_seconds"),
             "pairs_per_second": summary["pairs_per_second"], "loadavg_start": load}
 
 
@@ -103,12 +138,18 @@ def main(argv=None) -> int:
 
 def run(cfg: BenchScoreShardsConfig) -> None:
     """Each layout's score job, measured; a JSON line each, then the ratios to the first layout."""
+    from pipeline import storage
+
     layouts = [(rows, count) for rows in cfg.rows for count in cfg.shards]
-    folder = cfg.workdir or tempfile.mkdtemp(prefix="mmdp-bench-shards-")
+    server = None
+    if cfg.store == "s3":
+        server, folder = loopback_s3()
+    else:
+        folder = cfg.workdir or tempfile.mkdtemp(prefix="mmdp-bench-shards-")
     inputs, ckpt = prepare(folder, list(cfg.rows), list(cfg.shards))
     results = {}
     for rows, count in layouts:
-        results[rows, count] = measure(inputs[rows, count], ckpt, os.path.join(folder, f"out-{rows}-{count}"),
+        results[rows, count] = measure(inputs[rows, count], ckpt, storage.join(folder, f"out-{rows}-{count}"),
                                        cfg.batch_size, cfg.interval)
         print(json.dumps({"rows": rows, "shards": count, **results[rows, count], "config": asdict(cfg)}), flush=True)
     base = results[layouts[0]]
@@ -118,7 +159,25 @@ def run(cfg: BenchScoreShardsConfig) -> None:
               f"peak RSS x{r['peak_rss_gb'] / base['peak_rss_gb']:.3f}, "
               f"peak PSS x{r['peak_pss_gb'] / base['peak_pss_gb']:.3f}, "
               f"driver peak PSS x{r['driver_peak_pss_gb'] / base['driver_peak_pss_gb']:.3f}, "
-              f"throughput x{r['pairs_per_second'] / base['pairs_per_second']:.3f}")
+              f"throughput x{r['pairs_per_second'] / base['pairs_per_second']:.3f}, "
+              f"first scored row x{r['first_row_seconds'] / base['first_row_seconds']:.3f}")
+    if server is not None:
+        server.stop()
+
+
+def loopback_s3():
+    """A moto S3 server on 127.0.0.1, its endpoint and fake credentials in the environment
+    (score jobs started from here inherit them), and a fresh bucket: (server, bucket URL)."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    os.environ.update(AWS_ACCESS_KEY_ID="mmdp-bench", AWS_SECRET_ACCESS_KEY="mmdp-bench",
+                      AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL=f"http://{host}:{port}")
+    boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"]).create_bucket(Bucket="mmdp-bench")
+    return server, "s3://mmdp-bench/shards"
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ did when its driver read the staged rows back): a key's first row keeps it,
 later rows are duplicates, and the ``ok`` rows are numbered in key order.
 """
 
+import time
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -100,7 +102,7 @@ def test_commit_in_the_cluster_equals_the_rule(ray_local, tmp_path):
         storage.write_table(table.slice(start, 100), url)
         staged.append(url)
     out = str(tmp_path / "out")
-    summary = commit.commit_staged(staged, out, started=0.0)
+    summary = commit.commit_staged(staged, out, started=time.time())
     scores, rejects = storage.read_table(f"{out}/scores"), storage.read_table(f"{out}/rejects")
     assert outcome(scores, rejects) == reference(table)
     assert len(storage.read_json(f"{out}/scores/_SUCCESS")["files"]) > 1  # written by several block tasks
@@ -111,7 +113,7 @@ def test_commit_in_the_cluster_equals_the_rule(ray_local, tmp_path):
 
 
 def test_nothing_staged_commits_empty_tables(ray_local, tmp_path):
-    summary = commit.commit_staged([], str(tmp_path / "out"), started=0.0)
+    summary = commit.commit_staged([], str(tmp_path / "out"), started=time.time())
     assert summary["rows_in"] == 0
     assert storage.read_table(str(tmp_path / "out" / "scores")).num_rows == 0
     assert storage.read_table(str(tmp_path / "out" / "rejects")).num_rows == 0

@@ -36,6 +36,8 @@ from pipeline.data.validate import DUPLICATE_KEY
 
 # Input position (staged file ordinal << 32 | row) and "the key was null" (sorted as "").
 POS, NULL_KEY = "_pos", "_null_key"
+# The wall-clock time a staged row was scored (staged only, not in the output).
+SCORED_AT = "scored_at"
 SCORES, REJECTS = "scores", "rejects"
 
 
@@ -141,6 +143,8 @@ def write_block(block: pa.Table, number: int, offset: int, lose: list[str], outp
     """Write one sorted block's ``scores/`` and ``rejects/`` shards; returns their names and counts."""
     scores, rejects = split_block(block, offset, lose)
     out = {"scored": scores.num_rows, "reasons": dict(collections.Counter(rejects.column("reason").to_pylist()))}
+    if SCORED_AT in block.column_names and block.num_rows:
+        out[SCORED_AT] = pc.min(block.column(SCORED_AT)).as_py()
     for folder, table in ((SCORES, scores), (REJECTS, rejects)):
         if table.num_rows:
             name = f"part-{number:05d}.parquet"
@@ -149,8 +153,13 @@ def write_block(block: pa.Table, number: int, offset: int, lose: list[str], outp
     return out
 
 
-def finish(output: str, written: list[dict], seconds: float | None = None, **extra) -> dict:
-    """Commit ``scores/`` and ``rejects/`` (an empty shard where no block wrote one) and write the summary."""
+def finish(output: str, written: list[dict], started: float | None = None, **extra) -> dict:
+    """Commit ``scores/`` and ``rejects/`` (an empty shard where no block wrote one) and write the summary.
+
+    ``started``: the job's start (``time.time()``); the summary then gives
+    its ``seconds``, the rate, and ``first_row_seconds`` (the first scored
+    batch's delay from the start) where the rows carry their scoring time.
+    """
     reasons = collections.Counter()
     for w in written:
         reasons.update(w["reasons"])
@@ -169,14 +178,18 @@ def finish(output: str, written: list[dict], seconds: float | None = None, **ext
         "rejected_by_reason": dict(sorted(reasons.items(), key=lambda kv: -kv[1])),
         **extra,
     }
-    if seconds is not None:
+    if started is not None:
+        seconds = time.time() - started
         summary.update(seconds=round(seconds, 2),
                        pairs_per_second=round(summary["rows_in"] / seconds, 1) if seconds > 0 else None)
+        firsts = [w[SCORED_AT] for w in written if w.get(SCORED_AT) is not None]
+        if firsts:
+            summary["first_row_seconds"] = round(min(firsts) - started, 2)
     storage.write_json(summary, storage.join(output, "summary.json"))
     return summary
 
 
-def write_scores(table: pa.Table, output: str, seconds: float | None = None, **extra) -> dict:
+def write_scores(table: pa.Table, output: str, started: float | None = None, **extra) -> dict:
     """Commit a table already in memory (rows in input order) as the score job does; returns the summary.
 
     ``table`` has the scores schema's columns (``index`` is recomputed); rows
@@ -184,17 +197,17 @@ def write_scores(table: pa.Table, output: str, seconds: float | None = None, **e
     """
     block = positioned(table.select([KEY, "clip_score", "clip_margin", "status", "error"]), 0)
     _begin(output)
-    return finish(output, [write_block(block, 0, 0, [], output)], seconds, **extra)
+    return finish(output, [write_block(block, 0, 0, [], output)], started, **extra)
 
 
 def commit_staged(staged: list[str], output: str, started: float) -> dict:
     """Sort, dedupe, index and write the staged files (URLs, in input order) in the cluster; returns the summary.
 
-    ``started`` is the job's ``time.perf_counter()`` at its start (the summary's seconds count from there).
+    ``started`` is the job's ``time.time()`` at its start (the summary's seconds count from there).
     """
     _begin(output)
     if not staged:
-        return finish(output, [], time.perf_counter() - started)
+        return finish(output, [], started)
     items = [{"url": url, "ordinal": i} for i, url in enumerate(staged)]
     by_key = (ray.data.from_items(items, override_num_blocks=len(items))
               .map_batches(_read_positioned, batch_size=1, batch_format="pyarrow")
@@ -204,7 +217,7 @@ def commit_staged(staged: list[str], output: str, started: float) -> dict:
     lose, offsets = settle(edges)
     written = ray.get([_write.remote(b, i, offsets[i], lose[i], output)
                        for i, b in enumerate(blocks) if edges[i]["rows"]])
-    return finish(output, written, time.perf_counter() - started)
+    return finish(output, written, started)
 
 
 def _begin(output: str) -> None:
