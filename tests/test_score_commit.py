@@ -112,6 +112,17 @@ def test_commit_in_the_cluster_equals_the_rule(ray_local, tmp_path):
     assert outcome(*_write_in_memory(table, str(tmp_path / "mem"))) == reference(table)
 
 
+def test_one_staged_file_is_committed_by_one_task_by_the_same_rule(ray_local, tmp_path):
+    table = staged_rows(1000, 3)
+    url = str(tmp_path / "stage" / "part-000000.parquet")
+    storage.write_table(table, url)
+    out = str(tmp_path / "out")
+    summary = commit.commit_staged([url], out, started=time.time())
+    assert outcome(storage.read_table(f"{out}/scores"), storage.read_table(f"{out}/rejects")) == reference(table)
+    assert storage.read_json(f"{out}/scores/_SUCCESS")["files"] == ["part-00000.parquet"]
+    assert summary["rows_in"] == 1000 == summary["scored"] + summary["rejected"]
+
+
 def test_nothing_staged_commits_empty_tables(ray_local, tmp_path):
     summary = commit.commit_staged([], str(tmp_path / "out"), started=time.time())
     assert summary["rows_in"] == 0

@@ -108,6 +108,21 @@ def test_resumed_run_repeats_the_uninterrupted_plans(scored_ready, uninterrupted
     assert {p["epoch"]: p["kept_sha256"] for p in resumed_plans} == uninterrupted
 
 
+def test_checkpoints_every_k_epochs_and_after_the_last_and_resumes_from_them(scored_ready, uninterrupted, tmp_path):
+    data, scores = scored_ready
+    first, _ = _train(data, scores, tmp_path / "part", *COMMON, "--checkpoint-every", "2", "--stop-after", "3")
+    # Every epoch is reported; a checkpoint was saved after epoch 1 (every 2nd) and after epoch 2 (the last run).
+    assert [e["epoch"] for e in first["epochs"]] == [0, 1, 2]
+    assert [e["checkpoint"] for e in first["epochs"]] == [False, True, True]
+    saved = sorted(json.loads(open(f"{c}/history.json").read())[-1]["epoch"]
+                   for c in glob.glob(f"{tmp_path}/part/ray/*/checkpoint_*") if os.path.isdir(c))
+    assert saved == [1, 2]
+    resumed, resumed_plans = _train(data, scores, tmp_path / "resumed", *COMMON, "--checkpoint-every", "2",
+                                    "--resume-from", str(tmp_path / "part" / "checkpoint"))
+    assert [e["epoch"] for e in resumed["epochs"]] == [0, 1, 2, 3]
+    assert {p["epoch"]: p["kept_sha256"] for p in resumed_plans} == uninterrupted
+
+
 def test_trajectory_policy_reads_its_reference_keys_and_resumes_with_its_loss_history(scored_ready, tmp_path):
     """The AlignPrune baseline through jobs.train: InfoBatch's rule until three epochs of losses exist,
     then misaligned trajectories pruned; the loss history rides in the checkpoint, so a resumed run
@@ -162,8 +177,10 @@ def test_a_partitioned_pruner_gives_the_single_actor_plans(scored_ready, uninter
 
 @pytest.mark.parametrize("title, extra", [("ray::PruningActor", []), ("ray::RayTrainWorker", []),
                                           ("ray::PartitionActor", ["--pruner-partitions", "2"]),
-                                          ("ray::PruningActor", ["--pruner-partitions", "2"])],
-                         ids=["pruning-actor", "train-worker", "partition-actor", "split-pruning-actor"])
+                                          ("ray::PruningActor", ["--pruner-partitions", "2"]),
+                                          ("ray::RayTrainWorker", ["--checkpoint-every", "2"])],
+                         ids=["pruning-actor", "train-worker", "partition-actor", "split-pruning-actor",
+                              "train-worker-checkpoint-every-2"])
 def test_a_killed_process_mid_run_costs_a_retry_not_the_run_or_its_plans(scored_ready, uninterrupted, tmp_path,
                                                                          title, extra):
     data, scores = scored_ready

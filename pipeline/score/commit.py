@@ -208,6 +208,8 @@ def commit_staged(staged: list[str], output: str, started: float) -> dict:
     _begin(output)
     if not staged:
         return finish(output, [], started)
+    if len(staged) == 1:  # one block (up to the staged file size): nothing straddles, one task, no sort stage
+        return finish(output, [ray.get(_write_file.remote(staged[0], output))], started)
     items = [{"url": url, "ordinal": i} for i, url in enumerate(staged)]
     by_key = (ray.data.from_items(items, override_num_blocks=len(items))
               .map_batches(_read_positioned, batch_size=1, batch_format="pyarrow")
@@ -228,6 +230,11 @@ def _begin(output: str) -> None:
 def _read_positioned(batch: pa.Table) -> pa.Table:
     url, ordinal = batch.column("url")[0].as_py(), batch.column("ordinal")[0].as_py()
     return positioned(storage.read_table(url), ordinal)
+
+
+@ray.remote(num_cpus=1)
+def _write_file(url: str, output: str) -> dict:
+    return write_block(positioned(storage.read_table(url), 0), 0, 0, [], output)
 
 
 _edges = ray.remote(num_cpus=1)(block_edges)

@@ -81,6 +81,8 @@ class TrainConfig:
                                         "shrunk with the plan; 'batch' = batches of --batch-size, fewer steps",
                                 choices=("full", "batch"))
     eval_every: int = option(1, "evaluate on the test split every this many epochs (and always after the last)")
+    checkpoint_every: int = option(1, "checkpoint (model, optimiser, pruner state) every this many epochs and after "
+                                      "the last; a failure goes back to the last checkpoint")
     shuffle_buffer: int = option(2048, "rows each worker mixes before batching, reshuffled every epoch (0: read order)")
     # With one worker, rows arrive in file order every epoch, so a resumed run
     # repeats an uninterrupted one bit for bit; with several, which worker
@@ -123,8 +125,8 @@ class TrainConfig:
         ColumnMapping.parse(self.columns)
         if self.epochs < 1 or self.workers < 1 or self.batch_size < 1:
             raise ValueError("--epochs, --workers and --batch-size must be at least 1")
-        if self.eval_every < 1:
-            raise ValueError("--eval-every must be >= 1")
+        if self.eval_every < 1 or self.checkpoint_every < 1:
+            raise ValueError("--eval-every and --checkpoint-every must be >= 1")
         if self.shuffle_buffer < 0:
             raise ValueError("--shuffle-buffer must be >= 0")
         if self.pruner_partitions is not None and self.pruner_partitions < 1:

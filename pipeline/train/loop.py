@@ -219,6 +219,8 @@ def train_loop_per_worker(config: dict) -> None:
             "steps": steps,  # rank 0's; every rank takes as many (equal shares)
             "batch_size": batch_size,
             "restarts": restarts,  # times the run went back to a checkpoint (or its start) after a failure
+            # A failure goes back to the last epoch with a checkpoint (every checkpoint_every-th, and the last).
+            "checkpoint": (epoch + 1) % cfg["checkpoint_every"] == 0 or epoch + 1 == cfg["epochs"],
         }
         checkpoint_dir = None
         if rank == 0:
@@ -227,12 +229,14 @@ def train_loop_per_worker(config: dict) -> None:
             # The plan log goes into the checkpoint too: a restarted pruner
             # only remembers the epochs it planned itself.
             plans = [p for p in plans if p["epoch"] < epoch] + ray.get(pruner.plan_log.remote(epoch=epoch))
-            checkpoint_dir = tempfile.mkdtemp(prefix="mmdp-ckpt-")
-            save_train_state(checkpoint_dir, model, opt, sched, epoch)
-            _save_pruner_state(checkpoint_dir, pruner, incarnation, epoch)
-            for name, value in (("history.json", history), ("plans.json", plans)):
-                with open(os.path.join(checkpoint_dir, name), "w") as f:
-                    json.dump(value, f)
+            _check_incarnation(pruner, incarnation, epoch)
+            if metrics["checkpoint"]:
+                checkpoint_dir = tempfile.mkdtemp(prefix="mmdp-ckpt-")
+                save_train_state(checkpoint_dir, model, opt, sched, epoch)
+                _save_pruner_state(checkpoint_dir, pruner, incarnation, epoch)
+                for name, value in (("history.json", history), ("plans.json", plans)):
+                    with open(os.path.join(checkpoint_dir, name), "w") as f:
+                        json.dump(value, f)
             done = [h["epoch_seconds"] for h in history if h["epoch"] >= start_epoch]
             left = (cfg["epochs"] - epoch - 1) * sum(done) / len(done)
             accuracy = _accuracy_text(metrics)
@@ -331,12 +335,18 @@ def _save_pruner_state(directory: str, pruner, incarnation, epoch: int) -> None:
     import ray
 
     state = ray.get(pruner.state_dict.remote())
+    _check_incarnation(pruner, incarnation, epoch)  # the state is of the actor this attempt trained against
+    torch.save({k: torch.from_numpy(np.asarray(v)) if isinstance(v, np.ndarray) else v for k, v in state.items()},
+               os.path.join(directory, "pruner.pt"))
+
+
+def _check_incarnation(pruner, incarnation, epoch: int) -> None:
+    import ray
+
     if ray.get(pruner.info.remote())["incarnation"] != incarnation:
         # Its losses for this epoch (and its plan) are gone: fail the
         # attempt, and Ray Train restarts it from the last checkpoint.
         raise PrunerRestartedError(f"the pruning actor restarted during epoch {epoch}")
-    torch.save({k: torch.from_numpy(np.asarray(v)) if isinstance(v, np.ndarray) else v for k, v in state.items()},
-               os.path.join(directory, "pruner.pt"))
 
 
 class PrunerRestartedError(RuntimeError):
