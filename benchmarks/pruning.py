@@ -59,6 +59,7 @@ from pipeline import storage
 from pipeline.cli import HELP, connect_ray, execute, option, run_job
 from pipeline.data import reference
 from pipeline.data.noise import parse_noise_spec, stream_rng
+from pipeline.prune.budget import DEFAULT_KEEP_RATIO
 
 # Run order in a cell: mmdp before the fixed-ratio baselines, which run at its measured compute.
 POLICIES = ("full", "mmdp", "infobatch", "infobatch_exact", "trajectory", "clip_cut", "clip_filter", "random")
@@ -79,8 +80,8 @@ class BenchPruningConfig:
                                     "comma-separated noise settings; join the kinds of one setting with +, "
                                     "e.g. symmetric:0.2+caption:0.05")
     policies: tuple[str, ...] = option((*POLICIES, ORACLE), "policies to train, and oracle")
-    keep_ratio: float = option(0.5, "mmdp's --keep-ratio (jobs.train's default): the least share of the rows not "
-                                    "excluded as noise an epoch trains on")
+    keep_ratio: float = option(DEFAULT_KEEP_RATIO, "mmdp's --keep-ratio (jobs.train's default): the budget, share of "
+                                                   "full's sample passes a pruning epoch spends at most")
     baseline_keep_ratio: float | None = option(
         None, "keep ratio of random, clip_filter and infobatch_exact; none = mmdp's measured share of full's "
               "sample passes in the same cell (equal compute)")

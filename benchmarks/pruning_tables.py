@@ -114,7 +114,7 @@ def markdown(result: dict) -> str:
         return _clip_markdown(result)
     zero_shot = s.get("clip_zero_shot_accuracy")
     lines = [f"# Pruning benchmark ({'synthetic' if s['synthetic'] else 'Fashion-MNIST'})", "",
-             f"Pool {s['pool_size']} rows, {s['epochs']} epochs, mmdp keep ratio {s['keep_ratio']} of the eligible rows, "
+             f"Pool {s['pool_size']} rows, {s['epochs']} epochs, mmdp budget {s['keep_ratio']} of full's sample passes, "
              f"fixed-ratio baselines (random, clip_filter, infobatch_exact) at "
              f"{s['baseline_keep_ratio'] or MATCHED}, {s['workers']} workers, "
              f"step schedule {s['step_schedule']}, "
@@ -180,7 +180,7 @@ def _clip_markdown(result: dict) -> str:
     lines = [f"# Pruning benchmark, contrastive task ({'synthetic' if s['synthetic'] else 'Fashion-MNIST'} "
              "image-caption pairs)", "",
              f"Pool {s['pool_size']} pairs, {s['epochs']} epochs of open_clip {s['model']} trained "
-             f"from scratch (jobs.train --task clip), mmdp keep ratio {s['keep_ratio']} of the eligible rows, "
+             f"from scratch (jobs.train --task clip), mmdp budget {s['keep_ratio']} of full's sample passes, "
              f"fixed-ratio baselines at {s['baseline_keep_ratio'] or MATCHED}, {s['workers']} workers, "
              f"batch {s['batch_size']} per worker, step schedule {s['step_schedule']}, seeds {s['seeds']}; "
              f"scores: {s['clip_model']} {s['clip_pretrained'] or '(random init)'} in {s['mode']} mode"

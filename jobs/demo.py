@@ -31,6 +31,7 @@ from typing import ClassVar
 
 from pipeline import storage
 from pipeline.cli import log, option, run_job
+from pipeline.prune.budget import DEFAULT_KEEP_RATIO
 from pipeline.prune.policies import POLICIES
 
 @dataclass(frozen=True)
@@ -45,7 +46,8 @@ class DemoConfig:
     reference_rows: int = option(5000, "clean rows the reference CLIP model is trained on")
     clip_epochs: int = option(8, "reference CLIP pre-training epochs")
     policies: tuple[str, ...] = option(("full", "mmdp"), "policies to train, comma-separated")
-    keep_ratio: float = option(0.5, "--keep-ratio of jobs.train: share kept per epoch (random, clip_filter); least share of the eligible (mmdp)")
+    keep_ratio: float = option(DEFAULT_KEEP_RATIO, "--keep-ratio of jobs.train: the budget, share of full's sample "
+                                                   "passes a pruning epoch spends")
     epochs: int = option(8, "training epochs per policy")
     workers: int = option(2, "Ray Train workers")
     seed: int = option(0, "seed for the data, the models and the plans")

@@ -3,7 +3,7 @@
 Local (Ray starts on this machine)::
 
     python -m jobs.train --data data/fmnist --scores runs/scores --policy mmdp \\
-        --keep-ratio 0.5 --epochs 20 --workers 2 --seed 0 --out runs/mmdp
+        --keep-ratio 0.6 --epochs 20 --workers 2 --seed 0 --out runs/mmdp
 
 On a cluster::
 

@@ -18,6 +18,7 @@ from benchmarks.pruning_eval import ORACLE_REASON, shift_image
 from pipeline import storage
 from pipeline.cli import config_parser, parse_config
 from pipeline.data.reference import encode_png
+from pipeline.prune.budget import DEFAULT_KEEP_RATIO
 from pipeline.score.clip_models import TINY_MODEL, load_clip, save_checkpoint
 
 POOL, EPOCHS, WORKERS = 96, 2, 2
@@ -51,7 +52,7 @@ def test_bench_runs_every_policy_and_the_oracle_on_clean_rows_only(ray_session, 
     assert 0.0 <= runs["trajectory"]["noisy_in_final_plan"] <= 1.0
     # random, a fixed-ratio baseline, trains at mmdp's measured share of full's sample passes.
     share = runs["mmdp"]["samples_forwarded"] / (POOL * EPOCHS)
-    assert runs["random"]["keep_ratio"] == round(share, 4) and runs["mmdp"]["keep_ratio"] == 0.5
+    assert runs["random"]["keep_ratio"] == round(share, 4) and runs["mmdp"]["keep_ratio"] == DEFAULT_KEEP_RATIO
     assert abs(runs["random"]["samples_forwarded"] - runs["mmdp"]["samples_forwarded"]) <= 2 * EPOCHS
     for run in runs.values():
         assert 0.0 <= run["final_test_accuracy"] <= 1.0 and 0.0 <= run["shifted_test_accuracy"] <= 1.0

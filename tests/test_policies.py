@@ -104,20 +104,23 @@ def test_fixed_ratio_policies_keep_exactly_round_keep_ratio_n(name, keep_ratio):
             assert (np.diff(kept) > 0).all() and (weights > 0).all()
 
 
-@pytest.mark.parametrize("keep_ratio", [0.3, 0.6, 0.9])
-def test_mmdp_budget_is_a_share_of_the_eligible_samples_and_holds_exactly(keep_ratio):
-    """Excluded noise costs nothing: a pruning epoch trains on round(keep_ratio * eligible)
-    samples when enough of them are well-learned, else prunes every well-learned one it may
-    (max_prune_prob of them) and trains on more; probes (weight 0) come on top."""
+@pytest.mark.parametrize("keep_ratio", [0.3, 0.6, 0.65, 0.9])
+def test_mmdp_budget_is_a_share_of_full_and_the_excluded_noise_is_its_first_saving(keep_ratio):
+    """A pruning epoch trains on round(keep_ratio * n) samples: the excluded 30% count as saved, so
+    only what they did not save is pruned from the well-learned (at most max_prune_prob of them:
+    then it trains on more); with the budget at or above the eligible share, nothing clean is pruned.
+    Probes (weight 0) come on top."""
     policy = P.make_policy("mmdp", noise_fraction=0.3, max_prune_prob=0.9, probe_every=8)
     state = make_state(keep_ratio=keep_ratio, seen_frac=1.0)
     for epoch in (1, 5):
         clean = eligible(state, epoch, noise_fraction=0.3)
         well = int((clean & (state.loss < state.loss[clean].mean(dtype=np.float64))).sum())
-        target = int(np.floor(keep_ratio * clean.sum() + 0.5))
+        target = int(np.floor(keep_ratio * N + 0.5))
         kept, weights = select(policy, state, epoch)
         trained = weights > 0
-        assert trained.sum() == max(target, clean.sum() - int(np.floor(0.9 * well + 0.5)))
+        assert trained.sum() == min(clean.sum(), max(target, clean.sum() - int(np.floor(0.9 * well + 0.5))))
+        if keep_ratio >= 0.7:
+            assert trained.sum() == clean.sum() and (weights[trained] == 1).all()
         probed = ~clean & (np.arange(N) % policy.probe_every == epoch % policy.probe_every)
         np.testing.assert_array_equal(kept[~trained], np.flatnonzero(probed))
 

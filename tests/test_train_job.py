@@ -20,6 +20,7 @@ from jobs import train as train_job
 from pipeline import storage
 from pipeline.train.loop import cosine_lr, epoch_batch_size
 from pipeline.data.reference import make_synthetic, write_dataset
+from pipeline.prune.budget import DEFAULT_KEEP_RATIO
 from benchmarks.procmem import tree
 from shardfiles import write_img2dataset
 
@@ -228,12 +229,14 @@ def test_own_loop_example_trains_its_own_model_on_the_plans(scored_ready, tmp_pa
     assert all((n - excluded) // 2 <= e["plan_kept"] <= n - excluded for e in epochs[1:])
     # Its plans are jobs.train's: the same seed and policy give the same epoch 0 (mmdp's later plans
     # follow each model's own losses), and every epoch alike where the policy does not look at losses.
-    _, job_plans = _train(data, scores, tmp_path / "job", "--policy", "mmdp", "--epochs", "3", "--workers", "1")
+    # The example takes the API's default budget; _train's 0.5 gives way to it.
+    budget = ["--keep-ratio", str(DEFAULT_KEEP_RATIO)]
+    _, job_plans = _train(data, scores, tmp_path / "job", "--policy", "mmdp", "--epochs", "3", "--workers", "1", *budget)
     assert summary["plans"][0]["kept_sha256"] == job_plans[0]["kept_sha256"]
     random = own_loop.main(["--data", data, "--scores", scores, "--out", str(tmp_path / "ray-random"), "--epochs", "3",
                             "--workers", "1", "--batch-size", "32", "--policy", "random", "--seed", "4"])
     _, job_plans = _train(data, scores, tmp_path / "job-random", "--policy", "random", "--epochs", "3",
-                          "--workers", "1", "--seed", "4")
+                          "--workers", "1", "--seed", "4", *budget)
     digests = [p["kept_sha256"] for p in random["plans"]]
     assert len(set(digests)) == 3 and digests == [p["kept_sha256"] for p in job_plans]
 

@@ -1,7 +1,7 @@
 """The pruner as a named Ray actor, and the worker-side loss reporter.
 
     name = actor_name(run_id)                                    # "mmdp-pruner-<run_id>"
-    create_pruner(name, num_samples=n, policy="mmdp", keep_ratio=0.5,
+    create_pruner(name, num_samples=n, policy="mmdp", keep_ratio=0.6,
                   epochs=20, seed=0, consistency=scores)          # driver
     actor = get_pruner(name)                                      # anywhere in the job
     ray.get(actor.start_epoch.remote(epoch))                      # once, before the epoch
@@ -37,6 +37,7 @@ import warnings
 import numpy as np
 import ray
 
+from pipeline.prune.budget import DEFAULT_KEEP_RATIO
 from pipeline.prune.partitions import even_bounds, split_by_bounds
 from pipeline.prune.plan_log import PlanLog
 from pipeline.prune.pruner import Pruner, check_losses
@@ -80,7 +81,7 @@ class PruningActor:
         One partition means no partition actors: the state lives in this actor.
     """
 
-    def __init__(self, num_samples: int, policy: str = "mmdp", keep_ratio: float = 0.5,
+    def __init__(self, num_samples: int, policy: str = "mmdp", keep_ratio: float = DEFAULT_KEEP_RATIO,
                  epochs: int = 20, seed: int = 0, consistency: np.ndarray | None = None,
                  loss_momentum: float = 0.5, policy_params: dict | None = None,
                  partition_size: int = PARTITION_SIZE, num_partitions: int | None = None,

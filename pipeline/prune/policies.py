@@ -25,9 +25,9 @@ function of (state, epoch, seed), whatever the partitions. With
 - ``trajectory``: loss-trajectory pruning after AlignPrune (Qin et al., CVPR
   2026) inside InfoBatch's rule: the samples whose recent losses move least
   like a small known-clean reference set's are pruned; needs that reference.
-- ``mmdp``: excludes likely noise (low consistency, then also high loss,
-  with probes so an excluded clean sample can return), then soft-prunes the
-  well-learned among the rest down to ``keep_ratio`` of them at most.
+- ``mmdp``: excludes likely noise (low consistency; optionally also high
+  loss, with probes so an excluded clean sample can return), then, if the
+  rest still exceed k, soft-prunes well-learned ones down to k at most.
 
 No Ray here.
 """
@@ -41,8 +41,7 @@ from typing import ClassVar
 import numpy as np
 
 from pipeline.prune import steps
-from pipeline.prune.budget import (LOW_CONSISTENCY, MISALIGNED, RANDOM, PlanContext, prune_well_learned, soft_prune,
-                                   target_count)
+from pipeline.prune.budget import LOW_CONSISTENCY, MISALIGNED, RANDOM, PlanContext, prune_well_learned, soft_prune
 from pipeline.prune.selection import chunks, select_smallest
 
 
@@ -319,13 +318,17 @@ class Mmdp(Policy):
        that with ``probe_every`` > 0 each is *probed* every ``probe_every``
        epochs (from epoch 1): forwarded with weight 0, so that with the loss
        mixed in, a clean sample excluded by mistake (its loss low) can return.
-    3. Of the eligible samples, those seen with a loss below the eligible mean
-       are well-learned; at most ``max_prune_prob`` of them, and no more than
-       brings the epoch down to ``keep_ratio`` of the eligible samples, are
-       pruned at random, their survivors weighted up so the expected loss sum
-       is the eligible samples' (:func:`~pipeline.prune.budget.prune_well_learned`).
-       Hard samples are never pruned; epoch 0, with no loss seen, trains on
-       every eligible sample.
+    3. The budget, ``k = round(keep_ratio * n)``, is a share of ``full``'s
+       sample passes, and the excluded noise is its first saving. Of the
+       eligible samples, those seen with a loss below the eligible mean are
+       well-learned; at most ``max_prune_prob`` of them, and no more than
+       brings the epoch down to k, are pruned at random, their survivors
+       weighted up so the expected loss sum is the eligible samples'
+       (:func:`~pipeline.prune.budget.prune_well_learned`). So the clean rows
+       lose only what the noise did not already save: with 30% excluded and
+       a budget of 0.6, a seventh of them an epoch; with as much noise as
+       ``1 - keep_ratio`` or more, none. Hard samples are never pruned;
+       epoch 0, with no loss seen, trains on every eligible sample.
     4. Epochs ``>= delta * epochs`` (none by default) keep every eligible sample, weight 1.
 
     Attributes:
@@ -375,7 +378,7 @@ class Mmdp(Policy):
         if self.probe_every and ctx.epoch >= 1:
             cluster.map(steps.mark_probes, ctx.epoch, self.probe_every)
         eligible = ctx.num_samples - noise
-        pruned = eligible - target_count(eligible, ctx.keep_ratio) if eligible else 0
+        pruned = max(0, eligible - ctx.target) if eligible else 0
         return prune_well_learned(cluster, ctx, pruned, self.max_prune_prob, noise)
 
 

@@ -1,6 +1,6 @@
 """Per-sample pruning state in dense arrays, and each epoch's plan from it.
 
-    pruner = Pruner(len(pool), policy="mmdp", keep_ratio=0.5, epochs=20, seed=0,
+    pruner = Pruner(len(pool), policy="mmdp", keep_ratio=0.6, epochs=20, seed=0,
                     consistency=scores["clip_score"])
     for epoch in range(20):
         kept, weights = pruner.plan(epoch)       # train on kept only, loss * weights
@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from pipeline.prune.budget import PlanContext
+from pipeline.prune.budget import DEFAULT_KEEP_RATIO, PlanContext
 from pipeline.prune.partitions import LocalPartitions, history_state, init_history, set_history
 from pipeline.prune.policies import Policy, make_policy, rank_normalise
 from pipeline.prune.selection import mix64
@@ -43,7 +43,10 @@ class Pruner:
         num_samples: n; samples are the indices 0..n-1.
         policy: a registered policy name (see ``pipeline.prune.policies.POLICIES``)
             or a ``Policy`` instance.
-        keep_ratio: fraction of samples a pruning epoch keeps, in (0, 1].
+        keep_ratio: the budget, a share of the samples (``full``'s passes) a
+            pruning epoch keeps, in (0, 1]: exactly for the fixed-ratio
+            policies, at most for mmdp (which keeps more when too few
+            samples are well-learned).
         epochs: total epochs of the run (annealing policies need it).
         seed: with the epoch, seeds each plan's random draws.
         consistency: optional [n] raw cross-modal scores (any scale; higher =
@@ -60,7 +63,7 @@ class Pruner:
     """
 
     def __init__(self, num_samples: int, policy: str | Policy = "mmdp",
-                 keep_ratio: float = 0.5, epochs: int = 20, seed: int = 0,
+                 keep_ratio: float = DEFAULT_KEEP_RATIO, epochs: int = 20, seed: int = 0,
                  consistency: np.ndarray | None = None, loss_momentum: float = 0.5,
                  policy_params: dict | None = None, bounds: Sequence[int] | None = None,
                  cluster: Callable | None = None, reference: np.ndarray | None = None):

@@ -25,6 +25,7 @@ from ray.train.torch import TorchTrainer
 from pipeline import storage
 from pipeline.cli import option
 from pipeline.prune.actor import actor_name
+from pipeline.prune.budget import DEFAULT_KEEP_RATIO
 from pipeline.prune.policies import POLICIES
 from pipeline.train.models import MODELS
 from pipeline.train.pruning import Pruning
@@ -58,8 +59,9 @@ class TrainConfig:
     classes: tuple[str, ...] | None = option(None, "class names (label i is the i-th); default: the dataset's "
                                                    "metadata.json (clip: optional, for zero-shot accuracy)")
     policy: str = option("mmdp", "pruning policy", choices=tuple(POLICIES))
-    keep_ratio: float = option(0.5, "share of the samples a pruning epoch trains on (random, clip_filter, "
-                                    "infobatch_exact); for mmdp, the least share of the samples not excluded as noise")
+    keep_ratio: float = option(DEFAULT_KEEP_RATIO, "the budget: share of full's sample passes a pruning epoch spends "
+                                                   "(exactly: random, clip_filter, infobatch_exact; at most: mmdp, the "
+                                                   "excluded noise first, then well-learned samples)")
     epochs: int = option(20, "training epochs (the reference protocol uses 20)")
     workers: int = option(2, "Ray Train workers")
     use_gpu: bool = option(False, "one GPU per worker")

@@ -41,6 +41,7 @@ import numpy as np
 
 from pipeline import storage
 from pipeline.data.contract import KEY
+from pipeline.prune.budget import DEFAULT_KEEP_RATIO
 from pipeline.score.quality import estimate_noise_fraction
 from pipeline.train.stages import encode_keys, sorted_lookup
 
@@ -131,7 +132,7 @@ class Pruning:
         self._actor = self._reporter = None
 
     @classmethod
-    def from_scores(cls, scores: str, *, policy: str = "mmdp", epochs: int = 20, keep_ratio: float = 0.5,
+    def from_scores(cls, scores: str, *, policy: str = "mmdp", epochs: int = 20, keep_ratio: float = DEFAULT_KEEP_RATIO,
                     seed: int = 0, signal: str = "auto", noise_fraction: float | None = None,
                     policy_params: dict | None = None, max_reports_in_flight: int = 8,
                     name: str | None = None, reference_keys=None, num_partitions: int | None = None) -> "Pruning":
