@@ -378,7 +378,7 @@ class Mmdp(Policy):
         if self.probe_every and ctx.epoch >= 1:
             cluster.map(steps.mark_probes, ctx.epoch, self.probe_every)
         eligible = ctx.num_samples - noise
-        pruned = max(0, eligible - ctx.target) if eligible else 0
+        pruned = max(0, eligible - ctx.target)
         return prune_well_learned(cluster, ctx, pruned, self.max_prune_prob, noise)
 
 

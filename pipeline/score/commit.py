@@ -227,14 +227,17 @@ def _begin(output: str) -> None:
         storage.begin_output(storage.join(output, folder))
 
 
-def _read_positioned(batch: pa.Table) -> pa.Table:
-    url, ordinal = batch.column("url")[0].as_py(), batch.column("ordinal")[0].as_py()
+def _read_staged(url: str, ordinal: int) -> pa.Table:
     return positioned(storage.read_table(url), ordinal)
+
+
+def _read_positioned(batch: pa.Table) -> pa.Table:
+    return _read_staged(batch.column("url")[0].as_py(), batch.column("ordinal")[0].as_py())
 
 
 @ray.remote(num_cpus=1)
 def _write_file(url: str, output: str) -> dict:
-    return write_block(positioned(storage.read_table(url), 0), 0, 0, [], output)
+    return write_block(_read_staged(url, 0), 0, 0, [], output)
 
 
 _edges = ray.remote(num_cpus=1)(block_edges)

@@ -102,6 +102,11 @@ def epoch_batch_size(kept: int, num_samples: int, batch_size: int, world: int, s
     return max(1, math.ceil(kept / (world * steps)))
 
 
+def due(epoch: int, every: int, last: int) -> bool:
+    """Whether epoch ``epoch`` (0-based) is an every-``every``-th one or the ``last``-th (evaluation, checkpoints)."""
+    return (epoch + 1) % every == 0 or epoch + 1 == last
+
+
 def shuffle_args(cfg: dict, epoch: int, rank: int) -> dict:
     """``iter_torch_batches`` arguments that reshuffle a worker's rows every epoch, reproducibly per (seed, epoch, rank)."""
     if not cfg["shuffle_buffer"]:
@@ -201,7 +206,7 @@ def train_loop_per_worker(config: dict) -> None:
             sched.step()
         train_seconds = time.perf_counter() - started
         evaluation = {"test_accuracy": None, "test_rows": 0}  # None: not evaluated this epoch
-        if (epoch + 1) % cfg["eval_every"] == 0 or epoch + 1 == cfg["plan_epochs"]:
+        if due(epoch, cfg["eval_every"], cfg["plan_epochs"]):
             # Each worker scores its part of the test split (by key hash): exact, and split.
             # The bare module: a DDP forward would wait for the other ranks.
             scores, test_cache = task.evaluate(unwrap(model), test_shard, test_cache, cfg["batch_size"], rank, world)
@@ -220,7 +225,7 @@ def train_loop_per_worker(config: dict) -> None:
             "batch_size": batch_size,
             "restarts": restarts,  # times the run went back to a checkpoint (or its start) after a failure
             # A failure goes back to the last epoch with a checkpoint (every checkpoint_every-th, and the last).
-            "checkpoint": (epoch + 1) % cfg["checkpoint_every"] == 0 or epoch + 1 == cfg["epochs"],
+            "checkpoint": due(epoch, cfg["checkpoint_every"], cfg["epochs"]),
         }
         checkpoint_dir = None
         if rank == 0:
@@ -229,14 +234,15 @@ def train_loop_per_worker(config: dict) -> None:
             # The plan log goes into the checkpoint too: a restarted pruner
             # only remembers the epochs it planned itself.
             plans = [p for p in plans if p["epoch"] < epoch] + ray.get(pruner.plan_log.remote(epoch=epoch))
-            _check_incarnation(pruner, incarnation, epoch)
             if metrics["checkpoint"]:
                 checkpoint_dir = tempfile.mkdtemp(prefix="mmdp-ckpt-")
                 save_train_state(checkpoint_dir, model, opt, sched, epoch)
-                _save_pruner_state(checkpoint_dir, pruner, incarnation, epoch)
+                _save_pruner_state(checkpoint_dir, pruner, incarnation, epoch)  # checks the incarnation too
                 for name, value in (("history.json", history), ("plans.json", plans)):
                     with open(os.path.join(checkpoint_dir, name), "w") as f:
                         json.dump(value, f)
+            else:
+                _check_incarnation(pruner, incarnation, epoch)
             done = [h["epoch_seconds"] for h in history if h["epoch"] >= start_epoch]
             left = (cfg["epochs"] - epoch - 1) * sum(done) / len(done)
             accuracy = _accuracy_text(metrics)
