@@ -64,6 +64,9 @@ from pipeline.prune.budget import DEFAULT_KEEP_RATIO
 # Run order in a cell: mmdp before the fixed-ratio baselines, which run at its measured compute.
 POLICIES = ("full", "mmdp", "infobatch", "infobatch_exact", "trajectory", "clip_cut", "clip_filter", "random")
 FIXED_RATIO = ("random", "clip_filter", "infobatch_exact")
+# A run's table row, written beside its outputs once evaluated; with --reuse it stands for the whole run,
+# so a stopped table resumes from these small files alone (checkpoints and plans need not be kept).
+RUN_SUMMARY = "run.json"
 
 
 @dataclass(frozen=True)
@@ -224,6 +227,9 @@ def train(train_cfg) -> dict:
 
 def run_policy(cfg: BenchPruningConfig, data: str, scores: str, out: str, policy: str, seed: int,
                keep_ratio: float | None = None) -> dict:
+    summary = storage.join(out, RUN_SUMMARY)
+    if cfg.reuse and storage.exists(summary):  # finished and evaluated: its row alone resumes it
+        return {**storage.read_json(summary), "out": out, "reused": True}
     train_cfg = train_config(cfg, data, scores, out, policy, seed, keep_ratio)
     reused = cfg.reuse and storage.is_complete(out)
     metrics = storage.read_json(storage.join(out, "metrics.json")) if reused else train(train_cfg)
@@ -232,13 +238,14 @@ def run_policy(cfg: BenchPruningConfig, data: str, scores: str, out: str, policy
         quality = {k: v for k, v in epochs[-1].items() if "recall" in k}
     else:  # the classifier's checkpoint on the driver, on the clean and the shifted test split
         quality = evaluate_checkpoint(out, data, train_cfg)
-    return {"policy": policy, "seed": seed, "out": out, "reused": bool(reused),
-            "final_test_accuracy": totals["final_test_accuracy"], **quality,
-            "noisy_in_final_plan": final_plan_noise(out, data, scores),
-            "wall_seconds": totals["wall_seconds"], "train_seconds": totals["train_seconds"],
-            "samples_forwarded": totals["samples_forwarded"], "num_samples": totals["num_samples"],
-            "missing": int(sum(e.get("plan_missing", 0) for e in epochs)), "signal": totals["signal"],
-            "keep_ratio": train_cfg.keep_ratio}
+    row = {"policy": policy, "seed": seed, "final_test_accuracy": totals["final_test_accuracy"], **quality,
+           "noisy_in_final_plan": final_plan_noise(out, data, scores),
+           "wall_seconds": totals["wall_seconds"], "train_seconds": totals["train_seconds"],
+           "samples_forwarded": totals["samples_forwarded"], "num_samples": totals["num_samples"],
+           "missing": int(sum(e.get("plan_missing", 0) for e in epochs)), "signal": totals["signal"],
+           "keep_ratio": train_cfg.keep_ratio}
+    storage.write_json(row, summary)
+    return {**row, "out": out, "reused": bool(reused)}
 
 
 def matched_keep_ratio(mmdp_run: dict | None, cfg: BenchPruningConfig) -> float:
@@ -335,7 +342,8 @@ def run(cfg: BenchPruningConfig) -> None:
                         runs.append({**cell_runs["full"], "policy": ORACLE, "same_as": "full", "noise": noise})
                         continue
                 run_dir = storage.join(cfg.out, "runs", tag, policy)
-                if not (cfg.reuse and storage.is_complete(run_dir)):
+                if not (cfg.reuse and (storage.is_complete(run_dir)
+                                       or storage.exists(storage.join(run_dir, RUN_SUMMARY)))):
                     ensure_warm(data, scores)
                 keep = None
                 if policy in FIXED_RATIO:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import glob
 import json
+import os
+import shutil
 
 import numpy as np
 import pyarrow.compute as pc
@@ -32,12 +34,13 @@ def test_bench_runs_every_policy_and_the_oracle_on_clean_rows_only(ray_session, 
     save_checkpoint(model, checkpoint, TINY_MODEL)
     storage.write_json({"zero_shot_accuracy": ZERO_SHOT}, str(tmp_path / "clip" / "metrics.json"))
     out = str(tmp_path / "bench")
-    assert bench_pruning.main([
+    args = [
         "--out", out, "--synthetic", "--pool-size", str(POOL), "--epochs", str(EPOCHS), "--seeds", "3",
         "--noise", "symmetric:0.25", "--policies", "oracle,random,mmdp,trajectory,full", "--workers", str(WORKERS),
         "--clip-model", TINY_MODEL, "--clip-pretrained", checkpoint, "--batch-size", "16",
         "--warmup-steps", "2", "--score-actor-cpus", "0.5", "--overhead-repeats", "1", "--no-warmup",
-    ]) == 0
+    ]
+    assert bench_pruning.main(args) == 0
     # The benchmark folder and every dataset, score set and run in it are committed outputs.
     assert storage.is_complete(out)
     assert storage.read_json(f"{out}/config.json")["policies"] == ["full", "mmdp", "trajectory", "random", "oracle"]
@@ -106,6 +109,19 @@ def test_bench_runs_every_policy_and_the_oracle_on_clean_rows_only(ray_session, 
     assert np.isclose(summary["oracle"]["accuracy_mean"], 100 * oracle["final_test_accuracy"], atol=1e-3)
     train_speedup = runs["full"]["train_seconds"] / oracle["train_seconds"]
     assert np.isclose(summary["oracle"]["train_speedup_vs_full"], train_speedup, atol=1e-3)
+
+    # A stopped table resumes from its runs' rows alone (run.json), kept without checkpoints or plans.
+    kept = tmp_path / "kept"
+    for row in glob.glob(f"{out}/runs/*/*/run.json"):
+        dest = kept / os.path.relpath(row, out)
+        dest.parent.mkdir(parents=True)
+        shutil.copy(row, dest)
+    assert bench_pruning.main([*args[:1], str(kept), *args[2:], "--reuse", "--skip-overhead"]) == 0
+    resumed = json.loads(open(kept / "results.json").read())
+    assert all(r["reused"] for r in resumed["runs"]) and len(resumed["runs"]) == 5
+    strip = lambda r: {k: v for k, v in r.items() if k not in ("out", "reused")}  # noqa: E731
+    assert [strip(r) for r in resumed["runs"]] == [strip(r) for r in result["runs"]]
+    assert resumed["summary"] == result["summary"]
 
 
 def test_shifted_test_copy_is_deterministic_and_differs_from_the_original():
