@@ -248,6 +248,11 @@ def run_policy(cfg: BenchPruningConfig, data: str, scores: str, out: str, policy
     return {**row, "out": out, "reused": bool(reused)}
 
 
+def finished(run_dir: str) -> bool:
+    """Whether a run needs no training to resume: committed by its fit, or already evaluated (its row kept)."""
+    return storage.is_complete(run_dir) or storage.exists(storage.join(run_dir, RUN_SUMMARY))
+
+
 def matched_keep_ratio(mmdp_run: dict | None, cfg: BenchPruningConfig) -> float:
     """mmdp's samples forwarded as a share of full's (pool x epochs): the fixed-ratio baselines' keep ratio."""
     if not mmdp_run:
@@ -342,8 +347,7 @@ def run(cfg: BenchPruningConfig) -> None:
                         runs.append({**cell_runs["full"], "policy": ORACLE, "same_as": "full", "noise": noise})
                         continue
                 run_dir = storage.join(cfg.out, "runs", tag, policy)
-                if not (cfg.reuse and (storage.is_complete(run_dir)
-                                       or storage.exists(storage.join(run_dir, RUN_SUMMARY)))):
+                if not (cfg.reuse and finished(run_dir)):
                     ensure_warm(data, scores)
                 keep = None
                 if policy in FIXED_RATIO:

@@ -116,7 +116,7 @@ def test_bench_runs_every_policy_and_the_oracle_on_clean_rows_only(ray_session, 
         dest = kept / os.path.relpath(row, out)
         dest.parent.mkdir(parents=True)
         shutil.copy(row, dest)
-    assert bench_pruning.main([*args[:1], str(kept), *args[2:], "--reuse", "--skip-overhead"]) == 0
+    assert bench_pruning.main(["--out", str(kept), *args[2:], "--reuse", "--skip-overhead"]) == 0
     resumed = json.loads(open(kept / "results.json").read())
     assert all(r["reused"] for r in resumed["runs"]) and len(resumed["runs"]) == 5
     strip = lambda r: {k: v for k, v in r.items() if k not in ("out", "reused")}  # noqa: E731
