@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import math
 import os
 import platform
@@ -226,10 +227,10 @@ def train(train_cfg) -> dict:
 
 
 def run_policy(cfg: BenchPruningConfig, data: str, scores: str, out: str, policy: str, seed: int,
-               keep_ratio: float | None = None) -> dict:
-    summary = storage.join(out, RUN_SUMMARY)
-    if cfg.reuse and storage.exists(summary):  # finished and evaluated: its row alone resumes it
-        return {**storage.read_json(summary), "out": out, "reused": True}
+               keep_ratio: float | None = None, clip_digest: str | None = None) -> dict:
+    kept = kept_row(out, clip_digest) if cfg.reuse else None
+    if kept is not None:  # finished and evaluated with this reference model: its row alone resumes it
+        return {**kept, "out": out, "reused": True}
     train_cfg = train_config(cfg, data, scores, out, policy, seed, keep_ratio)
     reused = cfg.reuse and storage.is_complete(out)
     metrics = storage.read_json(storage.join(out, "metrics.json")) if reused else train(train_cfg)
@@ -243,14 +244,31 @@ def run_policy(cfg: BenchPruningConfig, data: str, scores: str, out: str, policy
            "wall_seconds": totals["wall_seconds"], "train_seconds": totals["train_seconds"],
            "samples_forwarded": totals["samples_forwarded"], "num_samples": totals["num_samples"],
            "missing": int(sum(e.get("plan_missing", 0) for e in epochs)), "signal": totals["signal"],
-           "keep_ratio": train_cfg.keep_ratio}
-    storage.write_json(row, summary)
+           "keep_ratio": train_cfg.keep_ratio, "clip_digest": clip_digest}
+    storage.write_json(row, storage.join(out, RUN_SUMMARY))
     return {**row, "out": out, "reused": bool(reused)}
 
 
-def finished(run_dir: str) -> bool:
+def kept_row(run_dir: str, clip_digest: str | None) -> dict | None:
+    """A run's kept row, if it was scored by the same reference checkpoint (its digest); else None.
+
+    The reference CLIP model's pretraining is not bit-for-bit reproducible across
+    machines, so a row kept from a session with another checkpoint is trained again.
+    """
+    path = storage.join(run_dir, RUN_SUMMARY)
+    if not storage.exists(path):
+        return None
+    row = storage.read_json(path)
+    if row.get("clip_digest") != clip_digest:
+        print(f"    {path} was scored with reference checkpoint {row.get('clip_digest')}, not {clip_digest}: "
+              "training it again", flush=True)
+        return None
+    return row
+
+
+def finished(run_dir: str, clip_digest: str | None) -> bool:
     """Whether a run needs no training to resume: committed by its fit, or already evaluated (its row kept)."""
-    return storage.is_complete(run_dir) or storage.exists(storage.join(run_dir, RUN_SUMMARY))
+    return storage.is_complete(run_dir) or kept_row(run_dir, clip_digest) is not None
 
 
 def matched_keep_ratio(mmdp_run: dict | None, cfg: BenchPruningConfig) -> float:
@@ -274,9 +292,10 @@ def warm_up(cfg: BenchPruningConfig, data: str, scores: str, out: str) -> None:
 
 
 def _clip_info(cfg: BenchPruningConfig) -> dict:
-    """The reference model's zero-shot accuracy, and a warning if its reference split is not ours.
+    """The reference model's zero-shot accuracy and checkpoint digest, and a warning if its reference
+    split is not ours.
 
-    Both come from the pretraining job's output folder, the one holding the
+    The accuracy and the split come from the pretraining job's output folder, the one holding the
     checkpoint: ``metrics.json`` and ``config.json`` (which names its dataset).
     """
     from pipeline.report.runs import Sources
@@ -293,7 +312,8 @@ def _clip_info(cfg: BenchPruningConfig) -> dict:
         print(f"WARNING: the CLIP model was pre-trained on the reference split of seed {meta.get('seed')} "
               f"(size {meta.get('reference_size')}); this benchmark's pools come from split seed "
               f"{cfg.split_seed}: they may contain the CLIP model's training images", flush=True)
-    return {} if zero_shot is None else {"clip_zero_shot_accuracy": zero_shot}
+    digest = hashlib.sha256(storage.read_bytes(cfg.clip_pretrained)).hexdigest()[:16]
+    return {"clip_digest": digest, **({} if zero_shot is None else {"clip_zero_shot_accuracy": zero_shot})}
 
 
 def main(argv=None) -> int:
@@ -347,13 +367,13 @@ def run(cfg: BenchPruningConfig) -> None:
                         runs.append({**cell_runs["full"], "policy": ORACLE, "same_as": "full", "noise": noise})
                         continue
                 run_dir = storage.join(cfg.out, "runs", tag, policy)
-                if not (cfg.reuse and finished(run_dir)):
+                if not (cfg.reuse and finished(run_dir, setup.get("clip_digest"))):
                     ensure_warm(data, scores)
                 keep = None
                 if policy in FIXED_RATIO:
                     keep = cfg.baseline_keep_ratio or matched_keep_ratio(cell_runs.get("mmdp"), cfg)
                 began = time.perf_counter()
-                run = run_policy(cfg, data, run_scores, run_dir, policy, seed, keep)
+                run = run_policy(cfg, data, run_scores, run_dir, policy, seed, keep, setup.get("clip_digest"))
                 if not run["reused"]:
                     timed.append(time.perf_counter() - began)
                 run["noise"] = noise

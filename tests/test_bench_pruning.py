@@ -122,6 +122,17 @@ def test_bench_runs_every_policy_and_the_oracle_on_clean_rows_only(ray_session, 
     strip = lambda r: {k: v for k, v in r.items() if k not in ("out", "reused")}  # noqa: E731
     assert [strip(r) for r in resumed["runs"]] == [strip(r) for r in result["runs"]]
     assert resumed["summary"] == result["summary"]
+    assert {r["clip_digest"] for r in resumed["runs"]} == {result["setup"]["clip_digest"]}
+
+
+def test_a_kept_row_scored_by_another_reference_checkpoint_is_trained_again(tmp_path):
+    row = {"policy": "mmdp", "seed": 0, "final_test_accuracy": 0.9, "clip_digest": "0123abcd"}
+    storage.write_json(row, str(tmp_path / bench_pruning.RUN_SUMMARY))
+    assert bench_pruning.kept_row(str(tmp_path), "0123abcd") == row
+    assert bench_pruning.finished(str(tmp_path), "0123abcd")
+    assert bench_pruning.kept_row(str(tmp_path), "ffff0000") is None
+    assert not bench_pruning.finished(str(tmp_path), "ffff0000")
+    assert bench_pruning.kept_row(str(tmp_path / "missing"), "0123abcd") is None
 
 
 def test_shifted_test_copy_is_deterministic_and_differs_from_the_original():
