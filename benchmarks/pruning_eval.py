@@ -134,21 +134,18 @@ def final_plan_noise(run_dir: str, data: str, scores: str) -> float | None:
     the last one trained on. Probed rows (weight 0) are not trained on. None
     when the pool has no noisy row.
     """
-    import torch
-
-    from pipeline.prune.pruner import Pruner
+    from pipeline.prune.pruner import Pruner, read_saved, saved_reference
+    from pipeline.train.loop import PRUNER_STATE
     from pipeline.train.pruning import load_index
 
     noisy = noisy_keys(data)
     if not len(noisy):
         return None
-    state = torch.load(io.BytesIO(storage.read_bytes(storage.join(run_dir, "checkpoint", "pruner.pt"))),
-                       map_location="cpu", weights_only=True)
+    url = storage.read_json(storage.join(run_dir, "checkpoint", PRUNER_STATE))["state"]
     keys, consistency, _ = load_index(scores, "auto")
-    reference = state.get("reference")  # a loss-trajectory policy's known-clean rows
-    pruner = Pruner(**state["config"], consistency=consistency,  # the config names the constructor's arguments
-                    reference=None if reference is None else np.asarray(reference))
-    pruner.load_state_dict(state)  # takes the saved tensors as they are
+    # The config names the constructor's arguments; a loss-trajectory policy's known-clean rows are saved too.
+    pruner = Pruner(**read_saved(url)["config"], consistency=consistency, reference=saved_reference(url))
+    pruner.load(url)
     kept, weights = pruner.plan(pruner.epochs - 1)
     trained = np.char.decode(keys[kept[weights > 0]], "utf-8")
     return float(pc.is_in(pa.array(trained), value_set=noisy).to_numpy(zero_copy_only=False).mean()) if len(trained) else 0.0

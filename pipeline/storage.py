@@ -181,6 +181,16 @@ def _read_all(fs: pafs.FileSystem, path: str) -> bytes:
         return f.read()
 
 
+def remove(url: str) -> None:
+    """Delete the file or folder (with its content) at ``url``; nothing there is not an error."""
+    fs, path = filesystem_for(url)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.Directory:
+        fs.delete_dir(path)
+    elif info.type != pafs.FileType.NotFound:
+        fs.delete_file(path)
+
+
 def write_json(obj, url: str) -> None:
     write_bytes(json.dumps(obj, indent=2, sort_keys=True, default=str).encode(), url)
 

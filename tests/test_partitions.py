@@ -103,3 +103,43 @@ def test_a_partitioned_checkpoint_restores_into_one_pruner_and_back(ray_local):
         assert ray_local.get(split.losses_received.remote(2)) == local.losses_received(2)
     finally:
         ray_local.kill(split)
+
+
+@pytest.mark.parametrize("policy", ["mmdp", "trajectory"])
+def test_partition_actors_save_their_own_parts_and_a_saved_state_loads_into_any_layout(ray_local, policy, tmp_path):
+    from pipeline.prune.actor import LossReporter
+
+    split, single = start(ray_local, policy, bounds=BOUNDS), start(ray_local, policy)
+    try:
+        reporter = LossReporter(split)  # losses straight to the partitions (their counts are saved too)
+        for epoch in range(3):
+            ray_local.get(split.start_epoch.remote(epoch))
+            kept, _ = plan(ray_local, split, epoch)
+            reporter.report(kept, np.cos(kept * 0.1).astype(np.float32) + 1, epoch)
+            reporter.flush()
+        url = str(tmp_path / "state")
+        ray_local.get(split.save_state.remote(url))
+        # One file a partition actor, each written by it: sized by its own range, not the whole state.
+        sizes = [(tmp_path / "state" / f"part-{i:05d}.npz").stat().st_size for i in range(3)]
+        per_sample = sizes[1] / (BOUNDS[2] - BOUNDS[1])  # 12 B (+ the loss history for trajectory) and headers
+        assert per_sample >= 12 and np.allclose(sizes, per_sample * np.diff(BOUNDS), atol=2048)
+        ray_local.get(single.load_state.remote(url))  # three saved parts into one actor
+        assert ray_local.get(single.losses_received.remote(2)) == ray_local.get(split.losses_received.remote(2))
+        url_single = str(tmp_path / "single")
+        ray_local.get(single.save_state.remote(url_single))
+        other = start(ray_local, policy, num_partitions=2)  # one saved part into two partition actors
+        try:
+            ray_local.get(other.load_state.remote(url_single))
+            for epoch in range(3, 5):
+                plans = []
+                for actor in (split, single, other):
+                    ray_local.get(actor.start_epoch.remote(epoch))
+                    plans.append(plan(ray_local, actor, epoch))
+                for k, w in plans[1:]:
+                    np.testing.assert_array_equal(plans[0][0], k)
+                    np.testing.assert_array_equal(plans[0][1], w)
+        finally:
+            ray_local.kill(other)
+    finally:
+        ray_local.kill(split)
+        ray_local.kill(single)

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from pipeline.prune.policies import POLICIES
-from pipeline.prune.pruner import Pruner
+from pipeline.prune.pruner import Pruner, read_saved, saved_reference
+from pipeline.storage import InputError
 
 N, EPOCHS = 3000, 8
 
@@ -125,6 +126,57 @@ def test_state_dict_round_trip_through_a_torch_checkpoint_reproduces_later_plans
                                   train(restored, range(3, EPOCHS), seed=5)):
         np.testing.assert_array_equal(ko, kr)
         np.testing.assert_array_equal(wo, wr)
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_a_saved_state_loads_into_another_layout_of_partitions_and_plans_the_same(name, tmp_path):
+    original = make(name, bounds=[0, 1000, 2000, N])  # saved by three ranges, one file each
+    train(original, range(3))
+    url = str(tmp_path / "state")
+    original.save(url)
+    parts = sorted(p.name for p in (tmp_path / "state").glob("part-*.npz"))
+    assert parts == ["part-00000.npz", "part-00001.npz", "part-00002.npz"]
+    meta = read_saved(url)
+    assert meta["config"] == original.config and meta["bounds"] == [0, 1000, 2000, N]
+    received, saved = original.losses_received(2), original.state_dict()
+    expected = train(original, range(3, EPOCHS), seed=5)  # how the saved run continues
+    # Loaded whole, and split at other bounds: every range reads the slices of the saved files it covers.
+    for bounds in (None, [0, 1500, N]):
+        restored = Pruner(**meta["config"], consistency=np.random.default_rng(42).normal(0.25, 0.05, N),
+                          reference=saved_reference(url), bounds=bounds)
+        restored.load(url)
+        assert restored.losses_received(2) == received and restored.current_epoch == 2
+        for key in ("loss", "last_seen", "consistency"):
+            np.testing.assert_array_equal(restored.state_dict()[key], saved[key])
+        for (ke, we), (kr, wr) in zip(expected, train(restored, range(3, EPOCHS), seed=5)):
+            np.testing.assert_array_equal(ke, kr)
+            np.testing.assert_array_equal(we, wr)
+
+
+def test_a_reset_pruner_plans_as_a_fresh_one():
+    used, fresh = make("trajectory"), make("trajectory")
+    train(used, range(3))
+    used.reset()
+    assert used.losses_received(0) == 0 and used.current_epoch == 0
+    for (ku, wu), (kf, wf) in zip(train(used, range(EPOCHS)), train(fresh, range(EPOCHS))):
+        np.testing.assert_array_equal(ku, kf)
+        np.testing.assert_array_equal(wu, wf)
+
+
+def test_load_refuses_an_unfinished_or_mismatched_saved_state(tmp_path):
+    url = str(tmp_path / "state")
+    with pytest.raises(InputError, match="no saved pruner state"):
+        make().load(url)
+    make().save(url)
+    with pytest.raises(ValueError, match="keep_ratio=0.5 \\(now 0.3\\)"):
+        Pruner(N, "mmdp", keep_ratio=0.3, epochs=EPOCHS, consistency=np.ones(N)).load(url)
+    with pytest.raises(ValueError, match="other reference samples"):
+        other = make("trajectory", reference=np.arange(3, N, 100))
+        make("trajectory").save(str(tmp_path / "traj"))
+        other.load(str(tmp_path / "traj"))
+    (tmp_path / "state" / "_PENDING").write_bytes(b"")  # a save that stopped half-way
+    with pytest.raises(InputError, match="incomplete output"):
+        make().load(url)
 
 
 def test_load_state_dict_refuses_a_state_from_another_config():

@@ -118,6 +118,8 @@ def test_checkpoints_every_k_epochs_and_after_the_last_and_resumes_from_them(sco
     saved = sorted(json.loads(open(f"{c}/history.json").read())[-1]["epoch"]
                    for c in glob.glob(f"{tmp_path}/part/ray/*/checkpoint_*") if os.path.isdir(c))
     assert saved == [1, 2]
+    # The pruner saved its state in the run folder, beside the checkpoints that name it (the last two).
+    assert sorted(os.listdir(tmp_path / "part" / "pruner")) == ["epoch-0001", "epoch-0002"]
     resumed, resumed_plans = _train(data, scores, tmp_path / "resumed", *COMMON, "--checkpoint-every", "2",
                                     "--resume-from", str(tmp_path / "part" / "checkpoint"))
     assert [e["epoch"] for e in resumed["epochs"]] == [0, 1, 2, 3]
@@ -174,6 +176,10 @@ def test_a_partitioned_pruner_gives_the_single_actor_plans(scored_ready, uninter
     assert {p["epoch"]: p["kept_sha256"] for p in plans} == uninterrupted
     # The losses went from the worker to the three partition actors, each counted once.
     assert all(e["plan_received"] == e["plan_kept"] == e["samples_forwarded"] for e in metrics["epochs"])
+    # Each partition actor saved its own part; only the states of the checkpoints Ray keeps are left.
+    assert sorted(os.listdir(tmp_path / "run" / "pruner")) == ["epoch-0002", "epoch-0003"]
+    assert sorted(glob.glob("part-*.npz", root_dir=tmp_path / "run" / "pruner" / "epoch-0003")) == [
+        "part-00000.npz", "part-00001.npz", "part-00002.npz"]
 
 
 @pytest.mark.parametrize("title, extra", [("ray::PruningActor", []), ("ray::RayTrainWorker", []),

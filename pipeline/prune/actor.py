@@ -229,6 +229,23 @@ class PruningActor:
     def load_state_dict(self, state: dict) -> None:
         """Restores a saved state; cached plans are dropped (they came from the old one)."""
         self._pruner.load_state_dict(state)
+        self._forget_plans()
+
+    def save_state(self, url: str) -> None:
+        """Writes the state to the folder ``url``, each partition actor its own part (nothing gathered here)."""
+        self._pruner.save(url)
+
+    def load_state(self, url: str) -> None:
+        """Restores a state :meth:`save_state` wrote; each partition reads its own range. Cached plans are dropped."""
+        self._pruner.load(url)
+        self._forget_plans()
+
+    def reset(self) -> None:
+        """Back to the initial state (no losses, no epoch planned), as after a fresh start."""
+        self._pruner.reset()
+        self._forget_plans()
+
+    def _forget_plans(self) -> None:
         self._plan_refs.clear()
         self._published = None
 

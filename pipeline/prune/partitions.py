@@ -12,12 +12,20 @@ the ``map`` / ``map_each`` interface of :mod:`pipeline.prune.selection`;
 :class:`~pipeline.prune.pruner.Pruner` uses one local partition unless given
 ``bounds``.
 
+Saved state: :func:`save_part` writes each partition's arrays to a file of
+its own (``part-NNNNN.npz`` of its range) and :func:`load_part` reads back
+the slices of the saved files its range covers, so a state saved in one
+layout of partitions loads into another, and no process gathers it whole.
+
 No Ray here.
 """
 from __future__ import annotations
 
+import io
+
 import numpy as np
 
+from pipeline import storage
 from pipeline.prune.steps import consistency_bins
 
 
@@ -43,6 +51,7 @@ class Partition:
         self.slot_epoch: np.ndarray | None = None
         self.reference: np.ndarray | None = None  # local indices of known-clean samples
         self.scratch: dict = {}
+        self.direct: dict[int, int] = {}  # losses per epoch reported straight here (Ray partitions), not via the pruner
 
     @property
     def nbytes(self) -> int:
@@ -82,6 +91,7 @@ class Partition:
         self.consistency = None if consistency is None else _writable(consistency, np.float32)
         self.cbin = consistency_bins(self.consistency)
         self.scratch = {}
+        self.direct = {}  # the saved state's counts include them
 
     def count_last_seen(self, local_kept: np.ndarray, epoch: int) -> dict:
         """Coverage counts of this range against its slice of a plan's kept indices."""
@@ -109,6 +119,67 @@ def history_state(part: Partition) -> tuple[np.ndarray, np.ndarray]:
 def set_history(part: Partition, history: np.ndarray, slot_epoch: np.ndarray) -> None:
     part.history = np.array(history, dtype=np.float16, copy=True)
     part.slot_epoch = np.array(slot_epoch, dtype=np.int64, copy=True)
+
+
+def part_name(number: int) -> str:
+    return f"part-{number:05d}.npz"
+
+
+def save_part(part: Partition, url: str) -> list[int] | None:
+    """A cluster step (``map_each``): writes this range's state to ``url`` (one ``.npz``); returns its
+    history's slot epochs (None without a history), which the pruner combines for all ranges."""
+    arrays = {"start": np.int64(part.start), "stop": np.int64(part.stop), "loss": part.loss,
+              "last_seen": part.last_seen}
+    if part.consistency is not None:
+        arrays["consistency"] = part.consistency
+    if part.history is not None:
+        arrays.update(history=part.history, slot_epoch=part.slot_epoch)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    storage.write_bytes(buf.getbuffer(), url)
+    return None if part.slot_epoch is None else part.slot_epoch.tolist()
+
+
+def load_part(part: Partition, folder: str, saved_bounds: list[int], slot_epoch: list[int] | None) -> None:
+    """A cluster step (``map_each``): restores this range from the saved parts in ``folder`` that overlap it.
+
+    ``saved_bounds``: the saving pruner's partition bounds; ``slot_epoch``:
+    the combined slot epochs of its history (a saved range's older slot is
+    restored as no loss, as a gathered state would have it).
+    """
+    loss = np.zeros(part.n, np.float32)
+    last_seen = np.full(part.n, -1, np.int32)
+    consistency = None if part.consistency is None else part.consistency.copy()  # kept where none was saved
+    history = None if part.history is None else np.full(part.history.shape, np.nan, np.float16)
+    first = max(0, int(np.searchsorted(saved_bounds, part.start, side="right")) - 1)
+    for number in range(first, len(saved_bounds) - 1):
+        lo, hi = saved_bounds[number], saved_bounds[number + 1]
+        if lo >= part.stop:
+            break
+        a, b = max(lo, part.start), min(hi, part.stop)
+        with np.load(io.BytesIO(storage.read_bytes(storage.join(folder, part_name(number))))) as saved:
+            mine, theirs = slice(a - part.start, b - part.start), slice(a - lo, b - lo)
+            loss[mine], last_seen[mine] = saved["loss"][theirs], saved["last_seen"][theirs]
+            if consistency is not None and "consistency" in saved:
+                consistency[mine] = saved["consistency"][theirs]
+            if history is not None:
+                if "history" not in saved:
+                    raise ValueError(f"saved state {folder} has no loss history")
+                current = (saved["slot_epoch"] == np.asarray(slot_epoch))[None, :]
+                history[mine] = np.where(current, saved["history"][theirs], np.float16(np.nan))
+    part.set_state(loss, last_seen, consistency)
+    if history is not None:
+        set_history(part, history, np.asarray(slot_epoch))
+
+
+def reset_part(part: Partition) -> None:
+    """A cluster step (``map``): back to the initial state (no losses, no history); consistency stays."""
+    part.loss[:] = 0
+    part.last_seen[:] = -1
+    if part.history is not None:
+        part.history[:] = np.nan
+        part.slot_epoch[:] = -1
+    part.scratch, part.direct = {}, {}
 
 
 def _writable(a, dtype) -> np.ndarray:

@@ -24,16 +24,21 @@ No Ray here; :mod:`pipeline.prune.actor` wraps this in a Ray actor.
 from __future__ import annotations
 
 import collections
+import io
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from pipeline.prune.budget import DEFAULT_KEEP_RATIO, PlanContext
-from pipeline.prune.partitions import LocalPartitions, history_state, init_history, set_history
+from pipeline import storage
+from pipeline.prune.partitions import (LocalPartitions, history_state, init_history, load_part, part_name, reset_part,
+                                       save_part, set_history)
 from pipeline.prune.policies import Policy, make_policy, rank_normalise
 from pipeline.prune.selection import mix64
 
 STATE_VERSION = 1
+STATE_FILE = "pruner.json"  # a saved state's meta (Pruner.save); the per-sample arrays are beside it
+REFERENCE_FILE = "reference.npy"  # and the reference sample indices, if its policy has them
 
 
 class Pruner:
@@ -250,13 +255,7 @@ class Pruner:
 
     def load_state_dict(self, state: dict) -> None:
         """Restores a ``state_dict()``; the config must match this pruner's."""
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"pruner state version {state.get('version')!r}, "
-                             f"expected {STATE_VERSION}")
-        differ = sorted(k for k, v in self.config.items() if state["config"].get(k) != v)
-        if differ:
-            raise ValueError("pruner state was saved with a different config: " + ", ".join(
-                f"{k}={state['config'].get(k)!r} (now {self.config[k]!r})" for k in differ))
+        self._check_saved(state)
         loss = _array(state["loss"], np.float32, self.num_samples)
         last_seen = _array(state["last_seen"], np.int32, self.num_samples)
         consistency = None
@@ -277,6 +276,60 @@ class Pruner:
         counts = np.asarray(state["received_counts"]).tolist()
         self._received = {int(e): int(c) for e, c in zip(epochs_seen, counts)}
         self.current_epoch = int(state["current_epoch"])
+        self._cached = None
+
+    def _check_saved(self, state: dict) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"pruner state version {state.get('version')!r}, "
+                             f"expected {STATE_VERSION}")
+        differ = sorted(k for k, v in self.config.items() if state["config"].get(k) != v)
+        if differ:
+            raise ValueError("pruner state was saved with a different config: " + ", ".join(
+                f"{k}={state['config'].get(k)!r} (now {self.config[k]!r})" for k in differ))
+
+    def save(self, url: str) -> None:
+        """Writes the state to the folder ``url``: each partition its own file, where it lives (nothing is
+        gathered in one process), then ``pruner.json`` (config, epochs, counts) and the folder's commit.
+
+        :meth:`load` restores it, into any layout of partitions.
+        """
+        with storage.output(url):
+            slots = self._parts.map_each(save_part, [(storage.join(url, part_name(i)),)
+                                                     for i in range(len(self.bounds) - 1)])
+            received = self._all_received()
+            meta = {"version": STATE_VERSION, "config": self.config, "current_epoch": self.current_epoch,
+                    "bounds": self.bounds, "received": {str(e): c for e, c in sorted(received.items())},
+                    "consistency": self._has_consistency}
+            if self.reference is not None:  # one slot epoch for all ranges, and which samples were the reference
+                meta["slot_epoch"] = np.max(slots, axis=0).tolist()
+                buf = io.BytesIO()
+                np.save(buf, self.reference)
+                storage.write_bytes(buf.getbuffer(), storage.join(url, REFERENCE_FILE))
+            storage.write_json(meta, storage.join(url, STATE_FILE))
+
+    def load(self, url: str) -> None:
+        """Restores a state :meth:`save` wrote to ``url``; the config must match this pruner's.
+
+        Raises:
+            InputError: ``url`` is not a committed saved state.
+            ValueError: it was saved by a pruner of another config or reference.
+        """
+        meta = read_saved(url)
+        self._check_saved(meta)
+        if self.policy.needs_consistency and not meta["consistency"]:
+            raise ValueError(f"saved state has no consistency; {self.policy.name!r} needs it")
+        if self.reference is not None and not np.array_equal(saved_reference(url), self.reference):
+            raise ValueError("saved state was made with other reference samples")
+        self._parts.map_each(load_part, [(url, meta["bounds"], meta.get("slot_epoch"))] * (len(self.bounds) - 1))
+        self._received = {int(e): int(c) for e, c in meta["received"].items()}
+        self.current_epoch = int(meta["current_epoch"])
+        self._cached = None
+
+    def reset(self) -> None:
+        """Back to the state it started in: no losses, no epoch planned (the consistency stays)."""
+        self._parts.map(reset_part)
+        self._received, self._kept_counts = {}, {}
+        self.current_epoch = 0
         self._cached = None
 
 
@@ -311,6 +364,24 @@ def _reference(reference, num_samples: int, policy: str) -> np.ndarray:
     if ref[0] < 0 or ref[-1] >= num_samples:
         raise IndexError(f"reference indices must lie in [0, {num_samples}), got [{ref[0]}, {ref[-1]}]")
     return ref
+
+
+def read_saved(url: str) -> dict:
+    """The meta of a state :meth:`Pruner.save` wrote to ``url``: its ``config`` names the pruner's arguments.
+
+    Raises:
+        InputError: ``url`` is not a committed saved state.
+    """
+    storage.check_not_pending(url)
+    if not storage.is_complete(url):
+        raise storage.InputError(f"{url}: no saved pruner state there")
+    return storage.read_json(storage.join(url, STATE_FILE))
+
+
+def saved_reference(url: str) -> np.ndarray | None:
+    """The reference sample indices of a saved state (None if its policy has none)."""
+    path = storage.join(url, REFERENCE_FILE)
+    return np.load(io.BytesIO(storage.read_bytes(path))) if storage.exists(path) else None
 
 
 def _numpy(value) -> np.ndarray:

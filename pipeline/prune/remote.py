@@ -43,7 +43,6 @@ class PartitionActor:
     def __init__(self, start: int, stop: int, consistency: np.ndarray | None, loss_momentum: float):
         self._part = Partition(start, stop, consistency, loss_momentum)
         self._incarnation = uuid.uuid4().hex  # new with every (re)start
-        self._direct: dict[int, int] = {}  # losses per epoch reported straight here, not via the coordinator
 
     def run(self, fn, *args):
         return fn(self._part, *args)
@@ -55,11 +54,11 @@ class PartitionActor:
     def report(self, local: np.ndarray, values: np.ndarray, epoch: int) -> int:
         """Losses a worker's reporter sent here directly (indices local, checked by the sender); counted here."""
         count = self.update(local, values, epoch)
-        self._direct[int(epoch)] = self._direct.get(int(epoch), 0) + count
+        self._part.direct[int(epoch)] = self._part.direct.get(int(epoch), 0) + count
         return count
 
     def direct_received(self) -> dict[int, int]:
-        return dict(self._direct)
+        return dict(self._part.direct)
 
     def begin_plan(self) -> None:
         self._part.begin_plan()
@@ -76,7 +75,6 @@ class PartitionActor:
     def set_state(self, loss, last_seen, consistency) -> None:
         """Restores this range's state; direct counts restart (the saved state's counts include them)."""
         self._part.set_state(loss, last_seen, consistency)
-        self._direct = {}
 
     def nbytes(self) -> int:
         return self._part.nbytes

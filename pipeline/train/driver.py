@@ -27,6 +27,7 @@ from pipeline.cli import option
 from pipeline.prune.actor import actor_name
 from pipeline.prune.budget import DEFAULT_KEEP_RATIO
 from pipeline.prune.policies import POLICIES
+from pipeline.train.loop import KEEP_CHECKPOINTS
 from pipeline.train.models import MODELS
 from pipeline.train.pruning import Pruning
 from pipeline.data.contract import KEY, ColumnMapping
@@ -207,7 +208,7 @@ def run_trainer(cfg: TrainConfig, loop, loop_config: dict, datasets: dict, name:
             storage_path=ray_storage,
             storage_filesystem=None if storage.is_local(cfg.out) else ray_fs,
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
         ),
     )
     result = trainer.fit()
@@ -234,10 +235,8 @@ def fit(cfg: TrainConfig) -> dict:
                                   reference_keys=cfg.reference_keys)
     log.info("policy %s with %s", cfg.policy, pruning.params or "its defaults")
     loop_config = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
-    # A ref, not the arrays: only a retry before the first checkpoint reads it.
     loop_config.update(pruning=pruning, num_classes=len(classes), class_names=classes, templates=templates,
                        num_samples=pruning.num_samples,
-                       pruner_initial=[pruning.actor.state_dict.remote()],
                        epochs=cfg.stop_after if cfg.stop_after else cfg.epochs, plan_epochs=cfg.epochs)
     result = run_trainer(cfg, train_loop_per_worker, loop_config, build_datasets(cfg, pruning, classes, templates),
                          f"mmdp-{run_id}")

@@ -38,7 +38,6 @@ import shutil
 import tempfile
 import time
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -51,6 +50,10 @@ from pipeline.train.pruning import step_loss
 # iter_torch_batches needs every column named.
 DTYPES = {"x": torch.float32, "label": torch.int64, "index": torch.int64}
 WEIGHTED_DTYPES = {**DTYPES, "weight": torch.float32}
+# A checkpoint names the pruner state it goes with in this file (the state itself is in the run folder).
+PRUNER_STATE = "pruner_state.json"
+# Checkpoints Ray Train keeps; the pruner states of older ones are removed.
+KEEP_CHECKPOINTS = 2
 
 
 def cosine_lr(step: int, total: int, warmup: int) -> float:
@@ -180,7 +183,7 @@ def train_loop_per_worker(config: dict) -> None:
     task = make_task(cfg)
     steps_per_epoch = math.ceil(cfg["num_samples"] / (cfg["batch_size"] * world))  # an unpruned epoch's
     model, opt, sched = task.setup(cfg["plan_epochs"] * steps_per_epoch)
-    start_epoch, history, plans, restarts = _resume(cfg, model, opt, sched, pruner, rank)
+    start_epoch, history, plans, restarts = _resume(cfg, model, opt, sched, pruning, rank)
     # A pruner that Ray restarts comes back in its initial state; each epoch
     # checks that the actor it trained against is the one it started with.
     incarnation = ray.get(pruner.info.remote())["incarnation"] if rank == 0 else None
@@ -237,7 +240,7 @@ def train_loop_per_worker(config: dict) -> None:
             if metrics["checkpoint"]:
                 checkpoint_dir = tempfile.mkdtemp(prefix="mmdp-ckpt-")
                 save_train_state(checkpoint_dir, model, opt, sched, epoch)
-                _save_pruner_state(checkpoint_dir, pruner, incarnation, epoch)  # checks the incarnation too
+                _save_pruner_state(checkpoint_dir, pruning, incarnation, cfg["out"], epoch)  # checks the incarnation too
                 for name, value in (("history.json", history), ("plans.json", plans)):
                     with open(os.path.join(checkpoint_dir, name), "w") as f:
                         json.dump(value, f)
@@ -251,6 +254,8 @@ def train_loop_per_worker(config: dict) -> None:
                   f"({rate:.0f}/s), loss {metrics['train_loss']:.4f}, test accuracy {accuracy}, "
                   f"{metrics['epoch_seconds']:.1f} s; about {left:.0f} s left", flush=True)
         report_epoch(metrics, checkpoint_dir)
+        if checkpoint_dir:
+            _drop_old_pruner_state(cfg["out"], history)
 
 
 def _accuracy_text(metrics: dict) -> str:
@@ -297,7 +302,7 @@ def make_task(cfg: dict):
     return ClassifyTask(cfg)
 
 
-def _resume(cfg: dict, model, opt, sched, pruner, rank: int) -> tuple[int, list, list, int]:
+def _resume(cfg: dict, model, opt, sched, pruning, rank: int) -> tuple[int, list, list, int]:
     """(first epoch, history, plan log, restarts): from Ray Train's last checkpoint or ``resume_from``, else a fresh start.
 
     Restarts count the times this run went back after a failure (Ray Train
@@ -308,6 +313,7 @@ def _resume(cfg: dict, model, opt, sched, pruner, rank: int) -> tuple[int, list,
     """
     import ray.train
 
+    pruner = pruning.actor
     checkpoint = ray.train.get_checkpoint()
     restarted = checkpoint is not None
     if checkpoint is None and cfg.get("resume_from"):
@@ -317,12 +323,12 @@ def _resume(cfg: dict, model, opt, sched, pruner, rank: int) -> tuple[int, list,
         if rank == 0 and ray.get(pruner.losses_received.remote(0)):
             # A retry before the first checkpoint: the pruner holds losses of an
             # attempt that died; go back to its state at the start of the run.
-            ray.get(pruner.load_state_dict.remote(ray.get(cfg["pruner_initial"][0])))
+            ray.get(pruner.reset.remote())
             return 0, [], [], 1
         return 0, [], [], 0
     with checkpoint.as_directory() as d:
         state = torch.load(os.path.join(d, "train.pt"), map_location="cpu", weights_only=True)
-        pruner_state = torch.load(os.path.join(d, "pruner.pt"), map_location="cpu", weights_only=True)
+        pruner_state = json.loads(open(os.path.join(d, PRUNER_STATE)).read())["state"]
         history = json.loads(open(os.path.join(d, "history.json")).read())
         plans = json.loads(open(os.path.join(d, "plans.json")).read())
     unwrap(model).load_state_dict(state["model"])
@@ -331,19 +337,33 @@ def _resume(cfg: dict, model, opt, sched, pruner, rank: int) -> tuple[int, list,
     if rank == 0:
         # The pruner goes back to the checkpoint too: losses it took after
         # it belong to an epoch that is about to be trained again.
-        ray.get(pruner.load_state_dict.remote({k: v.numpy() if torch.is_tensor(v) else v for k, v in pruner_state.items()}))
+        pruning.load_state(pruner_state)  # each partition reads its own range
     _barrier()
     restarts = (history[-1].get("restarts", 0) if history else 0) + int(restarted)
     return int(state["epoch"]) + 1, history, plans, restarts
 
 
-def _save_pruner_state(directory: str, pruner, incarnation, epoch: int) -> None:
-    import ray
+def pruner_state_url(out: str, epoch: int) -> str:
+    """Where a run saves the pruner's state after ``epoch`` (a checkpoint names it in its ``pruner_state.json``)."""
+    return storage.join(out, "pruner", f"epoch-{epoch:04d}")
 
-    state = ray.get(pruner.state_dict.remote())
+
+def _save_pruner_state(directory: str, pruning, incarnation, out: str, epoch: int) -> None:
+    """The pruner writes its state to the run folder, each partition its own part (no rank gathers it);
+    the checkpoint in ``directory`` names that folder."""
+    url = pruner_state_url(out, epoch)
+    pruning.save_state(url)
+    pruner = pruning.actor
     _check_incarnation(pruner, incarnation, epoch)  # the state is of the actor this attempt trained against
-    torch.save({k: torch.from_numpy(np.asarray(v)) if isinstance(v, np.ndarray) else v for k, v in state.items()},
-               os.path.join(directory, "pruner.pt"))
+    with open(os.path.join(directory, PRUNER_STATE), "w") as f:
+        json.dump({"state": url}, f)
+
+
+def _drop_old_pruner_state(out: str, history: list[dict]) -> None:
+    """Removes the state of the checkpoint Ray Train has just let go (it keeps the last KEEP_CHECKPOINTS)."""
+    saved = [h["epoch"] for h in history if h.get("checkpoint")]
+    if len(saved) > KEEP_CHECKPOINTS:
+        storage.remove(pruner_state_url(out, saved[-KEEP_CHECKPOINTS - 1]))
 
 
 def _check_incarnation(pruner, incarnation, epoch: int) -> None:

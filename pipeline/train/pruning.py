@@ -23,6 +23,7 @@ In ``my_loop(config)``, on every worker::
             optimizer.step()
             pruning.report(batch["index"], losses)   # every row's own loss, not waited for
         pruning.end_epoch()                           # every loss delivered
+        # checkpoints: pruning.save_state(url) on one rank beside the model; load_state(url) to resume
 
 :meth:`Pruning.dataset` adds two stages to your dataset: each row gets its
 dense sample ``index`` (from its key, through the score table; rows the score
@@ -263,6 +264,19 @@ class Pruning:
 
         return ray.get(self.actor.epoch_summary.remote(epoch))
 
+
+    def save_state(self, url: str) -> None:
+        """The pruner writes its state to the folder ``url`` (each partition its own file, nothing gathered
+        here): what a checkpoint needs beside the model; call from one rank, after :meth:`end_epoch`."""
+        import ray
+
+        ray.get(self.actor.save_state.remote(url))
+
+    def load_state(self, url: str) -> None:
+        """Restore a state :meth:`save_state` wrote (resuming a run); call from one rank, before :meth:`start_epoch`."""
+        import ray
+
+        ray.get(self.actor.load_state.remote(url))
 
     def plan_log(self) -> list[dict]:
         """One entry per epoch planned so far: kept count, ``kept_sha256`` (the kept indices' digest), pruned by reason.
