@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -71,6 +72,7 @@ class PeakSampler:
         self.peak_root_pss = 0  # the root process alone (a job's driver)
         self.peak_procs = 0
         self.samples = 0
+        self.series: list[tuple[float, int]] = []  # (time.time(), tree PSS) of every sample
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -81,7 +83,12 @@ class PeakSampler:
         self.peak_root_pss = max(self.peak_root_pss, pss(self.root))
         self.peak_procs = max(self.peak_procs, len(pids))
         self.samples += 1
+        self.series.append((time.time(), total_pss))
         return total_rss, total_pss
+
+    def peak_pss_between(self, start: float, stop: float) -> int:
+        """The tree's peak PSS over the samples taken from ``start`` to ``stop`` (``time.time()``)."""
+        return max((p for t, p in self.series if start <= t <= stop), default=0)
 
     def _run(self) -> None:
         while not self._stop.is_set():

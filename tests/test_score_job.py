@@ -118,6 +118,9 @@ def test_every_bad_row_is_rejected_with_its_reason(ray_session, tmp_path):
     assert summary["rows_in"] == len(rows) == summary["scored"] + summary["rejected"]
     assert summary["scored"] == len(scores) == 3 and len(rejects) == summary["rejected"] == 7
     assert 0 < summary["first_row_seconds"] <= summary["seconds"]  # the first scored batch, from the job's start
+    # The job's time split into reading and scoring, then the commit (dedupe, index, write).
+    assert summary["first_row_seconds"] <= summary["scoring_seconds"] and summary["commit_seconds"] > 0
+    assert abs(summary["scoring_seconds"] + summary["commit_seconds"] - summary["seconds"]) < 0.05
     # Each input row is in exactly one place: scored rows in scores/, rejected ones in rejects/.
     scores.sort(key=lambda r: r["key"])
     assert [r["key"] for r in scores] == sorted(r[0] for r in rows if not r[4])

@@ -56,18 +56,30 @@ def _text(data: bytes | None) -> str | None:
 
 
 def shard_files(url: str, mapping: ColumnMapping | None = None) -> tuple[str, list[str]]:
-    """The shard format (``parquet`` or ``webdataset``) of a dataset and its files.
+    """The shard format (``parquet`` or ``webdataset``) of a dataset and its files, every one checked.
 
-    A folder with ``.tar`` files is webdataset (img2dataset writes a metadata
-    ``.parquet`` beside each tar; those are not samples). Any other file that
-    is neither a shard nor a known sidecar is an error naming it, so a stray
-    or misnamed shard is never skipped unnoticed. Every shard's footer (a
-    tar's last KiB) is read once, :data:`READ_THREADS` at a time; with
-    ``mapping``, each parquet schema must map onto the contract.
+    :func:`list_shards`, then :func:`check_shards`.
 
     Raises:
         InputError: naming the offending file or folder.
         SchemaError: naming a parquet shard that ``mapping`` cannot read.
+    """
+    kind, files = list_shards(url)
+    check_shards(kind, files, mapping)
+    return kind, files
+
+
+def list_shards(url: str) -> tuple[str, list[str]]:
+    """The shard format (``parquet`` or ``webdataset``) of a dataset and its files, from a listing alone.
+
+    A folder with ``.tar`` files is webdataset (img2dataset writes a metadata
+    ``.parquet`` beside each tar; those are not samples). Any other file that
+    is neither a shard nor a known sidecar is an error naming it, so a stray
+    or misnamed shard is never skipped unnoticed. No shard is opened here
+    (:func:`check_shards` reads them).
+
+    Raises:
+        InputError: naming the offending file or folder.
     """
     fs, path = filesystem_for(url)
     if fs.get_file_info(path).type == pafs.FileType.Directory and not exists(join(url, storage.SUCCESS)):
@@ -78,11 +90,22 @@ def shard_files(url: str, mapping: ColumnMapping | None = None) -> tuple[str, li
                     raise InputError(f"{join(url, rel)}: not a parquet or tar shard; move it out of the input folder")
     tars = _safe_list(url, (".tar",))
     if tars:
-        _each(_check_tar_end, tars)
         return "webdataset", tars
-    files = list_files(url)
-    _each(lambda file_url: _check_parquet(file_url, mapping), files)
-    return "parquet", files
+    return "parquet", list_files(url)
+
+
+def check_shards(kind: str, files: list[str], mapping: ColumnMapping | None = None) -> None:
+    """Refuse a shard that would fail or lose rows when read: every shard's footer (a tar's last KiB) is
+    read once, :data:`READ_THREADS` at a time; with ``mapping``, each parquet schema must map onto the contract.
+
+    Raises:
+        InputError: naming the first offending file.
+        SchemaError: naming a parquet shard that ``mapping`` cannot read.
+    """
+    if kind == "webdataset":
+        _each(_check_tar_end, files)
+    else:
+        _each(lambda file_url: _check_parquet(file_url, mapping), files)
 
 
 def _each(check, items: list) -> None:
@@ -136,10 +159,16 @@ def read_shards(url: str, columns: str = "mmdp"):
     webdataset tars read with img2dataset's names unless it says otherwise.
     Bad files fail here, on the driver, by name (:func:`shard_files`).
     """
+    mapping = ColumnMapping.parse(columns)
+    kind, files = shard_files(url, mapping)
+    return read_listed(url, kind, files, columns)
+
+
+def read_listed(url: str, kind: str, files: list[str], columns: str = "mmdp"):
+    """:func:`read_shards` of shards already listed (:func:`list_shards`), without checking them again."""
     import ray.data
 
     mapping = ColumnMapping.parse(columns)
-    kind, files = shard_files(url, mapping)
     fs, _ = filesystem_for(url)
     paths = [filesystem_for(u)[1] for u in files]
     if kind == "webdataset":

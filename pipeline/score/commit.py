@@ -153,12 +153,15 @@ def write_block(block: pa.Table, number: int, offset: int, lose: list[str], outp
     return out
 
 
-def finish(output: str, written: list[dict], started: float | None = None, **extra) -> dict:
+def finish(output: str, written: list[dict], started: float | None = None, committing: float | None = None,
+           **extra) -> dict:
     """Commit ``scores/`` and ``rejects/`` (an empty shard where no block wrote one) and write the summary.
 
     ``started``: the job's start (``time.time()``); the summary then gives
     its ``seconds``, the rate, and ``first_row_seconds`` (the first scored
-    batch's delay from the start) where the rows carry their scoring time.
+    batch's delay from the start) where the rows carry their scoring time;
+    with ``committing`` (when the commit began), the split of ``seconds``
+    into ``scoring_seconds`` and ``commit_seconds``.
     """
     reasons = collections.Counter()
     for w in written:
@@ -180,8 +183,11 @@ def finish(output: str, written: list[dict], started: float | None = None, **ext
     }
     if started is not None:
         seconds = time.time() - started
-        summary.update(seconds=round(seconds, 2),
+        summary.update(seconds=round(seconds, 2), started_at=round(started, 2),
                        pairs_per_second=round(summary["rows_in"] / seconds, 1) if seconds > 0 else None)
+        if committing is not None:
+            summary.update(scoring_seconds=round(committing - started, 2),
+                           commit_seconds=round(time.time() - committing, 2))
         firsts = [w[SCORED_AT] for w in written if w.get(SCORED_AT) is not None]
         if firsts:
             summary["first_row_seconds"] = round(min(firsts) - started, 2)
@@ -205,11 +211,12 @@ def commit_staged(staged: list[str], output: str, started: float) -> dict:
 
     ``started`` is the job's ``time.time()`` at its start (the summary's seconds count from there).
     """
+    committing = time.time()
     _begin(output)
     if not staged:
-        return finish(output, [], started)
+        return finish(output, [], started, committing)
     if len(staged) == 1:  # one block (up to the staged file size): nothing straddles, one task, no sort stage
-        return finish(output, [ray.get(_write_file.remote(staged[0], output))], started)
+        return finish(output, [ray.get(_write_file.remote(staged[0], output))], started, committing)
     items = [{"url": url, "ordinal": i} for i, url in enumerate(staged)]
     by_key = (ray.data.from_items(items, override_num_blocks=len(items))
               .map_batches(_read_positioned, batch_size=1, batch_format="pyarrow")
@@ -219,7 +226,7 @@ def commit_staged(staged: list[str], output: str, started: float) -> dict:
     lose, offsets = settle(edges)
     written = ray.get([_write.remote(b, i, offsets[i], lose[i], output)
                        for i, b in enumerate(blocks) if edges[i]["rows"]])
-    return finish(output, written, started)
+    return finish(output, written, started, committing)
 
 
 def _begin(output: str) -> None:

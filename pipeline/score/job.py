@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -20,7 +21,7 @@ import ray
 from pipeline import storage
 from pipeline.data import shards
 from pipeline.cli import option
-from pipeline.data.contract import KEY
+from pipeline.data.contract import KEY, ColumnMapping
 from pipeline.data.validate import RowValidator
 from pipeline.score.commit import SCORED_AT, commit_staged
 
@@ -130,7 +131,29 @@ def score(cfg: ScoreConfig) -> dict:
 def _score(cfg: ScoreConfig, classes: tuple[str, ...]) -> dict:
     start = time.time()  # wall clock: the scoring actors stamp their batches with it too
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
-    ds = shards.read_shards(cfg.input, cfg.columns).map_batches(
+    kind, files = shards.list_shards(cfg.input)
+    # Every shard's footer is checked beside the scoring, not before it: with thousands of shards in
+    # an object store the reads take a while, and nothing waits for them unless the job fails.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        checked = pool.submit(_timed, shards.check_shards, kind, files, ColumnMapping.parse(cfg.columns))
+        try:
+            summary = _score_listed(cfg, classes, kind, files, use_gpu, start, checked)
+        except Exception:
+            checked.result()  # a bad shard's own error (naming it) before the failure it caused
+            raise
+    log.info("%d shards checked in %.1f s, beside the scoring", len(files), checked.result())
+    return summary
+
+
+def _timed(fn, *args) -> float:
+    began = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - began
+
+
+def _score_listed(cfg: ScoreConfig, classes: tuple[str, ...], kind: str, files: list[str], use_gpu: bool,
+                  start: float, checked: Future) -> dict:
+    ds = shards.read_listed(cfg.input, kind, files, cfg.columns).map_batches(
         _decode_stage,
         batch_size=cfg.batch_size,
         fn_kwargs={"model": cfg.model, "pretrained": cfg.pretrained, "mode": cfg.mode, "classes": classes},
@@ -160,6 +183,7 @@ def _score(cfg: ScoreConfig, classes: tuple[str, ...]) -> dict:
     try:
         # Few staged files (Ray's sort shuffles files x files pieces), each in one write task, in order.
         ds.write_parquet(staging_path, filesystem=fs, min_rows_per_file=STAGED_ROWS_PER_FILE)
+        checked.result()  # every shard passed its check before anything is committed
         # Staged files sort in the order Ray Data wrote them: input order.
         summary = commit_staged(storage.list_files(staging) if storage.exists(staging) else [], cfg.output, start)
     finally:
