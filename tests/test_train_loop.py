@@ -1,14 +1,19 @@
-"""The train loop's step on a plan's batch, without Ray: weights, probes, the epoch's batch size."""
+"""The train loop's step on a plan's batch, without Ray: weights, probes, the epoch's batch size;
+and the training stages' per-sample augmentation."""
 
 from __future__ import annotations
 
 import copy
+import io
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from pipeline.train.loop import epoch_batch_size, weighted_step
 from pipeline.train.models import build_model
+from pipeline.train.stages import MEAN, STD, decode_stage, row_draws, shift_images
 
 
 def _setup(seed=0):
@@ -62,3 +67,73 @@ def test_epoch_batch_size_keeps_the_unpruned_step_count():
     assert -(-6_000 // 76) == 79
     assert epoch_batch_size(12_000, 20_000, 128, 2, "batch") == 128
     assert epoch_batch_size(1, 20_000, 128, 2, "full") == 1
+
+
+def _png_batch(n: int, epoch: int = 0, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    images = []
+    for pixels in rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8):
+        buf = io.BytesIO()
+        Image.fromarray(pixels, mode="L").save(buf, format="PNG")
+        images.append(buf.getvalue())
+    return {"image": np.array(images, dtype=object), "label": np.arange(n) % 10, "index": np.arange(100, 100 + n),
+            "epoch": np.full(n, epoch)}
+
+
+def _moves(plain: np.ndarray, shift: int = 2) -> list[tuple[int, int, bool]]:
+    """Every (dy, dx, flipped) that turns ``plain`` [H, W] (0 = black) into a candidate image."""
+    h, w = plain.shape
+    out = {}
+    for flipped in (False, True):
+        source = plain[:, ::-1] if flipped else plain
+        for dy in range(-shift, shift + 1):
+            for dx in range(-shift, shift + 1):
+                moved = np.zeros_like(plain)
+                moved[max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = \
+                    source[max(-dy, 0):h - max(dy, 0), max(-dx, 0):w - max(dx, 0)]
+                out[(dy, dx, flipped)] = moved
+    return out
+
+
+def test_each_row_is_augmented_by_a_move_of_its_own_whatever_batch_it_arrives_in():
+    batch = _png_batch(300)
+    plain = decode_stage(batch, augment=False, seed=0)["x"][:, 0] * STD + MEAN  # back to [0, 1], black 0
+    augmented = decode_stage(batch, augment=True, seed=0)["x"][:, 0] * STD + MEAN
+    seen = set()
+    for i in range(len(plain)):
+        matches = [m for m, img in _moves(plain[i]).items() if np.allclose(img, augmented[i], atol=1e-5)]
+        assert len(matches) == 1  # a shift of at most 2 pixels, black fill, maybe mirrored: one move
+        seen.add(matches[0])
+    assert len(seen) == 50  # every move occurs: 25 shifts, each plain and mirrored
+
+    # The same row decodes alike in another batch, at another position; another epoch or seed moves it anew.
+    subset = {k: v[[250, 3, 17]] for k, v in batch.items()}
+    again = decode_stage(subset, augment=True, seed=0)["x"][:, 0] * STD + MEAN
+    np.testing.assert_array_equal(again, augmented[[250, 3, 17]])
+    other_epoch = decode_stage(_png_batch(300, epoch=1), augment=True, seed=0)["x"][:, 0] * STD + MEAN
+    other_seed = decode_stage(batch, augment=True, seed=1)["x"][:, 0] * STD + MEAN
+    for other in (other_epoch, other_seed):
+        assert 0.8 < np.mean([not np.array_equal(a, b) for a, b in zip(augmented, other)]) < 1.0
+
+
+def test_row_draws_are_a_function_of_seed_epoch_and_index_alone():
+    index = np.arange(20_000)
+    draws = row_draws(7, 3, index)
+    np.testing.assert_array_equal(draws[[5, 19_999]], row_draws(7, np.array([3, 3]), np.array([5, 19_999])))
+    assert len(np.unique(draws)) == len(index)
+    offsets = np.bincount((draws % np.uint64(5)).astype(int), minlength=5) / len(index)
+    assert np.all(np.abs(offsets - 0.2) < 0.02)  # uniform over the five offsets
+
+
+def test_shift_images_moves_every_channel_of_a_colour_image_alike():
+    rng = np.random.default_rng(0)
+    images = rng.integers(1, 256, size=(40, 3, 12, 10), dtype=np.uint8)  # no zero pixels: the fill shows
+    moved = shift_images(images, row_draws(0, 0, np.arange(40)), shift=3)
+    assert moved.dtype == np.uint8 and moved.shape == images.shape
+    for img, out in zip(images, moved):
+        candidates = [m for m in _moves(img[0], shift=3) if not m[2]]
+        found = [m for m in candidates if np.array_equal(_moves(img[0], shift=3)[m], out[0])]
+        assert len(found) == 1
+        dy, dx, _ = found[0]
+        for c in range(3):  # the other channels moved by the same (dy, dx)
+            np.testing.assert_array_equal(_moves(img[c], shift=3)[(dy, dx, False)], out[c])

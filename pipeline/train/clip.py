@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from pipeline.score.clip_models import load_clip
 from pipeline.score.scorer import DEFAULT_TEMPLATES, ImageDecoder, class_text_embeddings, fill_template, normalize_pixels
 from pipeline.train.pruning import step_loss
+from pipeline.train.stages import key_hash, row_draws, shift_images
 
 # Recall is reported at these ranks.
 RECALL_AT = (1, 5)
@@ -104,11 +105,8 @@ def pair_stage(batch: dict, model: str, classes: tuple[str, ...], templates: tup
     if len(bad):
         raise ValueError(f"row {batch['key'][bad[0]]!r}: {out['error'][bad[0]]} (the score table has it as scored)")
     pixels = out["pixels"]
-    if augment and shift > 0:
-        pixels = pixels.copy()
-        for i in range(len(pixels)):
-            rng = np.random.default_rng([seed, int(batch["epoch"][i]), int(batch["index"][i])])
-            pixels[i] = _shift(pixels[i], *rng.integers(-shift, shift + 1, size=2))
+    if augment and shift > 0 and len(pixels):
+        pixels = shift_images(pixels, row_draws(seed, batch["epoch"], batch["index"]), shift)
     captions, labels = captions_for(batch, classes, templates)
     result = {"pixels": pixels, "caption": captions, "label": labels, "index": batch["index"].astype(np.int64)}
     if "weight" in batch:
@@ -116,19 +114,8 @@ def pair_stage(batch: dict, model: str, classes: tuple[str, ...], templates: tup
     return result
 
 
-def _shift(image: np.ndarray, dy: int, dx: int) -> np.ndarray:
-    """``image`` [C, H, W] moved by (dy, dx) pixels, the uncovered border black."""
-    out = np.zeros_like(image)
-    h, w = image.shape[1:]
-    out[:, max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = image[:, max(-dy, 0):h - max(dy, 0),
-                                                                         max(-dx, 0):w - max(dx, 0)]
-    return out
-
-
 def test_pair_stage(batch: dict, model: str, classes: tuple[str, ...], templates: tuple[str, ...]) -> dict:
     """The test split's stage: :func:`pair_stage` without augmentation, ``index`` the key hash (it splits evaluation)."""
-    from pipeline.train.stages import key_hash
-
     return pair_stage({**batch, "index": key_hash(batch["key"])}, model, classes, templates, augment=False, seed=0)
 
 

@@ -249,6 +249,7 @@ def fit(cfg: TrainConfig) -> dict:
         "wall_seconds": round(time.perf_counter() - started, 2),
         "epoch_seconds": round(sum(h["epoch_seconds"] for h in history), 2),
         "train_seconds": round(sum(h["train_seconds"] for h in history), 2),
+        "input_seconds": round(sum(h.get("input_seconds", 0.0) for h in history), 2),
         "samples_forwarded": int(sum(h["samples_forwarded"] for h in history)),
         "final_test_accuracy": history[-1]["test_accuracy"] if history else None,
         "num_samples": pruning.num_samples,

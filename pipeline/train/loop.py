@@ -197,8 +197,14 @@ def train_loop_per_worker(config: dict) -> None:
         kept = pruning.start_epoch(epoch)
         batch_size = epoch_batch_size(kept, cfg["num_samples"], cfg["batch_size"], world, cfg["step_schedule"])
         model.train()
-        loss_sum, forwarded, steps = 0.0, 0, 0
-        for batch in task.batches(train_shard, batch_size, shuffle_args(cfg, epoch, rank)):
+        loss_sum, forwarded, steps, waited = 0.0, 0, 0, 0.0
+        batches = iter(task.batches(train_shard, batch_size, shuffle_args(cfg, epoch, rank)))
+        while True:
+            asked = time.perf_counter()
+            batch = next(batches, None)
+            waited += time.perf_counter() - asked
+            if batch is None:
+                break
             steps += 1
             per_sample = task.step(model, batch, pruning.weight_mean, opt, sched)
             pruning.report(batch["index"], per_sample)
@@ -223,6 +229,8 @@ def train_loop_per_worker(config: dict) -> None:
             "samples_forwarded": int(forwarded),
             "epoch_seconds": round(time.perf_counter() - started, 3),
             "train_seconds": round(train_seconds, 3),
+            # Rank 0's seconds waiting for its next batch (reading, decoding, shuffling: the input pipeline).
+            "input_seconds": round(waited, 3),
             "lr": sched.get_last_lr()[0],
             "steps": steps,  # rank 0's; every rank takes as many (equal shares)
             "batch_size": batch_size,

@@ -89,28 +89,69 @@ def keep_stage(batch: dict, pruner_name: str) -> dict:
 
 
 def decode_stage(batch: dict, augment: bool, seed: int) -> dict:
-    """PNG/JPEG bytes -> normalised float32 [n, 1, 28, 28], with a per-sample deterministic augmentation."""
+    """PNG/JPEG bytes -> normalised float32 [n, 1, 28, 28], with a per-sample deterministic augmentation.
+
+    The augmentation (a shift of up to 2 pixels, black fill, and a horizontal
+    flip) is drawn per sample from (seed, epoch, sample), so a restarted run
+    sees the same crops, and is applied to the whole batch at once.
+    """
     n = len(batch["index"])
     images = np.empty((n, 1, 28, 28), np.float32)
     for i in range(n):
         with Image.open(io.BytesIO(batch["image"][i])) as im:
-            pixels = np.asarray(im.convert("L").resize((28, 28)), np.float32) / 255.0
-        if augment:
-            # Seeded by (seed, epoch, sample) so a restarted run sees the same crops.
-            rng = np.random.default_rng([seed, int(batch["epoch"][i]), int(batch["index"][i])])
-            pixels = _crop_flip(pixels, rng)
-        images[i, 0] = (pixels - MEAN) / STD
+            im = im if im.mode == "L" else im.convert("L")
+            images[i, 0] = np.asarray(im if im.size == (28, 28) else im.resize((28, 28)), np.float32)
+    images /= 255.0
+    if augment and n:
+        draws = row_draws(seed, batch["epoch"], batch["index"])
+        images = shift_images(images, draws, shift=2, flip=True)
+    images -= MEAN
+    images /= STD
     out = {"x": images, "label": batch["label"].astype(np.int64), "index": batch["index"].astype(np.int64)}
     if "weight" in batch:
         out["weight"] = batch["weight"]
     return out
 
 
-def _crop_flip(pixels: np.ndarray, rng: np.random.Generator, pad: int = 2) -> np.ndarray:
-    dy, dx = rng.integers(0, 2 * pad + 1, size=2)
-    padded = np.pad(pixels, pad)
-    out = padded[dy : dy + 28, dx : dx + 28]
-    return out[:, ::-1] if rng.random() < 0.5 else out
+_MASK64 = (1 << 64) - 1
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser over a uint64 array: a bijection whose output bits all depend on every input bit."""
+    x = (x + np.uint64(0x9E3779B97F4A7C15)) & np.uint64(_MASK64)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def row_draws(seed: int, epoch, index) -> np.ndarray:
+    """64 random bits per row, a function of (seed, epoch, sample index) alone (uint64 [n]).
+
+    Counter-based: no generator state, so a row's draws do not depend on the
+    batch it arrives in, its position there, or the worker that decodes it.
+    """
+    epoch = np.broadcast_to(np.asarray(epoch, np.int64), np.shape(index))
+    with np.errstate(over="ignore"):
+        x = _mix(np.full(np.shape(index), seed & _MASK64, np.uint64))
+        x = _mix(x ^ epoch.astype(np.uint64))
+        return _mix(x ^ np.asarray(index, np.int64).astype(np.uint64))
+
+
+def shift_images(images: np.ndarray, draws: np.ndarray, shift: int, flip: bool = False) -> np.ndarray:
+    """Each image of ``images`` [n, C, H, W] moved by up to ``shift`` pixels each way (the uncovered border 0),
+    and with ``flip`` mirrored left-right for half of them; the moves come from ``draws`` (:func:`row_draws`)."""
+    n, _, h, w = images.shape
+    span = np.uint64(2 * shift + 1)
+    dy = (draws % span).astype(np.int64)  # 0..2*shift: the crop's offset in the padded image
+    dx = ((draws >> np.uint64(16)) % span).astype(np.int64)
+    padded = np.pad(images, ((0, 0), (0, 0), (shift, shift), (shift, shift)))
+    rows = dy[:, None] + np.arange(h)
+    cols = dx[:, None] + np.arange(w)
+    if flip:
+        mirrored = ((draws >> np.uint64(32)) & np.uint64(1)).astype(bool)
+        cols[mirrored] = cols[mirrored, ::-1]
+    return padded[np.arange(n)[:, None, None, None], np.arange(images.shape[1])[None, :, None, None],
+                  rows[:, None, :, None], cols[:, None, None, :]]
 
 
 def test_decode_stage(batch: dict) -> dict:
