@@ -249,26 +249,28 @@ def run_policy(cfg: BenchPruningConfig, data: str, scores: str, out: str, policy
     return {**row, "out": out, "reused": bool(reused)}
 
 
-def kept_row(run_dir: str, clip_digest: str | None) -> dict | None:
+def kept_row(run_dir: str, clip_digest: str | None, say: bool = True) -> dict | None:
     """A run's kept row, if it was scored by the same reference checkpoint (its digest); else None.
 
     The reference CLIP model's pretraining is not bit-for-bit reproducible across
-    machines, so a row kept from a session with another checkpoint is trained again.
+    machines, so a row kept from a session with another checkpoint is trained
+    again (``say``: print that it is).
     """
     path = storage.join(run_dir, RUN_SUMMARY)
     if not storage.exists(path):
         return None
     row = storage.read_json(path)
     if row.get("clip_digest") != clip_digest:
-        print(f"    {path} was scored with reference checkpoint {row.get('clip_digest')}, not {clip_digest}: "
-              "training it again", flush=True)
+        if say:
+            print(f"    {path} was scored with reference checkpoint {row.get('clip_digest')}, not {clip_digest}: "
+                  "training it again", flush=True)
         return None
     return row
 
 
 def finished(run_dir: str, clip_digest: str | None) -> bool:
     """Whether a run needs no training to resume: committed by its fit, or already evaluated (its row kept)."""
-    return storage.is_complete(run_dir) or kept_row(run_dir, clip_digest) is not None
+    return storage.is_complete(run_dir) or kept_row(run_dir, clip_digest, say=False) is not None
 
 
 def matched_keep_ratio(mmdp_run: dict | None, cfg: BenchPruningConfig) -> float:

@@ -272,3 +272,17 @@ def test_train_without_class_names_is_a_clear_error(scored_ready, tmp_path, caps
     (tmp_path / "data").mkdir()
     rc = train_job.main(["--data", str(tmp_path / "data"), "--scores", scores, "--out", str(tmp_path / "run")])
     assert rc == 2 and "pass --classes" in capsys.readouterr().err
+
+
+def test_resuming_from_a_folder_that_is_not_this_mmdps_checkpoint_is_a_clear_error(scored_ready, tmp_path, capsys):
+    data, scores = scored_ready
+    empty, old = tmp_path / "empty", tmp_path / "old"
+    empty.mkdir()
+    old.mkdir()
+    for name in ("train.pt", "pruner.pt", "history.json", "plans.json"):  # the layout before pruner_state.json
+        (old / name).write_bytes(b"")
+    for folder, says in ((empty, "no checkpoint there"), (old, "an older mmdp wrote it")):
+        rc = train_job.main(["--data", data, "--scores", scores, "--out", str(tmp_path / f"run-{folder.name}"),
+                             "--resume-from", str(folder)])
+        err = capsys.readouterr().err
+        assert rc == 2 and says in err and str(folder) in err

@@ -255,20 +255,15 @@ class Pruner:
 
     def load_state_dict(self, state: dict) -> None:
         """Restores a ``state_dict()``; the config must match this pruner's."""
-        self._check_saved(state)
+        self._check_saved(state, state["consistency"] is not None,
+                          lambda: _numpy(state["reference"]) if "history" in state else None)
         loss = _array(state["loss"], np.float32, self.num_samples)
         last_seen = _array(state["last_seen"], np.int32, self.num_samples)
         consistency = None
         if state["consistency"] is not None:
             consistency = _array(state["consistency"], np.float32, self.num_samples)
-        elif self.policy.needs_consistency:
-            raise ValueError(f"saved state has no consistency; {self.policy.name!r} needs it")
         self._parts.set_state(loss, last_seen, consistency)
         if self.reference is not None:
-            if "history" not in state:
-                raise ValueError(f"saved state has no loss history; {self.policy.name!r} needs it")
-            if not np.array_equal(_numpy(state["reference"]), self.reference):
-                raise ValueError("saved state was made with other reference samples")
             history, slot_epoch = _numpy(state["history"]), _numpy(state["history_slot_epoch"])
             self._parts.map_each(set_history, [(history[a:b], slot_epoch)
                                                for a, b in zip(self.bounds[:-1], self.bounds[1:])])
@@ -278,7 +273,10 @@ class Pruner:
         self.current_epoch = int(state["current_epoch"])
         self._cached = None
 
-    def _check_saved(self, state: dict) -> None:
+    def _check_saved(self, state: dict, has_consistency: bool, saved_reference) -> None:
+        """A ValueError unless a saved ``state`` (its version and config) can restore into this pruner:
+        the consistency if the policy needs it, and the same reference samples (``saved_reference()``,
+        read only for a pruner with a reference; None when the state has no loss history)."""
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"pruner state version {state.get('version')!r}, "
                              f"expected {STATE_VERSION}")
@@ -286,6 +284,14 @@ class Pruner:
         if differ:
             raise ValueError("pruner state was saved with a different config: " + ", ".join(
                 f"{k}={state['config'].get(k)!r} (now {self.config[k]!r})" for k in differ))
+        if self.policy.needs_consistency and not has_consistency:
+            raise ValueError(f"saved state has no consistency; {self.policy.name!r} needs it")
+        if self.reference is not None:
+            reference = saved_reference()
+            if reference is None:
+                raise ValueError(f"saved state has no loss history; {self.policy.name!r} needs it")
+            if not np.array_equal(reference, self.reference):
+                raise ValueError("saved state was made with other reference samples")
 
     def save(self, url: str) -> None:
         """Writes the state to the folder ``url``: each partition its own file, where it lives (nothing is
@@ -315,11 +321,7 @@ class Pruner:
             ValueError: it was saved by a pruner of another config or reference.
         """
         meta = read_saved(url)
-        self._check_saved(meta)
-        if self.policy.needs_consistency and not meta["consistency"]:
-            raise ValueError(f"saved state has no consistency; {self.policy.name!r} needs it")
-        if self.reference is not None and not np.array_equal(saved_reference(url), self.reference):
-            raise ValueError("saved state was made with other reference samples")
+        self._check_saved(meta, meta["consistency"], lambda: saved_reference(url))
         self._parts.map_each(load_part, [(url, meta["bounds"], meta.get("slot_epoch"))] * (len(self.bounds) - 1))
         self._received = {int(e): int(c) for e, c in meta["received"].items()}
         self.current_epoch = int(meta["current_epoch"])

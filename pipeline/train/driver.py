@@ -27,7 +27,7 @@ from pipeline.cli import option
 from pipeline.prune.actor import actor_name
 from pipeline.prune.budget import DEFAULT_KEEP_RATIO
 from pipeline.prune.policies import POLICIES
-from pipeline.train.loop import KEEP_CHECKPOINTS
+from pipeline.train.loop import KEEP_CHECKPOINTS, PRUNER_STATE
 from pipeline.train.models import MODELS
 from pipeline.train.pruning import Pruning
 from pipeline.data.contract import KEY, ColumnMapping
@@ -217,6 +217,16 @@ def run_trainer(cfg: TrainConfig, loop, loop_config: dict, datasets: dict, name:
     return result
 
 
+def check_checkpoint(url: str) -> None:
+    """A ValueError, before any training, unless ``url`` is a checkpoint folder this mmdp resumes from."""
+    if not storage.exists(storage.join(url, "train.pt")):
+        raise ValueError(f"--resume-from {url}: no checkpoint there (a run's checkpoint/ folder holds train.pt)")
+    if not storage.exists(storage.join(url, PRUNER_STATE)):
+        raise ValueError(f"--resume-from {url}: the checkpoint has no {PRUNER_STATE}, so an older mmdp wrote it "
+                         "(with the pruner's state inside it, as pruner.pt); resume it with the mmdp that wrote it, "
+                         "or train afresh")
+
+
 def fit(cfg: TrainConfig) -> dict:
     """Train with pruning; writes the run folder and returns the metrics."""
     from pipeline.train.loop import train_loop_per_worker
@@ -224,6 +234,8 @@ def fit(cfg: TrainConfig) -> dict:
     started = time.perf_counter()
     storage.check_not_pending(cfg.data)
     storage.check_not_pending(cfg.scores)
+    if cfg.resume_from:
+        check_checkpoint(cfg.resume_from)
     classes = class_names(cfg.data, cfg.classes, required=cfg.task == "classify")
     templates = list(dataset_metadata(cfg.data).get("templates") or DEFAULT_TEMPLATES)
     run_id = uuid.uuid4().hex[:8]
