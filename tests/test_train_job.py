@@ -18,7 +18,7 @@ import pytest
 from jobs import score as score_job
 from jobs import train as train_job
 from pipeline import storage
-from pipeline.train.loop import cosine_lr, epoch_batch_size
+from pipeline.train.loop import PhaseClock, cosine_lr, epoch_batch_size
 from pipeline.data.reference import make_synthetic, write_dataset
 from pipeline.prune.budget import DEFAULT_KEEP_RATIO
 from benchmarks.procmem import tree
@@ -72,6 +72,13 @@ def test_each_kept_sample_reports_exactly_one_loss(scored_ready, tmp_path):
         assert e["batch_size"] == epoch_batch_size(e["plan_kept"], n, 16, 2, "full")
         assert e["steps"] == math.ceil((e["plan_kept"] // 2) / e["batch_size"]) <= 7
         assert e["lr"] == pytest.approx(0.1 * cosine_lr((e["epoch"] + 1) * 7, 4 * 7, 2), rel=1e-6)
+    # Rank 0's training time split by phase: the phases fit inside it, and every step was timed.
+    phases = [f"{phase}_seconds" for phase in PhaseClock.PHASES]
+    for e in metrics["epochs"]:
+        assert e["step_seconds"] > 0 and e["input_seconds"] > 0
+        assert sum(e[k] for k in phases) <= e["train_seconds"] + 0.01
+    for k in phases:
+        assert metrics["totals"][k] == pytest.approx(sum(e[k] for e in metrics["epochs"]), abs=0.02)
     assert [p["epoch"] for p in plans] == [0, 1, 2, 3]
     # The two workers split the test split between them: one exact pass, every epoch.
     test_rows = storage.read_json(f"{data}/metadata.json")["splits"]["test"]

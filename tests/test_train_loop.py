@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import copy
 import io
+import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pipeline.train.loop import epoch_batch_size, weighted_step
+from pipeline.train.loop import PhaseClock, epoch_batch_size, weighted_step
 from pipeline.train.models import build_model
 from pipeline.train.stages import MEAN, STD, decode_stage, row_draws, shift_images
 
@@ -137,3 +138,16 @@ def test_shift_images_moves_every_channel_of_a_colour_image_alike():
         dy, dx, _ = found[0]
         for c in range(3):  # the other channels moved by the same (dy, dx)
             np.testing.assert_array_equal(_moves(img[c], shift=3)[(dy, dx, False)], out[c])
+
+
+def test_phase_clock_sums_each_phase_over_its_entries():
+    clock = PhaseClock()
+    for _ in range(3):
+        with clock("step"):
+            time.sleep(0.01)
+    with clock("input"):
+        time.sleep(0.02)
+    seconds = clock.seconds()
+    assert set(seconds) == {"plan_seconds", "input_seconds", "step_seconds", "report_seconds"}
+    assert 0.03 <= seconds["step_seconds"] < 0.5 and 0.02 <= seconds["input_seconds"] < 0.5
+    assert seconds["plan_seconds"] == seconds["report_seconds"] == 0

@@ -27,7 +27,7 @@ from pipeline.cli import option
 from pipeline.prune.actor import actor_name
 from pipeline.prune.budget import DEFAULT_KEEP_RATIO
 from pipeline.prune.policies import POLICIES
-from pipeline.train.loop import KEEP_CHECKPOINTS, PRUNER_STATE
+from pipeline.train.loop import KEEP_CHECKPOINTS, PRUNER_STATE, PhaseClock
 from pipeline.train.models import MODELS
 from pipeline.train.pruning import Pruning
 from pipeline.data.contract import KEY, ColumnMapping
@@ -261,7 +261,9 @@ def fit(cfg: TrainConfig) -> dict:
         "wall_seconds": round(time.perf_counter() - started, 2),
         "epoch_seconds": round(sum(h["epoch_seconds"] for h in history), 2),
         "train_seconds": round(sum(h["train_seconds"] for h in history), 2),
-        "input_seconds": round(sum(h.get("input_seconds", 0.0) for h in history), 2),
+        # Training time by phase (PhaseClock); 0 for epochs of a run resumed from an older mmdp.
+        **{f"{phase}_seconds": round(sum(h.get(f"{phase}_seconds", 0.0) for h in history), 2)
+           for phase in PhaseClock.PHASES},
         "samples_forwarded": int(sum(h["samples_forwarded"] for h in history)),
         "final_test_accuracy": history[-1]["test_accuracy"] if history else None,
         "num_samples": pruning.num_samples,

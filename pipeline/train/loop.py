@@ -194,23 +194,27 @@ def train_loop_per_worker(config: dict) -> None:
     for epoch in range(start_epoch, cfg["epochs"]):
         _barrier()
         started = time.perf_counter()  # planning counts as training time
-        kept = pruning.start_epoch(epoch)
+        clock = PhaseClock()
+        with clock("plan"):
+            kept = pruning.start_epoch(epoch)
         batch_size = epoch_batch_size(kept, cfg["num_samples"], cfg["batch_size"], world, cfg["step_schedule"])
         model.train()
-        loss_sum, forwarded, steps, waited = 0.0, 0, 0, 0.0
+        loss_sum, forwarded, steps = 0.0, 0, 0
         batches = iter(task.batches(train_shard, batch_size, shuffle_args(cfg, epoch, rank)))
         while True:
-            asked = time.perf_counter()
-            batch = next(batches, None)
-            waited += time.perf_counter() - asked
+            with clock("input"):
+                batch = next(batches, None)
             if batch is None:
                 break
             steps += 1
-            per_sample = task.step(model, batch, pruning.weight_mean, opt, sched)
-            pruning.report(batch["index"], per_sample)
-            loss_sum += float(per_sample.sum())
+            with clock("step"):
+                per_sample = task.step(model, batch, pruning.weight_mean, opt, sched)
+                loss_sum += float(per_sample.sum())
+            with clock("report"):
+                pruning.report(batch["index"], per_sample)
             forwarded += len(per_sample)
-        pruning.end_epoch()
+        with clock("report"):
+            pruning.end_epoch()
         while sched.last_epoch < (epoch + 1) * steps_per_epoch:  # the schedule follows the epochs
             sched.step()
         train_seconds = time.perf_counter() - started
@@ -229,8 +233,7 @@ def train_loop_per_worker(config: dict) -> None:
             "samples_forwarded": int(forwarded),
             "epoch_seconds": round(time.perf_counter() - started, 3),
             "train_seconds": round(train_seconds, 3),
-            # Rank 0's seconds waiting for its next batch (reading, decoding, shuffling: the input pipeline).
-            "input_seconds": round(waited, 3),
+            **clock.seconds(),  # rank 0's training time by phase (PhaseClock.PHASES)
             "lr": sched.get_last_lr()[0],
             "steps": steps,  # rank 0's; every rank takes as many (equal shares)
             "batch_size": batch_size,
@@ -264,6 +267,37 @@ def train_loop_per_worker(config: dict) -> None:
         report_epoch(metrics, checkpoint_dir)
         if checkpoint_dir:
             _drop_old_pruner_state(cfg["out"], history)
+
+
+class PhaseClock:
+    """Seconds spent in each phase of an epoch's training, summed over its entries (``with clock("step"):``).
+
+    The phases: ``plan`` (the epoch's plan made and learnt), ``input``
+    (waiting for the next batch: reading, pruning, decoding, shuffling that
+    the steps did not hide), ``step`` (forward, backward, the gradient
+    all-reduce, which waits for the slowest worker, and the optimiser) and
+    ``report`` (handing losses to the pruner, and delivering the last of them).
+    """
+
+    PHASES = ("plan", "input", "step", "report")
+
+    def __init__(self):
+        self.totals = dict.fromkeys(self.PHASES, 0.0)
+        self._phase = None
+
+    def __call__(self, phase: str) -> "PhaseClock":
+        self._phase = phase
+        return self
+
+    def __enter__(self) -> None:
+        self._entered = time.perf_counter()
+
+    def __exit__(self, *exc) -> None:
+        self.totals[self._phase] += time.perf_counter() - self._entered
+
+    def seconds(self) -> dict:
+        """``{"plan_seconds": ..., "input_seconds": ..., ...}``, rounded to ms."""
+        return {f"{phase}_seconds": round(value, 3) for phase, value in self.totals.items()}
 
 
 def _accuracy_text(metrics: dict) -> str:
