@@ -107,9 +107,10 @@ def evaluate_checkpoint(run_dir: str, data: str, cfg) -> dict:
     """Accuracy of a run's final checkpoint on the clean and the shifted test split."""
     import torch
 
+    from pipeline.train.loop import TRAIN_STATE
     from pipeline.train.models import build_model
 
-    state = torch.load(io.BytesIO(storage.read_bytes(storage.join(run_dir, "checkpoint", "train.pt"))),
+    state = torch.load(io.BytesIO(storage.read_bytes(storage.join(run_dir, "checkpoint", TRAIN_STATE))),
                        map_location="cpu", weights_only=True)
     num_classes = len(storage.read_json(storage.join(data, "metadata.json"))["classes"])
     model = build_model(cfg.model, num_classes, cfg.width or None)

@@ -68,12 +68,19 @@ def random_keys(salt: int, start: int, stop: int) -> np.ndarray:
         z = np.arange(start, stop, dtype=np.uint64)
         z *= np.uint64(0x9E3779B97F4A7C15)
         z += np.uint64(salt & _MASK64)
+    return (splitmix64_finalize(z) >> np.uint64(32)).astype(np.uint32)
+
+
+def splitmix64_finalize(z: np.ndarray) -> np.ndarray:
+    """SplitMix64's output function over a uint64 array (wrapping), in place: every output bit
+    depends on every input bit. :func:`random_keys` and the training stages' per-row draws use it."""
+    with np.errstate(over="ignore"):
         z ^= z >> np.uint64(30)
         z *= np.uint64(0xBF58476D1CE4E5B9)
         z ^= z >> np.uint64(27)
         z *= np.uint64(0x94D049BB133111EB)
         z ^= z >> np.uint64(31)
-    return (z >> np.uint64(32)).astype(np.uint32)
+    return z
 
 
 def sortable(values: np.ndarray, descending: bool = False) -> np.ndarray:

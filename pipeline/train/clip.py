@@ -105,7 +105,7 @@ def pair_stage(batch: dict, model: str, classes: tuple[str, ...], templates: tup
     if len(bad):
         raise ValueError(f"row {batch['key'][bad[0]]!r}: {out['error'][bad[0]]} (the score table has it as scored)")
     pixels = out["pixels"]
-    if augment and shift > 0 and len(pixels):
+    if augment and shift > 0:
         pixels = shift_images(pixels, row_draws(seed, batch["epoch"], batch["index"]), shift)
     captions, labels = captions_for(batch, classes, templates)
     result = {"pixels": pixels, "caption": captions, "label": labels, "index": batch["index"].astype(np.int64)}

@@ -27,7 +27,7 @@ from pipeline.cli import option
 from pipeline.prune.actor import actor_name
 from pipeline.prune.budget import DEFAULT_KEEP_RATIO
 from pipeline.prune.policies import POLICIES
-from pipeline.train.loop import KEEP_CHECKPOINTS, PRUNER_STATE, PhaseClock
+from pipeline.train.loop import KEEP_CHECKPOINTS, PRUNER_STATE, TRAIN_STATE, PhaseClock
 from pipeline.train.models import MODELS
 from pipeline.train.pruning import Pruning
 from pipeline.data.contract import KEY, ColumnMapping
@@ -219,8 +219,8 @@ def run_trainer(cfg: TrainConfig, loop, loop_config: dict, datasets: dict, name:
 
 def check_checkpoint(url: str) -> None:
     """A ValueError, before any training, unless ``url`` is a checkpoint folder this mmdp resumes from."""
-    if not storage.exists(storage.join(url, "train.pt")):
-        raise ValueError(f"--resume-from {url}: no checkpoint there (a run's checkpoint/ folder holds train.pt)")
+    if not storage.exists(storage.join(url, TRAIN_STATE)):
+        raise ValueError(f"--resume-from {url}: no checkpoint there (a run's checkpoint/ folder holds {TRAIN_STATE})")
     if not storage.exists(storage.join(url, PRUNER_STATE)):
         raise ValueError(f"--resume-from {url}: the checkpoint has no {PRUNER_STATE}, so an older mmdp wrote it "
                          "(with the pruner's state inside it, as pruner.pt); resume it with the mmdp that wrote it, "

@@ -50,6 +50,8 @@ from pipeline.train.pruning import step_loss
 # iter_torch_batches needs every column named.
 DTYPES = {"x": torch.float32, "label": torch.int64, "index": torch.int64}
 WEIGHTED_DTYPES = {**DTYPES, "weight": torch.float32}
+# A checkpoint holds the model's, optimiser's and schedule's state in this file.
+TRAIN_STATE = "train.pt"
 # A checkpoint names the pruner state it goes with in this file (the state itself is in the run folder).
 PRUNER_STATE = "pruner_state.json"
 # Checkpoints Ray Train keeps; the pruner states of older ones are removed.
@@ -157,9 +159,9 @@ def take_step(loss: torch.Tensor, opt: torch.optim.Optimizer, sched) -> None:
 
 
 def save_train_state(directory: str, model: torch.nn.Module, opt, sched, epoch: int) -> None:
-    """``directory/train.pt``: the bare model's, optimiser's and schedule's state after ``epoch``."""
+    """``directory/train.pt`` (TRAIN_STATE): the bare model's, optimiser's and schedule's state after ``epoch``."""
     torch.save({"model": unwrap(model).state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "epoch": epoch}, os.path.join(directory, "train.pt"))
+                "epoch": epoch}, os.path.join(directory, TRAIN_STATE))
 
 
 def report_epoch(metrics: dict, checkpoint_dir: str | None) -> None:
@@ -369,7 +371,7 @@ def _resume(cfg: dict, model, opt, sched, pruning, rank: int) -> tuple[int, list
             return 0, [], [], 1
         return 0, [], [], 0
     with checkpoint.as_directory() as d:
-        state = torch.load(os.path.join(d, "train.pt"), map_location="cpu", weights_only=True)
+        state = torch.load(os.path.join(d, TRAIN_STATE), map_location="cpu", weights_only=True)
         pruner_state = json.loads(open(os.path.join(d, PRUNER_STATE)).read())["state"]
         history = json.loads(open(os.path.join(d, "history.json")).read())
         plans = json.loads(open(os.path.join(d, "plans.json")).read())

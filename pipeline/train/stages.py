@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.data.contract import KEY
+from pipeline.prune.selection import splitmix64_finalize
 
 # Fashion-MNIST pixel statistics; any dataset's images are normalised alike
 # since the default models are trained from scratch.
@@ -102,7 +103,7 @@ def decode_stage(batch: dict, augment: bool, seed: int) -> dict:
             im = im if im.mode == "L" else im.convert("L")
             images[i, 0] = np.asarray(im if im.size == (28, 28) else im.resize((28, 28)), np.float32)
     images /= 255.0
-    if augment and n:
+    if augment:
         draws = row_draws(seed, batch["epoch"], batch["index"])
         images = shift_images(images, draws, shift=2, flip=True)
     images -= MEAN
@@ -117,11 +118,9 @@ _MASK64 = (1 << 64) - 1
 
 
 def _mix(x: np.ndarray) -> np.ndarray:
-    """SplitMix64's finaliser over a uint64 array: a bijection whose output bits all depend on every input bit."""
-    x = (x + np.uint64(0x9E3779B97F4A7C15)) & np.uint64(_MASK64)
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return x ^ (x >> np.uint64(31))
+    """One SplitMix64 step over a uint64 array: add the golden-ratio increment, then finalise."""
+    with np.errstate(over="ignore"):
+        return splitmix64_finalize(x + np.uint64(0x9E3779B97F4A7C15))
 
 
 def row_draws(seed: int, epoch, index) -> np.ndarray:
