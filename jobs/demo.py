@@ -1,6 +1,6 @@
 """mmdp end to end on one machine: noisy data -> reference CLIP -> scores -> training -> report.
 
-Local (Ray starts on this machine; about 6 minutes on 2 CPU cores)::
+Local (Ray starts on this machine; about 7 minutes on 2 CPU cores)::
 
     python -m jobs.demo --out runs/demo
 
@@ -48,7 +48,7 @@ class DemoConfig:
     policies: tuple[str, ...] = option(("full", "mmdp"), "policies to train, comma-separated")
     keep_ratio: float = option(DEFAULT_KEEP_RATIO, "--keep-ratio of jobs.train: the budget, share of full's sample "
                                                    "passes a pruning epoch spends")
-    epochs: int = option(8, "training epochs per policy")
+    epochs: int = option(16, "training epochs per policy")
     workers: int = option(2, "Ray Train workers")
     seed: int = option(0, "seed for the data, the models and the plans")
     reuse: bool = option(True, "skip a stage whose output is already complete")
