@@ -38,22 +38,6 @@ def test_noise_fraction_is_the_low_mode_of_a_two_mode_histogram():
     assert estimate_noise_fraction(np.array([np.nan, 1.0])) == 0.0
 
 
-def test_noise_cut_is_where_the_mixtures_posterior_of_noise_falls_to_the_threshold():
-    from pipeline.score.quality import NOISE_POSTERIOR, estimate_noise_fraction
-
-    rng = np.random.default_rng(1)
-    (wc, mc, sc), (wn, mn, sn) = (0.7, 0.3, 0.12), (0.3, -0.1, 0.15)  # overlapping modes
-    values = np.r_[rng.normal(mc, sc, 70_000), rng.normal(mn, sn, 30_000)]
-    grid = np.linspace(-0.5, 0.7, 120_001)
-    noise = wn / sn * np.exp(-0.5 * ((grid - mn) / sn) ** 2)
-    clean = wc / sc * np.exp(-0.5 * ((grid - mc) / sc) ** 2)
-    for tau in (NOISE_POSTERIOR, 0.5):
-        cut = grid[np.argmax(noise / (noise + clean) <= tau)]  # the true mixture's cut
-        assert estimate_noise_fraction(values, posterior=tau) == pytest.approx(np.mean(values < cut), abs=0.005)
-    # Keeping noise costs more than dropping clean rows: the default cut lies deeper than the equal-odds one.
-    assert estimate_noise_fraction(values) > estimate_noise_fraction(values, posterior=0.5) + 0.01
-
-
 def test_policy_params_parse_numbers_and_reject_malformed_pairs():
     from pipeline.train.driver import parse_params
 

@@ -95,8 +95,7 @@ class TrainConfig:
                        choices=("auto", "clip_margin", "clip_score"))
     noise_fraction: float | None = option(
         None, "mmdp, clip_cut: share of samples excluded as likely noise; none = estimated from the scores "
-              "(0 if the consistency histogram has one mode; else where a two-Gaussian mixture's posterior "
-              "of noise falls to 0.2)")
+              "(the low mode of the consistency histogram, Otsu's cut; 0 if it has one mode)")
     policy_params: tuple[str, ...] = option((), "more policy knobs as name=value, comma-separated (e.g. loss_weight=0.3)")
     reference_keys: str | None = option(None, "trajectory: a text file (URL) of keys of rows known to be clean, one "
                                               "per line (about 1%% of the rows); their losses are the reference")
