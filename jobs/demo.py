@@ -1,6 +1,6 @@
 """mmdp end to end on one machine: noisy data -> reference CLIP -> scores -> training -> report.
 
-Local (Ray starts on this machine; about 7 minutes on 2 CPU cores)::
+Local (Ray starts on this machine; about 8 minutes on 2 CPU cores)::
 
     python -m jobs.demo --out runs/demo
 
@@ -44,7 +44,7 @@ class DemoConfig:
     noise: str = option("symmetric:0.3", "label noise injected into the train split (kind:rate,...)")
     train_rows: int = option(8000, "rows in the train split and in the test split")
     reference_rows: int = option(5000, "clean rows the reference CLIP model is trained on")
-    clip_epochs: int = option(8, "reference CLIP pre-training epochs")
+    clip_epochs: int = option(16, "reference CLIP pre-training epochs")
     policies: tuple[str, ...] = option(("full", "mmdp"), "policies to train, comma-separated")
     keep_ratio: float = option(DEFAULT_KEEP_RATIO, "--keep-ratio of jobs.train: the budget, share of full's sample "
                                                    "passes a pruning epoch spends")
