@@ -34,7 +34,7 @@ import numpy as np
 # a few MB (not n-sized) and cache-resident.
 CHUNK = 1 << 20
 RADIX = 1 << 16
-_MASK64 = (1 << 64) - 1
+MASK64 = (1 << 64) - 1
 # frexp exponents of finite float32 values (subnormals included) lie in
 # [-148, 128]; offset so they index [2, 278].
 _EXP_OFFSET, _EXP_SLOTS = 150, 280
@@ -50,10 +50,10 @@ def mix64(*values: int) -> int:
     """A 64-bit salt from integers (splitmix64 steps), e.g. ``mix64(seed, epoch)``."""
     z = 0x243F6A8885A308D3
     for v in values:
-        z = (z ^ (int(v) & _MASK64)) & _MASK64
-        z = (z + 0x9E3779B97F4A7C15) & _MASK64
-        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+        z = (z ^ (int(v) & MASK64)) & MASK64
+        z = (z + 0x9E3779B97F4A7C15) & MASK64
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
         z ^= z >> 31
     return z
 
@@ -67,7 +67,7 @@ def random_keys(salt: int, start: int, stop: int) -> np.ndarray:
     with np.errstate(over="ignore"):
         z = np.arange(start, stop, dtype=np.uint64)
         z *= np.uint64(0x9E3779B97F4A7C15)
-        z += np.uint64(salt & _MASK64)
+        z += np.uint64(salt & MASK64)
     return (splitmix64_finalize(z) >> np.uint64(32)).astype(np.uint32)
 
 

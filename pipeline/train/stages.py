@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.data.contract import KEY
-from pipeline.prune.selection import splitmix64_finalize
+from pipeline.prune.selection import MASK64, splitmix64_finalize
 
 # Fashion-MNIST pixel statistics; any dataset's images are normalised alike
 # since the default models are trained from scratch.
@@ -114,9 +114,6 @@ def decode_stage(batch: dict, augment: bool, seed: int) -> dict:
     return out
 
 
-_MASK64 = (1 << 64) - 1
-
-
 def _mix(x: np.ndarray) -> np.ndarray:
     """One SplitMix64 step over a uint64 array: add the golden-ratio increment, then finalise."""
     with np.errstate(over="ignore"):
@@ -130,10 +127,9 @@ def row_draws(seed: int, epoch, index) -> np.ndarray:
     batch it arrives in, its position there, or the worker that decodes it.
     """
     epoch = np.broadcast_to(np.asarray(epoch, np.int64), np.shape(index))
-    with np.errstate(over="ignore"):
-        x = _mix(np.full(np.shape(index), seed & _MASK64, np.uint64))
-        x = _mix(x ^ epoch.astype(np.uint64))
-        return _mix(x ^ np.asarray(index, np.int64).astype(np.uint64))
+    x = _mix(np.full(np.shape(index), seed & MASK64, np.uint64))  # _mix wraps on overflow
+    x = _mix(x ^ epoch.astype(np.uint64))
+    return _mix(x ^ np.asarray(index, np.int64).astype(np.uint64))
 
 
 def shift_images(images: np.ndarray, draws: np.ndarray, shift: int, flip: bool = False) -> np.ndarray:
