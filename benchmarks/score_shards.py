@@ -16,8 +16,9 @@ Local::
 
 ``--store s3`` puts the shards and the output on a loopback S3 server
 (moto's server mode, from the test extras) and reports, from each job's
-summary, the delay from its start to the first scored row: with thousands of
-shards, listing and footer reads come before it.
+summary, the delay from its start to the first scored row (with thousands of
+shards, listing and footer reads come before it), and the server's requests
+by method, before that first row and in the whole job, each also per shard.
 
 On a cluster it measures the node it runs on: each score job still starts
 its own Ray there (``RAY_ADDRESS=local``), as it does locally::
@@ -32,8 +33,11 @@ holds no per-row data: repeats and the index are found in the cluster).
 """
 from __future__ import annotations
 
+import collections
 import json
+import logging
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -106,12 +110,14 @@ def synthetic_rows(rows: int, seed: int = 0):
     return pa.concat_tables(copies)
 
 
-def measure(input_dir: str, ckpt: str, out: str, batch_size: int, interval: float) -> dict:
+def measure(input_dir: str, ckpt: str, out: str, batch_size: int, interval: float, requests=None) -> dict:
+    """One score job on ``input_dir``, sampled; with ``requests`` (a :class:`RequestLog`), the S3 requests it made."""
     from benchmarks.procmem import PeakSampler
 
     cmd = [sys.executable, "-m", "jobs.score", "--input", input_dir, "--output", out, "--model", "mmdp-tiny",
            "--pretrained", ckpt, "--batch-size", str(batch_size), "--max-actors", "1", "--actor-cpus", "0.5"]
     load = os.getloadavg()[0]
+    began = time.time()
     started = time.perf_counter()
     # Its own Ray on this node, also under `ray job submit`: the tree sampled is then the whole job.
     env = {**os.environ, "RAY_ADDRESS": "local"}
@@ -134,7 +140,32 @@ def measure(input_dir: str, ckpt: str, out: str, batch_size: int, interval: floa
             "peak_processes": peak.peak_procs, "samples": peak.samples, "wall_s": round(wall, 1),
             "rows": summary["rows_in"], "job_seconds": summary["seconds"],
             "first_row_seconds": summary.get("first_row_seconds"),
-            "pairs_per_second": summary["pairs_per_second"], "loadavg_start": load}
+            "pairs_per_second": summary["pairs_per_second"], "loadavg_start": load,
+            **({} if requests is None else {
+                "requests": requests.counts(began, float("inf")),
+                "requests_before_first_row": requests.counts(began, summary["started_at"] + summary["first_row_seconds"]),
+            })}
+
+
+class RequestLog(logging.Handler):
+    """The loopback server's requests as (time, method), from its per-request log lines."""
+
+    PATTERN = re.compile(r"(GET|HEAD|PUT|POST|DELETE) (\S+) HTTP")
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[tuple[float, str]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        found = self.PATTERN.search(record.getMessage())
+        if found:
+            method, target = found.groups()
+            listing = method == "GET" and ("list-type=" in target or "prefix=" in target)
+            self.seen.append((record.created, "LIST" if listing else method))
+
+    def counts(self, start: float, end: float) -> dict[str, int]:
+        """Requests by method between ``start`` and ``end`` (``time.time()``)."""
+        return dict(sorted(collections.Counter(m for t, m in self.seen if start <= t < end).items()))
 
 
 def main(argv=None) -> int:
@@ -146,16 +177,16 @@ def run(cfg: BenchScoreShardsConfig) -> None:
     from pipeline import storage
 
     layouts = [(rows, count) for rows in cfg.rows for count in cfg.shards]
-    server = None
+    server = requests = None
     if cfg.store == "s3":
-        server, folder = loopback_s3()
+        server, folder, requests = loopback_s3()
     else:
         folder = cfg.workdir or tempfile.mkdtemp(prefix="mmdp-bench-shards-")
     inputs, ckpt = prepare(folder, list(cfg.rows), list(cfg.shards))
     results = {}
     for rows, count in layouts:
         results[rows, count] = measure(inputs[rows, count], ckpt, storage.join(folder, f"out-{rows}-{count}"),
-                                       cfg.batch_size, cfg.interval)
+                                       cfg.batch_size, cfg.interval, requests)
         print(json.dumps({"rows": rows, "shards": count, **results[rows, count], "config": asdict(cfg)}), flush=True)
     base = results[layouts[0]]
     for layout in layouts[1:]:
@@ -168,23 +199,32 @@ def run(cfg: BenchScoreShardsConfig) -> None:
               f"driver peak PSS x{r['driver_peak_pss_gb'] / base['driver_peak_pss_gb']:.3f}, "
               f"throughput x{r['pairs_per_second'] / base['pairs_per_second']:.3f}, "
               f"first scored row x{r['first_row_seconds'] / base['first_row_seconds']:.3f}")
+        if requests is not None:
+            for key in ("requests_before_first_row", "requests"):
+                print(f"  {key}: " + ", ".join(f"{m} {n} ({n / count:.2f} a shard; {base[key].get(m, 0) / layouts[0][1]:.2f} "
+                                                 f"with {layouts[0][1]} shards)" for m, n in r[key].items()))
     if server is not None:
         server.stop()
 
 
 def loopback_s3():
     """A moto S3 server on 127.0.0.1, its endpoint and fake credentials in the environment
-    (score jobs started from here inherit them), and a fresh bucket: (server, bucket URL)."""
+    (score jobs started from here inherit them), and a fresh bucket: (server, bucket URL, its :class:`RequestLog`)."""
     import boto3
     from moto.server import ThreadedMotoServer
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    requests = RequestLog()
+    werkzeug = logging.getLogger("werkzeug")  # the server logs each request here when verbose
+    werkzeug.addHandler(requests)
+    werkzeug.setLevel(logging.INFO)
+    werkzeug.propagate = False
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=True)
     server.start()
     host, port = server.get_host_and_port()
     os.environ.update(AWS_ACCESS_KEY_ID="mmdp-bench", AWS_SECRET_ACCESS_KEY="mmdp-bench",
                       AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL=f"http://{host}:{port}")
     boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"]).create_bucket(Bucket="mmdp-bench")
-    return server, "s3://mmdp-bench/shards"
+    return server, "s3://mmdp-bench/shards", requests
 
 
 if __name__ == "__main__":

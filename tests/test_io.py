@@ -146,3 +146,42 @@ def test_missing_required_column_is_named():
 def test_missing_url_is_a_clear_error(tmp_path):
     with pytest.raises(storage.InputError, match="no such file"):
         storage.read_table(str(tmp_path / "nope"))
+
+
+def _keys_read(url: str) -> list[str]:
+    return sorted(k for b in shards.read_shards(url).iter_batches(batch_format="pyarrow") for k in b.column("key").to_pylist())
+
+
+@pytest.mark.parametrize("store", ["local", "s3"])  # the in-process GCS emulator is not served to Ray's reader threads
+def test_ray_data_reads_exactly_the_listed_shards(ray_local, store, tmp_path, request):
+    """Ray Data gets the folder where its own listing finds the same shards, else the files: the same rows."""
+    root = str(tmp_path) if store == "local" else request.getfixturevalue("s3_bucket") + "/prefix"
+    table = _table(30)
+    plain = storage.join(root, "plain")
+    storage.write_shards(table, plain, rows_per_shard=10)
+    assert shards._as_folder(plain, storage.list_files(plain), "parquet") == [plain]
+    assert _keys_read(plain) == table.column("key").to_pylist()
+    # A committed folder holds exactly its manifest, not a parquet file added after the commit;
+    # a nested folder of shards is read too (Ray's folder listing would also take both).
+    committed = storage.join(root, "committed")
+    with storage.output(committed):
+        storage.write_table(table.slice(0, 10), storage.join(committed, "a.parquet"))
+        storage.write_table(table.slice(10, 10), storage.join(committed, "b.parquet"))
+    storage.write_table(table.slice(20, 10), storage.join(committed, "late.parquet"))
+    nested = storage.join(root, "nested")
+    storage.write_table(table.slice(0, 10), storage.join(nested, "a.parquet"))
+    storage.write_table(table.slice(10, 20), storage.join(nested, "more", "b.parquet"))
+    for url, rows in ((committed, 20), (nested, 30)):
+        files = storage.list_files(url)
+        assert shards._as_folder(url, files, "parquet") == files
+        assert _keys_read(url) == table.column("key").to_pylist()[:rows]
+
+
+def test_a_corrupt_shard_is_named_before_reading(root):
+    table = _table(20)
+    url = storage.join(root, "in")  # a folder of shards no job committed: every parquet file in it is a shard
+    storage.write_table(table.slice(0, 10), storage.join(url, "part-00000.parquet"))
+    storage.write_table(table.slice(10, 10), storage.join(url, "part-00001.parquet"))
+    storage.write_bytes(b"PAR1 but not parquet at all", storage.join(url, "part-99999.parquet"))
+    with pytest.raises(storage.InputError, match="part-99999.parquet"):
+        shards.shard_files(url)
