@@ -135,9 +135,10 @@ def _write_in_memory(table: pa.Table, out: str) -> tuple[pa.Table, pa.Table]:
     return storage.read_table(f"{out}/scores"), storage.read_table(f"{out}/rejects")
 
 
-def test_the_training_index_stage_finds_the_index_the_commit_gave(tmp_path):
+def test_the_training_index_stage_finds_the_index_the_commit_gave(ray_local, tmp_path):
     # Keys beyond ASCII: the commit orders them byte-wise (UTF-8), and the
     # train job's key map (UTF-8 bytes, binary search) must agree, key by key.
+    from pipeline.train.keys import key_index
     from pipeline.train.pruning import load_index
     from pipeline.train.stages import index_stage
 
@@ -149,8 +150,62 @@ def test_the_training_index_stage_finds_the_index_the_commit_gave(tmp_path):
     commit.write_scores(table, out)
     scored = {r[KEY]: r["index"] for r in storage.read_table(f"{out}/scores").to_pylist()}
     assert sorted(scored, key=lambda k: k.encode()) == [k for k, _ in sorted(scored.items(), key=lambda kv: kv[1])]
-    sorted_keys, consistency, _ = load_index(out)
+    _, consistency, _ = load_index(out)
     batch = {KEY: np.array(keys + ["not-scored"], dtype=object), "label": np.arange(n + 1)}
-    got = index_stage(batch, sorted_keys)
+    got = index_stage(batch, key_index(out))
     assert dict(zip(got[KEY].tolist(), got["index"].tolist())) == scored  # the unscored row left
     assert consistency[[scored[k] for k in keys]].tolist() == list(range(n))
+
+
+def test_a_block_resolves_only_the_key_chunks_its_keys_fall_in(ray_local, tmp_path):
+    # Keys laid out by shard (as img2dataset writes them), committed by the
+    # cluster's sort into several key-sorted score files: a block of one
+    # shard's keys resolves one or two chunks, a block of keys from everywhere
+    # all of them, and both give the index the commit wrote.
+    from pipeline.train import keys as key_map
+
+    n, shards = 3000, 30
+    keys = [f"{s:05d}{r:04d}" for s in range(shards) for r in range(n // shards)]
+    rng = np.random.default_rng(0)
+    table = pa.table({KEY: keys, "clip_score": rng.random(n).astype(np.float32),
+                      "clip_margin": rng.random(n).astype(np.float32), "status": ["ok"] * n, "error": [""] * n})
+    staged = []
+    for i, start in enumerate(range(0, n, 100)):
+        staged.append(str(tmp_path / "stage" / f"part-{i:06d}.parquet"))
+        storage.write_table(table.slice(start, 100), staged[-1])
+    out = str(tmp_path / "out")
+    commit.commit_staged(staged, out, started=time.time())
+    written = {r[KEY]: r["index"] for r in storage.read_table(f"{out}/scores").to_pylist()}
+    files = storage.read_json(f"{out}/scores/_SUCCESS")["files"]
+    index = key_map.key_index(out)
+    assert index.num_chunks == len(files) > 2
+
+    key_map._resolved.cache_clear()
+    one_shard = keys[1500:1600]
+    at, found = index.lookup(one_shard)
+    assert found.all() and at.tolist() == [written[k] for k in one_shard]
+    assert key_map._resolved.cache_info().currsize <= 2
+
+    key_map._resolved.cache_clear()
+    scattered = [keys[i] for i in rng.permutation(n)] + ["99999", "", "00000000"]
+    at, found = index.lookup(scattered)
+    assert found.tolist() == [True] * n + [False] * 3
+    assert at[:n].tolist() == [written[k] for k in scattered[:n]]
+    assert key_map._resolved.cache_info().currsize == index.num_chunks
+
+
+def test_the_key_index_reads_score_files_in_any_row_order(ray_local, tmp_path):
+    # A score table written by other means: rows not in key order, files' key ranges overlapping.
+    from pipeline.data.contract import SCORES_SCHEMA
+    from pipeline.train.keys import key_index
+
+    n = 500
+    keys = [f"row-{i:04d}" for i in np.random.default_rng(1).permutation(n)]
+    table = pa.table({KEY: keys, "index": np.arange(n, dtype=np.int64), "clip_score": np.zeros(n, np.float32),
+                      "clip_margin": np.zeros(n, np.float32), "status": ["ok"] * n, "error": [None] * n},
+                     schema=SCORES_SCHEMA)
+    out = str(tmp_path / "out")
+    storage.write_shards(table, f"{out}/scores", rows_per_shard=150)
+    at, found = key_index(out).lookup(keys[::-1] + ["row-9999"])
+    assert found.tolist() == [True] * n + [False]
+    assert at[:n].tolist() == list(range(n))[::-1]

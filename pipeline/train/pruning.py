@@ -44,7 +44,8 @@ from pipeline import storage
 from pipeline.data.contract import KEY
 from pipeline.prune.budget import DEFAULT_KEEP_RATIO
 from pipeline.score.quality import estimate_noise_fraction
-from pipeline.train.stages import encode_keys, sorted_lookup
+from pipeline.train.keys import KeyIndex, key_index
+from pipeline.train.stages import encode_keys
 
 # Policies that exclude a share of the samples as noise: the share is estimated
 # from the consistency scores unless given.
@@ -52,54 +53,63 @@ NOISE_POLICIES = ("mmdp", "clip_cut")
 
 
 def load_index(scores_url: str, signal: str = "auto") -> tuple[np.ndarray, np.ndarray, str]:
-    """Sorted keys of the scored rows (UTF-8 bytes), their consistency, and the signal used.
+    """Sorted keys of the scored rows (UTF-8 bytes), their consistency, and the signal used, in one process.
 
-    The score job gave every scored row a dense ``index`` in key order, so the
-    sorted key array *is* the key -> index map (by binary search). Keys are
-    fixed-width bytes: a quarter of the memory of NumPy's unicode strings for
-    ASCII keys, and the same order as the score job's (byte-wise UTF-8).
+    For evaluations at the scale of one machine; the training path keeps the
+    keys in chunks (:mod:`pipeline.train.keys`). The score job gave every
+    scored row a dense ``index`` in key order, so the sorted key array *is*
+    the key -> index map (by binary search).
     """
     table = storage.read_table(storage.join(scores_url, "scores"))  # scored rows only: rejects are apart
     order = np.argsort(table.column("index").to_numpy())
     keys = encode_keys(table.column(KEY).to_numpy(zero_copy_only=False))[order]
-    if signal == "auto":
-        margin = table.column("clip_margin").to_numpy(zero_copy_only=False)
-        signal = "clip_margin" if len(margin) and not np.isnan(margin).all() else "clip_score"
-    consistency = table.column(signal).to_numpy(zero_copy_only=False).astype(np.float32)[order]
+    consistency, signal = _consistency(table, signal, order)
     return keys, consistency, signal
 
 
-def key_indices(keys: np.ndarray, wanted) -> np.ndarray:
-    """The dense indices of ``wanted`` keys in the sorted ``keys`` (bytes) of the score table.
+def _consistency(table, signal: str, order: np.ndarray) -> tuple[np.ndarray, str]:
+    if signal == "auto":
+        margin = table.column("clip_margin").to_numpy(zero_copy_only=False)
+        signal = "clip_margin" if len(margin) and not np.isnan(margin).all() else "clip_score"
+    return table.column(signal).to_numpy(zero_copy_only=False).astype(np.float32)[order], signal
+
+
+def key_indices(keys: KeyIndex, wanted) -> np.ndarray:
+    """The dense indices of ``wanted`` keys in the score table.
 
     Raises:
         InputError: a key the score table does not hold (rejected, or not in the data).
     """
     wanted = list(wanted)
-    at, found = sorted_lookup(keys, encode_keys(wanted))
+    at, found = keys.lookup(wanted)
     unknown = [k for k, ok in zip(wanted, found) if not ok]
     if unknown:
         raise storage.InputError(f"{len(unknown)} of {len(wanted)} reference keys are not scored rows "
                                  f"(first: {unknown[0]!r})")
-    return at.astype(np.int64)
+    return at
 
 
-def read_index(scores_url: str, signal: str, reference_keys, estimate_noise: bool):
-    """The score table as the pruner and the index stage need it (runs in a Ray task, not on the driver).
+def read_index(scores_url: str, keys: KeyIndex, signal: str, reference_keys, estimate_noise: bool):
+    """The score table's consistency as the pruner needs it (runs in a Ray task, not on the driver).
+
+    Reads the index and signal columns, not the keys (``keys`` resolves
+    reference keys, chunk by chunk).
 
     Returns:
-        (sorted keys, consistency, reference indices or None, meta): meta
-        holds ``num_samples``, ``signal`` and the estimated ``noise_fraction``
-        (None unless asked). ``reference_keys`` is a list of keys or the URL
-        of a text file of them, one a line.
+        (consistency, reference indices or None, meta): meta holds
+        ``num_samples``, ``signal`` and the estimated ``noise_fraction`` (None
+        unless asked). ``reference_keys`` is a list of keys or the URL of a
+        text file of them, one a line.
     """
-    keys, consistency, signal = load_index(scores_url, signal)
+    columns = ["index", "clip_score", "clip_margin"] if signal == "auto" else ["index", signal]
+    table = storage.read_table(storage.join(scores_url, "scores"), columns=columns)
+    consistency, signal = _consistency(table, signal, np.argsort(table.column("index").to_numpy()))
     if isinstance(reference_keys, str):
         reference_keys = read_keys(reference_keys)
     reference = None if reference_keys is None else key_indices(keys, reference_keys)
-    meta = {"num_samples": len(keys), "signal": signal,
+    meta = {"num_samples": len(consistency), "signal": signal,
             "noise_fraction": round(estimate_noise_fraction(consistency), 4) if estimate_noise else None}
-    return keys, consistency, reference, meta
+    return consistency, reference, meta
 
 
 def read_keys(url: str) -> list[str]:
@@ -112,7 +122,7 @@ class Pruning:
 
     Build it on the driver with :meth:`from_scores`; pass it to the workers in
     ``train_loop_config`` (it pickles to its name and settings: the actor is
-    found by name; the key array is in the object store, read by the index stage).
+    found by name; the keys are in the object store, a chunk per score file, read by the index stage).
 
     Attributes:
         name: the pruning actor's name.
@@ -129,7 +139,7 @@ class Pruning:
         self.max_reports_in_flight = max_reports_in_flight
         self.epoch: int | None = None
         self.kept, self.weight_mean = num_samples, 1.0
-        self._keys = None  # the sorted keys' object reference (driver only)
+        self._keys = None  # the score table's KeyIndex (driver only)
         self._actor = self._reporter = None
 
     @classmethod
@@ -164,9 +174,11 @@ class Pruning:
 
         params = dict(policy_params or {})
         estimate = policy in NOISE_POLICIES and "noise_fraction" not in params and noise_fraction is None
-        # Per-row arrays stay in the object store: the pruning actor and the index stage take them by reference.
-        keys, consistency, reference, meta = ray.remote(num_returns=4)(read_index).remote(
-            scores, signal, reference_keys, estimate)
+        # Per-row arrays stay in the object store: the pruning actor and the index stage take them by
+        # reference; the keys in one chunk per score file.
+        keys = key_index(scores)
+        consistency, reference, meta = ray.remote(num_returns=3)(read_index).remote(
+            scores, keys, signal, reference_keys, estimate)
         meta = ray.get(meta)
         if policy in NOISE_POLICIES and "noise_fraction" not in params:
             params["noise_fraction"] = noise_fraction if noise_fraction is not None else meta["noise_fraction"]

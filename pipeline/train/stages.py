@@ -39,21 +39,12 @@ def encode_keys(keys) -> np.ndarray:
 def index_stage(batch: dict, keys, key: str = KEY) -> dict:
     """Attach the dense sample ``index`` by the ``key`` column; rows the score table lacks (rejected) leave here.
 
-    ``keys``: the score table's sorted keys as UTF-8 bytes, or the object
-    reference of them (read once per process, zero-copy from the object
-    store). Every column is kept, the key too.
+    ``keys``: the score table's :class:`~pipeline.train.keys.KeyIndex` (its
+    chunks resolved where a block's keys need them, once per process). Every
+    column is kept, the key too.
     """
-    if not isinstance(keys, np.ndarray):
-        keys = _resolved(keys)
-    pos, found = sorted_lookup(keys, encode_keys(batch[key]))
-    return {"index": pos[found].astype(np.int64), **{k: v[found] for k, v in batch.items()}}
-
-
-@functools.lru_cache(maxsize=2)
-def _resolved(ref):
-    import ray
-
-    return ray.get(ref)
+    index, found = keys.lookup(batch[key])
+    return {"index": index[found], **{k: v[found] for k, v in batch.items()}}
 
 
 def key_hash(keys) -> np.ndarray:
