@@ -33,17 +33,15 @@ holds no per-row data: repeats and the index are found in the cluster).
 """
 from __future__ import annotations
 
-import collections
 import json
-import logging
 import os
-import re
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 
+from benchmarks.loopback_s3 import LoopbackS3
 from pipeline.cli import option, run_job
 
 
@@ -111,7 +109,8 @@ def synthetic_rows(rows: int, seed: int = 0):
 
 
 def measure(input_dir: str, ckpt: str, out: str, batch_size: int, interval: float, requests=None) -> dict:
-    """One score job on ``input_dir``, sampled; with ``requests`` (a :class:`RequestLog`), the S3 requests it made."""
+    """One score job on ``input_dir``, sampled; with ``requests`` (a :class:`~benchmarks.loopback_s3.LoopbackS3`),
+    the S3 requests it made."""
     from benchmarks.procmem import PeakSampler
 
     cmd = [sys.executable, "-m", "jobs.score", "--input", input_dir, "--output", out, "--model", "mmdp-tiny",
@@ -147,27 +146,6 @@ def measure(input_dir: str, ckpt: str, out: str, batch_size: int, interval: floa
             })}
 
 
-class RequestLog(logging.Handler):
-    """The loopback server's requests as (time, method), from its per-request log lines."""
-
-    PATTERN = re.compile(r"(GET|HEAD|PUT|POST|DELETE) (\S+) HTTP")
-
-    def __init__(self):
-        super().__init__()
-        self.seen: list[tuple[float, str]] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        found = self.PATTERN.search(record.getMessage())
-        if found:
-            method, target = found.groups()
-            listing = method == "GET" and ("list-type=" in target or "prefix=" in target)
-            self.seen.append((record.created, "LIST" if listing else method))
-
-    def counts(self, start: float, end: float) -> dict[str, int]:
-        """Requests by method between ``start`` and ``end`` (``time.time()``)."""
-        return dict(sorted(collections.Counter(m for t, m in self.seen if start <= t < end).items()))
-
-
 def main(argv=None) -> int:
     return run_job(BenchScoreShardsConfig, argv, run, doc=__doc__, prog="python -m benchmarks.score_shards")
 
@@ -177,16 +155,17 @@ def run(cfg: BenchScoreShardsConfig) -> None:
     from pipeline import storage
 
     layouts = [(rows, count) for rows in cfg.rows for count in cfg.shards]
-    server = requests = None
+    server = None
     if cfg.store == "s3":
-        server, folder, requests = loopback_s3()
+        server = LoopbackS3().start()
+        folder = server.bucket("mmdp-bench") + "/shards"
     else:
         folder = cfg.workdir or tempfile.mkdtemp(prefix="mmdp-bench-shards-")
     inputs, ckpt = prepare(folder, list(cfg.rows), list(cfg.shards))
     results = {}
     for rows, count in layouts:
         results[rows, count] = measure(inputs[rows, count], ckpt, storage.join(folder, f"out-{rows}-{count}"),
-                                       cfg.batch_size, cfg.interval, requests)
+                                       cfg.batch_size, cfg.interval, server)
         print(json.dumps({"rows": rows, "shards": count, **results[rows, count], "config": asdict(cfg)}), flush=True)
     base = results[layouts[0]]
     for layout in layouts[1:]:
@@ -199,32 +178,12 @@ def run(cfg: BenchScoreShardsConfig) -> None:
               f"driver peak PSS x{r['driver_peak_pss_gb'] / base['driver_peak_pss_gb']:.3f}, "
               f"throughput x{r['pairs_per_second'] / base['pairs_per_second']:.3f}, "
               f"first scored row x{r['first_row_seconds'] / base['first_row_seconds']:.3f}")
-        if requests is not None:
+        if server is not None:
             for key in ("requests_before_first_row", "requests"):
                 print(f"  {key}: " + ", ".join(f"{m} {n} ({n / count:.2f} a shard; {base[key].get(m, 0) / layouts[0][1]:.2f} "
                                                  f"with {layouts[0][1]} shards)" for m, n in r[key].items()))
     if server is not None:
         server.stop()
-
-
-def loopback_s3():
-    """A moto S3 server on 127.0.0.1, its endpoint and fake credentials in the environment
-    (score jobs started from here inherit them), and a fresh bucket: (server, bucket URL, its :class:`RequestLog`)."""
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    requests = RequestLog()
-    werkzeug = logging.getLogger("werkzeug")  # the server logs each request here when verbose
-    werkzeug.addHandler(requests)
-    werkzeug.setLevel(logging.INFO)
-    werkzeug.propagate = False
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=True)
-    server.start()
-    host, port = server.get_host_and_port()
-    os.environ.update(AWS_ACCESS_KEY_ID="mmdp-bench", AWS_SECRET_ACCESS_KEY="mmdp-bench",
-                      AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL=f"http://{host}:{port}")
-    boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"]).create_bucket(Bucket="mmdp-bench")
-    return server, "s3://mmdp-bench/shards", requests
 
 
 if __name__ == "__main__":

@@ -185,3 +185,24 @@ def test_a_corrupt_shard_is_named_before_reading(root):
     storage.write_bytes(b"PAR1 but not parquet at all", storage.join(url, "part-99999.parquet"))
     with pytest.raises(storage.InputError, match="part-99999.parquet"):
         shards.shard_files(url)
+
+
+def test_the_benchmarks_loopback_server_counts_each_get_and_its_bytes(monkeypatch):
+    # What benchmarks.bytes_read and score_shards report rests on these counts.
+    import time
+
+    from benchmarks.loopback_s3 import LoopbackS3
+
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL"):
+        monkeypatch.setenv(var, "unset")  # restored after the test; the server sets its own
+    with LoopbackS3() as s3:
+        url = s3.bucket("counted")
+        storage.write_bytes(b"x" * 1000, f"{url}/a/one.bin")
+        storage.write_bytes(b"y" * 300, f"{url}/b/two.bin")
+        began = time.time()
+        assert storage.read_bytes(f"{url}/a/one.bin") == b"x" * 1000
+        assert storage.read_bytes(f"{url}/b/two.bin") == b"y" * 300
+        gets, sent = s3.gets(began, under=f"{url}/a")
+        assert gets >= 1 and sent == 1000
+        assert s3.gets(began)[1] == 1300
+        assert s3.counts(0.0, began).get("PUT", 0) >= 2 and "PUT" not in s3.counts(began)

@@ -195,7 +195,7 @@ def train_loop_per_worker(config: dict) -> None:
     test_cache = None
     for epoch in range(start_epoch, cfg["epochs"]):
         _barrier()
-        started = time.perf_counter()  # planning counts as training time
+        started, started_at = time.perf_counter(), time.time()  # planning counts as training time
         clock = PhaseClock()
         with clock("plan"):
             kept = pruning.start_epoch(epoch)
@@ -230,6 +230,7 @@ def train_loop_per_worker(config: dict) -> None:
         _barrier()
         metrics = {
             "epoch": epoch,
+            "started_at": round(started_at, 3),  # wall clock (rank 0's), to match the epoch with logs
             "train_loss": loss_sum / max(forwarded, 1),
             **evaluation,
             "samples_forwarded": int(forwarded),
