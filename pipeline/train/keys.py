@@ -39,7 +39,7 @@ def key_chunk(url: str) -> tuple[dict, tuple[np.ndarray, np.ndarray | None]]:
     keys, index = keys[order], index[order]
     first = int(index[0]) if len(index) else 0
     contiguous = bool(np.array_equal(index, np.arange(first, first + len(index))))
-    meta = {"url": url, "rows": len(keys), "first_index": first,
+    meta = {"rows": len(keys), "first_index": first,
             "first_key": keys[0] if len(keys) else None, "last_key": keys[-1] if len(keys) else None}
     return meta, (keys, None if contiguous else index)
 
