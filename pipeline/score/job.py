@@ -4,6 +4,11 @@ Stages are plain callables from :mod:`pipeline.data.validate` and
 :mod:`pipeline.score.scorer`; this module only decides where they run: row checks
 and image decoding in CPU tasks, the CLIP model in an autoscaling actor pool
 (one GPU per actor when the cluster has GPUs), writing through Ray Data.
+
+Without GPUs, Ray Data fuses consecutive stages that ask the same resources:
+with ``--actor-cpus 1`` (the default, as a decode task's 1 CPU) the row checks
+and decoding run inside the scoring actors, batch by batch before the model;
+any other ``--actor-cpus`` keeps them in tasks of their own.
 """
 
 from __future__ import annotations
