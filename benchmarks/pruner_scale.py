@@ -17,7 +17,7 @@ pruner itself)::
 
 Prints one JSON line per size and policy, then a markdown table; ``--json``
 also writes the rows and the resolved config (also logged) to a file.
-Targets (DESIGN.md): <= 16 bytes a sample; plan() <= 1 s at 10M and <= 10 s
+Targets: <= 16 bytes a sample; plan() <= 1 s at 10M and <= 10 s
 at 100M; ingest >= 10M losses/s.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Benchmark of the pruning half in the reference protocol (DESIGN.md, "Targets"), in one invocation.
+"""Benchmark of the pruning half in the reference protocol (its targets: BENCHMARKS.md), in one invocation.
 
 For each noise setting and seed: build the pool (Fashion-MNIST, 20k train
 rows), score it once with the reference CLIP model, then train every policy

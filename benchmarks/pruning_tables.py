@@ -1,4 +1,4 @@
-"""The pruning benchmark's results: per-policy summaries, the targets (DESIGN.md), the Markdown tables."""
+"""The pruning benchmark's results: per-policy summaries, the targets, the Markdown tables."""
 
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def _mean_pct(runs: list[dict], key: str) -> float | None:
 
 
 def _targets_for(noise: str, task: str = "classify") -> dict | None:
-    """The accuracy and speed targets of a noise setting (issue/DESIGN.md), None where only reported."""
+    """The accuracy and speed targets of a noise setting (the project's targets), None where only reported."""
     if task == "clip":  # the caption-noise protocol: accuracy is zero-shot accuracy, recall image-to-text R@1
         return {"vs_full": 2.0, "recall_vs_full": 2.0, "vs_oracle": -1.0, "train_speedup": 1.4} if noise == "caption:0.3" else None
     if noise_tag(noise) == "clean":

@@ -177,7 +177,7 @@ def _score_config(input_url: str, output: str, model: str, pretrained: str | Non
 
     Their CPU reservations leave the read and write tasks one logical CPU
     (half of one on a single core), so the pool does not starve its own
-    input (ENVIRONMENT.md, deadlock 1).
+    input (a pool that takes every CPU waits forever).
     """
     from pipeline.score.job import ScoreConfig
 

@@ -5,8 +5,10 @@ are this script's own; the lines marked ``# mmdp`` are all that pruning adds.
 Given a dataset in the mmdp layout and the score job's output for its train
 split::
 
-    python -m jobs.make_dataset --out runs/data --train-rows 8000 --noise symmetric:0.3
-    python -m jobs.score --input runs/data/train --output runs/scores --mode label
+    python -m jobs.make_dataset --out runs/data --limit 8000 --noise symmetric:0.3
+    python -m jobs.pretrain_reference_clip --data runs/data --out runs/ref-clip
+    python -m jobs.score --input runs/data/train --output runs/scores --model mmdp-ref \
+        --pretrained runs/ref-clip/model.pt --mode label
     python examples/own_loop.py --data runs/data --scores runs/scores --epochs 5
 
 Prints each epoch's plan (kept samples, losses received) and training loss

@@ -68,7 +68,7 @@ class PruningActor:
     """A :class:`~pipeline.prune.pruner.Pruner` shared by the driver and all workers.
 
     num_cpus=0: it is mostly idle and must not take a CPU slot that Ray Data
-    or a training worker needs (see ENVIRONMENT.md, deadlocks on 2 cores).
+    or a training worker needs (on 2 cores, one more CPU slot taken stalls the run).
     Calls run one at a time, so updates and plans never interleave; only
     ``published_plan`` (a read of one reference) runs beside them, in the
     ``lookups`` group.

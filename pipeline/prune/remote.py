@@ -38,7 +38,7 @@ _PUT_BYTES = 64 * 1024
 
 @ray.remote(num_cpus=0, max_restarts=MAX_RESTARTS, max_task_retries=MAX_TASK_RETRIES)
 class PartitionActor:
-    """One :class:`~pipeline.prune.partitions.Partition` (num_cpus=0: idle most of the time, see ENVIRONMENT.md)."""
+    """One :class:`~pipeline.prune.partitions.Partition` (num_cpus=0: idle most of the time, it must not hold a CPU the data tasks need)."""
 
     def __init__(self, start: int, stop: int, consistency: np.ndarray | None, loss_momentum: float):
         self._part = Partition(start, stop, consistency, loss_momentum)

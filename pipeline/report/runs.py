@@ -28,7 +28,7 @@ import pyarrow.fs as pafs
 
 from pipeline import storage
 
-# Table and legend order: the benchmark's (DESIGN.md); any other policy name follows, sorted.
+# Table and legend order: the pruning benchmark's; any other policy name follows, sorted.
 POLICY_ORDER = ("full", "random", "infobatch", "infobatch_exact", "clip_filter", "clip_cut", "mmdp", "oracle")
 NOT_RECORDED = "not recorded"
 

@@ -55,7 +55,7 @@ class ScoreConfig:
     min_actors: int = option(1, "scoring actors the pool keeps (autoscaled between min and max)")
     max_actors: int = option(4, "most scoring actors the pool grows to (one GPU each when the cluster has GPUs)")
     # Below 1 leaves the read/decode tasks a CPU on a small machine: a pool
-    # that takes every CPU starves its own input (ENVIRONMENT.md, deadlock 1).
+    # that takes every CPU starves its own input (the job then waits forever).
     # An autoscaling cluster may have no GPU node up yet when the job starts:
     # --use-gpu makes the pool ask for GPUs, and the autoscaler starts them.
     use_gpu: bool | None = option(None, "one GPU per scoring actor; default: only if the cluster has GPUs at start")

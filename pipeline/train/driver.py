@@ -67,7 +67,7 @@ class TrainConfig:
     workers: int = option(2, "Ray Train workers")
     use_gpu: bool = option(False, "one GPU per worker")
     # A fraction so that Train workers leave CPUs to the Ray Data tasks that
-    # feed them (ENVIRONMENT.md, deadlock 2).
+    # feed them (two workers of 1 CPU on 2 cores leave none, and the run waits forever).
     cpus_per_worker: float = option(0.5, "CPUs each Train worker reserves")
     threads: int = option(1, "torch threads per worker")
     seed: int = option(0, "seed for the model, the plans and the augmentations")

@@ -153,8 +153,8 @@ class Pruning:
             scores: the score job's output folder (URL).
             policy: a name in :data:`pipeline.prune.policies.POLICIES`.
             epochs: the run's epochs (some policies plan by the remaining share).
-            keep_ratio: the policy's keep ratio (for mmdp: the least share of the
-                samples not excluded as noise).
+            keep_ratio: the policy's keep ratio (for mmdp: its budget, the most share of
+                ``full``'s sample passes a pruning epoch spends, excluded noise counted as saved).
             seed: seeds the plans.
             signal: consistency column, or "auto" (the margin when scored in label mode).
             noise_fraction: mmdp and clip_cut: share excluded as noise; None = estimated
