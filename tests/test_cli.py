@@ -8,8 +8,10 @@ here: ``--help`` and usage errors exit before a job imports Ray or touches data.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import importlib
+import os
 import pkgutil
 import re
 
@@ -84,3 +86,50 @@ def test_unknown_option_exits_2_with_a_message(module, capsys):
     err = capsys.readouterr().err
     assert exc.value.code == 2
     assert "error:" in err and "Traceback" not in err
+
+
+# Where users copy commands from: the README, the jobs' and examples' docstrings, the cluster file.
+DOCUMENTED = ["README.md", "cluster.yaml", *sorted(f"jobs/{name}.py" for name in JOBS), "examples/own_loop.py"]
+
+
+def _documented_commands() -> list[tuple[str, str, list[str]]]:
+    """``(file, module, arguments)`` of every ``python -m jobs.NAME ...`` written out in ``DOCUMENTED``.
+
+    Continued lines are joined; shell comments and what follows ``&&``, ``|``
+    or ``;`` are cut; fragments (``...``) and placeholders (``jobs.NAME``) are skipped.
+    """
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    found = []
+    for name in DOCUMENTED:
+        with open(os.path.join(root, name)) as f:
+            text = f.read()
+        if name.endswith(".py"):
+            text = ast.get_docstring(ast.parse(text)) or ""
+        text = re.sub(r"\\\n\s*", " ", text)  # a shell line continued
+        for match in re.finditer(r"python -m (jobs\.\w+)([^\n`]*)", text):
+            module, rest = match.groups()
+            if text[match.start() - 1] == "`":  # named in prose, not a command to copy
+                continue
+            rest = re.split(r"\s(?:#|&&|\||;|&)(?:\s|$)", rest)[0]
+            if module[len("jobs."):] in JOBS and "..." not in rest:
+                found.append((name, module, rest.split()))
+    return found
+
+
+def test_documented_commands_are_found():
+    commands = _documented_commands()
+    assert {module for _, module, _ in commands} == {f"jobs.{name}" for name in JOBS}
+    assert {name for name, _, _ in commands} >= {"README.md", "examples/own_loop.py", "jobs/score.py"}
+
+
+@pytest.mark.parametrize("where,module,argv", _documented_commands(),
+                         ids=lambda v: v if isinstance(v, str) else None)
+def test_documented_command_uses_real_flags_and_every_required_one(where, module, argv, capsys):
+    """A command a user copies from the docs names only flags the job has, and every one it requires."""
+    options = _options(_help(module, capsys))
+    flags = {token.split("=")[0] for token in argv if token.startswith("--")}
+    # argparse lists a bool option as "--flag, --no-flag"; _options keys it by "--flag".
+    unknown = [f for f in flags if f not in options and "--" + f[len("--no-"):] not in options]
+    assert not unknown, f"{where}: python -m {module} uses flags it does not have: {unknown}"
+    required = [flag for flag, entry in options.items() if "(required)" in entry]
+    assert not set(required) - flags, f"{where}: python -m {module} lacks {sorted(set(required) - flags)}"
