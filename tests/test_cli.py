@@ -129,7 +129,8 @@ def test_documented_command_uses_real_flags_and_every_required_one(where, module
     options = _options(_help(module, capsys))
     flags = {token.split("=")[0] for token in argv if token.startswith("--")}
     # argparse lists a bool option as "--flag, --no-flag"; _options keys it by "--flag".
-    unknown = [f for f in flags if f not in options and "--" + f[len("--no-"):] not in options]
+    unknown = [f for f in flags if f not in options
+               and not (f.startswith("--no-") and "--" + f[len("--no-"):] in options)]
     assert not unknown, f"{where}: python -m {module} uses flags it does not have: {unknown}"
     required = [flag for flag, entry in options.items() if "(required)" in entry]
     assert not set(required) - flags, f"{where}: python -m {module} lacks {sorted(set(required) - flags)}"
