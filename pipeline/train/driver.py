@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -35,6 +36,13 @@ from pipeline.data.shards import class_names, dataset_metadata, read_shards
 from pipeline.score.scorer import DEFAULT_TEMPLATES
 
 log = logging.getLogger(__name__)
+
+# Ray Train's controller takes a worker's report when it polls the workers, every
+# RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default), and a worker's next report waits
+# until the last one is taken; the run's start and end wait for polls too. Short epochs
+# pay up to an interval each: a 4-epoch fit of 200 rows took 32-35 s at 2 s and 21-25 s
+# at 0.5 s (BENCHMARKS.md). A value the user set wins.
+POLL_INTERVAL_ENV, POLL_INTERVAL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"
 
 TASKS = ("classify", "clip")
 TASK_DEFAULTS = {
@@ -195,6 +203,7 @@ def run_trainer(cfg: TrainConfig, loop, loop_config: dict, datasets: dict, name:
     """
     # mmdp's filesystem for an object store: its retries and endpoint, in Ray Train's uploads too.
     ray_fs, ray_storage = storage.filesystem_for(storage.join(cfg.out, "ray"))
+    os.environ.setdefault(POLL_INTERVAL_ENV, POLL_INTERVAL_S)  # read when fit() starts the controller
     trainer = TorchTrainer(
         loop,
         train_loop_config=loop_config,
