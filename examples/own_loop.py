@@ -105,6 +105,9 @@ def main(argv=None) -> dict:
     fs, path = storage.filesystem_for(storage.join(args.data, "train"))
     train = pruning.dataset(ray.data.read_parquet(path, filesystem=fs)).map_batches(decode)  # mmdp: .dataset()
     out_fs, out_path = storage.filesystem_for(args.out)
+    # Short epochs: Ray Train takes each report at its controller's poll (every 2 s by default), and a
+    # worker's next report waits for it; Ray Train hands this setting from the driver to its processes.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     trainer = TorchTrainer(
         loop,
         train_loop_config={"pruning": pruning, "classes": classes, "epochs": args.epochs,  # mmdp: pruning

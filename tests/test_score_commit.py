@@ -180,18 +180,30 @@ def test_a_block_resolves_only_the_key_chunks_its_keys_fall_in(ray_local, tmp_pa
     index = key_map.key_index(out)
     assert index.num_chunks == len(files) > 2
 
-    key_map._resolved.cache_clear()
+    key_map._chunks.clear()
     one_shard = keys[1500:1600]
     at, found = index.lookup(one_shard)
     assert found.all() and at.tolist() == [written[k] for k in one_shard]
-    assert key_map._resolved.cache_info().currsize <= 2
+    assert len(key_map._chunks) <= 2
 
-    key_map._resolved.cache_clear()
+    key_map._chunks.clear()
     scattered = [keys[i] for i in rng.permutation(n)] + ["99999", "", "00000000"]
     at, found = index.lookup(scattered)
     assert found.tolist() == [True] * n + [False] * 3
     assert at[:n].tolist() == [written[k] for k in scattered[:n]]
-    assert key_map._resolved.cache_info().currsize == index.num_chunks
+    assert len(key_map._chunks) == index.num_chunks
+
+    # Runs one after another in one process: each new key index lets go of the chunks of all but
+    # the last INDEXES_KEPT (here the first run's), and a let-go index still resolves, afresh.
+    runs = [index] + [key_map.key_index(out) for _ in range(key_map.INDEXES_KEPT)]
+    for run in runs[1:]:
+        at, found = run.lookup(scattered)
+        assert found[:n].all() and at[:n].tolist() == [written[k] for k in scattered[:n]]
+    assert {token for token, _ in key_map._chunks} == {run._token for run in runs[1:]}
+    assert len(key_map._chunks) == key_map.INDEXES_KEPT * index.num_chunks
+    at, found = runs[0].lookup(one_shard)
+    assert found.all() and at.tolist() == [written[k] for k in one_shard]
+    assert runs[1]._token not in {token for token, _ in key_map._chunks}
 
 
 def test_the_key_index_reads_score_files_in_any_row_order(ray_local, tmp_path):

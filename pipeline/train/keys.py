@@ -11,12 +11,17 @@ per file, in parallel) and keeps only a few values per *file* on the caller:
 its first and last key. A training data block resolves only the chunks whose
 key range meets its own keys (zero-copy, once per process): with keys laid out
 by shard, as writers like img2dataset make them, a block needs one or two
-chunks; with keys in no order, every chunk, like the whole map.
+chunks; with keys in no order, every chunk, like the whole map. A process
+keeps the chunks of the last :data:`INDEXES_KEPT` key indexes it served
+(:data:`CHUNKS_KEPT` at most), so the runs one driver trains one after
+another do not hold each other's chunks in the object store.
 """
 
 from __future__ import annotations
 
-import functools
+import threading
+import uuid
+from collections import OrderedDict
 
 import numpy as np
 
@@ -58,6 +63,7 @@ class KeyIndex:
         self._last = np.array([p[1] for p in pairs]) if pairs else np.zeros(0, "S1")
         self._offsets = [p[2] for p in pairs]
         self._refs = [p[3] for p in pairs]
+        self._token = uuid.uuid4().hex  # names this index's chunks in a process's cache, wherever it is unpickled
 
     @property
     def num_chunks(self) -> int:
@@ -77,7 +83,7 @@ class KeyIndex:
         hi = np.searchsorted(ordered, self._last, side="right")
         for chunk in np.flatnonzero(hi > lo):
             at = order[lo[chunk]:hi[chunk]]
-            sorted_keys, indices = _resolved(self._refs[chunk])
+            sorted_keys, indices = _resolved(self._token, int(chunk), self._refs[chunk])
             pos, hit = sorted_lookup(sorted_keys, wanted[at])
             hit &= ~found[at]  # chunks from the score job never overlap; elsewhere the first chunk holding a key wins
             at, pos = at[hit], pos[hit]
@@ -86,11 +92,34 @@ class KeyIndex:
         return index, found
 
 
-@functools.lru_cache(maxsize=4096)
-def _resolved(ref):
+INDEXES_KEPT = 2  # a process keeps the chunks of the key indexes it served last: a run's, and the one before
+CHUNKS_KEPT = 4096  # and at most this many chunks, the least recently used let go first
+
+_chunks: OrderedDict = OrderedDict()  # (index token, chunk) -> (sorted keys, indices), least recently used first
+_chunks_lock = threading.Lock()
+
+
+def _resolved(token: str, chunk: int, ref):
+    """The chunk's arrays, fetched once per process; a key index that is not among the last
+    :data:`INDEXES_KEPT` used here has its chunks let go (and with them their hold on the object store)."""
     import ray
 
-    return ray.get(ref)
+    with _chunks_lock:
+        if (token, chunk) in _chunks:
+            _chunks.move_to_end((token, chunk))
+            return _chunks[token, chunk]
+    value = ray.get(ref)
+    with _chunks_lock:
+        _chunks[token, chunk] = value
+        recent = []
+        for t, _ in reversed(_chunks):
+            if t not in recent:
+                recent.append(t)
+        for entry in [e for e in _chunks if e[0] not in recent[:INDEXES_KEPT]]:
+            del _chunks[entry]
+        while len(_chunks) > CHUNKS_KEPT:
+            _chunks.popitem(last=False)
+    return value
 
 
 def key_index(scores_url: str) -> KeyIndex:
