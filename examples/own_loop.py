@@ -34,6 +34,7 @@ from PIL import Image
 from ray.train.torch import TorchTrainer, prepare_model
 
 from pipeline import storage
+from pipeline.train.driver import POLL_INTERVAL_ENV, POLL_INTERVAL_S
 from pipeline.train.pruning import Pruning  # mmdp
 
 SIDE = 28
@@ -107,7 +108,7 @@ def main(argv=None) -> dict:
     out_fs, out_path = storage.filesystem_for(args.out)
     # Short epochs: Ray Train takes each report at its controller's poll (every 2 s by default), and a
     # worker's next report waits for it; Ray Train hands this setting from the driver to its processes.
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    os.environ.setdefault(POLL_INTERVAL_ENV, POLL_INTERVAL_S)  # RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, as jobs.train
     trainer = TorchTrainer(
         loop,
         train_loop_config={"pruning": pruning, "classes": classes, "epochs": args.epochs,  # mmdp: pruning
