@@ -114,7 +114,8 @@ def _decode_split(cfg: PretrainConfig, split: str, decoder: ImageDecoder, classe
     """
     # Rows in file order, as they are stored: the run must not depend on Ray's read order.
     ray.data.DataContext.get_current().execution_options.preserve_order = True
-    rows = read_shards(storage.join(cfg.data, split), cfg.columns).select_columns([IMAGE, CAPTION, LABEL])
+    fields = [IMAGE, CAPTION, LABEL]
+    rows = read_shards(storage.join(cfg.data, split), cfg.columns, tuple(fields)).select_columns(fields)
     pixels, captions, labels, dropped = [], [], [], 0
     for batch in rows.iter_batches(batch_size=2048, batch_format="numpy"):
         out = decoder({IMAGE: batch[IMAGE]})

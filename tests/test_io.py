@@ -95,6 +95,44 @@ def test_img2dataset_parquet_maps_onto_contract(tmp_path):
     assert table.column("label").null_count == 2
 
 
+def test_projection_reads_the_asked_columns_unless_shards_differ_in_them():
+    img2dataset = ColumnMapping.parse("img2dataset")
+    every = [("key", "jpg", "txt", "url", "exif"), ("exif", "url", "txt", "jpg", "key")]
+    # The key and image always (each row needs them); a column absent from every shard is left out (nulls).
+    assert shards.projection(img2dataset, ("label",), every) == ["key", "jpg"]
+    assert shards.projection(img2dataset, ("key", "image", "caption", "label"), every) == ["key", "jpg", "txt"]
+    # A caption in one shard and not the other: one read of both cannot name it, so every column is read.
+    assert shards.projection(img2dataset, ("caption",), [("key", "jpg", "txt"), ("key", "jpg")]) is None
+    # ...but a column the run does not ask for may differ freely.
+    assert shards.projection(img2dataset, ("label",), [("key", "jpg", "txt"), ("key", "jpg")]) == ["key", "jpg"]
+
+
+def test_ray_data_reads_only_the_asked_columns_and_the_same_rows(ray_local, tmp_path):
+    rng = np.random.default_rng(0)
+    raw = pa.table({"key": [f"{i:09d}" for i in range(12)], "jpg": [rng.bytes(40) for _ in range(12)],
+                    "txt": [f"photo {i}" for i in range(12)], "cls": pa.array([str(i % 3) for i in range(12)]),
+                    "exif": [rng.bytes(2000) for _ in range(12)]})
+    same, mixed = tmp_path / "same", tmp_path / "mixed"
+    for folder, second in ((same, raw.slice(6)), (mixed, raw.slice(6).drop_columns(["txt"]))):
+        folder.mkdir()
+        pq.write_table(raw.slice(0, 6), folder / "a.parquet")
+        pq.write_table(second, folder / "b.parquet")
+
+    def rows(url, fields):
+        ds = shards.read_shards(str(url), "img2dataset", fields)
+        return pa.concat_tables(ds.iter_batches(batch_format="pyarrow")).sort_by("key")
+
+    projected, whole = rows(same, ("key", "image", "label")), rows(same, tuple(SHARD_SCHEMA.names))
+    assert projected.schema == whole.schema == SHARD_SCHEMA
+    for column in ("key", "image", "label"):
+        assert projected.column(column).equals(whole.column(column))
+    assert projected.column("label").to_pylist() == [i % 3 for i in range(12)]
+    assert projected.column("caption").null_count == 12  # not asked, not read
+    assert whole.column("caption").to_pylist() == [f"photo {i}" for i in range(12)]
+    # Shards that differ in the caption column: each keeps its own captions.
+    assert rows(mixed, ("key", "image", "caption")).column("caption").to_pylist() == [f"photo {i}" for i in range(6)] + [None] * 6
+
+
 def test_webdataset_tar_maps_onto_contract(tmp_path):
     data = tar_bytes([("000000001.jpg", b"img1"), ("000000001.txt", b"a dog\n"), ("000000001.cls", b"3"),
                  ("000000001.json", b"{}"), ("000000002.png", b"img2"), ("000000002.txt", b"a cat"),

@@ -18,7 +18,7 @@ import pyarrow.dataset as pds
 import pyarrow.fs as pafs
 
 from pipeline import storage
-from pipeline.data.contract import MAPPINGS, ColumnMapping, SchemaError, to_contract
+from pipeline.data.contract import IMAGE, KEY, MAPPINGS, SHARD_SCHEMA, ColumnMapping, SchemaError, to_contract
 from pipeline.storage import InputError, exists, filesystem_for, join, list_files, read_json
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -94,12 +94,15 @@ def list_shards(url: str) -> tuple[str, list[str]]:
     return "parquet", list_files(url)
 
 
-def check_shards(kind: str, files: list[str], mapping: ColumnMapping | None = None) -> None:
+def check_shards(kind: str, files: list[str], mapping: ColumnMapping | None = None) -> list[tuple[str, ...]] | None:
     """Refuse a shard that would fail or lose rows when read: every shard's footer (a tar's last KiB) is
     read once, :data:`READ_THREADS` at a time; with ``mapping``, each parquet schema must map onto the contract.
 
     Parquet sizes come from one listing of each folder, so a parquet shard
     costs one ranged read, not a size request (HEAD) and a read.
+
+    Returns:
+        Each parquet shard's column names, in ``files``' order (None for webdataset).
 
     Raises:
         InputError: naming the first offending file.
@@ -107,11 +110,11 @@ def check_shards(kind: str, files: list[str], mapping: ColumnMapping | None = No
     """
     if kind == "webdataset":
         _each(_check_tar_end, files)
-    else:
-        sizes = {}
-        for folder in sorted({f.rstrip("/").rpartition("/")[0] for f in files}):
-            sizes.update(_folder_sizes(folder))
-        _each(lambda file_url: _check_parquet(file_url, mapping, sizes.get(file_url)), files)
+        return None
+    sizes = {}
+    for folder in sorted({f.rstrip("/").rpartition("/")[0] for f in files}):
+        sizes.update(_folder_sizes(folder))
+    return _each(lambda file_url: _check_parquet(file_url, mapping, sizes.get(file_url)), files)
 
 
 def _folder_sizes(url: str) -> dict[str, int]:
@@ -127,14 +130,13 @@ def _entries(url: str) -> list[pafs.FileInfo]:
         return []
 
 
-def _each(check, items: list) -> None:
-    """``check(item)`` for every item, :data:`READ_THREADS` at a time; the first failing item's error is raised."""
+def _each(check, items: list) -> list:
+    """``[check(item) for item in items]``, :data:`READ_THREADS` at a time; the first failing item's error is raised."""
     with ThreadPoolExecutor(max_workers=max(1, min(READ_THREADS, len(items)))) as pool:
-        for _ in pool.map(check, items):  # results, and errors, come back in item order
-            pass
+        return list(pool.map(check, items))  # results, and errors, come back in item order
 
 
-def _check_parquet(file_url: str, mapping: ColumnMapping | None, size: int | None = None) -> None:
+def _check_parquet(file_url: str, mapping: ColumnMapping | None, size: int | None = None) -> tuple[str, ...]:
     fs, path = filesystem_for(file_url)
     # A fragment of known size reads its footer without asking the store for the size first.
     fragment = pds.ParquetFileFormat().make_fragment(path, filesystem=fs, file_size=size)
@@ -147,6 +149,7 @@ def _check_parquet(file_url: str, mapping: ColumnMapping | None, size: int | Non
             to_contract(schema.empty_table(), mapping)
         except SchemaError as exc:
             raise SchemaError(f"{file_url}: {exc}") from exc
+    return tuple(schema.names)
 
 
 def _check_tar_end(file_url: str) -> None:
@@ -172,26 +175,47 @@ def _safe_list(url: str, suffixes: tuple[str, ...]) -> list[str]:
         return []
 
 
-def read_shards(url: str, columns: str = "mmdp"):
+def read_shards(url: str, columns: str = "mmdp", fields: tuple[str, ...] = tuple(SHARD_SCHEMA.names)):
     """The shards at ``url`` as a lazy Ray dataset in the data contract (key, image, caption, label).
 
     ``columns`` is a :class:`~pipeline.data.contract.ColumnMapping` spec
     (``mmdp``, ``img2dataset``, or pairs like ``image=jpg,caption=txt``);
     webdataset tars read with img2dataset's names unless it says otherwise.
     Bad files fail here, on the driver, by name (:func:`shard_files`).
+    Parquet shards are read for the contract ``fields`` asked (and the key
+    and image, which every row needs): their other columns are not read,
+    unless the shards differ in which of them they hold (:func:`projection`);
+    the rest of the contract's columns come back null.
     """
     mapping = ColumnMapping.parse(columns)
-    kind, files = shard_files(url, mapping)
-    return read_listed(url, kind, files, columns)
+    kind, files = list_shards(url)
+    names = check_shards(kind, files, mapping)
+    return read_listed(url, kind, files, columns, None if names is None else projection(mapping, fields, names))
 
 
-def read_listed(url: str, kind: str, files: list[str], columns: str = "mmdp"):
+def projection(mapping: ColumnMapping, fields, names: list[tuple[str, ...]]) -> list[str] | None:
+    """The source columns to read for the contract ``fields`` from parquet shards holding the columns ``names``
+    (one tuple a shard); None (read every column) where a wanted column is in some shards and not in others.
+
+    A column absent from every shard is left out (the contract gives it as
+    nulls); one in only some shards cannot be named in one read of them all.
+    """
+    wanted = dict.fromkeys(getattr(mapping, f) for f in (KEY, IMAGE, *fields))  # ordered, no repeats
+    every = set.intersection(*map(set, names)) if names else set()
+    some = set().union(*names)
+    if any(c in some and c not in every for c in wanted):
+        return None
+    return [c for c in wanted if c in every]
+
+
+def read_listed(url: str, kind: str, files: list[str], columns: str = "mmdp", read_columns: list[str] | None = None):
     """:func:`read_shards` of shards already listed (:func:`list_shards`), without checking them again.
 
     Where the listed files are exactly the ones Ray Data finds in the folder,
     Ray Data gets the folder: one listing gives it every size, where a list of
     files costs a size request (HEAD) per shard, twice (planning and
     listing), every time the dataset runs (each training epoch).
+    ``read_columns``: the parquet columns to read (None: all of them).
     """
     import ray.data
 
@@ -204,6 +228,8 @@ def read_listed(url: str, kind: str, files: list[str], columns: str = "mmdp"):
         raw = ray.data.read_webdataset(paths, filesystem=fs, decoder=None, file_extensions=[suffix])
         return raw.map_batches(_webdataset_stage, batch_format="numpy", fn_kwargs={"mapping": mapping})
     raw = ray.data.read_parquet(paths, filesystem=fs, file_extensions=[suffix])
+    if read_columns is not None:
+        raw = raw.select_columns(read_columns)  # right after the read: Ray Data pushes it into the read
     return raw.map_batches(to_contract, batch_format="pyarrow", fn_kwargs={"mapping": mapping})
 
 

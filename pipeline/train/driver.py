@@ -161,8 +161,8 @@ def parse_params(pairs: tuple[str, ...]) -> dict:
 def read_split(data: str, split: str, columns: str = "mmdp", caption: bool = False) -> ray.data.Dataset:
     """A split of the dataset at ``data`` (its ``split`` folder of parquet or tar shards) as
     ``(key, image, label)`` rows, and ``caption`` too if asked (lazy)."""
-    return read_shards(storage.join(data, split), columns).select_columns(
-        [KEY, "image", "caption", "label"] if caption else [KEY, "image", "label"])
+    fields = [KEY, "image", "caption", "label"] if caption else [KEY, "image", "label"]
+    return read_shards(storage.join(data, split), columns, tuple(fields)).select_columns(fields)
 
 
 def evaluation_dataset(data: str, columns: str = "mmdp") -> ray.data.Dataset:
