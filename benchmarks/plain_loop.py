@@ -31,8 +31,8 @@ def plain_loop_per_worker(config: dict) -> None:
     import ray.train
     import torch.nn.functional as F
 
-    from pipeline.train.loop import (DTYPES, all_sum, evaluate, report_epoch, save_train_state, setup_model, shuffle_args,
-                                     take_step, unwrap)
+    from pipeline.train.loop import (DTYPES, PhaseClock, all_sum, evaluate, report_epoch, save_train_state, setup_model,
+                                     shuffle_args, take_step, unwrap)
 
     cfg = config
     ctx = ray.train.get_context()
@@ -41,16 +41,26 @@ def plain_loop_per_worker(config: dict) -> None:
     bare = unwrap(model)
     train_shard = ray.train.get_dataset_shard("train")
     test_shard = ray.train.get_dataset_shard("test")
-    cache, sums = None, {"train_seconds": 0.0, "epoch_seconds": 0.0, "samples_forwarded": 0}
+    cache = None
+    sums = {"train_seconds": 0.0, "epoch_seconds": 0.0, "samples_forwarded": 0, "input_seconds": 0.0, "step_seconds": 0.0}
     for epoch in range(cfg["epochs"]):
         started = time.perf_counter()
+        clock = PhaseClock()  # the pruner's loop splits its training time the same way
         model.train()
         forwarded = 0
-        for batch in train_shard.iter_torch_batches(batch_size=cfg["batch_size"], dtypes=DTYPES, drop_last=False,
-                                                    **shuffle_args(cfg, epoch, rank)):
-            take_step(F.cross_entropy(model(batch["x"]), batch["label"]), opt, sched)
+        batches = iter(train_shard.iter_torch_batches(batch_size=cfg["batch_size"], dtypes=DTYPES, drop_last=False,
+                                                      **shuffle_args(cfg, epoch, rank)))
+        while True:
+            with clock("input"):
+                batch = next(batches, None)
+            if batch is None:
+                break
+            with clock("step"):
+                take_step(F.cross_entropy(model(batch["x"]), batch["label"]), opt, sched)
             forwarded += len(batch["label"])
         train_seconds = time.perf_counter() - started
+        sums["input_seconds"] += clock.totals["input"]
+        sums["step_seconds"] += clock.totals["step"]
         correct, count, cache = evaluate(bare, test_shard, cache, cfg["batch_size"], rank, world)
         totals = all_sum([forwarded, correct, count])
         sums["train_seconds"] += train_seconds
@@ -91,8 +101,10 @@ def measure_overhead(train_cfg, root: str, repeats: int) -> dict:
 
     train_cfg = dataclasses.replace(train_cfg, policy="full")
     # wall: the whole fit() from the driver; epoch: the loops' epochs (training + test evaluation);
-    # train: the training steps alone. Start-up (about 11 s a fit) is in wall only.
-    times = {m: {"pruner": [], "plain": []} for m in ("wall", "epoch", "train")}
+    # train: the training steps alone, split (rank 0's) into input (waiting for batches) and step
+    # (forward, backward, optimiser). Start-up (about 11 s a fit) is in wall only.
+    measures = ("wall", "epoch", "train", "input", "step")
+    times = {m: {"pruner": [], "plain": []} for m in measures}
     order = ["pruner", "plain", "plain", "pruner"] * math.ceil(repeats / 2)
     for i, kind in enumerate(order[: 2 * repeats]):
         out = storage.join(root, f"{i}-{kind}")
@@ -100,11 +112,12 @@ def measure_overhead(train_cfg, root: str, repeats: int) -> dict:
         started = time.perf_counter()
         if kind == "pruner":
             history = execute(dataclasses.replace(train_cfg, out=out), fit)["epochs"]
-            epoch, train_s = (sum(h[k] for h in history) for k in ("epoch_seconds", "train_seconds"))
+            totals = {m: sum(h[f"{m}_seconds"] for h in history) for m in measures[1:]}
         else:
-            totals = plain_fit(train_cfg, out)
-            epoch, train_s = totals["epoch_seconds"], totals["train_seconds"]
-        for name, value in (("wall", time.perf_counter() - started), ("epoch", epoch), ("train", train_s)):
-            times[name][kind].append(round(value, 2))
+            result = plain_fit(train_cfg, out)
+            totals = {m: result[f"{m}_seconds"] for m in measures[1:]}
+        totals["wall"] = time.perf_counter() - started
+        for name in measures:
+            times[name][kind].append(round(totals[name], 2))
     ratio = {name: round(float(np.mean(t["pruner"]) / np.mean(t["plain"])), 3) for name, t in times.items()}
     return {"seconds": times, "ratio": ratio, "epochs": train_cfg.epochs, "data": train_cfg.data, "target": 1.05}
