@@ -60,6 +60,8 @@ def plain_loop_per_worker(config: dict) -> None:
             forwarded += len(batch["label"])
         train_seconds = time.perf_counter() - started
         sums["input_seconds"] += clock.totals["input"]
+        if epoch == 0:
+            sums["first_input_seconds"] = clock.totals["input"]
         sums["step_seconds"] += clock.totals["step"]
         correct, count, cache = evaluate(bare, test_shard, cache, cfg["batch_size"], rank, world)
         totals = all_sum([forwarded, correct, count])
@@ -101,9 +103,9 @@ def measure_overhead(train_cfg, root: str, repeats: int) -> dict:
 
     train_cfg = dataclasses.replace(train_cfg, policy="full")
     # wall: the whole fit() from the driver; epoch: the loops' epochs (training + test evaluation);
-    # train: the training steps alone, split (rank 0's) into input (waiting for batches) and step
-    # (forward, backward, optimiser). Start-up (about 11 s a fit) is in wall only.
-    measures = ("wall", "epoch", "train", "input", "step")
+    # train: the training steps alone, split (rank 0's) into input (waiting for batches; first_input:
+    # in the first epoch) and step (forward, backward, optimiser). Start-up (about 11 s a fit) is in wall only.
+    measures = ("wall", "epoch", "train", "input", "step", "first_input")
     times = {m: {"pruner": [], "plain": []} for m in measures}
     order = ["pruner", "plain", "plain", "pruner"] * math.ceil(repeats / 2)
     for i, kind in enumerate(order[: 2 * repeats]):
@@ -112,7 +114,8 @@ def measure_overhead(train_cfg, root: str, repeats: int) -> dict:
         started = time.perf_counter()
         if kind == "pruner":
             history = execute(dataclasses.replace(train_cfg, out=out), fit)["epochs"]
-            totals = {m: sum(h[f"{m}_seconds"] for h in history) for m in measures[1:]}
+            totals = {m: sum(h[f"{m}_seconds"] for h in history) for m in measures[1:-1]}
+            totals["first_input"] = history[0]["input_seconds"]
         else:
             result = plain_fit(train_cfg, out)
             totals = {m: result[f"{m}_seconds"] for m in measures[1:]}

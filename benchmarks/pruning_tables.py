@@ -161,10 +161,10 @@ def _overhead_and_targets(result: dict) -> list[str]:
                   f"Policy full through the pruner vs a plain Ray Train loop (same model, data, batch, workers), "
                   f"{o['epochs']} epochs, alternated A B B A. Wall = the whole fit, epoch = the loops' epochs "
                   "(training + evaluation), train = training alone, split on rank 0 into input (waiting for "
-                  "batches) and step (forward, backward, optimiser).", "",
+                  "batches; first_input: in the first epoch) and step (forward, backward, optimiser).", "",
                   markdown_table(("measure", "pruner s", "plain s", "ratio"),
                                  [(m, sec[m]["pruner"], sec[m]["plain"], o["ratio"][m])
-                                  for m in ("wall", "epoch", "train", "input", "step") if m in sec]),
+                                  for m in ("wall", "epoch", "train", "input", "step", "first_input") if m in sec]),
                   ""]
     if result["targets"]:
         lines += ["## targets", "",

@@ -95,7 +95,7 @@ def test_bench_runs_every_policy_and_the_oracle_on_clean_rows_only(ray_session, 
     # Overhead: one run of each side; the ratio is the one their times give.
     overhead = result["overhead"]
     assert overhead["epochs"] == EPOCHS
-    for measure in ("wall", "epoch", "train", "input", "step"):
+    for measure in ("wall", "epoch", "train", "input", "step", "first_input"):
         pruner, plain = overhead["seconds"][measure]["pruner"], overhead["seconds"][measure]["plain"]
         assert len(pruner) == len(plain) == 1 and pruner[0] > 0 and plain[0] > 0
         assert abs(overhead["ratio"][measure] - pruner[0] / plain[0]) <= 5e-4 + 1e-9  # rounded to 3 places
@@ -103,6 +103,7 @@ def test_bench_runs_every_policy_and_the_oracle_on_clean_rows_only(ray_session, 
     for side in ("pruner", "plain"):  # rank 0's training time is its waits for batches and its steps, and a little more
         parts = overhead["seconds"]["input"][side][0] + overhead["seconds"]["step"][side][0]
         assert 0 < parts <= overhead["seconds"]["train"][side][0] + 0.02
+        assert 0 < overhead["seconds"]["first_input"][side][0] <= overhead["seconds"]["input"][side][0] + 0.01
     # The plain loop checkpointed every epoch through the train loop's checkpoint writer.
     assert glob.glob(f"{out}/overhead/1-plain/ray/*/checkpoint_*/train.pt")
     summary = {r["policy"]: r for r in result["summary"]}
