@@ -19,6 +19,14 @@ import numpy as np
 from pipeline import storage
 from pipeline.cli import execute
 
+# What measure_overhead times on each side. wall: the whole fit() from the driver; epoch: the loops'
+# epochs (training + test evaluation); train: the training steps alone, split (rank 0's) into input
+# (waiting for batches; first_input: in the first epoch) and step (forward, backward, optimiser).
+# Start-up (about 11 s a fit) is in wall only.
+MEASURES = ("wall", "epoch", "train", "input", "step", "first_input")
+# The measures that are sums over a run's epochs.
+SUMMED = ("epoch", "train", "input", "step")
+
 def _plain_stage(batch: dict) -> dict:
     """What the pruner's index + keep stages give decode_stage, without a pruner: fresh random crops."""
     n = len(batch["label"])
@@ -102,11 +110,7 @@ def measure_overhead(train_cfg, root: str, repeats: int) -> dict:
     from pipeline.train.driver import fit
 
     train_cfg = dataclasses.replace(train_cfg, policy="full")
-    # wall: the whole fit() from the driver; epoch: the loops' epochs (training + test evaluation);
-    # train: the training steps alone, split (rank 0's) into input (waiting for batches; first_input:
-    # in the first epoch) and step (forward, backward, optimiser). Start-up (about 11 s a fit) is in wall only.
-    measures = ("wall", "epoch", "train", "input", "step", "first_input")
-    times = {m: {"pruner": [], "plain": []} for m in measures}
+    times = {m: {"pruner": [], "plain": []} for m in MEASURES}
     order = ["pruner", "plain", "plain", "pruner"] * math.ceil(repeats / 2)
     for i, kind in enumerate(order[: 2 * repeats]):
         out = storage.join(root, f"{i}-{kind}")
@@ -114,13 +118,13 @@ def measure_overhead(train_cfg, root: str, repeats: int) -> dict:
         started = time.perf_counter()
         if kind == "pruner":
             history = execute(dataclasses.replace(train_cfg, out=out), fit)["epochs"]
-            totals = {m: sum(h[f"{m}_seconds"] for h in history) for m in measures[1:-1]}
+            totals = {m: sum(h[f"{m}_seconds"] for h in history) for m in SUMMED}
             totals["first_input"] = history[0]["input_seconds"]
         else:
             result = plain_fit(train_cfg, out)
-            totals = {m: result[f"{m}_seconds"] for m in measures[1:]}
+            totals = {m: result[f"{m}_seconds"] for m in (*SUMMED, "first_input")}
         totals["wall"] = time.perf_counter() - started
-        for name in measures:
+        for name in MEASURES:
             times[name][kind].append(round(totals[name], 2))
     ratio = {name: round(float(np.mean(t["pruner"]) / np.mean(t["plain"])), 3) for name, t in times.items()}
     return {"seconds": times, "ratio": ratio, "epochs": train_cfg.epochs, "data": train_cfg.data, "target": 1.05}

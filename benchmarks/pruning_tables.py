@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from benchmarks.plain_loop import MEASURES
 from pipeline.report.page import markdown_table
 
 ORACLE = "oracle"
@@ -164,7 +165,7 @@ def _overhead_and_targets(result: dict) -> list[str]:
                   "batches; first_input: in the first epoch) and step (forward, backward, optimiser).", "",
                   markdown_table(("measure", "pruner s", "plain s", "ratio"),
                                  [(m, sec[m]["pruner"], sec[m]["plain"], o["ratio"][m])
-                                  for m in ("wall", "epoch", "train", "input", "step", "first_input") if m in sec]),
+                                  for m in MEASURES if m in sec]),
                   ""]
     if result["targets"]:
         lines += ["## targets", "",
