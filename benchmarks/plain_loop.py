@@ -102,10 +102,16 @@ def plain_fit(cfg, out: str) -> dict:
     return {**result.metrics, "wall_seconds": round(time.perf_counter() - started, 2)}
 
 
-def measure_overhead(train_cfg, root: str, repeats: int) -> dict:
+def measure_overhead(train_cfg, root: str, repeats: int, fresh_job=None) -> dict:
     """``full`` through the pruner vs the plain loop, alternated A B B A so drift hits both alike.
 
     ``train_cfg`` is the ``TrainConfig`` of the pruner side (its policy is set to ``full``).
+    ``fresh_job``: called before each fit to make it a Ray job of its own, as a
+    user's ``jobs.train`` is. A job's worker processes are its own, so then
+    no fit finds Ray Data task workers left warm by the fit before it (which
+    fits in one job do: Ray trims idle workers, so which fit gets a warm one
+    depends on what ran before it). None: every fit in the caller's job
+    (recorded as ``fresh_jobs: false``).
     """
     from pipeline.train.driver import fit
 
@@ -115,6 +121,8 @@ def measure_overhead(train_cfg, root: str, repeats: int) -> dict:
     for i, kind in enumerate(order[: 2 * repeats]):
         out = storage.join(root, f"{i}-{kind}")
         print(f"[overhead {i + 1}/{2 * repeats}] {kind}", flush=True)
+        if fresh_job is not None:
+            fresh_job()
         started = time.perf_counter()
         if kind == "pruner":
             history = execute(dataclasses.replace(train_cfg, out=out), fit)["epochs"]
@@ -127,4 +135,5 @@ def measure_overhead(train_cfg, root: str, repeats: int) -> dict:
         for name in MEASURES:
             times[name][kind].append(round(totals[name], 2))
     ratio = {name: round(float(np.mean(t["pruner"]) / np.mean(t["plain"])), 3) for name, t in times.items()}
-    return {"seconds": times, "ratio": ratio, "epochs": train_cfg.epochs, "data": train_cfg.data, "target": 1.05}
+    return {"seconds": times, "ratio": ratio, "epochs": train_cfg.epochs, "data": train_cfg.data, "target": 1.05,
+            "fresh_jobs": fresh_job is not None}

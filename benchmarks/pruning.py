@@ -330,8 +330,9 @@ def run(cfg: BenchPruningConfig) -> None:
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))  # the driver's evaluations; workers idle meanwhile
     started_here = not ray.is_initialized()
     # Under `ray job submit` the cluster's Ray, which takes no num_cpus; else a local one of --cpus CPUs.
-    connect_ray(**({} if os.environ.get("RAY_ADDRESS") else
-                   {"num_cpus": cfg.cpus, "include_dashboard": False, "log_to_driver": False}))
+    init_args = {} if os.environ.get("RAY_ADDRESS") else {"num_cpus": cfg.cpus, "include_dashboard": False,
+                                                           "log_to_driver": False}
+    connect_ray(**init_args)
     setup = {**{k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()
                 if k not in ("out", "reuse")}, **_clip_info(cfg),
              "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores, Ray CPUs "
@@ -394,9 +395,12 @@ def run(cfg: BenchPruningConfig) -> None:
                 tag = f"{noise_tag(noise)}-s{seed}"
                 data, scores = storage.join(cfg.out, "data", tag), storage.join(cfg.out, "scores", tag)
                 ensure_warm(data, scores)
+                # Each fit a Ray job of its own where this process connected Ray (a new local Ray, or a
+                # new job on the cluster); not where it runs inside a caller's Ray (a test session).
+                fresh_job = (lambda: (ray.shutdown(), connect_ray(**init_args))) if started_here else None
                 with storage.output(root):
                     overhead = measure_overhead(train_config(cfg, data, scores, root, "full", cfg.seeds[0]), root,
-                                                cfg.overhead_repeats)
+                                                cfg.overhead_repeats, fresh_job)
                     storage.write_json(overhead, storage.join(root, "overhead.json"))
     finally:
         if started_here:

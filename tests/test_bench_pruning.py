@@ -95,6 +95,7 @@ def test_bench_runs_every_policy_and_the_oracle_on_clean_rows_only(ray_session, 
     # Overhead: one run of each side; the ratio is the one their times give.
     overhead = result["overhead"]
     assert overhead["epochs"] == EPOCHS
+    assert overhead["fresh_jobs"] is False  # inside the test session's Ray: every fit in its job
     for measure in ("wall", "epoch", "train", "input", "step", "first_input"):
         pruner, plain = overhead["seconds"][measure]["pruner"], overhead["seconds"][measure]["plain"]
         assert len(pruner) == len(plain) == 1 and pruner[0] > 0 and plain[0] > 0
