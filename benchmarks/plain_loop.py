@@ -27,6 +27,7 @@ MEASURES = ("wall", "epoch", "train", "input", "step", "first_input")
 # The measures that are sums over a run's epochs.
 SUMMED = ("epoch", "train", "input", "step")
 
+
 def _plain_stage(batch: dict) -> dict:
     """What the pruner's index + keep stages give decode_stage, without a pruner: fresh random crops."""
     n = len(batch["label"])

@@ -163,7 +163,8 @@ def _overhead_and_targets(result: dict) -> list[str]:
                   f"{o['epochs']} epochs, alternated A B B A, "
                   f"{'each fit a Ray job of its own' if o.get('fresh_jobs') else 'all fits in one Ray job'}. "
                   "Wall = the whole fit, epoch = the loops' epochs (training + evaluation), train = training "
-                  "alone, split on rank 0 into input (waiting for batches; first_input: in the first epoch) and step (forward, backward, optimiser).", "",
+                  "alone, split on rank 0 into input (waiting for batches; first_input: in the first epoch) "
+                  "and step (forward, backward, optimiser).", "",
                   markdown_table(("measure", "pruner s", "plain s", "ratio"),
                                  [(m, sec[m]["pruner"], sec[m]["plain"], o["ratio"][m])
                                   for m in MEASURES if m in sec]),
