@@ -36,12 +36,13 @@ def _plain_stage(batch: dict) -> dict:
 
 
 def plain_loop_per_worker(config: dict) -> None:
-    """A Ray Train loop with no pruner: the train loop's model, optimiser, schedule, evaluation and checkpoints."""
+    """A Ray Train loop with no pruner: the train loop's model, optimiser, schedule, evaluation and checkpoints
+    (every ``eval_every``-th and ``checkpoint_every``-th epoch and the last, as the train loop has them)."""
     import ray.train
     import torch.nn.functional as F
 
-    from pipeline.train.loop import (DTYPES, PhaseClock, all_sum, evaluate, report_epoch, save_train_state, setup_model,
-                                     shuffle_args, take_step, unwrap)
+    from pipeline.train.loop import (DTYPES, PhaseClock, all_sum, due, evaluate, report_epoch, save_train_state,
+                                     setup_model, shuffle_args, take_step, unwrap)
 
     cfg = config
     ctx = ray.train.get_context()
@@ -72,14 +73,17 @@ def plain_loop_per_worker(config: dict) -> None:
         if epoch == 0:
             sums["first_input_seconds"] = clock.totals["input"]
         sums["step_seconds"] += clock.totals["step"]
-        correct, count, cache = evaluate(bare, test_shard, cache, cfg["batch_size"], rank, world)
+        correct = count = 0  # the pruner's loop evaluates and checkpoints at the same epochs
+        if due(epoch, cfg["eval_every"], cfg["epochs"]):
+            correct, count, cache = evaluate(bare, test_shard, cache, cfg["batch_size"], rank, world)
         totals = all_sum([forwarded, correct, count])
         sums["train_seconds"] += train_seconds
         sums["epoch_seconds"] += time.perf_counter() - started
         sums["samples_forwarded"] += int(totals[0])
-        metrics = {"epoch": epoch, "test_accuracy": float(totals[1] / max(float(totals[2]), 1.0)), **sums}
+        accuracy = float(totals[1] / totals[2]) if totals[2] else None
+        metrics = {"epoch": epoch, "test_accuracy": accuracy, **sums}
         checkpoint_dir = None
-        if rank == 0:
+        if rank == 0 and due(epoch, cfg["checkpoint_every"], cfg["epochs"]):
             checkpoint_dir = tempfile.mkdtemp(prefix="mmdp-plain-ckpt-")
             save_train_state(checkpoint_dir, model, opt, sched, epoch)
         report_epoch(metrics, checkpoint_dir)

@@ -124,8 +124,9 @@ def markdown(result: dict) -> str:
              + (f", CLIP zero-shot test accuracy {zero_shot:.4f}" if zero_shot else "")
              + f". Machine: {s['machine']}.", "",
              "Accuracy is the final epoch's, on the clean test split; shifted = the same checkpoint on a deterministic "
-             "shifted copy (rotation, shift, blur, Gaussian noise). Wall = the whole fit (Ray Train start-up and the "
-             "per-epoch test evaluation included); train = the epochs' training time alone (each epoch's planning "
+             "shifted copy (rotation, shift, blur, Gaussian noise). Wall = the whole fit (Ray Train start-up, the "
+             f"test evaluation every {s.get('eval_every', 1)} epochs and checkpoints every {s.get('checkpoint_every', 1)} "
+             "(and after the last) included); train = the epochs' training time alone (each epoch's planning "
              "included). Samples forwarded include mmdp's probes (weight 0), if it probes. Speedups = full's mean / the policy's. Noisy in plan = share of ground-truth noisy rows in "
              "the last epoch's plan, replayed from the final checkpoint's pruner state. trajectory uses clean data the "
              "others do not: a known-clean reference set of 1% of the pool, drawn from the ground truth's clean rows.",
@@ -162,6 +163,8 @@ def _overhead_and_targets(result: dict) -> list[str]:
                   f"Policy full through the pruner vs a plain Ray Train loop (same model, data, batch, workers), "
                   f"{o['epochs']} epochs, alternated A B B A, "
                   f"{'each fit a Ray job of its own' if o.get('fresh_jobs') else 'all fits in one Ray job'}. "
+                  f"Both evaluate every {result['setup'].get('eval_every', 1)} epochs and checkpoint every "
+                  f"{result['setup'].get('checkpoint_every', 1)} (and after the last). "
                   "Wall = the whole fit, epoch = the loops' epochs (training + evaluation), train = training "
                   "alone, split on rank 0 into input (waiting for batches; first_input: in the first epoch) "
                   "and step (forward, backward, optimiser).", "",
@@ -193,7 +196,8 @@ def _clip_markdown(result: dict) -> str:
              + f". Machine: {s['machine']}.", "",
              "Zero-shot = the final model's zero-shot accuracy on the clean test split (class prompt ensembles); "
              "R@1 = recall@1 on the test split, image-to-text and text-to-image, captions compared as text. "
-             "Wall = the whole fit; train = the epochs' training time. Samples forwarded include mmdp's probes, if any.",
+             f"Wall = the whole fit (evaluation every {s.get('eval_every', 1)} epochs and after the last included); "
+             "train = the epochs' training time. Samples forwarded include mmdp's probes, if any.",
              ""]
     lines += _policy_tables(result, "zero-shot % (mean ± std)",
                             (("i2t R@1 %", "i2t_recall@1_mean"), ("t2i R@1 %", "t2i_recall@1_mean")))

@@ -64,6 +64,13 @@ def test_bench_runs_every_policy_and_the_oracle_on_clean_rows_only(ray_session, 
         assert abs(run["driver_test_accuracy"] - run["final_test_accuracy"]) <= 1 / (POOL // 2) + 1e-9
         assert run["wall_seconds"] > 0 and run["seed"] == 3 and run["noise"] == "symmetric:0.25"
 
+    # Test evaluation and checkpoints every --eval-every / --checkpoint-every epochs (5 by default) and after
+    # the last: of two epochs, the last only.
+    for policy in ("full", "mmdp"):
+        history = storage.read_json(f"{out}/runs/symmetric0.25-s3/{policy}/metrics.json")["epochs"]
+        assert [h["test_accuracy"] is None for h in history] == [True, False]
+        assert [h["checkpoint"] for h in history] == [False, True]
+
     gt = storage.read_table(f"{out}/data/symmetric0.25-s3/ground_truth.parquet")
     clean = int(pc.sum(pc.equal(gt.column("corruption"), "none")).as_py())
     assert gt.num_rows == POOL and clean == POOL - round(0.25 * POOL)
@@ -105,8 +112,10 @@ def test_bench_runs_every_policy_and_the_oracle_on_clean_rows_only(ray_session, 
         parts = overhead["seconds"]["input"][side][0] + overhead["seconds"]["step"][side][0]
         assert 0 < parts <= overhead["seconds"]["train"][side][0] + 0.02
         assert 0 < overhead["seconds"]["first_input"][side][0] <= overhead["seconds"]["input"][side][0] + 0.01
-    # The plain loop checkpointed every epoch through the train loop's checkpoint writer.
-    assert glob.glob(f"{out}/overhead/1-plain/ray/*/checkpoint_*/train.pt")
+    # The plain loop checkpointed through the train loop's checkpoint writer, as the pruner's: after the last epoch only.
+    assert len(glob.glob(f"{out}/overhead/1-plain/ray/*/checkpoint_*/train.pt")) == 1
+    assert "test evaluation every 5 epochs and checkpoints every 5" in table
+    assert "Both evaluate every 5 epochs and checkpoint every 5" in table
     summary = {r["policy"]: r for r in result["summary"]}
     assert summary["full"]["speedup_vs_full"] == 1.0
     speedup = runs["full"]["wall_seconds"] / oracle["wall_seconds"]
