@@ -52,6 +52,7 @@ from typing import ClassVar
 import numpy as np
 import pyarrow as pa
 
+from benchmarks.hostload import cpu_ticks, shares
 from benchmarks.plain_loop import measure_overhead
 from benchmarks.pruning_eval import (SHIFT, SHIFT_SEED, evaluate_checkpoint, final_plan_noise, write_oracle_scores,
                                      write_reference_keys)
@@ -242,7 +243,13 @@ def run_policy(cfg: BenchPruningConfig, data: str, scores: str, out: str, policy
         return {**kept, "out": out, "reused": True}
     train_cfg = train_config(cfg, data, scores, out, policy, seed, keep_ratio)
     reused = cfg.reuse and storage.is_complete(out)
-    metrics = storage.read_json(storage.join(out, "metrics.json")) if reused else train(train_cfg)
+    host = {}
+    if reused:
+        metrics = storage.read_json(storage.join(out, "metrics.json"))
+    else:
+        before = cpu_ticks()
+        metrics = train(train_cfg)
+        host = shares(before, cpu_ticks())  # the host's CPU time during the fit: steal = other tenants'
     totals, epochs = metrics["totals"], metrics["epochs"]
     if cfg.task == "clip":  # the last epoch's zero-shot accuracy and recall, measured by the run itself
         quality = {k: v for k, v in epochs[-1].items() if "recall" in k}
@@ -253,7 +260,8 @@ def run_policy(cfg: BenchPruningConfig, data: str, scores: str, out: str, policy
            "wall_seconds": totals["wall_seconds"], "train_seconds": totals["train_seconds"],
            "samples_forwarded": totals["samples_forwarded"], "num_samples": totals["num_samples"],
            "missing": int(sum(e.get("plan_missing", 0) for e in epochs)), "signal": totals["signal"],
-           "keep_ratio": train_cfg.keep_ratio, "clip_digest": clip_digest}
+           "keep_ratio": train_cfg.keep_ratio, "clip_digest": clip_digest,
+           **{f"host_{k}": v for k, v in host.items()}}
     storage.write_json(row, storage.join(out, RUN_SUMMARY))
     return {**row, "out": out, "reused": bool(reused)}
 
@@ -392,8 +400,9 @@ def run(cfg: BenchPruningConfig) -> None:
                 cell_runs[policy] = run
                 runs.append(run)
                 second = ("i2t_recall@1", "i2t R@1") if cfg.task == "clip" else ("shifted_test_accuracy", "shifted")
+                steal = f"  host steal {run['host_steal_pct']:.1f}%" if "host_steal_pct" in run else ""
                 print(f"    acc {run['final_test_accuracy']:.4f}  {second[1]} {run[second[0]]:.4f}  "
-                      f"wall {run['wall_seconds']:.1f}s  forwarded {run['samples_forwarded']}", flush=True)
+                      f"wall {run['wall_seconds']:.1f}s  forwarded {run['samples_forwarded']}{steal}", flush=True)
         overhead = None
         if not cfg.skip_overhead:
             root = storage.join(cfg.out, "overhead")

@@ -22,6 +22,7 @@ def summarise(runs: list[dict], noises: list[str], policies: list[str]) -> list[
         cell = [r for r in runs if r["noise"] == noise]
         full_wall = [r["wall_seconds"] for r in cell if r["policy"] == "full"]
         full_train = [r["train_seconds"] for r in cell if r["policy"] == "full"]
+        full_cpu = _mean([r for r in cell if r["policy"] == "full"], "host_cpu_seconds")
         for policy in policies:
             rs = [r for r in cell if r["policy"] == policy]
             if not rs:
@@ -30,6 +31,7 @@ def summarise(runs: list[dict], noises: list[str], policies: list[str]) -> list[
             shifted = _mean_pct(rs, "shifted_test_accuracy")
             wall = float(np.mean([r["wall_seconds"] for r in rs]))
             train = float(np.mean([r["train_seconds"] for r in rs]))
+            cpu, steal = _mean(rs, "host_cpu_seconds"), _mean(rs, "host_steal_pct")
             residual = [r["noisy_in_final_plan"] for r in rs if r.get("noisy_in_final_plan") is not None]
             rows.append({"noise": noise, "policy": policy, "seeds": len(rs),
                          "accuracy_mean": round(float(acc.mean()), 3),
@@ -38,12 +40,21 @@ def summarise(runs: list[dict], noises: list[str], policies: list[str]) -> list[
                          **{f"{k}_mean": _mean_pct(rs, k) for k in RECALL if k in rs[0]},
                          "wall_seconds_mean": round(wall, 2),
                          "train_seconds_mean": round(train, 2),
+                         "host_cpu_seconds_mean": None if cpu is None else round(cpu, 1),
+                         "host_steal_pct_mean": None if steal is None else round(steal, 1),
                          "noisy_in_final_plan_mean": round(100 * float(np.mean(residual)), 2) if residual else None,
                          "samples_forwarded_mean": int(round(np.mean([r["samples_forwarded"] for r in rs]))),
                          "num_samples": int(rs[0]["num_samples"]),
                          "speedup_vs_full": round(float(np.mean(full_wall)) / wall, 3) if full_wall else None,
-                         "train_speedup_vs_full": round(float(np.mean(full_train)) / train, 3) if full_train else None})
+                         "train_speedup_vs_full": round(float(np.mean(full_train)) / train, 3) if full_train else None,
+                         "cpu_speedup_vs_full": round(full_cpu / cpu, 3) if full_cpu and cpu else None})
     return rows
+
+
+def _mean(runs: list[dict], key: str) -> float | None:
+    """The mean of ``key`` over the runs, if every one has it (a figure older rows may lack); else None."""
+    values = [r.get(key) for r in runs]
+    return float(np.mean(values)) if values and None not in values else None
 
 
 def _mean_pct(runs: list[dict], key: str) -> float | None:
@@ -130,9 +141,23 @@ def markdown(result: dict) -> str:
              "included). Samples forwarded include mmdp's probes (weight 0), if it probes. Speedups = full's mean / the policy's. Noisy in plan = share of ground-truth noisy rows in "
              "the last epoch's plan, replayed from the final checkpoint's pruner state. trajectory uses clean data the "
              "others do not: a known-clean reference set of 1% of the pool, drawn from the ground truth's clean rows.",
-             ""]
+             "", *_host_load(result)]
     lines += _policy_tables(result, "test acc % (mean ± std)", (("shifted acc %", "shifted_accuracy_mean"),))
     return "\n".join(lines + _overhead_and_targets(result))
+
+
+def _host_load(result: dict) -> list[str]:
+    """A paragraph on the host's CPU steal during the fits (benchmarks.hostload), if it was measured."""
+    runs = [r for r in result["runs"] if "host_steal_pct" in r and not r.get("same_as")]
+    if not runs:
+        return []
+    worst = max(runs, key=lambda r: r["host_steal_pct"])
+    steal = [r["host_steal_pct"] for r in runs]
+    return [f"Host CPU steal (time the hypervisor gave other tenants) during the {len(runs)} fits measured here: "
+            f"mean {np.mean(steal):.1f}%, {min(steal):.1f}% to {max(steal):.1f}% (highest: {worst['noise']} seed "
+            f"{worst['seed']} {worst['policy']}). CPU s = the machine's busy CPU seconds during the whole fit, all "
+            "cores summed (/proc/stat; stolen time is not in it, as it is in wall time), with the fits' mean steal.",
+            ""]
 
 
 def _policy_tables(result: dict, accuracy: str, columns: tuple[tuple[str, str], ...]) -> list[str]:
@@ -141,16 +166,20 @@ def _policy_tables(result: dict, accuracy: str, columns: tuple[tuple[str, str], 
     for noise in result["noise_settings"]:
         rows = []
         for r in (r for r in result["summary"] if r["noise"] == noise):
-            speed = (f"{r['speedup_vs_full']:.2f}x / {r['train_speedup_vs_full']:.2f}x"
-                     if r["speedup_vs_full"] else "n/a")
+            cpu = r.get("cpu_speedup_vs_full")
+            speed = (f"{r['speedup_vs_full']:.2f}x / {r['train_speedup_vs_full']:.2f}x / "
+                     f"{f'{cpu:.2f}x' if cpu else 'n/a'}" if r["speedup_vs_full"] else "n/a")
             noisy = "n/a" if r.get("noisy_in_final_plan_mean") is None else f"{r['noisy_in_final_plan_mean']:.1f}"
+            host = r.get("host_cpu_seconds_mean")
+            host = "n/a" if host is None else f"{host:.0f} ({r['host_steal_pct_mean']:.0f}%)"
             rows.append((r["policy"], f"{r['accuracy_mean']:.2f} ± {r['accuracy_std']:.2f}",
                          *(f"{r[key]:.2f}" for _, key in columns), f"{r['wall_seconds_mean']:.1f}",
-                         f"{r['train_seconds_mean']:.1f}", speed, r["samples_forwarded_mean"], r["num_samples"], noisy))
+                         f"{r['train_seconds_mean']:.1f}", host, speed, r["samples_forwarded_mean"],
+                         r["num_samples"], noisy))
         lines += [f"## noise: {noise}", "",
                   markdown_table(("policy", accuracy, *(header for header, _ in columns), "wall s", "train s",
-                                  "speedup vs full (wall / train)", "samples forwarded", "rows trained on",
-                                  "noisy in plan %"), rows), ""]
+                                  "CPU s (steal)", "speedup vs full (wall / train / CPU)", "samples forwarded",
+                                  "rows trained on", "noisy in plan %"), rows), ""]
     return lines
 
 
@@ -198,7 +227,7 @@ def _clip_markdown(result: dict) -> str:
              "R@1 = recall@1 on the test split, image-to-text and text-to-image, captions compared as text. "
              f"Wall = the whole fit (evaluation every {s.get('eval_every', 1)} epochs and after the last included); "
              "train = the epochs' training time. Samples forwarded include mmdp's probes, if any.",
-             ""]
+             "", *_host_load(result)]
     lines += _policy_tables(result, "zero-shot % (mean ± std)",
                             (("i2t R@1 %", "i2t_recall@1_mean"), ("t2i R@1 %", "t2i_recall@1_mean")))
     return "\n".join(lines + _overhead_and_targets(result))

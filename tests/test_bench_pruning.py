@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow.compute as pc
 
 from benchmarks import pruning as bench_pruning
+from benchmarks.hostload import cpu_ticks, shares
 from benchmarks.pruning_eval import ORACLE_REASON, shift_image
 from pipeline import storage
 from pipeline.cli import config_parser, parse_config
@@ -63,6 +64,9 @@ def test_bench_runs_every_policy_and_the_oracle_on_clean_rows_only(ray_session, 
         # (to one test image: other batch sizes may round a near-tie the other way).
         assert abs(run["driver_test_accuracy"] - run["final_test_accuracy"]) <= 1 / (POOL // 2) + 1e-9
         assert run["wall_seconds"] > 0 and run["seed"] == 3 and run["noise"] == "symmetric:0.25"
+        # The host's CPU time during each fit (/proc/stat): the share others took, and the share busy.
+        assert 0.0 <= run["host_steal_pct"] < 100.0 and 0.0 < run["host_busy_pct"] <= 100.0
+        assert 0.0 < run["host_cpu_seconds"] <= (os.cpu_count() or 1) * run["wall_seconds"] * 1.05
 
     # Test evaluation and checkpoints every --eval-every / --checkpoint-every epochs (5 by default) and after
     # the last: of two epochs, the last only.
@@ -98,6 +102,7 @@ def test_bench_runs_every_policy_and_the_oracle_on_clean_rows_only(ray_session, 
     # The CLIP zero-shot figure comes from the pretraining job's metrics.json.
     assert result["setup"]["clip_zero_shot_accuracy"] == ZERO_SHOT
     assert f"CLIP zero-shot test accuracy {ZERO_SHOT:.4f}" in table
+    assert "Host CPU steal (time the hypervisor gave other tenants) during the 5 fits measured here: mean " in table
 
     # Overhead: one run of each side; the ratio is the one their times give.
     overhead = result["overhead"]
@@ -123,6 +128,9 @@ def test_bench_runs_every_policy_and_the_oracle_on_clean_rows_only(ray_session, 
     assert np.isclose(summary["oracle"]["accuracy_mean"], 100 * oracle["final_test_accuracy"], atol=1e-3)
     train_speedup = runs["full"]["train_seconds"] / oracle["train_seconds"]
     assert np.isclose(summary["oracle"]["train_speedup_vs_full"], train_speedup, atol=1e-3)
+    cpu_speedup = runs["full"]["host_cpu_seconds"] / oracle["host_cpu_seconds"]
+    assert np.isclose(summary["oracle"]["cpu_speedup_vs_full"], cpu_speedup, atol=1e-3)
+    assert "| speedup vs full (wall / train / CPU) |" in table
 
     # A stopped table resumes from its runs' rows alone (run.json), kept without checkpoints or plans.
     kept = tmp_path / "kept"
@@ -147,6 +155,16 @@ def test_a_kept_row_scored_by_another_reference_checkpoint_is_trained_again(tmp_
     assert bench_pruning.kept_row(str(tmp_path), "ffff0000") is None
     assert not bench_pruning.finished(str(tmp_path), "ffff0000")
     assert bench_pruning.kept_row(str(tmp_path / "missing"), "0123abcd") is None
+
+
+def test_host_shares_split_the_cpu_time_between_two_readings():
+    # user nice system idle iowait irq softirq steal, in ticks (as /proc/stat's first line holds them)
+    before, after = [100, 0, 20, 500, 5, 0, 1, 10], [160, 10, 40, 540, 15, 0, 1, 70]  # 200 ticks pass
+    ticks = os.sysconf("SC_CLK_TCK")
+    assert shares(before, after) == {"steal_pct": 30.0, "busy_pct": 45.0, "cpu_seconds": round(90 / ticks, 2)}
+    assert shares(before, before) == {} and shares(None, after) == {}
+    now = cpu_ticks()  # this machine's own counters: eight fields that only grow
+    assert now is not None and len(now) == 8 and all(b >= a for a, b in zip(now, cpu_ticks()))
 
 
 def test_shifted_test_copy_is_deterministic_and_differs_from_the_original():

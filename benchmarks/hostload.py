@@ -1,0 +1,45 @@
+"""How much of the host's CPU time went to others while a benchmark ran, read from /proc/stat (Linux).
+
+On a virtual machine, *steal* is the time a virtual CPU was ready to run but
+the hypervisor ran another tenant instead. It shows in no process of ours,
+yet it slows every timed phase. The pruning benchmark records it per run,
+so a run that other load disturbed is found from a measurement, not
+guessed from a slow epoch.
+"""
+from __future__ import annotations
+
+import os
+
+# /proc/stat's first line: cpu user nice system idle iowait irq softirq steal guest guest_nice, in ticks.
+# guest and guest_nice are already counted in user and nice, so the total is the first eight.
+_FIELDS = 8
+_STEAL, _IDLE, _IOWAIT = 7, 3, 4
+_TICKS_PER_SECOND = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_ticks() -> list[int] | None:
+    """The machine's cumulative CPU ticks, all CPUs summed; None where /proc/stat is not readable."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu" or len(fields) < 1 + _FIELDS:
+        return None
+    return [int(v) for v in fields[1:1 + _FIELDS]]
+
+
+def shares(before: list[int] | None, after: list[int] | None) -> dict:
+    """The CPU time between two :func:`cpu_ticks` readings: the percent stolen by other tenants
+    (``steal_pct``), the percent busy (``busy_pct``: neither idle, nor waiting on I/O, nor stolen),
+    and the busy CPU seconds (``cpu_seconds``, all CPUs summed: the work done, which steal does not
+    inflate as it does wall time); empty where either reading is missing or no tick passed."""
+    if before is None or after is None:
+        return {}
+    delta = [b - a for a, b in zip(before, after)]
+    total = sum(delta)
+    if total <= 0:
+        return {}
+    busy = total - delta[_IDLE] - delta[_IOWAIT] - delta[_STEAL]
+    return {"steal_pct": round(100.0 * delta[_STEAL] / total, 1), "busy_pct": round(100.0 * busy / total, 1),
+            "cpu_seconds": round(busy / _TICKS_PER_SECOND, 2)}
