@@ -16,14 +16,16 @@ import time
 
 import numpy as np
 
+from benchmarks.hostload import cpu_ticks, shares
 from pipeline import storage
 from pipeline.cli import execute
 
 # What measure_overhead times on each side. wall: the whole fit() from the driver; epoch: the loops'
 # epochs (training + test evaluation); train: the training steps alone, split (rank 0's) into input
 # (waiting for batches; first_input: in the first epoch) and step (forward, backward, optimiser).
-# Start-up (about 11 s a fit) is in wall only.
-MEASURES = ("wall", "epoch", "train", "input", "step", "first_input")
+# Start-up (about 11 s a fit) is in wall only. cpu: the host's busy CPU seconds during the fit, all cores
+# (benchmarks.hostload: time stolen by other tenants of the host, which wall includes, is not in it).
+MEASURES = ("wall", "epoch", "train", "input", "step", "first_input", "cpu")
 # The measures that are sums over a run's epochs.
 SUMMED = ("epoch", "train", "input", "step")
 
@@ -122,13 +124,14 @@ def measure_overhead(train_cfg, root: str, repeats: int, fresh_job=None) -> dict
 
     train_cfg = dataclasses.replace(train_cfg, policy="full")
     times = {m: {"pruner": [], "plain": []} for m in MEASURES}
+    steal = {"pruner": [], "plain": []}
     order = ["pruner", "plain", "plain", "pruner"] * math.ceil(repeats / 2)
     for i, kind in enumerate(order[: 2 * repeats]):
         out = storage.join(root, f"{i}-{kind}")
         print(f"[overhead {i + 1}/{2 * repeats}] {kind}", flush=True)
         if fresh_job is not None:
             fresh_job()
-        started = time.perf_counter()
+        started, ticks = time.perf_counter(), cpu_ticks()
         if kind == "pruner":
             history = execute(dataclasses.replace(train_cfg, out=out), fit)["epochs"]
             totals = {m: sum(h[f"{m}_seconds"] for h in history) for m in SUMMED}
@@ -137,8 +140,12 @@ def measure_overhead(train_cfg, root: str, repeats: int, fresh_job=None) -> dict
             result = plain_fit(train_cfg, out)
             totals = {m: result[f"{m}_seconds"] for m in (*SUMMED, "first_input")}
         totals["wall"] = time.perf_counter() - started
+        host = shares(ticks, cpu_ticks())
+        totals["cpu"] = host.get("cpu_seconds")
+        steal[kind].append(host.get("steal_pct"))
         for name in MEASURES:
-            times[name][kind].append(round(totals[name], 2))
+            times[name][kind].append(None if totals[name] is None else round(totals[name], 2))
+    times = {name: t for name, t in times.items() if None not in t["pruner"] + t["plain"]}  # cpu: Linux only
     ratio = {name: round(float(np.mean(t["pruner"]) / np.mean(t["plain"])), 3) for name, t in times.items()}
     return {"seconds": times, "ratio": ratio, "epochs": train_cfg.epochs, "data": train_cfg.data, "target": 1.05,
-            "fresh_jobs": fresh_job is not None}
+            "fresh_jobs": fresh_job is not None, "host_steal_pct": steal}

@@ -196,7 +196,10 @@ def _overhead_and_targets(result: dict) -> list[str]:
                   f"{result['setup'].get('checkpoint_every', 1)} (and after the last). "
                   "Wall = the whole fit, epoch = the loops' epochs (training + evaluation), train = training "
                   "alone, split on rank 0 into input (waiting for batches; first_input: in the first epoch) "
-                  "and step (forward, backward, optimiser).", "",
+                  "and step (forward, backward, optimiser); cpu = the host's busy CPU seconds during the fit "
+                  "(all cores; stolen time not in it)."
+                  + (f" Host CPU steal per fit: pruner {o['host_steal_pct']['pruner']}%, plain "
+                     f"{o['host_steal_pct']['plain']}%." if o.get("host_steal_pct") else ""), "",
                   markdown_table(("measure", "pruner s", "plain s", "ratio"),
                                  [(m, sec[m]["pruner"], sec[m]["plain"], o["ratio"][m])
                                   for m in MEASURES if m in sec]),

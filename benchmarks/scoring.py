@@ -55,6 +55,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from benchmarks.hostload import cpu_ticks, shares
 from pipeline import storage
 from pipeline.cli import HELP, config_parser, connect_ray, option, run_job
 from pipeline.score.quality import auroc
@@ -234,6 +235,7 @@ def efficiency(args: EfficiencyConfig) -> dict:
              "ray_cold": lambda shards, out: _in_fresh_process(ray_job_cold, shards, out, *job)}
     sizes = {"base": base_rows, "rows": args.rows}
     seconds = {side: {size: [] for size in sizes} for side in sides}
+    steal = {side: {size: [] for size in sizes} for side in sides}  # the host's, during each measurement
     with tempfile.TemporaryDirectory() as tmp:
         inputs = {size: _subset(args.input, n, per_shard, os.path.join(tmp, f"in-{size}")) for size, n in sizes.items()}
         for i in range(args.repeats):  # alternate, so drift on a shared machine hits both
@@ -245,7 +247,9 @@ def efficiency(args: EfficiencyConfig) -> dict:
                     # same --cpus cores; the running cluster is up only while the warm side runs.
                     if side == "ray":
                         connect_ray(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+                    ticks = cpu_ticks()
                     n, took = run(inputs[size], os.path.join(tmp, f"out-{side}-{size}-{i}"))
+                    steal[side][size].append(shares(ticks, cpu_ticks()).get("steal_pct"))
                     ray.shutdown()
                     if n != asked:
                         raise RuntimeError(f"{side} scored {n} of {asked} rows")
@@ -258,6 +262,7 @@ def efficiency(args: EfficiencyConfig) -> dict:
             "cpus": args.cpus, "actors": actors, "threads_per_actor": max(1, args.cpus // actors),
             "seconds": {side: {size: [round(x, 4) for x in t] for size, t in by_size.items()}
                         for side, by_size in seconds.items()},
+            "host_steal_pct": {side: {size: t for size, t in by_size.items() if t} for side, by_size in steal.items()},
             "bare_pairs_per_s": round(end_to_end["bare"], 1), "ray_cold_pairs_per_s": round(end_to_end["ray_cold"], 1),
             "ray_pairs_per_s": round(end_to_end["ray"], 1),
             "ratio_end_to_end": round(end_to_end["ray_cold"] / end_to_end["bare"], 3),

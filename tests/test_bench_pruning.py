@@ -108,7 +108,7 @@ def test_bench_runs_every_policy_and_the_oracle_on_clean_rows_only(ray_session, 
     overhead = result["overhead"]
     assert overhead["epochs"] == EPOCHS
     assert overhead["fresh_jobs"] is False  # inside the test session's Ray: every fit in its job
-    for measure in ("wall", "epoch", "train", "input", "step", "first_input"):
+    for measure in ("wall", "epoch", "train", "input", "step", "first_input", "cpu"):
         pruner, plain = overhead["seconds"][measure]["pruner"], overhead["seconds"][measure]["plain"]
         assert len(pruner) == len(plain) == 1 and pruner[0] > 0 and plain[0] > 0
         assert abs(overhead["ratio"][measure] - pruner[0] / plain[0]) <= 5e-4 + 1e-9  # rounded to 3 places
@@ -117,6 +117,8 @@ def test_bench_runs_every_policy_and_the_oracle_on_clean_rows_only(ray_session, 
         parts = overhead["seconds"]["input"][side][0] + overhead["seconds"]["step"][side][0]
         assert 0 < parts <= overhead["seconds"]["train"][side][0] + 0.02
         assert 0 < overhead["seconds"]["first_input"][side][0] <= overhead["seconds"]["input"][side][0] + 0.01
+        assert overhead["seconds"]["cpu"][side][0] <= (os.cpu_count() or 1) * overhead["seconds"]["wall"][side][0]
+        assert 0.0 <= overhead["host_steal_pct"][side][0] < 100.0
     # The plain loop checkpointed through the train loop's checkpoint writer, as the pruner's: after the last epoch only.
     assert len(glob.glob(f"{out}/overhead/1-plain/ray/*/checkpoint_*/train.pt")) == 1
     assert "test evaluation every 5 epochs and checkpoints every 5" in table

@@ -34,6 +34,10 @@ def test_efficiency_reports_end_to_end_and_steady_state_rates(tmp_path):
         assert len(base) == (0 if side == "ray_cold" else 1) and len(rows) == 1 and rows[0] > 0
         # The rates are the ones the measured times give (times rounded to 0.1 ms, rates to 0.1 pair/s).
         assert abs(result[f"{side}_pairs_per_s"] - 96 / rows[0]) <= 0.01 * result[f"{side}_pairs_per_s"] + 0.1
+        # Beside each time, the host's CPU steal during it (/proc/stat), so a disturbed one shows.
+        steal = result["host_steal_pct"][side]
+        assert [len(v) for v in steal.values()] == [len(v) for v in result["seconds"][side].values() if v]
+        assert all(0.0 <= p < 100.0 for v in steal.values() for p in v)
     # End to end counts Ray's start-up on the Ray side, as the bare loop's imports are counted on its side.
     # Each ratio is of the unrounded rates, to 3 decimals; recomputed from the rates as printed (to 0.1
     # pair/s, a relative error of 0.05/rate each), it may differ by that much.
