@@ -5,10 +5,27 @@ the hypervisor ran another tenant instead. It shows in no process of ours,
 yet it slows every timed phase. The pruning benchmark records it per run,
 so a run that other load disturbed is found from a measurement, not
 guessed from a slow epoch.
+
+Run as a command, it asks: is this host quiet enough to benchmark on now?
+It keeps ``--processes`` processes busy for ``--seconds`` and prints the
+steal they met and each one's rate (a quiet host: steal near 0%, every
+process at a single one's rate). Local::
+
+    python -m benchmarks.hostload --seconds 20
+
+On a cluster (it measures the node the job's driver runs on)::
+
+    ray job submit --working-dir . -- python -m benchmarks.hostload --seconds 20
 """
 from __future__ import annotations
 
 import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+
+from pipeline.cli import option, run_job
 
 # /proc/stat's first line: cpu user nice system idle iowait irq softirq steal guest guest_nice, in ticks.
 # guest and guest_nice are already counted in user and nice, so the total is the first eight.
@@ -43,3 +60,42 @@ def shares(before: list[int] | None, after: list[int] | None) -> dict:
     busy = total - delta[_IDLE] - delta[_IOWAIT] - delta[_STEAL]
     return {"steal_pct": round(100.0 * delta[_STEAL] / total, 1), "busy_pct": round(100.0 * busy / total, 1),
             "cpu_seconds": round(busy / _TICKS_PER_SECOND, 2)}
+
+
+@dataclass(frozen=True)
+class HostLoadConfig:
+    """The check's knobs; one field per command-line flag."""
+
+    seconds: float = option(20.0, "how long each process stays busy")
+    processes: int = option(os.cpu_count() or 1, "busy processes, one a core of this machine by default")
+
+    def __post_init__(self):
+        if self.seconds <= 0 or self.processes < 1:
+            raise ValueError("--seconds must be > 0 and --processes >= 1")
+
+
+def _spin(seconds: float) -> float:
+    """Loop iterations a second, counted for ``seconds`` of wall time."""
+    end, n = time.perf_counter() + seconds, 0
+    while time.perf_counter() < end:
+        n += 1
+    return n / seconds
+
+
+def check(cfg: HostLoadConfig) -> dict:
+    """Steal and busy shares while ``cfg.processes`` processes spin, and each one's rate (M iterations/s)."""
+    with ProcessPoolExecutor(cfg.processes) as pool:
+        list(pool.map(_spin, [0.05] * cfg.processes))  # every worker started before the clock does
+        before = cpu_ticks()
+        rates = list(pool.map(_spin, [cfg.seconds] * cfg.processes))
+        host = shares(before, cpu_ticks())
+    return {**host, "processes": cfg.processes, "seconds": cfg.seconds,
+            "m_iterations_per_s": [round(r / 1e6, 3) for r in rates]}
+
+
+def main(argv=None) -> int:
+    return run_job(HostLoadConfig, argv, check, doc=__doc__, prog="python -m benchmarks.hostload")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -16,7 +16,6 @@ import numpy as np
 import pyarrow.compute as pc
 
 from benchmarks import pruning as bench_pruning
-from benchmarks.hostload import cpu_ticks, shares
 from benchmarks.pruning_eval import ORACLE_REASON, shift_image
 from pipeline import storage
 from pipeline.cli import config_parser, parse_config
@@ -157,16 +156,6 @@ def test_a_kept_row_scored_by_another_reference_checkpoint_is_trained_again(tmp_
     assert bench_pruning.kept_row(str(tmp_path), "ffff0000") is None
     assert not bench_pruning.finished(str(tmp_path), "ffff0000")
     assert bench_pruning.kept_row(str(tmp_path / "missing"), "0123abcd") is None
-
-
-def test_host_shares_split_the_cpu_time_between_two_readings():
-    # user nice system idle iowait irq softirq steal, in ticks (as /proc/stat's first line holds them)
-    before, after = [100, 0, 20, 500, 5, 0, 1, 10], [160, 10, 40, 540, 15, 0, 1, 70]  # 200 ticks pass
-    ticks = os.sysconf("SC_CLK_TCK")
-    assert shares(before, after) == {"steal_pct": 30.0, "busy_pct": 45.0, "cpu_seconds": round(90 / ticks, 2)}
-    assert shares(before, before) == {} and shares(None, after) == {}
-    now = cpu_ticks()  # this machine's own counters: eight fields that only grow
-    assert now is not None and len(now) == 8 and all(b >= a for a, b in zip(now, cpu_ticks()))
 
 
 def test_shifted_test_copy_is_deterministic_and_differs_from_the_original():
