@@ -4,7 +4,8 @@ On a virtual machine, *steal* is the time a virtual CPU was ready to run but
 the hypervisor ran another tenant instead. It shows in no process of ours,
 yet it slows every timed phase. The pruning benchmark records it per run,
 so a run that other load disturbed is found from a measurement, not
-guessed from a slow epoch.
+guessed from a slow epoch. /proc/stat is the kernel's: in a container
+that does not virtualise it, the figures are the whole host's.
 
 Run as a command, it asks: is this host quiet enough to benchmark on now?
 It keeps ``--processes`` processes busy for ``--seconds`` and prints the
