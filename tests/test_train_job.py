@@ -104,19 +104,8 @@ def uninterrupted(scored_ready, tmp_path_factory):
     return digests
 
 
-def test_resumed_run_repeats_the_uninterrupted_plans(scored_ready, uninterrupted, tmp_path):
-    data, scores = scored_ready
-    first, _ = _train(data, scores, tmp_path / "part", *COMMON, "--stop-after", "2")
-    assert [e["epoch"] for e in first["epochs"]] == [0, 1]
-    resumed, resumed_plans = _train(data, scores, tmp_path / "resumed", *COMMON,
-                                    "--resume-from", str(tmp_path / "part" / "checkpoint"))
-    assert [e["epoch"] for e in resumed["epochs"]] == [0, 1, 2, 3]  # history carried over, no epoch twice
-    assert resumed["totals"]["restarts"] == 0  # a resume the user asked for is not a failure
-    # The plan log is carried over with the checkpoint; the resumed epochs repeat the uninterrupted plans.
-    assert {p["epoch"]: p["kept_sha256"] for p in resumed_plans} == uninterrupted
-
-
-def test_checkpoints_every_k_epochs_and_after_the_last_and_resumes_from_them(scored_ready, uninterrupted, tmp_path):
+def test_checkpoints_every_k_epochs_and_after_the_last_and_a_resumed_run_repeats_the_plans(
+        scored_ready, uninterrupted, tmp_path):
     data, scores = scored_ready
     first, _ = _train(data, scores, tmp_path / "part", *COMMON, "--checkpoint-every", "2", "--stop-after", "3")
     # Every epoch is reported; a checkpoint was saved after epoch 1 (every 2nd) and after epoch 2 (the last run).
@@ -129,7 +118,9 @@ def test_checkpoints_every_k_epochs_and_after_the_last_and_resumes_from_them(sco
     assert sorted(os.listdir(tmp_path / "part" / "pruner")) == ["epoch-0001", "epoch-0002"]
     resumed, resumed_plans = _train(data, scores, tmp_path / "resumed", *COMMON, "--checkpoint-every", "2",
                                     "--resume-from", str(tmp_path / "part" / "checkpoint"))
-    assert [e["epoch"] for e in resumed["epochs"]] == [0, 1, 2, 3]
+    assert [e["epoch"] for e in resumed["epochs"]] == [0, 1, 2, 3]  # history carried over, no epoch twice
+    assert resumed["totals"]["restarts"] == 0  # a resume the user asked for is not a failure
+    # The plan log is carried over with the checkpoint; the resumed epochs repeat the uninterrupted plans.
     assert {p["epoch"]: p["kept_sha256"] for p in resumed_plans} == uninterrupted
 
 
@@ -166,15 +157,30 @@ def _processes(title: str) -> list[int]:
     return pids
 
 
-def _kill_after_first_checkpoint(out, title: str, killed: list, timeout_s: float = 120.0):
-    """SIGKILL the process titled ``title`` once epoch 0's checkpoint exists (epoch 1 is then under way)."""
+def _checkpointed_after(out, retries: int) -> bool:
+    """Whether Ray Train holds a checkpoint saved by a run that had retried ``retries`` times or more."""
+    for directory in glob.glob(f"{out}/ray/*/checkpoint_*"):
+        try:
+            history = json.loads(open(f"{directory}/history.json").read())
+        except (OSError, ValueError):  # not a checkpoint, or not written whole yet
+            continue
+        if history and history[-1]["restarts"] >= retries:
+            return True
+    return False
+
+
+def _kill_in_turn(out, titles: list[str], killed: list, timeout_s: float = 120.0):
+    """SIGKILL the processes titled ``titles``, one after another: each once a checkpoint exists that
+    was saved after the kills before it (the first: once epoch 0's is saved, when epoch 1 is under way;
+    the next: once the retried run has saved one of its own)."""
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if glob.glob(f"{out}/ray/*/checkpoint_*") and (pids := _processes(title)):
-            os.kill(pids[0], signal.SIGKILL)
-            killed.append(pids[0])
-            return
-        time.sleep(0.05)
+    for retries, title in enumerate(titles):
+        while time.monotonic() < deadline:
+            if _checkpointed_after(out, retries) and (pids := _processes(title)):
+                os.kill(pids[0], signal.SIGKILL)
+                killed.append(title)
+                break
+            time.sleep(0.05)
 
 
 def test_a_partitioned_pruner_gives_the_single_actor_plans(scored_ready, uninterrupted, tmp_path):
@@ -189,33 +195,35 @@ def test_a_partitioned_pruner_gives_the_single_actor_plans(scored_ready, uninter
         "part-00000.npz", "part-00001.npz", "part-00002.npz"]
 
 
-@pytest.mark.parametrize("title, extra", [("ray::PruningActor", []), ("ray::RayTrainWorker", []),
-                                          ("ray::PartitionActor", ["--pruner-partitions", "2"]),
-                                          ("ray::PruningActor", ["--pruner-partitions", "2"]),
-                                          ("ray::RayTrainWorker", ["--checkpoint-every", "2"])],
-                         ids=["pruning-actor", "train-worker", "partition-actor", "split-pruning-actor",
-                              "train-worker-checkpoint-every-2"])
+@pytest.mark.parametrize("titles, extra", [
+    (["ray::PruningActor"], []),
+    (["ray::RayTrainWorker"], ["--checkpoint-every", "2"]),
+    # Two faults in one run: a partition actor, then (once the retried run has checkpointed) the
+    # coordinating actor of the split pruner.
+    (["ray::PartitionActor", "ray::PruningActor"], ["--pruner-partitions", "2"]),
+], ids=["pruning-actor", "train-worker-checkpoint-every-2", "partition-actor-then-split-pruning-actor"])
 def test_a_killed_process_mid_run_costs_a_retry_not_the_run_or_its_plans(scored_ready, uninterrupted, tmp_path,
-                                                                         title, extra):
+                                                                         titles, extra):
     data, scores = scored_ready
     out, killed = tmp_path / "run", []
-    killer = threading.Thread(target=_kill_after_first_checkpoint, args=(out, title, killed))
+    killer = threading.Thread(target=_kill_in_turn, args=(out, titles, killed))
     killer.start()
     metrics, plans = _train(data, scores, out, *COMMON, *extra)
     killer.join()
-    assert len(killed) == 1, f"no {title} process was found to kill"
+    assert killed == titles, f"killed {killed}, meant to kill {titles}"
     # Ray restarted what died; the run went back to the last checkpoint (pruner state
-    # included), trained the lost epoch again and counted it once.
+    # included), trained the lost epochs again and counted each once.
     assert [e["epoch"] for e in metrics["epochs"]] == [0, 1, 2, 3]
-    # One retry, counted: epochs recorded before the kill at 0, those trained after it at 1 (the
-    # kill may land before epoch 0's checkpoint is registered: then every epoch is at 1).
+    # One retry a fault, counted: epochs recorded before the first kill at 0, each later one at the
+    # retries so far (the first kill may land before epoch 0's checkpoint is registered: then every
+    # epoch is at 1 or more).
     restarts = [e["restarts"] for e in metrics["epochs"]]
-    assert metrics["totals"]["restarts"] == 1 == restarts[-1] and restarts == sorted(restarts)
-    # Every kept sample's loss reached the pruner exactly once, the retried epoch included.
+    assert metrics["totals"]["restarts"] == len(titles) == restarts[-1] and restarts == sorted(restarts)
+    # Every kept sample's loss reached the pruner exactly once, the retried epochs included.
     assert all(e["plan_received"] == e["plan_reported"] == e["plan_kept"] == e["samples_forwarded"]
                for e in metrics["epochs"])
     assert {p["epoch"]: p["kept_sha256"] for p in plans} == uninterrupted
-    print(f"{title} killed: epochs {len(metrics['epochs'])}/4, restarts {metrics['totals']['restarts']}, kept {sum(e['plan_kept'] for e in metrics['epochs'])}"
+    print(f"{titles} killed: epochs {len(metrics['epochs'])}/4, restarts {metrics['totals']['restarts']}, kept {sum(e['plan_kept'] for e in metrics['epochs'])}"
           f" = losses received {sum(e['plan_received'] for e in metrics['epochs'])}, plans equal to the uninterrupted run")
 
 
