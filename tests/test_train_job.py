@@ -248,10 +248,12 @@ def test_own_loop_example_trains_its_own_model_on_the_plans(scored_ready, tmp_pa
     excluded = int(np.floor(summary["params"]["noise_fraction"] * n + 0.5))
     assert epochs[0]["plan_kept"] == n - excluded  # epoch 0: every sample not excluded as noise
     assert all((n - excluded) // 2 <= e["plan_kept"] <= n - excluded for e in epochs[1:])
-    # Its plans are jobs.train's: the same seed and policy give the same plans every epoch where the
-    # policy does not look at losses (mmdp's later plans follow each model's own losses).
+    # Its plans are jobs.train's: the same seed and policy give the same epoch 0 (mmdp's later plans
+    # follow each model's own losses), and every epoch alike where the policy does not look at losses.
     # The example takes the API's default budget; _train's 0.5 gives way to it.
     budget = ["--keep-ratio", str(DEFAULT_KEEP_RATIO)]
+    _, job_plans = _train(data, scores, tmp_path / "job", "--policy", "mmdp", "--epochs", "3", "--workers", "1", *budget)
+    assert summary["plans"][0]["kept_sha256"] == job_plans[0]["kept_sha256"]
     random = own_loop.main(["--data", data, "--scores", scores, "--out", str(tmp_path / "ray-random"), "--epochs", "3",
                             "--workers", "1", "--batch-size", "32", "--policy", "random", "--seed", "4"])
     _, job_plans = _train(data, scores, tmp_path / "job-random", "--policy", "random", "--epochs", "3",
