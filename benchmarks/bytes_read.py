@@ -5,7 +5,9 @@ training run per policy) with every input and output on a loopback S3
 server (moto's, from the test extras) that counts the body bytes of each
 GET, and attributes to each training run the bytes read under the train
 split while it ran (the test split, the scores and the checkpoints are
-elsewhere), epoch by epoch (from each epoch's start to the next one's).
+elsewhere; a run's offset indexes of webdataset tars, which its epochs read,
+are counted with the split), epoch by epoch (from each epoch's start to the
+next one's).
 Prints one JSON line per policy (bytes and GETs of each epoch, those before
 the first, samples forwarded, the split's size), then each policy's ratios
 to ``full`` over the epochs after the first.
@@ -13,6 +15,8 @@ to ``full`` over the epochs after the first.
 Local::
 
     python -m benchmarks.bytes_read --rows 4000 --epochs 4 --policies full,random,mmdp --keep-ratio 0.5
+    python -m benchmarks.bytes_read --rows 4000 --epochs 4 --policies full,random,mmdp --keep-ratio 0.5 \
+        --shard-format webdataset
 
 On a cluster it measures the jobs' reads through the server on the node it runs on::
 
@@ -40,6 +44,9 @@ class BenchBytesReadConfig:
     policies: tuple[str, ...] = option(("full", "random", "mmdp"), "policies, comma-separated (full first: the base)")
     keep_ratio: float = option(0.5, "--keep-ratio of the pruned runs")
     workers: int = option(2, "Ray Train workers")
+    shard_format: str = option("parquet", "the dataset's shards: parquet (read whole), or webdataset tars (the kept "
+                                          "samples read by offset)", choices=("parquet", "webdataset"))
+    max_gap_bytes: int = option(0, "webdataset: jobs.train --max-gap-bytes")
     seed: int = option(0, "seed for the data, the models and the plans")
 
     def __post_init__(self):
@@ -54,7 +61,8 @@ def split_bytes(url: str) -> int:
     from pipeline import storage
 
     fs, _ = storage.filesystem_for(url)
-    return sum(info.size for info in fs.get_file_info([storage.filesystem_for(f)[1] for f in storage.list_files(url)]))
+    files = storage.list_files(url, (".parquet", ".tar"))
+    return sum(info.size for info in fs.get_file_info([storage.filesystem_for(f)[1] for f in files]))
 
 
 def run(cfg: BenchBytesReadConfig) -> None:
@@ -72,6 +80,10 @@ def run(cfg: BenchBytesReadConfig) -> None:
         for stage, _, job, argv, output in stages(demo):
             if stage == "report":
                 continue
+            if stage == "data":
+                argv = [*argv, "--shard-format", cfg.shard_format]
+            if stage == "train":
+                argv = [*argv, "--max-gap-bytes", str(cfg.max_gap_bytes)]
             began = time.time()
             if job.main(argv):
                 raise RuntimeError(f"stage {stage} failed: python -m {job.__name__} {' '.join(argv)}")
@@ -84,12 +96,18 @@ def run(cfg: BenchBytesReadConfig) -> None:
             metrics = storage.read_json(storage.join(output, "metrics.json"))
             # Each epoch's reads: from its start to the next one's (the last: to the run's end).
             starts = [e["started_at"] for e in metrics["epochs"]] + [ended]
+            # Kept tar reads also read each tar's offset index (in the run folder) every epoch: counted with them.
+            index = storage.join(output, "tar_index")
             epochs = [s3.gets(a, b, under=train_split) for a, b in zip(starts, starts[1:])]
+            indexes = [s3.gets(a, b, under=index) for a, b in zip(starts, starts[1:])]
             totals = metrics["totals"]
             results[policy] = {
                 "policy": policy, "epochs": totals["epochs"], "split_bytes": size,
-                "bytes_read_per_epoch": [sent for _, sent in epochs], "gets_per_epoch": [gets for gets, _ in epochs],
-                "bytes_read_before_epoch_0": s3.gets(began, starts[0], under=train_split)[1],
+                "bytes_read_per_epoch": [sent + isent for (_, sent), (_, isent) in zip(epochs, indexes)],
+                "gets_per_epoch": [gets + igets for (gets, _), (igets, _) in zip(epochs, indexes)],
+                "index_bytes_per_epoch": [sent for _, sent in indexes],
+                "bytes_read_before_epoch_0": s3.gets(began, starts[0], under=train_split)[1]
+                + s3.gets(began, starts[0], under=index)[1],
                 "samples_forwarded_per_epoch": [e["samples_forwarded"] for e in metrics["epochs"]],
                 "num_samples": totals["num_samples"], "train_seconds": totals["train_seconds"],
             }

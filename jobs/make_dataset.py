@@ -69,7 +69,9 @@ class MakeDatasetConfig:
     seed: int = option(0, "seed for the split, noise and images")
     limit: int | None = option(None, "cap on rows per split (with --synthetic: rows in total; none there: 256)")
     # ~2.5 MB of PNGs a shard: a handful of read tasks per split.
-    rows_per_shard: int = option(5000, "rows per parquet shard")
+    rows_per_shard: int = option(5000, "rows per shard")
+    shard_format: str = option("parquet", "shard files: parquet, or webdataset tars (KEY.png, KEY.txt, KEY.cls), "
+                                          "which training reads sample by sample", choices=("parquet", "webdataset"))
     s3_endpoint: str | None = option(None, "endpoint of an S3-compatible store; none: AWS_ENDPOINT_URL or AWS")
     synthetic: bool = option(False, "write the tiny synthetic test dataset instead of Fashion-MNIST")
 
@@ -112,7 +114,8 @@ def run(config: MakeDatasetConfig) -> None:
             seed=config.seed,
             limit=config.limit,
         )
-    reference.write_dataset(dataset, config.out, rows_per_shard=config.rows_per_shard)
+    reference.write_dataset(dataset, config.out, rows_per_shard=config.rows_per_shard,
+                            shard_format=config.shard_format)
     meta = dataset.metadata
     print(f"wrote {meta['name']} to {config.out} in {time.perf_counter() - start:.1f} s")
     print("  rows: " + ", ".join(f"{split} {n}" for split, n in meta["splits"].items()))

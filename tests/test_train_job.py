@@ -262,22 +262,27 @@ def test_own_loop_example_trains_its_own_model_on_the_plans(scored_ready, tmp_pa
     assert len(set(digests)) == 3 and digests == [p["kept_sha256"] for p in job_plans]
 
 
-def test_trains_on_img2dataset_shards_in_s3_without_metadata(ray_session, s3_bucket):
-    """img2dataset's parquet columns (key, jpg, txt, cls as text) read from S3, labels from ``cls``, class
-    names from --classes: no conversion step."""
+def test_trains_on_img2dataset_tars_in_s3_reading_only_kept_samples(ray_session, s3_bucket):
+    """img2dataset's webdataset tars (KEY.jpg, KEY.txt, KEY.cls as text) read from S3, labels from ``cls``, class
+    names from --classes: no conversion step. Each epoch reads the kept samples by offset (an index per tar,
+    built once in the run folder) and forwards every one of them."""
     synthetic = make_synthetic(n=160, seed=8)
     root, scores, run = (storage.join(s3_bucket, name) for name in ("img2dataset", "scores", "run"))
-    write_img2dataset(synthetic, root)
+    write_img2dataset(synthetic, root, tars=True)
     classes = ",".join(synthetic.metadata["classes"])
     assert score_job.main(["--input", storage.join(root, "train"), "--output", scores, "--model", "mmdp-tiny",
                            "--columns", "img2dataset", "--mode", "label", "--classes", classes,
                            "--actor-cpus", "0.5", "--batch-size", "32"]) == 0
     assert train_job.main(["--data", root, "--scores", scores, "--out", run, "--columns", "img2dataset",
                            "--classes", classes, "--workers", "1", "--epochs", "2", "--batch-size", "16",
-                           "--warmup-steps", "2"]) == 0
+                           "--warmup-steps", "2", "--policy", "random", "--keep-ratio", "0.5"]) == 0
     metrics = storage.read_json(storage.join(run, "metrics.json"))
     assert not storage.exists(storage.join(root, "metadata.json"))
     assert metrics["totals"]["num_samples"] == synthetic.splits["train"].num_rows
+    assert [e["samples_forwarded"] for e in metrics["epochs"]] == [e["plan_kept"] for e in metrics["epochs"]]
+    assert all(e["plan_kept"] < metrics["totals"]["num_samples"] for e in metrics["epochs"])
+    tars = storage.list_files(storage.join(root, "train"), (".tar",))
+    assert len(storage.list_files(storage.join(run, "tar_index"))) == len(tars) > 1
     assert [e["test_rows"] for e in metrics["epochs"]] == [synthetic.splits["test"].num_rows] * 2
     assert all(0.0 <= e["test_accuracy"] <= 1.0 for e in metrics["epochs"])
 

@@ -28,6 +28,7 @@ from PIL import Image, ImageDraw
 
 from pipeline import storage
 from pipeline.data.contract import CAPTION, IMAGE, KEY, LABEL, SHARD_SCHEMA
+from pipeline.data.tars import write_tars
 from pipeline.data.noise import (
     corrupt_png, format_noise_spec, inject_noise, measured_noise, parse_noise_spec, stream_rng,
 )
@@ -455,15 +456,17 @@ def make_synthetic(n: int = 256, seed: int = 0, size: int = 32, noise: str | dic
     )
 
 
-def write_dataset(dataset: Dataset, url: str, rows_per_shard: int = 5000) -> None:
+def write_dataset(dataset: Dataset, url: str, rows_per_shard: int = 5000, shard_format: str = "parquet") -> None:
     """Write ``dataset``'s files under ``url`` (local folder or object store).
 
-    Each split is a committed folder of shards; the dataset folder as a whole
-    is committed by its writer (``storage.output``, or the make_dataset job's
-    skeleton), so a rewrite that dies half-way reads as incomplete.
+    Each split is a committed folder of shards, parquet or (``shard_format``
+    ``webdataset``) tars; the dataset folder as a whole is committed by its
+    writer (``storage.output``, or the make_dataset job's skeleton), so a
+    rewrite that dies half-way reads as incomplete.
     """
+    write = {"parquet": storage.write_shards, "webdataset": write_tars}[shard_format]
     meta_url = storage.join(url, "metadata.json")
     for split in SPLITS:
-        storage.write_shards(dataset.splits[split], storage.join(url, split), rows_per_shard)
+        write(dataset.splits[split], storage.join(url, split), rows_per_shard)
     storage.write_table(dataset.ground_truth, storage.join(url, "ground_truth.parquet"))
     storage.write_json(dataset.metadata, meta_url)

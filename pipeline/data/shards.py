@@ -111,13 +111,19 @@ def check_shards(kind: str, files: list[str], mapping: ColumnMapping | None = No
     if kind == "webdataset":
         _each(_check_tar_end, files)
         return None
-    sizes = {}
-    for folder in sorted({f.rstrip("/").rpartition("/")[0] for f in files}):
-        sizes.update(_folder_sizes(folder))
+    sizes = listed_sizes(files)
     return _each(lambda file_url: _check_parquet(file_url, mapping, sizes.get(file_url)), files)
 
 
-def _folder_sizes(url: str) -> dict[str, int]:
+def listed_sizes(files: list[str]) -> dict[str, int]:
+    """``{URL: size}`` of the ``files`` that one listing of each of their folders finds."""
+    sizes = {}
+    for folder in sorted({f.rstrip("/").rpartition("/")[0] for f in files}):
+        sizes.update(folder_sizes(folder))
+    return {f: sizes[f] for f in files if f in sizes}
+
+
+def folder_sizes(url: str) -> dict[str, int]:
     """``{URL: size}`` of the files directly in the folder ``url`` (one listing; none if it is not a folder)."""
     return {join(url, e.base_name): e.size for e in _entries(url) if e.type == pafs.FileType.File}
 

@@ -5,6 +5,9 @@ Data flow per epoch (Ray Data re-executes the lazy dataset every epoch)::
     read parquet (key, image, label) -> index stage (key -> dense sample index)
       -> keep stage (this epoch's plan from the pruning actor; pruned rows leave here)
       -> decode + augment -> streaming_split(equal=True) -> N Train workers
+
+From webdataset tars the read itself takes the plan and reads only the kept
+samples' bytes (:mod:`pipeline.train.tar_reads`); the stages after it are the same.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from pipeline.train.loop import KEEP_CHECKPOINTS, PRUNER_STATE, TRAIN_STATE, Pha
 from pipeline.train.models import MODELS
 from pipeline.train.pruning import Pruning
 from pipeline.data.contract import KEY, ColumnMapping
-from pipeline.data.shards import class_names, dataset_metadata, read_shards
+from pipeline.data.shards import check_shards, class_names, dataset_metadata, list_shards, read_shards
 from pipeline.score.scorer import DEFAULT_TEMPLATES
 
 log = logging.getLogger(__name__)
@@ -111,6 +114,13 @@ class TrainConfig:
     max_reports_in_flight: int = option(8, "loss reports a worker may have unacknowledged before it waits")
     pruner_partitions: int | None = option(None, "actors the pruner's per-sample state is split over (default: "
                                                  "one per 50M samples); workers send each loss to its partition")
+    tar_reads: str = option("kept", "webdataset train shards: 'kept' reads only the samples each epoch's plan keeps "
+                                    "(byte ranges, from an offset index built once per tar; full streams them "
+                                    "whole); 'all' streams every tar whole", choices=("kept", "all"))
+    tar_index: str | None = option(None, "folder for the tars' offset indexes, which runs on the same data can share "
+                                         "(default: OUT/tar_index)")
+    max_gap_bytes: int = option(0, "kept tar reads: read through up to this many bytes of pruned samples to join two "
+                                   "reads (fewer requests, more bytes)")
     resume_from: str | None = option(None, "a checkpoint folder to continue from (same config)")
     stop_after: int | None = option(None, "stop after this many epochs (the plan still covers --epochs)")
     s3_endpoint: str | None = option(None, "endpoint of an S3-compatible store (default: AWS_ENDPOINT_URL or AWS)")
@@ -140,6 +150,8 @@ class TrainConfig:
             raise ValueError("--eval-every and --checkpoint-every must be >= 1")
         if self.shuffle_buffer < 0:
             raise ValueError("--shuffle-buffer must be >= 0")
+        if self.max_gap_bytes < 0:
+            raise ValueError("--max-gap-bytes must be >= 0")
         if self.pruner_partitions is not None and self.pruner_partitions < 1:
             raise ValueError("--pruner-partitions must be >= 1")
 
@@ -161,8 +173,32 @@ def parse_params(pairs: tuple[str, ...]) -> dict:
 def read_split(data: str, split: str, columns: str = "mmdp", caption: bool = False) -> ray.data.Dataset:
     """A split of the dataset at ``data`` (its ``split`` folder of parquet or tar shards) as
     ``(key, image, label)`` rows, and ``caption`` too if asked (lazy)."""
-    fields = [KEY, "image", "caption", "label"] if caption else [KEY, "image", "label"]
+    fields = split_fields(caption)
     return read_shards(storage.join(data, split), columns, tuple(fields)).select_columns(fields)
+
+
+def training_rows(cfg: TrainConfig, pruning: Pruning, caption: bool = False) -> ray.data.Dataset:
+    """The train split as each epoch's plan: :func:`read_split`'s rows through :meth:`Pruning.dataset`.
+
+    From webdataset tars (with ``--tar-reads kept``) only the samples the
+    epoch keeps are read (:mod:`pipeline.train.tar_reads`); their offset
+    indexes are built first where ``--tar-index`` lacks them. ``full`` keeps
+    every sample, so it streams the tars whole, with no index to build.
+    """
+    url = storage.join(cfg.data, "train")
+    kind, files = list_shards(url)
+    if kind != "webdataset" or cfg.tar_reads != "kept" or cfg.policy == "full":
+        return pruning.dataset(read_split(cfg.data, "train", cfg.columns, caption))
+    from pipeline.train.tar_reads import build_indexes
+
+    check_shards(kind, files)
+    shards = build_indexes(files, cfg.tar_index or storage.join(cfg.out, "tar_index"))
+    return pruning.tar_dataset(shards, cfg.columns, tuple(split_fields(caption)), cfg.max_gap_bytes)
+
+
+def split_fields(caption: bool = False) -> list[str]:
+    """The contract columns training reads: key, image, label, and the caption if asked."""
+    return [KEY, "image", "caption", "label"] if caption else [KEY, "image", "label"]
 
 
 def evaluation_dataset(data: str, columns: str = "mmdp") -> ray.data.Dataset:
@@ -179,14 +215,14 @@ def build_datasets(cfg: TrainConfig, pruning: Pruning, classes: list[str], templ
         from pipeline.train.clip import pair_stage, test_pair_stage
 
         text = {"model": cfg.model, "classes": tuple(classes), "templates": tuple(templates)}
-        train = pruning.dataset(read_split(cfg.data, "train", cfg.columns, caption=True)).map_batches(
+        train = training_rows(cfg, pruning, caption=True).map_batches(
             pair_stage, fn_kwargs={**text, "augment": cfg.augment, "seed": cfg.seed}, batch_format="numpy")
         test = read_split(cfg.data, "test", cfg.columns, caption=True).map_batches(
             test_pair_stage, fn_kwargs=text, batch_format="numpy")
         return {"train": train, "test": test}
     from pipeline.train.stages import decode_stage
 
-    train = pruning.dataset(read_split(cfg.data, "train", cfg.columns)).map_batches(
+    train = training_rows(cfg, pruning).map_batches(
         decode_stage, fn_kwargs={"augment": cfg.augment, "seed": cfg.seed}, batch_format="numpy")
     return {"train": train, "test": evaluation_dataset(cfg.data, cfg.columns)}
 

@@ -215,6 +215,21 @@ class Pruning:
                 .map_batches(keep_stage, fn_kwargs={"pruner_name": self.name}, batch_format="numpy",
                              batch_size=None))  # whole blocks: one plan look-up a block
 
+    def tar_dataset(self, shards: list[tuple[str, int, str]], columns: str, fields: tuple[str, ...],
+                    max_gap: int = 0):
+        """:meth:`dataset` of webdataset tars that reads only the samples each epoch keeps.
+
+        ``shards``: (tar URL, size, offset index URL) from
+        :func:`pipeline.train.tar_reads.build_indexes`; ``columns``: their
+        column mapping; ``fields``: the contract columns to give; ``max_gap``:
+        merge two reads of a tar less than this many bytes apart.
+        """
+        from pipeline.train.tar_reads import kept_tar_rows
+
+        if self._keys is None:
+            raise RuntimeError("Pruning.tar_dataset() runs on the driver, on the object from_scores() returned")
+        return self.dataset(kept_tar_rows(shards, self._keys, self.name, columns, fields, max_gap))
+
     def shutdown(self) -> None:
         """Stop the pruning actor (after the run: its state is in the checkpoints)."""
         import ray

@@ -65,14 +65,23 @@ def _pruner(name: str):
     return get_pruner(name)  # a handle stays valid across actor restarts
 
 
-def keep_stage(batch: dict, pruner_name: str) -> dict:
-    """Keep the rows of this epoch's plan and attach their weights (runs in Ray Data tasks)."""
+def epoch_plan(pruner_name: str) -> tuple[int, np.ndarray, np.ndarray]:
+    """The current epoch's plan as the pruning actor published it: (epoch, kept sample indices (sorted), their weights).
+
+    A read that never queues behind loss ingest; the arrays come from the
+    object store (zero-copy where the process already holds them).
+    """
     import ray
 
-    # Once per block (the stage gets whole blocks), a read that never queues behind loss ingest.
     actor = _pruner(pruner_name)
     epoch, plan_ref = ray.get(actor.published_plan.remote()) or ray.get(actor.current_plan.remote())
     kept, weights = ray.get(plan_ref[0])
+    return epoch, kept, weights
+
+
+def keep_stage(batch: dict, pruner_name: str) -> dict:
+    """Keep the rows of this epoch's plan and attach their weights (runs in Ray Data tasks)."""
+    epoch, kept, weights = epoch_plan(pruner_name)  # once per block: the stage gets whole blocks
     pos, mask = sorted_lookup(kept, batch["index"].astype(np.int64))
     out = {k: v[mask] for k, v in batch.items()}
     out["weight"] = weights[pos[mask]].astype(np.float32)

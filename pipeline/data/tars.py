@@ -1,0 +1,153 @@
+"""Webdataset tars read sample by sample: an offset index per tar, then ranged reads of the chosen samples.
+
+Ray Data's webdataset reader streams a tar start to finish, so a reader of
+some of its samples (an epoch's plan) still reads every byte. A tar's members
+sit at fixed byte offsets, though, and each sample's members (``KEY.jpg``,
+``KEY.txt``, ...) lie next to each other: :func:`tar_index` walks a tar once
+and records each sample's byte span and where its members lie in it;
+:func:`read_samples` then reads only chosen samples' spans, one read (a
+ranged GET on S3 and GCS) per run of consecutive chosen samples, runs closer
+than ``max_gap`` bytes merged into one. Samples are grouped as Ray Data's
+reader groups them (consecutive members sharing a name up to the first dot of
+the file name), so both readers name the same samples alike.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import tarfile
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline import storage
+from pipeline.storage import InputError
+
+# One row per sample: its key, its span [start, end) in the tar (headers and
+# padding included), and each member's name suffix, offset in the span and size.
+INDEX_SCHEMA = pa.schema([
+    pa.field("__key__", pa.string()),
+    pa.field("start", pa.int64()),
+    pa.field("end", pa.int64()),
+    pa.field("suffixes", pa.list_(pa.string())),
+    pa.field("offsets", pa.list_(pa.int64())),
+    pa.field("sizes", pa.list_(pa.int64())),
+])
+# Ranged reads of one tar in flight at once: on an object store each is a round trip.
+READ_THREADS = 16
+_KEY_SUFFIX = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # Ray Data's webdataset grouping: KEY.suffix
+
+
+def tar_index(url: str) -> pa.Table:
+    """Each sample's byte span and member offsets in the tar at ``url`` (:data:`INDEX_SCHEMA`), read once, streamed.
+
+    Raises:
+        InputError: the file is not an uncompressed tar, or names a member twice in one sample.
+    """
+    fs, path = storage.filesystem_for(url)
+    keys, starts, ends, suffixes, offsets, sizes = [], [], [], [], [], []
+    try:
+        with fs.open_input_stream(path, compression=None) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+            for member in tar:
+                match = _KEY_SUFFIX.match(member.name) if member.isreg() else None
+                if match is None:
+                    continue
+                key, suffix = match.groups()
+                end = member.offset_data + -(-member.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+                if not keys or keys[-1] != key:
+                    keys.append(key)
+                    starts.append(member.offset)  # its first header (a long name's header included)
+                    ends.append(end)
+                    suffixes.append([]), offsets.append([]), sizes.append([])
+                elif suffix in suffixes[-1]:
+                    raise InputError(f"{url}: member {member.name!r} twice in sample {key!r}; re-create the tar")
+                ends[-1] = end
+                suffixes[-1].append(suffix)
+                offsets[-1].append(member.offset_data - starts[-1])
+                sizes[-1].append(member.size)
+    except tarfile.ReadError as exc:
+        raise InputError(f"{url}: not an uncompressed tar ({exc}); samples can only be read by offset from a "
+                         "plain tar (train with --tar-reads all to stream it whole)") from exc
+    return pa.table([keys, starts, ends, suffixes, offsets, sizes], schema=INDEX_SCHEMA)
+
+
+def read_runs(starts: np.ndarray, ends: np.ndarray, max_gap: int) -> np.ndarray:
+    """The byte ranges [start, end) (int64 [r, 2]) that cover the spans ``starts``/``ends`` (in file order):
+    consecutive spans, and spans less than ``max_gap`` bytes apart, in one range."""
+    if not len(starts):
+        return np.zeros((0, 2), np.int64)
+    new_run = np.concatenate([[True], starts[1:] - ends[:-1] > max_gap])
+    first = np.flatnonzero(new_run)
+    last = np.concatenate([first[1:], [len(starts)]]) - 1
+    return np.stack([starts[first], ends[last]], axis=1).astype(np.int64)
+
+
+def read_samples(url: str, index: pa.Table, max_gap: int = 0) -> pa.Table:
+    """The samples of ``index`` (rows of :func:`tar_index` for the tar at ``url``, in file order) read by byte range.
+
+    Returns a table as Ray Data's webdataset reader gives one: ``__key__`` and
+    one binary column per member suffix, null where a sample lacks that member.
+    """
+    starts = index.column("start").to_numpy()
+    ends = index.column("end").to_numpy()
+    runs = read_runs(starts, ends, max_gap)
+    fs, path = storage.filesystem_for(url)
+    with fs.open_input_file(path) as f:
+        def read(run):
+            return storage.retry_reads(lambda: f.read_at(int(run[1] - run[0]), int(run[0])))
+
+        with ThreadPoolExecutor(max_workers=max(1, min(READ_THREADS, len(runs)))) as pool:
+            buffers = list(pool.map(read, runs))
+    run_of = np.searchsorted(runs[:, 0], starts, side="right") - 1
+    columns: dict[str, list] = {}
+    for i, (suffixes, offsets, sizes) in enumerate(zip(*(index.column(c).to_pylist()
+                                                         for c in ("suffixes", "offsets", "sizes")))):
+        buf, base = buffers[run_of[i]], int(starts[i] - runs[run_of[i], 0])
+        if len(buf) < int(ends[i] - runs[run_of[i], 0]):
+            raise InputError(f"{url}: shorter than its offset index says ({len(buf)} bytes where more were "
+                             "expected); the tar changed after it was indexed: delete the index and rerun")
+        for suffix, offset, size in zip(suffixes, offsets, sizes):
+            columns.setdefault(suffix, [None] * index.num_rows)[i] = buf[base + offset:base + offset + size]
+    return pa.table({"__key__": index.column("__key__"),
+                     **{name: pa.array(values, pa.binary()) for name, values in columns.items()}})
+
+
+def image_suffix(data: bytes | None) -> str:
+    """The member suffix for encoded image bytes, from their signature (``jpg`` where none is recognised)."""
+    if data is not None and data.startswith(b"\x89PNG"):
+        return "png"
+    if data is not None and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    return "jpg"
+
+
+def write_tars(table: pa.Table, dir_url: str, rows_per_shard: int = 5000) -> list[str]:
+    """Write contract rows as webdataset tars (``KEY.png``/``KEY.jpg``, ``KEY.txt``, ``KEY.cls``; nulls left out)
+    named ``part-NNNNN.tar``, and commit them; returns their URLs.
+
+    Raises:
+        ValueError: a key that a webdataset reader would split differently (one with a ``.`` or a ``/``).
+    """
+    bad = [k for k in table.column("key").to_pylist() if k is None or "." in k or "/" in k]
+    if bad:
+        raise ValueError(f"{len(bad)} keys cannot name tar members (first: {bad[0]!r}): a webdataset key has no "
+                         "'.' or '/'; write parquet shards instead")
+    storage.begin_output(dir_url)
+    names = []
+    for i, start in enumerate(range(0, max(table.num_rows, 1), rows_per_shard)):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for row in table.slice(start, rows_per_shard).to_pylist():
+                for suffix, data in ((image_suffix(row["image"]), row["image"]),
+                                     ("txt", None if row.get("caption") is None else row["caption"].encode()),
+                                     ("cls", None if row.get("label") is None else f"{row['label']}\n".encode())):
+                    if data is not None:
+                        info = tarfile.TarInfo(f"{row['key']}.{suffix}")
+                        info.size = len(data)
+                        tar.addfile(info, io.BytesIO(data))
+        names.append(f"part-{i:05d}.tar")
+        storage.write_bytes(buf.getvalue(), storage.join(dir_url, names[-1]))
+    storage.commit_output(dir_url, names, table.num_rows)
+    return [storage.join(dir_url, n) for n in names]

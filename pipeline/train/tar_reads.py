@@ -1,0 +1,131 @@
+"""Training rows from webdataset tars, reading only the samples the epoch's plan keeps.
+
+Pruning an epoch saves its compute; with Ray Data's webdataset reader it saves
+no reading, since every tar streams whole. This source reads each tar by
+byte range instead (:mod:`pipeline.data.tars`): a read task per tar takes the
+epoch's published plan when it runs (Ray Data re-executes the training
+dataset every epoch, after every worker has started the epoch), looks its
+samples' keys up in the score table's key index, and reads only the spans of
+the kept ones. Its rows are the plain reader's rows of those samples, in the
+same order, so the index and keep stages after it work unchanged (and keep
+every row it gives).
+
+The offset index of each tar is built once (a Ray task per tar, streaming it)
+and kept in a folder that several runs on the same data can share; a tar's
+index file is named by the tar's URL and size, so a tar rewritten to a new
+size gets a new index.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+
+import numpy as np
+import pyarrow as pa
+import ray
+import ray.data
+from ray.data.block import BlockMetadata
+from ray.data.datasource import Datasource, ReadTask
+
+from pipeline import storage
+from pipeline.data.contract import SHARD_SCHEMA, ColumnMapping
+from pipeline.data.shards import folder_sizes, listed_sizes, webdataset_to_contract
+from pipeline.data.tars import read_samples, tar_index
+from pipeline.storage import InputError
+from pipeline.train.stages import epoch_plan, sorted_lookup
+
+# Span bytes one block holds at most (Ray Data's blocks are about 128 MiB by default).
+BLOCK_BYTES = 64 << 20
+
+
+def index_name(tar_url: str, size: int) -> str:
+    """The file name of a tar's offset index: the tar's URL (hashed) and size."""
+    return f"{hashlib.sha256(tar_url.encode()).hexdigest()[:20]}-{size}.parquet"
+
+
+def file_sizes(files: list[str]) -> dict[str, int]:
+    """``{URL: size}`` of ``files``: one listing per folder, a size request for any the listings miss."""
+    sizes = listed_sizes(files)
+    for url in [f for f in files if f not in sizes]:
+        fs, path = storage.filesystem_for(url)
+        sizes[url] = fs.get_file_info(path).size
+    return sizes
+
+
+def build_indexes(files: list[str], folder: str) -> list[tuple[str, int, str]]:
+    """(tar URL, size, offset index URL) of each tar in ``files``; the indexes ``folder`` lacks are built,
+    one Ray task per tar, all at once."""
+    sizes = file_sizes(files)
+    have = folder_sizes(folder)  # one listing; none where the folder is not there yet
+    shards = [(f, sizes[f], storage.join(folder, index_name(f, sizes[f]))) for f in files]
+    build = ray.remote(num_cpus=0.5)(_build_index)  # streaming I/O: leaves CPUs to other tasks on small nodes
+    ray.get([build.remote(url, out) for url, _, out in shards if out not in have])
+    return shards
+
+
+def _build_index(tar_url: str, out: str) -> None:
+    storage.write_table(tar_index(tar_url), out)
+
+
+class KeptTarsDatasource(Datasource):
+    """A Ray Data source of the tars' contract rows that each epoch's plan keeps (read with :func:`kept_tar_rows`).
+
+    Args:
+        shards: (tar URL, size, offset index URL) from :func:`build_indexes`.
+        keys: the score table's :class:`~pipeline.train.keys.KeyIndex`.
+        pruner_name: the pruning actor whose published plan each read takes.
+        columns: the shards' column mapping spec (``mmdp`` reads tars with img2dataset's names).
+        fields: contract columns to give.
+        max_gap: merge two reads of one tar less than this many bytes apart.
+
+    Raises:
+        InputError: the mapping takes the key from a member, not the members' name.
+    """
+
+    def __init__(self, shards: list[tuple[str, int, str]], keys, pruner_name: str, columns: str,
+                 fields: tuple[str, ...], max_gap: int = 0):
+        self._mapping = ColumnMapping.parse("img2dataset" if columns == "mmdp" else columns)
+        if self._mapping.key in ("txt", "cls", self._mapping.image):
+            raise InputError(f"--columns {columns}: the key must be the tar members' name (webdataset's __key__) "
+                             "to read kept samples by offset; train with --tar-reads all")
+        self._shards, self._keys, self._pruner_name = shards, keys, pruner_name
+        self._fields, self._max_gap = tuple(fields), max_gap
+
+    def estimate_inmemory_data_size(self) -> int:
+        return sum(size for _, size, _ in self._shards)
+
+    def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None) -> list[ReadTask]:
+        return [ReadTask(functools.partial(_read_kept, url, index_url, self._keys, self._pruner_name, self._mapping,
+                                           self._fields, self._max_gap),
+                         BlockMetadata(num_rows=None, size_bytes=int(size), exec_stats=None, input_files=[url]))
+                for url, size, index_url in self._shards]
+
+    def get_name(self) -> str:
+        return "KeptTars"
+
+
+def kept_tar_rows(*args, **kwargs):
+    """``ray.data.read_datasource(KeptTarsDatasource(*args, **kwargs))``: a lazy dataset, read anew every epoch."""
+    return ray.data.read_datasource(KeptTarsDatasource(*args, **kwargs))
+
+
+def _read_kept(tar_url: str, index_url: str, keys, pruner_name: str, mapping: ColumnMapping,
+               fields: tuple[str, ...], max_gap: int):
+    """One tar's kept samples as contract blocks (an empty block where it keeps none)."""
+    index = storage.read_table(index_url)
+    positions, found = keys.lookup(index.column("__key__").to_numpy(zero_copy_only=False))
+    _, kept, _ = epoch_plan(pruner_name)
+    _, in_plan = sorted_lookup(kept, positions)
+    chosen = index.filter(pa.array(found & in_plan))
+    if not chosen.num_rows:
+        yield SHARD_SCHEMA.empty_table().select(list(fields))
+        return
+    spans = (chosen.column("end").to_numpy() - chosen.column("start").to_numpy()).cumsum()
+    cuts = np.searchsorted(spans, np.arange(BLOCK_BYTES, spans[-1], BLOCK_BYTES), side="right")
+    for lo, hi in zip(np.concatenate([[0], cuts]), np.concatenate([cuts, [chosen.num_rows]])):
+        if hi > lo:
+            samples = read_samples(tar_url, chosen.slice(int(lo), int(hi - lo)), max_gap)
+            yield webdataset_to_contract(samples, mapping).select(list(fields))
+
+
