@@ -10,7 +10,8 @@ that does not virtualise it, the figures are the whole host's.
 Run as a command, it asks: is this host quiet enough to benchmark on now?
 It keeps ``--processes`` processes busy for ``--seconds`` and prints the
 steal they met and each one's rate (a quiet host: steal near 0%, every
-process at a single one's rate). Local::
+process at a single one's rate), then times :func:`probe`, the fixed torch
+workload the pruning benchmark times around every fit. Local::
 
     python -m benchmarks.hostload --seconds 20
 
@@ -63,6 +64,42 @@ def shares(before: list[int] | None, after: list[int] | None) -> dict:
             "cpu_seconds": round(busy / _TICKS_PER_SECOND, 2)}
 
 
+PROBE_STEPS = 20  # forward and backward passes the probe times (about 1 s on one core here)
+
+
+def probe() -> float:
+    """Seconds a fixed workload takes now on one torch thread: a small conv net's forward and backward
+    on a fixed batch, :data:`PROBE_STEPS` times (after one untimed pass).
+
+    The host's speed, measured. Steal catches a tenant taking our virtual
+    CPU; it misses one sharing the physical core or the memory bandwidth,
+    which slows the same code as surely. The pruning benchmark times this
+    before and after every fit, so that a fit on a slowed host shows as one.
+    Restores torch's thread count.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        x = torch.randn(64, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+        net = torch.nn.Sequential(torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.ReLU(),
+                                  torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+                                  torch.nn.Linear(16 * 28 * 28, 10))
+
+        def step():
+            net.zero_grad()
+            net(x).square().mean().backward()
+
+        step()
+        start = time.perf_counter()
+        for _ in range(PROBE_STEPS):
+            step()
+        return round(time.perf_counter() - start, 3)
+    finally:
+        torch.set_num_threads(threads)
+
+
 @dataclass(frozen=True)
 class HostLoadConfig:
     """The check's knobs; one field per command-line flag."""
@@ -84,14 +121,15 @@ def _spin(seconds: float) -> float:
 
 
 def check(cfg: HostLoadConfig) -> dict:
-    """Steal and busy shares while ``cfg.processes`` processes spin, and each one's rate (M iterations/s)."""
+    """Steal and busy shares while ``cfg.processes`` processes spin, each one's rate (M iterations/s),
+    and the :func:`probe`'s seconds on the quiet machine after them."""
     with ProcessPoolExecutor(cfg.processes) as pool:
         list(pool.map(_spin, [0.05] * cfg.processes))  # every worker started before the clock does
         before = cpu_ticks()
         rates = list(pool.map(_spin, [cfg.seconds] * cfg.processes))
         host = shares(before, cpu_ticks())
     return {**host, "processes": cfg.processes, "seconds": cfg.seconds,
-            "m_iterations_per_s": [round(r / 1e6, 3) for r in rates]}
+            "m_iterations_per_s": [round(r / 1e6, 3) for r in rates], "probe_seconds": probe()}
 
 
 def main(argv=None) -> int:

@@ -52,7 +52,7 @@ from typing import ClassVar
 import numpy as np
 import pyarrow as pa
 
-from benchmarks.hostload import cpu_ticks, shares
+from benchmarks.hostload import cpu_ticks, probe, shares
 from benchmarks.plain_loop import measure_overhead
 from benchmarks.pruning_eval import (SHIFT, SHIFT_SEED, evaluate_checkpoint, final_plan_noise, write_oracle_scores,
                                      write_reference_keys)
@@ -247,9 +247,11 @@ def run_policy(cfg: BenchPruningConfig, data: str, scores: str, out: str, policy
     if reused:
         metrics = storage.read_json(storage.join(out, "metrics.json"))
     else:
+        speed = probe()  # the host's speed before and after the fit: a slowed host shows in these
         before = cpu_ticks()
         metrics = train(train_cfg)
         host = shares(before, cpu_ticks())  # the host's CPU time during the fit: steal = other tenants'
+        host["probe_seconds"] = [speed, probe()]
     totals, epochs = metrics["totals"], metrics["epochs"]
     if cfg.task == "clip":  # the last epoch's zero-shot accuracy and recall, measured by the run itself
         quality = {k: v for k, v in epochs[-1].items() if "recall" in k}
@@ -401,6 +403,8 @@ def run(cfg: BenchPruningConfig) -> None:
                 runs.append(run)
                 second = ("i2t_recall@1", "i2t R@1") if cfg.task == "clip" else ("shifted_test_accuracy", "shifted")
                 steal = f"  host steal {run['host_steal_pct']:.1f}%" if "host_steal_pct" in run else ""
+                if "host_probe_seconds" in run:
+                    steal += "  probe {:.2f}s/{:.2f}s".format(*run["host_probe_seconds"])
                 print(f"    acc {run['final_test_accuracy']:.4f}  {second[1]} {run[second[0]]:.4f}  "
                       f"wall {run['wall_seconds']:.1f}s  forwarded {run['samples_forwarded']}{steal}", flush=True)
         overhead = None

@@ -146,6 +146,9 @@ def markdown(result: dict) -> str:
     return "\n".join(lines + _overhead_and_targets(result))
 
 
+SLOWED = 1.25  # a fit is flagged when its probe took this many times the table's median
+
+
 def _host_load(result: dict) -> list[str]:
     """A paragraph on the host's CPU steal during the fits (benchmarks.hostload), if it was measured."""
     runs = [r for r in result["runs"] if "host_steal_pct" in r and not r.get("same_as")]
@@ -157,7 +160,21 @@ def _host_load(result: dict) -> list[str]:
             f"mean {np.mean(steal):.1f}%, {min(steal):.1f}% to {max(steal):.1f}% (highest: {worst['noise']} seed "
             f"{worst['seed']} {worst['policy']}). CPU s = the machine's busy CPU seconds during the whole fit, all "
             "cores summed (/proc/stat; stolen time is not in it, as it is in wall time), with the fits' mean steal.",
-            ""]
+            *_probe_line(runs), ""]
+
+
+def _probe_line(runs: list[dict]) -> list[str]:
+    """The host speed probe (benchmarks.hostload.probe) around the fits: its range, and the fits it found slowed."""
+    timed = [r for r in runs if r.get("host_probe_seconds")]
+    if not timed:
+        return []
+    slowest = {id(r): max(r["host_probe_seconds"]) for r in timed}
+    median = float(np.median([t for r in timed for t in r["host_probe_seconds"]]))
+    slowed = [f"{r['noise']} seed {r['seed']} {r['policy']} ({slowest[id(r)] / median:.2f}x)"
+              for r in timed if slowest[id(r)] > SLOWED * median]
+    return [f"A fixed torch workload (one thread) timed before and after each fit took {median:.2f} s at the median, "
+            f"{min(min(r['host_probe_seconds']) for r in timed):.2f} to {max(slowest.values()):.2f} s; fits with a "
+            f"time above {SLOWED}x the median: {', '.join(slowed) or 'none'}."]
 
 
 def _policy_tables(result: dict, accuracy: str, columns: tuple[tuple[str, str], ...]) -> list[str]:

@@ -25,6 +25,22 @@ def test_the_check_keeps_its_processes_busy_and_says_what_the_host_took(capsys):
     assert out["m_iterations_per_s"][0] > 0
     # One process kept busy for 1 s: the machine was busy at least that long, less what was stolen from it.
     assert 0.0 <= out["steal_pct"] < 100.0 and 0.0 < out["busy_pct"] <= 100.0 and out["cpu_seconds"] > 0.25
+    assert out["probe_seconds"] > 0
+
+
+def test_the_probe_leaves_torch_as_it_found_it_and_flags_the_fits_it_found_slowed():
+    import torch
+
+    from benchmarks.pruning_tables import _probe_line
+
+    threads = torch.get_num_threads()
+    assert hostload.probe() > 0 and torch.get_num_threads() == threads
+    runs = [{"noise": "n", "seed": s, "policy": p, "host_probe_seconds": t}
+            for s, p, t in ((0, "full", [1.0, 1.0]), (0, "mmdp", [0.98, 1.3]), (1, "full", [1.0, 1.02]))]
+    assert _probe_line(runs) == ["A fixed torch workload (one thread) timed before and after each fit took 1.00 s at "
+                                 "the median, 0.98 to 1.30 s; fits with a time above 1.25x the median: "
+                                 "n seed 0 mmdp (1.30x)."]
+    assert _probe_line(runs[:1] + runs[2:])[0].endswith("the median: none.") and _probe_line([{}]) == []
 
 
 def test_bad_flags_are_usage_errors(capsys):

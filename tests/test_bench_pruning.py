@@ -66,6 +66,8 @@ def test_bench_runs_every_policy_and_the_oracle_on_clean_rows_only(ray_session, 
         # The host's CPU time during each fit (/proc/stat): the share others took, and the share busy.
         assert 0.0 <= run["host_steal_pct"] < 100.0 and 0.0 < run["host_busy_pct"] <= 100.0
         assert 0.0 < run["host_cpu_seconds"] <= (os.cpu_count() or 1) * run["wall_seconds"] * 1.05
+        # And the host speed probe, timed before and after it.
+        assert len(run["host_probe_seconds"]) == 2 and min(run["host_probe_seconds"]) > 0
 
     # Test evaluation and checkpoints every --eval-every / --checkpoint-every epochs (5 by default) and after
     # the last: of two epochs, the last only.
@@ -102,6 +104,7 @@ def test_bench_runs_every_policy_and_the_oracle_on_clean_rows_only(ray_session, 
     assert result["setup"]["clip_zero_shot_accuracy"] == ZERO_SHOT
     assert f"CLIP zero-shot test accuracy {ZERO_SHOT:.4f}" in table
     assert "Host CPU steal (time the hypervisor gave other tenants) during the 5 fits measured here: mean " in table
+    assert "A fixed torch workload (one thread) timed before and after each fit took " in table
 
     # Overhead: one run of each side; the ratio is the one their times give.
     overhead = result["overhead"]
