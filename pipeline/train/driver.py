@@ -115,8 +115,8 @@ class TrainConfig:
     pruner_partitions: int | None = option(None, "actors the pruner's per-sample state is split over (default: "
                                                  "one per 50M samples); workers send each loss to its partition")
     tar_reads: str = option("kept", "webdataset train shards: 'kept' reads only the samples each epoch's plan keeps "
-                                    "(byte ranges, from an offset index built once per tar; full streams them "
-                                    "whole); 'all' streams every tar whole", choices=("kept", "all"))
+                                    "(byte ranges, from an offset index built once per tar); 'all' streams every "
+                                    "tar whole (Ray Data's webdataset reader)", choices=("kept", "all"))
     tar_index: str | None = option(None, "folder for the tars' offset indexes, which runs on the same data can share "
                                          "(default: OUT/tar_index)")
     max_gap_bytes: int = option(0, "kept tar reads: read through up to this many bytes of pruned samples to join two "
@@ -182,12 +182,13 @@ def training_rows(cfg: TrainConfig, pruning: Pruning, caption: bool = False) -> 
 
     From webdataset tars (with ``--tar-reads kept``) only the samples the
     epoch keeps are read (:mod:`pipeline.train.tar_reads`); their offset
-    indexes are built first where ``--tar-index`` lacks them. ``full`` keeps
-    every sample, so it streams the tars whole, with no index to build.
+    indexes are built first where ``--tar-index`` lacks them. Every policy
+    reads so, ``full`` too (its reads cover whole blocks of each tar): one
+    reader for all, and faster than Ray Data's webdataset reader (BENCHMARKS.md).
     """
     url = storage.join(cfg.data, "train")
     kind, files = list_shards(url)
-    if kind != "webdataset" or cfg.tar_reads != "kept" or cfg.policy == "full":
+    if kind != "webdataset" or cfg.tar_reads != "kept":
         return pruning.dataset(read_split(cfg.data, "train", cfg.columns, caption))
     from pipeline.train.tar_reads import build_indexes
 
