@@ -183,8 +183,8 @@ def training_rows(cfg: TrainConfig, pruning: Pruning, caption: bool = False) -> 
     From webdataset tars (with ``--tar-reads kept``) only the samples the
     epoch keeps are read (:mod:`pipeline.train.tar_reads`); their offset
     indexes are built first where ``--tar-index`` lacks them. Every policy
-    reads so, ``full`` too (its reads cover whole blocks of each tar): one
-    reader for all, and faster than Ray Data's webdataset reader (BENCHMARKS.md).
+    reads so, ``full`` too (its reads cover whole blocks of each tar), so
+    that policies compared on tars are read by the same reader.
     """
     url = storage.join(cfg.data, "train")
     kind, files = list_shards(url)
