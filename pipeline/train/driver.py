@@ -6,8 +6,9 @@ Data flow per epoch (Ray Data re-executes the lazy dataset every epoch)::
       -> keep stage (this epoch's plan from the pruning actor; pruned rows leave here)
       -> decode + augment -> streaming_split(equal=True) -> N Train workers
 
-From webdataset tars the read itself takes the plan and reads only the kept
-samples' bytes (:mod:`pipeline.train.tar_reads`); the stages after it are the same.
+From webdataset tars the read itself takes the plan, reads only the kept
+samples' bytes and gives their index and weight (:mod:`pipeline.train.tar_reads`);
+decoding and the split follow as above.
 """
 
 from __future__ import annotations

@@ -228,7 +228,7 @@ class Pruning:
 
         if self._keys is None:
             raise RuntimeError("Pruning.tar_dataset() runs on the driver, on the object from_scores() returned")
-        return self.dataset(kept_tar_rows(shards, self._keys, self.name, columns, fields, max_gap))
+        return kept_tar_rows(shards, self._keys, self.name, columns, fields, max_gap)  # rows as dataset() gives
 
     def shutdown(self) -> None:
         """Stop the pruning actor (after the run: its state is in the checkpoints)."""

@@ -6,9 +6,10 @@ byte range instead (:mod:`pipeline.data.tars`): a read task per tar takes the
 epoch's published plan when it runs (Ray Data re-executes the training
 dataset every epoch, after every worker has started the epoch), looks its
 samples' keys up in the score table's key index, and reads only the spans of
-the kept ones. Its rows are the plain reader's rows of those samples, in the
-same order, so the index and keep stages after it work unchanged (and keep
-every row it gives).
+the kept ones. It gives them as the plain reader's rows after the index and
+keep stages (``index``, the contract columns, the plan's ``weight`` and
+``epoch``): the key lookup and the plan it has already made are not made
+again per block.
 
 The offset index of each tar is built once (a Ray task per tar, streaming it)
 and kept in a folder that several runs on the same data can share; a tar's
@@ -112,20 +113,28 @@ def kept_tar_rows(*args, **kwargs):
 
 def _read_kept(tar_url: str, index_url: str, keys, pruner_name: str, mapping: ColumnMapping,
                fields: tuple[str, ...], max_gap: int):
-    """One tar's kept samples as contract blocks (an empty block where it keeps none)."""
+    """One tar's kept samples as blocks of what :meth:`~pipeline.train.pruning.Pruning.dataset` gives: ``index``,
+    the contract ``fields``, and the plan's ``weight`` and ``epoch`` (an empty block where it keeps none)."""
     index = storage.read_table(index_url)
     positions, found = keys.lookup(index.column("__key__").to_numpy(zero_copy_only=False))
-    _, kept, _ = epoch_plan(pruner_name)
-    _, in_plan = sorted_lookup(kept, positions)
-    chosen = index.filter(pa.array(found & in_plan))
+    epoch, kept, weights = epoch_plan(pruner_name)
+    at, in_plan = sorted_lookup(kept, positions)
+    mask = found & in_plan
+    chosen, positions, weights = index.filter(pa.array(mask)), positions[mask], weights[at[mask]].astype(np.float32)
     if not chosen.num_rows:
-        yield SHARD_SCHEMA.empty_table().select(list(fields))
+        yield _planned(SHARD_SCHEMA.empty_table().select(list(fields)), positions, weights, epoch)
         return
     spans = (chosen.column("end").to_numpy() - chosen.column("start").to_numpy()).cumsum()
     cuts = np.searchsorted(spans, np.arange(BLOCK_BYTES, spans[-1], BLOCK_BYTES), side="right")
     for lo, hi in zip(np.concatenate([[0], cuts]), np.concatenate([cuts, [chosen.num_rows]])):
         if hi > lo:
             samples = read_samples(tar_url, chosen.slice(int(lo), int(hi - lo)), max_gap)
-            yield webdataset_to_contract(samples, mapping).select(list(fields))
+            yield _planned(webdataset_to_contract(samples, mapping).select(list(fields)),
+                           positions[lo:hi], weights[lo:hi], epoch)
 
 
+def _planned(rows: pa.Table, index: np.ndarray, weight: np.ndarray, epoch: int) -> pa.Table:
+    """``rows`` with the columns the index and keep stages add: ``index`` first, ``weight`` and ``epoch`` last."""
+    rows = rows.add_column(0, "index", pa.array(index, pa.int64()))
+    return rows.append_column("weight", pa.array(weight, pa.float32())).append_column(
+        "epoch", pa.array(np.full(len(index), epoch, np.int64)))
