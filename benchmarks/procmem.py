@@ -39,6 +39,15 @@ def pss(pid: int) -> int:
     return 0
 
 
+def cmdline(pid: int) -> str:
+    """A process's command line, its arguments joined by spaces ("" if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
 def tree(root: int) -> list[int]:
     """``root`` and all its descendants, from /proc/*/stat parent links."""
     children: dict[int, list[int]] = {}
@@ -66,10 +75,14 @@ class PeakSampler:
     Use as a context manager around the work to measure.
     """
 
-    def __init__(self, root: int | None = None, interval: float = 0.2):
+    def __init__(self, root: int | None = None, interval: float = 0.2, titles: tuple[str, ...] = ()):
         self.root, self.interval = root or os.getpid(), interval
         self.peak_rss = self.peak_pss = 0
         self.peak_root_pss = 0  # the root process alone (a job's driver)
+        # Per title: the peak summed PSS of the processes whose command line starts with it (Ray names an
+        # actor's process "ray::ClassName...").
+        self.titles = tuple(titles)
+        self.peak_title_pss = {title: 0 for title in self.titles}
         self.peak_procs = 0
         self.samples = 0
         self.series: list[tuple[float, int]] = []  # (time.time(), tree PSS) of every sample
@@ -82,6 +95,9 @@ class PeakSampler:
         self.peak_rss, self.peak_pss = max(self.peak_rss, total_rss), max(self.peak_pss, total_pss)
         self.peak_root_pss = max(self.peak_root_pss, pss(self.root))
         self.peak_procs = max(self.peak_procs, len(pids))
+        for title in self.titles:
+            held = sum(pss(p) for p in pids if cmdline(p).startswith(title))
+            self.peak_title_pss[title] = max(self.peak_title_pss[title], held)
         self.samples += 1
         self.series.append((time.time(), total_pss))
         return total_rss, total_pss

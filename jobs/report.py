@@ -5,8 +5,9 @@ run (``python -m jobs.train`` writes both); runs are grouped by policy and,
 with several RUN_DIRs (seeds, demo runs), labelled by RUN_DIR so they compare
 on one page. The page shows final accuracy, per-epoch accuracy and kept
 fraction, wall-clock, pruned samples by reason, the consistency histogram of
-clean vs injected-noise rows (with its AUROC) and the reference CLIP model's
-zero-shot accuracy.
+clean vs injected-noise rows (with its AUROC), where the estimated-noise cut
+falls by label (labels from the dataset's ground truth or parquet train
+split) and the reference CLIP model's zero-shot accuracy.
 
 Local (seconds; no Ray, no training)::
 

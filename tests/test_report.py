@@ -144,6 +144,35 @@ def test_report_compares_policies_across_run_dirs(where, tmp_path, request):
     assert '<img src="figures/accuracy.png"' in page and "85.00 ± 1.41" in page
 
 
+def test_report_splits_the_estimated_noise_cut_by_label(tmp_path):
+    """Where the cut falls, by label: every noisy row but one scores below every clean one (write_scores), so
+    the cut excludes exactly the noisy rows but that one, which stays in its label as the one noisy row kept."""
+    bench = make_bench(str(tmp_path))
+    assert report.main([bench["a"], "--out", bench["out"], "--no-html"]) == 0
+    text = open(f"{bench['out']}/report.md").read()
+    gt = storage.read_table(str(tmp_path / "data" / "ground_truth.parquet"))
+    keys, labels = gt.column(KEY).to_pylist(), gt.column("label").to_pylist()
+    noisy = [c != "none" for c in gt.column("corruption").to_pylist()]
+    first_noisy = sorted(k for k, bad in zip(keys, noisy) if bad)[0]
+    classes = storage.read_json(str(tmp_path / "data" / "metadata.json"))["classes"]
+    n, n_noisy = len(keys), sum(noisy)
+    assert f"takes {100 * (n_noisy - 1) / n:.1f}% of the scored rows" in text
+    by_label = next(t for t in tables(text) if t and "excluded by the cut" in t[0])
+    assert len(by_label) == len(set(labels))
+    for label in sorted(set(labels)):
+        mine = [(k, bad) for k, bad, lab in zip(keys, noisy, labels) if lab == label]
+        bad = sum(b for _, b in mine)
+        kept = int(any(k == first_noisy for k, _ in mine))
+        r = row(text, "label", f"{label} {classes[label]}")
+        assert r["rows"] == str(len(mine)) and r["noisy rows"] == str(bad)
+        assert r["excluded by the cut"] == f"{bad - kept} ({100 * (bad - kept) / len(mine):.1f}%)"
+        assert (r["noisy kept"], r["clean excluded"]) == (str(kept), "0")
+        if 0 < bad < len(mine):  # one noisy row above every clean one: (bad - 1) / bad of the pairs ordered
+            assert r["AUROC within the label"] == f"{(bad - kept) / bad:.3f}"
+        else:
+            assert r["AUROC within the label"] == "n/a"
+
+
 def test_missing_optional_pieces_read_as_not_recorded(tmp_path):
     # A run whose score set, dataset, plans and CLIP metrics are all gone still gets its row.
     run = str(tmp_path / "lonely" / "run")

@@ -130,8 +130,25 @@ def test_nothing_staged_commits_empty_tables(ray_local, tmp_path):
     assert storage.read_table(str(tmp_path / "out" / "rejects")).num_rows == 0
 
 
-def _write_in_memory(table: pa.Table, out: str) -> tuple[pa.Table, pa.Table]:
-    commit.write_scores(table.append_column("index", pa.array(np.zeros(table.num_rows, np.int64))), out)
+@pytest.mark.parametrize("rows_per_file", [7, 100, 3000])
+def test_the_in_memory_commit_cut_into_files_gives_the_rule(tmp_path, rows_per_file):
+    # Sorted by key and cut every rows_per_file rows, as the cluster's sorted blocks are: repeated keys
+    # straddle the cuts, and each file holds its own key range and indices.
+    table = staged_rows(3000, 5)
+    out = str(tmp_path / "out")
+    assert outcome(*_write_in_memory(table, out, rows_per_file)) == reference(table)
+    files = storage.read_json(f"{out}/scores/_SUCCESS")["files"]
+    cuts = -(-3000 // rows_per_file)  # a cut whose rows are all repeats or rejects writes no scores file
+    assert len(files) == 1 if cuts == 1 else 1 < len(files) <= cuts
+    parts = [storage.read_table(f"{out}/scores/{name}") for name in files]
+    for before, after in zip(parts, parts[1:]):
+        assert before.column(KEY)[-1].as_py() < after.column(KEY)[0].as_py()
+        assert before.column("index")[-1].as_py() + 1 == after.column("index")[0].as_py()
+
+
+def _write_in_memory(table: pa.Table, out: str, rows_per_file: int | None = None) -> tuple[pa.Table, pa.Table]:
+    commit.write_scores(table.append_column("index", pa.array(np.zeros(table.num_rows, np.int64))), out,
+                        rows_per_file=rows_per_file)
     return storage.read_table(f"{out}/scores"), storage.read_table(f"{out}/rejects")
 
 

@@ -17,8 +17,9 @@ import pyarrow.compute as pc
 
 from pipeline import storage
 from pipeline.data.contract import KEY
+from pipeline.prune.policies import noise_count
 from pipeline.report.runs import Run, Sources
-from pipeline.score.quality import auroc
+from pipeline.score.quality import auroc, estimate_noise_fraction
 
 
 
@@ -37,6 +38,27 @@ class ScoreSet:
     pretrained: str | None = None
     zero_shot: float | None = None
     note: str = ""
+    cut_fraction: float | None = None  # the estimated-noise share, as mmdp estimates it by default
+    by_label: list[LabelCut] = field(default_factory=list)
+
+
+@dataclass
+class LabelCut:
+    """Where the estimated-noise cut falls within one label (the label as written in the data).
+
+    ``noisy``, ``noisy_kept``, ``clean_excluded`` and ``auroc`` need the
+    dataset's ground truth; None without it, and ``auroc`` also when the
+    label's rows are not both clean and noisy.
+    """
+
+    label: int
+    name: str
+    rows: int
+    excluded: int
+    noisy: int | None = None
+    noisy_kept: int | None = None
+    clean_excluded: int | None = None
+    auroc: float | None = None
 
 
 def score_sets(runs: list[Run], sources: Sources) -> list[ScoreSet]:
@@ -74,6 +96,11 @@ def load_score_set(url: str, data: str | None, sources: Sources) -> ScoreSet:
     values = table.column(s.signal).to_numpy(zero_copy_only=False).astype(float)
     usable = np.isfinite(values)
     kinds = _corruptions(table.column(KEY), data, sources) if data else None
+    labels = _labels(table.column(KEY), data, sources) if data else None
+    if labels is not None:
+        classes = (sources.json(storage.join(data, "metadata.json")) or {}).get("classes") or []
+        noisy_rows = None if kinds is None else kinds[usable] != "none"
+        s.cut_fraction, s.by_label = label_cuts(values[usable], labels[usable], noisy_rows, classes)
     if kinds is None:
         s.note = "no ground truth found: rows are not split into clean and noisy"
         s.values = {"all rows": values[usable]}
@@ -101,6 +128,60 @@ def _corruptions(keys: pa.ChunkedArray, data: str, sources: Sources) -> np.ndarr
     idx = pc.index_in(keys, value_set=gt.column(KEY).combine_chunks())
     kinds = pc.fill_null(pc.take(gt.column("corruption"), idx), "unknown")
     return kinds.to_numpy(zero_copy_only=False).astype(str)
+
+
+def label_cuts(values: np.ndarray, labels: np.ndarray, noisy: np.ndarray | None,
+               classes: list[str]) -> tuple[float, list[LabelCut]]:
+    """The estimated-noise cut of ``values``, as mmdp and clip_cut make it by default, split by label.
+
+    The ``round(fraction * n)`` lowest values are excluded, the fraction
+    estimated from their histogram (:func:`estimate_noise_fraction`). Where
+    the reference model confuses classes, the excluded rows crowd into them.
+
+    Args:
+        values: the consistency signal of the scored rows.
+        labels: each row's label (int; -1 where unknown, left out of the split).
+        noisy: each row's ground truth (True = corrupted), or None.
+        classes: class names, index = label (a label past them is named by its number).
+
+    Returns:
+        (the excluded share, one :class:`LabelCut` per label present, by label).
+    """
+    fraction = estimate_noise_fraction(values)
+    excluded = np.zeros(len(values), dtype=bool)
+    excluded[np.argsort(values, kind="stable")[:noise_count(fraction, len(values)) if len(values) else 0]] = True
+    cuts = []
+    for label in np.unique(labels[labels >= 0]):
+        rows = labels == label
+        cut = LabelCut(label=int(label), name=classes[label] if label < len(classes) else str(int(label)),
+                       rows=int(rows.sum()), excluded=int((rows & excluded).sum()))
+        if noisy is not None:
+            cut.noisy = int((rows & noisy).sum())
+            cut.noisy_kept = int((rows & noisy & ~excluded).sum())
+            cut.clean_excluded = int((rows & ~noisy & excluded).sum())
+            if 0 < cut.noisy < cut.rows:
+                cut.auroc = noise_auroc(values[rows & ~noisy], values[rows & noisy])
+        cuts.append(cut)
+    return fraction, cuts
+
+
+def _labels(keys: pa.ChunkedArray, data: str, sources: Sources) -> np.ndarray | None:
+    """Each scored row's label as written: from the ground truth, else the train split's parquet shards.
+
+    -1 where a key has none; None where neither source has labels (webdataset
+    shards are not read here: that would read every image).
+    """
+    for url in (storage.join(data, "ground_truth.parquet"), storage.join(data, "train")):
+        try:
+            if not storage.list_files(url):  # a committed folder of tars (and no parquet)
+                continue
+            table = storage.read_table(url, columns=[KEY, "label"])
+        except (storage.InputError, OSError, KeyError, pa.ArrowInvalid):
+            continue
+        idx = pc.index_in(keys, value_set=table.column(KEY).combine_chunks())
+        found = pc.fill_null(pc.take(table.column("label"), idx), -1)
+        return found.to_numpy(zero_copy_only=False).astype(np.int64)
+    return None
 
 
 def reference_zero_shot(pretrained: str | None, sources: Sources) -> float | None:

@@ -195,15 +195,25 @@ def finish(output: str, written: list[dict], started: float | None = None, commi
     return summary
 
 
-def write_scores(table: pa.Table, output: str, started: float | None = None, **extra) -> dict:
+def write_scores(table: pa.Table, output: str, started: float | None = None, rows_per_file: int | None = None,
+                 **extra) -> dict:
     """Commit a table already in memory (rows in input order) as the score job does; returns the summary.
 
     ``table`` has the scores schema's columns (``index`` is recomputed); rows
-    already ``rejected`` stay so. One block: nothing straddles.
+    already ``rejected`` stay so. With ``rows_per_file``, the rows sorted by
+    key are cut into blocks of that many, each written as its own files, as
+    the score job's commit writes one per sorted block (repeats across cuts
+    settled as there); else one block.
     """
     block = positioned(table.select([KEY, "clip_score", "clip_margin", "status", "error"]), 0)
     _begin(output)
-    return finish(output, [write_block(block, 0, 0, [], output)], started, **extra)
+    if not rows_per_file or block.num_rows <= rows_per_file:
+        return finish(output, [write_block(block, 0, 0, [], output)], started, **extra)
+    block = block.sort_by([(KEY, "ascending"), (POS, "ascending")])
+    blocks = [block.slice(start, rows_per_file) for start in range(0, block.num_rows, rows_per_file)]
+    lose, offsets = settle([block_edges(b) for b in blocks])
+    return finish(output, [write_block(b, i, offsets[i], lose[i], output) for i, b in enumerate(blocks)],
+                  started, **extra)
 
 
 def commit_staged(staged: list[str], output: str, started: float) -> dict:
