@@ -19,9 +19,11 @@ block) and *report* (handing every sample's loss to the pruner, 4,096 a
 call, the epoch's last flush included), with the losses it reported per
 second of that time.
 
-Local::
+Local (on 2 cores about half an hour at 1M rows and five hours at 10M: an
+epoch reads and decodes every row; ``--reuse`` resumes a stopped invocation
+from the runs it measured)::
 
-    python -m benchmarks.train_scale --sizes 1e6,1e7 --workdir /tmp/bts
+    python -m benchmarks.train_scale --sizes 1e6,1e7 --workdir /tmp/bts --reuse
 
 Prints one JSON line per run, each with the resolved config, then a markdown
 table. Targets (issue 15): the driver holds no per-row array (its peak PSS
@@ -57,7 +59,9 @@ class BenchTrainScaleConfig:
     rows_per_shard: int = option(100_000, "rows per train shard")
     score_rows_per_file: int = option(100_000, "rows per score file (the score job writes one per sorted block)")
     workdir: str | None = option(None, "folder for data, scores and runs; none: a temp dir")
-    interval: float = option(0.2, "seconds between memory samples")
+    interval: float = option(1.0, "seconds between memory samples (each reads every process's smaps: "
+                                  "about 10% of a core at 1 s with a train job's 30 processes)")
+    reuse: bool = option(False, "keep the data, scores and measured runs already in --workdir (resume)")
     seed: int = option(0, "seed for the data, the scores and the runs")
 
     def __post_init__(self):
@@ -85,23 +89,23 @@ def prepare(folder: str, rows: int, cfg: BenchTrainScaleConfig) -> tuple[str, st
     from pipeline.score.commit import write_scores
 
     data, scores = storage.join(folder, f"data-{rows}"), storage.join(folder, f"scores-{rows}")
+    if cfg.reuse and storage.is_complete(data) and storage.is_complete(scores):
+        return data, scores
     train = synthetic_rows(rows, cfg.seed)
-    if not storage.is_complete(data):
-        base = make_synthetic(256, seed=cfg.seed)
-        with storage.output(data):
-            storage.write_shards(train, storage.join(data, "train"), rows_per_shard=cfg.rows_per_shard)
-            storage.write_shards(base.splits["test"], storage.join(data, "test"), rows_per_shard=cfg.rows_per_shard)
-            storage.write_json({"name": "synthetic-scale", "classes": base.metadata["classes"]},
-                               storage.join(data, "metadata.json"))
-    if not storage.is_complete(scores):
-        rng = np.random.default_rng(cfg.seed)
-        low = rng.random(rows) < cfg.noise
-        margin = np.where(low, rng.normal(-0.1, 0.05, rows), rng.normal(0.2, 0.05, rows)).astype(np.float32)
-        table = pa.table({KEY: train.column(KEY), "index": np.zeros(rows, np.int64), "clip_score": margin + 0.3,
-                          "clip_margin": margin, "status": pa.array(["ok"] * rows, pa.string()),
-                          "error": pa.nulls(rows, pa.string())}, schema=SCORES_SCHEMA)
-        with storage.output(scores):
-            write_scores(table, scores, rows_per_file=cfg.score_rows_per_file)
+    base = make_synthetic(256, seed=cfg.seed)
+    with storage.output(data):
+        storage.write_shards(train, storage.join(data, "train"), rows_per_shard=cfg.rows_per_shard)
+        storage.write_shards(base.splits["test"], storage.join(data, "test"), rows_per_shard=cfg.rows_per_shard)
+        storage.write_json({"name": "synthetic-scale", "classes": base.metadata["classes"]},
+                           storage.join(data, "metadata.json"))
+    rng = np.random.default_rng(cfg.seed)
+    low = rng.random(rows) < cfg.noise
+    margin = np.where(low, rng.normal(-0.1, 0.05, rows), rng.normal(0.2, 0.05, rows)).astype(np.float32)
+    table = pa.table({KEY: train.column(KEY), "index": np.zeros(rows, np.int64), "clip_score": margin + 0.3,
+                      "clip_margin": margin, "status": pa.array(["ok"] * rows, pa.string()),
+                      "error": pa.nulls(rows, pa.string())}, schema=SCORES_SCHEMA)
+    with storage.output(scores):
+        write_scores(table, scores, rows_per_file=cfg.score_rows_per_file)
     return data, scores
 
 
@@ -158,8 +162,13 @@ def run(cfg: BenchTrainScaleConfig) -> None:
         for policy in cfg.policies:
             for partitions in (cfg.partitions if policy != "full" else (1,)):
                 out = storage.join(folder, f"run-{rows}-{policy}-p{partitions}")
-                result = {"rows": rows, "policy": policy, "partitions": partitions,
-                          **measure(data, scores, out, policy, partitions, cfg)}
+                saved = out + ".result.json"  # the measurement, beside the run folder
+                if cfg.reuse and storage.is_complete(out) and storage.exists(saved):
+                    result = storage.read_json(saved)
+                else:
+                    result = {"rows": rows, "policy": policy, "partitions": partitions,
+                              **measure(data, scores, out, policy, partitions, cfg)}
+                    storage.write_json(result, saved)
                 results.append(result)
                 print(json.dumps({**result, "config": asdict(cfg)}), flush=True)
     print(table(results))

@@ -3,19 +3,25 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
 from pipeline import storage
 
 
-def test_train_scale_runs_real_train_jobs_and_measures_the_pruner(tmp_path):
-    work = str(tmp_path / "work")
+def _bench(work: str, *flags: str) -> subprocess.CompletedProcess:
     done = subprocess.run([sys.executable, "-m", "benchmarks.train_scale", "--sizes", "600", "--policies", "mmdp",
                            "--partitions", "2", "--epochs", "2", "--batch-size", "64", "--rows-per-shard", "200",
-                           "--score-rows-per-file", "150", "--workdir", work],
+                           "--score-rows-per-file", "150", "--interval", "0.2", "--workdir", work, *flags],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def test_train_scale_runs_real_train_jobs_and_measures_the_pruner(tmp_path):
+    work = str(tmp_path / "work")
+    done = _bench(work)
     lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     assert len(lines) == 1
     run = lines[0]
@@ -36,3 +42,8 @@ def test_train_scale_runs_real_train_jobs_and_measures_the_pruner(tmp_path):
     assert 0 < run["driver_peak_pss_gb"] < run["tree_peak_pss_gb"]
     assert run["pruner_actor_peak_pss_gb"] > 0 and run["partition_actors_peak_pss_gb"] > 0
     assert "| 600 | mmdp | 2 |" in done.stdout
+    # A stopped invocation resumes: the measured run is kept (no train job runs again), its figures the same.
+    written = os.stat(f"{work}/run-600-mmdp-p2/metrics.json").st_mtime_ns
+    again = _bench(work, "--reuse")
+    assert [json.loads(line) for line in again.stdout.splitlines() if line.startswith("{")] == lines
+    assert os.stat(f"{work}/run-600-mmdp-p2/metrics.json").st_mtime_ns == written
