@@ -43,8 +43,8 @@ def plain_loop_per_worker(config: dict) -> None:
     import ray.train
     import torch.nn.functional as F
 
-    from pipeline.train.loop import (DTYPES, PhaseClock, all_sum, due, evaluate, report_epoch, save_train_state,
-                                     setup_model, shuffle_args, take_step, unwrap)
+    from pipeline.train.loop import (DTYPES, PhaseClock, all_sum, due, evaluate, exact_batches, report_epoch,
+                                     save_train_state, setup_model, shuffle_args, take_step, unwrap)
 
     cfg = config
     ctx = ray.train.get_context()
@@ -60,8 +60,9 @@ def plain_loop_per_worker(config: dict) -> None:
         clock = PhaseClock()  # the pruner's loop splits its training time the same way
         model.train()
         forwarded = 0
-        batches = iter(train_shard.iter_torch_batches(batch_size=cfg["batch_size"], dtypes=DTYPES, drop_last=False,
-                                                      **shuffle_args(cfg, epoch, rank)))
+        batches = exact_batches(train_shard.iter_torch_batches(batch_size=cfg["batch_size"], dtypes=DTYPES,
+                                                               drop_last=False, **shuffle_args(cfg, epoch, rank)),
+                                cfg["batch_size"])
         while True:
             with clock("input"):
                 batch = next(batches, None)

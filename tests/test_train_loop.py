@@ -8,11 +8,13 @@ import io
 import time
 
 import numpy as np
+import pyarrow as pa
+import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pipeline.train.loop import PhaseClock, epoch_batch_size, weighted_step
+from pipeline.train.loop import ClassifyTask, PhaseClock, epoch_batch_size, exact_batches, weighted_step
 from pipeline.train.models import build_model
 from pipeline.train.stages import MEAN, STD, decode_stage, row_draws, shift_images
 
@@ -151,3 +153,35 @@ def test_phase_clock_sums_each_phase_over_its_entries():
     assert set(seconds) == {"plan_seconds", "input_seconds", "step_seconds", "report_seconds"}
     assert 0.03 <= seconds["step_seconds"] < 0.5 and 0.02 <= seconds["input_seconds"] < 0.5
     assert seconds["plan_seconds"] == seconds["report_seconds"] == 0
+
+
+@pytest.mark.parametrize("make", [torch.arange, np.arange])
+def test_exact_batches_recut_any_stream_into_full_batches_in_order(make):
+    sizes = [8, 6, 8, 2, 1, 13, 8, 0, 5]  # what a shuffle buffer can yield at block boundaries
+    starts = np.cumsum([0, *sizes])
+    stream = [{"index": make(a, b), "x": make(a, b) * 10} for a, b in zip(starts[:-1], starts[1:])]
+    out = list(exact_batches(iter(stream), 8))
+    assert [len(b["index"]) for b in out] == [8] * 6 + [3]  # ceil(51 / 8) batches, only the last short
+    for key, scale in (("index", 1), ("x", 10)):
+        assert list(np.concatenate([np.asarray(b[key]) for b in out])) == [scale * i for i in range(51)]
+    assert list(exact_batches(iter([]), 8)) == []
+
+
+def test_equal_shards_in_other_block_layouts_give_every_rank_as_many_steps(ray_session):
+    """Two ranks' shards of 40 rows each, cut into blocks differently, under a shuffle buffer the size of a batch:
+    each gives ceil(40 / 8) batches, so DDP ranks take as many steps (ray-project/ray#66085)."""
+    def shard(blocks):
+        tables, start = [], 0
+        for rows in blocks:
+            ids = np.arange(start, start + rows)
+            tables.append(pa.table({"x": ids.astype(np.float32), "label": ids % 3, "index": ids,
+                                    "weight": np.ones(rows, np.float32)}))
+            start += rows
+        return ray_session.data.from_arrow(tables)
+
+    shuffle = {"local_shuffle_buffer_size": 8, "local_shuffle_seed": 0}
+    for blocks in ([30, 10], [20, 20], [3, 17, 9, 11]):
+        batches = list(ClassifyTask({}).batches(shard(blocks), 8, shuffle))
+        assert [len(b["index"]) for b in batches] == [8] * 5
+        assert sorted(torch.cat([b["index"] for b in batches]).tolist()) == list(range(40))
+

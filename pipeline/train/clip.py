@@ -190,7 +190,10 @@ class ClipTask:
 
     def batches(self, shard, batch_size: int, shuffle: dict):
         """The shard's rows as training batches: normalised ``x``, ``tokens``, ``index``, ``weight``."""
-        for b in shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=False, **shuffle):
+        from pipeline.train.loop import exact_batches
+
+        for b in exact_batches(shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=False,
+                                                  **shuffle), batch_size):
             yield {"x": normalize_pixels(torch.from_numpy(np.ascontiguousarray(b["pixels"])), self.mean, self.std),
                    "tokens": self.tokens(list(b["caption"])), "index": torch.from_numpy(b["index"]),
                    "weight": torch.from_numpy(b["weight"])}

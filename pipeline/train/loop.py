@@ -38,6 +38,7 @@ import shutil
 import tempfile
 import time
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -118,6 +119,43 @@ def shuffle_args(cfg: dict, epoch: int, rank: int) -> dict:
         return {}
     return {"local_shuffle_buffer_size": cfg["shuffle_buffer"],
             "local_shuffle_seed": (cfg["seed"] * 1_000_003 + epoch) * 1_009 + rank}
+
+
+def exact_batches(batches, batch_size: int):
+    """``batches`` (dicts of equal-length tensors or NumPy arrays) re-cut to ``batch_size`` rows each, the last shorter.
+
+    DDP needs every rank to take as many steps: the workers' shards hold
+    equal rows (Ray Train splits with ``equal=True``), but Ray Data's
+    iterator with a local shuffle buffer no larger than the batch can yield
+    short batches mid-stream, at block boundaries (ray-project/ray#66085), and
+    pruned blocks differ in size. Two ranks would then step a different
+    number of times and one's gradient all-reduce would meet the other's
+    end-of-epoch sum (a hang, or gloo aborting on the size mismatch). Here a
+    shard of ``n`` rows always gives ``ceil(n / batch_size)`` batches, in order.
+    """
+    pending: list[dict] = []
+    held = 0
+    for batch in batches:
+        rows = len(next(iter(batch.values())))
+        if not pending and rows == batch_size:  # the usual case: as it comes
+            yield batch
+            continue
+        pending.append(batch)
+        held += rows
+        while held >= batch_size:
+            joined = _concat(pending)
+            yield {k: v[:batch_size] for k, v in joined.items()}
+            held -= batch_size
+            pending = [{k: v[batch_size:] for k, v in joined.items()}] if held else []
+    if held:
+        yield _concat(pending)
+
+
+def _concat(parts: list[dict]) -> dict:
+    if len(parts) == 1:
+        return parts[0]
+    return {k: (torch.cat if isinstance(parts[0][k], torch.Tensor) else np.concatenate)([p[k] for p in parts])
+            for k in parts[0]}
 
 
 def weighted_step(model, batch: dict, weight_mean: float, opt, sched) -> torch.Tensor:
@@ -327,7 +365,8 @@ class ClassifyTask:
         return setup_model(self.cfg, total_steps)
 
     def batches(self, shard, batch_size: int, shuffle: dict):
-        return shard.iter_torch_batches(batch_size=batch_size, dtypes=WEIGHTED_DTYPES, drop_last=False, **shuffle)
+        return exact_batches(shard.iter_torch_batches(batch_size=batch_size, dtypes=WEIGHTED_DTYPES, drop_last=False,
+                                                      **shuffle), batch_size)
 
     def step(self, model, batch: dict, weight_mean: float, opt, sched) -> torch.Tensor:
         return weighted_step(model, batch, weight_mean, opt, sched)
