@@ -126,9 +126,9 @@ def exact_batches(batches, batch_size: int):
 
     DDP needs every rank to take as many steps: the workers' shards hold
     equal rows (Ray Train splits with ``equal=True``), but Ray Data's
-    iterator with a local shuffle buffer no larger than the batch can yield
-    short batches mid-stream, at block boundaries (ray-project/ray#66085), and
-    pruned blocks differ in size. Two ranks would then step a different
+    iterator with a local shuffle buffer less than about twice the batch can
+    yield short batches mid-stream, at block boundaries (ray-project/ray#66085),
+    and pruned blocks differ in size. Two ranks would then step a different
     number of times and one's gradient all-reduce would meet the other's
     end-of-epoch sum (a hang, or gloo aborting on the size mismatch). Here a
     shard of ``n`` rows always gives ``ceil(n / batch_size)`` batches, in order.
