@@ -25,6 +25,11 @@ from the runs it measured)::
 
     python -m benchmarks.train_scale --sizes 1e6,1e7 --workdir /tmp/bts --reuse
 
+On a cluster it measures the node it runs on: each train job still starts
+its own Ray there (``RAY_ADDRESS=local``), as it does locally::
+
+    ray job submit --working-dir . -- python -m benchmarks.train_scale --sizes 1e6 --workdir /tmp/bts
+
 Prints one JSON line per run, each with the resolved config, then a markdown
 table. Targets (issue 15): the driver holds no per-row array (its peak PSS
 flat from 1M to 10M rows); the plan of 10M samples published in <= 2 s.
@@ -60,7 +65,7 @@ class BenchTrainScaleConfig:
     score_rows_per_file: int = option(100_000, "rows per score file (the score job writes one per sorted block)")
     workdir: str | None = option(None, "folder for data, scores and runs; none: a temp dir")
     interval: float = option(1.0, "seconds between memory samples (each reads every process's smaps: "
-                                  "about 10% of a core at 1 s with a train job's 30 processes)")
+                                  "at 1 s about a seventh of a core beside a train job's 30 processes)")
     reuse: bool = option(False, "keep the data, scores and measured runs already in --workdir (resume)")
     seed: int = option(0, "seed for the data, the scores and the runs")
 
