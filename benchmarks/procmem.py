@@ -95,9 +95,11 @@ class PeakSampler:
         self.peak_rss, self.peak_pss = max(self.peak_rss, total_rss), max(self.peak_pss, total_pss)
         self.peak_root_pss = max(self.peak_root_pss, pss(self.root))
         self.peak_procs = max(self.peak_procs, len(pids))
-        for title in self.titles:
-            held = sum(pss(p) for p in pids if cmdline(p).startswith(title))
-            self.peak_title_pss[title] = max(self.peak_title_pss[title], held)
+        if self.titles:
+            lines = {p: cmdline(p) for p in pids}  # read once, whatever the number of titles
+            for title in self.titles:
+                held = sum(pss(p) for p, line in lines.items() if line.startswith(title))
+                self.peak_title_pss[title] = max(self.peak_title_pss[title], held)
         self.samples += 1
         self.series.append((time.time(), total_pss))
         return total_rss, total_pss

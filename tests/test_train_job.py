@@ -21,7 +21,7 @@ from pipeline import storage
 from pipeline.train.loop import PhaseClock, cosine_lr, epoch_batch_size
 from pipeline.data.reference import make_synthetic, write_dataset
 from pipeline.prune.budget import DEFAULT_KEEP_RATIO
-from benchmarks.procmem import tree
+from benchmarks.procmem import cmdline, tree
 from shardfiles import write_img2dataset
 
 
@@ -147,14 +147,8 @@ def test_trajectory_policy_reads_its_reference_keys_and_resumes_with_its_loss_hi
 
 
 def _processes(title: str) -> list[int]:
-    pids = []
-    for pid in tree(os.getpid())[1:]:  # this test session's processes, itself excluded
-        try:
-            if open(f"/proc/{pid}/cmdline", "rb").read().startswith(title.encode()):
-                pids.append(pid)
-        except OSError:
-            pass
-    return pids
+    # This test session's processes, itself excluded.
+    return [pid for pid in tree(os.getpid())[1:] if cmdline(pid).startswith(title)]
 
 
 def _checkpointed_after(out, retries: int) -> bool:
