@@ -275,16 +275,20 @@ def write_shards(table: pa.Table, dir_url: str, rows_per_shard: int = 5000) -> l
     return [join(dir_url, n) for n in names]
 
 
-def list_files(url: str, suffixes: tuple[str, ...] = (".parquet",)) -> list[str]:
-    """The data files of a folder (or the file itself), sorted.
+def list_files(url: str, suffixes: tuple[str, ...] = (".parquet",), others: tuple[str, ...] | None = None) -> list[str]:
+    """The data files of a folder (or the file itself), sorted, from one listing.
 
     A folder committed by :func:`commit_output` lists exactly its manifest;
     one still marked pending, or inside a folder marked pending, is refused;
     any other folder lists every file
-    with a matching suffix, skipping hidden and ``_``-prefixed names.
+    with a matching suffix, skipping hidden and ``_``-prefixed names. With
+    ``others`` (the suffixes of files that may sit beside the data files),
+    such a folder's every other file is an error naming it, so a stray or
+    misnamed data file is never skipped unnoticed.
 
     Raises:
-        InputError: the URL does not exist, is an uncommitted output, or holds no data files.
+        InputError: the URL does not exist, is an uncommitted output, holds no data files, or (with
+            ``others``) holds a file that is neither.
     """
     fs, path = filesystem_for(url)
     parent, _, name = str(url).rstrip("/").rpartition("/")
@@ -309,6 +313,9 @@ def list_files(url: str, suffixes: tuple[str, ...] = (".parquet",)) -> list[str]
             continue
         if rel.endswith(suffixes):
             found.append(join(url, rel))
+        elif others is not None and not rel.endswith(others):
+            kinds = " or ".join(s.lstrip(".") for s in suffixes)
+            raise InputError(f"{join(url, rel)}: not a {kinds} file; move it out of the folder")
     if not found:
         raise InputError(f"{url}: no {'/'.join(suffixes)} files in this folder")
     return sorted(found)

@@ -151,6 +151,15 @@ def test_webdataset_tar_maps_onto_contract(tmp_path):
     ]
 
 
+def test_one_shard_file_is_read_as_its_name_says(tmp_path):
+    # A dataset may be one file: a parquet file is parquet, a tar is webdataset (never the other way round).
+    pq.write_table(_table(4), tmp_path / "a.parquet")
+    (tmp_path / "b.tar").write_bytes(tar_bytes([("000000001.jpg", b"img1"), ("000000001.txt", b"a dog")]))
+    for name, kind in (("a.parquet", "parquet"), ("b.tar", "webdataset")):
+        url = storage.join(str(tmp_path), name)
+        assert shards.shard_files(url) == (kind, [url])
+
+
 def test_truncated_tar_names_the_file(tmp_path):
     data = tar_bytes([(f"{i:09d}.jpg", b"x" * 2000) for i in range(5)])
     (tmp_path / "00000.tar").write_bytes(data[: len(data) // 2])

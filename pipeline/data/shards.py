@@ -70,28 +70,20 @@ def shard_files(url: str, mapping: ColumnMapping | None = None) -> tuple[str, li
 
 
 def list_shards(url: str) -> tuple[str, list[str]]:
-    """The shard format (``parquet`` or ``webdataset``) of a dataset and its files, from a listing alone.
+    """The shard format (``parquet`` or ``webdataset``) of a dataset and its files, from one listing.
 
     A folder with ``.tar`` files is webdataset (img2dataset writes a metadata
-    ``.parquet`` beside each tar; those are not samples). Any other file that
-    is neither a shard nor a known sidecar is an error naming it, so a stray
-    or misnamed shard is never skipped unnoticed. No shard is opened here
-    (:func:`check_shards` reads them).
+    ``.parquet`` beside each tar; those are not samples); one file is what its
+    name says. Any other file that is neither a shard nor a known sidecar is
+    an error naming it, so a stray or misnamed shard is never skipped
+    unnoticed. No shard is opened here (:func:`check_shards` reads them).
 
     Raises:
         InputError: naming the offending file or folder.
     """
-    fs, path = filesystem_for(url)
-    if fs.get_file_info(path).type == pafs.FileType.Directory and not exists(join(url, storage.SUCCESS)):
-        for entry in fs.get_file_info(pafs.FileSelector(path, recursive=True)):
-            rel = entry.path[len(path):].lstrip("/")
-            if entry.type == pafs.FileType.File and not any(p.startswith(("_", ".")) for p in rel.split("/")):
-                if not rel.endswith((".parquet", ".tar") + SIDECAR_SUFFIXES):
-                    raise InputError(f"{join(url, rel)}: not a parquet or tar shard; move it out of the input folder")
-    tars = _safe_list(url, (".tar",))
-    if tars:
-        return "webdataset", tars
-    return "parquet", list_files(url)
+    files = list_files(url, (".parquet", ".tar"), others=SIDECAR_SUFFIXES)
+    tars = [f for f in files if f.endswith(".tar")]
+    return ("webdataset", tars) if tars else ("parquet", files)
 
 
 def check_shards(kind: str, files: list[str], mapping: ColumnMapping | None = None) -> list[tuple[str, ...]] | None:
@@ -174,14 +166,8 @@ def _check_tar_end(file_url: str) -> None:
         raise InputError(f"{file_url}: truncated tar ({size} bytes, no end-of-archive blocks); re-create or remove it")
 
 
-def _safe_list(url: str, suffixes: tuple[str, ...]) -> list[str]:
-    try:
-        return list_files(url, suffixes)
-    except InputError:
-        return []
-
-
-def read_shards(url: str, columns: str = "mmdp", fields: tuple[str, ...] = tuple(SHARD_SCHEMA.names)):
+def read_shards(url: str, columns: str = "mmdp", fields: tuple[str, ...] = tuple(SHARD_SCHEMA.names),
+                listing: tuple[str, list[str]] | None = None):
     """The shards at ``url`` as a lazy Ray dataset in the data contract (key, image, caption, label).
 
     ``columns`` is a :class:`~pipeline.data.contract.ColumnMapping` spec
@@ -191,10 +177,11 @@ def read_shards(url: str, columns: str = "mmdp", fields: tuple[str, ...] = tuple
     Parquet shards are read for the contract ``fields`` asked (and the key
     and image, which every row needs): their other columns are not read,
     unless the shards differ in which of them they hold (:func:`projection`);
-    the rest of the contract's columns come back null.
+    the rest of the contract's columns come back null. ``listing``: what
+    :func:`list_shards` gave for ``url``, where the caller has listed it already.
     """
     mapping = ColumnMapping.parse(columns)
-    kind, files = list_shards(url)
+    kind, files = listing or list_shards(url)
     names = check_shards(kind, files, mapping)
     return read_listed(url, kind, files, columns, None if names is None else projection(mapping, fields, names))
 

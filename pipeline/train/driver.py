@@ -171,11 +171,12 @@ def parse_params(pairs: tuple[str, ...]) -> dict:
     return params
 
 
-def read_split(data: str, split: str, columns: str = "mmdp", caption: bool = False) -> ray.data.Dataset:
+def read_split(data: str, split: str, columns: str = "mmdp", caption: bool = False,
+               listing: tuple[str, list[str]] | None = None) -> ray.data.Dataset:
     """A split of the dataset at ``data`` (its ``split`` folder of parquet or tar shards) as
-    ``(key, image, label)`` rows, and ``caption`` too if asked (lazy)."""
+    ``(key, image, label)`` rows, and ``caption`` too if asked (lazy); ``listing`` as :func:`read_shards` takes it."""
     fields = split_fields(caption)
-    return read_shards(storage.join(data, split), columns, tuple(fields)).select_columns(fields)
+    return read_shards(storage.join(data, split), columns, tuple(fields), listing).select_columns(fields)
 
 
 def training_rows(cfg: TrainConfig, pruning: Pruning, caption: bool = False) -> ray.data.Dataset:
@@ -187,10 +188,9 @@ def training_rows(cfg: TrainConfig, pruning: Pruning, caption: bool = False) -> 
     reads so, ``full`` too (its reads cover whole blocks of each tar), so
     that policies compared on tars are read by the same reader.
     """
-    url = storage.join(cfg.data, "train")
-    kind, files = list_shards(url)
+    kind, files = list_shards(storage.join(cfg.data, "train"))
     if kind != "webdataset" or cfg.tar_reads != "kept":
-        return pruning.dataset(read_split(cfg.data, "train", cfg.columns, caption))
+        return pruning.dataset(read_split(cfg.data, "train", cfg.columns, caption, (kind, files)))
     from pipeline.train.tar_reads import build_indexes
 
     check_shards(kind, files)
