@@ -25,6 +25,17 @@ SHARD_SCHEMA = pa.schema(
     ]
 )
 
+# The prompts a class name becomes text through, where a dataset's metadata.json
+# names none ("templates"): a small ensemble, as in CLIP's zero-shot recipe;
+# averaging smooths the quirks of any single phrasing.
+DEFAULT_TEMPLATES = (
+    "a photo of a {}.",
+    "a photo of the {}.",
+    "a blurry photo of a {}.",
+    "a low resolution photo of a {}.",
+    "a black and white photo of a {}.",
+)
+
 # What the score job writes to scores/: one row per scored input row (status
 # "ok", error empty), with the dense ``index`` that is its training sample id.
 # A rejected input row is in rejects/ instead, with its reason: each

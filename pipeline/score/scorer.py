@@ -27,20 +27,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
+from pipeline.data.contract import DEFAULT_TEMPLATES
 from pipeline.score.clip_models import load_clip, preprocess_config
 
 # 8192 x 8192: above any real photo, far below what exhausts a worker's memory
 # (a 50k x 50k PNG header would ask for 7.5 GB of RGB).
 MAX_PIXELS = 8192 * 8192
-# A small ensemble, as in CLIP's zero-shot recipe; averaging smooths the
-# quirks of any single phrasing.
-DEFAULT_TEMPLATES = (
-    "a photo of a {}.",
-    "a photo of the {}.",
-    "a blurry photo of a {}.",
-    "a low resolution photo of a {}.",
-    "a black and white photo of a {}.",
-)
 _BOMB_PIXELS = re.compile(r"\((\d+) pixels\)")
 
 
