@@ -18,9 +18,10 @@ import pytest
 from jobs import score as score_job
 from jobs import train as train_job
 from pipeline import storage
+from pipeline.cli import config_parser, parse_config
+from pipeline.train.driver import TrainConfig, start_pruning
 from pipeline.train.loop import PhaseClock, cosine_lr, epoch_batch_size
 from pipeline.data.reference import make_synthetic, write_dataset
-from pipeline.prune.budget import DEFAULT_KEEP_RATIO
 from benchmarks.procmem import cmdline, tree
 from shardfiles import write_img2dataset
 
@@ -132,15 +133,18 @@ def test_trajectory_policy_reads_its_reference_keys_and_resumes_with_its_loss_hi
     keys = sorted(storage.read_table(f"{scores}/scores", columns=["key"]).column("key").to_pylist())[::50]
     (tmp_path / "reference.txt").write_text("\n".join(keys) + "\n")
     flags = ["--policy", "trajectory", "--reference-keys", str(tmp_path / "reference.txt"), "--workers", "1",
-             "--preserve-order", "--seed", "3", "--epochs", "5"]
+             "--preserve-order", "--seed", "3", "--epochs", "5", "--checkpoint-every", "3"]
     metrics, plans = _train(data, scores, tmp_path / "whole", *flags)
     assert [e["plan_kept"] for e in metrics["epochs"]][0] == 200
     assert set(plans[1]["pruned_by_reason"]) == {"well learned (low loss)"}
     for plan in plans[3:]:
         assert set(plan["pruned_by_reason"]) == {"loss trajectory unlike the clean reference's"}
         assert plan["kept"] < 200
-    _train(data, scores, tmp_path / "part", *flags, "--stop-after", "3")
-    _, resumed = _train(data, scores, tmp_path / "resumed", *flags, "--resume-from", str(tmp_path / "part" / "checkpoint"))
+    # Resumed from the run's checkpoint after epoch 2 (Ray Train's own folder of it), epochs 3 and 4 plan as before.
+    (middle,) = [c for c in glob.glob(f"{tmp_path}/whole/ray/*/checkpoint_*/")
+                 if json.loads(open(f"{c}/history.json").read())[-1]["epoch"] == 2]
+    resumed_metrics, resumed = _train(data, scores, tmp_path / "resumed", *flags, "--resume-from", middle)
+    assert [e["epoch"] for e in resumed_metrics["epochs"]] == [0, 1, 2, 3, 4]
     assert [p["kept_sha256"] for p in resumed] == [p["kept_sha256"] for p in plans]
     with pytest.raises(SystemExit):  # the policy needs its reference, and only it takes one
         train_job.main(["--data", data, "--scores", scores, "--out", str(tmp_path / "x"), "--policy", "trajectory"])
@@ -242,18 +246,28 @@ def test_own_loop_example_trains_its_own_model_on_the_plans(scored_ready, tmp_pa
     excluded = int(np.floor(summary["params"]["noise_fraction"] * n + 0.5))
     assert epochs[0]["plan_kept"] == n - excluded  # epoch 0: every sample not excluded as noise
     assert all((n - excluded) // 2 <= e["plan_kept"] <= n - excluded for e in epochs[1:])
-    # Its plans are jobs.train's: the same seed and policy give the same epoch 0 (mmdp's later plans
-    # follow each model's own losses), and every epoch alike where the policy does not look at losses.
-    # The example takes the API's default budget; _train's 0.5 gives way to it.
-    budget = ["--keep-ratio", str(DEFAULT_KEEP_RATIO)]
-    _, job_plans = _train(data, scores, tmp_path / "job", "--policy", "mmdp", "--epochs", "3", "--workers", "1", *budget)
-    assert summary["plans"][0]["kept_sha256"] == job_plans[0]["kept_sha256"]
+    # Its plans are jobs.train's: the pruner jobs.train sets up for the same seed and policy plans the same
+    # epoch 0 (mmdp's later plans follow each model's own losses), and every epoch alike where the policy
+    # does not look at losses. jobs.train's flags (their defaults: the API's budget) as its parser reads them.
+    assert summary["plans"][0]["kept_sha256"] == _job_plans(data, scores, "mmdp", 1, 0)[0]["kept_sha256"]
     random = own_loop.main(["--data", data, "--scores", scores, "--out", str(tmp_path / "ray-random"), "--epochs", "3",
                             "--workers", "1", "--batch-size", "32", "--policy", "random", "--seed", "4"])
-    _, job_plans = _train(data, scores, tmp_path / "job-random", "--policy", "random", "--epochs", "3",
-                          "--workers", "1", "--seed", "4", *budget)
     digests = [p["kept_sha256"] for p in random["plans"]]
-    assert len(set(digests)) == 3 and digests == [p["kept_sha256"] for p in job_plans]
+    assert len(set(digests)) == 3 and digests == [p["kept_sha256"] for p in _job_plans(data, scores, "random", 3, 4)]
+
+
+def _job_plans(data, scores, policy: str, epochs: int, seed: int) -> list[dict]:
+    """The first ``epochs`` plans of the pruner ``jobs.train`` starts for a 3-epoch run (no losses reported)."""
+    cfg = parse_config(TrainConfig, config_parser(TrainConfig, ""), [
+        "--data", data, "--scores", scores, "--out", "unused", "--policy", policy, "--epochs", "3", "--seed", str(seed)])
+    pruning = start_pruning(cfg)
+    try:
+        for epoch in range(epochs):
+            pruning.start_epoch(epoch)
+            pruning.end_epoch()
+        return pruning.plan_log()
+    finally:
+        pruning.shutdown()
 
 
 def test_trains_on_img2dataset_tars_in_s3_reading_only_kept_samples(ray_session, s3_bucket):

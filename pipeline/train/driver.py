@@ -35,9 +35,8 @@ from pipeline.prune.policies import POLICIES
 from pipeline.train.loop import KEEP_CHECKPOINTS, PRUNER_STATE, TRAIN_STATE, PhaseClock
 from pipeline.train.models import MODELS
 from pipeline.train.pruning import Pruning
-from pipeline.data.contract import KEY, ColumnMapping
+from pipeline.data.contract import DEFAULT_TEMPLATES, KEY, ColumnMapping
 from pipeline.data.shards import check_shards, class_names, dataset_metadata, list_shards, read_shards
-from pipeline.score.scorer import DEFAULT_TEMPLATES
 
 log = logging.getLogger(__name__)
 
@@ -274,6 +273,15 @@ def check_checkpoint(url: str) -> None:
                          "or train afresh")
 
 
+def start_pruning(cfg: TrainConfig, name: str | None = None) -> Pruning:
+    """The run's pruner (its actor started, named ``name``), as ``cfg``'s flags set it up."""
+    return Pruning.from_scores(cfg.scores, policy=cfg.policy, epochs=cfg.epochs, keep_ratio=cfg.keep_ratio,
+                               seed=cfg.seed, signal=cfg.signal, noise_fraction=cfg.noise_fraction,
+                               policy_params=parse_params(cfg.policy_params),
+                               max_reports_in_flight=cfg.max_reports_in_flight, name=name,
+                               num_partitions=cfg.pruner_partitions, reference_keys=cfg.reference_keys)
+
+
 def fit(cfg: TrainConfig) -> dict:
     """Train with pruning; writes the run folder and returns the metrics."""
     from pipeline.train.loop import train_loop_per_worker
@@ -286,12 +294,7 @@ def fit(cfg: TrainConfig) -> dict:
     classes = class_names(cfg.data, cfg.classes, required=cfg.task == "classify")
     templates = list(dataset_metadata(cfg.data).get("templates") or DEFAULT_TEMPLATES)
     run_id = uuid.uuid4().hex[:8]
-    pruning = Pruning.from_scores(cfg.scores, policy=cfg.policy, epochs=cfg.epochs, keep_ratio=cfg.keep_ratio,
-                                  seed=cfg.seed, signal=cfg.signal, noise_fraction=cfg.noise_fraction,
-                                  policy_params=parse_params(cfg.policy_params),
-                                  max_reports_in_flight=cfg.max_reports_in_flight, name=actor_name(run_id),
-                                  num_partitions=cfg.pruner_partitions,
-                                  reference_keys=cfg.reference_keys)
+    pruning = start_pruning(cfg, actor_name(run_id))
     log.info("policy %s with %s", cfg.policy, pruning.params or "its defaults")
     loop_config = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
     loop_config.update(pruning=pruning, num_classes=len(classes), class_names=classes, templates=templates,
