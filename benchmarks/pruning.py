@@ -122,7 +122,7 @@ class BenchPruningConfig:
 
     def __post_init__(self):
         # Normalised here, so the config logged and saved is the one that runs.
-        from pipeline.train.driver import TASK_DEFAULTS
+        from pipeline.train.config import TASK_DEFAULTS
 
         for name in ("model", "lr"):
             if getattr(self, name) is None:
@@ -215,7 +215,7 @@ def prepare_scores(url: str, data: str, cfg: BenchPruningConfig) -> str:
 
 def train_config(cfg: BenchPruningConfig, data: str, scores: str, out: str, policy: str, seed: int,
                  keep_ratio: float | None = None):
-    from pipeline.train.driver import TrainConfig
+    from pipeline.train.config import TrainConfig
 
     reference_keys = None
     if policy == "trajectory":  # its known-clean reference: 1% of the pool, from the ground truth

@@ -25,9 +25,15 @@ from pipeline.cli import run_job
 
 
 def main(argv=None) -> int:
-    from pipeline.train.driver import TrainConfig, fit
+    from pipeline.train.config import TrainConfig
 
-    return run_job(TrainConfig, argv, lambda cfg: fit(cfg)["totals"], doc=__doc__, prog="python -m jobs.train")
+    return run_job(TrainConfig, argv, _fit, doc=__doc__, prog="python -m jobs.train")
+
+
+def _fit(cfg) -> dict:
+    from pipeline.train.driver import fit  # Ray Train and torch: imported once the flags are good
+
+    return fit(cfg)["totals"]
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ import importlib
 import os
 import pkgutil
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -77,6 +79,17 @@ def test_subcommand_flags_are_their_config_fields(capsys):
     for command, (config_cls, _, _) in bench_scoring.COMMANDS.items():
         flags = set(_options(_help("benchmarks.scoring", capsys, argv=(command, "--help")))) - {"-h"}
         assert flags == {"--" + f.name.replace("_", "-") for f in dataclasses.fields(config_cls)}
+
+
+@pytest.mark.parametrize("module", ["jobs.train", "jobs.score", "jobs.demo", "jobs.report", "jobs.make_dataset"])
+def test_help_answers_without_importing_torch(module):
+    """A fresh process: ``--help`` needs the flags alone, not torch or open_clip (seconds to import here)."""
+    code = ("import contextlib, importlib, io, sys\n"
+            f"with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+            f"    importlib.import_module({module!r}).main(['--help'])\n"
+            "print(sorted(m for m in ('torch', 'open_clip', 'ray.train') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr[-2000:]
 
 
 @pytest.mark.parametrize("module", COMMANDS)

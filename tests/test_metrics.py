@@ -39,7 +39,7 @@ def test_noise_fraction_is_the_low_mode_of_a_two_mode_histogram():
 
 
 def test_policy_params_parse_numbers_and_reject_malformed_pairs():
-    from pipeline.train.driver import parse_params
+    from pipeline.train.config import parse_params
 
     assert parse_params(("loss_weight=0.3", "loss_ramp_epochs=2", "delta=-1")) == {
         "loss_weight": 0.3, "loss_ramp_epochs": 2, "delta": -1}

@@ -19,7 +19,8 @@ from jobs import score as score_job
 from jobs import train as train_job
 from pipeline import storage
 from pipeline.cli import config_parser, parse_config
-from pipeline.train.driver import TrainConfig, start_pruning
+from pipeline.train.config import TrainConfig
+from pipeline.train.driver import start_pruning
 from pipeline.train.loop import PhaseClock, cosine_lr, epoch_batch_size
 from pipeline.data.reference import make_synthetic, write_dataset
 from benchmarks.procmem import cmdline, tree
