@@ -98,10 +98,11 @@ class TrainConfig:
         for name, value in TASK_DEFAULTS[self.task].items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)
-        from pipeline.train.models import MODELS
+        if self.task == "classify":
+            from pipeline.train.models import MODELS
 
-        if self.task == "classify" and self.model not in MODELS:
-            raise ValueError(f"--model {self.model!r}: the classifier is one of {', '.join(MODELS)}")
+            if self.model not in MODELS:
+                raise ValueError(f"--model {self.model!r}: the classifier is one of {', '.join(MODELS)}")
         if self.task == "clip":
             from pipeline.score.clip_models import model_config
 
