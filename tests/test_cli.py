@@ -81,7 +81,7 @@ def test_subcommand_flags_are_their_config_fields(capsys):
         assert flags == {"--" + f.name.replace("_", "-") for f in dataclasses.fields(config_cls)}
 
 
-@pytest.mark.parametrize("module", ["jobs.train", "jobs.score", "jobs.demo", "jobs.report", "jobs.make_dataset"])
+@pytest.mark.parametrize("module", [f"jobs.{name}" for name in JOBS])
 def test_help_answers_without_importing_torch(module):
     """A fresh process: ``--help`` needs the flags alone, not torch or open_clip (seconds to import here)."""
     code = ("import contextlib, importlib, io, sys\n"

@@ -14,10 +14,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pipeline import storage as pio
+from pipeline.data.contract import DEFAULT_TEMPLATES
 from pipeline.score.clip_models import (
     TINY_MODEL, load_clip, preprocess_config, register_model_configs, save_checkpoint,
 )
-from pipeline.score.scorer import DEFAULT_TEMPLATES, ClipScorer, ImageDecoder, decode_image, fill_template
+from pipeline.score.scorer import ClipScorer, ImageDecoder, decode_image, fill_template
 
 CAPTIONS = ["a photo of a cat.", "a red square", "two dogs on a beach", "an empty room", "x", "a blue circle"]
 

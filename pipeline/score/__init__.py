@@ -2,6 +2,7 @@
 
 Image decoding and CLIP image-text consistency scoring as plain batch stages
 (``scorer.py``), the CLIP models and their configs (``clip_models.py``), how
-well a score separates noise (``quality.py``), and the Ray Data job that runs
-the stages over a dataset and writes the scores the pruner reads (``job.py``).
+well a score separates noise (``quality.py``), the Ray Data job that runs
+the stages over a dataset and writes the scores the pruner reads (``job.py``),
+and the pre-training of the offline reference model (``pretrain.py``).
 """

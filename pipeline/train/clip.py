@@ -43,8 +43,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from pipeline.data.contract import DEFAULT_TEMPLATES
 from pipeline.score.clip_models import load_clip
-from pipeline.score.scorer import DEFAULT_TEMPLATES, ImageDecoder, class_text_embeddings, fill_template, normalize_pixels
+from pipeline.score.scorer import ImageDecoder, class_text_embeddings, fill_template, normalize_pixels
 from pipeline.train.pruning import step_loss
 from pipeline.train.stages import key_hash, row_draws, shift_images
 
