@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict
+from typing import TYPE_CHECKING
 
 import numpy as np
 import open_clip
@@ -27,8 +28,11 @@ from pipeline.train.clip import (caption_or_prompt, clamp_logit_scale, clip_opti
                                  tokenize_distinct)
 from pipeline.train.loop import cosine_lr
 
+if TYPE_CHECKING:  # the job's config; the job imports this module only when it runs
+    from jobs.pretrain_reference_clip import PretrainConfig
 
-def _decode_split(cfg, split: str, decoder: ImageDecoder, classes: list[str], templates):
+
+def _decode_split(cfg: PretrainConfig, split: str, decoder: ImageDecoder, classes: list[str], templates):
     """Decoded uint8 pixels, captions and labels (-1: none) of a split's usable rows, plus how many were not.
 
     A row without a caption takes its label's first prompt; a row with
@@ -68,7 +72,7 @@ def _augment(batch: torch.Tensor, max_shift: int, flip: float, gen: torch.Genera
     return torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
 
 
-def _lr_at(step: int, total: int, cfg) -> float:
+def _lr_at(step: int, total: int, cfg: PretrainConfig) -> float:
     return cfg.lr * cosine_lr(step, total, cfg.warmup_steps)
 
 
@@ -81,7 +85,7 @@ def evaluate(model, tokenizer, decoder, pixels, captions, labels, classes, templ
     return pair_metrics(model, tokenizer, image_emb, captions, labels, classes, templates)
 
 
-def train(cfg, checkpoint: str) -> dict:
+def train(cfg: PretrainConfig, checkpoint: str) -> dict:
     """Train as ``cfg`` (the job's config) says, evaluate zero-shot, save the model to ``checkpoint`` and
     ``metrics.json`` beside it. Returns the metrics."""
     t0 = time.perf_counter()
