@@ -7,6 +7,9 @@ rows), score it once with the reference CLIP model, then train every policy
 the pool's truly clean rows only) with the same model, epochs, workers and
 schedule. ``trajectory`` gets a known-clean reference set of 1% of the pool
 from the ground truth (clean data that the other policies do not get).
+A seed picks the same rows to corrupt whatever the noise kind, so the
+oracle, which trains on the untouched rest with their true labels, gives
+the same figures in the symmetric and pair-flip tables of one seed.
 The fixed-ratio baselines (``random``, ``clip_filter``, ``infobatch_exact``)
 train at mmdp's measured compute in the same cell, so every comparison is at
 equal samples forwarded; the others spend what their rules spend. Each run's final checkpoint is also evaluated
@@ -62,6 +65,7 @@ from pipeline.cli import HELP, connect_ray, execute, option, run_job
 from pipeline.data import reference
 from pipeline.data.noise import parse_noise_spec, stream_rng
 from pipeline.prune.budget import DEFAULT_KEEP_RATIO
+from pipeline.score import REFERENCE_MODEL
 
 # Run order in a cell: mmdp before the fixed-ratio baselines, which run at its measured compute.
 POLICIES = ("full", "mmdp", "infobatch", "infobatch_exact", "trajectory", "clip_cut", "clip_filter", "random")
@@ -106,7 +110,7 @@ class BenchPruningConfig:
                                 "(jobs.train --eval-every; the overhead's plain loop too)")
     checkpoint_every: int = option(5, "checkpoint every this many epochs, and after the last "
                                       "(jobs.train --checkpoint-every; the overhead's plain loop too)")
-    clip_model: str = option("mmdp-ref", "open_clip model that scores the pools")
+    clip_model: str = option(REFERENCE_MODEL, "open_clip model that scores the pools")
     clip_pretrained: str | None = option(None, "its checkpoint (OUT/model.pt of python -m jobs.pretrain_reference_clip)")
     mode: str = option("label", "score against label prompts (gives clip_margin) or captions",
                        choices=("label", "caption"))

@@ -58,6 +58,7 @@ import numpy as np
 from benchmarks.hostload import cpu_ticks, shares
 from pipeline import storage
 from pipeline.cli import HELP, config_parser, connect_ray, option, run_job
+from pipeline.score import REFERENCE_MODEL
 from pipeline.score.quality import auroc
 
 
@@ -76,7 +77,7 @@ class EfficiencyConfig:
     input: str = field(metadata={HELP: "parquet shards in the data contract"})
     rows: int = option(2000, "rows to score")
     base_rows: int = option(0, "rows of the smaller run for the steady-state rate (0: rows / 4)")
-    model: str = option("mmdp-ref", "open_clip model")
+    model: str = option(REFERENCE_MODEL, "open_clip model")
     pretrained: str | None = option(None, "weights; none: random init (fine for speed)")
     batch_size: int = option(256, "batch size of both")
     cpus: int = option(2, "cores for both: torch threads / Ray CPUs")

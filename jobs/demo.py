@@ -33,6 +33,7 @@ from pipeline import storage
 from pipeline.cli import log, option, run_job
 from pipeline.prune.budget import DEFAULT_KEEP_RATIO
 from pipeline.prune.policies import POLICIES
+from pipeline.score import REFERENCE_MODEL
 
 @dataclass(frozen=True)
 class DemoConfig:
@@ -76,7 +77,7 @@ def stages(cfg: DemoConfig) -> list[tuple[str, str, object, list[str], str]]:
         ("clip", "reference CLIP pre-training", pretrain_reference_clip,
          ["--data", data, "--out", clip, "--epochs", str(cfg.clip_epochs), "--seed", str(cfg.seed)], clip),
         ("score", "CLIP consistency of every train pair", score,
-         ["--input", storage.join(data, "train"), "--output", scores, "--model", "mmdp-ref",
+         ["--input", storage.join(data, "train"), "--output", scores, "--model", REFERENCE_MODEL,
           "--pretrained", pretrain_reference_clip.checkpoint_url(clip), "--mode", "label", *s3], scores),
     ]
     for policy in cfg.policies:

@@ -34,6 +34,7 @@ from typing import ClassVar
 from pipeline import storage
 from pipeline.cli import HELP, option, run_job
 from pipeline.data.contract import ColumnMapping
+from pipeline.score import REFERENCE_MODEL
 
 
 MODEL_FILE = "model.pt"
@@ -52,7 +53,7 @@ class PretrainConfig:
     classes: tuple[str, ...] | None = option(
         None, "class names (label i is the i-th), for zero-shot accuracy; default: the dataset's metadata.json, "
               "else none (recall only)")
-    model: str = option("mmdp-ref", "open_clip config name")
+    model: str = option(REFERENCE_MODEL, "open_clip config name")
     # The reference model underfits at this size, so more steps pay (BENCHMARKS.md has the runs).
     epochs: int = option(20, "passes over the reference split")
     # Twice the steps of 256 per epoch; ~13 positives of each class per batch.

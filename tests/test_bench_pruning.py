@@ -21,7 +21,8 @@ from pipeline import storage
 from pipeline.cli import config_parser, parse_config
 from pipeline.data.reference import encode_png, make_synthetic, write_dataset
 from pipeline.prune.budget import DEFAULT_KEEP_RATIO
-from pipeline.score.clip_models import TINY_MODEL, load_clip, save_checkpoint
+from pipeline.score import TINY_MODEL
+from pipeline.score.clip_models import load_clip, save_checkpoint
 
 POOL, EPOCHS, WORKERS = 96, 2, 2
 ZERO_SHOT = 0.4321  # what the pretraining job would have measured

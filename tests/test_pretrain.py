@@ -10,7 +10,8 @@ import torch
 
 from jobs.pretrain_reference_clip import checkpoint_url, main
 from pipeline import storage as pio
-from pipeline.score.clip_models import TINY_MODEL, load_clip
+from pipeline.score import TINY_MODEL
+from pipeline.score.clip_models import load_clip
 from pipeline.data.reference import make_synthetic, write_dataset
 from pipeline.score.scorer import ClipScorer, ImageDecoder
 from shardfiles import write_img2dataset

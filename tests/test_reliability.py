@@ -34,7 +34,8 @@ from faults import FaultProxy, always, flaky, session_pids
 from jobs import make_dataset as make_dataset_job
 from jobs import score as score_job
 from pipeline import storage
-from pipeline.score.clip_models import TINY_MODEL, load_clip, save_checkpoint
+from pipeline.score import TINY_MODEL
+from pipeline.score.clip_models import load_clip, save_checkpoint
 from pipeline.data.reference import SPLITS
 from pipeline.data.contract import SHARD_SCHEMA
 from shardfiles import tar_bytes

@@ -15,9 +15,8 @@ from PIL import Image
 
 from pipeline import storage as pio
 from pipeline.data.contract import DEFAULT_TEMPLATES
-from pipeline.score.clip_models import (
-    TINY_MODEL, load_clip, preprocess_config, register_model_configs, save_checkpoint,
-)
+from pipeline.score import REFERENCE_MODEL, TINY_MODEL
+from pipeline.score.clip_models import load_clip, preprocess_config, register_model_configs, save_checkpoint
 from pipeline.score.scorer import ClipScorer, ImageDecoder, decode_image, fill_template
 
 CAPTIONS = ["a photo of a cat.", "a red square", "two dogs on a beach", "an empty room", "x", "a blue circle"]
@@ -55,9 +54,9 @@ def test_register_model_configs_is_idempotent():
 
     names = register_model_configs()
     paths = len(factory._MODEL_CONFIG_PATHS)
-    assert register_model_configs() == names == ["mmdp-ref", "mmdp-tiny"]
+    assert register_model_configs() == names == sorted([REFERENCE_MODEL, TINY_MODEL])  # the names match the files
     assert len(factory._MODEL_CONFIG_PATHS) == paths
-    assert {"mmdp-ref", "mmdp-tiny"} <= set(open_clip.list_models())
+    assert {REFERENCE_MODEL, TINY_MODEL} <= set(open_clip.list_models())
 
 
 def test_preprocess_config_matches_the_built_model_and_hub_tags():

@@ -31,7 +31,6 @@ from open_clip.transform import PreprocessCfg, merge_preprocess_dict
 from pipeline import storage
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
-TINY_MODEL, REFERENCE_MODEL = "mmdp-tiny", "mmdp-ref"
 
 
 def register_model_configs() -> list[str]:

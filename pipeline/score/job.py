@@ -28,6 +28,7 @@ from pipeline.data import shards
 from pipeline.cli import option
 from pipeline.data.contract import KEY, ColumnMapping
 from pipeline.data.validate import RowValidator
+from pipeline.score import REFERENCE_MODEL, TINY_MODEL
 from pipeline.score.commit import SCORED_AT, commit_staged
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ class ScoreConfig:
 
     input: str = field(metadata={"help": "shards to score: a folder or file URL (local, s3://, gs://) of parquet or webdataset tars"})
     output: str = field(metadata={"help": "where scores/, rejects/ and summary.json go (URL)"})
-    model: str = option("mmdp-ref", "open_clip model name, or a config shipped with mmdp (mmdp-tiny, mmdp-ref)")
+    model: str = option(REFERENCE_MODEL, f"open_clip model name, or a config shipped with mmdp ({TINY_MODEL}, {REFERENCE_MODEL})")
     pretrained: str | None = option(None, "open_clip pretrained tag, checkpoint path or object-store URL; none = random weights")
     mode: str = option("caption", "score against each row's caption, or against class prompts from its label",
                      choices=("caption", "label"))

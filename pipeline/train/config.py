@@ -14,12 +14,13 @@ from pipeline.cli import option
 from pipeline.data.contract import ColumnMapping
 from pipeline.prune.budget import DEFAULT_KEEP_RATIO
 from pipeline.prune.policies import POLICIES
+from pipeline.score import REFERENCE_MODEL
 
 TASKS = ("classify", "clip")
 TASK_DEFAULTS = {
     "classify": {"model": "resnet", "lr": 0.1, "weight_decay": 5e-4},
     # AdamW's peak for small ViTs from scratch, open_clip's weight decay (as jobs.pretrain_reference_clip).
-    "clip": {"model": "mmdp-ref", "lr": 2e-3, "weight_decay": 0.1},
+    "clip": {"model": REFERENCE_MODEL, "lr": 2e-3, "weight_decay": 0.1},
 }
 
 
