@@ -14,7 +14,7 @@ from pipeline import storage
 from pipeline.data.reference import make_synthetic, write_dataset
 from pipeline.data.contract import SHARD_SCHEMA
 from pipeline.score.clip_models import load_clip, save_checkpoint
-from pipeline.score.scorer import ClipScorer, ImageDecoder
+from pipeline.score.scorer import ClipScorer, ImageDecoder, TensorImageDecoder
 from shardfiles import tar_bytes
 
 
@@ -66,6 +66,31 @@ def test_score_job_equals_direct_scorer(ray_session, synthetic, tiny_ckpt, tmp_p
     assert storage.read_json(storage.join(out, "summary.json"))["rows_in"] == rows.num_rows
 
 
+def test_actors_decoding_jpegs_score_like_the_tensor_decoder_called_directly(ray_session, synthetic, tiny_ckpt,
+                                                                              tmp_path):
+    """--decode actors (a GPU's default): JPEGs decoded in the scoring actors, scores as computed directly."""
+    rows = storage.read_table(storage.join(synthetic, "train"))
+    images = [_jpeg(np.asarray(Image.open(pyio.BytesIO(b)).convert("RGB"))) for b in rows.column("image").to_pylist()]
+    rows = rows.set_column(rows.schema.get_field_index("image"), "image", pa.array(images, pa.binary()))
+    storage.write_shards(rows, str(tmp_path / "in"), rows_per_shard=30)
+    outs = {}
+    for decode in ("tasks", "actors"):
+        outs[decode] = str(tmp_path / decode)
+        assert score_job.main(["--input", str(tmp_path / "in"), "--output", outs[decode], "--model", "mmdp-tiny",
+                               "--pretrained", tiny_ckpt, "--batch-size", "16", "--max-actors", "2",
+                               "--actor-cpus", "0.5", "--decode", decode]) == 0
+    batch = {k: np.asarray(rows.column(k).to_pylist(), dtype=object) for k in rows.column_names}
+    direct = ClipScorer("mmdp-tiny", tiny_ckpt)(TensorImageDecoder("mmdp-tiny", tiny_ckpt)(batch))
+    expected = dict(zip(batch["key"], direct["clip_score"]))
+    got = {decode: storage.read_table(storage.join(out, "scores")).to_pydict() for decode, out in outs.items()}
+    assert len(got["actors"]["key"]) == rows.num_rows == len(expected)
+    for key, score in zip(got["actors"]["key"], got["actors"]["clip_score"]):
+        assert abs(score - expected[key]) <= 1e-5
+    # Against PIL decoding in the CPU tasks: the same rows and indices, scores up to resampling arithmetic.
+    assert got["tasks"]["key"] == got["actors"]["key"] and got["tasks"]["index"] == got["actors"]["index"]
+    np.testing.assert_allclose(got["tasks"]["clip_score"], got["actors"]["clip_score"], atol=0.02, rtol=0)
+
+
 def test_score_job_reads_img2dataset_parquet(ray_session, synthetic, tiny_ckpt, tmp_path):
     """img2dataset's parquet columns (key, jpg, txt, cls) through the job's Ray path, no conversion step."""
     rows = storage.read_table(storage.join(synthetic, "train"))
@@ -89,11 +114,21 @@ def _png(size=(8, 8), mode="RGB"):
     return buf.getvalue()
 
 
-def test_every_bad_row_is_rejected_with_its_reason(ray_session, tmp_path):
+def _jpeg(pixels: np.ndarray) -> bytes:
+    buf = pyio.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("decode", ["tasks", "actors"])
+def test_every_bad_row_is_rejected_with_its_reason(ray_session, tmp_path, decode):
     good = _png()
     truncated = good[: len(good) // 2]
+    jpeg = _jpeg(np.random.default_rng(0).integers(0, 256, (40, 50, 3), np.uint8))
     rows = [
         ("ok-1", good, "a photo of a thing", None, ""),
+        ("ok-jpeg", jpeg, "a photo of noise", None, ""),
+        ("truncated-jpeg", jpeg[: len(jpeg) // 2], "text", None, "undecodable image"),
         ("ok-2", good, "", 1, ""),  # empty caption, label gives the text
         ("empty-img", b"", "text", None, "empty image bytes"),
         ("null-img", None, "text", None, "empty image bytes"),
@@ -110,13 +145,13 @@ def test_every_bad_row_is_rejected_with_its_reason(ray_session, tmp_path):
     storage.write_shards(table.slice(5), str(tmp_path / "in" / "b"))
     out = str(tmp_path / "out")
     rc = score_job.main(["--input", str(tmp_path / "in"), "--output", out, "--model", "mmdp-tiny",
-                         "--classes", "zero,one", "--batch-size", "4", "--actor-cpus", "0.5"])
+                         "--classes", "zero,one", "--batch-size", "4", "--actor-cpus", "0.5", "--decode", decode])
     assert rc == 0
     scores = storage.read_table(storage.join(out, "scores")).to_pylist()
     rejects = storage.read_table(storage.join(out, "rejects")).to_pylist()
     summary = storage.read_json(storage.join(out, "summary.json"))
     assert summary["rows_in"] == len(rows) == summary["scored"] + summary["rejected"]
-    assert summary["scored"] == len(scores) == 3 and len(rejects) == summary["rejected"] == 7
+    assert summary["scored"] == len(scores) == 4 and len(rejects) == summary["rejected"] == 8
     assert 0 < summary["first_row_seconds"] <= summary["seconds"]  # the first scored batch, from the job's start
     # The job's time split into reading and scoring, then the commit (dedupe, index, write).
     assert summary["first_row_seconds"] <= summary["scoring_seconds"] and summary["commit_seconds"] > 0
@@ -125,7 +160,7 @@ def test_every_bad_row_is_rejected_with_its_reason(ray_session, tmp_path):
     scores.sort(key=lambda r: r["key"])
     assert [r["key"] for r in scores] == sorted(r[0] for r in rows if not r[4])
     assert all(r["status"] == "ok" and np.isfinite(r["clip_score"]) for r in scores)
-    assert [r["index"] for r in scores] == [0, 1, 2]  # key order
+    assert [r["index"] for r in scores] == [0, 1, 2, 3]  # key order
     by_key = lambda pair: (str(pair[0]), pair[1])  # noqa: E731
     expected = sorted(((r[0], r[4]) for r in rows if r[4]), key=by_key)
     got = sorted(((r["key"], r["reason"]) for r in rejects), key=by_key)

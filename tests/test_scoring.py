@@ -17,7 +17,8 @@ from pipeline import storage as pio
 from pipeline.data.contract import DEFAULT_TEMPLATES
 from pipeline.score import REFERENCE_MODEL, TINY_MODEL
 from pipeline.score.clip_models import load_clip, preprocess_config, register_model_configs, save_checkpoint
-from pipeline.score.scorer import ClipScorer, ImageDecoder, decode_image, fill_template
+from pipeline.score.scorer import (ClipScorer, ImageDecoder, TensorImageDecoder, decode_image, fill_template,
+                                   tokenize_captions)
 
 CAPTIONS = ["a photo of a cat.", "a red square", "two dogs on a beach", "an empty room", "x", "a blue circle"]
 
@@ -153,6 +154,67 @@ def test_palette_images_decode_to_their_colours():
     p.putpalette([0, 0, 0, 1, 2, 3, 4, 5, 6, 200, 100, 50])
     assert tuple(np.asarray(decode_image(encode(p)))[0, 0]) == (200, 100, 50)
     assert tuple(np.asarray(decode_image(encode(p, transparency=3)))[0, 0]) == (255, 255, 255)
+
+
+def jpeg_batch(n: int = 6) -> dict[str, np.ndarray]:
+    """caption_batch's images as JPEGs (RGB and grey, mixed sizes, one progressive, one larger photo-sized)."""
+    images = random_images(n - 1) + [Image.fromarray(np.random.default_rng(1).integers(0, 256, (180, 300, 3), np.uint8))]
+    datas = [encode(im if i % 3 else im.convert("L"), "JPEG", quality=90, progressive=i == 2) for i, im in enumerate(images)]
+    return {**caption_batch(n), "image": np.array(datas, dtype=object)}
+
+
+def test_tensor_decoder_resamples_jpegs_like_the_pil_decoder():
+    batch = jpeg_batch()
+    pil = ImageDecoder(TINY_MODEL, pixel_dtype="uint8", jpeg_draft=False)(batch)["pixels"].astype(np.float64)
+    out = TensorImageDecoder(TINY_MODEL, device="cpu")(batch)
+    assert isinstance(out["pixels"], torch.Tensor) and out["pixels"].dtype == torch.uint8
+    assert list(out["error"]) == [""] * 6 and "image" not in out and list(out["caption"]) == CAPTIONS
+    diff = np.abs(out["pixels"].numpy() - pil).mean(axis=(1, 2, 3))
+    # Decoded by torchvision and resized by the transform on tensors: the same pixels up to resampling
+    # arithmetic (the PIL path would give exactly the same); the 32 x 32 image needs no resampling.
+    assert (diff < 1.0).all() and (diff > 0).sum() == 5 and diff[3] == 0, diff
+
+
+def test_tensor_decoder_rejects_what_the_pil_decoder_rejects():
+    jpeg = encode(random_images(1)[0], "JPEG")
+    cases = {
+        "empty": b"",
+        "null": None,
+        "garbage": b"this is not an image at all",
+        "truncated-jpeg": jpeg[: len(jpeg) // 2],
+        "broken-jpeg": jpeg[:200] + bytes(len(jpeg) - 200),
+        "big-jpeg": encode(Image.new("RGB", (1500, 1500)), "JPEG"),
+        "strip-jpeg": encode(Image.new("RGB", (1, 3000)), "JPEG"),
+        "bomb": png_with_header(50_000, 50_000),
+        "cmyk-jpeg": encode(Image.new("CMYK", (5, 5), (0, 255, 255, 0)), "JPEG", quality=100),
+        "rgba-png": encode(Image.new("RGBA", (5, 5), (10, 20, 30, 0))),
+        "good-jpeg": jpeg,
+    }
+    batch = {"key": np.array(list(cases), dtype=object), "image": np.array(list(cases.values()), dtype=object),
+             "error": np.array(["duplicate key" if k == "good-jpeg" else "" for k in cases])}
+    pil = ImageDecoder(TINY_MODEL, max_pixels=2_000_000, pixel_dtype="uint8", jpeg_draft=False)(batch)
+    out = TensorImageDecoder(TINY_MODEL, device="cpu", max_pixels=2_000_000)(batch)
+    assert list(out["error"]) == list(pil["error"])
+    assert sum(e == "" for e in out["error"]) == 2 and out["error"][-1] == "duplicate key"  # an earlier reason wins
+    # What the tensor path does not take (CMYK, PNG) is the PIL path's pixels exactly; rejected rows are zeros.
+    np.testing.assert_array_equal(out["pixels"].numpy(), np.where((pil["error"] == "")[:, None, None, None], pil["pixels"], 0))
+
+
+def test_captions_tokenised_upstream_score_the_same(scorer):
+    batch = ImageDecoder(TINY_MODEL, pixel_dtype="uint8")(caption_batch())
+    tokenised = tokenize_captions(batch, TINY_MODEL)
+    np.testing.assert_array_equal(tokenised["tokens"], scorer.tokenizer(CAPTIONS).numpy())
+    out = scorer(tokenised)
+    np.testing.assert_array_equal(out["clip_score"], scorer(batch)["clip_score"])
+    assert "tokens" not in out
+
+
+def test_tensor_decoded_pixels_score_close_to_pil_decoded_ones(scorer):
+    batch = jpeg_batch()
+    on_tensors = scorer(TensorImageDecoder(TINY_MODEL, device="cpu")(batch))["clip_score"]
+    via_pil = scorer(ImageDecoder(TINY_MODEL)(batch))["clip_score"]
+    assert np.isfinite(on_tensors).all()
+    np.testing.assert_allclose(on_tensors, via_pil, atol=0.02, rtol=0)
 
 
 def direct_caption_scores(model, tokenizer, pixels: np.ndarray, captions) -> np.ndarray:

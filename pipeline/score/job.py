@@ -1,9 +1,12 @@
 """Ray runners: the Ray Data scoring pipeline.
 
 Stages are plain callables from :mod:`pipeline.data.validate` and
-:mod:`pipeline.score.scorer`; this module only decides where they run: row checks
-and image decoding in CPU tasks, the CLIP model in an autoscaling actor pool
-(one GPU per actor when the cluster has GPUs), writing through Ray Data.
+:mod:`pipeline.score.scorer`; this module only decides where they run: row checks,
+caption tokens and image decoding in CPU tasks, the CLIP model in an
+autoscaling actor pool (one GPU per actor when the cluster has GPUs), writing
+through Ray Data. On GPUs the actors decode JPEGs themselves (nvJPEG, see
+``--decode``), since CPU decoding cannot keep up with one: the CPU tasks then
+read, check and tokenise.
 
 Without GPUs, Ray Data fuses consecutive stages that ask the same resources:
 with ``--actor-cpus 1`` (the default, as a decode task's 1 CPU) the row checks
@@ -60,6 +63,11 @@ class ScoreConfig:
     # An autoscaling cluster may have no GPU node up yet when the job starts:
     # --use-gpu makes the pool ask for GPUs, and the autoscaler starts them.
     use_gpu: bool | None = option(None, "one GPU per scoring actor; default: only if the cluster has GPUs at start")
+    # A GPU actor outruns the CPUs that decode for it (PIL's resize is most of a CPU's 2 ms per
+    # photo), so on GPUs the actors decode JPEGs themselves, with nvJPEG, and the CPUs only read.
+    decode: str = option("auto", "where images are decoded: tasks (PIL, on the CPUs), actors (on the scoring "
+                         "actors' device: nvJPEG on a GPU), auto = actors when they have GPUs",
+                         choices=("auto", "tasks", "actors"))
     actor_cpus: float = option(1.0, "CPUs each scoring actor reserves on a cluster without GPUs")
     torch_threads: int = option(0, "torch threads per scoring actor; 0 = as many as the actor's CPUs")
     s3_endpoint: str | None = option(None, "endpoint of an S3-compatible store (default: AWS_ENDPOINT_URL or AWS)")
@@ -81,21 +89,28 @@ def _decoder(model: str, pretrained: str | None):
     return ImageDecoder(model, pretrained, pixel_dtype="uint8")
 
 
-def _decode_stage(batch: dict, model: str, pretrained: str | None, mode: str, classes: tuple[str, ...]) -> dict:
-    # The decoder keeps a row's earlier reason (a failed check) over its own.
-    return _decoder(model, pretrained)(RowValidator(mode, list(classes))(batch))
+def _prepare_stage(batch: dict, model: str, pretrained: str | None, mode: str, classes: tuple[str, ...],
+                   decode: bool) -> dict:
+    """The CPU tasks' share: row checks, then (``decode``) the images, and caption tokens."""
+    from pipeline.score.scorer import tokenize_captions
+
+    batch = RowValidator(mode, list(classes))(batch)
+    if decode:  # the decoder keeps a row's earlier reason (a failed check) over its own
+        batch = _decoder(model, pretrained)(batch)
+    return tokenize_captions(batch, model) if mode == "caption" else batch
 
 
 class _Scorer:
-    """Actor-side wrapper: one ClipScorer per actor, loaded once."""
+    """Actor-side wrapper: one ClipScorer per actor, loaded once; with ``decode``, a decoder on its device first."""
 
-    def __init__(self, **kwargs):
-        from pipeline.score.scorer import ClipScorer
+    def __init__(self, decode: bool, **kwargs):
+        from pipeline.score.scorer import ClipScorer, TensorImageDecoder
 
         self.scorer = ClipScorer(**kwargs)
+        self.decoder = TensorImageDecoder(kwargs["model"], kwargs["pretrained"], self.scorer.device) if decode else None
 
     def __call__(self, batch: dict) -> dict:
-        out = self.scorer(batch)
+        out = self.scorer(self.decoder(batch) if self.decoder else batch)
         ok = out["error"] == ""
         return {
             KEY: out[KEY],
@@ -159,16 +174,19 @@ def _timed(fn, *args) -> float:
 
 def _score_listed(cfg: ScoreConfig, classes: tuple[str, ...], kind: str, files: list[str], use_gpu: bool,
                   start: float, checked: Future) -> dict:
+    in_actors = cfg.decode == "actors" or (cfg.decode == "auto" and use_gpu)
     ds = shards.read_listed(cfg.input, kind, files, cfg.columns).map_batches(
-        _decode_stage,
+        _prepare_stage,
         batch_size=cfg.batch_size,
-        fn_kwargs={"model": cfg.model, "pretrained": cfg.pretrained, "mode": cfg.mode, "classes": classes},
+        fn_kwargs={"model": cfg.model, "pretrained": cfg.pretrained, "mode": cfg.mode, "classes": classes,
+                   "decode": not in_actors},
     )
     ds = ds.map_batches(
         _Scorer,
         batch_size=cfg.batch_size,
         compute=ray.data.ActorPoolStrategy(min_size=cfg.min_actors, max_size=cfg.max_actors),
         fn_constructor_kwargs={
+            "decode": in_actors,
             "model": cfg.model,
             "pretrained": cfg.pretrained,
             "mode": cfg.mode,
