@@ -19,6 +19,14 @@ shards to its local temp folder (so, e.g., a one-node GPU cluster)::
 
     ray job submit --working-dir . -- python -m benchmarks.gpu --rows 100000 --max-actors 8
 
+What bounds that rate: ``--parts`` times each part of a scoring actor's
+work alone, in one process without Ray, on one batch already in memory
+(PIL decoding on one core, decoding on the GPU, the scorer, decoding and
+scoring in turn as the actor does them), and how far the GPU decoder's
+pixels are from PIL's::
+
+    python -m benchmarks.gpu --parts --batch-size 1024
+
 Prints the result as JSON, with the resolved config (also logged) under
 ``config``. Without a GPU it exits with code 2 unless ``--allow-cpu``.
 """
@@ -54,16 +62,19 @@ class BenchGpuConfig:
     max_actors: int = option(0, "scoring actors; 0: one per GPU")
     decode: str = option("auto", "where images are decoded (the score job's --decode)", choices=("auto", "tasks", "actors"))
     allow_cpu: bool = option(False, "run without a GPU (a smoke test of the script)")
+    parts: bool = option(False, "time the parts alone instead, in this process without Ray: PIL decoding on one "
+                                "core, decoding on the device, the scorer, decoding + scoring as an actor does")
 
     def __post_init__(self):
         if self.rows < 1 or self.batch_size < 1 or self.max_actors < 0:
             raise ValueError("need --rows >= 1, --batch-size >= 1 and --max-actors >= 0")
 
 
-def synthetic_shards(folder: str, rows: int, size: int = 256, rows_per_shard: int = 10_000) -> str:
+def synthetic_table(rows: int, size: int = 256) -> pa.Table:
+    """``rows`` pairs in the shard schema: 256 px JPEGs of noise with a shape (``DISTINCT_IMAGES`` of them, reused)."""
     rng = np.random.default_rng(0)
     images = []
-    for i in range(DISTINCT_IMAGES):
+    for i in range(min(rows, DISTINCT_IMAGES)):
         im = Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8))
         draw = ImageDraw.Draw(im)
         x, y = rng.integers(0, size // 2, 2)
@@ -71,16 +82,19 @@ def synthetic_shards(folder: str, rows: int, size: int = 256, rows_per_shard: in
         buf = io.BytesIO()
         im.save(buf, format="JPEG", quality=90)
         images.append(buf.getvalue())
-    table = pa.table(
+    return pa.table(
         {
             "key": [f"gpu-{i:08d}" for i in range(rows)],
-            "image": [images[i % DISTINCT_IMAGES] for i in range(rows)],
+            "image": [images[i % len(images)] for i in range(rows)],
             "caption": [f"a photo of shape number {i % 97}" for i in range(rows)],
             "label": pa.nulls(rows, pa.int64()),
         },
         schema=SHARD_SCHEMA,
     )
-    storage.write_shards(table, folder, rows_per_shard=rows_per_shard)
+
+
+def synthetic_shards(folder: str, rows: int, size: int = 256, rows_per_shard: int = 10_000) -> str:
+    storage.write_shards(synthetic_table(rows, size), folder, rows_per_shard=rows_per_shard)
     return folder
 
 
@@ -97,6 +111,8 @@ def run(cfg: BenchGpuConfig) -> dict:
 
     if not torch.cuda.is_available() and not cfg.allow_cpu:
         raise ValueError("no CUDA GPU here; pass --allow-cpu for a smoke test")
+    if cfg.parts:
+        return run_parts(cfg)
     connect_ray()
     gpus = int(ray.cluster_resources().get("GPU", 0))
     card = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
@@ -116,6 +132,58 @@ def run(cfg: BenchGpuConfig) -> dict:
             "first_row_seconds": summary["first_row_seconds"],
             "steady_pairs_per_second": round(summary["rows_in"] / (summary["scoring_seconds"] - summary["first_row_seconds"]), 1),
             "cpus": ray.cluster_resources().get("CPU"), "config": asdict(cfg)}
+
+
+def run_parts(cfg: BenchGpuConfig, repeats: int = 5) -> dict:
+    """Each part of a scoring actor's work alone, on batches already in memory: what bounds the job."""
+    import torch
+
+    from pipeline.score.scorer import ClipScorer, ImageDecoder, TensorImageDecoder, tokenize_captions
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    table = synthetic_table(cfg.batch_size)
+    batch = tokenize_captions({k: np.asarray(table.column(k).to_pylist(), dtype=object)
+                               for k in ("key", "image", "caption")}, cfg.model)
+    pil, on_device = ImageDecoder(cfg.model, cfg.pretrained, pixel_dtype="uint8"), TensorImageDecoder(cfg.model, cfg.pretrained, device)
+    scorer = ClipScorer(cfg.model, cfg.pretrained, device=device, num_threads=1)
+
+    def per_second(fn, arg) -> float:
+        fn(arg)  # warm-up: kernels, allocator, caches
+        if device == "cuda":
+            torch.cuda.synchronize()
+        began = time.perf_counter()
+        for _ in range(repeats):
+            fn(arg)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return round(repeats * len(arg["key"]) / (time.perf_counter() - began), 1)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # PIL decodes on one core; torch's CPU work in the actor gets its one CPU
+    try:
+        decoded = on_device(batch)
+
+        def differences(decoder: ImageDecoder) -> torch.Tensor:
+            return (decoded["pixels"].int() - torch.from_numpy(decoder(batch)["pixels"]).to(device).int()).abs().float()
+
+        full_size = differences(ImageDecoder(cfg.model, cfg.pretrained, pixel_dtype="uint8", jpeg_draft=False))
+        result = {
+            "pil_decode_images_per_second_one_core": per_second(pil, batch),
+            "device_decode_images_per_second": per_second(on_device, batch),
+            "scorer_pairs_per_second": per_second(scorer, decoded),
+            "decode_and_score_pairs_per_second": per_second(lambda b: scorer(on_device(b)), batch),
+            # The device decoder's pixels against PIL's decoding at full size (resampling arithmetic, and
+            # nvJPEG's IDCT on a GPU), and against what --decode tasks gives (PIL, with JPEG draft mode).
+            "pixel_difference_mean": round(float(full_size.mean()), 3),
+            "pixel_difference_max": int(full_size.max()),
+            "pixel_difference_mean_vs_tasks": round(float(differences(pil).mean()), 3),
+        }
+    finally:
+        torch.set_num_threads(threads)
+    card = torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
+    return {"card": card, "model": cfg.model, "batch_size": cfg.batch_size, "repeats": repeats,
+            "jpeg_kb": round(float(np.mean([len(b) for b in batch["image"]])) / 1024, 1), **result,
+            "config": asdict(cfg)}
 
 
 if __name__ == "__main__":
