@@ -166,7 +166,7 @@ def run_parts(cfg: BenchGpuConfig, repeats: int = 5) -> dict:
         def differences(decoder: ImageDecoder) -> torch.Tensor:
             return (decoded["pixels"].int() - torch.from_numpy(decoder(batch)["pixels"]).to(device).int()).abs().float()
 
-        full_size = differences(ImageDecoder(cfg.model, cfg.pretrained, pixel_dtype="uint8", jpeg_draft=False))
+        full_size = differences(on_device.pil)  # PIL at full size: the device decoder's own fallback
         result = {
             "pil_decode_images_per_second_one_core": per_second(pil, batch),
             "device_decode_images_per_second": per_second(on_device, batch),

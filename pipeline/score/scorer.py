@@ -219,18 +219,17 @@ class TensorImageDecoder:
         self.pil = ImageDecoder(model, pretrained, max_pixels=max_pixels, pixel_dtype="uint8", jpeg_draft=False)
         self.device = torch.device(device)
 
-    def _jpeg_shape(self, data) -> tuple[int, int] | None:
-        """(width, height) of a whole RGB/grey JPEG within the checks; None sends the row to the PIL path."""
+    def _on_device(self, data) -> bool:
+        """A whole RGB/grey JPEG within the checks; anything else goes to the PIL path."""
         if not isinstance(data, (bytes, bytearray)) or not _is_whole_jpeg(data):
-            return None
+            return False
         try:
             img = Image.open(io.BytesIO(data))  # the header only
             width, height = img.size
-            usable = img.format == "JPEG" and img.mode in ("RGB", "L") and width * height <= self.pil.max_pixels
             self.pil.check_aspect(width, height)
         except Exception:  # noqa: BLE001 - the PIL path gives the reason
-            return None
-        return (width, height) if usable else None
+            return False
+        return img.format == "JPEG" and img.mode in ("RGB", "L") and width * height <= self.pil.max_pixels
 
     def _decode_jpegs(self, datas: list[bytes]) -> list[torch.Tensor | None]:
         from torchvision.io import ImageReadMode, decode_jpeg
@@ -268,7 +267,7 @@ class TensorImageDecoder:
         pixels = torch.zeros((n, 3, *self.pil.size), dtype=torch.uint8, device=self.device)
         errors = np.full(n, "", dtype=object)
         todo = [i for i in range(n) if earlier[i] == ""]
-        jpegs = [i for i in todo if self._jpeg_shape(images[i]) is not None]
+        jpegs = [i for i in todo if self._on_device(images[i])]
         decoded = dict(zip(jpegs, self._decode_jpegs([images[i] for i in jpegs]))) if jpegs else {}
         fine = [i for i in jpegs if decoded[i] is not None]
         if fine:
@@ -416,7 +415,7 @@ class ClipScorer:
             with self._autocast():
                 img = self.model.encode_image(x)
                 if self.mode == "caption":
-                    txt = self.model.encode_text(self._rows(self._tokens(batch), ok, n))
+                    txt = self.model.encode_text(self._caption_tokens(batch, ok, n))
             img = F.normalize(img.float(), dim=-1)
             if self.mode == "caption":
                 score[ok] = (img * F.normalize(txt.float(), dim=-1)).sum(dim=-1).cpu().numpy()
@@ -437,8 +436,9 @@ class ClipScorer:
             return (values if len(ok) == n else values[torch.as_tensor(ok, device=values.device)]).to(self.device)
         return torch.from_numpy(np.ascontiguousarray(values if len(ok) == n else values[ok])).to(self.device)
 
-    def _tokens(self, batch: dict[str, np.ndarray]):
-        if TOKENS in batch:  # tokenised upstream (the score job does it in its CPU tasks)
+    def _caption_tokens(self, batch: dict[str, np.ndarray], ok: np.ndarray, n: int) -> torch.Tensor:
+        """The scorable rows' caption tokens on this scorer's device: made upstream, else here."""
+        if TOKENS in batch:  # the score job makes them in its CPU tasks
             tokens = batch[TOKENS]
-            return np.stack(list(tokens)) if tokens.dtype == object else tokens
-        return self.tokenizer([str(c) for c in np.asarray(batch["caption"], dtype=object)])
+            return self._rows(np.stack(list(tokens)) if tokens.dtype == object else tokens, ok, n)
+        return self.tokenizer([str(c) for c in np.asarray(batch["caption"], dtype=object)[ok]]).to(self.device)
