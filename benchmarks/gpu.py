@@ -3,7 +3,8 @@
 Writes ``--rows`` synthetic pairs (256 px JPEGs of random noise with a
 shape drawn on each, about 54 KB: PIL decodes and resizes them within 10%
 of the rate of real 256 px photos; and captions) as parquet shards, runs the
-Ray Data score job on them with one scoring actor per GPU, and prints pairs/s
+Ray Data score job on them with one scoring actor per GPU (``--actors-per-gpu``
+for more), and prints pairs/s
 with the card's name: over the whole job, and once the first batch is scored
 (the rate a longer job settles at). Random weights are fine for speed (no
 model hub needed); pass ``--pretrained`` for real ones. Target on one GPU:
@@ -59,15 +60,16 @@ class BenchGpuConfig:
     model: str = option("ViT-B-32", "open_clip model")
     pretrained: str | None = option(None, "weights; none: random init (fine for speed)")
     batch_size: int = option(512, "rows per scoring batch")
-    max_actors: int = option(0, "scoring actors; 0: one per GPU")
+    max_actors: int = option(0, "scoring actors; 0: --actors-per-gpu per GPU")
+    actors_per_gpu: int = option(1, "scoring actors sharing each GPU (the score job's --actors-per-gpu)")
     decode: str = option("auto", "where images are decoded (the score job's --decode)", choices=("auto", "tasks", "actors"))
     allow_cpu: bool = option(False, "run without a GPU (a smoke test of the script)")
     parts: bool = option(False, "time the parts alone instead, in this process without Ray: PIL decoding on one "
                                 "core, decoding on the device, the scorer, decoding + scoring as an actor does")
 
     def __post_init__(self):
-        if self.rows < 1 or self.batch_size < 1 or self.max_actors < 0:
-            raise ValueError("need --rows >= 1, --batch-size >= 1 and --max-actors >= 0")
+        if self.rows < 1 or self.batch_size < 1 or self.max_actors < 0 or self.actors_per_gpu < 1:
+            raise ValueError("need --rows >= 1, --batch-size >= 1, --max-actors >= 0 and --actors-per-gpu >= 1")
 
 
 def synthetic_table(rows: int, size: int = 256) -> pa.Table:
@@ -118,14 +120,14 @@ def run(cfg: BenchGpuConfig) -> dict:
     card = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     with tempfile.TemporaryDirectory() as tmp:
         shards = synthetic_shards(os.path.join(tmp, "in"), cfg.rows)
-        actors = cfg.max_actors or max(1, gpus)
+        actors = cfg.max_actors or max(1, gpus) * cfg.actors_per_gpu
         score_cfg = ScoreConfig(input=shards, output=os.path.join(tmp, "out"), model=cfg.model,
                                 pretrained=cfg.pretrained, batch_size=cfg.batch_size, min_actors=actors,
-                                max_actors=actors, decode=cfg.decode)
+                                max_actors=actors, decode=cfg.decode, actors_per_gpu=cfg.actors_per_gpu)
         start = time.perf_counter()
         summary = score(score_cfg)
         seconds = time.perf_counter() - start
-    return {"card": card, "gpus": gpus, "model": cfg.model, "rows": summary["rows_in"],
+    return {"card": card, "gpus": gpus, "actors": actors, "model": cfg.model, "rows": summary["rows_in"],
             "scored": summary["scored"], "seconds": round(seconds, 2),
             "pairs_per_second": round(summary["rows_in"] / seconds, 1),
             # Once the first batch is scored (the actors are up and the pipeline full): the rate a longer job runs at.

@@ -14,6 +14,7 @@ from pipeline import storage
 from pipeline.data.reference import make_synthetic, write_dataset
 from pipeline.data.contract import SHARD_SCHEMA
 from pipeline.score.clip_models import load_clip, save_checkpoint
+from pipeline.score.job import ScoreConfig, actor_resources
 from pipeline.score.scorer import ClipScorer, ImageDecoder, TensorImageDecoder
 from shardfiles import tar_bytes
 
@@ -193,6 +194,15 @@ def test_bad_input_folder_is_a_clear_error(ray_session, tmp_path, capsys):
     assert rc == 2
     assert "a.parquet" in capsys.readouterr().err
     assert not storage.exists(str(tmp_path / "out" / "_SUCCESS"))
+
+
+def test_scoring_actors_share_each_gpu_as_asked_and_a_bad_share_is_refused_by_name(capsys):
+    cfg = ScoreConfig(input="in", output="out", actors_per_gpu=2, actor_cpus=0.5)
+    assert actor_resources(cfg, use_gpu=True) == {"num_gpus": 0.5, "num_cpus": 1}  # a CPU feeds each GPU actor
+    assert actor_resources(cfg, use_gpu=False) == {"num_gpus": 0, "num_cpus": 0.5}  # no GPUs: --actor-cpus
+    with pytest.raises(SystemExit) as exit_:
+        score_job.main(["--input", "in", "--output", "out", "--actors-per-gpu", "0"])
+    assert exit_.value.code == 2 and "--actors-per-gpu" in capsys.readouterr().err
 
 
 def test_score_job_reads_webdataset_tars_with_mixed_image_types(ray_session, tiny_ckpt, tmp_path):

@@ -3,7 +3,7 @@
 Stages are plain callables from :mod:`pipeline.data.validate` and
 :mod:`pipeline.score.scorer`; this module only decides where they run: row checks,
 caption tokens and image decoding in CPU tasks, the CLIP model in an
-autoscaling actor pool (one GPU per actor when the cluster has GPUs), writing
+autoscaling actor pool (on GPUs, ``--actors-per-gpu`` actors share each), writing
 through Ray Data. On GPUs the actors decode JPEGs themselves (nvJPEG, see
 ``--decode``), since CPU decoding cannot keep up with one: the CPU tasks then
 read, check and tokenise.
@@ -57,17 +57,21 @@ class ScoreConfig:
     columns: str = option("mmdp", "column mapping: mmdp, img2dataset, or pairs like image=jpg,caption=txt")
     batch_size: int = option(256, "rows per scoring batch")
     min_actors: int = option(1, "scoring actors the pool keeps (autoscaled between min and max)")
-    max_actors: int = option(4, "most scoring actors the pool grows to (one GPU each when the cluster has GPUs)")
+    max_actors: int = option(4, "most scoring actors the pool grows to (on GPUs: 1 / --actors-per-gpu of one each)")
     # Below 1 leaves the read/decode tasks a CPU on a small machine: a pool
     # that takes every CPU starves its own input (the job then waits forever).
     # An autoscaling cluster may have no GPU node up yet when the job starts:
     # --use-gpu makes the pool ask for GPUs, and the autoscaler starts them.
-    use_gpu: bool | None = option(None, "one GPU per scoring actor; default: only if the cluster has GPUs at start")
+    use_gpu: bool | None = option(None, "score on GPUs (see --actors-per-gpu); default: only if the cluster has GPUs at start")
     # A GPU actor outruns the CPUs that decode for it (PIL's resize is most of a CPU's 2 ms per
     # photo), so on GPUs the actors decode JPEGs themselves, with nvJPEG, and the CPUs only read.
     decode: str = option("auto", "where images are decoded: tasks (PIL, on the CPUs), actors (on the scoring "
                          "actors' device: nvJPEG on a GPU), auto = actors when they have GPUs",
                          choices=("auto", "tasks", "actors"))
+    # One actor per GPU leaves the GPU idle while Ray hands the actor its next batch (converting a batch's
+    # image bytes, building output blocks); two or more interleave that with each other's GPU work.
+    actors_per_gpu: int = option(1, "scoring actors sharing each GPU (each asks 1/N of one, and holds its own "
+                                 "model copy); with GPUs only")
     actor_cpus: float = option(1.0, "CPUs each scoring actor reserves on a cluster without GPUs")
     torch_threads: int = option(0, "torch threads per scoring actor; 0 = as many as the actor's CPUs")
     s3_endpoint: str | None = option(None, "endpoint of an S3-compatible store (default: AWS_ENDPOINT_URL or AWS)")
@@ -79,6 +83,8 @@ class ScoreConfig:
             raise ValueError("--batch-size must be at least 1")
         if self.actor_cpus <= 0:
             raise ValueError("--actor-cpus must be positive")
+        if self.actors_per_gpu < 1:
+            raise ValueError("--actors-per-gpu must be at least 1")
 
 
 @functools.lru_cache(maxsize=4)
@@ -166,6 +172,13 @@ def _score(cfg: ScoreConfig, classes: tuple[str, ...]) -> dict:
     return summary
 
 
+def actor_resources(cfg: ScoreConfig, use_gpu: bool) -> dict:
+    """What each scoring actor asks of Ray: a share of a GPU and one CPU to feed it, or ``--actor-cpus``."""
+    if use_gpu:
+        return {"num_gpus": 1 / cfg.actors_per_gpu, "num_cpus": 1}
+    return {"num_gpus": 0, "num_cpus": cfg.actor_cpus}
+
+
 def _timed(fn, *args) -> float:
     began = time.perf_counter()
     fn(*args)
@@ -194,8 +207,7 @@ def _score_listed(cfg: ScoreConfig, classes: tuple[str, ...], kind: str, files: 
             "device": "cuda" if use_gpu else "cpu",
             "num_threads": cfg.torch_threads or max(1, int(cfg.actor_cpus)),
         },
-        num_gpus=1 if use_gpu else 0,
-        num_cpus=1 if use_gpu else cfg.actor_cpus,
+        **actor_resources(cfg, use_gpu),
     )
     # The job's output folder is pending until the job skeleton commits it
     # (pipeline.cli.execute): a job killed half-way leaves it refused by readers,
