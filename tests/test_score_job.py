@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io as pyio
+from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
@@ -14,7 +15,7 @@ from pipeline import storage
 from pipeline.data.reference import make_synthetic, write_dataset
 from pipeline.data.contract import SHARD_SCHEMA
 from pipeline.score.clip_models import load_clip, save_checkpoint
-from pipeline.score.job import ScoreConfig, actor_resources
+from pipeline.score.job import ScoreConfig, actor_resources, actor_threads
 from pipeline.score.scorer import ClipScorer, ImageDecoder, TensorImageDecoder
 from shardfiles import tar_bytes
 
@@ -196,10 +197,14 @@ def test_bad_input_folder_is_a_clear_error(ray_session, tmp_path, capsys):
     assert not storage.exists(str(tmp_path / "out" / "_SUCCESS"))
 
 
-def test_scoring_actors_share_each_gpu_as_asked_and_a_bad_share_is_refused_by_name(capsys):
+def test_scoring_actors_share_each_gpu_as_asked_use_the_cpus_they_ask_and_a_bad_share_is_refused(capsys):
     cfg = ScoreConfig(input="in", output="out", actors_per_gpu=2, actor_cpus=0.5)
     assert actor_resources(cfg, use_gpu=True) == {"num_gpus": 0.5, "num_cpus": 1}  # a CPU feeds each GPU actor
     assert actor_resources(cfg, use_gpu=False) == {"num_gpus": 0, "num_cpus": 0.5}  # no GPUs: --actor-cpus
+    # Torch threads follow the CPUs asked: one for a GPU actor even with --actor-cpus 4, else --torch-threads.
+    assert actor_threads(replace(cfg, actor_cpus=4.0), use_gpu=True) == 1
+    assert actor_threads(replace(cfg, actor_cpus=4.0), use_gpu=False) == 4
+    assert actor_threads(cfg, use_gpu=False) == 1 and actor_threads(replace(cfg, torch_threads=3), use_gpu=True) == 3
     with pytest.raises(SystemExit) as exit_:
         score_job.main(["--input", "in", "--output", "out", "--actors-per-gpu", "0"])
     assert exit_.value.code == 2 and "--actors-per-gpu" in capsys.readouterr().err

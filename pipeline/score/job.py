@@ -181,6 +181,11 @@ def actor_resources(cfg: ScoreConfig, use_gpu: bool) -> dict:
     return {"num_gpus": 0, "num_cpus": cfg.actor_cpus}
 
 
+def actor_threads(cfg: ScoreConfig, use_gpu: bool) -> int:
+    """Torch threads of each scoring actor: ``--torch-threads``, else one per CPU it asks (at least one)."""
+    return cfg.torch_threads or max(1, int(actor_resources(cfg, use_gpu)["num_cpus"]))
+
+
 def _timed(fn, *args) -> float:
     began = time.perf_counter()
     fn(*args)
@@ -210,7 +215,7 @@ def _score_listed(cfg: ScoreConfig, classes: tuple[str, ...], kind: str, files: 
             "mode": cfg.mode,
             "classes": list(classes) or None,
             "device": "cuda" if use_gpu else "cpu",
-            "num_threads": cfg.torch_threads or max(1, int(cfg.actor_cpus)),
+            "num_threads": actor_threads(cfg, use_gpu),
         },
         **actor_resources(cfg, use_gpu),
     )
