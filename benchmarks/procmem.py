@@ -121,3 +121,75 @@ class PeakSampler:
         self._stop.set()
         self._thread.join()
         self.sample()
+
+
+# Groups of a local Ray's processes by the start of their command line (Ray names a worker's
+# process "ray::<what it runs>"); the root process is "driver", anything unmatched "other Ray workers".
+CPU_GROUPS = (
+    ("scoring actors", ("ray::MapWorker",)),
+    ("Ray Data helper actors", ("ray::_StatsActor", "ray::_AutoscalingCoordinatorActor", "ray::ActorLocationTracker")),
+    ("Ray's own processes", ("ray::DashboardAgent", "ray::RuntimeEnvAgent")),
+)
+_RAY_DAEMONS = ("gcs_server", "raylet", "dashboard.py", "log_monitor.py", "monitor.py")
+_HZ = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of one process so far (None if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / _HZ
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def cpu_group(line: str) -> str:
+    """The :data:`CPU_GROUPS` name of a non-root process's command line."""
+    for name, starts in CPU_GROUPS:
+        if line.startswith(starts):
+            return name
+    if any(daemon in part for part in line.split()[:2] for daemon in _RAY_DAEMONS):
+        return "Ray's own processes"
+    return "other Ray workers"
+
+
+class CpuSampler:
+    """CPU seconds of a process tree by :data:`CPU_GROUPS`, sampled in a thread; ``by_group()`` after use.
+
+    Each process counts the CPU time last seen and the group of its last command line (a Ray worker
+    is renamed when it takes an actor); one that exits loses at most ``interval`` of its time.
+    """
+
+    def __init__(self, root: int | None = None, interval: float = 0.2):
+        self.root, self.interval = root or os.getpid(), interval
+        self.seen: dict[int, tuple[float, str]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def sample(self) -> None:
+        for pid in tree(self.root):
+            cpu, line = cpu_seconds(pid), cmdline(pid)
+            if cpu is not None and line:
+                self.seen[pid] = (cpu, "driver" if pid == self.root else cpu_group(line))
+
+    def by_group(self) -> dict[str, float]:
+        """``{group: CPU seconds}``, rounded to 0.01 s, for every group seen."""
+        out: dict[str, float] = {}
+        for cpu, group in self.seen.values():
+            out[group] = out.get(group, 0.0) + cpu
+        return {group: round(value, 2) for group, value in sorted(out.items())}
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "CpuSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()

@@ -22,6 +22,12 @@ measured side by side in one run. Three figures:
   t(base_rows))``, which cancels every fixed cost (unreliable where the
   small run is mostly fixed cost).
 
+Beside the end-to-end times, where the CPU went (``cpu_seconds_by_process``):
+the bare loop's process, and for the job that starts its own Ray every
+process of that Ray, sampled from /proc and grouped (the driver, the
+scoring actors, Ray Data's helper actors, Ray's own processes, other
+workers).
+
 By default the job runs one scoring actor of one torch thread per core;
 ``--actors`` sets how many share the cores::
 
@@ -56,6 +62,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from benchmarks.hostload import cpu_ticks, shares
+from benchmarks.procmem import CpuSampler, cpu_seconds
 from pipeline import storage
 from pipeline.cli import HELP, config_parser, connect_ray, option, run_job
 from pipeline.score import REFERENCE_MODEL
@@ -139,8 +146,9 @@ def _subset(input_url: str, rows: int, rows_per_shard: int, folder: str) -> str:
     return folder
 
 
-def bare_loop(input_url: str, model: str, pretrained: str | None, batch_size: int, threads: int) -> tuple[int, float]:
-    """(pairs, seconds) of a plain single-process PyTorch loop: import, load the model, read, decode, score.
+def bare_loop(input_url: str, model: str, pretrained: str | None, batch_size: int,
+              threads: int) -> tuple[int, float, dict]:
+    """(pairs, seconds, CPU seconds) of a plain single-process PyTorch loop: import, load the model, read, decode, score.
 
     Run in a fresh process (``_in_fresh_process``), so it pays for importing
     torch and open_clip as a standalone script does, and as the Ray job's
@@ -164,7 +172,7 @@ def bare_loop(input_url: str, model: str, pretrained: str | None, batch_size: in
             batch = {c: np.asarray(chunk.column(c).to_pylist(), dtype=object) for c in chunk.column_names}
             out = scorer(decoder(validator(batch)))
             n += len(out["clip_score"])
-    return n, time.perf_counter() - start
+    return n, time.perf_counter() - start, {"bare loop": round(cpu_seconds(os.getpid()), 2)}
 
 
 def _in_fresh_process(fn, *args):
@@ -203,22 +211,27 @@ def ray_job(*args) -> tuple[int, float]:
 
 
 def ray_job_cold(input_url: str, output: str, model: str, pretrained: str | None, batch_size: int,
-                 cpus: int, actors: int) -> tuple[int, float]:
-    """(pairs, seconds) of the score job as a fresh process runs it: imports, Ray's start-up, the job, its commit.
+                 cpus: int, actors: int) -> tuple[int, float, dict]:
+    """(pairs, seconds, CPU seconds by process group) of the score job as a fresh process runs it.
 
-    Run in a fresh process, timed from its first import like :func:`bare_loop`:
-    what ``python -m jobs.score`` costs on a machine with no Ray running.
+    Imports, Ray's start-up, the job, its commit: run in a fresh process,
+    timed from its first import like :func:`bare_loop`, what ``python -m
+    jobs.score`` costs on a machine with no Ray running. The CPU time of
+    every process of the local Ray it starts is sampled meanwhile
+    (:class:`~benchmarks.procmem.CpuSampler`: the driver, the scoring actors,
+    Ray Data's helper actors, Ray's own processes, other workers).
     """
     start = time.perf_counter()
     import ray
 
     from pipeline.cli import connect_ray
 
-    connect_ray(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
-    n, _ = ray_job(input_url, output, model, pretrained, batch_size, cpus, actors)
-    took = time.perf_counter() - start
+    with CpuSampler() as cpu:
+        connect_ray(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+        n, _ = ray_job(input_url, output, model, pretrained, batch_size, cpus, actors)
+        took = time.perf_counter() - start
     ray.shutdown()
-    return n, took
+    return n, took, cpu.by_group()
 
 
 def efficiency(args: EfficiencyConfig) -> dict:
@@ -237,6 +250,7 @@ def efficiency(args: EfficiencyConfig) -> dict:
     sizes = {"base": base_rows, "rows": args.rows}
     seconds = {side: {size: [] for size in sizes} for side in sides}
     steal = {side: {size: [] for size in sizes} for side in sides}  # the host's, during each measurement
+    cpu = {side: [] for side in ("bare", "ray_cold")}  # CPU seconds by process, each run on --rows
     with tempfile.TemporaryDirectory() as tmp:
         inputs = {size: _subset(args.input, n, per_shard, os.path.join(tmp, f"in-{size}")) for size, n in sizes.items()}
         for i in range(args.repeats):  # alternate, so drift on a shared machine hits both
@@ -249,7 +263,9 @@ def efficiency(args: EfficiencyConfig) -> dict:
                     if side == "ray":
                         connect_ray(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
                     ticks = cpu_ticks()
-                    n, took = run(inputs[size], os.path.join(tmp, f"out-{side}-{size}-{i}"))
+                    n, took, *by_process = run(inputs[size], os.path.join(tmp, f"out-{side}-{size}-{i}"))
+                    if by_process and size == "rows":
+                        cpu[side].append(by_process[0])
                     steal[side][size].append(shares(ticks, cpu_ticks()).get("steal_pct"))
                     ray.shutdown()
                     if n != asked:
@@ -264,6 +280,7 @@ def efficiency(args: EfficiencyConfig) -> dict:
             "seconds": {side: {size: [round(x, 4) for x in t] for size, t in by_size.items()}
                         for side, by_size in seconds.items()},
             "host_steal_pct": {side: {size: t for size, t in by_size.items() if t} for side, by_size in steal.items()},
+            "cpu_seconds_by_process": cpu,
             "bare_pairs_per_s": round(end_to_end["bare"], 1), "ray_cold_pairs_per_s": round(end_to_end["ray_cold"], 1),
             "ray_pairs_per_s": round(end_to_end["ray"], 1),
             "ratio_end_to_end": round(end_to_end["ray_cold"] / end_to_end["bare"], 3),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -45,6 +46,15 @@ def test_efficiency_reports_end_to_end_and_steady_state_rates(tmp_path):
     for ratio, side in (("ratio_end_to_end", "ray_cold"), ("ratio_running_cluster", "ray")):
         rate = result[f"{side}_pairs_per_s"]
         assert abs(result[ratio] - rate / bare) <= 1.05 * rate / bare * (0.05 / rate + 0.05 / bare) + 0.0005
+    # Where the CPU went, each run on --rows: the bare loop's one process; the cold job's Ray by group,
+    # the scoring actors and the driver among them, none of them more than the run's cores could give.
+    cpu = result["cpu_seconds_by_process"]
+    assert [list(run) for run in cpu["bare"]] == [["bare loop"]] and cpu["bare"][0]["bare loop"] > 0
+    (cold,) = cpu["ray_cold"]
+    assert {"driver", "scoring actors", "Ray's own processes"} <= set(cold) and cold["scoring actors"] > 0
+    assert set(cold) <= {"driver", "scoring actors", "Ray Data helper actors", "Ray's own processes", "other Ray workers"}
+    # (The driver's count starts at its process's spawn, a little before its timer: hence the 2 s.)
+    assert 0 < sum(cold.values()) <= (os.cpu_count() or 1) * (result["seconds"]["ray_cold"]["rows"][0] + 2.0)
     assert result["config"]["command"] == "efficiency"
 
 
