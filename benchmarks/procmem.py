@@ -69,14 +69,43 @@ def tree(root: int) -> list[int]:
     return out
 
 
-class PeakSampler:
+class _TreeSampler:
+    """Calls ``sample()`` on the tree of ``root`` every ``interval`` seconds in a thread, and once more at the end.
+
+    Use as a context manager around the work to measure.
+    """
+
+    def __init__(self, root: int | None = None, interval: float = 0.2):
+        self.root, self.interval = root or os.getpid(), interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def sample(self) -> None:
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+
+
+class PeakSampler(_TreeSampler):
     """Samples a process tree's summed RSS and PSS in a thread; ``peak_rss`` / ``peak_pss`` in bytes.
 
     Use as a context manager around the work to measure.
     """
 
     def __init__(self, root: int | None = None, interval: float = 0.2, titles: tuple[str, ...] = ()):
-        self.root, self.interval = root or os.getpid(), interval
+        super().__init__(root, interval)
         self.peak_rss = self.peak_pss = 0
         self.peak_root_pss = 0  # the root process alone (a job's driver)
         # Per title: the peak summed PSS of the processes whose command line starts with it (Ray names an
@@ -86,8 +115,6 @@ class PeakSampler:
         self.peak_procs = 0
         self.samples = 0
         self.series: list[tuple[float, int]] = []  # (time.time(), tree PSS) of every sample
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
     def sample(self) -> tuple[int, int]:
         pids = tree(self.root)
@@ -107,20 +134,6 @@ class PeakSampler:
     def peak_pss_between(self, start: float, stop: float) -> int:
         """The tree's peak PSS over the samples taken from ``start`` to ``stop`` (``time.time()``)."""
         return max((p for t, p in self.series if start <= t <= stop), default=0)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.sample()
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> "PeakSampler":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.sample()
 
 
 # Groups of a local Ray's processes by the start of their command line (Ray names a worker's
@@ -154,7 +167,7 @@ def cpu_group(line: str) -> str:
     return "other Ray workers"
 
 
-class CpuSampler:
+class CpuSampler(_TreeSampler):
     """CPU seconds of a process tree by :data:`CPU_GROUPS`, sampled in a thread; ``by_group()`` after use.
 
     Each process counts the CPU time last seen and the group of its last command line (a Ray worker
@@ -162,10 +175,8 @@ class CpuSampler:
     """
 
     def __init__(self, root: int | None = None, interval: float = 0.2):
-        self.root, self.interval = root or os.getpid(), interval
+        super().__init__(root, interval)
         self.seen: dict[int, tuple[float, str]] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
     def sample(self) -> None:
         for pid in tree(self.root):
@@ -179,17 +190,3 @@ class CpuSampler:
         for cpu, group in self.seen.values():
             out[group] = out.get(group, 0.0) + cpu
         return {group: round(value, 2) for group, value in sorted(out.items())}
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.sample()
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> "CpuSampler":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.sample()
