@@ -195,12 +195,14 @@ def _timed(fn, *args) -> float:
 def _score_listed(cfg: ScoreConfig, classes: tuple[str, ...], kind: str, files: list[str], use_gpu: bool,
                   start: float, checked: Future) -> dict:
     in_actors = cfg.decode == "actors" or (cfg.decode == "auto" and use_gpu)
+    resources = actor_resources(cfg, use_gpu)
     ds = shards.read_listed(cfg.input, kind, files, cfg.columns).map_batches(
         _prepare_stage,
         batch_size=cfg.batch_size,
-        # Without GPUs, what the actors ask: Ray Data fuses this stage into them (module docstring).
-        # For 50k rows on 2 cores: 43 s against 48 s, 9 CPU-s less (medians of five pairs) than decode tasks.
-        num_cpus=1 if use_gpu else actor_resources(cfg, use_gpu)["num_cpus"],
+        # The CPUs the actors ask: without GPUs Ray Data fuses this stage into them (module docstring);
+        # GPU actors ask a GPU too, so there it stays in tasks. For 50k rows on 2 cores fusing took
+        # 43 s against 48 s, 9 CPU-s less (medians of five pairs) than decode tasks of their own.
+        num_cpus=resources["num_cpus"],
         fn_kwargs={"model": cfg.model, "pretrained": cfg.pretrained, "mode": cfg.mode, "classes": classes,
                    "decode": not in_actors},
     )
@@ -217,7 +219,7 @@ def _score_listed(cfg: ScoreConfig, classes: tuple[str, ...], kind: str, files: 
             "device": "cuda" if use_gpu else "cpu",
             "num_threads": actor_threads(cfg, use_gpu),
         },
-        **actor_resources(cfg, use_gpu),
+        **resources,
     )
     # The job's output folder is pending until the job skeleton commits it
     # (pipeline.cli.execute): a job killed half-way leaves it refused by readers,
