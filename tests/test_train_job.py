@@ -85,10 +85,29 @@ def test_each_kept_sample_reports_exactly_one_loss(scored_ready, tmp_path):
     # The two workers split the test split between them: one exact pass, every epoch.
     test_rows = storage.read_json(f"{data}/metadata.json")["splits"]["test"]
     assert test_rows > 0 and [e["test_rows"] for e in metrics["epochs"]] == [test_rows] * 4
-    assert storage.exists(str(tmp_path / "run" / "checkpoint" / "train.pt"))
+    # The reported accuracy is the checkpointed model's (rank 0's weights and BatchNorm statistics).
+    assert _checkpoint_accuracy(tmp_path / "run", data) == pytest.approx(metrics["epochs"][-1]["test_accuracy"], abs=1e-9)
     # The run folder is a committed output with the resolved config beside the metrics.
     assert storage.is_complete(str(tmp_path / "run"))
     assert storage.read_json(str(tmp_path / "run" / "config.json"))["policy"] == "mmdp"
+
+
+def _checkpoint_accuracy(run, data) -> float:
+    """The test accuracy of the model saved in ``run``'s checkpoint, recomputed in this process."""
+    import pyarrow.parquet as pq
+    import torch
+
+    from pipeline.train.models import build_model
+    from pipeline.train.stages import test_decode_stage, test_stage
+
+    cfg = storage.read_json(str(run / "config.json"))
+    model = build_model(cfg["model"], len(storage.read_json(f"{data}/metadata.json")["classes"]), cfg["width"])
+    model.load_state_dict(torch.load(run / "checkpoint" / "train.pt", weights_only=True)["model"])
+    table = pq.read_table(f"{data}/test")
+    rows = test_decode_stage(test_stage({c: table[c].to_numpy(zero_copy_only=False) for c in table.column_names}))
+    with torch.inference_mode():
+        predicted = model.eval()(torch.from_numpy(rows["x"])).argmax(1).numpy()
+    return float((predicted == rows["label"]).mean())
 
 
 # A fixed noise fraction: the plans then vary with the losses every epoch (the test is about them).

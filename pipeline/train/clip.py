@@ -171,13 +171,11 @@ class ClipTask:
         return model.train(), clip_optimizer(model, self.cfg["lr"], self.cfg["weight_decay"])
 
     def setup(self, total_steps: int):
-        """:meth:`build`, the model prepared for DDP, and the warm-up + cosine schedule."""
-        import ray.train.torch
-
-        from pipeline.train.loop import cosine_lr
+        """:meth:`build`, the model prepared for DDP (:func:`~pipeline.train.loop.prepare_ddp`), and the warm-up + cosine schedule."""
+        from pipeline.train.loop import cosine_lr, prepare_ddp
 
         model, opt = self.build()
-        model = ray.train.torch.prepare_model(model)
+        model = prepare_ddp(model)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, total_steps, self.cfg["warmup_steps"]))
         return model, opt, sched
 
@@ -235,8 +233,12 @@ class ClipTask:
         Each worker embeds its part of the split (by key hash, as the
         classifier's evaluation splits it); rank 0 gathers the embeddings and
         computes the figures over the whole split (:func:`retrieval_metrics`),
-        and every rank returns them. Call on every rank with the bare model.
+        and every rank returns them. Call on every rank with the bare model;
+        every rank embeds with rank 0's buffers (:func:`~pipeline.train.loop.broadcast_buffers`).
         """
+        from pipeline.train.loop import broadcast_buffers
+
+        broadcast_buffers(model)
         if cache is None:
             cache = []
             for b in shard.iter_batches(batch_size=batch_size, batch_format="numpy"):

@@ -84,13 +84,32 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
-def setup_model(cfg: dict, total_steps: int):
-    """Seeded model (prepared for DDP), SGD with Nesterov momentum, and the warm-up + cosine schedule."""
+def prepare_ddp(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` on the worker's device, wrapped in DDP without the buffer broadcast before every forward.
+
+    DDP by default copies rank 0's buffers (BatchNorm's running statistics)
+    to every rank at each forward: a collective per step, so the ranks meet
+    twice a step instead of once. Training-mode forwards do not read those
+    statistics, so gradients are the same without it; what reads them (the
+    test pass, a checkpoint) takes rank 0's (:func:`broadcast_buffers`
+    first), and rank 0's are the same either way. Only a probe's
+    forward (``--probe-every``) on another rank sees that rank's own.
+    Parameters and buffers are still made equal once, when DDP wraps the model.
+    """
+    import inspect
+
     import ray.train.torch
 
+    ddp = inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
+    no_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in ddp else {"broadcast_buffers": False}
+    return ray.train.torch.prepare_model(model, parallel_strategy_kwargs=no_sync)
+
+
+def setup_model(cfg: dict, total_steps: int):
+    """Seeded model (prepared for DDP, :func:`prepare_ddp`), SGD with Nesterov momentum, and the warm-up + cosine schedule."""
     torch.manual_seed(cfg["seed"])
     torch.set_num_threads(cfg["threads"])
-    model = ray.train.torch.prepare_model(build_model(cfg["model"], cfg["num_classes"], cfg["width"] or None))
+    model = prepare_ddp(build_model(cfg["model"], cfg["num_classes"], cfg["width"] or None))
     opt = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=0.9, weight_decay=cfg["weight_decay"], nesterov=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, total_steps, cfg["warmup_steps"]))
     return model, opt, sched
@@ -463,7 +482,8 @@ class PrunerRestartedError(RuntimeError):
     """The pruning actor lost its state mid-epoch; the epoch must be trained again."""
 
 
-def _broadcast_buffers(model: torch.nn.Module) -> None:
+def broadcast_buffers(model: torch.nn.Module) -> None:
+    """Every rank's buffers (BatchNorm's running statistics) set to rank 0's, before a pass that reads them."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         for buffer in model.buffers():
             dist.broadcast(buffer, src=0)
@@ -480,7 +500,7 @@ def evaluate(model, shard, cache, batch_size: int, rank: int, world: int):
     model a checkpoint saves. Call it on every rank, with the bare module
     (:func:`unwrap`): a DDP forward would wait for the other ranks.
     """
-    _broadcast_buffers(model)
+    broadcast_buffers(model)
     model.eval()
     if cache is None:
         cache = []
