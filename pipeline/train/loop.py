@@ -93,7 +93,8 @@ def prepare_ddp(model: torch.nn.Module) -> torch.nn.Module:
     statistics, so gradients are the same without it; what reads them (the
     test pass, a checkpoint) takes rank 0's (:func:`broadcast_buffers`
     first), and rank 0's are the same either way. Only a probe's
-    forward (``--probe-every``) on another rank sees that rank's own.
+    forward (mmdp's ``probe_every``, off by default) on another rank sees
+    that rank's own.
     Parameters and buffers are still made equal once, when DDP wraps the model.
     """
     import inspect
