@@ -11,10 +11,12 @@ import pathlib
 import signal
 import threading
 import time
+import types
 
 import numpy as np
 import pytest
 
+from benchmarks.pruning_eval import evaluate_checkpoint
 from jobs import score as score_job
 from jobs import train as train_job
 from pipeline import storage
@@ -86,28 +88,13 @@ def test_each_kept_sample_reports_exactly_one_loss(scored_ready, tmp_path):
     test_rows = storage.read_json(f"{data}/metadata.json")["splits"]["test"]
     assert test_rows > 0 and [e["test_rows"] for e in metrics["epochs"]] == [test_rows] * 4
     # The reported accuracy is the checkpointed model's (rank 0's weights and BatchNorm statistics).
-    assert _checkpoint_accuracy(tmp_path / "run", data) == pytest.approx(metrics["epochs"][-1]["test_accuracy"], abs=1e-9)
+    # (benchmarks.pruning_eval.evaluate_checkpoint: the pruning benchmark's own recomputation, in this process.)
+    run_cfg = types.SimpleNamespace(**storage.read_json(str(tmp_path / "run" / "config.json")))
+    recomputed = evaluate_checkpoint(str(tmp_path / "run"), data, run_cfg)["driver_test_accuracy"]
+    assert recomputed == pytest.approx(metrics["epochs"][-1]["test_accuracy"], abs=1e-9)
     # The run folder is a committed output with the resolved config beside the metrics.
     assert storage.is_complete(str(tmp_path / "run"))
     assert storage.read_json(str(tmp_path / "run" / "config.json"))["policy"] == "mmdp"
-
-
-def _checkpoint_accuracy(run, data) -> float:
-    """The test accuracy of the model saved in ``run``'s checkpoint, recomputed in this process."""
-    import pyarrow.parquet as pq
-    import torch
-
-    from pipeline.train.models import build_model
-    from pipeline.train.stages import test_decode_stage, test_stage
-
-    cfg = storage.read_json(str(run / "config.json"))
-    model = build_model(cfg["model"], len(storage.read_json(f"{data}/metadata.json")["classes"]), cfg["width"])
-    model.load_state_dict(torch.load(run / "checkpoint" / "train.pt", weights_only=True)["model"])
-    table = pq.read_table(f"{data}/test")
-    rows = test_decode_stage(test_stage({c: table[c].to_numpy(zero_copy_only=False) for c in table.column_names}))
-    with torch.inference_mode():
-        predicted = model.eval()(torch.from_numpy(rows["x"])).argmax(1).numpy()
-    return float((predicted == rows["label"]).mean())
 
 
 # A fixed noise fraction: the plans then vary with the losses every epoch (the test is about them).
