@@ -27,13 +27,13 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
+from benchmarks.procmem import TICKS_PER_SECOND
 from pipeline.cli import option, run_job
 
 # /proc/stat's first line: cpu user nice system idle iowait irq softirq steal guest guest_nice, in ticks.
 # guest and guest_nice are already counted in user and nice, so the total is the first eight.
 _FIELDS = 8
 _STEAL, _IDLE, _IOWAIT = 7, 3, 4
-_TICKS_PER_SECOND = os.sysconf("SC_CLK_TCK")
 
 
 def cpu_ticks() -> list[int] | None:
@@ -61,7 +61,7 @@ def shares(before: list[int] | None, after: list[int] | None) -> dict:
         return {}
     busy = total - delta[_IDLE] - delta[_IOWAIT] - delta[_STEAL]
     return {"steal_pct": round(100.0 * delta[_STEAL] / total, 1), "busy_pct": round(100.0 * busy / total, 1),
-            "cpu_seconds": round(busy / _TICKS_PER_SECOND, 2)}
+            "cpu_seconds": round(busy / TICKS_PER_SECOND, 2)}
 
 
 PROBE_STEPS = 20  # forward and backward passes the probe times (about 1 s on one core here)

@@ -144,7 +144,8 @@ CPU_GROUPS = (
     ("Ray's own processes", ("ray::DashboardAgent", "ray::RuntimeEnvAgent")),
 )
 _RAY_DAEMONS = ("gcs_server", "raylet", "dashboard.py", "log_monitor.py", "monitor.py")
-_HZ = os.sysconf("SC_CLK_TCK")
+# /proc counts CPU time in clock ticks.
+TICKS_PER_SECOND = os.sysconf("SC_CLK_TCK")
 
 
 def cpu_seconds(pid: int) -> float | None:
@@ -152,7 +153,7 @@ def cpu_seconds(pid: int) -> float | None:
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / _HZ
+        return (int(fields[11]) + int(fields[12])) / TICKS_PER_SECOND
     except (OSError, IndexError, ValueError):
         return None
 
