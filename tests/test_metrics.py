@@ -38,6 +38,23 @@ def test_noise_fraction_is_the_low_mode_of_a_two_mode_histogram():
     assert estimate_noise_fraction(np.array([np.nan, 1.0])) == 0.0
 
 
+
+def test_noise_fraction_reads_a_narrow_consistent_group_beside_a_wide_low_one():
+    """A caption score's shape: Otsu's cut alone lands inside the wide low group."""
+    from pipeline.score.quality import estimate_noise_fraction, lower_tail_bound, otsu
+
+    rng = np.random.default_rng(0)
+    clean, noisy = rng.normal(0.77, 0.017, 7000), rng.normal(0.6, 0.06, 3000)
+    values = np.r_[clean, noisy]
+    cut, _ = otsu(values)
+    assert np.mean(values < cut) < 0.28  # what Otsu's cut alone reads
+    assert estimate_noise_fraction(values) == pytest.approx(0.3, abs=0.01)
+    # The bound is the group's median less three of its low side's spreads.
+    assert lower_tail_bound(clean) == pytest.approx(0.77 - 3 * 0.017, abs=0.003)
+    # A skewed group: its low side's spread (0.04, not the high side's 0.01) places the bound.
+    z = rng.normal(size=7000)
+    assert lower_tail_bound(0.77 + np.where(z < 0, 0.04, 0.01) * z) == pytest.approx(0.77 - 3 * 0.04, abs=0.005)
+
 def test_policy_params_parse_numbers_and_reject_malformed_pairs():
     from pipeline.train.config import parse_params
 

@@ -54,12 +54,24 @@ def otsu(values: np.ndarray, bins: int = 256) -> tuple[float, float]:
 MIN_SEPARABILITY = 0.7
 
 
+# A pair more than this many robust spreads below the consistent group's
+# median is not read as one of that group (about 0.1% of a Gaussian group).
+TAIL_SPREADS = 3.0
+
+
 def estimate_noise_fraction(consistency: np.ndarray, cap: float = 0.5) -> float:
     """Share of pairs in the low-consistency mode (mmdp's default ``noise_fraction``).
 
     Otsu's cut of the consistency histogram, if it has two distinct modes
-    (separability >= MIN_SEPARABILITY); 0 if it has one. Capped at ``cap``:
-    a signal that calls most pairs noise is more likely miscalibrated.
+    (separability >= MIN_SEPARABILITY); 0 if it has one. The cut moves up to
+    :func:`lower_tail_bound` of the pairs above it when that bound is higher:
+    Otsu's criterion assumes groups of like spread, and beside a narrow
+    consistent group and a wide low one (a caption score's histogram) it cuts
+    inside the low group, counting as consistent pairs that lie far below
+    every consistent one. Where the groups are alike (a label margin's
+    histogram) the bound lies below Otsu's cut and changes nothing. Capped
+    at ``cap``: a signal that calls most pairs noise is more likely
+    miscalibrated.
     """
     values = np.asarray(consistency, dtype=np.float64)
     values = values[np.isfinite(values)]
@@ -68,4 +80,22 @@ def estimate_noise_fraction(consistency: np.ndarray, cap: float = 0.5) -> float:
     cut, separability = otsu(values)
     if separability < MIN_SEPARABILITY:
         return 0.0
+    cut = max(cut, lower_tail_bound(values[values >= cut]))
     return float(min(cap, np.mean(values < cut)))
+
+
+def lower_tail_bound(values: np.ndarray, spreads: float = TAIL_SPREADS) -> float:
+    """The value ``spreads`` robust spreads below the median of ``values``: the low end of one group.
+
+    The spread is that of the values below the median (1.4826 times their
+    median distance to it, the standard deviation for a Gaussian), since a
+    group of consistent pairs is skewed: its low side, toward the noise,
+    is the wider, and the one the bound is about.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    if len(values) == 0:
+        return -np.inf
+    median = float(np.median(values))
+    below = median - values[values < median]
+    spread = 1.4826 * float(np.median(below)) if len(below) else 0.0
+    return median - spreads * spread
