@@ -65,6 +65,7 @@ from benchmarks.hostload import cpu_ticks, shares
 from benchmarks.procmem import CpuSampler, cpu_seconds
 from pipeline import storage
 from pipeline.cli import HELP, config_parser, connect_ray, option, run_job
+from pipeline.report.scores import noise_cut
 from pipeline.score import REFERENCE_MODEL
 from pipeline.score.quality import auroc
 
@@ -102,7 +103,7 @@ class EfficiencyConfig:
 
 # Subcommand -> (its config, its one-line help, what it runs).
 COMMANDS = {
-    "auroc": (AurocConfig, "AUROC of clip_score / clip_margin for noisy rows (ground truth)",
+    "auroc": (AurocConfig, "AUROC of clip_score / clip_margin for noisy rows (ground truth), and the noise share mmdp would estimate",
               lambda cfg: signal_quality(cfg.data, cfg.scores)),
     "efficiency": (EfficiencyConfig, "Ray Data score job vs a bare PyTorch loop, pairs/s",
                    lambda cfg: efficiency(cfg)),
@@ -123,7 +124,8 @@ def signal_quality(data: str, scores_url: str) -> dict:
     rejects = storage.read_table(storage.join(scores_url, "rejects")).join(gt, keys="key", join_type="inner")
     corruption = merged.column("corruption").to_numpy(zero_copy_only=False).astype(str)
     out = {"rows": int(merged.num_rows + rejects.num_rows), "scored": int(merged.num_rows),
-           "rejected": int(rejects.num_rows), "noisy_scored": int((corruption != "none").sum())}
+           "rejected": int(rejects.num_rows), "noisy_scored": int((corruption != "none").sum()),
+           "noise_share_true": round(float(np.mean(corruption != "none")), 4) if len(corruption) else 0.0}
     noisy = corruption != "none"
     for column in ("clip_score", "clip_margin"):
         values = merged.column(column).to_numpy(zero_copy_only=False).astype(float)
@@ -134,6 +136,11 @@ def signal_quality(data: str, scores_url: str) -> dict:
         for kind in sorted(set(corruption) - {"none"}):
             rows = np.isin(corruption, ["none", kind])
             out[f"auroc_{column}_{kind}"] = round(auroc(-values[rows], noisy[rows]), 4)
+        # What mmdp's default noise decision makes of this column: its estimated share, and its cut's errors.
+        share, excluded = noise_cut(values)
+        out[f"noise_share_{column}"] = round(share, 4)
+        out[f"noisy_excluded_{column}"] = int((excluded & noisy).sum())
+        out[f"clean_excluded_{column}"] = int((excluded & ~noisy).sum())
     out["rejected_by_corruption"] = dict(collections.Counter(rejects.column("corruption").to_pylist()))
     return out
 

@@ -12,6 +12,7 @@ import pytest
 from jobs import score as score_job
 from pipeline import storage
 from pipeline.data.reference import make_synthetic, write_dataset
+from pipeline.prune.policies import noise_count
 
 
 def _bench(*args: str) -> dict:
@@ -78,3 +79,7 @@ def test_auroc_counts_every_row_against_the_ground_truth(ray_session, tmp_path):
     assert result["noisy_scored"] == int((truth["corruption"] != "none").sum()) > 0
     for column in ("auroc_clip_score", "auroc_clip_margin", "auroc_clip_margin_symmetric"):
         assert 0.0 <= result[column] <= 1.0
+    assert result["noise_share_true"] == round(result["noisy_scored"] / result["scored"], 4)
+    for column in ("clip_score", "clip_margin"):  # the cut excludes round(share * n) rows, each noisy or clean
+        assert result[f"noisy_excluded_{column}"] + result[f"clean_excluded_{column}"] == noise_count(
+            result[f"noise_share_{column}"], result["scored"])

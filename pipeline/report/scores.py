@@ -130,6 +130,20 @@ def _corruptions(keys: pa.ChunkedArray, data: str, sources: Sources) -> np.ndarr
     return kinds.to_numpy(zero_copy_only=False).astype(str)
 
 
+def noise_cut(values: np.ndarray) -> tuple[float, np.ndarray]:
+    """(the estimated noise share, which rows mmdp and clip_cut exclude as noise) for consistency ``values``.
+
+    The ``round(share * n)`` lowest values, the share estimated from their
+    histogram (:func:`~pipeline.score.quality.estimate_noise_fraction`), ties
+    in row order: what the pruner excludes with its defaults.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    fraction = estimate_noise_fraction(values)
+    excluded = np.zeros(len(values), dtype=bool)
+    excluded[np.argsort(values, kind="stable")[:noise_count(fraction, len(values)) if len(values) else 0]] = True
+    return fraction, excluded
+
+
 def label_cuts(values: np.ndarray, labels: np.ndarray, noisy: np.ndarray | None,
                classes: list[str]) -> tuple[float, list[LabelCut]]:
     """The estimated-noise cut of ``values``, as mmdp and clip_cut make it by default, split by label.
@@ -147,9 +161,7 @@ def label_cuts(values: np.ndarray, labels: np.ndarray, noisy: np.ndarray | None,
     Returns:
         (the excluded share, one :class:`LabelCut` per label present, by label).
     """
-    fraction = estimate_noise_fraction(values)
-    excluded = np.zeros(len(values), dtype=bool)
-    excluded[np.argsort(values, kind="stable")[:noise_count(fraction, len(values)) if len(values) else 0]] = True
+    fraction, excluded = noise_cut(values)
     cuts = []
     for label in np.unique(labels[labels >= 0]):
         rows = labels == label
