@@ -5,6 +5,13 @@ rows the dataset job corrupted from the clean ones (ground truth)::
 
     python -m benchmarks.scoring auroc --data data/fmnist --scores runs/scores
 
+The noise share mmdp estimates, against the truth, on pools built and scored
+here (the benchmark pools of ``benchmarks.pruning``, scored in this process
+by the score job's own stages, without Ray), in label mode (``clip_margin``)
+and caption mode (``clip_score``), with Otsu's cut alone beside it::
+
+    python -m benchmarks.scoring noise-share --clip-pretrained runs/ref-clip/model.pt --seeds 0,1,2
+
 Pipeline efficiency: the Ray Data score job's pairs/s over a bare PyTorch
 loop's, same model, batch size, cores and shards, decoding included in both,
 measured side by side in one run. Three figures:
@@ -79,6 +86,23 @@ class AurocConfig:
 
 
 @dataclass(frozen=True)
+class NoiseShareConfig:
+    """``noise-share``: one field per flag."""
+
+    clip_pretrained: str | None = option(None, "the scoring model's checkpoint (python -m jobs.pretrain_reference_clip's)")
+    clip_model: str = option(REFERENCE_MODEL, "open_clip model that scores the pools")
+    noise: tuple[str, ...] = option(("symmetric:0.3", "pairflip:0.3", "symmetric:0.5", "caption:0.15", "caption:0.3",
+                                     "caption:0.5", "clean"), "comma-separated noise settings of the pools "
+                                    "(benchmarks.pruning's; join the kinds of one with +)")
+    seeds: tuple[int, ...] = option((0,), "comma-separated noise seeds")
+    pool_size: int = option(20_000, "train rows in each pool")
+    split_seed: int = option(0, "seed of the reference/pool split: the one the CLIP model's dataset used")
+    synthetic: bool = option(False, "the tiny synthetic dataset instead of Fashion-MNIST (tests)")
+    batch_size: int = option(1024, "rows per scoring batch")
+    threads: int = option(2, "torch threads")
+
+
+@dataclass(frozen=True)
 class EfficiencyConfig:
     """``efficiency``: one field per flag."""
 
@@ -105,6 +129,8 @@ class EfficiencyConfig:
 COMMANDS = {
     "auroc": (AurocConfig, "AUROC of clip_score / clip_margin for noisy rows (ground truth), and the noise share mmdp would estimate",
               lambda cfg: signal_quality(cfg.data, cfg.scores)),
+    "noise-share": (NoiseShareConfig, "mmdp's estimated noise share against the truth, label and caption mode",
+                    lambda cfg: noise_shares(cfg)),
     "efficiency": (EfficiencyConfig, "Ray Data score job vs a bare PyTorch loop, pairs/s",
                    lambda cfg: efficiency(cfg)),
 }
@@ -143,6 +169,40 @@ def signal_quality(data: str, scores_url: str) -> dict:
         out[f"clean_excluded_{column}"] = int((excluded & ~noisy).sum())
     out["rejected_by_corruption"] = dict(collections.Counter(rejects.column("corruption").to_pylist()))
     return out
+
+
+def noise_shares(cfg: NoiseShareConfig) -> dict:
+    """Per pool and mode: the true noise share, mmdp's estimate, Otsu's cut alone, the cut's errors, AUROC."""
+    from benchmarks.pruning import build_pool
+    from pipeline.score.quality import estimate_noise_fraction
+    from pipeline.score.scorer import ClipScorer, ImageDecoder
+
+    decoder = ImageDecoder(cfg.clip_model, cfg.clip_pretrained)
+    rows = []
+    for spec in cfg.noise:
+        for seed in cfg.seeds:
+            clean = spec in ("clean", "none")
+            pool = build_pool(cfg.pool_size, None if clean else spec.replace("+", ","), seed, cfg.split_seed,
+                              cfg.synthetic)
+            train = pool.splits["train"]
+            noisy = pool.ground_truth.column("corruption").to_numpy(zero_copy_only=False).astype(str) != "none"
+            columns = {name: train.column(name).to_numpy(zero_copy_only=False) for name in train.column_names}
+            for mode, signal in (("label", "clip_margin"), ("caption", "clip_score")):
+                scorer = ClipScorer(cfg.clip_model, cfg.clip_pretrained, mode=mode,
+                                    classes=pool.metadata["classes"], num_threads=cfg.threads)
+                values = np.concatenate([
+                    scorer(decoder({k: v[i:i + cfg.batch_size] for k, v in columns.items()}))[signal]
+                    for i in range(0, train.num_rows, cfg.batch_size)]).astype(np.float64)
+                share, excluded = noise_cut(values)
+                rows.append({"noise": spec, "seed": seed, "mode": mode, "signal": signal, "rows": len(values),
+                             "true_share": round(float(noisy.mean()), 4), "estimated_share": round(share, 4),
+                             "otsu_share": round(estimate_noise_fraction(values, tail_spreads=None), 4),
+                             "noisy_excluded": int((excluded & noisy).sum()),
+                             "clean_excluded": int((excluded & ~noisy).sum()),
+                             "auroc": round(auroc(-values, noisy), 4) if 0 < noisy.sum() < len(noisy) else None})
+                print(f"{spec} seed {seed}, {mode} mode: true share {rows[-1]['true_share']:.3f}, estimated "
+                      f"{share:.3f} (Otsu alone {rows[-1]['otsu_share']:.3f})", file=sys.stderr, flush=True)
+    return {"pools": rows}
 
 
 def _subset(input_url: str, rows: int, rows_per_shard: int, folder: str) -> str:

@@ -83,3 +83,19 @@ def test_auroc_counts_every_row_against_the_ground_truth(ray_session, tmp_path):
     for column in ("clip_score", "clip_margin"):  # the cut excludes round(share * n) rows, each noisy or clean
         assert result[f"noisy_excluded_{column}"] + result[f"clean_excluded_{column}"] == noise_count(
             result[f"noise_share_{column}"], result["scored"])
+
+
+def test_noise_share_reads_every_pool_in_both_modes():
+    result = _bench("noise-share", "--synthetic", "--pool-size", "64", "--noise", "symmetric:0.3,clean",
+                    "--seeds", "0", "--clip-model", "mmdp-tiny", "--batch-size", "32")
+    pools = result["pools"]
+    assert [(p["noise"], p["mode"], p["signal"]) for p in pools] == [
+        ("symmetric:0.3", "label", "clip_margin"), ("symmetric:0.3", "caption", "clip_score"),
+        ("clean", "label", "clip_margin"), ("clean", "caption", "clip_score")]
+    truth = make_synthetic(n=128, seed=0, noise="symmetric:0.3").ground_truth.to_pandas()
+    assert pools[0]["true_share"] == round(float((truth["corruption"] != "none").mean()), 4) > 0
+    for p in pools:
+        assert p["rows"] == 64
+        assert p["noisy_excluded"] + p["clean_excluded"] == noise_count(p["estimated_share"], p["rows"])
+        assert p["estimated_share"] >= p["otsu_share"]  # the tail bound only ever raises Otsu's cut
+    assert pools[2]["true_share"] == 0 and pools[2]["noisy_excluded"] == 0 and pools[2]["auroc"] is None

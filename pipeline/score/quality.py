@@ -59,7 +59,8 @@ MIN_SEPARABILITY = 0.7
 TAIL_SPREADS = 3.0
 
 
-def estimate_noise_fraction(consistency: np.ndarray, cap: float = 0.5) -> float:
+def estimate_noise_fraction(consistency: np.ndarray, cap: float = 0.5,
+                            tail_spreads: float | None = TAIL_SPREADS) -> float:
     """Share of pairs in the low-consistency mode (mmdp's default ``noise_fraction``).
 
     Otsu's cut of the consistency histogram, if it has two distinct modes
@@ -69,9 +70,9 @@ def estimate_noise_fraction(consistency: np.ndarray, cap: float = 0.5) -> float:
     consistent group and a wide low one (a caption score's histogram) it cuts
     inside the low group, counting as consistent pairs that lie far below
     every consistent one. Where the groups are alike (a label margin's
-    histogram) the bound lies below Otsu's cut and changes nothing. Capped
-    at ``cap``: a signal that calls most pairs noise is more likely
-    miscalibrated.
+    histogram) the bound lies below Otsu's cut and changes nothing
+    (``tail_spreads`` None: Otsu's cut alone). Capped at ``cap``: a signal
+    that calls most pairs noise is more likely miscalibrated.
     """
     values = np.asarray(consistency, dtype=np.float64)
     values = values[np.isfinite(values)]
@@ -80,7 +81,8 @@ def estimate_noise_fraction(consistency: np.ndarray, cap: float = 0.5) -> float:
     cut, separability = otsu(values)
     if separability < MIN_SEPARABILITY:
         return 0.0
-    cut = max(cut, lower_tail_bound(values[values >= cut]))
+    if tail_spreads is not None:
+        cut = max(cut, lower_tail_bound(values[values >= cut], tail_spreads))
     return float(min(cap, np.mean(values < cut)))
 
 
