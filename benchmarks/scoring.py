@@ -178,6 +178,7 @@ def noise_shares(cfg: NoiseShareConfig) -> dict:
     from pipeline.score.scorer import ClipScorer, ImageDecoder
 
     decoder = ImageDecoder(cfg.clip_model, cfg.clip_pretrained)
+    scorers = {}  # (mode, classes) -> ClipScorer, each model loaded once
     rows = []
     for spec in cfg.noise:
         for seed in cfg.seeds:
@@ -185,16 +186,22 @@ def noise_shares(cfg: NoiseShareConfig) -> dict:
             pool = build_pool(cfg.pool_size, None if clean else spec.replace("+", ","), seed, cfg.split_seed,
                               cfg.synthetic)
             train = pool.splits["train"]
-            noisy = pool.ground_truth.column("corruption").to_numpy(zero_copy_only=False).astype(str) != "none"
+            corrupted = pool.ground_truth.column("corruption").to_numpy(zero_copy_only=False).astype(str) != "none"
             columns = {name: train.column(name).to_numpy(zero_copy_only=False) for name in train.column_names}
             for mode, signal in (("label", "clip_margin"), ("caption", "clip_score")):
-                scorer = ClipScorer(cfg.clip_model, cfg.clip_pretrained, mode=mode,
-                                    classes=pool.metadata["classes"], num_threads=cfg.threads)
+                key = (mode, tuple(pool.metadata["classes"]))
+                if key not in scorers:
+                    scorers[key] = ClipScorer(cfg.clip_model, cfg.clip_pretrained, mode=mode, classes=list(key[1]),
+                                              num_threads=cfg.threads)
                 values = np.concatenate([
-                    scorer(decoder({k: v[i:i + cfg.batch_size] for k, v in columns.items()}))[signal]
+                    scorers[key](decoder({k: v[i:i + cfg.batch_size] for k, v in columns.items()}))[signal]
                     for i in range(0, train.num_rows, cfg.batch_size)]).astype(np.float64)
+                # Rows the scorer could not score (a corrupt image) are not the estimate's: counted apart.
+                scored = np.isfinite(values)
+                values, noisy = values[scored], corrupted[scored]
                 share, excluded = noise_cut(values)
                 rows.append({"noise": spec, "seed": seed, "mode": mode, "signal": signal, "rows": len(values),
+                             "unscored": int((~scored).sum()),
                              "true_share": round(float(noisy.mean()), 4), "estimated_share": round(share, 4),
                              "otsu_share": round(estimate_noise_fraction(values, tail_spreads=None), 4),
                              "noisy_excluded": int((excluded & noisy).sum()),

@@ -86,16 +86,25 @@ def test_auroc_counts_every_row_against_the_ground_truth(ray_session, tmp_path):
 
 
 def test_noise_share_reads_every_pool_in_both_modes():
-    result = _bench("noise-share", "--synthetic", "--pool-size", "64", "--noise", "symmetric:0.3,clean",
-                    "--seeds", "0", "--clip-model", "mmdp-tiny", "--batch-size", "32")
+    result = _bench("noise-share", "--synthetic", "--pool-size", "64", "--noise",
+                    "symmetric:0.3,clean,symmetric:0.2+corrupt_image:0.2", "--seeds", "0", "--clip-model", "mmdp-tiny",
+                    "--batch-size", "32")
     pools = result["pools"]
     assert [(p["noise"], p["mode"], p["signal"]) for p in pools] == [
         ("symmetric:0.3", "label", "clip_margin"), ("symmetric:0.3", "caption", "clip_score"),
-        ("clean", "label", "clip_margin"), ("clean", "caption", "clip_score")]
+        ("clean", "label", "clip_margin"), ("clean", "caption", "clip_score"),
+        ("symmetric:0.2+corrupt_image:0.2", "label", "clip_margin"),
+        ("symmetric:0.2+corrupt_image:0.2", "caption", "clip_score")]
     truth = make_synthetic(n=128, seed=0, noise="symmetric:0.3").ground_truth.to_pandas()
     assert pools[0]["true_share"] == round(float((truth["corruption"] != "none").mean()), 4) > 0
     for p in pools:
-        assert p["rows"] == 64
         assert p["noisy_excluded"] + p["clean_excluded"] == noise_count(p["estimated_share"], p["rows"])
         assert p["estimated_share"] >= p["otsu_share"]  # the tail bound only ever raises Otsu's cut
+    assert all(p["rows"] == 64 and p["unscored"] == 0 for p in pools[:4])
     assert pools[2]["true_share"] == 0 and pools[2]["noisy_excluded"] == 0 and pools[2]["auroc"] is None
+    # Corrupt images cannot be scored: counted apart, in each mode, and left out of the shares.
+    corrupt = make_synthetic(n=128, seed=0, noise="symmetric:0.2,corrupt_image:0.2").ground_truth.to_pandas()
+    broken = int((corrupt["corruption"] == "corrupt_image").sum())
+    for p in pools[4:]:
+        assert p["unscored"] == broken > 0 and p["rows"] == 64 - broken
+        assert p["true_share"] == round(float((corrupt["corruption"] == "symmetric").sum()) / (64 - broken), 4)
