@@ -133,7 +133,7 @@ class BenchPruningConfig:
                 object.__setattr__(self, name, TASK_DEFAULTS[self.task][name])
         noise = []
         for part in self.noise:
-            spec = "none" if part in ("clean", "none") else part.replace("+", ",")
+            spec = noise_spec(part)
             try:
                 parse_noise_spec(spec)
             except ValueError as exc:
@@ -159,6 +159,11 @@ class BenchPruningConfig:
 
 
 # ---------------------------------------------------------------- data and scores
+
+
+def noise_spec(setting: str) -> str:
+    """A ``--noise`` setting (``clean``, or kinds joined by ``+``) as a noise spec (``none``, or kinds joined by ``,``)."""
+    return "none" if setting in ("clean", "none") else setting.replace("+", ",")
 
 
 @functools.lru_cache(maxsize=1)
@@ -375,7 +380,7 @@ def run(cfg: BenchPruningConfig) -> None:
     try:
         for noise, seed in cells:
             tag = f"{noise_tag(noise)}-s{seed}"
-            spec = "none" if noise == "clean" else noise.replace("+", ",")
+            spec = noise_spec(noise)
             data = prepare_data(storage.join(cfg.out, "data", tag), cfg, spec, seed)
             scores = prepare_scores(storage.join(cfg.out, "scores", tag), data, cfg)
             cell_runs = {}

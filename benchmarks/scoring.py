@@ -149,10 +149,10 @@ def signal_quality(data: str, scores_url: str) -> dict:
     merged = scores.join(gt, keys="key", join_type="inner")
     rejects = storage.read_table(storage.join(scores_url, "rejects")).join(gt, keys="key", join_type="inner")
     corruption = merged.column("corruption").to_numpy(zero_copy_only=False).astype(str)
-    out = {"rows": int(merged.num_rows + rejects.num_rows), "scored": int(merged.num_rows),
-           "rejected": int(rejects.num_rows), "noisy_scored": int((corruption != "none").sum()),
-           "noise_share_true": round(float(np.mean(corruption != "none")), 4) if len(corruption) else 0.0}
     noisy = corruption != "none"
+    out = {"rows": int(merged.num_rows + rejects.num_rows), "scored": int(merged.num_rows),
+           "rejected": int(rejects.num_rows), "noisy_scored": int(noisy.sum()),
+           "noise_share_true": round(float(noisy.mean()), 4) if len(noisy) else 0.0}
     for column in ("clip_score", "clip_margin"):
         values = merged.column(column).to_numpy(zero_copy_only=False).astype(float)
         if np.isnan(values).all():
@@ -173,29 +173,32 @@ def signal_quality(data: str, scores_url: str) -> dict:
 
 def noise_shares(cfg: NoiseShareConfig) -> dict:
     """Per pool and mode: the true noise share, mmdp's estimate, Otsu's cut alone, the cut's errors, AUROC."""
-    from benchmarks.pruning import build_pool
+    from benchmarks.pruning import build_pool, noise_spec
     from pipeline.score.quality import estimate_noise_fraction
     from pipeline.score.scorer import ClipScorer, ImageDecoder
 
+    modes = (("label", "clip_margin"), ("caption", "clip_score"))
     decoder = ImageDecoder(cfg.clip_model, cfg.clip_pretrained)
     scorers = {}  # (mode, classes) -> ClipScorer, each model loaded once
     rows = []
     for spec in cfg.noise:
         for seed in cfg.seeds:
-            clean = spec in ("clean", "none")
-            pool = build_pool(cfg.pool_size, None if clean else spec.replace("+", ","), seed, cfg.split_seed,
-                              cfg.synthetic)
+            pool = build_pool(cfg.pool_size, noise_spec(spec), seed, cfg.split_seed, cfg.synthetic)
             train = pool.splits["train"]
             corrupted = pool.ground_truth.column("corruption").to_numpy(zero_copy_only=False).astype(str) != "none"
             columns = {name: train.column(name).to_numpy(zero_copy_only=False) for name in train.column_names}
-            for mode, signal in (("label", "clip_margin"), ("caption", "clip_score")):
-                key = (mode, tuple(pool.metadata["classes"]))
-                if key not in scorers:
-                    scorers[key] = ClipScorer(cfg.clip_model, cfg.clip_pretrained, mode=mode, classes=list(key[1]),
-                                              num_threads=cfg.threads)
-                values = np.concatenate([
-                    scorers[key](decoder({k: v[i:i + cfg.batch_size] for k, v in columns.items()}))[signal]
-                    for i in range(0, train.num_rows, cfg.batch_size)]).astype(np.float64)
+            classes = tuple(pool.metadata["classes"])
+            for mode, _ in modes:
+                if (mode, classes) not in scorers:
+                    scorers[mode, classes] = ClipScorer(cfg.clip_model, cfg.clip_pretrained, mode=mode,
+                                                        classes=list(classes), num_threads=cfg.threads)
+            scored_batches = {signal: [] for _, signal in modes}
+            for i in range(0, train.num_rows, cfg.batch_size):
+                decoded = decoder({k: v[i:i + cfg.batch_size] for k, v in columns.items()})  # once, for both modes
+                for mode, signal in modes:
+                    scored_batches[signal].append(scorers[mode, classes](decoded)[signal])
+            for mode, signal in modes:
+                values = np.concatenate(scored_batches[signal]).astype(np.float64)
                 # Rows the scorer could not score (a corrupt image) are not the estimate's: counted apart.
                 scored = np.isfinite(values)
                 values, noisy = values[scored], corrupted[scored]

@@ -38,7 +38,6 @@ def test_noise_fraction_is_the_low_mode_of_a_two_mode_histogram():
     assert estimate_noise_fraction(np.array([np.nan, 1.0])) == 0.0
 
 
-
 def test_noise_fraction_reads_a_narrow_consistent_group_beside_a_wide_low_one():
     """A caption score's shape: Otsu's cut alone lands inside the wide low group."""
     from pipeline.score.quality import estimate_noise_fraction, lower_tail_bound, otsu
@@ -54,6 +53,7 @@ def test_noise_fraction_reads_a_narrow_consistent_group_beside_a_wide_low_one():
     # A skewed group: its low side's spread (0.04, not the high side's 0.01) places the bound.
     z = rng.normal(size=7000)
     assert lower_tail_bound(0.77 + np.where(z < 0, 0.04, 0.01) * z) == pytest.approx(0.77 - 3 * 0.04, abs=0.005)
+
 
 def test_policy_params_parse_numbers_and_reject_malformed_pairs():
     from pipeline.train.config import parse_params
