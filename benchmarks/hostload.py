@@ -33,7 +33,7 @@ from pipeline.cli import option, run_job
 # /proc/stat's first line: cpu user nice system idle iowait irq softirq steal guest guest_nice, in ticks.
 # guest and guest_nice are already counted in user and nice, so the total is the first eight.
 _FIELDS = 8
-_STEAL, _IDLE, _IOWAIT = 7, 3, 4
+_USER, _STEAL, _IDLE, _IOWAIT = 0, 7, 3, 4
 
 
 def cpu_ticks() -> list[int] | None:
@@ -51,6 +51,9 @@ def cpu_ticks() -> list[int] | None:
 def shares(before: list[int] | None, after: list[int] | None) -> dict:
     """The CPU time between two :func:`cpu_ticks` readings: the percent stolen by other tenants
     (``steal_pct``), the percent busy (``busy_pct``: neither idle, nor waiting on I/O, nor stolen),
+    the percent spent in user code at plain priority (``plain_pct``: processes at nice <= 0; Ray
+    starts its worker processes at nice 15, whose time the kernel counts apart, so during a fit this
+    is the driver's, Ray's daemons' and any other plain process's, which the scheduler serves first),
     and the busy CPU seconds (``cpu_seconds``, all CPUs summed: the work done, which steal does not
     inflate as it does wall time); empty where either reading is missing or no tick passed."""
     if before is None or after is None:
@@ -61,6 +64,7 @@ def shares(before: list[int] | None, after: list[int] | None) -> dict:
         return {}
     busy = total - delta[_IDLE] - delta[_IOWAIT] - delta[_STEAL]
     return {"steal_pct": round(100.0 * delta[_STEAL] / total, 1), "busy_pct": round(100.0 * busy / total, 1),
+            "plain_pct": round(100.0 * delta[_USER] / total, 1),
             "cpu_seconds": round(busy / TICKS_PER_SECOND, 2)}
 
 

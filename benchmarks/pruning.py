@@ -412,6 +412,8 @@ def run(cfg: BenchPruningConfig) -> None:
                 runs.append(run)
                 second = ("i2t_recall@1", "i2t R@1") if cfg.task == "clip" else ("shifted_test_accuracy", "shifted")
                 steal = f"  host steal {run['host_steal_pct']:.1f}%" if "host_steal_pct" in run else ""
+                if "host_plain_pct" in run:
+                    steal += f"  plain {run['host_plain_pct']:.1f}%"
                 if "host_probe_seconds" in run:
                     steal += "  probe {:.2f}s/{:.2f}s".format(*run["host_probe_seconds"])
                 print(f"    acc {run['final_test_accuracy']:.4f}  {second[1]} {run[second[0]]:.4f}  "

@@ -160,7 +160,20 @@ def _host_load(result: dict) -> list[str]:
             f"mean {np.mean(steal):.1f}%, {min(steal):.1f}% to {max(steal):.1f}% (highest: {worst['noise']} seed "
             f"{worst['seed']} {worst['policy']}). CPU s = the machine's busy CPU seconds during the whole fit, all "
             "cores summed (/proc/stat; stolen time is not in it, as it is in wall time), with the fits' mean steal.",
-            *_probe_line(runs), ""]
+            *_plain_line(runs), *_probe_line(runs), ""]
+
+
+def _plain_line(runs: list[dict]) -> list[str]:
+    """The plain-priority CPU share during the fits (benchmarks.hostload.shares' plain_pct), if it was measured."""
+    timed = [r for r in runs if "host_plain_pct" in r]
+    if not timed:
+        return []
+    plain = [r["host_plain_pct"] for r in timed]
+    worst = max(timed, key=lambda r: r["host_plain_pct"])
+    return [f"Plain-priority CPU during the fits (user time at nice <= 0: the driver's, Ray's daemons' and any "
+            f"other process's; Ray runs its workers at nice 15, so a plain process beside a fit is served first): "
+            f"mean {np.mean(plain):.1f}%, {min(plain):.1f}% to {max(plain):.1f}% of the machine's time (highest: "
+            f"{worst['noise']} seed {worst['seed']} {worst['policy']})."]
 
 
 def _probe_line(runs: list[dict]) -> list[str]:

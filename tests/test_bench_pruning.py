@@ -64,6 +64,7 @@ def test_bench_runs_every_policy_and_the_oracle_on_clean_rows_only(ray_session, 
         assert run["wall_seconds"] > 0 and run["seed"] == 3 and run["noise"] == "symmetric:0.25"
         # The host's CPU time during each fit (/proc/stat): the share others took, and the share busy.
         assert 0.0 <= run["host_steal_pct"] < 100.0 and 0.0 < run["host_busy_pct"] <= 100.0
+        assert 0.0 <= run["host_plain_pct"] <= run["host_busy_pct"]
         assert 0.0 < run["host_cpu_seconds"] <= (os.cpu_count() or 1) * run["wall_seconds"] * 1.05
         # And the host speed probe, timed before and after it.
         assert len(run["host_probe_seconds"]) == 2 and min(run["host_probe_seconds"]) > 0
