@@ -154,11 +154,9 @@ def _host_load(result: dict) -> list[str]:
     runs = [r for r in result["runs"] if "host_steal_pct" in r and not r.get("same_as")]
     if not runs:
         return []
-    worst = max(runs, key=lambda r: r["host_steal_pct"])
-    steal = [r["host_steal_pct"] for r in runs]
+    spread, highest = _spread(runs, "host_steal_pct")
     return [f"Host CPU steal (time the hypervisor gave other tenants) during the {len(runs)} fits measured here: "
-            f"mean {np.mean(steal):.1f}%, {min(steal):.1f}% to {max(steal):.1f}% (highest: {worst['noise']} seed "
-            f"{worst['seed']} {worst['policy']}). CPU s = the machine's busy CPU seconds during the whole fit, all "
+            f"{spread} ({highest}). CPU s = the machine's busy CPU seconds during the whole fit, all "
             "cores summed (/proc/stat; stolen time is not in it, as it is in wall time), with the fits' mean steal.",
             *_plain_line(runs), *_probe_line(runs), ""]
 
@@ -168,12 +166,18 @@ def _plain_line(runs: list[dict]) -> list[str]:
     timed = [r for r in runs if "host_plain_pct" in r]
     if not timed:
         return []
-    plain = [r["host_plain_pct"] for r in timed]
-    worst = max(timed, key=lambda r: r["host_plain_pct"])
+    spread, highest = _spread(timed, "host_plain_pct")
     return [f"Plain-priority CPU during the fits (user time at nice <= 0: the driver's, Ray's daemons' and any "
             f"other process's; Ray runs its workers at nice 15, so a plain process beside a fit is served first): "
-            f"mean {np.mean(plain):.1f}%, {min(plain):.1f}% to {max(plain):.1f}% of the machine's time (highest: "
-            f"{worst['noise']} seed {worst['seed']} {worst['policy']})."]
+            f"{spread} of the machine's time ({highest})."]
+
+
+def _spread(runs: list[dict], key: str) -> tuple[str, str]:
+    """A percent per fit across ``runs``: ("mean M%, LO% to HI%", "highest: <the fit with HI>")."""
+    values = [r[key] for r in runs]
+    worst = max(runs, key=lambda r: r[key])
+    return (f"mean {np.mean(values):.1f}%, {min(values):.1f}% to {max(values):.1f}%",
+            f"highest: {worst['noise']} seed {worst['seed']} {worst['policy']}")
 
 
 def _probe_line(runs: list[dict]) -> list[str]:
