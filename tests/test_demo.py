@@ -27,6 +27,7 @@ def test_demo_runs_every_stage_and_reports_what_it_measured(ray_session, tmp_pat
     for name in figures:
         assert (tmp_path / "demo" / "report" / "figures" / name).stat().st_size > 1000
     assert "zero-shot test accuracy" in text and "AUROC" in text
+    assert "Left out" not in text  # the reference CLIP's pre-training folder is not a training run left out
     # A second run reuses every finished stage and trains nothing again.
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="mmdp"):

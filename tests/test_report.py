@@ -64,7 +64,11 @@ def make_bench(root: str) -> dict:
     data, scores = storage.join(root, "data"), storage.join(root, "scores")
     datasets.write_dataset(datasets.make_synthetic(n=48, seed=0, noise="symmetric:0.25"), data)
     checkpoint = storage.join(root, "clip", "model.pt")
-    storage.write_json({"zero_shot_accuracy": 0.777}, storage.join(root, "clip", "metrics.json"))
+    # The reference pre-training's folder as jobs.pretrain_reference_clip writes it: metrics.json beside config.json.
+    storage.write_json({"checkpoint": checkpoint, "zero_shot_accuracy": 0.777, "loss_per_epoch": [3.0]},
+                       storage.join(root, "clip", "metrics.json"))
+    storage.write_json({"data": data, "epochs": 1, "out": storage.join(root, "clip")},
+                       storage.join(root, "clip", "config.json"))
     clean, noisy = write_scores(data, scores, checkpoint)
     n = clean + noisy
     a, b = storage.join(root, "seed0"), storage.join(root, "seed1")
@@ -171,6 +175,20 @@ def test_report_splits_the_estimated_noise_cut_by_label(tmp_path):
             assert r["AUROC within the label"] == f"{(bad - kept) / bad:.3f}"
         else:
             assert r["AUROC within the label"] == "n/a"
+
+
+def test_a_folder_with_the_reference_pretraining_reports_its_runs_and_notes_only_what_is_not_a_run(tmp_path):
+    bench = make_bench(str(tmp_path))
+    # A folder that looks like a run (metrics.json beside config.json) but whose metrics are no train job's.
+    storage.write_json({"loss": 1.0}, str(tmp_path / "odd" / "metrics.json"))
+    storage.write_json({"policy": "full"}, str(tmp_path / "odd" / "config.json"))
+    assert report.main([str(tmp_path), "--out", bench["out"], "--no-html"]) == 0
+    text = open(f"{bench['out']}/report.md").read()
+    assert [r["run"] for r in tables(text)[1]] == ["seed0/full", "seed0/mmdp", "seed1/mmdp"]
+    # The clip/ folder is described through its zero-shot accuracy, not listed as a run left out.
+    left_out = [line for line in text.splitlines() if line.startswith("Left out: ")]
+    assert left_out == [f"Left out: {tmp_path / 'odd'}: metrics.json is not a train job's (no epochs/totals); skipped."]
+    assert "77.70" in text
 
 
 def test_missing_optional_pieces_read_as_not_recorded(tmp_path):

@@ -132,12 +132,21 @@ def load_runs(roots: list[str], exclude: tuple[str, ...] = (),
             label = posixpath.join(name if names.count(name) == 1 else root, rel) if prefix else (rel or name)
             run = _load_run(url, label, sources)
             if run is None:
-                notes.append(f"{url}: metrics.json is not a train job's (no epochs/totals); skipped")
+                if not is_reference_pretraining(sources.json(storage.join(url, "metrics.json"))):
+                    notes.append(f"{url}: metrics.json is not a train job's (no epochs/totals); skipped")
                 continue
             run.shifted = run.totals.get("shifted_test_accuracy", shifted.get(_norm(url)))
             runs.append(run)
     _assign_groups(runs)
     return runs, notes
+
+
+def is_reference_pretraining(metrics) -> bool:
+    """``metrics.json`` of ``jobs.pretrain_reference_clip``: the reference model, which the report
+    describes through the score sets that name its checkpoint, not as a training run."""
+    if not isinstance(metrics, dict):
+        return False
+    return {"zero_shot_accuracy", "checkpoint"} <= metrics.keys() and "epochs" not in metrics
 
 
 def _load_run(url: str, label: str, sources: Sources) -> Run | None:
