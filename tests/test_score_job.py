@@ -8,6 +8,7 @@ from dataclasses import replace
 import numpy as np
 import pyarrow as pa
 import pytest
+import ray
 from PIL import Image
 
 from jobs import score as score_job
@@ -42,13 +43,18 @@ def _direct_scores(rows: pa.Table, ckpt: str, mode: str, classes=None) -> dict[s
     return {k: (s, m) for k, s, m in zip(batch["key"], scored["clip_score"], scored["clip_margin"])}
 
 
-@pytest.mark.parametrize("mode", ["caption", "label"])
-def test_score_job_equals_direct_scorer(ray_session, synthetic, tiny_ckpt, tmp_path, mode):
+# Caption mode also with a budget in flight (100 KiB) below one block's size: Ray Data still runs one
+# task at a time, and no row is lost to the backpressure.
+@pytest.mark.parametrize("mode, in_flight", [("caption", "0.0001"), ("label", "0.5")])
+def test_score_job_equals_direct_scorer(ray_session, synthetic, tiny_ckpt, tmp_path, mode, in_flight):
     out = str(tmp_path / "scores")
+    limits = ray.data.DataContext.get_current().execution_options.resource_limits
     rc = score_job.main(["--input", storage.join(synthetic, "train"), "--output", out, "--model", "mmdp-tiny",
-                         "--pretrained", tiny_ckpt,
-                         "--mode", mode, "--batch-size", "16", "--max-actors", "2", "--actor-cpus", "0.5"])
+                         "--pretrained", tiny_ckpt, "--mode", mode, "--batch-size", "16", "--max-actors", "2",
+                         "--actor-cpus", "0.5", "--in-flight-gib", in_flight])
     assert rc == 0
+    # The budget was the job's own: later datasets of this process (a trainer's) get Ray Data's defaults.
+    assert ray.data.DataContext.get_current().execution_options.resource_limits == limits
     scores = storage.read_table(storage.join(out, "scores"))
     rows = storage.read_table(storage.join(synthetic, "train"))
     classes = storage.read_json(storage.join(synthetic, "metadata.json"))["classes"]

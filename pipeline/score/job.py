@@ -76,9 +76,15 @@ class ScoreConfig:
     actor_cpus: float = option(1.0, "CPUs each scoring actor reserves on a cluster without GPUs (it also decodes "
                                "there)")
     torch_threads: int = option(0, "torch threads per scoring actor; 0 = as many as the actor's CPUs")
+    # Ray Data's own default lets a job fill half the object store (30% of a node's memory); the pages the
+    # store touches stay in the node's memory, so the head node grew with the rows until that cap.
+    in_flight_gib: float = option(0.5, "GiB of the object store the job's blocks in flight may take (Ray Data "
+                                  "backpressures its reads beyond it); 0 = Ray Data's default, half the store")
     s3_endpoint: str | None = option(None, "endpoint of an S3-compatible store (default: AWS_ENDPOINT_URL or AWS)")
 
     def __post_init__(self):
+        if self.in_flight_gib < 0:
+            raise ValueError("--in-flight-gib must be >= 0")
         if self.min_actors < 1 or self.max_actors < self.min_actors:
             raise ValueError(f"need 1 <= --min-actors <= --max-actors, got {self.min_actors} and {self.max_actors}")
         if self.batch_size < 1:
@@ -150,11 +156,15 @@ def score(cfg: ScoreConfig) -> dict:
     # Output rows follow input order, so the first of two duplicate keys is
     # well defined and reruns write identical tables. Restored afterwards:
     # later datasets of this process (a TorchTrainer's) inherit the context.
-    saved_order, ctx.execution_options.preserve_order = ctx.execution_options.preserve_order, True
+    options = ctx.execution_options
+    saved = options.preserve_order, options.resource_limits
+    options.preserve_order = True
+    if cfg.in_flight_gib:
+        options.resource_limits = options.resource_limits.copy(object_store_memory=cfg.in_flight_gib * 2**30)
     try:
         return _score(cfg, classes)
     finally:
-        ctx.execution_options.preserve_order = saved_order
+        options.preserve_order, options.resource_limits = saved
 
 
 def _score(cfg: ScoreConfig, classes: tuple[str, ...]) -> dict:
