@@ -5,7 +5,9 @@ dashboard, and the raylet starts the workers. :class:`PeakSampler` samples
 the whole tree of a root process every ``interval`` seconds and keeps the
 peak of the summed RSS and of the summed PSS (proportional set size: a page
 shared by k processes, such as Ray's object store, counts 1/k in each, so
-PSS sums do not double count).
+PSS sums do not double count), and what the PSS at that peak is made of:
+by kind of memory (the processes' own, mapped files, shared memory: the
+object store) and by group of process.
 
 No psutil needed: it is not part of the pinned environment.
 """
@@ -27,16 +29,30 @@ def rss(pid: int | None = None) -> int:
         return 0
 
 
-def pss(pid: int) -> int:
-    """Proportional set size of one process in bytes (0 if it is gone or unreadable)."""
+# What a process's PSS is made of (smaps_rollup): its own heap and stacks, mapped files (code,
+# libraries), and shared memory (a local Ray's object store is a shared-memory mapping).
+PSS_KINDS = {"Pss_Anon:": "anon", "Pss_File:": "file", "Pss_Shmem:": "shmem"}
+
+
+def pss_parts(pid: int) -> dict[str, int]:
+    """Proportional set size of one process in bytes, ``total`` and by :data:`PSS_KINDS` (zeros if it is gone)."""
+    parts = dict.fromkeys(("total", *PSS_KINDS.values()), 0)
     try:
         with open(f"/proc/{pid}/smaps_rollup") as f:
             for line in f:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
+                field = line.split(maxsplit=1)[0]
+                if field == "Pss:":
+                    parts["total"] = int(line.split()[1]) * 1024
+                elif field in PSS_KINDS:
+                    parts[PSS_KINDS[field]] = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
         pass
-    return 0
+    return parts
+
+
+def pss(pid: int) -> int:
+    """Proportional set size of one process in bytes (0 if it is gone or unreadable)."""
+    return pss_parts(pid)["total"]
 
 
 def cmdline(pid: int) -> str:
@@ -115,18 +131,27 @@ class PeakSampler(_TreeSampler):
         self.peak_procs = 0
         self.samples = 0
         self.series: list[tuple[float, int]] = []  # (time.time(), tree PSS) of every sample
+        # The tree's PSS at its peak, by kind (PSS_KINDS) and by group of process (cpu_group, "driver").
+        self.at_peak_by_kind: dict[str, int] = {}
+        self.at_peak_by_group: dict[str, int] = {}
 
     def sample(self) -> tuple[int, int]:
         pids = tree(self.root)
-        total_rss, total_pss = sum(rss(p) for p in pids), sum(pss(p) for p in pids)
+        parts = {p: pss_parts(p) for p in pids}
+        total_rss, total_pss = sum(rss(p) for p in pids), sum(part["total"] for part in parts.values())
+        lines = {p: cmdline(p) for p in pids}  # read once, whatever the number of titles
+        if total_pss > self.peak_pss:
+            self.at_peak_by_kind = {kind: sum(part[kind] for part in parts.values()) for kind in PSS_KINDS.values()}
+            self.at_peak_by_group = {}
+            for p, part in parts.items():
+                group = "driver" if p == self.root else cpu_group(lines[p])
+                self.at_peak_by_group[group] = self.at_peak_by_group.get(group, 0) + part["total"]
         self.peak_rss, self.peak_pss = max(self.peak_rss, total_rss), max(self.peak_pss, total_pss)
-        self.peak_root_pss = max(self.peak_root_pss, pss(self.root))
+        self.peak_root_pss = max(self.peak_root_pss, parts[self.root]["total"] if self.root in parts else 0)
         self.peak_procs = max(self.peak_procs, len(pids))
-        if self.titles:
-            lines = {p: cmdline(p) for p in pids}  # read once, whatever the number of titles
-            for title in self.titles:
-                held = sum(pss(p) for p, line in lines.items() if line.startswith(title))
-                self.peak_title_pss[title] = max(self.peak_title_pss[title], held)
+        for title in self.titles:
+            held = sum(parts[p]["total"] for p, line in lines.items() if line.startswith(title))
+            self.peak_title_pss[title] = max(self.peak_title_pss[title], held)
         self.samples += 1
         self.series.append((time.time(), total_pss))
         return total_rss, total_pss

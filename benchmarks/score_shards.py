@@ -26,7 +26,9 @@ its own Ray there (``RAY_ADDRESS=local``), as it does locally::
     ray job submit --working-dir . -- python -m benchmarks.score_shards --rows 10000 --shards 100,1000
 
 Prints one JSON line per layout, each with the resolved config (also logged)
-under ``config``, then the ratios of each layout to the first. Targets:
+under ``config`` and the tree's PSS at its peak split by kind of memory
+(``anon``, the processes' own; ``file``; ``shmem``, Ray's object store) and
+by group of process, then the ratios of each layout to the first. Targets:
 peak memory at 1,000 shards within 20% of that at 100; the driver's and the
 whole tree's peak PSS growing by at most 10% for 4x the rows (the driver
 holds no per-row data: repeats and the index are found in the cluster).
@@ -56,6 +58,7 @@ class BenchScoreShardsConfig:
     workdir: str | None = option(None, "folder for shards and outputs; none: a temp dir")
     store: str = option("local", "where shards and outputs live: local, or s3 (a loopback S3 server)",
                         choices=("local", "s3"))
+    in_flight_gib: float | None = option(None, "the score job's --in-flight-gib; none: the job's default")
 
     def __post_init__(self):
         if not self.shards or any(c < 1 or r % c for c in self.shards for r in self.rows):
@@ -108,13 +111,15 @@ def synthetic_rows(rows: int, seed: int = 0):
     return pa.concat_tables(copies)
 
 
-def measure(input_dir: str, ckpt: str, out: str, batch_size: int, interval: float, requests=None) -> dict:
+def measure(input_dir: str, ckpt: str, out: str, batch_size: int, interval: float, requests=None,
+            in_flight_gib: float | None = None) -> dict:
     """One score job on ``input_dir``, sampled; with ``requests`` (a :class:`~benchmarks.loopback_s3.LoopbackS3`),
     the S3 requests it made."""
     from benchmarks.procmem import PeakSampler
 
     cmd = [sys.executable, "-m", "jobs.score", "--input", input_dir, "--output", out, "--model", "mmdp-tiny",
-           "--pretrained", ckpt, "--batch-size", str(batch_size), "--max-actors", "1", "--actor-cpus", "0.5"]
+           "--pretrained", ckpt, "--batch-size", str(batch_size), "--max-actors", "1", "--actor-cpus", "0.5",
+           *([] if in_flight_gib is None else ["--in-flight-gib", str(in_flight_gib)])]
     load = os.getloadavg()[0]
     began = time.time()
     started = time.perf_counter()
@@ -136,6 +141,9 @@ def measure(input_dir: str, ckpt: str, out: str, batch_size: int, interval: floa
               "scoring_seconds": summary["scoring_seconds"], "commit_seconds": summary["commit_seconds"]}
     return {"peak_rss_gb": round(peak.peak_rss / 2**30, 3), "peak_pss_gb": round(peak.peak_pss / 2**30, 3), **phases,
             "driver_peak_pss_gb": round(peak.peak_root_pss / 2**30, 3),
+            # The tree's peak PSS split: by kind (anon: the processes' own; shmem: the object store) and group.
+            "at_peak_gb": {k: round(v / 2**30, 3) for k, v in peak.at_peak_by_kind.items()},
+            "at_peak_by_group_gb": {k: round(v / 2**30, 3) for k, v in sorted(peak.at_peak_by_group.items())},
             "peak_processes": peak.peak_procs, "samples": peak.samples, "wall_s": round(wall, 1),
             "rows": summary["rows_in"], "job_seconds": summary["seconds"],
             "first_row_seconds": summary.get("first_row_seconds"),
@@ -165,7 +173,7 @@ def run(cfg: BenchScoreShardsConfig) -> None:
     results = {}
     for rows, count in layouts:
         results[rows, count] = measure(inputs[rows, count], ckpt, storage.join(folder, f"out-{rows}-{count}"),
-                                       cfg.batch_size, cfg.interval, server)
+                                       cfg.batch_size, cfg.interval, server, cfg.in_flight_gib)
         print(json.dumps({"rows": rows, "shards": count, **results[rows, count], "config": asdict(cfg)}), flush=True)
     base = results[layouts[0]]
     for layout in layouts[1:]:
@@ -178,6 +186,9 @@ def run(cfg: BenchScoreShardsConfig) -> None:
               f"driver peak PSS x{r['driver_peak_pss_gb'] / base['driver_peak_pss_gb']:.3f}, "
               f"throughput x{r['pairs_per_second'] / base['pairs_per_second']:.3f}, "
               f"first scored row x{r['first_row_seconds'] / base['first_row_seconds']:.3f}")
+        print("  at the peak, by kind: " + ", ".join(
+            f"{kind} {gb:.3f} GB (x{gb / base['at_peak_gb'][kind]:.3f})" if base["at_peak_gb"].get(kind) else
+            f"{kind} {gb:.3f} GB" for kind, gb in r["at_peak_gb"].items()))
         if server is not None:
             for key in ("requests_before_first_row", "requests"):
                 print(f"  {key}: " + ", ".join(f"{m} {n} ({n / count:.2f} a shard; {base[key].get(m, 0) / layouts[0][1]:.2f} "
