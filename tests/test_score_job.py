@@ -16,7 +16,7 @@ from pipeline import storage
 from pipeline.data.reference import make_synthetic, write_dataset
 from pipeline.data.contract import SHARD_SCHEMA
 from pipeline.score.clip_models import load_clip, save_checkpoint
-from pipeline.score.job import ScoreConfig, actor_resources, actor_threads
+from pipeline.score.job import ScoreConfig, actor_resources, actor_threads, in_flight_bytes
 from pipeline.score.scorer import ClipScorer, ImageDecoder, TensorImageDecoder
 from shardfiles import tar_bytes
 
@@ -214,6 +214,17 @@ def test_scoring_actors_share_each_gpu_as_asked_use_the_cpus_they_ask_and_a_bad_
     with pytest.raises(SystemExit) as exit_:
         score_job.main(["--input", "in", "--output", "out", "--actors-per-gpu", "0"])
     assert exit_.value.code == 2 and "--actors-per-gpu" in capsys.readouterr().err
+
+
+def test_blocks_in_flight_default_to_half_a_gib_without_gpus_and_to_ray_datas_own_budget_with_them(capsys):
+    cfg = ScoreConfig(input="in", output="out")
+    assert in_flight_bytes(cfg, use_gpu=False) == 2**29 and in_flight_bytes(cfg, use_gpu=True) == 0
+    for use_gpu in (False, True):  # given, it holds on either
+        assert in_flight_bytes(replace(cfg, in_flight_gib=2.0), use_gpu) == 2**31
+        assert in_flight_bytes(replace(cfg, in_flight_gib=0.0), use_gpu) == 0
+    with pytest.raises(SystemExit) as exit_:
+        score_job.main(["--input", "in", "--output", "out", "--in-flight-gib", "-1"])
+    assert exit_.value.code == 2 and "--in-flight-gib" in capsys.readouterr().err
 
 
 def test_score_job_reads_webdataset_tars_with_mixed_image_types(ray_session, tiny_ckpt, tmp_path):
