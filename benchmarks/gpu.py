@@ -14,6 +14,9 @@ On a machine with a CUDA GPU::
 
     python -m benchmarks.gpu --rows 100000
 
+Whether a bounded budget of blocks in flight holds a GPU back (the score
+job bounds it without GPUs only): the same with ``--in-flight-gib 0.5``.
+
 On a cluster it measures the GPUs of the node it runs on and any that can
 read that node's disk: the driver checks for CUDA itself and writes the
 shards to its local temp folder (so, e.g., a one-node GPU cluster)::
@@ -63,6 +66,8 @@ class BenchGpuConfig:
     max_actors: int = option(0, "scoring actors; 0: --actors-per-gpu per GPU")
     actors_per_gpu: int = option(1, "scoring actors sharing each GPU (the score job's --actors-per-gpu)")
     decode: str = option("auto", "where images are decoded (the score job's --decode)", choices=("auto", "tasks", "actors"))
+    in_flight_gib: float | None = option(None, "the score job's --in-flight-gib; none: its default (on GPUs, Ray "
+                                         "Data's own budget)")
     allow_cpu: bool = option(False, "run without a GPU (a smoke test of the script)")
     parts: bool = option(False, "time the parts alone instead, in this process without Ray: PIL decoding on one "
                                 "core, decoding on the device, the scorer, decoding + scoring as an actor does")
@@ -123,7 +128,8 @@ def run(cfg: BenchGpuConfig) -> dict:
         actors = cfg.max_actors or max(1, gpus) * cfg.actors_per_gpu
         score_cfg = ScoreConfig(input=shards, output=os.path.join(tmp, "out"), model=cfg.model,
                                 pretrained=cfg.pretrained, batch_size=cfg.batch_size, min_actors=actors,
-                                max_actors=actors, decode=cfg.decode, actors_per_gpu=cfg.actors_per_gpu)
+                                max_actors=actors, decode=cfg.decode, actors_per_gpu=cfg.actors_per_gpu,
+                                in_flight_gib=cfg.in_flight_gib)
         start = time.perf_counter()
         summary = score(score_cfg)
         seconds = time.perf_counter() - start
