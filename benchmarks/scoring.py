@@ -115,6 +115,7 @@ class EfficiencyConfig:
     cpus: int = option(2, "cores for both: torch threads / Ray CPUs")
     actors: int = option(0, "scoring actors of the Ray job, sharing --cpus threads; 0: one per core")
     repeats: int = option(2, "alternating runs of each")
+    in_flight_gib: float | None = option(None, "the Ray job's --in-flight-gib; none: the job's default")
 
     def __post_init__(self):
         if min(self.rows, self.batch_size, self.cpus, self.repeats) < 1:
@@ -259,7 +260,7 @@ def _in_fresh_process(fn, *args):
 
 
 def _score_config(input_url: str, output: str, model: str, pretrained: str | None, batch_size: int,
-                  cpus: int, actors: int):
+                  cpus: int, actors: int, in_flight_gib: float | None = None):
     """The score job's config: ``actors`` scoring actors share the ``cpus`` cores, ``cpus // actors`` torch threads each.
 
     Their CPU reservations leave the read and write tasks one logical CPU
@@ -270,7 +271,7 @@ def _score_config(input_url: str, output: str, model: str, pretrained: str | Non
 
     return ScoreConfig(input=input_url, output=output, model=model, pretrained=pretrained, batch_size=batch_size,
                        min_actors=actors, max_actors=actors, actor_cpus=(cpus - min(1, cpus / 2)) / actors,
-                       torch_threads=max(1, cpus // actors))
+                       torch_threads=max(1, cpus // actors), in_flight_gib=in_flight_gib)
 
 
 def ray_job(*args) -> tuple[int, float]:
@@ -288,7 +289,7 @@ def ray_job(*args) -> tuple[int, float]:
 
 
 def ray_job_cold(input_url: str, output: str, model: str, pretrained: str | None, batch_size: int,
-                 cpus: int, actors: int) -> tuple[int, float, dict]:
+                 cpus: int, actors: int, in_flight_gib: float | None = None) -> tuple[int, float, dict]:
     """(pairs, seconds, CPU seconds by process group) of the score job as a fresh process runs it.
 
     Imports, Ray's start-up, the job, its commit: run in a fresh process,
@@ -305,7 +306,7 @@ def ray_job_cold(input_url: str, output: str, model: str, pretrained: str | None
 
     with CpuSampler() as cpu:
         connect_ray(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
-        n, _ = ray_job(input_url, output, model, pretrained, batch_size, cpus, actors)
+        n, _ = ray_job(input_url, output, model, pretrained, batch_size, cpus, actors, in_flight_gib)
         took = time.perf_counter() - start
     ray.shutdown()
     return n, took, cpu.by_group()
@@ -319,7 +320,7 @@ def efficiency(args: EfficiencyConfig) -> dict:
     actors = args.actors or args.cpus
     # Shards of one size for both subsets, so the bigger one only adds shards like them.
     per_shard = max(1, base_rows // 4)
-    job = (args.model, args.pretrained, args.batch_size, args.cpus, actors)
+    job = (args.model, args.pretrained, args.batch_size, args.cpus, actors, args.in_flight_gib)
     sides = {"bare": lambda shards, out: _in_fresh_process(bare_loop, shards, args.model, args.pretrained,
                                                            args.batch_size, args.cpus),
              "ray": lambda shards, out: ray_job(shards, out, *job),
