@@ -40,11 +40,11 @@ def pss_parts(pid: int) -> dict[str, int]:
     try:
         with open(f"/proc/{pid}/smaps_rollup") as f:
             for line in f:
-                field = line.split(maxsplit=1)[0]
+                field, kib = line.split()[:2]
                 if field == "Pss:":
-                    parts["total"] = int(line.split()[1]) * 1024
+                    parts["total"] = int(kib) * 1024
                 elif field in PSS_KINDS:
-                    parts[PSS_KINDS[field]] = int(line.split()[1]) * 1024
+                    parts[PSS_KINDS[field]] = int(kib) * 1024
     except (OSError, ValueError, IndexError):
         pass
     return parts
@@ -139,7 +139,8 @@ class PeakSampler(_TreeSampler):
         pids = tree(self.root)
         parts = {p: pss_parts(p) for p in pids}
         total_rss, total_pss = sum(rss(p) for p in pids), sum(part["total"] for part in parts.values())
-        lines = {p: cmdline(p) for p in pids}  # read once, whatever the number of titles
+        # Command lines only where needed (a new peak's groups, the titles), read once for both.
+        lines = {p: cmdline(p) for p in pids} if self.titles or total_pss > self.peak_pss else {}
         if total_pss > self.peak_pss:
             self.at_peak_by_kind = {kind: sum(part[kind] for part in parts.values()) for kind in PSS_KINDS.values()}
             self.at_peak_by_group = {}

@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 # Ray Data writes the scored rows here before commit_staged commits them as scores/ and rejects/.
 STAGING = "_staging"
 STAGED_ROWS_PER_FILE = 100_000
+# The object store (GiB) a job without GPUs keeps its blocks in flight in (ScoreConfig.in_flight_gib).
+CPU_IN_FLIGHT_GIB = 0.5
 
 
 @dataclass(frozen=True)
@@ -81,7 +83,8 @@ class ScoreConfig:
     # with GPUs Ray Data's default stays until a GPU run measures the budget against the GPU's rate.
     in_flight_gib: float | None = option(None, "GiB of the object store the job's blocks in flight may take "
                                          "(Ray Data backpressures its reads beyond it); 0 = Ray Data's default, "
-                                         "half the store; none = 0.5 without GPUs, Ray Data's default with them")
+                                         f"half the store; none = {CPU_IN_FLIGHT_GIB} without GPUs, Ray Data's "
+                                         "default with them")
     s3_endpoint: str | None = option(None, "endpoint of an S3-compatible store (default: AWS_ENDPOINT_URL or AWS)")
 
     def __post_init__(self):
@@ -173,7 +176,7 @@ def score(cfg: ScoreConfig) -> dict:
 
 def in_flight_bytes(cfg: ScoreConfig, use_gpu: bool) -> int:
     """The object store the job's blocks in flight may take, in bytes; 0: Ray Data's own default."""
-    gib = cfg.in_flight_gib if cfg.in_flight_gib is not None else (0.0 if use_gpu else 0.5)
+    gib = cfg.in_flight_gib if cfg.in_flight_gib is not None else (0.0 if use_gpu else CPU_IN_FLIGHT_GIB)
     return int(gib * 2**30)
 
 
