@@ -39,6 +39,11 @@ log = logging.getLogger(__name__)
 # Ray Data writes the scored rows here before commit_staged commits them as scores/ and rejects/.
 STAGING = "_staging"
 STAGED_ROWS_PER_FILE = 100_000
+# CPUs a staging write task asks. A write of STAGED_ROWS_PER_FILE scored rows (keys and a few
+# floats) is light; asking a whole CPU, the write waited behind every read task while the
+# scoring actors and reads held the cluster's CPUs (on 2 cores, until the last shard was read),
+# and the object store held every scored block of the job until then.
+WRITE_TASK_CPUS = 0
 # The object store (GiB) a job without GPUs keeps its blocks in flight in (ScoreConfig.in_flight_gib).
 CPU_IN_FLIGHT_GIB = 0.5
 
@@ -252,7 +257,9 @@ def _score_listed(cfg: ScoreConfig, classes: tuple[str, ...], kind: str, files: 
         fs.delete_dir(staging_path)
     try:
         # Few staged files (Ray's sort shuffles files x files pieces), each in one write task, in order.
-        ds.write_parquet(staging_path, filesystem=fs, min_rows_per_file=STAGED_ROWS_PER_FILE)
+        # The write tasks ask no CPU (WRITE_TASK_CPUS): they run while the job scores, not after it.
+        ds.write_parquet(staging_path, filesystem=fs, min_rows_per_file=STAGED_ROWS_PER_FILE,
+                         ray_remote_args={"num_cpus": WRITE_TASK_CPUS})
         checked.result()  # every shard passed its check before anything is committed
         # Staged files sort in the order Ray Data wrote them: input order.
         summary = commit_staged(storage.list_files(staging) if storage.exists(staging) else [], cfg.output, start)
