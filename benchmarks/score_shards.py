@@ -1,8 +1,10 @@
 """Benchmark the score job over many rows and many small shards: peak memory and throughput.
 
 Writes synthetic rows as few and as many parquet shards (e.g. 100 shards of
-100 rows and 1,000 shards of 10), and as many rows in the same shard count
-(e.g. 0.5M and 2M rows in 100 shards), saves a randomly initialised
+100 rows and 1,000 shards of 10), and as many rows in shards of the same
+size (``--shard-rows``: e.g. 0.5M and 2M rows in shards of 5,000, so 100 and
+400 shards; with ``--shards`` the rows go into the same shard count, and the
+shards, so the blocks in flight, grow with them), saves a randomly initialised
 ``mmdp-tiny`` CLIP checkpoint, then runs ``python -m jobs.score`` on each as
 a fresh subprocess (its own local Ray cluster) while sampling the summed
 RSS and PSS of the job's whole process tree (driver, GCS, raylet, workers)
@@ -11,7 +13,7 @@ every 0.2 s, and the driver's own.
 Local::
 
     python -m benchmarks.score_shards --rows 10000 --shards 100,1000
-    python -m benchmarks.score_shards --rows 500000,2000000 --shards 100
+    python -m benchmarks.score_shards --rows 500000,2000000 --shard-rows 5000
     python -m benchmarks.score_shards --rows 50000 --shards 100,5000 --store s3
 
 ``--store s3`` puts the shards and the output on a loopback S3 server
@@ -53,6 +55,8 @@ class BenchScoreShardsConfig:
 
     rows: tuple[int, ...] = option((10_000,), "comma-separated row counts")
     shards: tuple[int, ...] = option((100, 1000), "comma-separated shard counts (each layout: every row count x shard count)")
+    shard_rows: int | None = option(None, "rows a shard instead of --shards: each row count in rows/N shards, so "
+                                          "blocks keep their size and only the row count changes")
     batch_size: int = option(256, "the score job's --batch-size")
     interval: float = option(0.2, "seconds between memory samples")
     workdir: str | None = option(None, "folder for shards and outputs; none: a temp dir")
@@ -61,13 +65,23 @@ class BenchScoreShardsConfig:
     in_flight_gib: float | None = option(None, "the score job's --in-flight-gib; none: the job's default")
 
     def __post_init__(self):
-        if not self.shards or any(c < 1 or r % c for c in self.shards for r in self.rows):
+        if self.shard_rows is not None:
+            if self.shard_rows < 1 or any(r % self.shard_rows for r in self.rows):
+                raise ValueError("--shard-rows must be >= 1 and divide every --rows")
+        elif not self.shards or any(c < 1 or r % c for c in self.shards for r in self.rows):
             raise ValueError("--shards: every shard count must be >= 1 and divide every --rows")
         if not self.rows or min(self.rows) < 1 or self.batch_size < 1 or self.interval <= 0:
             raise ValueError("need --rows >= 1, --batch-size >= 1 and --interval > 0")
 
 
-def prepare(folder: str, row_counts: list[int], shard_counts: list[int], seed: int = 0) -> tuple[dict, str]:
+    def layouts(self) -> list[tuple[int, int]]:
+        """Every (rows, shards) layout measured, in order: the first is the base of the ratios."""
+        if self.shard_rows is not None:
+            return [(rows, rows // self.shard_rows) for rows in self.rows]
+        return [(rows, count) for rows in self.rows for count in self.shards]
+
+
+def prepare(folder: str, layouts: list[tuple[int, int]], seed: int = 0) -> tuple[dict, str]:
     """Shards of every (rows, shards) layout, and a checkpoint: ({(rows, shards): URL}, checkpoint).
 
     ``folder`` is a local folder or an ``s3://`` URL (the checkpoint goes beside the shards, locally).
@@ -76,9 +90,9 @@ def prepare(folder: str, row_counts: list[int], shard_counts: list[int], seed: i
     from pipeline.score.clip_models import load_clip, save_checkpoint
 
     inputs = {}
-    for rows in row_counts:
+    for rows in dict.fromkeys(r for r, _ in layouts):
         train = synthetic_rows(rows, seed)
-        for count in shard_counts:
+        for count in (c for r, c in layouts if r == rows):
             inputs[rows, count] = storage.join(folder, f"rows-{rows}-shards-{count}")
             storage.write_shards(train, inputs[rows, count], rows_per_shard=-(-rows // count))
             assert len(storage.list_files(inputs[rows, count])) == count, "rows must divide into the shard counts"
@@ -162,14 +176,14 @@ def run(cfg: BenchScoreShardsConfig) -> None:
     """Each layout's score job, measured; a JSON line each, then the ratios to the first layout."""
     from pipeline import storage
 
-    layouts = [(rows, count) for rows in cfg.rows for count in cfg.shards]
+    layouts = cfg.layouts()
     server = None
     if cfg.store == "s3":
         server = LoopbackS3().start()
         folder = server.bucket("mmdp-bench") + "/shards"
     else:
         folder = cfg.workdir or tempfile.mkdtemp(prefix="mmdp-bench-shards-")
-    inputs, ckpt = prepare(folder, list(cfg.rows), list(cfg.shards))
+    inputs, ckpt = prepare(folder, layouts)
     results = {}
     for rows, count in layouts:
         results[rows, count] = measure(inputs[rows, count], ckpt, storage.join(folder, f"out-{rows}-{count}"),
