@@ -263,9 +263,10 @@ def _score_config(input_url: str, output: str, model: str, pretrained: str | Non
                   cpus: int, actors: int, in_flight_gib: float | None = None):
     """The score job's config: ``actors`` scoring actors share the ``cpus`` cores, ``cpus // actors`` torch threads each.
 
-    Their CPU reservations leave the read and write tasks one logical CPU
-    (half of one on a single core), so the pool does not starve its own
-    input (a pool that takes every CPU waits forever).
+    Their CPU reservations leave the read tasks one logical CPU (half of
+    one on a single core), so the pool does not starve its own input (a
+    pool that takes every CPU waits forever); the job's write tasks ask
+    none (``WRITE_TASK_CPUS``).
     """
     from pipeline.score.job import ScoreConfig
 
