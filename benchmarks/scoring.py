@@ -306,7 +306,7 @@ def ray_job_cold(input_url: str, output: str, model: str, pretrained: str | None
     from pipeline.cli import connect_ray
 
     with CpuSampler() as cpu:
-        connect_ray(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+        connect_ray(address="local", num_cpus=cpus)  # as the job starts Ray, its workers' logs included
         n, _ = ray_job(input_url, output, model, pretrained, batch_size, cpus, actors, in_flight_gib)
         took = time.perf_counter() - start
     ray.shutdown()
@@ -340,7 +340,7 @@ def efficiency(args: EfficiencyConfig) -> dict:
                     # A Ray of its own on this node, also under `ray job submit`: every side gets the
                     # same --cpus cores; the running cluster is up only while the warm side runs.
                     if side == "ray":
-                        connect_ray(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+                        connect_ray(address="local", num_cpus=args.cpus, log_to_driver=False)
                     ticks = cpu_ticks()
                     n, took, *by_process = run(inputs[size], os.path.join(tmp, f"out-{side}-{size}-{i}"))
                     if by_process and size == "rows":

@@ -117,13 +117,20 @@ def setup_logging() -> None:
     )
 
 
-def connect_ray(**init_args) -> None:
-    """Start a local Ray, or join the cluster under ``ray job submit``: the library's one ``ray.init``.
+def connect_ray(**init_args):
+    """Start a local Ray, or join a running one: the library's one ``ray.init``.
 
-    The driver's object-store settings (never credentials) reach every
-    worker, also on a cluster that the driver joins (there, its environment
-    is not the workers'). ``init_args`` go to ``ray.init`` (a benchmark's
-    ``num_cpus``, the tests' temp folder). Does nothing when Ray is up.
+    Joins the cluster under ``ray job submit``, or the one ``ray start
+    --head`` started on this machine (``ray.init``'s own lookup); otherwise
+    starts Ray for this process, without the dashboard: its nine Python
+    processes cost a local run about 6 CPU-seconds at start and about 0.56 GB
+    (PSS) while it runs (BENCHMARKS.md, "Ray's dashboard in a local
+    run"). For the dashboard, start Ray with ``ray start --head`` and run
+    the jobs beside it. The driver's object-store settings (never
+    credentials) reach every worker, also on a cluster that the driver
+    joins (there, its environment is not the workers'). ``init_args`` go to
+    ``ray.init`` (a benchmark's ``num_cpus``, the tests' temp folder).
+    Returns ``ray.init``'s context, or None when Ray was up already.
 
     Progress: on a terminal, Ray Data's bars. Otherwise (a log file, ``ray
     job submit``) Ray Data logs each stage's row counts as lines, every
@@ -136,7 +143,9 @@ def connect_ray(**init_args) -> None:
     import ray.data
 
     if ray.is_initialized():
-        return
+        return None
+    if not str(init_args.get("address") or os.environ.get("RAY_ADDRESS", "")).startswith("ray://"):
+        init_args.setdefault("include_dashboard", False)  # ray.init ignores it when it joins a cluster
     env = {k: os.environ[k] for k in STORE_ENV if k in os.environ}
     terminal = sys.stdout.isatty()
     if not terminal:
@@ -144,10 +153,11 @@ def connect_ray(**init_args) -> None:
         env[PROGRESS_ENV] = os.environ[PROGRESS_ENV]
         # Workers' lines reach the driver's log without colour codes around their "(Actor pid=...)" prefix.
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
-    ray.init(runtime_env={"env_vars": env} if env else None, **init_args)
+    context = ray.init(runtime_env={"env_vars": env} if env else None, **init_args)
     # Bars drawn inside Ray workers are sent to the driver to redraw; off a terminal those
     # workers take Ray Data's logging path instead (their own output is never a terminal).
     ray.data.DataContext.get_current().use_ray_tqdm = terminal
+    return context
 
 
 def execute(cfg, work):

@@ -94,7 +94,6 @@ def ray_session(s3_server, gcs_server, tmp_path_factory):
 
     connect_ray(
         num_cpus=2,
-        include_dashboard=False,
         log_to_driver=False,
         _temp_dir=str(tmp_path_factory.mktemp("ray")),
     )

@@ -92,6 +92,19 @@ def test_help_answers_without_importing_torch(module):
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr[-2000:]
 
 
+def test_a_job_that_starts_ray_runs_no_dashboard(tmp_path_factory):
+    """A fresh process: the Ray a local run starts has no dashboard (its nine processes hold ~0.56 GB)."""
+    temp = tmp_path_factory.mktemp("ray-local")
+    code = ("import ray\n"
+            "from pipeline.cli import connect_ray\n"
+            f"context = connect_ray(address='local', num_cpus=1, log_to_driver=False, _temp_dir={str(temp)!r})\n"
+            "print(repr(context.dashboard_url), ray.cluster_resources().get('CPU'))\n"
+            "ray.shutdown()\n")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180, env=env)
+    assert done.returncode == 0 and done.stdout.strip().splitlines()[-1] == "'' 1.0", done.stdout + done.stderr[-2000:]
+
+
 @pytest.mark.parametrize("module", COMMANDS)
 def test_unknown_option_exits_2_with_a_message(module, capsys):
     with pytest.raises(SystemExit) as exc:
