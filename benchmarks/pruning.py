@@ -358,7 +358,8 @@ def run(cfg: BenchPruningConfig) -> None:
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))  # the driver's evaluations; workers idle meanwhile
     started_here = not ray.is_initialized()
     # Under `ray job submit` the cluster's Ray, which takes no num_cpus; else a local one of --cpus CPUs.
-    init_args = {} if os.environ.get("RAY_ADDRESS") else {"num_cpus": cfg.cpus, "log_to_driver": False}
+    init_args = {} if os.environ.get("RAY_ADDRESS") else {"num_cpus": cfg.cpus, "dashboard": False,
+                                                           "log_to_driver": False}
     connect_ray(**init_args)
     setup = {**{k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()
                 if k not in ("out", "reuse")}, **_clip_info(cfg),

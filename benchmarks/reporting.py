@@ -61,7 +61,7 @@ def run(steps: int, repeats: int, batch_size: int, num_samples: int, threads: in
 
     torch.manual_seed(0)
     torch.set_num_threads(threads)
-    connect_ray(log_to_driver=False)  # local by default, the cluster under ray job submit
+    connect_ray(dashboard=False, log_to_driver=False)  # local by default, the cluster under ray job submit
     rng = np.random.default_rng(0)
     actor = create_pruner(actor_name("bench-" + uuid.uuid4().hex[:8]), num_samples, policy=policy,
                           consistency=rng.random(num_samples, dtype=np.float32))

@@ -304,9 +304,11 @@ def ray_job_cold(input_url: str, output: str, model: str, pretrained: str | None
     import ray
 
     from pipeline.cli import connect_ray
+    from pipeline.score.job import ScoreConfig
 
     with CpuSampler() as cpu:
-        connect_ray(address="local", num_cpus=cpus)  # as the job starts Ray, its workers' logs included
+        # As the job starts Ray (ScoreConfig.RAY_DASHBOARD), its workers' logs included.
+        connect_ray(address="local", num_cpus=cpus, dashboard=ScoreConfig.RAY_DASHBOARD)
         n, _ = ray_job(input_url, output, model, pretrained, batch_size, cpus, actors, in_flight_gib)
         took = time.perf_counter() - start
     ray.shutdown()
@@ -316,6 +318,8 @@ def ray_job_cold(input_url: str, output: str, model: str, pretrained: str | None
 def efficiency(args: EfficiencyConfig) -> dict:
     """Both sides on ``base_rows`` and on ``rows``, alternated; end-to-end and steady-state ratios."""
     import ray
+
+    from pipeline.score.job import ScoreConfig
 
     base_rows = args.base_rows or max(1, args.rows // 4)
     actors = args.actors or args.cpus
@@ -340,7 +344,8 @@ def efficiency(args: EfficiencyConfig) -> dict:
                     # A Ray of its own on this node, also under `ray job submit`: every side gets the
                     # same --cpus cores; the running cluster is up only while the warm side runs.
                     if side == "ray":
-                        connect_ray(address="local", num_cpus=args.cpus, log_to_driver=False)
+                        connect_ray(address="local", num_cpus=args.cpus, dashboard=ScoreConfig.RAY_DASHBOARD,
+                                    log_to_driver=False)
                     ticks = cpu_ticks()
                     n, took, *by_process = run(inputs[size], os.path.join(tmp, f"out-{side}-{size}-{i}"))
                     if by_process and size == "rows":

@@ -40,6 +40,8 @@ class DemoConfig:
     """What the demo does; every field is a flag."""
 
     OUTPUT: ClassVar[str] = "out"
+    # Ray started first, as the training stages need it: with the dashboard (pipeline.cli.connect_ray).
+    RAY: ClassVar[bool] = True
 
     out: str = field(metadata={"help": "folder or URL for every stage's output and the report"})
     noise: str = option("symmetric:0.3", "label noise injected into the train split (kind:rate,...)")

@@ -117,20 +117,24 @@ def setup_logging() -> None:
     )
 
 
-def connect_ray(**init_args):
+def connect_ray(*, dashboard: bool = True, **init_args):
     """Start a local Ray, or join a running one: the library's one ``ray.init``.
 
     Joins the cluster under ``ray job submit``, or the one ``ray start
     --head`` started on this machine (``ray.init``'s own lookup); otherwise
-    starts Ray for this process, without the dashboard: its nine Python
-    processes cost a local run about 6 CPU-seconds at start and about 0.56 GB
-    (PSS) while it runs (BENCHMARKS.md, "Ray's dashboard in a local
-    run"). For the dashboard, start Ray with ``ray start --head`` and run
-    the jobs beside it. The driver's object-store settings (never
-    credentials) reach every worker, also on a cluster that the driver
-    joins (there, its environment is not the workers'). ``init_args`` go to
-    ``ray.init`` (a benchmark's ``num_cpus``, the tests' temp folder).
-    Returns ``ray.init``'s context, or None when Ray was up already.
+    starts Ray for this process. ``dashboard=False`` starts it without the
+    dashboard: its nine Python processes cost a local run about 6
+    CPU-seconds at start and about 0.56 GB (PSS) while it runs
+    (BENCHMARKS.md, "Ray's dashboard in a local run"), but they also serve
+    Ray's State API, through which Ray Train watches its controller (to
+    free the workers' placement group if the controller dies), so only a
+    job that does not train does without it (a config's ``RAY_DASHBOARD =
+    False``, read by :func:`execute`). The driver's object-store settings
+    (never credentials) reach every worker, also on a cluster that the
+    driver joins (there, its environment is not the workers').
+    ``init_args`` go to ``ray.init`` (a benchmark's ``num_cpus``, the
+    tests' temp folder). Returns ``ray.init``'s context, or None when Ray
+    was up already.
 
     Progress: on a terminal, Ray Data's bars. Otherwise (a log file, ``ray
     job submit``) Ray Data logs each stage's row counts as lines, every
@@ -144,8 +148,8 @@ def connect_ray(**init_args):
 
     if ray.is_initialized():
         return None
-    if not str(init_args.get("address") or os.environ.get("RAY_ADDRESS", "")).startswith("ray://"):
-        init_args.setdefault("include_dashboard", False)  # ray.init ignores it when it joins a cluster
+    if not dashboard and not str(init_args.get("address") or os.environ.get("RAY_ADDRESS", "")).startswith("ray://"):
+        init_args["include_dashboard"] = False  # ray.init ignores it when it joins a cluster
     env = {k: os.environ[k] for k in STORE_ENV if k in os.environ}
     terminal = sys.stdout.isatty()
     if not terminal:
@@ -166,14 +170,15 @@ def execute(cfg, work):
     The config class says what the job needs: ``OUTPUT``, the name of the
     field holding its output folder, which is marked pending, given the
     config as ``config.json``, and committed when ``work(cfg)`` returns
-    (:mod:`pipeline.storage`); ``RAY = True``, Ray connected first. Returns
+    (:mod:`pipeline.storage`); ``RAY = True``, Ray connected first (without
+    the dashboard where ``RAY_DASHBOARD = False``: :func:`connect_ray`). Returns
     what ``work(cfg)`` returns; its exceptions propagate and leave the output
     uncommitted. Benchmarks call this with configs they build.
     """
     from pipeline import storage
 
     if getattr(type(cfg), "RAY", False):
-        connect_ray()
+        connect_ray(dashboard=getattr(type(cfg), "RAY_DASHBOARD", True))
     if not getattr(type(cfg), "OUTPUT", None):
         return work(cfg)
     with storage.output(getattr(cfg, type(cfg).OUTPUT)) as out:

@@ -94,6 +94,7 @@ def ray_session(s3_server, gcs_server, tmp_path_factory):
 
     connect_ray(
         num_cpus=2,
+        dashboard=False,
         log_to_driver=False,
         _temp_dir=str(tmp_path_factory.mktemp("ray")),
     )

@@ -92,17 +92,31 @@ def test_help_answers_without_importing_torch(module):
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr[-2000:]
 
 
-def test_a_job_that_starts_ray_runs_no_dashboard(tmp_path_factory):
-    """A fresh process: the Ray a local run starts has no dashboard (its nine processes hold ~0.56 GB)."""
-    temp = tmp_path_factory.mktemp("ray-local")
+@pytest.mark.parametrize("module, config, fields, state_api", [
+    ("pipeline.score.job", "ScoreConfig", {"input": "unused"}, False),
+    ("pipeline.train.config", "TrainConfig", {"data": "unused", "scores": "unused"}, True),
+    ("jobs.demo", "DemoConfig", {}, True),
+])
+def test_a_job_starts_ray_with_the_dashboard_only_if_it_trains(tmp_path, module, config, fields, state_api):
+    """A fresh process runs a job's config as the job does: Ray's State API, which the dashboard serves and
+    Ray Train watches its controller through, is there for the jobs that train, not for the score job."""
+    out = {"ScoreConfig": "output"}.get(config, "out")
     code = ("import ray\n"
-            "from pipeline.cli import connect_ray\n"
-            f"context = connect_ray(address='local', num_cpus=1, log_to_driver=False, _temp_dir={str(temp)!r})\n"
-            "print(repr(context.dashboard_url), ray.cluster_resources().get('CPU'))\n"
+            "from pipeline.cli import execute\n"
+            f"from {module} import {config}\n"
+            "def work(cfg):\n"
+            "    from ray.util.state import list_actors\n"
+            "    try:\n"
+            "        list_actors(limit=1)\n"
+            "        return True\n"
+            "    except ray.util.state.exception.RayStateApiException:\n"
+            "        return False\n"
+            f"print('state api:', execute({config}(**{fields!r}, {out}={str(tmp_path / 'out')!r}), work))\n"
             "ray.shutdown()\n")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180, env=env)
-    assert done.returncode == 0 and done.stdout.strip().splitlines()[-1] == "'' 1.0", done.stdout + done.stderr[-2000:]
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    assert f"state api: {state_api}" in done.stdout.splitlines(), done.stdout + done.stderr[-2000:]
 
 
 @pytest.mark.parametrize("module", COMMANDS)
