@@ -101,16 +101,21 @@ def test_a_job_starts_ray_with_the_dashboard_only_if_it_trains(tmp_path, module,
     """A fresh process runs a job's config as the job does: Ray's State API, which the dashboard serves and
     Ray Train watches its controller through, is there for the jobs that train, not for the score job."""
     out = {"ScoreConfig": "output"}.get(config, "out")
-    code = ("import ray\n"
+    code = ("import time\n"
+            "import ray\n"
             "from pipeline.cli import execute\n"
             f"from {module} import {config}\n"
-            "def work(cfg):\n"
+            "def work(cfg):\n"  # the State API answers within 10 s (its server may still be starting), or not
             "    from ray.util.state import list_actors\n"
-            "    try:\n"
-            "        list_actors(limit=1)\n"
-            "        return True\n"
-            "    except ray.util.state.exception.RayStateApiException:\n"
-            "        return False\n"
+            "    deadline = time.monotonic() + 10\n"
+            "    while True:\n"
+            "        try:\n"
+            "            list_actors(limit=1)\n"
+            "            return True\n"
+            "        except ray.util.state.exception.RayStateApiException:\n"
+            "            if time.monotonic() > deadline:\n"
+            "                return False\n"
+            "            time.sleep(0.5)\n"
             f"print('state api:', execute({config}(**{fields!r}, {out}={str(tmp_path / 'out')!r}), work))\n"
             "ray.shutdown()\n")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
