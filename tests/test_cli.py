@@ -110,7 +110,7 @@ def test_a_job_starts_ray_with_the_dashboard_only_if_it_trains(tmp_path, module,
             "    deadline = time.monotonic() + 10\n"
             "    while True:\n"
             "        try:\n"
-            "            list_actors(limit=1)\n"
+            "            list_actors(address=ray.get_runtime_context().gcs_address, limit=1)\n"
             "            return True\n"
             "        except ray.util.state.exception.RayStateApiException:\n"
             "            if time.monotonic() > deadline:\n"
