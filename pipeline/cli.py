@@ -117,7 +117,7 @@ def setup_logging() -> None:
     )
 
 
-def connect_ray(*, dashboard: bool = True, **init_args):
+def connect_ray(*, dashboard: bool = True, **init_args) -> None:
     """Start a local Ray, or join a running one: the library's one ``ray.init``.
 
     Joins the cluster under ``ray job submit``, or the one ``ray start
@@ -133,8 +133,7 @@ def connect_ray(*, dashboard: bool = True, **init_args):
     (never credentials) reach every worker, also on a cluster that the
     driver joins (there, its environment is not the workers').
     ``init_args`` go to ``ray.init`` (a benchmark's ``num_cpus``, the
-    tests' temp folder). Returns ``ray.init``'s context, or None when Ray
-    was up already.
+    tests' temp folder). Does nothing when Ray is up.
 
     Progress: on a terminal, Ray Data's bars. Otherwise (a log file, ``ray
     job submit``) Ray Data logs each stage's row counts as lines, every
@@ -147,7 +146,7 @@ def connect_ray(*, dashboard: bool = True, **init_args):
     import ray.data
 
     if ray.is_initialized():
-        return None
+        return
     if not dashboard and not str(init_args.get("address") or os.environ.get("RAY_ADDRESS", "")).startswith("ray://"):
         init_args["include_dashboard"] = False  # ray.init ignores it when it joins a cluster
     env = {k: os.environ[k] for k in STORE_ENV if k in os.environ}
@@ -157,11 +156,10 @@ def connect_ray(*, dashboard: bool = True, **init_args):
         env[PROGRESS_ENV] = os.environ[PROGRESS_ENV]
         # Workers' lines reach the driver's log without colour codes around their "(Actor pid=...)" prefix.
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
-    context = ray.init(runtime_env={"env_vars": env} if env else None, **init_args)
+    ray.init(runtime_env={"env_vars": env} if env else None, **init_args)
     # Bars drawn inside Ray workers are sent to the driver to redraw; off a terminal those
     # workers take Ray Data's logging path instead (their own output is never a terminal).
     ray.data.DataContext.get_current().use_ray_tqdm = terminal
-    return context
 
 
 def execute(cfg, work):

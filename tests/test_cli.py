@@ -100,7 +100,6 @@ def test_a_job_starts_ray_with_the_dashboard_only_if_it_trains(tmp_path, module,
     """A fresh process runs a job's config as the job does: Ray's State API, which the dashboard serves and
     Ray Train watches its controller through, is there for the jobs that train, not for the score job.
     (``jobs.train``'s config takes the default, as the demo's does: one fresh Ray each is about 16 s here.)"""
-    out = {"ScoreConfig": "output"}.get(config, "out")
     code = ("import time\n"
             "import ray\n"
             "from pipeline.cli import execute\n"
@@ -116,7 +115,8 @@ def test_a_job_starts_ray_with_the_dashboard_only_if_it_trains(tmp_path, module,
             "            if time.monotonic() > deadline:\n"
             "                return False\n"
             "            time.sleep(0.5)\n"
-            f"print('state api:', execute({config}(**{fields!r}, {out}={str(tmp_path / 'out')!r}), work))\n"
+            f"cfg = {config}(**{fields!r}, **{{{config}.OUTPUT: {str(tmp_path / 'out')!r}}})\n"
+            "print('state api:', execute(cfg, work))\n"
             "ray.shutdown()\n")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240, env=env)
