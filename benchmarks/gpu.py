@@ -26,8 +26,9 @@ shards to its local temp folder (so, e.g., a one-node GPU cluster)::
 What bounds that rate: ``--parts`` times each part of a scoring actor's
 work alone, in one process without Ray, on one batch already in memory
 (PIL decoding on one core, decoding on the GPU, the scorer, decoding and
-scoring in turn as the actor does them), and how far the GPU decoder's
-pixels are from PIL's::
+scoring in turn as the actor does them, and the actor's host side: the
+batch as NumPy, each file's header, its tensor), and how far the GPU
+decoder's pixels are from PIL's::
 
     python -m benchmarks.gpu --parts --batch-size 1024
 
@@ -146,7 +147,9 @@ def run_parts(cfg: BenchGpuConfig, repeats: int = 5) -> dict:
     """Each part of a scoring actor's work alone, on batches already in memory: what bounds the job."""
     import torch
 
-    from pipeline.score.scorer import ClipScorer, ImageDecoder, TensorImageDecoder, tokenize_captions
+    from ray.data.block import BlockAccessor
+
+    from pipeline.score.scorer import ClipScorer, ImageDecoder, TensorImageDecoder, jpeg_tensors, tokenize_captions
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     table = synthetic_table(cfg.batch_size)
@@ -154,6 +157,12 @@ def run_parts(cfg: BenchGpuConfig, repeats: int = 5) -> dict:
                                for k in ("key", "image", "caption")}, cfg.model)
     pil, on_device = ImageDecoder(cfg.model, cfg.pretrained, pixel_dtype="uint8"), TensorImageDecoder(cfg.model, cfg.pretrained, device)
     scorer = ClipScorer(cfg.model, cfg.pretrained, device=device, num_threads=1)
+
+    def host_side(block: pa.Table) -> None:
+        # What a GPU scoring actor does on its CPU before its device gets a batch: Ray Data's block as
+        # NumPy (the job's batch format), each file's header read, the files as tensors for the decoder.
+        images = BlockAccessor.for_block(block).to_batch_format("numpy")["image"]
+        jpeg_tensors([d for d in images if on_device.takes(d)])
 
     def per_second(fn, arg) -> float:
         fn(arg)  # warm-up: kernels, allocator, caches
@@ -164,7 +173,7 @@ def run_parts(cfg: BenchGpuConfig, repeats: int = 5) -> dict:
             fn(arg)
         if device == "cuda":
             torch.cuda.synchronize()
-        return round(repeats * len(arg["key"]) / (time.perf_counter() - began), 1)
+        return round(repeats * len(arg["key"]) / (time.perf_counter() - began), 1)  # a batch or a block
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # PIL decodes on one core; torch's CPU work in the actor gets its one CPU
@@ -180,6 +189,7 @@ def run_parts(cfg: BenchGpuConfig, repeats: int = 5) -> dict:
             "device_decode_images_per_second": per_second(on_device, batch),
             "scorer_pairs_per_second": per_second(scorer, decoded),
             "decode_and_score_pairs_per_second": per_second(lambda b: scorer(on_device(b)), batch),
+            "actor_host_side_rows_per_second": per_second(host_side, table),
             # The device decoder's pixels against PIL's decoding at full size (resampling arithmetic, and
             # nvJPEG's IDCT on a GPU), and against what --decode tasks gives (PIL, with JPEG draft mode).
             "pixel_difference_mean": round(float(full_size.mean()), 3),
