@@ -18,7 +18,7 @@ from pipeline.data.contract import DEFAULT_TEMPLATES
 from pipeline.score import REFERENCE_MODEL, TINY_MODEL
 from pipeline.score.clip_models import load_clip, preprocess_config, register_model_configs, save_checkpoint
 from pipeline.score.scorer import (ClipScorer, ImageDecoder, TensorImageDecoder, decode_image, fill_template,
-                                   tokenize_captions)
+                                   jpeg_tensors, tokenize_captions)
 
 CAPTIONS = ["a photo of a cat.", "a red square", "two dogs on a beach", "an empty room", "x", "a blue circle"]
 
@@ -173,6 +173,15 @@ def test_tensor_decoder_resamples_jpegs_like_the_pil_decoder():
     # Decoded by torchvision and resized by the transform on tensors: the same pixels up to resampling
     # arithmetic (the PIL path would give exactly the same); the 32 x 32 image needs no resampling.
     assert (diff < 1.0).all() and (diff > 0).sum() == 5 and diff[3] == 0, diff
+
+
+def test_the_device_decoders_input_tensors_are_the_files_own_bytes_not_copies(recwarn):
+    datas = list(jpeg_batch()["image"])
+    tensors = jpeg_tensors(datas)
+    for data, tensor in zip(datas, tensors):
+        assert tensor.dtype == torch.uint8 and tensor.data_ptr() == np.frombuffer(data, np.uint8).ctypes.data
+        assert bytes(tensor.numpy()) == data
+    assert not [w for w in recwarn if "not writable" in str(w.message)]  # read-only bytes: torch's warning kept quiet
 
 
 def test_tensor_decoder_rejects_what_the_pil_decoder_rejects():
