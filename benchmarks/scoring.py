@@ -33,7 +33,10 @@ Beside the end-to-end times, where the CPU went (``cpu_seconds_by_process``):
 the bare loop's process, and for the job that starts its own Ray every
 process of that Ray, sampled from /proc and grouped (the driver, the
 scoring actors, Ray Data's helper actors, Ray's own processes, other
-workers).
+workers). And the host's speed before and after the runs
+(``host_probe_seconds``, :func:`benchmarks.hostload.probe`; beside each
+time, the host's CPU steal): a host that others slow without steal moves
+the ratios, the bare loop's time most.
 
 By default the job runs one scoring actor of one torch thread per core;
 ``--actors`` sets how many share the cores::
@@ -68,7 +71,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from benchmarks.hostload import cpu_ticks, shares
+from benchmarks.hostload import cpu_ticks, probe, shares
 from benchmarks.procmem import CpuSampler, cpu_seconds
 from pipeline import storage
 from pipeline.cli import HELP, config_parser, connect_ray, option, run_job
@@ -334,6 +337,9 @@ def efficiency(args: EfficiencyConfig) -> dict:
     seconds = {side: {size: [] for size in sizes} for side in sides}
     steal = {side: {size: [] for size in sizes} for side in sides}  # the host's, during each measurement
     cpu = {side: [] for side in ("bare", "ray_cold")}  # CPU seconds by process, each run on --rows
+    # The host's speed before and after (a fresh process, as the sides): steal misses a tenant that shares
+    # the cores or memory bandwidth, and a slowed host moves the ratios (the bare loop most).
+    probes = [_in_fresh_process(probe)]
     with tempfile.TemporaryDirectory() as tmp:
         inputs = {size: _subset(args.input, n, per_shard, os.path.join(tmp, f"in-{size}")) for size, n in sizes.items()}
         for i in range(args.repeats):  # alternate, so drift on a shared machine hits both
@@ -355,6 +361,7 @@ def efficiency(args: EfficiencyConfig) -> dict:
                     if n != asked:
                         raise RuntimeError(f"{side} scored {n} of {asked} rows")
                     seconds[side][size].append(took)
+    probes.append(_in_fresh_process(probe))
     median = {side: {size: float(np.median(t)) for size, t in by_size.items() if t} for side, by_size in seconds.items()}
     end_to_end = {side: args.rows / m["rows"] for side, m in median.items()}
     steady = {side: (args.rows - base_rows) / max(m["rows"] - m["base"], 1e-9) for side, m in median.items()
@@ -364,7 +371,7 @@ def efficiency(args: EfficiencyConfig) -> dict:
             "seconds": {side: {size: [round(x, 4) for x in t] for size, t in by_size.items()}
                         for side, by_size in seconds.items()},
             "host_steal_pct": {side: {size: t for size, t in by_size.items() if t} for side, by_size in steal.items()},
-            "cpu_seconds_by_process": cpu,
+            "cpu_seconds_by_process": cpu, "host_probe_seconds": probes,
             "bare_pairs_per_s": round(end_to_end["bare"], 1), "ray_cold_pairs_per_s": round(end_to_end["ray_cold"], 1),
             "ray_pairs_per_s": round(end_to_end["ray"], 1),
             "ratio_end_to_end": round(end_to_end["ray_cold"] / end_to_end["bare"], 3),

@@ -56,6 +56,8 @@ def test_efficiency_reports_end_to_end_and_steady_state_rates(tmp_path):
     assert set(cold) <= {"driver", "scoring actors", "Ray Data helper actors", "Ray's own processes", "other Ray workers"}
     # (The driver's count starts at its process's spawn, a little before its timer: hence the 2 s.)
     assert 0 < sum(cold.values()) <= (os.cpu_count() or 1) * (result["seconds"]["ray_cold"]["rows"][0] + 2.0)
+    # The host speed probe (benchmarks.hostload), before and after the runs.
+    assert len(result["host_probe_seconds"]) == 2 and min(result["host_probe_seconds"]) > 0
     assert result["config"]["command"] == "efficiency"
 
 
