@@ -149,7 +149,7 @@ def run_parts(cfg: BenchGpuConfig, repeats: int = 5) -> dict:
 
     from ray.data.block import BlockAccessor
 
-    from pipeline.score.scorer import ClipScorer, ImageDecoder, TensorImageDecoder, jpeg_tensors, tokenize_captions
+    from pipeline.score.scorer import ClipScorer, ImageDecoder, TensorImageDecoder, tokenize_captions
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     table = synthetic_table(cfg.batch_size)
@@ -162,7 +162,7 @@ def run_parts(cfg: BenchGpuConfig, repeats: int = 5) -> dict:
         # What a GPU scoring actor does on its CPU before its device gets a batch: Ray Data's block as
         # NumPy (the job's batch format), each file's header read, the files as tensors for the decoder.
         images = BlockAccessor.for_block(block).to_batch_format("numpy")["image"]
-        jpeg_tensors([d for d in images if on_device.takes(d)])
+        on_device.device_inputs(images, range(len(images)))
 
     def per_second(fn, arg) -> float:
         fn(arg)  # warm-up: kernels, allocator, caches

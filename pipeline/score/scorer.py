@@ -232,9 +232,8 @@ class TensorImageDecoder:
         self.pil = ImageDecoder(model, pretrained, max_pixels=max_pixels, pixel_dtype="uint8", jpeg_draft=False)
         self.device = torch.device(device)
 
-    def takes(self, data) -> bool:
-        """A whole RGB/grey JPEG within the checks (its header read on the host): decoded on the device;
-        anything else goes to the PIL path."""
+    def _on_device(self, data) -> bool:
+        """A whole RGB/grey JPEG within the checks; anything else goes to the PIL path."""
         if not isinstance(data, (bytes, bytearray)) or not _is_whole_jpeg(data):
             return False
         try:
@@ -245,10 +244,15 @@ class TensorImageDecoder:
             return False
         return img.format == "JPEG" and img.mode in ("RGB", "L") and width * height <= self.pil.max_pixels
 
-    def _decode_jpegs(self, datas: list[bytes]) -> list[torch.Tensor | None]:
+    def device_inputs(self, images, rows) -> tuple[list[int], list[torch.Tensor]]:
+        """The host's share before the device decodes: which of ``rows`` go to the device (their headers
+        read here) and their files as tensors (:func:`jpeg_tensors`)."""
+        jpegs = [i for i in rows if self._on_device(images[i])]
+        return jpegs, jpeg_tensors([images[i] for i in jpegs])
+
+    def _decode_jpegs(self, tensors: list[torch.Tensor]) -> list[torch.Tensor | None]:
         from torchvision.io import ImageReadMode, decode_jpeg
 
-        tensors = jpeg_tensors(datas)
         try:
             return list(decode_jpeg(tensors, mode=ImageReadMode.RGB, device=self.device))
         except Exception:  # noqa: BLE001 - one bad file fails the batch: find it
@@ -281,8 +285,8 @@ class TensorImageDecoder:
         pixels = torch.zeros((n, 3, *self.pil.size), dtype=torch.uint8, device=self.device)
         errors = np.full(n, "", dtype=object)
         todo = [i for i in range(n) if earlier[i] == ""]
-        jpegs = [i for i in todo if self.takes(images[i])]
-        decoded = dict(zip(jpegs, self._decode_jpegs([images[i] for i in jpegs]))) if jpegs else {}
+        jpegs, tensors = self.device_inputs(images, todo)
+        decoded = dict(zip(jpegs, self._decode_jpegs(tensors))) if jpegs else {}
         fine = [i for i in jpegs if decoded[i] is not None]
         if fine:
             pixels[fine] = self._resize([decoded[i] for i in fine])
