@@ -147,9 +147,8 @@ def run_parts(cfg: BenchGpuConfig, repeats: int = 5) -> dict:
     """Each part of a scoring actor's work alone, on batches already in memory: what bounds the job."""
     import torch
 
-    from ray.data.block import BlockAccessor
-
-    from pipeline.score.scorer import ClipScorer, ImageDecoder, TensorImageDecoder, tokenize_captions
+    from pipeline.score.job import decoder_batch
+    from pipeline.score.scorer import ClipScorer, ImageDecoder, TensorImageDecoder, encoded_files, tokenize_captions
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     table = synthetic_table(cfg.batch_size)
@@ -159,9 +158,9 @@ def run_parts(cfg: BenchGpuConfig, repeats: int = 5) -> dict:
     scorer = ClipScorer(cfg.model, cfg.pretrained, device=device, num_threads=1)
 
     def host_side(block: pa.Table) -> None:
-        # What a GPU scoring actor does on its CPU before its device gets a batch: Ray Data's block as
-        # NumPy (the job's batch format), each file's header read, the files as tensors for the decoder.
-        images = BlockAccessor.for_block(block).to_batch_format("numpy")["image"]
+        # What a GPU scoring actor does on its CPU before its device gets a batch: the block as the
+        # decoder takes it (the job's own conversion), each file's header read, the files as tensors.
+        images = encoded_files(decoder_batch(block)["image"])
         on_device.device_inputs(images, range(len(images)))
 
     def per_second(fn, arg) -> float:

@@ -8,6 +8,7 @@ import zlib
 
 import numpy as np
 import open_clip
+import pyarrow as pa
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,8 +18,8 @@ from pipeline import storage as pio
 from pipeline.data.contract import DEFAULT_TEMPLATES
 from pipeline.score import REFERENCE_MODEL, TINY_MODEL
 from pipeline.score.clip_models import load_clip, preprocess_config, register_model_configs, save_checkpoint
-from pipeline.score.scorer import (ClipScorer, ImageDecoder, TensorImageDecoder, decode_image, fill_template,
-                                   jpeg_tensors, tokenize_captions)
+from pipeline.score.scorer import (ClipScorer, ImageDecoder, TensorImageDecoder, decode_image, encoded_files,
+                                   fill_template, jpeg_tensors, tokenize_captions)
 
 CAPTIONS = ["a photo of a cat.", "a red square", "two dogs on a beach", "an empty room", "x", "a blue circle"]
 
@@ -184,7 +185,30 @@ def test_the_device_decoders_input_tensors_are_the_files_own_bytes_not_copies(re
     assert not [w for w in recwarn if "not writable" in str(w.message)]  # read-only bytes: torch's warning kept quiet
 
 
-def test_tensor_decoder_rejects_what_the_pil_decoder_rejects():
+def as_arrow(datas: list, kind: pa.DataType = pa.binary()) -> pa.ChunkedArray:
+    """Files as a scoring actor's Arrow batch may hold them: two chunks, the first a slice of a larger array."""
+    head = pa.array([b"not in the slice"] + datas[:3] + [b"after the slice"], kind).slice(1, len(datas[:3]))
+    return pa.chunked_array([head, pa.array(datas[3:], kind)])
+
+
+@pytest.mark.parametrize("kind", [pa.binary(), pa.large_binary()], ids=str)
+def test_an_arrow_columns_files_are_views_of_its_buffers(recwarn, kind):
+    datas = list(jpeg_batch()["image"])
+    datas[1], datas[4] = None, b""
+    column = as_arrow(datas, kind)
+    files = encoded_files(column)
+    assert [None if f is None else bytes(f) for f in files] == datas
+    buffers = [(chunk.buffers()[2].address, chunk.buffers()[2].size) for chunk in column.chunks]
+    for f, tensor in zip([f for f in files if f], jpeg_tensors([f for f in files if f])):
+        assert isinstance(f, memoryview) and bytes(tensor.numpy()) == bytes(f)
+        # The file's memory lies inside one of the column's data buffers: nothing was copied.
+        assert any(start <= tensor.data_ptr() < start + size for start, size in buffers)
+    assert not [w for w in recwarn if "not writable" in str(w.message)]
+    assert encoded_files(np.array(datas, dtype=object)) == datas  # a NumPy batch's bytes as they are
+
+
+@pytest.mark.parametrize("form", ["numpy", "arrow"])
+def test_tensor_decoder_rejects_what_the_pil_decoder_rejects(form):
     jpeg = encode(random_images(1)[0], "JPEG")
     cases = {
         "empty": b"",
@@ -202,6 +226,8 @@ def test_tensor_decoder_rejects_what_the_pil_decoder_rejects():
     batch = {"key": np.array(list(cases), dtype=object), "image": np.array(list(cases.values()), dtype=object),
              "error": np.array(["duplicate key" if k == "good-jpeg" else "" for k in cases])}
     pil = ImageDecoder(TINY_MODEL, max_pixels=2_000_000, pixel_dtype="uint8", jpeg_draft=False)(batch)
+    if form == "arrow":  # a scoring actor's Arrow batch: the same reasons and pixels
+        batch = {**batch, "image": as_arrow(list(cases.values()))}
     out = TensorImageDecoder(TINY_MODEL, device="cpu", max_pixels=2_000_000)(batch)
     assert list(out["error"]) == list(pil["error"])
     assert sum(e == "" for e in out["error"]) == 2 and out["error"][-1] == "duplicate key"  # an earlier reason wins

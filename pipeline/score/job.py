@@ -25,7 +25,9 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 import numpy as np
+import pyarrow as pa
 import ray
+from ray.data.block import BlockAccessor
 
 from pipeline import storage
 from pipeline.data import shards
@@ -134,8 +136,8 @@ class _Scorer:
         self.scorer = ClipScorer(**kwargs)
         self.decoder = TensorImageDecoder(kwargs["model"], kwargs["pretrained"], self.scorer.device) if decode else None
 
-    def __call__(self, batch: dict) -> dict:
-        out = self.scorer(self.decoder(batch) if self.decoder else batch)
+    def __call__(self, batch: dict | pa.Table) -> dict:
+        out = self.scorer(self.decoder(decoder_batch(batch)) if self.decoder else batch)
         ok = out["error"] == ""
         return {
             KEY: out[KEY],
@@ -146,6 +148,15 @@ class _Scorer:
             # When this batch was scored: the job's summary gives the first one's delay from the start.
             SCORED_AT: np.full(len(ok), time.time()),
         }
+
+
+def decoder_batch(block: pa.Table) -> dict:
+    """A block as the device decoder takes it: every column but ``image`` as NumPy (Ray Data's own
+    conversion), ``image`` left Arrow, so its files are viewed, not copied into Python ``bytes``
+    (:func:`pipeline.score.scorer.encoded_files`)."""
+    batch = BlockAccessor.for_block(block.drop_columns(["image"])).to_batch_format("numpy")
+    batch["image"] = block.column("image")
+    return batch
 
 
 def resolve_classes(cfg: ScoreConfig) -> tuple[str, ...]:
@@ -247,6 +258,8 @@ def _score_listed(cfg: ScoreConfig, classes: tuple[str, ...], kind: str, files: 
             "device": "cuda" if use_gpu else "cpu",
             "num_threads": actor_threads(cfg, use_gpu),
         },
+        # Decoding in the actors, the block stays Arrow: the files reach the decoder without a copy.
+        batch_format="pyarrow" if in_actors else "numpy",
         **resources,
     )
     # The job's output folder is pending until the job skeleton commits it
