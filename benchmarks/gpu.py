@@ -26,8 +26,9 @@ shards to its local temp folder (so, e.g., a one-node GPU cluster)::
 What bounds that rate: ``--parts`` times each part of a scoring actor's
 work alone, in one process without Ray, on one batch already in memory
 (PIL decoding on one core, decoding on the GPU, the scorer, decoding and
-scoring in turn as the actor does them, and the actor's host side: the
-batch as NumPy, each file's header, its tensor), and how far the GPU
+scoring in turn as the actor does them, the header checks that the CPU
+tasks make for the actors, and the actor's host side: the Arrow block as
+the decoder's batch, each marked file's tensor), and how far the GPU
 decoder's pixels are from PIL's::
 
     python -m benchmarks.gpu --parts --batch-size 1024
@@ -148,7 +149,8 @@ def run_parts(cfg: BenchGpuConfig, repeats: int = 5) -> dict:
     import torch
 
     from pipeline.score.job import decoder_batch
-    from pipeline.score.scorer import ClipScorer, ImageDecoder, TensorImageDecoder, encoded_files, tokenize_captions
+    from pipeline.score.scorer import (DEVICE_JPEG, ClipScorer, ImageDecoder, TensorImageDecoder, encoded_files,
+                                       tokenize_captions)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     table = synthetic_table(cfg.batch_size)
@@ -159,9 +161,10 @@ def run_parts(cfg: BenchGpuConfig, repeats: int = 5) -> dict:
 
     def host_side(block: pa.Table) -> None:
         # What a GPU scoring actor does on its CPU before its device gets a batch: the block as the
-        # decoder takes it (the job's own conversion), each file's header read, the files as tensors.
-        images = encoded_files(decoder_batch(block)["image"])
-        on_device.device_inputs(images, range(len(images)))
+        # decoder takes it (the job's own conversion), the marked files as tensors.
+        batch = decoder_batch(block)
+        images = encoded_files(batch["image"])
+        on_device.device_inputs(images, range(len(images)), batch[DEVICE_JPEG])
 
     def per_second(fn, arg) -> float:
         fn(arg)  # warm-up: kernels, allocator, caches
@@ -174,6 +177,7 @@ def run_parts(cfg: BenchGpuConfig, repeats: int = 5) -> dict:
             torch.cuda.synchronize()
         return round(repeats * len(arg["key"]) / (time.perf_counter() - began), 1)  # a batch or a block
 
+    marked_block = table.append_column(DEVICE_JPEG, pa.array(on_device.mark(batch)[DEVICE_JPEG]))  # as the CPU tasks send it
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # PIL decodes on one core; torch's CPU work in the actor gets its one CPU
     try:
@@ -188,7 +192,9 @@ def run_parts(cfg: BenchGpuConfig, repeats: int = 5) -> dict:
             "device_decode_images_per_second": per_second(on_device, batch),
             "scorer_pairs_per_second": per_second(scorer, decoded),
             "decode_and_score_pairs_per_second": per_second(lambda b: scorer(on_device(b)), batch),
-            "actor_host_side_rows_per_second": per_second(host_side, table),
+            # The headers, read in the CPU tasks (one core each) before the actors, as the job reads them.
+            "header_checks_rows_per_second_one_core": per_second(on_device.mark, batch),
+            "actor_host_side_rows_per_second": per_second(host_side, marked_block),
             # The device decoder's pixels against PIL's decoding at full size (resampling arithmetic, and
             # nvJPEG's IDCT on a GPU), and against what --decode tasks gives (PIL, with JPEG draft mode).
             "pixel_difference_mean": round(float(full_size.mean()), 3),

@@ -22,7 +22,7 @@ def test_the_score_job_mode_scores_every_pair_and_reports_both_rates(ray_session
 def test_the_parts_mode_times_each_part_and_compares_the_decoders_pixels():
     result = run(BenchGpuConfig(model="mmdp-tiny", batch_size=32, allow_cpu=True, parts=True))
     rates = [v for k, v in result.items() if k.endswith("_per_second") or k.endswith("_per_second_one_core")]
-    assert len(rates) == 5 and min(rates) > 0, result
+    assert len(rates) == 6 and min(rates) > 0, result
     # On the CPU both decoders are libjpeg-turbo: at full size the pixels differ by resampling arithmetic only;
     # --decode tasks decodes a 256 px JPEG for a 32 px model at a fraction of its size (draft mode), further off.
     assert 0 < result["pixel_difference_mean"] < 1.0 < result["pixel_difference_mean_vs_tasks"] and result["jpeg_kb"] > 10

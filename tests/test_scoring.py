@@ -18,8 +18,8 @@ from pipeline import storage as pio
 from pipeline.data.contract import DEFAULT_TEMPLATES
 from pipeline.score import REFERENCE_MODEL, TINY_MODEL
 from pipeline.score.clip_models import load_clip, preprocess_config, register_model_configs, save_checkpoint
-from pipeline.score.scorer import (ClipScorer, ImageDecoder, TensorImageDecoder, decode_image, encoded_files,
-                                   fill_template, jpeg_tensors, tokenize_captions)
+from pipeline.score.scorer import (DEVICE_JPEG, ClipScorer, ImageDecoder, TensorImageDecoder, decode_image,
+                                   encoded_files, fill_template, jpeg_tensors, tokenize_captions)
 
 CAPTIONS = ["a photo of a cat.", "a red square", "two dogs on a beach", "an empty room", "x", "a blue circle"]
 
@@ -207,7 +207,7 @@ def test_an_arrow_columns_files_are_views_of_its_buffers(recwarn, kind):
     assert encoded_files(np.array(datas, dtype=object)) == datas  # a NumPy batch's bytes as they are
 
 
-@pytest.mark.parametrize("form", ["numpy", "arrow"])
+@pytest.mark.parametrize("form", ["numpy", "arrow", "marked"])
 def test_tensor_decoder_rejects_what_the_pil_decoder_rejects(form):
     jpeg = encode(random_images(1)[0], "JPEG")
     cases = {
@@ -226,13 +226,30 @@ def test_tensor_decoder_rejects_what_the_pil_decoder_rejects(form):
     batch = {"key": np.array(list(cases), dtype=object), "image": np.array(list(cases.values()), dtype=object),
              "error": np.array(["duplicate key" if k == "good-jpeg" else "" for k in cases])}
     pil = ImageDecoder(TINY_MODEL, max_pixels=2_000_000, pixel_dtype="uint8", jpeg_draft=False)(batch)
+    decoder = TensorImageDecoder(TINY_MODEL, device="cpu", max_pixels=2_000_000)
     if form == "arrow":  # a scoring actor's Arrow batch: the same reasons and pixels
         batch = {**batch, "image": as_arrow(list(cases.values()))}
-    out = TensorImageDecoder(TINY_MODEL, device="cpu", max_pixels=2_000_000)(batch)
+    if form == "marked":  # headers read by a CPU stage before the decoder: the same again
+        batch = decoder.mark(batch)
+        assert list(batch[DEVICE_JPEG]) == [k == "good-jpeg" for k in cases]  # the rest lack an end marker or fail a check
+    out = decoder(batch)
+    assert DEVICE_JPEG not in out
     assert list(out["error"]) == list(pil["error"])
     assert sum(e == "" for e in out["error"]) == 2 and out["error"][-1] == "duplicate key"  # an earlier reason wins
     # What the tensor path does not take (CMYK, PNG) is the PIL path's pixels exactly; rejected rows are zeros.
     np.testing.assert_array_equal(out["pixels"].numpy(), np.where((pil["error"] == "")[:, None, None, None], pil["pixels"], 0))
+
+
+def test_the_tensor_decoder_takes_the_marked_rows_as_read():
+    batch = jpeg_batch()
+    decoder = TensorImageDecoder(TINY_MODEL, device="cpu")
+    marked = decoder.mark(batch)
+    assert marked[DEVICE_JPEG].all()  # every file a whole RGB or grey JPEG
+    np.testing.assert_array_equal(decoder(marked)["pixels"].numpy(), decoder(batch)["pixels"].numpy())
+    # Marked for the PIL path, the same files give the PIL decoder's pixels exactly: the mark is what decides.
+    pil = ImageDecoder(TINY_MODEL, pixel_dtype="uint8", jpeg_draft=False)(batch)["pixels"]
+    out = decoder({**marked, DEVICE_JPEG: np.zeros(len(marked[DEVICE_JPEG]), bool)})
+    np.testing.assert_array_equal(out["pixels"].numpy(), pil)
 
 
 def test_captions_tokenised_upstream_score_the_same(scorer):

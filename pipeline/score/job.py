@@ -6,7 +6,9 @@ caption tokens and image decoding in CPU tasks, the CLIP model in an
 autoscaling actor pool (on GPUs, ``--actors-per-gpu`` actors share each), writing
 through Ray Data. On GPUs the actors decode JPEGs themselves (nvJPEG, see
 ``--decode``), since CPU decoding cannot keep up with one: the CPU tasks then
-read, check and tokenise.
+read, check, tokenise and read each image's header (which files the device
+takes), and the actors take their batches as Arrow, so that an actor's own
+CPU, which feeds its GPU, neither copies the files nor reads their headers.
 
 Without GPUs, the row checks, tokens and decoding ask what a scoring actor
 asks (``--actor-cpus``), so Ray Data fuses them into the actors (it fuses
@@ -116,14 +118,22 @@ def _decoder(model: str, pretrained: str | None):
     return ImageDecoder(model, pretrained, pixel_dtype="uint8")
 
 
+@functools.lru_cache(maxsize=4)
+def _device_decoder(model: str, pretrained: str | None):
+    from pipeline.score.scorer import TensorImageDecoder
+
+    return TensorImageDecoder(model, pretrained)  # here only to read headers: mark()
+
+
 def _prepare_stage(batch: dict, model: str, pretrained: str | None, mode: str, classes: tuple[str, ...],
                    decode: bool) -> dict:
-    """The CPU tasks' share: row checks, then (``decode``) the images, and caption tokens."""
+    """The CPU tasks' share: row checks, then the images (``decode``: decoded; else their headers read
+    for the actors' device decoder), and caption tokens."""
     from pipeline.score.scorer import tokenize_captions
 
     batch = RowValidator(mode, list(classes))(batch)
-    if decode:  # the decoder keeps a row's earlier reason (a failed check) over its own
-        batch = _decoder(model, pretrained)(batch)
+    # The decoder keeps a row's earlier reason (a failed check) over its own.
+    batch = _decoder(model, pretrained)(batch) if decode else _device_decoder(model, pretrained).mark(batch)
     return tokenize_captions(batch, model) if mode == "caption" else batch
 
 
