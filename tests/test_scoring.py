@@ -205,6 +205,11 @@ def test_an_arrow_columns_files_are_views_of_its_buffers(recwarn, kind):
         assert any(start <= tensor.data_ptr() < start + size for start, size in buffers)
     assert not [w for w in recwarn if "not writable" in str(w.message)]
     assert encoded_files(np.array(datas, dtype=object)) == datas  # a NumPy batch's bytes as they are
+    # The views read as the bytes do: the same files go to the device (every JPEG but the null and the empty).
+    decoder = TensorImageDecoder(TINY_MODEL, device="cpu")
+    marks = decoder.mark({"image": column})[DEVICE_JPEG]
+    assert list(marks) == [d is not None and d != b"" for d in datas]
+    assert decoder.device_inputs(files, range(len(files)))[0] == list(np.flatnonzero(marks))
 
 
 @pytest.mark.parametrize("form", ["numpy", "arrow", "marked"])

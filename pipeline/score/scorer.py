@@ -213,7 +213,7 @@ def encoded_files(images) -> list[bytes | memoryview | None]:
             files.extend(chunk.to_pylist())  # any other type, or no bytes at all: the rows as Python objects
             continue
         _, offset_buffer, data_buffer = chunk.buffers()
-        data = memoryview(data_buffer)
+        data = memoryview(data_buffer).cast("B")  # Arrow exports signed chars: as bytes compare, unsigned
         width = np.int64 if pa.types.is_large_binary(chunk.type) else np.int32
         offsets = np.frombuffer(offset_buffer, width)[chunk.offset:chunk.offset + len(chunk) + 1].tolist()
         valid = chunk.is_valid().to_numpy(zero_copy_only=False).tolist()
