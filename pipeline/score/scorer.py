@@ -202,8 +202,8 @@ def encoded_files(images) -> list[bytes | memoryview | None]:
     (a ``batch_format="pyarrow"`` batch) views of the column's own buffer, ``None`` for a null.
 
     Ray Data's conversion of a block to NumPy copies every file into a Python
-    ``bytes`` (32 ms a batch of 1,024 of 54 KB JPEGs on one core, more than
-    half of a GPU scoring actor's host side); the views copy nothing.
+    ``bytes`` (9-30 ms a batch of 1,024 of 54 KB JPEGs on one core, the more
+    where each batch's copies land on fresh memory); the views copy nothing.
     """
     if not isinstance(images, (pa.Array, pa.ChunkedArray)):
         return list(images)
@@ -248,7 +248,7 @@ class TensorImageDecoder:
     pixel budget and aspect-ratio checks hold before anything is decoded:
     here, or by :meth:`mark` in a CPU stage before it (its ``DEVICE_JPEG``
     column is then taken as read, so a GPU actor's own CPU does not read
-    them; 23 ms a batch of 1,024 on one core).
+    them; about 22 ms a batch of 1,024 on one core).
 
     Pixels differ from :class:`ImageDecoder`'s by resampling arithmetic only
     (mean absolute difference about 0.2 of 255 against its full-size decode;
