@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io as pyio
+import logging
 from dataclasses import replace
 
 import numpy as np
@@ -16,7 +17,7 @@ from pipeline import storage
 from pipeline.data.reference import make_synthetic, write_dataset
 from pipeline.data.contract import SHARD_SCHEMA
 from pipeline.score.clip_models import load_clip, save_checkpoint
-from pipeline.score.job import ScoreConfig, actor_resources, actor_threads, in_flight_bytes
+from pipeline.score.job import ScoreConfig, actor_resources, actor_threads, decodes_in_actors, in_flight_bytes
 from pipeline.score.scorer import ClipScorer, ImageDecoder, TensorImageDecoder
 from shardfiles import tar_bytes
 
@@ -214,6 +215,25 @@ def test_scoring_actors_share_each_gpu_as_asked_use_the_cpus_they_ask_and_a_bad_
     with pytest.raises(SystemExit) as exit_:
         score_job.main(["--input", "in", "--output", "out", "--actors-per-gpu", "0"])
     assert exit_.value.code == 2 and "--actors-per-gpu" in capsys.readouterr().err
+
+
+def test_decoding_goes_to_the_gpu_actors_where_torchvision_can_and_else_to_the_cpu_tasks(monkeypatch, caplog):
+    import torchvision.io
+
+    cfg = ScoreConfig(input="in", output="out")
+    assert decodes_in_actors(cfg, use_gpu=True) and not decodes_in_actors(cfg, use_gpu=False)
+    assert decodes_in_actors(replace(cfg, decode="actors"), use_gpu=False)
+    assert not decodes_in_actors(replace(cfg, decode="tasks"), use_gpu=True)
+    # A torchvision without its deprecated JPEG decoder: auto falls back to PIL in the CPU tasks and says
+    # so; asked for, the device decoder is an error that names the way out, in the driver and in an actor.
+    monkeypatch.delattr(torchvision.io, "decode_jpeg")
+    with caplog.at_level(logging.WARNING, logger="pipeline.score.job"):
+        assert not decodes_in_actors(cfg, use_gpu=True)
+    assert "--decode tasks" in caplog.text
+    for make in (lambda: decodes_in_actors(replace(cfg, decode="actors"), use_gpu=True),
+                 lambda: TensorImageDecoder("mmdp-tiny")):
+        with pytest.raises(ImportError, match="decode_jpeg.*--decode tasks"):
+            make()
 
 
 def test_blocks_in_flight_default_to_half_a_gib_without_gpus_and_to_ray_datas_own_budget_with_them(capsys):

@@ -235,6 +235,23 @@ def actor_threads(cfg: ScoreConfig, use_gpu: bool) -> int:
     return cfg.torch_threads or max(1, int(actor_resources(cfg, use_gpu)["num_cpus"]))
 
 
+def decodes_in_actors(cfg: ScoreConfig, use_gpu: bool) -> bool:
+    """``--decode``: the actors decode when asked to, and (auto) on GPUs where this torchvision can; else
+    the CPU tasks do, with PIL. Asked for a device decoder that this torchvision lacks: its ImportError."""
+    if cfg.decode == "tasks" or (cfg.decode == "auto" and not use_gpu):
+        return False
+    from pipeline.score.scorer import device_jpeg_decoder
+
+    try:
+        device_jpeg_decoder()
+    except ImportError as exc:
+        if cfg.decode == "actors":
+            raise
+        log.warning("%s; images are decoded with PIL in the CPU tasks", exc)
+        return False
+    return True
+
+
 def _timed(fn, *args) -> float:
     began = time.perf_counter()
     fn(*args)
@@ -243,7 +260,7 @@ def _timed(fn, *args) -> float:
 
 def _score_listed(cfg: ScoreConfig, classes: tuple[str, ...], kind: str, files: list[str], use_gpu: bool,
                   start: float, checked: Future) -> dict:
-    in_actors = cfg.decode == "actors" or (cfg.decode == "auto" and use_gpu)
+    in_actors = decodes_in_actors(cfg, use_gpu)
     resources = actor_resources(cfg, use_gpu)
     ds = shards.read_listed(cfg.input, kind, files, cfg.columns).map_batches(
         _prepare_stage,

@@ -235,6 +235,17 @@ def jpeg_tensors(datas: Sequence[bytes | memoryview]) -> list[torch.Tensor]:
         return [torch.frombuffer(d, dtype=torch.uint8) for d in datas]
 
 
+def device_jpeg_decoder():
+    """``torchvision.io.decode_jpeg`` as :class:`TensorImageDecoder` calls it (RGB output), or an ImportError
+    that names the way out: torchvision deprecated its image decoding in 0.29, for removal later."""
+    try:
+        from torchvision.io import ImageReadMode, decode_jpeg
+    except ImportError as exc:
+        raise ImportError("this torchvision has no torchvision.io.decode_jpeg (deprecated since 0.29): decode "
+                          "with PIL in the CPU tasks (--decode tasks), or install a torchvision that has it") from exc
+    return functools.partial(decode_jpeg, mode=ImageReadMode.RGB)
+
+
 class TensorImageDecoder:
     """Stage: ``image`` bytes -> ``pixels`` as a uint8 tensor [n, 3, H, W] on ``device``, for :class:`ClipScorer`.
 
@@ -263,6 +274,7 @@ class TensorImageDecoder:
                  max_pixels: int = MAX_PIXELS):
         self.pil = ImageDecoder(model, pretrained, max_pixels=max_pixels, pixel_dtype="uint8", jpeg_draft=False)
         self.device = torch.device(device)
+        self._decode_jpeg = device_jpeg_decoder()
 
     def _on_device(self, data) -> bool:
         """A whole RGB/grey JPEG within the checks; anything else goes to the PIL path."""
@@ -288,15 +300,13 @@ class TensorImageDecoder:
         return jpegs, jpeg_tensors([images[i] for i in jpegs])
 
     def _decode_jpegs(self, tensors: list[torch.Tensor]) -> list[torch.Tensor | None]:
-        from torchvision.io import ImageReadMode, decode_jpeg
-
         try:
-            return list(decode_jpeg(tensors, mode=ImageReadMode.RGB, device=self.device))
+            return list(self._decode_jpeg(tensors, device=self.device))
         except Exception:  # noqa: BLE001 - one bad file fails the batch: find it
             decoded = []
             for t in tensors:
                 try:
-                    decoded.append(decode_jpeg(t, mode=ImageReadMode.RGB, device=self.device))
+                    decoded.append(self._decode_jpeg(t, device=self.device))
                 except Exception:  # noqa: BLE001 - the PIL path gives the reason
                     decoded.append(None)
             return decoded
