@@ -133,11 +133,7 @@ def connect_ray(*, dashboard: bool = True, **init_args) -> None:
     (never credentials) reach every worker, also on a cluster that the
     driver joins (there, its environment is not the workers').
     ``init_args`` go to ``ray.init`` (a benchmark's ``num_cpus``, the
-    tests' temp folder). Does nothing when Ray is up. A Ray that this
-    process starts hands the process's environment to every worker, so
-    there those settings go by the environment alone: a job runtime
-    environment would cost each worker a start of its own (an actor's
-    start 1.5 s -> 2.3 s here; BENCHMARKS.md, "Ray's start").
+    tests' temp folder). Does nothing when Ray is up.
 
     Progress: on a terminal, Ray Data's bars. Otherwise (a log file, ``ray
     job submit``) Ray Data logs each stage's row counts as lines, every
@@ -160,24 +156,10 @@ def connect_ray(*, dashboard: bool = True, **init_args) -> None:
         env[PROGRESS_ENV] = os.environ[PROGRESS_ENV]
         # Workers' lines reach the driver's log without colour codes around their "(Actor pid=...)" prefix.
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
-    joins = not _starts_ray_here(init_args.get("address"), init_args.get("_temp_dir"))
-    ray.init(runtime_env={"env_vars": env} if env and joins else None, **init_args)
+    ray.init(runtime_env={"env_vars": env} if env else None, **init_args)
     # Bars drawn inside Ray workers are sent to the driver to redraw; off a terminal those
     # workers take Ray Data's logging path instead (their own output is never a terminal).
     ray.data.DataContext.get_current().use_ray_tqdm = terminal
-
-
-def _starts_ray_here(address: str | None, temp_dir: str | None) -> bool:
-    """Whether ``ray.init(address=address)`` starts Ray in this process rather than joining one: Ray's own
-    lookup (the address, ``RAY_ADDRESS``, a cluster that ``ray start`` left on this machine). Where that
-    lookup cannot be asked (a Ray Client address, a later Ray without it), joining is assumed."""
-    if str(address or os.environ.get("RAY_ADDRESS", "")).startswith("ray://"):
-        return False
-    try:
-        from ray._private.services import canonicalize_bootstrap_address
-    except ImportError:
-        return False
-    return canonicalize_bootstrap_address(address, temp_dir) is None
 
 
 def execute(cfg, work):
