@@ -149,8 +149,7 @@ def run_parts(cfg: BenchGpuConfig, repeats: int = 5) -> dict:
     import torch
 
     from pipeline.score.job import decoder_batch
-    from pipeline.score.scorer import (DEVICE_JPEG, ClipScorer, ImageDecoder, TensorImageDecoder, encoded_files,
-                                       tokenize_captions)
+    from pipeline.score.scorer import DEVICE_JPEG, ClipScorer, ImageDecoder, TensorImageDecoder, tokenize_captions
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     table = synthetic_table(cfg.batch_size)
@@ -162,9 +161,7 @@ def run_parts(cfg: BenchGpuConfig, repeats: int = 5) -> dict:
     def host_side(block: pa.Table) -> None:
         # What a GPU scoring actor does on its CPU before its device gets a batch: the block as the
         # decoder takes it (the job's own conversion), the marked files as tensors.
-        batch = decoder_batch(block)
-        images = encoded_files(batch["image"])
-        on_device.device_inputs(images, range(len(images)), batch[DEVICE_JPEG])
+        on_device.device_inputs(decoder_batch(block), range(block.num_rows))
 
     def per_second(fn, arg) -> float:
         fn(arg)  # warm-up: kernels, allocator, caches

@@ -293,11 +293,14 @@ class TensorImageDecoder:
         ``DEVICE_JPEG``, True for the rows that go to the device (a whole RGB/grey JPEG within the checks)."""
         return {**batch, DEVICE_JPEG: np.array([self._on_device(d) for d in encoded_files(batch["image"])], bool)}
 
-    def device_inputs(self, images, rows, marked=None) -> tuple[list[int], list[torch.Tensor]]:
-        """The host's share before the device decodes: which of ``rows`` go to the device (``marked`` by
-        :meth:`mark`, else their headers read here) and their files as tensors (:func:`jpeg_tensors`)."""
-        jpegs = [i for i in rows if marked[i]] if marked is not None else [i for i in rows if self._on_device(images[i])]
-        return jpegs, jpeg_tensors([images[i] for i in jpegs])
+    def device_inputs(self, batch: dict[str, object], rows) -> tuple[list, list[int], list[torch.Tensor]]:
+        """The host's share before the device decodes: the batch's files (:func:`encoded_files`), which of
+        ``rows`` go to the device (``DEVICE_JPEG`` from :meth:`mark`, else their headers read here), and
+        those files as tensors (:func:`jpeg_tensors`)."""
+        files = encoded_files(batch["image"])
+        marked = batch.get(DEVICE_JPEG)
+        jpegs = [i for i in rows if (marked[i] if marked is not None else self._on_device(files[i]))]
+        return files, jpegs, jpeg_tensors([files[i] for i in jpegs])
 
     def _decode_jpegs(self, tensors: list[torch.Tensor]) -> list[torch.Tensor | None]:
         try:
@@ -327,13 +330,12 @@ class TensorImageDecoder:
 
     def __call__(self, batch: dict[str, object]) -> dict[str, object]:
         """``batch["image"]``: a NumPy array of ``bytes``, or an Arrow binary column (viewed, not copied)."""
-        images = encoded_files(batch["image"])
-        n = len(images)
+        n = len(batch["image"])
         earlier = _earlier_errors_first(batch, np.full(n, "", dtype=object))
         pixels = torch.zeros((n, 3, *self.pil.size), dtype=torch.uint8, device=self.device)
         errors = np.full(n, "", dtype=object)
         todo = [i for i in range(n) if earlier[i] == ""]
-        jpegs, tensors = self.device_inputs(images, todo, batch.get(DEVICE_JPEG))
+        images, jpegs, tensors = self.device_inputs(batch, todo)
         decoded = dict(zip(jpegs, self._decode_jpegs(tensors))) if jpegs else {}
         fine = [i for i in jpegs if decoded[i] is not None]
         if fine:
