@@ -290,8 +290,11 @@ class TensorImageDecoder:
 
     def mark(self, batch: dict[str, object]) -> dict[str, object]:
         """The header reads as a stage of their own, for a CPU task before the device's actor: adds
-        ``DEVICE_JPEG``, True for the rows that go to the device (a whole RGB/grey JPEG within the checks)."""
-        return {**batch, DEVICE_JPEG: np.array([self._on_device(d) for d in encoded_files(batch["image"])], bool)}
+        ``DEVICE_JPEG``, True for the rows that go to the device (a whole RGB/grey JPEG within the checks).
+        Rows an earlier stage rejected (an ``error``) are not read: the decoder skips them."""
+        files = encoded_files(batch["image"])
+        rejected = _earlier_errors_first(batch, np.full(len(files), "", dtype=object)) != ""
+        return {**batch, DEVICE_JPEG: np.array([not r and self._on_device(f) for f, r in zip(files, rejected)], bool)}
 
     def device_inputs(self, batch: dict[str, object], rows) -> tuple[list, list[int], list[torch.Tensor]]:
         """The host's share before the device decodes: the batch's files (:func:`encoded_files`), which of
