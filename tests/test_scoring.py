@@ -123,9 +123,13 @@ def test_bad_images_get_reasons_and_do_not_break_the_batch():
         assert (np.abs(pixels).sum() > 0) == (key == "good"), key  # rejected rows are zeros
 
 
-def test_earlier_errors_pass_through_the_decoder():
+@pytest.mark.parametrize("pixel_dtype", ["float32", "uint8"])
+def test_earlier_errors_pass_through_the_decoder_undecoded(pixel_dtype):
+    # The same good image twice: the row an earlier stage rejected keeps its reason and is not decoded.
     batch = {"image": np.array([encode(random_images(1)[0])] * 2, dtype=object), "error": np.array(["duplicate key", ""])}
-    assert list(ImageDecoder(TINY_MODEL)(batch)["error"]) == ["duplicate key", ""]
+    out = ImageDecoder(TINY_MODEL, pixel_dtype=pixel_dtype)(batch)
+    assert list(out["error"]) == ["duplicate key", ""]
+    assert not np.abs(out["pixels"][0]).any() and np.abs(out["pixels"][1]).any()
 
 
 @pytest.mark.parametrize(

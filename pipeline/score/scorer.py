@@ -106,7 +106,8 @@ class ImageDecoder:
     Output columns: ``pixels`` [n, 3, H, W] (float32 normalised, or uint8 before
     normalisation with ``pixel_dtype="uint8"``, a quarter of the bytes to ship
     to a GPU actor; :class:`ClipScorer` normalises those), ``error`` ("" when
-    decoded), and every input column but ``image``. Rejected rows get zero pixels.
+    decoded), and every input column but ``image``. Rejected rows get zero pixels. An
+    earlier ``error`` wins, and such rows are not decoded.
 
     Args:
         model: open_clip config name; fixes image size, mean, std, resize mode.
@@ -167,27 +168,28 @@ class ImageDecoder:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         images = batch["image"]
         n = len(images)
+        earlier = earlier_errors(batch, n)
         pixels = np.zeros((n, self.size[0], self.size[1], 3), dtype=np.uint8)
-        errors = np.full(n, "", dtype=object)
+        errors = earlier.copy()  # a row an earlier stage rejected keeps its reason and is not decoded
         for i, data in enumerate(images):
-            hwc, errors[i] = self.pixels_of(data)
-            if hwc is not None:
-                pixels[i] = hwc
+            if earlier[i] == "":
+                hwc, errors[i] = self.pixels_of(data)
+                if hwc is not None:
+                    pixels[i] = hwc
         chw = np.ascontiguousarray(pixels.transpose(0, 3, 1, 2))
         if self.pixel_dtype == "float32":
             chw = normalize_pixels(torch.from_numpy(chw), self.mean, self.std).numpy()
             chw[errors != ""] = 0.0
         out = {k: v for k, v in batch.items() if k != "image"}
-        out.update(pixels=chw, error=_earlier_errors_first(batch, errors).astype(str))
+        out.update(pixels=chw, error=errors.astype(str))
         return out
 
 
-def _earlier_errors_first(batch: dict[str, np.ndarray], errors: np.ndarray) -> np.ndarray:
-    """This stage's reasons, except where an earlier stage's ``error`` column already gave one."""
+def earlier_errors(batch: dict[str, object], n: int) -> np.ndarray:
+    """The reasons an earlier stage's ``error`` column gives (``""`` where none, or no such column), as objects."""
     if "error" not in batch:
-        return errors
-    earlier = np.array(["" if e is None else str(e) for e in batch["error"]], dtype=object)
-    return np.where(earlier != "", earlier, errors)
+        return np.full(n, "", dtype=object)
+    return np.array(["" if e is None else str(e) for e in batch["error"]], dtype=object)
 
 
 def _is_whole_jpeg(data: bytes | memoryview) -> bool:
@@ -293,7 +295,7 @@ class TensorImageDecoder:
         ``DEVICE_JPEG``, True for the rows that go to the device (a whole RGB/grey JPEG within the checks).
         Rows an earlier stage rejected (an ``error``) are not read: the decoder skips them."""
         files = encoded_files(batch["image"])
-        rejected = _earlier_errors_first(batch, np.full(len(files), "", dtype=object)) != ""
+        rejected = earlier_errors(batch, len(files)) != ""
         return {**batch, DEVICE_JPEG: np.array([not r and self._on_device(f) for f, r in zip(files, rejected)], bool)}
 
     def device_inputs(self, batch: dict[str, object], rows) -> tuple[list, list[int], list[torch.Tensor]]:
@@ -334,9 +336,9 @@ class TensorImageDecoder:
     def __call__(self, batch: dict[str, object]) -> dict[str, object]:
         """``batch["image"]``: a NumPy array of ``bytes``, or an Arrow binary column (viewed, not copied)."""
         n = len(batch["image"])
-        earlier = _earlier_errors_first(batch, np.full(n, "", dtype=object))
+        earlier = earlier_errors(batch, n)
         pixels = torch.zeros((n, 3, *self.pil.size), dtype=torch.uint8, device=self.device)
-        errors = np.full(n, "", dtype=object)
+        errors = earlier.copy()
         todo = [i for i in range(n) if earlier[i] == ""]
         images, jpegs, tensors = self.device_inputs(batch, todo)
         decoded = dict(zip(jpegs, self._decode_jpegs(tensors))) if jpegs else {}
@@ -348,7 +350,7 @@ class TensorImageDecoder:
             if hwc is not None:
                 pixels[i] = torch.from_numpy(np.ascontiguousarray(hwc.transpose(2, 0, 1))).to(self.device)
         out = {k: v for k, v in batch.items() if k not in ("image", DEVICE_JPEG)}
-        out.update(pixels=pixels, error=np.where(earlier != "", earlier, errors).astype(str))
+        out.update(pixels=pixels, error=errors.astype(str))
         return out
 
 
