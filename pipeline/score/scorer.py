@@ -168,14 +168,13 @@ class ImageDecoder:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         images = batch["image"]
         n = len(images)
-        earlier = earlier_errors(batch, n)
+        earlier = _earlier_errors(batch, n)
         pixels = np.zeros((n, self.size[0], self.size[1], 3), dtype=np.uint8)
         errors = earlier.copy()  # a row an earlier stage rejected keeps its reason and is not decoded
-        for i, data in enumerate(images):
-            if earlier[i] == "":
-                hwc, errors[i] = self.pixels_of(data)
-                if hwc is not None:
-                    pixels[i] = hwc
+        for i in np.flatnonzero(earlier == ""):
+            hwc, errors[i] = self.pixels_of(images[i])
+            if hwc is not None:
+                pixels[i] = hwc
         chw = np.ascontiguousarray(pixels.transpose(0, 3, 1, 2))
         if self.pixel_dtype == "float32":
             chw = normalize_pixels(torch.from_numpy(chw), self.mean, self.std).numpy()
@@ -185,7 +184,7 @@ class ImageDecoder:
         return out
 
 
-def earlier_errors(batch: dict[str, object], n: int) -> np.ndarray:
+def _earlier_errors(batch: dict[str, object], n: int) -> np.ndarray:
     """The reasons an earlier stage's ``error`` column gives (``""`` where none, or no such column), as objects."""
     if "error" not in batch:
         return np.full(n, "", dtype=object)
@@ -295,7 +294,7 @@ class TensorImageDecoder:
         ``DEVICE_JPEG``, True for the rows that go to the device (a whole RGB/grey JPEG within the checks).
         Rows an earlier stage rejected (an ``error``) are not read: the decoder skips them."""
         files = encoded_files(batch["image"])
-        rejected = earlier_errors(batch, len(files)) != ""
+        rejected = _earlier_errors(batch, len(files)) != ""
         return {**batch, DEVICE_JPEG: np.array([not r and self._on_device(f) for f, r in zip(files, rejected)], bool)}
 
     def device_inputs(self, batch: dict[str, object], rows) -> tuple[list, list[int], list[torch.Tensor]]:
@@ -336,7 +335,7 @@ class TensorImageDecoder:
     def __call__(self, batch: dict[str, object]) -> dict[str, object]:
         """``batch["image"]``: a NumPy array of ``bytes``, or an Arrow binary column (viewed, not copied)."""
         n = len(batch["image"])
-        earlier = earlier_errors(batch, n)
+        earlier = _earlier_errors(batch, n)
         pixels = torch.zeros((n, 3, *self.pil.size), dtype=torch.uint8, device=self.device)
         errors = earlier.copy()
         todo = [i for i in range(n) if earlier[i] == ""]
@@ -454,8 +453,7 @@ class ClipScorer:
         return torch.autocast("cuda", dtype=torch.float16, enabled=self.device.type == "cuda")
 
     def _row_errors(self, batch: dict[str, np.ndarray], n: int) -> np.ndarray:
-        errors = np.asarray(batch["error"], dtype=object).copy() if "error" in batch else np.full(n, "", dtype=object)
-        errors[[e is None for e in errors]] = ""
+        errors = _earlier_errors(batch, n)
         if self.mode == "caption":
             captions = batch.get("caption", np.full(n, None, dtype=object))
             bad = np.array([not isinstance(c, str) or not c.strip() for c in captions], dtype=bool)
