@@ -210,6 +210,23 @@ def test_mmdp_weights_keep_the_eligible_loss_sum_unbiased(keep_ratio, epoch):
     assert clean[kept[weights > 0]].all()  # never trains on what it dropped as noise (probes weigh 0)
 
 
+@pytest.mark.parametrize("name, params", [("infobatch", {"prune_prob": 0.5}), ("infobatch", {"prune_prob": 0.9}),
+                                          ("mmdp", {"noise_fraction": 0.0, "max_prune_prob": 0.9})])
+def test_a_small_well_learned_stratum_keeps_a_survivor_so_its_loss_stays_in_the_sum(name, params):
+    # Three hard samples and one or three well-learned: round(p * n_well) is n_well here, and
+    # pruning them all would drop their loss from the weighted sum instead of weighting it up.
+    for loss in ([3.0, 3.0, 3.0, 0.1], [3.0, 3.0, 3.0, 3.0, 0.1, 0.2, 0.3]):
+        loss = np.asarray(loss, np.float32)
+        state = State(loss=loss, seen=np.ones(len(loss), bool), consistency=np.arange(len(loss), dtype=np.float32),
+                      keep_ratio=0.1)
+        well = loss < loss.mean(dtype=np.float64)
+        for seed in range(20):
+            kept, weights = select(P.make_policy(name, **params), state, 1, seed=seed)
+            survivors = well[kept]
+            assert survivors.any()
+            assert weights[survivors].sum() == pytest.approx(well.sum())
+
+
 def test_infobatch_exact_prunes_only_well_learned_samples_when_the_budget_allows():
     state = make_state(keep_ratio=0.7, seen_frac=1.0)
     kept, weights = select(P.make_policy("infobatch_exact"), state, 1)

@@ -114,7 +114,7 @@ def prune_well_learned(cluster, ctx: PlanContext, pruned: int | None, prune_prob
     Eligible samples are group 1 (hard), 2 (well-learned) and 3 (probes:
     excluded samples forwarded with weight 0 to see their loss) after
     :func:`~pipeline.prune.steps.strata`. The well-learned stratum loses
-    ``min(pruned, round(prune_prob * n_well))`` samples drawn uniformly
+    ``min(pruned, round(prune_prob * n_well), n_well - 1)`` samples drawn uniformly
     (``pruned=None``: just the ``prune_prob`` share, InfoBatch's rule); its
     survivors weigh ``n_well / keep_well``, so ``E[sum_kept w * loss]`` is the
     eligible samples' loss sum. The kept count follows the losses: before any
@@ -124,7 +124,9 @@ def prune_well_learned(cluster, ctx: PlanContext, pruned: int | None, prune_prob
     counted as :data:`LOW_CONSISTENCY` less those probed.
     """
     n_hard, n_well, n_probe = (int(c) for c in np.sum(cluster.map(steps.strata, ctx.salt), axis=0))
-    cut = int(math.floor(prune_prob * n_well + 0.5))
+    # At least one survivor: a stratum with none would drop its loss from the
+    # weighted sum (round(0.5 * 1) is 1), and the sum would no longer be unbiased.
+    cut = min(int(math.floor(prune_prob * n_well + 0.5)), max(0, n_well - 1))
     if pruned is not None:
         cut = min(cut, max(0, pruned))
     keep_well = n_well - cut
