@@ -112,6 +112,30 @@ def test_commit_in_the_cluster_equals_the_rule(ray_local, tmp_path):
     assert outcome(*_write_in_memory(table, str(tmp_path / "mem"))) == reference(table)
 
 
+def test_staged_files_keep_input_order_so_the_first_copy_of_a_key_keeps_it(ray_local, tmp_path):
+    # The job's staging write: many blocks a write task (Ray's write_parquet gave them to
+    # pyarrow's threaded writer, which can write them out of order, so that a later copy of
+    # a key kept it), each file named by its task.
+    import ray.data
+
+    table = staged_rows(15_000, 11).append_column(commit.SCORED_AT, pa.array(np.arange(15_000, dtype=np.float64)))
+    options = ray.data.DataContext.get_current().execution_options
+    saved, options.preserve_order = options.preserve_order, True
+    try:
+        ds = ray.data.from_arrow([table.slice(start, 50) for start in range(0, 15_000, 50)])
+        ds.write_datasink(commit.StagedRows(str(tmp_path / "stage"), 5_000), ray_remote_args={"num_cpus": 0})
+    finally:
+        options.preserve_order = saved
+    staged = storage.list_files(str(tmp_path / "stage"))
+    assert len(staged) == 3
+    back = pa.concat_tables([storage.read_table(url) for url in staged])
+    assert back.schema == commit.STAGED_SCHEMA
+    np.testing.assert_array_equal(back.column(commit.SCORED_AT).to_numpy(), np.arange(15_000))
+    out = str(tmp_path / "out")
+    commit.commit_staged(staged, out, started=time.time())
+    assert outcome(storage.read_table(f"{out}/scores"), storage.read_table(f"{out}/rejects")) == reference(table)
+
+
 def test_one_staged_file_is_committed_by_one_task_by_the_same_rule(ray_local, tmp_path):
     table = staged_rows(1000, 3)
     url = str(tmp_path / "stage" / "part-000000.parquet")

@@ -3,7 +3,9 @@
 The scored rows are staged by Ray Data in input order. The commit never
 brings them to one process:
 
-1. every staged file is read by a Ray Data task that tags its rows with their
+1. every staged file (written by :class:`StagedRows`: file names in the
+   order of the write tasks, rows in the order they came) is read by a Ray
+   Data task that tags its rows with their
    input position (file ordinal, row), and Ray Data sorts the rows by key, so
    the rows of one key are adjacent, in blocks spread over the cluster;
 2. a task per sorted block reports its edges (first and last key, the first
@@ -27,8 +29,11 @@ import time
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import ray
 import ray.data
+from ray.data import Datasink
+from ray.data.block import BlockAccessor
 
 from pipeline import storage
 from pipeline.data.contract import KEY, REJECTS_SCHEMA, SCORES_SCHEMA
@@ -39,6 +44,40 @@ POS, NULL_KEY = "_pos", "_null_key"
 # The wall-clock time a staged row was scored (staged only, not in the output).
 SCORED_AT = "scored_at"
 SCORES, REJECTS = "scores", "rejects"
+# What the score job stages, one row per input row.
+STAGED_SCHEMA = pa.schema([(KEY, pa.string()), ("clip_score", pa.float32()), ("clip_margin", pa.float32()),
+                           ("status", pa.string()), ("error", pa.string()), (SCORED_AT, pa.float64())])
+
+
+class StagedRows(Datasink):
+    """Ray Data's sink for the staged rows: each write task's blocks, in the order they come, in one file.
+
+    The commit takes a row's place in the staged files for its input
+    position (the first row of a key keeps it), so the files must keep it:
+    Ray's ``write_parquet`` hands a task's blocks to pyarrow's threaded
+    dataset writer, which may write them in another order. Files are named
+    by the write task's index, which follows input order when the dataset
+    preserves order (the score job's does).
+    """
+
+    def __init__(self, url: str, min_rows: int):
+        self.url, self.min_rows = url, min_rows
+
+    @property
+    def min_rows_per_write(self) -> int:
+        return self.min_rows
+
+    def write(self, blocks, ctx) -> str | None:
+        url, writer = storage.join(self.url, f"part-{ctx.task_idx:08d}.parquet"), None
+        fs, path = storage.filesystem_for(url)
+        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        with fs.open_output_stream(path) as out:
+            for block in blocks:
+                table = BlockAccessor.for_block(block).to_arrow().select(STAGED_SCHEMA.names).cast(STAGED_SCHEMA)
+                writer = writer or pq.ParquetWriter(out, STAGED_SCHEMA)
+                writer.write_table(table)
+            (writer or pq.ParquetWriter(out, STAGED_SCHEMA)).close()
+        return url
 
 
 def positioned(table: pa.Table, ordinal: int) -> pa.Table:

@@ -37,7 +37,7 @@ from pipeline.cli import option
 from pipeline.data.contract import KEY, ColumnMapping
 from pipeline.data.validate import RowValidator
 from pipeline.score import REFERENCE_MODEL, TINY_MODEL
-from pipeline.score.commit import SCORED_AT, commit_staged
+from pipeline.score.commit import SCORED_AT, StagedRows, commit_staged
 
 log = logging.getLogger(__name__)
 # Ray Data writes the scored rows here before commit_staged commits them as scores/ and rejects/.
@@ -299,8 +299,7 @@ def _score_listed(cfg: ScoreConfig, classes: tuple[str, ...], kind: str, files: 
     try:
         # Few staged files (Ray's sort shuffles files x files pieces), each in one write task, in order.
         # The write tasks ask no CPU (WRITE_TASK_CPUS): they run while the job scores, not after it.
-        ds.write_parquet(staging_path, filesystem=fs, min_rows_per_file=STAGED_ROWS_PER_FILE,
-                         ray_remote_args={"num_cpus": WRITE_TASK_CPUS})
+        ds.write_datasink(StagedRows(staging, STAGED_ROWS_PER_FILE), ray_remote_args={"num_cpus": WRITE_TASK_CPUS})
         checked.result()  # every shard passed its check before anything is committed
         # Staged files sort in the order Ray Data wrote them: input order.
         summary = commit_staged(storage.list_files(staging) if storage.exists(staging) else [], cfg.output, start)
