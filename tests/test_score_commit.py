@@ -1,10 +1,12 @@
 """The score job's commit in the cluster: repeats and the dense index, whatever the blocks.
 
-The reference is the rule stated on one table in input order (what the job
-did when its driver read the staged rows back): a key's first row keeps it,
-later rows are duplicates, and the ``ok`` rows are numbered in key order.
+The reference is the rule stated on one table (what the job did when its
+driver read the staged rows back): a key that several rows carry is scored
+in none of them (each copy not rejected for a reason of its own is a
+duplicate), and the ``ok`` rows are numbered in key order.
 """
 
+import collections
 import time
 
 import numpy as np
@@ -34,17 +36,16 @@ def staged_rows(n: int, seed: int) -> pa.Table:
 
 def reference(table: pa.Table) -> tuple[dict, list]:
     """{key: (index, clip_score)} of the scored rows and the sorted (key, reason) rejects, by the stated rule."""
-    seen, scored, rejects = set(), {}, []
+    count = collections.Counter(row[KEY] for row in table.to_pylist() if row[KEY])
+    scored, rejects = {}, []
     for row in table.to_pylist():
         key = row[KEY]
-        if key and key in seen:
-            rejects.append((key, DUPLICATE_KEY))
-            continue
-        seen.add(key)
-        if row["status"] == "ok":
-            scored[key] = row["clip_score"]
-        else:
+        if row["status"] != "ok":
             rejects.append((key, row["error"]))
+        elif count[key] > 1:
+            rejects.append((key, DUPLICATE_KEY))
+        else:
+            scored[key] = row["clip_score"]
     index = {key: (i, scored[key]) for i, key in enumerate(sorted(scored))}
     return index, sorted(rejects, key=lambda kv: (str(kv[0]), kv[1]))
 
@@ -57,15 +58,14 @@ def outcome(scores: pa.Table, rejects: pa.Table) -> tuple[dict, list]:
 
 @pytest.mark.parametrize("seed", range(6))
 def test_blocks_cut_anywhere_give_the_rule_on_the_whole_table(seed):
-    # Staged files in input order, then the rows sorted by key and cut into
-    # blocks at random places: keys straddle blocks, some blocks are one key.
+    # Staged files, then the rows sorted by key and cut into blocks at
+    # random places: keys straddle blocks, some blocks are one key.
     rng = np.random.default_rng(seed)
     table = staged_rows(240, seed)
     files = np.sort(rng.choice(np.arange(1, 240), 5, replace=False))
-    staged = [commit.positioned(part, i) for i, part in
-              enumerate(table.slice(a, b - a) for a, b in zip([0, *files], [*files, 240]))]
+    staged = [commit.keyed(table.slice(a, b - a)) for a, b in zip([0, *files], [*files, 240])]
     by_key = pa.concat_tables(staged).sort_by(KEY)
-    # Shuffle inside each key run (Ray's sort does not keep input order among equal keys).
+    # Shuffle inside each key run (Ray's sort keeps no order among equal keys).
     by_key = by_key.take(np.lexsort((rng.random(by_key.num_rows), by_key.column(KEY).to_numpy(zero_copy_only=False))))
     cuts = np.sort(rng.choice(np.arange(1, 240), 7, replace=False))
     blocks = [by_key.slice(a, b - a) for a, b in zip([0, *cuts], [*cuts, 240])]
@@ -82,15 +82,25 @@ def test_blocks_cut_anywhere_give_the_rule_on_the_whole_table(seed):
     assert sum(e["rows"] for e in edges) == 240
 
 
-def test_a_key_first_seen_as_a_rejected_row_is_a_duplicate_later():
-    table = pa.table({KEY: ["b", "a", "b", "a"], "clip_score": pa.array([1, 2, 3, 4], pa.float32()),
-                      "clip_margin": pa.array([0, 0, 0, 0], pa.float32()),
-                      "status": ["rejected", "ok", "ok", "ok"], "error": ["undecodable image", "", "", ""]})
-    block = commit.positioned(table, 0)
-    scores, rejects = commit.split_block(block, 0, [])
-    assert scores.to_pydict()[KEY] == ["a"] and scores.to_pydict()["clip_score"] == [2.0]
+def test_no_copy_of_a_repeated_key_is_scored_and_a_copy_rejected_already_keeps_its_reason():
+    # Training finds a row's sample by its key: a key on two rows cannot say which one was scored.
+    table = pa.table({KEY: ["b", "a", "b", "a", "c"], "clip_score": pa.array([1, 2, 3, 4, 5], pa.float32()),
+                      "clip_margin": pa.array([0, 0, 0, 0, 0], pa.float32()),
+                      "status": ["rejected", "ok", "ok", "ok", "ok"], "error": ["undecodable image", "", "", "", ""]})
+    scores, rejects = commit.split_block(commit.keyed(table), 0, [])
+    assert scores.to_pydict()[KEY] == ["c"] and scores.to_pydict()["index"] == [0]
     assert sorted(zip(rejects.column(KEY).to_pylist(), rejects.column("reason").to_pylist())) == [
-        ("a", DUPLICATE_KEY), ("b", DUPLICATE_KEY), ("b", "undecodable image")]
+        ("a", DUPLICATE_KEY), ("a", DUPLICATE_KEY), ("b", DUPLICATE_KEY), ("b", "undecodable image")]
+
+
+def test_the_output_does_not_depend_on_the_order_rows_were_staged_in(tmp_path):
+    table = staged_rows(600, 9)
+    shuffled = table.take(np.random.default_rng(0).permutation(600))
+    one, other = str(tmp_path / "one"), str(tmp_path / "other")
+    _write_in_memory(table, one, rows_per_file=50)
+    _write_in_memory(shuffled, other, rows_per_file=50)
+    for folder in ("scores", "rejects"):
+        assert storage.read_table(f"{one}/{folder}").equals(storage.read_table(f"{other}/{folder}"))
 
 
 def test_commit_in_the_cluster_equals_the_rule(ray_local, tmp_path):
@@ -110,30 +120,6 @@ def test_commit_in_the_cluster_equals_the_rule(ray_local, tmp_path):
     assert summary["rejected_by_reason"][DUPLICATE_KEY] == sum(1 for _, r in reference(table)[1] if r == DUPLICATE_KEY)
     # The in-memory path (one block) commits the same.
     assert outcome(*_write_in_memory(table, str(tmp_path / "mem"))) == reference(table)
-
-
-def test_staged_files_keep_input_order_so_the_first_copy_of_a_key_keeps_it(ray_local, tmp_path):
-    # The job's staging write: many blocks a write task (Ray's write_parquet gave them to
-    # pyarrow's threaded writer, which can write them out of order, so that a later copy of
-    # a key kept it), each file named by its task.
-    import ray.data
-
-    table = staged_rows(15_000, 11).append_column(commit.SCORED_AT, pa.array(np.arange(15_000, dtype=np.float64)))
-    options = ray.data.DataContext.get_current().execution_options
-    saved, options.preserve_order = options.preserve_order, True
-    try:
-        ds = ray.data.from_arrow([table.slice(start, 50) for start in range(0, 15_000, 50)])
-        ds.write_datasink(commit.StagedRows(str(tmp_path / "stage"), 5_000), ray_remote_args={"num_cpus": 0})
-    finally:
-        options.preserve_order = saved
-    staged = storage.list_files(str(tmp_path / "stage"))
-    assert len(staged) == 3
-    back = pa.concat_tables([storage.read_table(url) for url in staged])
-    assert back.schema == commit.STAGED_SCHEMA
-    np.testing.assert_array_equal(back.column(commit.SCORED_AT).to_numpy(), np.arange(15_000))
-    out = str(tmp_path / "out")
-    commit.commit_staged(staged, out, started=time.time())
-    assert outcome(storage.read_table(f"{out}/scores"), storage.read_table(f"{out}/rejects")) == reference(table)
 
 
 def test_one_staged_file_is_committed_by_one_task_by_the_same_rule(ray_local, tmp_path):
@@ -196,6 +182,21 @@ def test_the_training_index_stage_finds_the_index_the_commit_gave(ray_local, tmp
     got = index_stage(batch, key_index(out))
     assert dict(zip(got[KEY].tolist(), got["index"].tolist())) == scored  # the unscored row left
     assert consistency[[scored[k] for k in keys]].tolist() == list(range(n))
+
+
+def test_the_training_index_stage_passes_no_row_of_a_repeated_key(ray_local, tmp_path):
+    # Two rows under key "b" with different labels: had one copy been scored, the index stage
+    # (which finds a row's sample by its key) would have passed both, trained as one sample.
+    from pipeline.train.keys import key_index
+    from pipeline.train.stages import index_stage
+
+    keys = ["a", "b", "c", "b"]
+    table = pa.table({KEY: keys, "index": np.zeros(4, np.int64), "clip_score": pa.array([1, 2, 3, 4], pa.float32()),
+                      "clip_margin": pa.array([0, 0, 0, 0], pa.float32()), "status": ["ok"] * 4, "error": [""] * 4})
+    out = str(tmp_path / "scores")
+    commit.write_scores(table, out)
+    got = index_stage({KEY: np.array(keys, dtype=object), "label": np.array([0, 1, 2, 7])}, key_index(out))
+    assert got[KEY].tolist() == ["a", "c"] and got["label"].tolist() == [0, 2]
 
 
 def test_a_block_resolves_only_the_key_chunks_its_keys_fall_in(ray_local, tmp_path):

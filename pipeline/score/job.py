@@ -37,7 +37,7 @@ from pipeline.cli import option
 from pipeline.data.contract import KEY, ColumnMapping
 from pipeline.data.validate import RowValidator
 from pipeline.score import REFERENCE_MODEL, TINY_MODEL
-from pipeline.score.commit import SCORED_AT, StagedRows, commit_staged
+from pipeline.score.commit import SCORED_AT, commit_staged
 
 log = logging.getLogger(__name__)
 # Ray Data writes the scored rows here before commit_staged commits them as scores/ and rejects/.
@@ -185,12 +185,12 @@ def score(cfg: ScoreConfig) -> dict:
     if cfg.mode == "label" and not classes:
         raise ValueError("label mode needs class names: pass --classes or keep metadata.json beside the split")
     ctx = ray.data.DataContext.get_current()
-    # Output rows follow input order, so the first of two duplicate keys is
-    # well defined and reruns write identical tables. Restored afterwards:
-    # later datasets of this process (a TorchTrainer's) inherit the context.
+    # The commit's output does not depend on the order rows are staged in, so
+    # Ray Data may finish blocks in any order. The object store budget is
+    # restored afterwards: later datasets of this process (a TorchTrainer's)
+    # inherit the context.
     options = ctx.execution_options
-    saved = options.preserve_order, options.resource_limits
-    options.preserve_order = True
+    saved = options.resource_limits
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     budget = in_flight_bytes(cfg, use_gpu)
     if budget:
@@ -198,7 +198,7 @@ def score(cfg: ScoreConfig) -> dict:
     try:
         return _score(cfg, classes, use_gpu)
     finally:
-        options.preserve_order, options.resource_limits = saved
+        options.resource_limits = saved
 
 
 def in_flight_bytes(cfg: ScoreConfig, use_gpu: bool) -> int:
@@ -297,11 +297,11 @@ def _score_listed(cfg: ScoreConfig, classes: tuple[str, ...], kind: str, files: 
     if storage.exists(staging):
         fs.delete_dir(staging_path)
     try:
-        # Few staged files (Ray's sort shuffles files x files pieces), each in one write task, in order.
+        # Few staged files (Ray's sort shuffles files x files pieces), each in one write task.
         # The write tasks ask no CPU (WRITE_TASK_CPUS): they run while the job scores, not after it.
-        ds.write_datasink(StagedRows(staging, STAGED_ROWS_PER_FILE), ray_remote_args={"num_cpus": WRITE_TASK_CPUS})
+        ds.write_parquet(staging_path, filesystem=fs, min_rows_per_file=STAGED_ROWS_PER_FILE,
+                         ray_remote_args={"num_cpus": WRITE_TASK_CPUS})
         checked.result()  # every shard passed its check before anything is committed
-        # Staged files sort in the order Ray Data wrote them: input order.
         summary = commit_staged(storage.list_files(staging) if storage.exists(staging) else [], cfg.output, start)
     finally:
         if storage.exists(staging):
