@@ -276,7 +276,7 @@ def write_shards(table: pa.Table, dir_url: str, rows_per_shard: int = 5000) -> l
 
 
 def list_files(url: str, suffixes: tuple[str, ...] = (".parquet",), others: tuple[str, ...] | None = None) -> list[str]:
-    """The data files of a folder (or the file itself), sorted, from one listing.
+    """The data files of a folder (or the file itself, whatever its name: it was named), sorted, from one listing.
 
     A folder committed by :func:`commit_output` lists exactly its manifest;
     one still marked pending, or inside a folder marked pending, is refused;

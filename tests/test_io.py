@@ -1,13 +1,17 @@
 """Storage round trips through a local folder, a loopback S3 server and a GCS emulator; shard files onto the contract."""
 
+import io
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from pipeline import storage
 from pipeline.data import shards
-from pipeline.data.contract import SHARD_SCHEMA, ColumnMapping, SchemaError, to_contract
+from pipeline.data.contract import READ_SCHEMA, SHARD_SCHEMA, ColumnMapping, SchemaError, to_contract
+from pipeline.data.validate import NOT_AN_INTEGER_LABEL, RowValidator
 from shardfiles import tar_bytes
 
 
@@ -89,7 +93,7 @@ def test_img2dataset_parquet_maps_onto_contract(tmp_path):
     kind, files = shards.shard_files(str(tmp_path))  # the stats sidecar is not a shard
     assert (kind, files) == ("parquet", [storage.join(str(tmp_path), "00000.parquet")])
     table = to_contract(storage.read_table(files[0]), ColumnMapping.parse("img2dataset"))
-    assert table.schema == SHARD_SCHEMA
+    assert table.schema == READ_SCHEMA and table.column("bad_label").null_count == 2
     assert table.column("image").to_pylist() == [b"\xff\xd8a", b"\xff\xd8b"]
     assert table.column("caption").to_pylist() == ["a dog", "a cat"]
     assert table.column("label").null_count == 2
@@ -123,7 +127,7 @@ def test_ray_data_reads_only_the_asked_columns_and_the_same_rows(ray_local, tmp_
         return pa.concat_tables(ds.iter_batches(batch_format="pyarrow")).sort_by("key")
 
     projected, whole = rows(same, ("key", "image", "label")), rows(same, tuple(SHARD_SCHEMA.names))
-    assert projected.schema == whole.schema == SHARD_SCHEMA
+    assert projected.schema == whole.schema == READ_SCHEMA
     for column in ("key", "image", "label"):
         assert projected.column(column).equals(whole.column(column))
     assert projected.column("label").to_pylist() == [i % 3 for i in range(12)]
@@ -145,10 +149,58 @@ def test_webdataset_tar_maps_onto_contract(tmp_path):
     members = pa.table({"__key__": ["000000001", "000000002"], "jpg": [b"img1", None], "png": [None, b"img2"],
                         "txt": [b"a dog\n", b"a cat"], "cls": [b"3", b"5\n"], "json": [b"{}", None]})
     table = shards.webdataset_to_contract(members)
-    assert table.to_pylist() == [
+    assert table.select(SHARD_SCHEMA.names).to_pylist() == [
         {"key": "000000001", "image": b"img1", "caption": "a dog", "label": 3},
         {"key": "000000002", "image": b"img2", "caption": "a cat", "label": 5},
     ]
+
+
+def test_webdataset_images_of_any_case_and_pil_format_are_the_rows_images():
+    """ImageNet's ``.JPEG``, and GIF/BMP/TIFF/WebP members, are images, not "empty image bytes"."""
+    names = ("JPG", "JPEG", "Png", "gif", "bmp", "tif", "TIFF", "webp")
+    files = []
+    for name in names:
+        buf = io.BytesIO()
+        pil_format = {"JPG": "JPEG", "TIF": "TIFF"}.get(name.upper(), name.upper())
+        Image.new("RGB", (4, 4), (10, 200, 30)).save(buf, format=pil_format)
+        files.append(buf.getvalue())
+    # One sample per member kind, each with only that image member (a column of nulls elsewhere).
+    members = pa.table({"__key__": [f"{i:09d}" for i in range(len(names))],
+                        **{name: pa.array([f if j == i else None for j in range(len(names))], pa.binary())
+                           for i, (name, f) in enumerate(zip(names, files))},
+                        "txt": pa.array([b"a photo"] * len(names), pa.binary())})
+    table = shards.webdataset_to_contract(members)
+    assert table.column("image").to_pylist() == files
+    batch = {k: np.asarray(table.column(k).to_pylist(), dtype=object) for k in table.column_names}
+    assert list(RowValidator("caption")(batch)["error"]) == [""] * len(names)
+    for data in files:  # and each is an image PIL decodes, as the scoring decoder does
+        assert Image.open(io.BytesIO(data)).convert("RGB").size == (4, 4)
+
+
+def test_a_label_that_is_not_an_integer_rejects_its_row_and_only_it():
+    """One bad label (an empty or worded ``.cls`` member, 2.5, "") is its row's reason; the batch's other
+    rows keep their labels, and integer-like labels (3, "3", 3.0) read as before."""
+    def labels(column, **extra):
+        table = to_contract(pa.table({"key": [f"k{i}" for i in range(len(column))], "image": [b"x"] * len(column),
+                                      "caption": ["a photo"] * len(column), "label": column, **extra}))
+        return table.column("label").to_pylist(), table.column("bad_label").to_pylist()
+
+    assert labels(pa.array([3, None, 0])) == ([3, None, 0], [None] * 3)
+    assert labels(pa.array(["3", " 1\n", "", "cat", None])) == ([3, 1, None, None, None], [None, None, "", "cat", None])
+    # NaN is pandas' missing value: no label, not a bad one.
+    assert labels(pa.array([3.0, 2.5, float("nan"), None])) == ([3, None, None, None], [None, "2.5", None, None])
+    wds = shards.webdataset_to_contract(pa.table({"__key__": ["a", "b", "c"], "jpg": [b"x", b"y", b"z"],
+                                                  "txt": [b"x", b"y", b"z"], "cls": [b"3\n", b"", b"cat\n"]}))
+    assert wds.column("label").to_pylist() == [3, None, None]
+    assert wds.column("bad_label").to_pylist() == [None, "", "cat"]
+    # A label column of a type that no value of could be read is still the shard's error.
+    with pytest.raises(SchemaError, match="'label' cannot be read as label"):
+        to_contract(pa.table({"key": ["a"], "image": [b"x"], "label": pa.array([[1]])}))
+    # The row checks give those rows their reason, in caption mode too; the others pass.
+    batch = {k: np.asarray(wds.column(k).to_pylist(), dtype=object) for k in wds.column_names}
+    out = RowValidator("caption", ["a", "b", "c", "d"])(batch)
+    assert list(out["error"]) == ["", f"{NOT_AN_INTEGER_LABEL}: ''", f"{NOT_AN_INTEGER_LABEL}: 'cat'"]
+    assert "bad_label" not in out  # it is in the reasons now
 
 
 def test_one_shard_file_is_read_as_its_name_says(tmp_path):
@@ -158,6 +210,28 @@ def test_one_shard_file_is_read_as_its_name_says(tmp_path):
     for name, kind in (("a.parquet", "parquet"), ("b.tar", "webdataset")):
         url = storage.join(str(tmp_path), name)
         assert shards.shard_files(url) == (kind, [url])
+
+
+def test_parquet_beside_tars_is_refused_unless_it_is_a_tars_metadata(tmp_path):
+    """A folder of parquet shards and one stray tar is no webdataset of that tar (every parquet row skipped)."""
+    mix = tmp_path / "mix"
+    mix.mkdir()
+    for i in range(2):
+        pq.write_table(_table(4, seed=i), mix / f"part-{i}.parquet")
+    (mix / "old.tar").write_bytes(tar_bytes([("000000001.jpg", b"img1")]))
+    with pytest.raises(storage.InputError, match=r"part-0\.parquet: parquet beside webdataset tars \(.*old\.tar\)"):
+        shards.list_shards(str(mix))
+    with pytest.raises(storage.InputError, match=r"part-0\.parquet"):
+        shards.shard_files(str(mix))
+    # img2dataset's metadata is named as its tar (a tar may have none): a webdataset, its tars the shards.
+    wds = tmp_path / "wds"
+    (wds / "sub").mkdir(parents=True)
+    for name in ("00000", "00001", "sub/00002"):
+        (wds / f"{name}.tar").write_bytes(tar_bytes([("000000001.jpg", b"img1")]))
+    for name in ("00000", "sub/00002"):
+        pq.write_table(pa.table({"key": ["000000001"], "status": ["success"]}), wds / f"{name}.parquet")
+    assert shards.list_shards(str(wds)) == ("webdataset", [storage.join(str(wds), f"{n}.tar")
+                                                           for n in ("00000", "00001", "sub/00002")])
 
 
 def test_truncated_tar_names_the_file(tmp_path):
@@ -197,6 +271,19 @@ def test_missing_url_is_a_clear_error(tmp_path):
 
 def _keys_read(url: str) -> list[str]:
     return sorted(k for b in shards.read_shards(url).iter_batches(batch_format="pyarrow") for k in b.column("key").to_pylist())
+
+
+def test_one_file_of_any_name_is_read_as_the_parquet_its_checks_found(ray_local, tmp_path):
+    """``--input train.pq``: the checks take one named file as parquet whatever its extension; so does the read."""
+    table = _table(6)
+    pq.write_table(table, tmp_path / "train.pq")
+    url = str(tmp_path / "train.pq")
+    assert shards.shard_files(url) == ("parquet", [url])
+    assert _keys_read(url) == table.column("key").to_pylist()
+    # A name with no extension at all Ray Data cannot be told to read: refused before reading, by name.
+    pq.write_table(table, tmp_path / "train")
+    with pytest.raises(storage.InputError, match=r"train: a shard file's name needs an extension"):
+        shards.list_shards(str(tmp_path / "train"))
 
 
 @pytest.mark.parametrize("store", ["local", "s3"])  # the in-process GCS emulator is not served to Ray's reader threads

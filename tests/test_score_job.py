@@ -17,7 +17,9 @@ from pipeline import storage
 from pipeline.data.reference import make_synthetic, write_dataset
 from pipeline.data.contract import SHARD_SCHEMA
 from pipeline.score.clip_models import load_clip, save_checkpoint
-from pipeline.score.job import ScoreConfig, actor_resources, actor_threads, decodes_in_actors, in_flight_bytes
+from pipeline.data.validate import NOT_AN_INTEGER_LABEL
+from pipeline.score.job import (ScoreConfig, actor_resources, actor_threads, decodes_in_actors, in_flight_bytes,
+                                resolve_classes, score)
 from pipeline.score.scorer import ClipScorer, ImageDecoder, TensorImageDecoder
 from shardfiles import tar_bytes
 
@@ -265,3 +267,46 @@ def test_score_job_reads_webdataset_tars_with_mixed_image_types(ray_session, tin
     scores = storage.read_table(storage.join(out, "scores"))
     assert sorted(scores.column("key").to_pylist()) == [f"{i:09d}" for i in range(6)]
     assert scores.column("status").to_pylist() == ["ok"] * 6  # png and jpg rows alike
+
+
+def test_tars_of_every_image_format_and_bad_labels_score_or_reject_each_row(ray_session, tiny_ckpt, tmp_path):
+    """ImageNet's ``.JPEG`` and GIF/BMP/TIFF members are scored like any image; a ``.cls`` member that is not an
+    integer rejects its row (caption mode too) with its reason, and the job goes on."""
+    def image(pil_format):
+        buf = pyio.BytesIO()
+        Image.new("RGB", (8, 8), (200, 10, 10)).save(buf, format=pil_format)
+        return buf.getvalue()
+
+    samples = [("JPEG", "JPEG", b"3\n"), ("JPG", "JPEG", None), ("gif", "GIF", b"1"), ("bmp", "BMP", None),
+               ("tif", "TIFF", b""), ("TIFF", "TIFF", None), ("png", "PNG", b"cat\n"), ("jpg", "JPEG", b"2.5")]
+    members = []
+    for i, (ext, pil_format, cls) in enumerate(samples):
+        members += [(f"{i:09d}.{ext}", image(pil_format)), (f"{i:09d}.txt", f"a photo of thing {i}".encode())]
+        if cls is not None:
+            members.append((f"{i:09d}.cls", cls))
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "00000.tar").write_bytes(tar_bytes(members))
+    out = str(tmp_path / "out")
+    assert score_job.main(["--input", str(tmp_path / "in"), "--output", out, "--model", "mmdp-tiny",
+                           "--pretrained", tiny_ckpt, "--batch-size", "4", "--actor-cpus", "0.5"]) == 0
+    scores = storage.read_table(storage.join(out, "scores"))
+    rejects = storage.read_table(storage.join(out, "rejects"))
+    assert sorted(scores.column("key").to_pylist()) == [f"{i:09d}" for i in (0, 1, 2, 3, 5)]
+    assert scores.column("status").to_pylist() == ["ok"] * 5
+    assert sorted(zip(rejects.column("key").to_pylist(), rejects.column("reason").to_pylist())) == [
+        ("000000004", f"{NOT_AN_INTEGER_LABEL}: ''"), ("000000006", f"{NOT_AN_INTEGER_LABEL}: 'cat'"),
+        ("000000007", f"{NOT_AN_INTEGER_LABEL}: '2.5'")]
+
+
+def test_a_metadata_json_without_class_names_names_none(tmp_path):
+    """img2dataset's metadata.json has no "classes": caption mode needs none, label mode says it needs them."""
+    split = tmp_path / "data" / "train"
+    split.mkdir(parents=True)
+    storage.write_json({"source": "img2dataset"}, str(split / "metadata.json"))
+    cfg = ScoreConfig(input=str(split), output=str(tmp_path / "out"))
+    assert resolve_classes(cfg) == ()
+    with pytest.raises(ValueError, match="label mode needs class names"):
+        score(replace(cfg, mode="label"))
+    # The dataset's own metadata.json, beside the split, still names them.
+    storage.write_json({"classes": ["cat", "dog"]}, str(tmp_path / "data" / "metadata.json"))
+    assert resolve_classes(cfg) == ("cat", "dog")

@@ -1,10 +1,10 @@
 """The data contract: what a shard row is, and how other layouts map onto it.
 
-A shard row is ``key`` (unique string), ``image`` (encoded JPEG/PNG bytes),
-``caption`` (string, may be empty when ``label`` is set) and ``label`` (int,
-optional). img2dataset writes ``key``/``jpg``/``txt`` (and ``cls``), so a
-:class:`ColumnMapping` renames those onto the contract instead of asking users
-to rewrite terabytes of shards.
+A shard row is ``key`` (unique string), ``image`` (encoded image bytes: JPEG,
+PNG, WebP, ... any format PIL decodes), ``caption`` (string, may be empty when
+``label`` is set) and ``label`` (int, optional). img2dataset writes
+``key``/``jpg``/``txt`` (and ``cls``), so a :class:`ColumnMapping` renames
+those onto the contract instead of asking users to rewrite terabytes of shards.
 """
 
 from __future__ import annotations
@@ -53,6 +53,12 @@ SCORES_SCHEMA = pa.schema(
 
 REJECTS_SCHEMA = pa.schema([pa.field(KEY, pa.string()), pa.field("reason", pa.string())])
 
+# What a reader gives (:func:`to_contract`): a shard row, then the source label, as text, of a row
+# whose label is not an integer ("cat", 2.5, an empty ``.cls`` member; null for every other row).
+# One bad label would otherwise fail the whole read; the row checks reject that row with a reason.
+BAD_LABEL = "bad_label"
+READ_SCHEMA = pa.schema([*SHARD_SCHEMA, pa.field(BAD_LABEL, pa.string())])
+
 
 class SchemaError(ValueError):
     """A table cannot be mapped onto the data contract."""
@@ -99,21 +105,26 @@ MAPPINGS = {
 
 
 def to_contract(table: pa.Table, mapping: ColumnMapping = ColumnMapping()) -> pa.Table:
-    """Rename and cast ``table`` into :data:`SHARD_SCHEMA`.
+    """Rename and cast ``table`` into :data:`READ_SCHEMA` (:data:`SHARD_SCHEMA`, then :data:`BAD_LABEL`).
 
     Missing optional columns (caption, label) become nulls; a missing key or
     image column is an error naming it, since no row could be scored without.
+    A label that is not an integer is that row's null label, its text in
+    :data:`BAD_LABEL`; the other rows keep theirs.
 
     Raises:
-        SchemaError: a required column is missing or cannot be cast.
+        SchemaError: a required column is missing or cannot be cast (a label column only by its type).
     """
-    columns = []
+    columns, bad_labels = [], pa.nulls(table.num_rows, pa.string())
     for field, source in zip(SHARD_SCHEMA, (mapping.key, mapping.image, mapping.caption, mapping.label)):
         if source in table.column_names:
             column = table.column(source)
             if field.name == LABEL and pa.types.is_string(column.type):
                 # img2dataset's .cls members arrive as text ("3\n").
                 column = pc.utf8_trim_whitespace(column)
+            if field.name == LABEL and pa.types.is_floating(column.type):
+                # NaN is how pandas writes a missing value.
+                column = pc.if_else(pc.is_nan(column), pa.scalar(None, column.type), column)
             if field.name == IMAGE and pa.types.is_string(column.type):
                 column = column.cast(pa.binary())
             if field.name == CAPTION and (pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type)):
@@ -123,8 +134,12 @@ def to_contract(table: pa.Table, mapping: ColumnMapping = ColumnMapping()) -> pa
                                    for v in column.to_pylist()], pa.string())
             try:
                 column = column.cast(field.type)
-            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
-                raise SchemaError(f"column {source!r} cannot be read as {field.name} ({field.type}): {exc}") from exc
+            except pa.ArrowInvalid as exc:  # a value that does not cast
+                if field.name != LABEL:
+                    raise _cast_error(source, field, exc) from exc
+                column, bad_labels = _labels_by_row(column)
+            except pa.ArrowNotImplementedError as exc:  # a type that does not
+                raise _cast_error(source, field, exc) from exc
         elif field.name in (KEY, IMAGE):
             raise SchemaError(
                 f"missing column {source!r} (the {field.name} column); found {table.column_names}. "
@@ -133,4 +148,22 @@ def to_contract(table: pa.Table, mapping: ColumnMapping = ColumnMapping()) -> pa
         else:
             column = pa.nulls(table.num_rows, field.type)
         columns.append(column)
-    return pa.Table.from_arrays(columns, schema=SHARD_SCHEMA)
+    return pa.Table.from_arrays([*columns, bad_labels], schema=READ_SCHEMA)
+
+
+def _cast_error(source: str, field: pa.Field, exc: Exception) -> SchemaError:
+    return SchemaError(f"column {source!r} cannot be read as {field.name} ({field.type}): {exc}")
+
+
+def _labels_by_row(column: pa.ChunkedArray | pa.Array) -> tuple[pa.Array, pa.Array]:
+    """``column`` cast value by value: the int64 labels (null where a value is not an integer), and the
+    text of each value that is not (null elsewhere). Only where the whole column's cast failed: it is slow."""
+    labels, bad = [], []
+    for i, value in enumerate(column.to_pylist()):
+        try:
+            labels.append(column.slice(i, 1).cast(pa.int64())[0].as_py())
+            bad.append(None)
+        except pa.ArrowInvalid:
+            labels.append(None)
+            bad.append(value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value))
+    return pa.array(labels, pa.int64()), pa.array(bad, pa.string())

@@ -21,7 +21,9 @@ from pipeline import storage
 from pipeline.data.contract import IMAGE, KEY, MAPPINGS, SHARD_SCHEMA, ColumnMapping, SchemaError, to_contract
 from pipeline.storage import InputError, exists, filesystem_for, join, list_files, read_json
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+# Image member extensions, matched whatever their case (ImageNet's tars hold ``.JPEG``): the formats
+# the scoring decoder (PIL) reads, in the order a sample's first image is taken.
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
 # Shard footers read at once: in an object store each is a round trip, and
 # thousands of shards read one by one take minutes.
 READ_THREADS = 32
@@ -33,10 +35,12 @@ def webdataset_to_contract(table: pa.Table, mapping: ColumnMapping = MAPPINGS["i
     """Webdataset samples (``__key__`` plus one bytes column per member extension) in the data contract.
 
     The image is each sample's first image member, whatever its extension
-    (``jpg``/``png``/...), under the mapping's image column; ``txt`` and
-    ``cls`` become trimmed text, undecodable bytes replaced rather than lost.
+    (``jpg``/``JPEG``/``png``/... :data:`IMAGE_EXTENSIONS` in any case), under
+    the mapping's image column; ``txt`` and ``cls`` become trimmed text,
+    undecodable bytes replaced rather than lost.
     """
-    present = [e for e in IMAGE_EXTENSIONS if e in table.column_names]
+    present = sorted((c for c in table.column_names if c.lower() in IMAGE_EXTENSIONS),
+                     key=lambda c: IMAGE_EXTENSIONS.index(c.lower()))
     images = [table.column(e).cast(pa.binary()) for e in present]
     columns = {
         "__key__": table.column("__key__"),
@@ -73,17 +77,32 @@ def list_shards(url: str) -> tuple[str, list[str]]:
     """The shard format (``parquet`` or ``webdataset``) of a dataset and its files, from one listing.
 
     A folder with ``.tar`` files is webdataset (img2dataset writes a metadata
-    ``.parquet`` beside each tar; those are not samples); one file is what its
-    name says. Any other file that is neither a shard nor a known sidecar is
-    an error naming it, so a stray or misnamed shard is never skipped
-    unnoticed. No shard is opened here (:func:`check_shards` reads them).
+    ``.parquet`` beside each tar, named as it: ``00000.parquet`` beside
+    ``00000.tar``; those are not samples); one file is a tar if its name says
+    so, else parquet (whatever its extension; it needs one). Any other file
+    that is neither a shard nor a known sidecar is an error naming it, and so
+    is a parquet file beside tars that is no tar's metadata, so a stray or
+    misnamed shard is never skipped unnoticed. No shard is opened here
+    (:func:`check_shards` reads them).
 
     Raises:
         InputError: naming the offending file or folder.
     """
     files = list_files(url, (".parquet", ".tar"), others=SIDECAR_SUFFIXES)
+    if files == [str(url)] and not _extension(url):
+        raise InputError(f"{url}: a shard file's name needs an extension (.parquet or .tar): Ray Data reads "
+                         "files by theirs; rename it")
     tars = [f for f in files if f.endswith(".tar")]
-    return ("webdataset", tars) if tars else ("parquet", files)
+    if not tars:
+        return "parquet", files
+    stems = {t.removesuffix(".tar") for t in tars}
+    unpaired = [f for f in files if f.endswith(".parquet") and f.removesuffix(".parquet") not in stems]
+    if unpaired:
+        more = f" and {len(tars) - 1} more" if len(tars) > 1 else ""
+        raise InputError(f"{unpaired[0]}: parquet beside webdataset tars ({tars[0]}{more}), and not a tar's "
+                         "img2dataset metadata (named as its tar: 00000.parquet beside 00000.tar); keep one "
+                         "shard format in the folder")
+    return "webdataset", tars
 
 
 def check_shards(kind: str, files: list[str], mapping: ColumnMapping | None = None) -> list[tuple[str, ...]] | None:
@@ -168,7 +187,8 @@ def _check_tar_end(file_url: str) -> None:
 
 def read_shards(url: str, columns: str = "mmdp", fields: tuple[str, ...] = tuple(SHARD_SCHEMA.names),
                 listing: tuple[str, list[str]] | None = None):
-    """The shards at ``url`` as a lazy Ray dataset in the data contract (key, image, caption, label).
+    """The shards at ``url`` as a lazy Ray dataset in the data contract (key, image, caption, label, then
+    :data:`~pipeline.data.contract.BAD_LABEL`: :func:`~pipeline.data.contract.to_contract`).
 
     ``columns`` is a :class:`~pipeline.data.contract.ColumnMapping` spec
     (``mmdp``, ``img2dataset``, or pairs like ``image=jpg,caption=txt``);
@@ -215,15 +235,26 @@ def read_listed(url: str, kind: str, files: list[str], columns: str = "mmdp", re
     mapping = ColumnMapping.parse(columns)
     fs, _ = filesystem_for(url)
     suffix = "tar" if kind == "webdataset" else "parquet"
-    paths = [filesystem_for(u)[1] for u in _as_folder(url, files, suffix)]
+    targets = _as_folder(url, files, suffix)
+    paths = [filesystem_for(u)[1] for u in targets]
+    # A folder is read for its .suffix files (what list_shards found there); files named one by one by
+    # their own extensions (one file given as the input, ``train.pq``, as list_shards took it): Ray Data
+    # filters even the files it is given by extension, and its parquet reader takes None as "parquet".
+    extensions = [suffix] if targets != files else sorted({_extension(f) for f in files})
     if kind == "webdataset":
         mapping = mapping if columns != "mmdp" else MAPPINGS["img2dataset"]
-        raw = ray.data.read_webdataset(paths, filesystem=fs, decoder=None, file_extensions=[suffix])
+        raw = ray.data.read_webdataset(paths, filesystem=fs, decoder=None, file_extensions=extensions)
         return raw.map_batches(_webdataset_stage, batch_format="numpy", fn_kwargs={"mapping": mapping})
-    raw = ray.data.read_parquet(paths, filesystem=fs, file_extensions=[suffix])
+    raw = ray.data.read_parquet(paths, filesystem=fs, file_extensions=extensions)
     if read_columns is not None:
         raw = raw.select_columns(read_columns)  # right after the read: Ray Data pushes it into the read
     return raw.map_batches(to_contract, batch_format="pyarrow", fn_kwargs={"mapping": mapping})
+
+
+def _extension(url: str) -> str:
+    """The extension of the file at ``url`` (``pq`` of ``train.pq``; "" where its name has none)."""
+    name = url.rstrip("/").rpartition("/")[2]
+    return name.rpartition(".")[2] if "." in name else ""
 
 
 def _as_folder(url: str, files: list[str], suffix: str) -> list[str]:

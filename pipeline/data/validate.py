@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.data.contract import CAPTION, IMAGE, KEY, LABEL
+from pipeline.data.contract import BAD_LABEL, CAPTION, IMAGE, KEY, LABEL
 
 MISSING_KEY = "missing key"
+NOT_AN_INTEGER_LABEL = "label not an integer"
 EMPTY_TEXT = "empty caption and no label"
 MISSING_LABEL = "missing label (label mode)"
 DUPLICATE_KEY = "duplicate key"
@@ -38,21 +39,24 @@ class RowValidator:
         keys, captions = batch[KEY], batch.get(CAPTION, np.full(n, None, object))
         labels = batch.get(LABEL, np.full(n, None, object))
         images = batch.get(IMAGE, np.full(n, None, object))
+        bad_labels = batch.get(BAD_LABEL, np.full(n, None, object))
         errors = np.full(n, "", dtype=object)
         texts = np.empty(n, dtype=object)
         for i in range(n):
             label = _as_label(labels[i])
-            errors[i] = self._check(keys[i], images[i], captions[i], label)
+            errors[i] = self._check(keys[i], images[i], captions[i], label, bad_labels[i])
             texts[i] = captions[i] or (self._prompt(label) if label is not None else "")
-        out = dict(batch)
+        out = {k: v for k, v in batch.items() if k != BAD_LABEL}  # now in the reasons
         out[CAPTION], out["error"] = texts, errors
         return out
 
-    def _check(self, key, image, caption, label) -> str:
+    def _check(self, key, image, caption, label, bad_label=None) -> str:
         if key is None or key == "":
             return MISSING_KEY
         if image is None or len(image) == 0:
             return "empty image bytes"
+        if isinstance(bad_label, str):  # the reader's text of a label that is not an integer (contract.BAD_LABEL)
+            return f"{NOT_AN_INTEGER_LABEL}: {bad_label[:40]!r}"
         in_range = label is not None and 0 <= label < len(self.classes)
         if self.mode == "label":
             if label is None:

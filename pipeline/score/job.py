@@ -174,8 +174,10 @@ def resolve_classes(cfg: ScoreConfig) -> tuple[str, ...]:
     if cfg.classes:
         return tuple(cfg.classes)
     for meta in (storage.join(cfg.input, "metadata.json"), storage.join(cfg.input.rstrip("/").rsplit("/", 1)[0], "metadata.json")):
-        if storage.exists(meta):
-            return tuple(storage.read_json(meta)["classes"])
+        # One without class names names none (label mode then says so; caption mode needs none).
+        names = storage.read_json(meta).get("classes") if storage.exists(meta) else None
+        if names:
+            return tuple(names)
     return ()
 
 
