@@ -19,7 +19,10 @@ Stages, each one of mmdp's jobs run with the arguments printed before it:
 5. ``jobs.report``: ``OUT/report/report.md`` (+ ``report.html`` and ``figures/``).
 
 A stage whose output is already complete is reused (``--no-reuse`` redoes
-it), so a second run with more policies only trains those.
+it), so a second run with more policies only trains those. Only a stage
+built from this run's flags is reused (its ``config.json`` says): one built
+from others (another ``--seed``) is refused before any stage runs; give those
+settings another ``--out``.
 """
 
 from __future__ import annotations
@@ -63,6 +66,9 @@ class DemoConfig:
             raise ValueError(f"--policies: unknown {unknown or 'none given'}; known: {', '.join(POLICIES)}")
         if min(self.train_rows, self.reference_rows, self.clip_epochs, self.epochs, self.workers) < 1:
             raise ValueError("--train-rows, --reference-rows, --clip-epochs, --epochs and --workers must be >= 1")
+        if "trajectory" in self.policies:  # else its training stage fails after minutes of the others' work
+            raise ValueError("--policies: trajectory needs the keys of known-clean pool rows, which the demo does not "
+                             "have; run jobs.train with --policy trajectory --reference-keys FILE")
 
 
 def stages(cfg: DemoConfig) -> list[tuple[str, str, object, list[str], str]]:
@@ -92,6 +98,36 @@ def stages(cfg: DemoConfig) -> list[tuple[str, str, object, list[str], str]]:
     return steps
 
 
+def reusable(argv: list[str], output: str | None, cfg: DemoConfig) -> bool:
+    """Whether a stage's finished output stands for running it: complete, and built from this run's flags.
+
+    Raises:
+        ValueError: the output is complete, but its ``config.json`` says other flags built it
+            (another demo's settings): reusing it would report that demo's results as this one's.
+    """
+    if not cfg.reuse or output is None or not storage.is_complete(output):
+        return False
+    config = storage.join(output, "config.json")
+    if not storage.exists(config):
+        raise ValueError(f"{output} is a finished stage without the config.json that says which flags built it; "
+                         "give this run another --out")
+    saved = storage.read_json(config)
+    inside = storage.join(cfg.out, "")
+    differ = []
+    for flag, value in zip(argv[::2], argv[1::2]):  # a stage with an output takes --flag value pairs only
+        # Flags that say where files are, not what the stage builds: the store's endpoint, and folders
+        # inside --out (the demo's own stages, each checked in turn; the same wherever --out is moved).
+        if flag == "--s3-endpoint" or value.startswith(inside):
+            continue
+        built = saved.get(flag[2:].replace("-", "_"))
+        if str(built) != value:  # the job saved the flag's value parsed from this same text
+            differ.append(f"{flag} {built} (this run: {value})")
+    if differ:
+        raise ValueError(f"{output} is a finished stage built with {', '.join(differ)}; a stage is reused only "
+                         "with the flags that built it: give these settings another --out")
+    return True
+
+
 def _work(cfg: DemoConfig, stage: str) -> int:
     """A stage's units of work (rows, times epochs where it has them): what its measured pace scales by."""
     return {"data": cfg.train_rows + cfg.reference_rows, "clip": cfg.reference_rows * cfg.clip_epochs,
@@ -108,13 +144,14 @@ def time_left(kinds: list[str], pace: dict[str, float], cfg: DemoConfig) -> floa
 
 def run(cfg: DemoConfig) -> int:
     steps = stages(cfg)
+    reuse = [reusable(argv, output, cfg) for _, _, _, argv, output in steps]  # refused before any stage runs
     started = time.perf_counter()
     pace: dict[str, float] = {}
     for number, (stage, what, job, argv, output) in enumerate(steps, start=1):
         left = time_left([s[0] for s in steps[number - 1:]], pace, cfg)
         estimate = "" if left is None else f", about {left:.0f} s left"
         banner = f"[{number}/{len(steps)}] {what}  (elapsed {time.perf_counter() - started:.0f} s{estimate})"
-        if cfg.reuse and output is not None and storage.is_complete(output):
+        if reuse[number - 1]:
             log.info("%s: reusing %s", banner, output)
             continue
         log.info("%s\n    python -m %s %s", banner, job.__name__, " ".join(argv))
@@ -134,7 +171,13 @@ def report_dir(cfg: DemoConfig) -> str:
 
 
 def main(argv=None) -> int:
-    return run_job(DemoConfig, argv, _run_or_fail, doc=__doc__, prog="python -m jobs.demo")
+    return run_job(DemoConfig, argv, _run_or_fail, doc=__doc__, prog="python -m jobs.demo", check=_check_reuse)
+
+
+def _check_reuse(cfg: DemoConfig) -> None:
+    """A usage error, before the demo marks its folder pending, if a finished stage there was built from other flags."""
+    for _, _, _, argv, output in stages(cfg):
+        reusable(argv, output, cfg)
 
 
 def _run_or_fail(cfg: DemoConfig) -> None:

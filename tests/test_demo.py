@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 
+import pytest
+
 from jobs import demo
 from pipeline import storage
+from pipeline.cli import config_parser, parse_config
 
 ARGS = ["--train-rows", "300", "--reference-rows", "200", "--clip-epochs", "1", "--epochs", "2", "--workers", "2"]
 
@@ -43,3 +47,71 @@ def test_time_left_comes_from_the_pace_measured_here_and_only_then():
     # One training run took 20 s for 1000 rows x 4 epochs: the next one takes 20 s; the report has no work units.
     assert demo.time_left(kinds[1:], {"train": 20 / 4000}, cfg) == 20.0
     assert demo.time_left(["report"], {}, cfg) == 0.0
+
+
+def _finish_stages(cfg: demo.DemoConfig) -> None:
+    """Every stage of ``cfg`` as its job leaves its output, the work aside: the config its argv parses to,
+    saved as ``config.json`` in the committed folder (what :func:`pipeline.cli.execute` does)."""
+    from jobs.make_dataset import MakeDatasetConfig
+    from jobs.pretrain_reference_clip import PretrainConfig
+    from pipeline.score.job import ScoreConfig
+    from pipeline.train.config import TrainConfig
+
+    configs = {"jobs.make_dataset": MakeDatasetConfig, "jobs.pretrain_reference_clip": PretrainConfig,
+               "jobs.score": ScoreConfig, "jobs.train": TrainConfig}
+    for _, _, job, argv, output in demo.stages(cfg):
+        if output is not None:
+            config_cls = configs[job.__name__]
+            job_cfg = parse_config(config_cls, config_parser(config_cls, ""), argv)
+            with storage.output(output):
+                storage.write_json(dataclasses.asdict(job_cfg), storage.join(output, "config.json"))
+
+
+def test_a_finished_stage_is_reused_only_with_the_flags_that_built_it(tmp_path):
+    out = str(tmp_path / "demo")
+    _finish_stages(demo.DemoConfig(out=out))
+    # The same flags, and one policy more: every finished stage is reused, the new policy's run is not.
+    more = demo.DemoConfig(out=out, policies=("full", "mmdp", "infobatch"))
+    decided = {output: demo.reusable(argv, output, more) for _, _, _, argv, output in demo.stages(more)}
+    assert [o for o, reused in decided.items() if not reused] == [f"{out}/runs/infobatch", None]  # + the report
+    # The folder moved (the paths the stages saved are the old ones): still the same stages.
+    moved = str(tmp_path / "moved")
+    (tmp_path / "demo").rename(moved)
+    cfg = demo.DemoConfig(out=moved)
+    assert all(demo.reusable(argv, output, cfg) for _, _, _, argv, output in demo.stages(cfg) if output)
+    # Other settings: the first finished stage they would change is refused, naming the flag.
+    for changed, says in (({"seed": 1}, "--seed 0 (this run: 1)"),
+                          ({"noise": "pairflip:0.3"}, "--noise symmetric:0.3 (this run: pairflip:0.3)"),
+                          ({"clip_epochs": 2}, "--epochs 16 (this run: 2)"),
+                          ({"epochs": 4}, "--epochs 16 (this run: 4)"),
+                          ({"keep_ratio": 0.3}, "--keep-ratio 0.6 (this run: 0.3)")):
+        cfg = demo.DemoConfig(out=moved, **changed)
+        with pytest.raises(ValueError, match="another --out") as exc:
+            for _, _, _, argv, output in demo.stages(cfg):
+                demo.reusable(argv, output, cfg)
+        assert says in str(exc.value), (changed, str(exc.value))
+    # --no-reuse redoes every stage, as it says.
+    cfg = demo.DemoConfig(out=moved, seed=1, reuse=False)
+    assert not any(demo.reusable(argv, output, cfg) for _, _, _, argv, output in demo.stages(cfg))
+
+
+def test_a_demo_with_other_flags_on_a_finished_folder_is_a_usage_error_that_leaves_it_as_it_was(tmp_path, capsys):
+    out = str(tmp_path / "demo")
+    _finish_stages(demo.DemoConfig(out=out))
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    with pytest.raises(SystemExit) as exc:
+        demo.main(["--out", out, "--seed", "1"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "--seed 0 (this run: 1)" in err and "another --out" in err, err
+    assert "Traceback" not in err
+    # Refused before the demo marked its folder pending: nothing written, nothing removed.
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
+
+
+def test_trajectory_is_refused_up_front_since_the_demo_has_no_reference_keys(capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse_config(demo.DemoConfig, config_parser(demo.DemoConfig, ""),
+                     ["--out", "unused", "--policies", "full,trajectory"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "trajectory needs the keys of known-clean pool rows" in err
+    assert "jobs.train" in err and "--reference-keys" in err

@@ -22,7 +22,7 @@ from jobs import train as train_job
 from pipeline import storage
 from pipeline.cli import config_parser, parse_config
 from pipeline.train.config import TrainConfig
-from pipeline.train.driver import start_pruning
+from pipeline.train.driver import fit, start_pruning
 from pipeline.train.loop import PhaseClock, cosine_lr, epoch_batch_size
 from pipeline.data.reference import make_synthetic, write_dataset
 from benchmarks.procmem import cmdline, tree
@@ -46,10 +46,13 @@ def scored_ready(ray_session, scored):
     return data, scores
 
 
-def _train(data, scores, out, *extra):
-    args = ["--data", data, "--scores", scores, "--out", str(out), "--epochs", "4", "--workers", "2",
+def _train_argv(data, scores, out, *extra) -> list[str]:
+    return ["--data", data, "--scores", scores, "--out", str(out), "--epochs", "4", "--workers", "2",
             "--batch-size", "16", "--keep-ratio", "0.5", "--warmup-steps", "2", *extra]
-    assert train_job.main(args) == 0
+
+
+def _train(data, scores, out, *extra):
+    assert train_job.main(_train_argv(data, scores, out, *extra)) == 0
     return json.loads(open(f"{out}/metrics.json").read()), json.loads(open(f"{out}/plans.json").read())
 
 
@@ -113,7 +116,7 @@ def uninterrupted(scored_ready, tmp_path_factory):
 
 
 def test_checkpoints_every_k_epochs_and_after_the_last_and_a_resumed_run_repeats_the_plans(
-        scored_ready, uninterrupted, tmp_path):
+        scored_ready, uninterrupted, tmp_path, capsys):
     data, scores = scored_ready
     first, _ = _train(data, scores, tmp_path / "part", *COMMON, "--checkpoint-every", "2", "--stop-after", "3")
     # Every epoch is reported; a checkpoint was saved after epoch 1 (every 2nd) and after epoch 2 (the last run).
@@ -130,6 +133,13 @@ def test_checkpoints_every_k_epochs_and_after_the_last_and_a_resumed_run_repeats
     assert resumed["totals"]["restarts"] == 0  # a resume the user asked for is not a failure
     # The plan log is carried over with the checkpoint; the resumed epochs repeat the uninterrupted plans.
     assert {p["epoch"]: p["kept_sha256"] for p in resumed_plans} == uninterrupted
+    # A resume with no epoch left before --stop-after is refused before training (it trained none, then crashed).
+    for stop in ("3", "2"):
+        rc = train_job.main(_train_argv(data, scores, tmp_path / f"stop-{stop}", *COMMON, "--checkpoint-every", "2",
+                                        "--resume-from", str(tmp_path / "part" / "checkpoint"), "--stop-after", stop))
+        err = capsys.readouterr().err
+        assert rc == 2 and f"has 3 epochs trained, so none is left to train with --stop-after {stop}" in err, err
+        assert not (tmp_path / f"stop-{stop}" / "ray").exists()  # no trainer started
 
 
 def test_trajectory_policy_reads_its_reference_keys_and_resumes_with_its_loss_history(scored_ready, tmp_path):
@@ -315,3 +325,54 @@ def test_resuming_from_a_folder_that_is_not_this_mmdps_checkpoint_is_a_clear_err
                              "--resume-from", str(folder)])
         err = capsys.readouterr().err
         assert rc == 2 and says in err and str(folder) in err
+
+
+def _usage_error(argv: list[str], capsys) -> str:
+    """jobs.train's message for a command line it refuses as a usage error (exit code 2, before Ray)."""
+    with pytest.raises(SystemExit) as exc:
+        parse_config(TrainConfig, config_parser(TrainConfig, ""), ["--data", "d", "--scores", "s", "--out", "o", *argv])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "Traceback" not in err
+    return err
+
+
+def test_policy_params_the_policy_does_not_take_are_a_usage_error_naming_them(capsys):
+    """Checked by building the policy, as the pruning actor does, not found by a failed run after Ray started."""
+    assert "policy mmdp has no parameter bogus" in _usage_error(["--policy-params", "bogus=1"], capsys)
+    assert "loss_weight must be in [0, 1], got 2" in _usage_error(["--policy-params", "loss_weight=2"], capsys)
+    err = _usage_error(["--policy", "full", "--policy-params", "prune_prob=0.3"], capsys)
+    assert "policy full has no parameter prune_prob" in err
+    err = _usage_error(["--policy", "infobatch", "--policy-params", "loss_weight=0.3"], capsys)
+    assert "policy infobatch has no parameter loss_weight (its parameters: prune_prob, delta)" in err
+    cfg = parse_config(TrainConfig, config_parser(TrainConfig, ""), [
+        "--data", "d", "--scores", "s", "--out", "o", "--policy", "infobatch", "--policy-params", "prune_prob=0.3"])
+    assert cfg.policy_params == ("prune_prob=0.3",)
+
+
+def test_stop_after_outside_one_to_epochs_is_a_usage_error(capsys):
+    for stop in ("0", "-1", "21"):
+        assert f"--stop-after must be in 1..20 (--epochs), got {stop}" in _usage_error(
+            ["--epochs", "20", "--stop-after", stop], capsys)
+    for argv, stop in ((["--stop-after", "1"], 1), (["--stop-after", "20"], 20), ([], None)):  # none: all epochs
+        cfg = parse_config(TrainConfig, config_parser(TrainConfig, ""), [
+            "--data", "d", "--scores", "s", "--out", "o", "--epochs", "20", *argv])
+        assert cfg.stop_after == stop
+
+
+def test_a_resume_that_leaves_no_epoch_to_train_is_refused_before_ray(tmp_path):
+    """A checkpoint after the run's last epoch, or at --stop-after: a clear error before the pruner or the
+    trainer start (Ray is not even up here), not a run that trains nothing and crashes on no checkpoint."""
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.mkdir()
+    (checkpoint / "train.pt").write_bytes(b"")  # the files a checkpoint holds; only the history is read
+    (checkpoint / "pruner_state.json").write_text(json.dumps({"state": str(tmp_path / "pruner")}))
+    (checkpoint / "history.json").write_text(json.dumps([{"epoch": e} for e in range(4)]))
+    base = ["--data", str(tmp_path / "data"), "--scores", str(tmp_path / "scores"), "--out", str(tmp_path / "run"),
+            "--resume-from", str(checkpoint)]
+    for extra, says in ((["--epochs", "4"], "none is left to train with --epochs 4: its run has trained all of them"),
+                        (["--epochs", "8", "--stop-after", "3"],
+                         "none is left to train with --stop-after 3: resume with a --stop-after above 4")):
+        cfg = parse_config(TrainConfig, config_parser(TrainConfig, ""), base + extra)
+        with pytest.raises(ValueError, match="the checkpoint has 4 epochs trained") as exc:
+            fit(cfg)
+        assert says in str(exc.value)

@@ -7,13 +7,14 @@ them when a config is made.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 from pipeline.cli import option
 from pipeline.data.contract import ColumnMapping
 from pipeline.prune.budget import DEFAULT_KEEP_RATIO
-from pipeline.prune.policies import POLICIES
+from pipeline.prune.policies import POLICIES, make_policy
 from pipeline.score import REFERENCE_MODEL
 
 TASKS = ("classify", "clip")
@@ -91,7 +92,8 @@ class TrainConfig:
     max_gap_bytes: int = option(0, "kept tar reads: read through up to this many bytes of pruned samples to join two "
                                    "reads (fewer requests, more bytes)")
     resume_from: str | None = option(None, "a checkpoint folder to continue from (same config)")
-    stop_after: int | None = option(None, "stop after this many epochs (the plan still covers --epochs)")
+    stop_after: int | None = option(None, "stop after this many epochs, 1 to --epochs (the plan still covers "
+                                          "--epochs); none: all")
     s3_endpoint: str | None = option(None, "endpoint of an S3-compatible store (default: AWS_ENDPOINT_URL or AWS)")
 
     def __post_init__(self):
@@ -112,12 +114,15 @@ class TrainConfig:
             raise ValueError(f"--keep-ratio must be in (0, 1], got {self.keep_ratio}")
         if self.noise_fraction is not None and not 0 <= self.noise_fraction < 1:
             raise ValueError(f"--noise-fraction must be in [0, 1), got {self.noise_fraction}")
-        parse_params(self.policy_params)
+        check_policy_params(self.policy, parse_params(self.policy_params))
         if (self.policy == "trajectory") != (self.reference_keys is not None):
             raise ValueError("--reference-keys goes with --policy trajectory, which needs it")
         ColumnMapping.parse(self.columns)
         if self.epochs < 1 or self.workers < 1 or self.batch_size < 1:
             raise ValueError("--epochs, --workers and --batch-size must be at least 1")
+        # 0 or more than --epochs would train all epochs, or extra ones at learning rate 0; below 0, none.
+        if self.stop_after is not None and not 1 <= self.stop_after <= self.epochs:
+            raise ValueError(f"--stop-after must be in 1..{self.epochs} (--epochs), got {self.stop_after}")
         if self.eval_every < 1 or self.checkpoint_every < 1:
             raise ValueError("--eval-every and --checkpoint-every must be >= 1")
         if self.shuffle_buffer < 0:
@@ -140,3 +145,19 @@ def parse_params(pairs: tuple[str, ...]) -> dict:
         except ValueError:
             raise ValueError(f"--policy-params: {name.strip()} needs a number, got {value!r}") from None
     return params
+
+
+def check_policy_params(policy: str, params: dict) -> None:
+    """A ValueError naming the knob unless ``--policy`` takes these ``--policy-params`` (the policy is built
+    here, as the pruning actor builds it, so a bad knob is a usage error, not a failed run)."""
+    if policy not in POLICIES:
+        raise ValueError(f"--policy {policy!r}: choose one of {', '.join(POLICIES)}")
+    known = [f.name for f in dataclasses.fields(POLICIES[policy])]
+    unknown = [name for name in params if name not in known]
+    if unknown:
+        raise ValueError(f"--policy-params: policy {policy} has no parameter {', '.join(unknown)} "
+                         f"(its parameters: {', '.join(known) or 'none'})")
+    try:
+        make_policy(policy, **params)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"--policy-params for policy {policy}: {exc}") from None

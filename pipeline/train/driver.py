@@ -135,14 +135,18 @@ def run_trainer(cfg: TrainConfig, loop, loop_config: dict, datasets: dict, name:
     return result
 
 
-def check_checkpoint(url: str) -> None:
-    """A ValueError, before any training, unless ``url`` is a checkpoint folder this mmdp resumes from."""
+def check_checkpoint(url: str) -> int:
+    """The epoch a run resumes at from the checkpoint folder ``url`` (the one after its last);
+    a ValueError, before any training, unless it is a checkpoint this mmdp resumes from."""
     if not storage.exists(storage.join(url, TRAIN_STATE)):
         raise ValueError(f"--resume-from {url}: no checkpoint there (a run's checkpoint/ folder holds {TRAIN_STATE})")
     if not storage.exists(storage.join(url, PRUNER_STATE)):
         raise ValueError(f"--resume-from {url}: the checkpoint has no {PRUNER_STATE}, so an older mmdp wrote it "
                          "(with the pruner's state inside it, as pruner.pt); resume it with the mmdp that wrote it, "
                          "or train afresh")
+    # The history ends with the checkpoint's own epoch (the loop saves them together); a small read, not train.pt.
+    history = storage.read_json(storage.join(url, "history.json"))
+    return int(history[-1]["epoch"]) + 1
 
 
 def start_pruning(cfg: TrainConfig, name: str | None = None) -> Pruning:
@@ -161,8 +165,15 @@ def fit(cfg: TrainConfig) -> dict:
     started = time.perf_counter()
     storage.check_not_pending(cfg.data)
     storage.check_not_pending(cfg.scores)
+    last = cfg.epochs if cfg.stop_after is None else cfg.stop_after  # the epochs this run trains up to
     if cfg.resume_from:
-        check_checkpoint(cfg.resume_from)
+        done = check_checkpoint(cfg.resume_from)
+        if done >= last:  # the loop would train nothing and leave no checkpoint to report
+            flag = "--epochs" if cfg.stop_after is None else "--stop-after"
+            hint = ("its run has trained all of them" if done >= cfg.epochs else
+                    f"resume with a --stop-after above {done} (at most --epochs {cfg.epochs}) or none")
+            raise ValueError(f"--resume-from {cfg.resume_from}: the checkpoint has {done} epochs trained, so none "
+                             f"is left to train with {flag} {last}: {hint}")
     classes = class_names(cfg.data, cfg.classes, required=cfg.task == "classify")
     templates = list(dataset_metadata(cfg.data).get("templates") or DEFAULT_TEMPLATES)
     run_id = uuid.uuid4().hex[:8]
@@ -171,7 +182,7 @@ def fit(cfg: TrainConfig) -> dict:
     loop_config = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
     loop_config.update(pruning=pruning, num_classes=len(classes), class_names=classes, templates=templates,
                        num_samples=pruning.num_samples,
-                       epochs=cfg.stop_after if cfg.stop_after else cfg.epochs, plan_epochs=cfg.epochs)
+                       epochs=last, plan_epochs=cfg.epochs)
     result = run_trainer(cfg, train_loop_per_worker, loop_config, build_datasets(cfg, pruning, classes, templates),
                          f"mmdp-{run_id}")
     history = _checkpoint_json(result.checkpoint, "history.json")
