@@ -249,21 +249,28 @@ def test_blocks_in_flight_default_to_half_a_gib_without_gpus_and_to_ray_datas_ow
     assert exit_.value.code == 2 and "--in-flight-gib" in capsys.readouterr().err
 
 
-def test_score_job_reads_webdataset_tars_with_mixed_image_types(ray_session, tiny_ckpt, tmp_path):
-    def jpeg():
-        buf = pyio.BytesIO()
-        Image.new("RGB", (8, 8), (200, 10, 10)).save(buf, format="JPEG")
-        return buf.getvalue()
+def _encoded(pil_format: str) -> bytes:
+    buf = pyio.BytesIO()
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(buf, format=pil_format)
+    return buf.getvalue()
 
-    members = []
-    for i in range(6):
-        members += [(f"{i:09d}.{'jpg' if i % 2 else 'png'}", jpeg() if i % 2 else _png()),
-                    (f"{i:09d}.txt", f"a photo of thing {i}\n".encode())]
+
+def _score_one_tar(tmp_path, members, ckpt) -> str:
+    """The score job (caption mode, the tiny model) on one tar of ``members``; returns its output folder."""
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "00000.tar").write_bytes(tar_bytes(members))
     out = str(tmp_path / "out")
     assert score_job.main(["--input", str(tmp_path / "in"), "--output", out, "--model", "mmdp-tiny",
-                           "--pretrained", tiny_ckpt, "--batch-size", "4", "--actor-cpus", "0.5"]) == 0
+                           "--pretrained", ckpt, "--batch-size", "4", "--actor-cpus", "0.5"]) == 0
+    return out
+
+
+def test_score_job_reads_webdataset_tars_with_mixed_image_types(ray_session, tiny_ckpt, tmp_path):
+    members = []
+    for i in range(6):
+        members += [(f"{i:09d}.{'jpg' if i % 2 else 'png'}", _encoded("JPEG") if i % 2 else _png()),
+                    (f"{i:09d}.txt", f"a photo of thing {i}\n".encode())]
+    out = _score_one_tar(tmp_path, members, tiny_ckpt)
     scores = storage.read_table(storage.join(out, "scores"))
     assert sorted(scores.column("key").to_pylist()) == [f"{i:09d}" for i in range(6)]
     assert scores.column("status").to_pylist() == ["ok"] * 6  # png and jpg rows alike
@@ -272,23 +279,14 @@ def test_score_job_reads_webdataset_tars_with_mixed_image_types(ray_session, tin
 def test_tars_of_every_image_format_and_bad_labels_score_or_reject_each_row(ray_session, tiny_ckpt, tmp_path):
     """ImageNet's ``.JPEG`` and GIF/BMP/TIFF members are scored like any image; a ``.cls`` member that is not an
     integer rejects its row (caption mode too) with its reason, and the job goes on."""
-    def image(pil_format):
-        buf = pyio.BytesIO()
-        Image.new("RGB", (8, 8), (200, 10, 10)).save(buf, format=pil_format)
-        return buf.getvalue()
-
     samples = [("JPEG", "JPEG", b"3\n"), ("JPG", "JPEG", None), ("gif", "GIF", b"1"), ("bmp", "BMP", None),
                ("tif", "TIFF", b""), ("TIFF", "TIFF", None), ("png", "PNG", b"cat\n"), ("jpg", "JPEG", b"2.5")]
     members = []
     for i, (ext, pil_format, cls) in enumerate(samples):
-        members += [(f"{i:09d}.{ext}", image(pil_format)), (f"{i:09d}.txt", f"a photo of thing {i}".encode())]
+        members += [(f"{i:09d}.{ext}", _encoded(pil_format)), (f"{i:09d}.txt", f"a photo of thing {i}".encode())]
         if cls is not None:
             members.append((f"{i:09d}.cls", cls))
-    (tmp_path / "in").mkdir()
-    (tmp_path / "in" / "00000.tar").write_bytes(tar_bytes(members))
-    out = str(tmp_path / "out")
-    assert score_job.main(["--input", str(tmp_path / "in"), "--output", out, "--model", "mmdp-tiny",
-                           "--pretrained", tiny_ckpt, "--batch-size", "4", "--actor-cpus", "0.5"]) == 0
+    out = _score_one_tar(tmp_path, members, tiny_ckpt)
     scores = storage.read_table(storage.join(out, "scores"))
     rejects = storage.read_table(storage.join(out, "rejects"))
     assert sorted(scores.column("key").to_pylist()) == [f"{i:09d}" for i in (0, 1, 2, 3, 5)]
