@@ -185,3 +185,20 @@ def test_equal_shards_in_other_block_layouts_give_every_rank_as_many_steps(ray_s
         assert [len(b["index"]) for b in batches] == [8] * 5
         assert sorted(torch.cat([b["index"] for b in batches]).tolist()) == list(range(40))
 
+
+
+def test_a_run_resumed_into_its_own_folder_keeps_the_pruner_state_its_resume_checkpoint_names(tmp_path):
+    # The resume source (OUT/checkpoint) names OUT/pruner/epoch-0001; the resumed run, writing into OUT,
+    # saves epochs 2 and 3, and Ray Train lets epoch 1's checkpoint go: its state must stay while
+    # OUT/checkpoint is the only way back should the resumed run die.
+    from pipeline import storage
+    from pipeline.train.loop import _drop_old_pruner_state, pruner_state_url
+
+    out = str(tmp_path / "run")
+    for epoch in (1, 2, 3):
+        storage.write_bytes(b"state", storage.join(pruner_state_url(out, epoch), "part-00000.npz"))
+    history = [{"epoch": e, "checkpoint": e >= 1} for e in range(4)]
+    _drop_old_pruner_state(out, history, keep=pruner_state_url(out, 1))
+    assert storage.exists(pruner_state_url(out, 1))
+    _drop_old_pruner_state(out, history)  # not a resume source: Ray Train let it go, so it goes too
+    assert not storage.exists(pruner_state_url(out, 1)) and storage.exists(pruner_state_url(out, 2))

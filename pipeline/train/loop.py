@@ -327,7 +327,7 @@ def train_loop_per_worker(config: dict) -> None:
                   f"{metrics['epoch_seconds']:.1f} s; about {left:.0f} s left", flush=True)
         report_epoch(metrics, checkpoint_dir)
         if checkpoint_dir:
-            _drop_old_pruner_state(cfg["out"], history)
+            _drop_old_pruner_state(cfg["out"], history, keep=_resumed_state(cfg))
 
 
 class PhaseClock:
@@ -463,11 +463,22 @@ def _save_pruner_state(directory: str, pruning, incarnation, out: str, epoch: in
         json.dump({"state": url}, f)
 
 
-def _drop_old_pruner_state(out: str, history: list[dict]) -> None:
-    """Removes the state of the checkpoint Ray Train has just let go (it keeps the last KEEP_CHECKPOINTS)."""
+def _drop_old_pruner_state(out: str, history: list[dict], keep: str | None = None) -> None:
+    """Removes the state of the checkpoint Ray Train has just let go (it keeps the last KEEP_CHECKPOINTS),
+    unless it is ``keep``: the state the ``--resume-from`` checkpoint names, which a run resumed into its
+    own folder would otherwise delete, leaving that checkpoint unresumable should this run die."""
     saved = [h["epoch"] for h in history if h.get("checkpoint")]
     if len(saved) > KEEP_CHECKPOINTS:
-        storage.remove(pruner_state_url(out, saved[-KEEP_CHECKPOINTS - 1]))
+        url = pruner_state_url(out, saved[-KEEP_CHECKPOINTS - 1])
+        if keep is None or storage.filesystem_for(url)[1] != storage.filesystem_for(keep)[1]:  # the same folder?
+            storage.remove(url)
+
+
+def _resumed_state(cfg: dict) -> str | None:
+    """The pruner state that ``cfg``'s ``resume_from`` checkpoint names (None without one)."""
+    if not cfg.get("resume_from"):
+        return None
+    return storage.read_json(storage.join(cfg["resume_from"], PRUNER_STATE))["state"]
 
 
 def _check_incarnation(pruner, incarnation, epoch: int) -> None:
