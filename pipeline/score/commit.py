@@ -43,6 +43,8 @@ NULL_KEY = "_null_key"
 # The wall-clock time a staged row was scored (staged only, not in the output).
 SCORED_AT = "scored_at"
 SCORES, REJECTS = "scores", "rejects"
+
+
 def keyed(table: pa.Table) -> pa.Table:
     """``table`` (staged rows) with null keys as "", flagged, so that they sort."""
     keys = table.column(KEY)
