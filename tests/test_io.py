@@ -203,6 +203,16 @@ def test_a_label_that_is_not_an_integer_rejects_its_row_and_only_it():
     assert "bad_label" not in out  # it is in the reasons now
 
 
+def test_a_blank_caption_is_no_caption_so_the_label_gives_the_text():
+    # Training reads "  " as no caption and trains on the label's prompt; the row checks read it alike
+    # (it was rejected as "empty caption" although its label gives it a text).
+    batch = {"key": np.array(["a", "b"], object), "image": np.array([b"x", b"y"], object),
+             "caption": np.array(["  ", "\n"], object), "label": np.array([1, None], object)}
+    out = RowValidator("caption", ["zero", "one"])(batch)
+    assert list(out["error"]) == ["", "empty caption and no label"]
+    assert out["caption"][0] == "a photo of a one."
+
+
 def test_one_shard_file_is_read_as_its_name_says(tmp_path):
     # A dataset may be one file: a parquet file is parquet, a tar is webdataset (never the other way round).
     pq.write_table(_table(4), tmp_path / "a.parquet")

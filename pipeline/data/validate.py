@@ -44,8 +44,10 @@ class RowValidator:
         texts = np.empty(n, dtype=object)
         for i in range(n):
             label = _as_label(labels[i])
-            errors[i] = self._check(keys[i], images[i], captions[i], label, bad_labels[i])
-            texts[i] = captions[i] or (self._prompt(label) if label is not None else "")
+            # Blank text is no caption (as training reads it: the label's prompt stands in).
+            caption = captions[i] if isinstance(captions[i], str) and captions[i].strip() else None
+            errors[i] = self._check(keys[i], images[i], caption, label, bad_labels[i])
+            texts[i] = caption or (self._prompt(label) if label is not None else "")
         out = {k: v for k, v in batch.items() if k != BAD_LABEL}  # now in the reasons
         out[CAPTION], out["error"] = texts, errors
         return out
