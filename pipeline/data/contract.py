@@ -104,6 +104,11 @@ MAPPINGS = {
 }
 
 
+def has_caption(value) -> bool:
+    """Whether a caption cell holds text: blank text is no caption (a label's prompt stands in where there is one)."""
+    return isinstance(value, str) and bool(value.strip())
+
+
 def to_contract(table: pa.Table, mapping: ColumnMapping = ColumnMapping()) -> pa.Table:
     """Rename and cast ``table`` into :data:`READ_SCHEMA` (:data:`SHARD_SCHEMA`, then :data:`BAD_LABEL`).
 

@@ -27,7 +27,7 @@ import pyarrow as pa
 from PIL import Image, ImageDraw
 
 from pipeline import storage
-from pipeline.data.contract import CAPTION, IMAGE, KEY, LABEL, SHARD_SCHEMA
+from pipeline.data.contract import CAPTION, IMAGE, KEY, LABEL, SHARD_SCHEMA, has_caption
 from pipeline.data.tars import write_tars
 from pipeline.data.noise import (
     corrupt_png, format_noise_spec, inject_noise, measured_noise, parse_noise_spec, stream_rng,
@@ -196,7 +196,7 @@ class Images:
     def caption(self, i: int) -> str | None:
         """Row ``i``'s own caption, None where it has none."""
         caption = None if self.captions is None else self.captions[i]
-        return caption if isinstance(caption, str) and caption.strip() else None
+        return caption if has_caption(caption) else None
 
     @property
     def image_info(self) -> dict:

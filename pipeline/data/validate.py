@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.data.contract import BAD_LABEL, CAPTION, IMAGE, KEY, LABEL
+from pipeline.data.contract import BAD_LABEL, CAPTION, IMAGE, KEY, LABEL, has_caption
 
 MISSING_KEY = "missing key"
 NOT_AN_INTEGER_LABEL = "label not an integer"
@@ -44,8 +44,7 @@ class RowValidator:
         texts = np.empty(n, dtype=object)
         for i in range(n):
             label = _as_label(labels[i])
-            # Blank text is no caption (as training reads it: the label's prompt stands in).
-            caption = captions[i] if isinstance(captions[i], str) and captions[i].strip() else None
+            caption = captions[i] if has_caption(captions[i]) else None  # as training reads it
             errors[i] = self._check(keys[i], images[i], caption, label, bad_labels[i])
             texts[i] = caption or (self._prompt(label) if label is not None else "")
         out = {k: v for k, v in batch.items() if k != BAD_LABEL}  # now in the reasons

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-from pipeline.data.contract import DEFAULT_TEMPLATES
+from pipeline.data.contract import DEFAULT_TEMPLATES, has_caption
 from pipeline.score.clip_models import load_clip, preprocess_config, register_model_configs
 
 # 8192 x 8192: above any real photo, far below what exhausts a worker's memory
@@ -456,7 +456,7 @@ class ClipScorer:
         errors = _earlier_errors(batch, n)
         if self.mode == "caption":
             captions = batch.get("caption", np.full(n, None, dtype=object))
-            bad = np.array([not isinstance(c, str) or not c.strip() for c in captions], dtype=bool)
+            bad = np.array([not has_caption(c) for c in captions], dtype=bool)
             errors[(errors == "") & bad] = "empty caption"
             return errors
         for i, label in enumerate(batch.get("label", np.full(n, None, dtype=object))):

@@ -43,7 +43,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from pipeline.data.contract import DEFAULT_TEMPLATES
+from pipeline.data.contract import DEFAULT_TEMPLATES, has_caption
 from pipeline.score.clip_models import load_clip
 from pipeline.score.scorer import ImageDecoder, class_text_embeddings, fill_template, normalize_pixels
 from pipeline.train.pruning import step_loss
@@ -65,7 +65,7 @@ def label_of(value) -> int:
 
 def caption_or_prompt(caption, label: int, classes, templates) -> str | None:
     """The row's caption, or when it has none its label's first prompt; None when it has neither."""
-    if isinstance(caption, str) and caption.strip():
+    if has_caption(caption):
         return caption
     if 0 <= label < len(classes):
         return fill_template(templates[0], classes[label])
