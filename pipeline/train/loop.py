@@ -247,6 +247,8 @@ def train_loop_per_worker(config: dict) -> None:
     # A pruner that Ray restarts comes back in its initial state; each epoch
     # checks that the actor it trained against is the one it started with.
     incarnation = ray.get(pruner.info.remote())["incarnation"] if rank == 0 else None
+    # The pruner state a --resume-from checkpoint names: rank 0, which drops old states, keeps it.
+    resumed_state = _resumed_state(cfg) if rank == 0 else None
 
     train_shard = ray.train.get_dataset_shard("train")
     test_shard = ray.train.get_dataset_shard("test")  # the whole split on every worker
@@ -327,7 +329,7 @@ def train_loop_per_worker(config: dict) -> None:
                   f"{metrics['epoch_seconds']:.1f} s; about {left:.0f} s left", flush=True)
         report_epoch(metrics, checkpoint_dir)
         if checkpoint_dir:
-            _drop_old_pruner_state(cfg["out"], history, keep=_resumed_state(cfg))
+            _drop_old_pruner_state(cfg["out"], history, keep=resumed_state)
 
 
 class PhaseClock:
