@@ -142,6 +142,22 @@ def test_checkpoints_every_k_epochs_and_after_the_last_and_a_resumed_run_repeats
         assert not (tmp_path / f"stop-{stop}" / "ray").exists()  # no trainer started
 
 
+def test_relative_paths_name_the_callers_folders_though_ray_train_runs_workers_elsewhere(
+        scored_ready, uninterrupted, tmp_path, monkeypatch):
+    """Ray Train runs each worker in a session folder of its own: ``--out run`` and ``--resume-from
+    run/checkpoint`` still name the folders under the caller's working directory, so old pruner states
+    are removed there and the resume finds its checkpoint."""
+    data, scores = scored_ready
+    monkeypatch.chdir(tmp_path)
+    _train(data, scores, "run", *COMMON, "--checkpoint-every", "1", "--stop-after", "3")
+    assert sorted(os.listdir(tmp_path / "run" / "pruner")) == ["epoch-0001", "epoch-0002"]  # the last two
+    # Resumed into its own folder: the state its checkpoint names (epoch 2) stays until a newer pair exists.
+    resumed, plans = _train(data, scores, "run", *COMMON, "--checkpoint-every", "1", "--resume-from", "run/checkpoint")
+    assert [e["epoch"] for e in resumed["epochs"]] == [0, 1, 2, 3]
+    assert {p["epoch"]: p["kept_sha256"] for p in plans} == uninterrupted
+    assert sorted(os.listdir(tmp_path / "run" / "pruner")) == ["epoch-0002", "epoch-0003"]
+
+
 def test_trajectory_policy_reads_its_reference_keys_and_resumes_with_its_loss_history(scored_ready, tmp_path):
     """The AlignPrune baseline through jobs.train: InfoBatch's rule until three epochs of losses exist,
     then misaligned trajectories pruned; the loss history rides in the checkpoint, so a resumed run

@@ -158,11 +158,29 @@ def start_pruning(cfg: TrainConfig, name: str | None = None) -> Pruning:
                                num_partitions=cfg.pruner_partitions, reference_keys=cfg.reference_keys)
 
 
+PATHS = ("data", "scores", "out", "resume_from", "reference_keys", "tar_index")
+
+
+def absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with its local paths made absolute against this process's working directory.
+
+    Ray Train runs each worker in a folder of its own (its session's), so a
+    relative ``--out`` or ``--resume-from`` would name another folder there:
+    the resume would not find its checkpoint, and old pruner states would not
+    be removed. URLs (``s3://``, ``gs://``) are left as they are.
+    """
+    def absolute(url: str | None) -> str | None:
+        return storage.filesystem_for(url)[1] if url is not None and storage.is_local(url) else url
+
+    return dataclasses.replace(cfg, **{name: absolute(getattr(cfg, name)) for name in PATHS})
+
+
 def fit(cfg: TrainConfig) -> dict:
     """Train with pruning; writes the run folder and returns the metrics."""
     from pipeline.train.loop import train_loop_per_worker
 
     started = time.perf_counter()
+    cfg = absolute_paths(cfg)
     storage.check_not_pending(cfg.data)
     storage.check_not_pending(cfg.scores)
     last = cfg.epochs if cfg.stop_after is None else cfg.stop_after  # the epochs this run trains up to
