@@ -159,6 +159,7 @@ class ClipTask:
         self.cfg = cfg
         self.classes = tuple(cfg.get("class_names") or ())
         self.templates = tuple(cfg.get("templates") or DEFAULT_TEMPLATES)
+        self.device = torch.device("cpu")  # the model's, once :meth:`setup` has placed it
 
     def build(self) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
         """The seeded open_clip model (random init, train mode) and its AdamW; sets the tokenizer and pixel statistics."""
@@ -175,7 +176,8 @@ class ClipTask:
         from pipeline.train.loop import cosine_lr, prepare_ddp
 
         model, opt = self.build()
-        model = prepare_ddp(model)
+        model = prepare_ddp(model)  # on the worker's GPU, where it has one
+        self.device = next(model.parameters()).device
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, total_steps, self.cfg["warmup_steps"]))
         return model, opt, sched
 
@@ -193,9 +195,9 @@ class ClipTask:
 
         for b in exact_batches(shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=False,
                                                   **shuffle), batch_size):
-            yield {"x": normalize_pixels(torch.from_numpy(np.ascontiguousarray(b["pixels"])), self.mean, self.std),
-                   "tokens": self.tokens(list(b["caption"])), "index": torch.from_numpy(b["index"]),
-                   "weight": torch.from_numpy(b["weight"])}
+            pixels = normalize_pixels(torch.from_numpy(np.ascontiguousarray(b["pixels"])), self.mean, self.std)
+            yield {"x": pixels.to(self.device), "tokens": self.tokens(list(b["caption"])).to(self.device),
+                   "index": torch.from_numpy(b["index"]), "weight": torch.from_numpy(b["weight"]).to(self.device)}
 
     def step(self, model, batch: dict, weight_mean: float, opt, sched) -> torch.Tensor:
         """One optimiser step on a batch of the plan; returns every pair's loss (detached).
@@ -247,8 +249,8 @@ class ClipTask:
                               list(b["caption"][mine]), b["label"][mine], b["index"][mine]))
         model.eval()
         with torch.inference_mode():
-            images = [F.normalize(model.encode_image(normalize_pixels(x, self.mean, self.std)), dim=-1)
-                      for x, _, _, _ in cache if len(x)]
+            images = [F.normalize(model.encode_image(normalize_pixels(x, self.mean, self.std).to(self.device)),
+                                  dim=-1).cpu() for x, _, _, _ in cache if len(x)]
         part = (torch.cat(images).numpy() if images else np.zeros((0, 0), np.float32),
                 [c for _, caps, _, _ in cache for c in caps],
                 np.concatenate([y for _, _, y, _ in cache]) if cache else np.zeros(0, np.int64),
@@ -291,15 +293,16 @@ def pair_metrics(model, tokenizer, image_emb: torch.Tensor, captions: list[str],
     zero-shot accuracy (the nearest class prompt ensemble) over the rows with
     a label among ``classes`` (None when there are none, or no class names).
     """
+    device = next(model.parameters()).device  # the figures are computed on the CPU, beside ``image_emb``
     distinct = list(dict.fromkeys(captions))
-    text_emb = torch.cat([F.normalize(model.encode_text(tokenizer(distinct[s:s + 1024])), dim=-1)
+    text_emb = torch.cat([F.normalize(model.encode_text(tokenizer(distinct[s:s + 1024]).to(device)), dim=-1).cpu()
                           for s in range(0, len(distinct), 1024)])
     where = {c: i for i, c in enumerate(distinct)}
     metrics = retrieval_metrics(image_emb, text_emb, torch.tensor([where[c] for c in captions]))
     known = (labels >= 0) & (labels < len(classes))
     accuracy = None
     if len(classes) >= 2 and bool(known.any()):
-        class_emb = class_text_embeddings(model, tokenizer, list(classes), list(templates))
+        class_emb = class_text_embeddings(model, tokenizer, list(classes), list(templates), device).cpu()
         accuracy = float(((image_emb[known] @ class_emb.T).argmax(1) == labels[known]).float().mean())
     return {"test_accuracy": accuracy, "zero_shot_accuracy": accuracy, "zero_shot_rows": int(known.sum()),
             "test_rows": len(captions), **metrics}

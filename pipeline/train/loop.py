@@ -73,9 +73,12 @@ def _barrier():
 
 def all_sum(values: list[float]) -> list[float]:
     """``values`` summed over every worker (float64); the values themselves outside a process group."""
-    t = torch.tensor(values, dtype=torch.float64)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t)
+    if not (dist.is_available() and dist.is_initialized()):
+        return [float(v) for v in values]
+    # NCCL (Ray Train's backend on GPUs) reduces only tensors on the worker's GPU; gloo, CPU tensors.
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
     return t.tolist()
 
 
@@ -195,10 +198,10 @@ def weighted_step(model, batch: dict, weight_mean: float, opt, sched) -> torch.T
         per_sample = F.cross_entropy(model(x), y, reduction="none")
         take_step(step_loss(per_sample, w, weight_mean), opt, sched)
         return per_sample.detach()
-    per_sample = torch.empty(len(y), dtype=torch.float32)
     trained = F.cross_entropy(model(x[~probe]), y[~probe], reduction="none")
     # The probes' zero-weight terms add nothing to the sum but count in its length.
     take_step((trained * w[~probe]).sum() / (len(y) * weight_mean), opt, sched)
+    per_sample = trained.new_empty(len(y))  # on the batch's device (a GPU worker's)
     per_sample[~probe] = trained.detach()
     bare = unwrap(model)
     bare.eval()
