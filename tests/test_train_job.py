@@ -118,19 +118,30 @@ def uninterrupted(scored_ready, tmp_path_factory):
 def test_checkpoints_every_k_epochs_and_after_the_last_and_a_resumed_run_repeats_the_plans(
         scored_ready, uninterrupted, tmp_path, capsys):
     data, scores = scored_ready
-    first, _ = _train(data, scores, tmp_path / "part", *COMMON, "--checkpoint-every", "2", "--stop-after", "3")
+    first, _ = _train(data, scores, tmp_path / "part", *COMMON, "--checkpoint-every", "2", "--stop-after", "3",
+                      "--eval-every", "2")
     # Every epoch is reported; a checkpoint was saved after epoch 1 (every 2nd) and after epoch 2 (the last run).
     assert [e["epoch"] for e in first["epochs"]] == [0, 1, 2]
     assert [e["checkpoint"] for e in first["epochs"]] == [False, True, True]
+    # Evaluated likewise: every 2nd epoch and the last this run trains, so a stopped run has a final accuracy.
+    assert [e["test_accuracy"] is not None for e in first["epochs"]] == [False, True, True]
+    assert first["totals"]["final_test_accuracy"] is not None
     saved = sorted(json.loads(open(f"{c}/history.json").read())[-1]["epoch"]
                    for c in glob.glob(f"{tmp_path}/part/ray/*/checkpoint_*") if os.path.isdir(c))
     assert saved == [1, 2]
     # The pruner saved its state in the run folder, beside the checkpoints that name it (the last two).
     assert sorted(os.listdir(tmp_path / "part" / "pruner")) == ["epoch-0001", "epoch-0002"]
+    called = time.perf_counter()
     resumed, resumed_plans = _train(data, scores, tmp_path / "resumed", *COMMON, "--checkpoint-every", "2",
                                     "--resume-from", str(tmp_path / "part" / "checkpoint"))
+    called = time.perf_counter() - called
     assert [e["epoch"] for e in resumed["epochs"]] == [0, 1, 2, 3]  # history carried over, no epoch twice
     assert resumed["totals"]["restarts"] == 0  # a resume the user asked for is not a failure
+    # Wall time counts the whole fit: the stopped run's up to its checkpoint, then this run's.
+    walls = [e["wall_seconds"] for e in resumed["epochs"]]
+    assert walls[:3] == [e["wall_seconds"] for e in first["epochs"]] and walls == sorted(walls)
+    assert walls[3] >= walls[2] + resumed["epochs"][3]["epoch_seconds"]
+    assert resumed["totals"]["wall_seconds"] >= walls[3] > called  # more than this run alone took
     # The plan log is carried over with the checkpoint; the resumed epochs repeat the uninterrupted plans.
     assert {p["epoch"]: p["kept_sha256"] for p in resumed_plans} == uninterrupted
     # A resume with no epoch left before --stop-after is refused before training (it trained none, then crashed).

@@ -135,8 +135,8 @@ def run_trainer(cfg: TrainConfig, loop, loop_config: dict, datasets: dict, name:
     return result
 
 
-def check_checkpoint(url: str) -> int:
-    """The epoch a run resumes at from the checkpoint folder ``url`` (the one after its last);
+def check_checkpoint(url: str) -> list[dict]:
+    """The history of the checkpoint folder ``url`` (the epochs it has trained, its own the last);
     a ValueError, before any training, unless it is a checkpoint this mmdp resumes from."""
     if not storage.exists(storage.join(url, TRAIN_STATE)):
         raise ValueError(f"--resume-from {url}: no checkpoint there (a run's checkpoint/ folder holds {TRAIN_STATE})")
@@ -145,8 +145,7 @@ def check_checkpoint(url: str) -> int:
                          "(with the pruner's state inside it, as pruner.pt); resume it with the mmdp that wrote it, "
                          "or train afresh")
     # The history ends with the checkpoint's own epoch (the loop saves them together); a small read, not train.pt.
-    history = storage.read_json(storage.join(url, "history.json"))
-    return int(history[-1]["epoch"]) + 1
+    return storage.read_json(storage.join(url, "history.json"))
 
 
 def start_pruning(cfg: TrainConfig, name: str | None = None) -> Pruning:
@@ -179,13 +178,17 @@ def fit(cfg: TrainConfig) -> dict:
     """Train with pruning; writes the run folder and returns the metrics."""
     from pipeline.train.loop import train_loop_per_worker
 
-    started = time.perf_counter()
+    started, started_at = time.perf_counter(), time.time()
     cfg = absolute_paths(cfg)
     storage.check_not_pending(cfg.data)
     storage.check_not_pending(cfg.scores)
     last = cfg.epochs if cfg.stop_after is None else cfg.stop_after  # the epochs this run trains up to
+    earlier = 0.0  # the whole fit's wall seconds before this run: the runs it resumes, up to their checkpoint
     if cfg.resume_from:
-        done = check_checkpoint(cfg.resume_from)
+        resumed = check_checkpoint(cfg.resume_from)
+        done = int(resumed[-1]["epoch"]) + 1
+        # (An older mmdp's checkpoint has no wall_seconds: its epochs' own seconds, a lower bound.)
+        earlier = resumed[-1].get("wall_seconds", sum(h["epoch_seconds"] for h in resumed))
         if done >= last:  # the loop would train nothing and leave no checkpoint to report
             flag = "--epochs" if cfg.stop_after is None else "--stop-after"
             hint = ("its run has trained all of them" if done >= cfg.epochs else
@@ -200,7 +203,7 @@ def fit(cfg: TrainConfig) -> dict:
     loop_config = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
     loop_config.update(pruning=pruning, num_classes=len(classes), class_names=classes, templates=templates,
                        num_samples=pruning.num_samples,
-                       epochs=last, plan_epochs=cfg.epochs)
+                       epochs=last, plan_epochs=cfg.epochs, fit_started_at=started_at - earlier)
     result = run_trainer(cfg, train_loop_per_worker, loop_config, build_datasets(cfg, pruning, classes, templates),
                          f"mmdp-{run_id}")
     history = _checkpoint_json(result.checkpoint, "history.json")
@@ -209,7 +212,7 @@ def fit(cfg: TrainConfig) -> dict:
     pruning.shutdown()
     totals = {
         "epochs": len(history),
-        "wall_seconds": round(time.perf_counter() - started, 2),
+        "wall_seconds": round(earlier + time.perf_counter() - started, 2),  # over every run of a resumed fit
         "epoch_seconds": round(sum(h["epoch_seconds"] for h in history), 2),
         "train_seconds": round(sum(h["train_seconds"] for h in history), 2),
         # Training time by phase (PhaseClock); 0 for epochs of a run resumed from an older mmdp.

@@ -284,7 +284,7 @@ def train_loop_per_worker(config: dict) -> None:
             sched.step()
         train_seconds = time.perf_counter() - started
         evaluation = {"test_accuracy": None, "test_rows": 0}  # None: not evaluated this epoch
-        if due(epoch, cfg["eval_every"], cfg["plan_epochs"]):
+        if due(epoch, cfg["eval_every"], cfg["epochs"]):  # and after this run's last epoch (--stop-after's)
             # Each worker scores its part of the test split (by key hash): exact, and split.
             # The bare module: a DDP forward would wait for the other ranks.
             scores, test_cache = task.evaluate(unwrap(model), test_shard, test_cache, cfg["batch_size"], rank, world)
@@ -298,6 +298,8 @@ def train_loop_per_worker(config: dict) -> None:
             **evaluation,
             "samples_forwarded": int(forwarded),
             "epoch_seconds": round(time.perf_counter() - started, 3),
+            # The fit's wall seconds so far, its earlier runs' too when resumed (the driver's clock at its start).
+            "wall_seconds": round(time.time() - cfg["fit_started_at"], 3),
             "train_seconds": round(train_seconds, 3),
             **clock.seconds(),  # rank 0's training time by phase (PhaseClock.PHASES)
             "lr": sched.get_last_lr()[0],
