@@ -342,11 +342,44 @@ def read_table(url: str, columns: list[str] | None = None) -> pa.Table:
 
 
 def fetch_to_cache(url: str, cache_dir: str | None = None) -> str:
-    """A local path for ``url``: the path itself when local, else a cached download."""
+    """A local path for ``url``: the path itself when local, else a cached download.
+
+    The cache holds one copy per URL (under ``cache_dir``, ``MMDP_CACHE`` or
+    ``~/.cache/mmdp``) and, beside it, the version of the object it was
+    downloaded from: an object overwritten since (a checkpoint re-trained into
+    the same folder) is downloaded again; an unchanged one is not.
+
+    Raises:
+        InputError: no object at ``url``.
+    """
     if is_local(url):
         return filesystem_for(url)[1]
     root = Path(cache_dir or os.environ.get("MMDP_CACHE", Path.home() / ".cache" / "mmdp"))
     target = root / hashlib.sha256(str(url).encode()).hexdigest()[:16] / os.path.basename(urlparse(url).path)
-    if not target.exists():
-        write_bytes(read_bytes(url), str(target))
+    version_file = target.with_name(target.name + ".version.json")
+    version = _remote_version(url)
+    if target.exists() and version_file.exists() and json.loads(version_file.read_text()) == version:
+        return str(target)
+    write_bytes(read_bytes(url), str(target))
+    # After the bytes: a failed download leaves the old bytes under their old version.
+    write_json(version, str(version_file))
     return str(target)
+
+
+def _remote_version(url: str) -> dict:
+    """What tells one content of the object at ``url`` from another: its size and modification time,
+    and on S3 its ETag (S3's times are whole seconds: two same-size uploads within one differ by ETag only).
+
+    Raises:
+        InputError: no object at ``url``.
+    """
+    fs, path = filesystem_for(url)
+    info = fs.get_file_info(path)
+    if info.type != pafs.FileType.File:
+        raise InputError(f"{url}: no such file")
+    version = {"size": info.size, "mtime_ns": info.mtime_ns}
+    if isinstance(fs, pafs.S3FileSystem):
+        # Opening reads the object's metadata (a HEAD request); the body is never requested.
+        with fs.open_input_file(path) as f:
+            version["etag"] = f.metadata().get("ETag", b"").decode()
+    return version

@@ -68,9 +68,10 @@ def _is_url(pretrained: str) -> bool:
 def resolve_pretrained(pretrained: str | None) -> str | None:
     """Turn ``pretrained`` into what open_clip takes: ``None``, a hub tag, or a local file path.
 
-    Object-store URLs are downloaded once into the local cache
-    (``$MMDP_CACHE``, default ``~/.cache/mmdp``); a later call, or another
-    process on the same machine, reuses the cached file.
+    Object-store URLs are downloaded into the local cache (``$MMDP_CACHE``,
+    default ``~/.cache/mmdp``); a later call, or another process on the same
+    machine, reuses the cached file while the object is unchanged
+    (:func:`pipeline.storage.fetch_to_cache`).
     """
     if not pretrained:
         return None
