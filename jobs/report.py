@@ -63,6 +63,9 @@ def _check_run_dirs(cfg: ReportConfig) -> None:
     missing = [d for d in cfg.run_dirs if not storage.exists(d)]
     if missing:
         raise ValueError(f"{', '.join(missing)}: no such folder")
+    files = [d for d in cfg.run_dirs if not storage.is_folder(d)]
+    if files:
+        raise ValueError(f"{', '.join(files)}: a file, not a folder; name the folder that holds the runs")
 
 
 def main(argv=None) -> int:

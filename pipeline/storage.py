@@ -140,6 +140,12 @@ def exists(url: str) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
+def is_folder(url: str) -> bool:
+    """Whether ``url`` is a folder (on an object store: a prefix with objects under it)."""
+    fs, path = filesystem_for(url)
+    return fs.get_file_info(path).type == pafs.FileType.Directory
+
+
 def _makedirs(fs: pafs.FileSystem, path: str) -> None:
     parent = path.rsplit("/", 1)[0]
     if parent and parent != path:

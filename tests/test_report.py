@@ -220,3 +220,15 @@ def test_bad_run_dirs_exit_2(tmp_path, capsys):
         assert exc.value.code == 2
     assert "no such folder" in capsys.readouterr().err
     assert not storage.exists(str(tmp_path / "missing"))
+
+
+@pytest.mark.parametrize("store", ["local", "s3"])
+def test_a_run_dir_that_is_a_file_exits_2(store, tmp_path, request, capsys):
+    root = str(tmp_path) if store == "local" else request.getfixturevalue("s3_bucket")
+    metrics = storage.join(root, "runs/mmdp/metrics.json")
+    storage.write_json({"epochs": []}, metrics)
+    with pytest.raises(SystemExit) as exc:
+        report.main([metrics])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and f"{metrics}: a file, not a folder" in err and "Traceback" not in err
+    assert not storage.exists(storage.join(root, "runs/mmdp/metrics.json/report"))  # refused before any output
