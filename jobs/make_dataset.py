@@ -3,7 +3,7 @@
 Local (a folder or an object store)::
 
     python -m jobs.make_dataset --out data/fmnist-sym30 --noise symmetric:0.3 --seed 0
-    python -m jobs.make_dataset --out data/fmnist-small --limit 2000 --noise symmetric:0.2,caption:0.05
+    python -m jobs.make_dataset --out data/fmnist-small --limit 2000 --reference-size 2000 --noise symmetric:0.2
     python -m jobs.make_dataset --out s3://bucket/fmnist-sym30 --noise symmetric:0.3 --s3-endpoint http://127.0.0.1:9000
 
 On a Ray cluster (one process on the head node, which needs the source files:
@@ -18,7 +18,7 @@ an object store; img2dataset's ``key``/``jpg``/``txt``/``cls`` with
 ``reference``, the remainder the noisy ``train`` pool; images stay as stored
 and a noisy row gets another clean row's caption of the class it now names::
 
-    python -m jobs.make_dataset --source s3://bucket/my-shards --columns img2dataset --classes cat,dog,car \
+    python -m jobs.make_dataset --source s3://bucket/my-shards --columns img2dataset --classes cat,dog,car \\
         --reference-size 2000 --test-size 2000 --noise symmetric:0.3 --out s3://bucket/my-sym30
 
 Writes OUT/{reference,train,test}/part-*.parquet, OUT/ground_truth.parquet,
@@ -63,11 +63,13 @@ class MakeDatasetConfig:
     test_size: int = option(10_000, "with --columns: source rows held out as the clean test split")
     # A clean slice to pre-train the reference CLIP model on, disjoint from the
     # pool being pruned; 10k of 60k leaves the 50k pool the protocol draws from.
-    reference_size: int = option(10_000, "clean training images kept apart for the reference model")
+    reference_size: int = option(10_000, "clean training images kept apart for the reference model: the rows of "
+                                         "the reference split (--limit does not cap it)")
     # Clean by default: noise is what an experiment asks for, e.g. "symmetric:0.2,caption:0.05".
     noise: str = option("none", f"kind:rate,... over the train split; kinds: {', '.join(NOISE_KINDS)}")
     seed: int = option(0, "seed for the split, noise and images")
-    limit: int | None = option(None, "cap on rows per split (with --synthetic: rows in total; none there: 256)")
+    limit: int | None = option(None, "cap on rows in the train split and in the test split (with --synthetic: rows "
+                                     "in total; none there: 256)")
     # ~2.5 MB of PNGs a shard: a handful of read tasks per split.
     rows_per_shard: int = option(5000, "rows per shard")
     shard_format: str = option("parquet", "shard files: parquet, or webdataset tars (KEY.png, KEY.txt, KEY.cls), "
@@ -81,8 +83,13 @@ class MakeDatasetConfig:
             parse_noise_spec(self.noise)
         except ValueError as exc:
             raise ValueError(f"--noise: {exc}") from None
-        if not 0 <= self.reference_size < reference.FASHION_MNIST_TRAIN_SIZE:
-            raise ValueError(f"--reference-size must be in [0, {reference.FASHION_MNIST_TRAIN_SIZE})")
+        if self.reference_size < 0:
+            raise ValueError("--reference-size must be >= 0")
+        # Fashion-MNIST's train file has 60k images and the pool needs one; image-caption shards are
+        # checked against their row count once read (reference.build_from_rows).
+        if self.columns is None and not self.synthetic and self.reference_size >= reference.FASHION_MNIST_TRAIN_SIZE:
+            raise ValueError(f"--reference-size must be below {reference.FASHION_MNIST_TRAIN_SIZE} "
+                             "(Fashion-MNIST's training images; the train split needs the rest)")
         for flag in ("limit", "rows_per_shard"):
             if getattr(self, flag) is not None and getattr(self, flag) < 1:
                 raise ValueError(f"--{flag.replace('_', '-')} must be >= 1")

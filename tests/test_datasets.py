@@ -139,10 +139,11 @@ def test_same_seed_same_tables_other_seed_differs():
 
 
 def test_limit_keeps_the_first_rows_of_the_full_order():
-    small, large = ds.make_fashion_mnist(limit=50), ds.make_fashion_mnist(limit=120)
-    for split in ds.SPLITS:
+    small, large = (ds.make_fashion_mnist(reference_size=80, limit=n) for n in (50, 120))
+    for split in ("train", "test"):
         assert small.splits[split].equals(large.splits[split].slice(0, 50))
-    assert small.metadata["splits"] == {"reference": 50, "train": 50, "test": 50}
+    assert small.splits["reference"].equals(large.splits["reference"])  # not capped: reference_size rows
+    assert small.metadata["splits"] == {"reference": 80, "train": 50, "test": 50}
 
 
 def test_corrupt_bytes_never_decode_and_duplicates_are_near_copies():

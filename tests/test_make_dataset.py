@@ -27,7 +27,8 @@ def _make(out, *flags: str) -> dict:
 @pytest.fixture(scope="module")
 def composed(tmp_path_factory):
     out = tmp_path_factory.mktemp("composed")
-    return _make(out, "--limit", "2000", "--noise", COMPOSED, "--rows-per-shard", "700") | {"out": out}
+    return _make(out, "--limit", "2000", "--reference-size", "2000", "--noise", COMPOSED,
+                 "--rows-per-shard", "700") | {"out": out}
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +43,7 @@ def _pixels(data: bytes) -> np.ndarray:
 
 
 def test_symmetric_rate_and_labels(tmp_path):
-    data = _make(tmp_path, "--limit", "2000", "--noise", "symmetric:0.3")
+    data = _make(tmp_path, "--limit", "2000", "--reference-size", "2000", "--noise", "symmetric:0.3")
     truth = data["truth"].to_pandas()
     assert data["meta"]["splits"] == {"reference": 2000, "train": 2000, "test": 2000}
     assert abs((truth.corruption == "symmetric").mean() - 0.3) <= 0.01
@@ -109,7 +110,7 @@ def _files(folder: Path) -> dict[str, bytes]:
 
 
 def test_same_seed_same_bytes_other_seed_differs(tmp_path):
-    flags = ["--limit", "300", "--noise", COMPOSED, "--rows-per-shard", "100"]
+    flags = ["--limit", "300", "--reference-size", "300", "--noise", COMPOSED, "--rows-per-shard", "100"]
     for name, seed in (("a", "7"), ("b", "7"), ("c", "8")):
         assert main(["--out", str(tmp_path / name), "--seed", seed, *flags]) == 0
     a, b, c = (_files(tmp_path / n) for n in "abc")
@@ -117,6 +118,24 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path):
     assert len(a) == 3 * 4 + 3 and a == b  # 3 shards + _SUCCESS per split, ground truth, metadata, _SUCCESS
     assert a["train/part-00000.parquet"] != c["train/part-00000.parquet"]
     assert a["reference/part-00000.parquet"] != c["reference/part-00000.parquet"]
+
+
+def test_limit_caps_train_and_test_and_the_reference_split_holds_reference_size(tmp_path):
+    data = _make(tmp_path, "--limit", "100", "--reference-size", "300")
+    assert data["meta"]["splits"] == {"reference": 300, "train": 100, "test": 100}
+    assert {s: t.num_rows for s, t in data["splits"].items()} == data["meta"]["splits"]
+
+
+def test_reads_fashion_mnist_from_an_object_store(s3_bucket, tmp_path):
+    source = f"{s3_bucket}/fashion-mnist"
+    for name in (n for pair in ds.FASHION_MNIST_FILES.values() for n in pair):
+        storage.write_bytes(Path(ds.FASHION_MNIST_DIR, name).read_bytes(), storage.join(source, name))
+    flags = ["--limit", "60", "--reference-size", "40", "--noise", "symmetric:0.2"]
+    data = _make(tmp_path / "from-s3", "--source", source, *flags)
+    local = _make(tmp_path / "from-disk", *flags)
+    assert data["meta"]["source"] == source and data["meta"]["splits"] == {"reference": 40, "train": 60, "test": 60}
+    for split in ds.SPLITS:
+        assert data["splits"][split].equals(local["splits"][split])
 
 
 def test_missing_source_exits_2_with_instructions(tmp_path, capsys):
@@ -138,6 +157,23 @@ def test_bad_arguments_exit_2(tmp_path, capsys, flags):
     assert info.value.code == 2 and flags[0] in capsys.readouterr().err
 
 
+def test_reference_size_is_bounded_by_fashion_mnist_only_there():
+    from jobs.make_dataset import MakeDatasetConfig
+
+    # Image-caption shards may hold any number of rows: build_from_rows checks the count once read.
+    cfg = MakeDatasetConfig(out="unused", source="s3://bucket/shards", columns="img2dataset", reference_size=80_000)
+    assert cfg.reference_size == 80_000
+    with pytest.raises(ValueError, match="below 60000"):
+        MakeDatasetConfig(out="unused", reference_size=60_000)
+    with pytest.raises(ValueError, match=">= 0"):
+        MakeDatasetConfig(out="unused", source="s3://bucket/shards", columns="img2dataset", reference_size=-1)
+    import pyarrow as pa
+
+    rows = pa.concat_tables(ds.make_synthetic(n=40, seed=3).splits.values())  # 40 labelled rows
+    with pytest.raises(ValueError, match="40 rows cannot give 10 test and 80000 reference rows"):
+        ds.build_from_rows(rows, ds.SYNTHETIC_CLASSES, reference_size=80_000, test_size=10)
+
+
 def test_synthetic_dataset(tmp_path):
     data = _make(tmp_path, "--synthetic", "--noise", "symmetric:0.25")
     assert data["meta"]["classes"] == list(ds.SYNTHETIC_CLASSES)
@@ -147,10 +183,10 @@ def test_synthetic_dataset(tmp_path):
 
 def test_writes_to_s3(s3_bucket, tmp_path):
     url = f"{s3_bucket}/fmnist"
-    data = _make(url, "--limit", "200", "--noise", "caption:0.1")
+    data = _make(url, "--limit", "200", "--reference-size", "200", "--noise", "caption:0.1")
     assert data["meta"]["splits"]["train"] == 200 and data["splits"]["train"].num_rows == 200
     assert (data["truth"]["corruption"].to_numpy(zero_copy_only=False) == "caption").sum() == 20
-    local = _make(tmp_path / "fmnist", "--limit", "200", "--noise", "caption:0.1")
+    local = _make(tmp_path / "fmnist", "--limit", "200", "--reference-size", "200", "--noise", "caption:0.1")
     for split in ds.SPLITS:
         assert data["splits"][split].equals(local["splits"][split])
     assert data["truth"].equals(local["truth"])

@@ -115,7 +115,8 @@ def check_fashion_mnist(source: str | None = None) -> str:
             f"Fashion-MNIST not found: {', '.join(missing)} missing in {folder}.\n"
             "Install the Debian package:  apt-get install -y dataset-fashion-mnist\n"
             f"or download {', '.join(names)} from the Fashion-MNIST project "
-            "(https://github.com/zalandoresearch/fashion-mnist) into a folder and pass --source FOLDER."
+            "(https://github.com/zalandoresearch/fashion-mnist) into a folder (or an s3:// or gs:// prefix) "
+            "and pass --source FOLDER_OR_URL."
         )
     return folder
 
@@ -263,8 +264,9 @@ def build_dataset(
 
     ``train`` and ``test`` are :class:`Images` or ``(pixels, labels)``.
     ``reference`` is the first ``reference_size`` rows of a seeded permutation
-    of ``train``, the ``train`` split the rest; ``limit`` caps every split, so
-    a limited dataset holds the first rows of the full one's order.
+    of ``train``, the ``train`` split the rest; ``limit`` caps the ``train``
+    and ``test`` splits (``reference`` holds ``reference_size`` rows whatever
+    it is), so a limited dataset holds the first rows of the full one's order.
 
     Raises:
         ValueError: bad noise spec, sizes out of range.
@@ -277,7 +279,7 @@ def build_dataset(
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
     order = stream_rng(seed, "split").permutation(len(labels))
-    ref_index, pool_index = order[:reference_size][:limit], order[reference_size:][:limit]
+    ref_index, pool_index = order[:reference_size], order[reference_size:][:limit]
     test_index = np.arange(len(test))[:limit]
     splits = {
         "reference": _clean_split("reference", train.take(ref_index), classes),
