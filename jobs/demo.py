@@ -4,9 +4,13 @@ Local (Ray starts on this machine; about 8 minutes on 2 CPU cores)::
 
     python -m jobs.demo --out runs/demo
 
-On a cluster (stage outputs in an object store)::
+On a cluster (stage outputs in an object store; ``--source``: Fashion-MNIST's
+four ``*-ubyte.gz`` files, uploaded once from ``/usr/share/datasets/fashion-mnist``
+or the Fashion-MNIST project, since the head node that builds the dataset has
+no copy of its own)::
 
-    ray job submit --working-dir . -- python -m jobs.demo --out s3://bucket/mmdp-demo --workers 4
+    ray job submit --working-dir . -- python -m jobs.demo --out s3://bucket/mmdp-demo \\
+        --source s3://bucket/fashion-mnist --workers 4
 
 Stages, each one of mmdp's jobs run with the arguments printed before it:
 
@@ -34,6 +38,7 @@ from typing import ClassVar
 
 from pipeline import storage
 from pipeline.cli import log, option, run_job
+from pipeline.data.reference import FASHION_MNIST_DIR
 from pipeline.prune.budget import DEFAULT_KEEP_RATIO
 from pipeline.prune.policies import POLICIES
 from pipeline.score import REFERENCE_MODEL
@@ -47,6 +52,8 @@ class DemoConfig:
     RAY: ClassVar[bool] = True
 
     out: str = field(metadata={"help": "folder or URL for every stage's output and the report"})
+    source: str | None = option(None, "folder or URL (s3://, gs://) with Fashion-MNIST's four *-ubyte.gz files, "
+                                      f"read by the machine running the demo's driver (default: {FASHION_MNIST_DIR})")
     noise: str = option("symmetric:0.3", "label noise injected into the train split (kind:rate,...)")
     train_rows: int = option(8000, "rows in the train split and in the test split")
     reference_rows: int = option(5000, "clean rows the reference CLIP model is trained on")
@@ -80,8 +87,9 @@ def stages(cfg: DemoConfig) -> list[tuple[str, str, object, list[str], str]]:
     s3 = ["--s3-endpoint", cfg.s3_endpoint] if cfg.s3_endpoint else []
     steps = [
         ("data", f"dataset with {cfg.noise} noise", make_dataset,
-         ["--out", data, "--noise", cfg.noise, "--seed", str(cfg.seed), "--reference-size", str(cfg.reference_rows),
-          "--limit", str(cfg.train_rows), *s3], data),
+         ["--out", data, *(["--source", cfg.source] if cfg.source else []), "--noise", cfg.noise,
+          "--seed", str(cfg.seed), "--reference-size", str(cfg.reference_rows), "--limit", str(cfg.train_rows), *s3],
+         data),
         ("clip", "reference CLIP pre-training", pretrain_reference_clip,
          ["--data", data, "--out", clip, "--epochs", str(cfg.clip_epochs), "--seed", str(cfg.seed)], clip),
         ("score", "CLIP consistency of every train pair", score,

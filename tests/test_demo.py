@@ -84,7 +84,9 @@ def test_a_finished_stage_is_reused_only_with_the_flags_that_built_it(tmp_path):
                           ({"noise": "pairflip:0.3"}, "--noise symmetric:0.3 (this run: pairflip:0.3)"),
                           ({"clip_epochs": 2}, "--epochs 16 (this run: 2)"),
                           ({"epochs": 4}, "--epochs 16 (this run: 4)"),
-                          ({"keep_ratio": 0.3}, "--keep-ratio 0.6 (this run: 0.3)")):
+                          ({"keep_ratio": 0.3}, "--keep-ratio 0.6 (this run: 0.3)"),
+                          ({"source": "s3://bucket/fmnist"},
+                           "--source None (this run: s3://bucket/fmnist)")):
         cfg = demo.DemoConfig(out=moved, **changed)
         with pytest.raises(ValueError, match="another --out") as exc:
             for _, _, _, argv, output in demo.stages(cfg):
@@ -93,6 +95,22 @@ def test_a_finished_stage_is_reused_only_with_the_flags_that_built_it(tmp_path):
     # --no-reuse redoes every stage, as it says.
     cfg = demo.DemoConfig(out=moved, seed=1, reuse=False)
     assert not any(demo.reusable(argv, output, cfg) for _, _, _, argv, output in demo.stages(cfg))
+
+
+def test_the_data_stage_reads_source_and_holds_reference_rows_whatever_train_rows(tmp_path):
+    from pipeline.data import reference
+
+    source = tmp_path / "fmnist"  # Fashion-MNIST somewhere else than the Debian package's folder
+    source.mkdir()
+    for name in (n for pair in reference.FASHION_MNIST_FILES.values() for n in pair):
+        (source / name).symlink_to(f"{reference.FASHION_MNIST_DIR}/{name}")
+    cfg = demo.DemoConfig(out=str(tmp_path / "demo"), source=str(source), train_rows=100, reference_rows=300)
+    stage, _, job, argv, output = demo.stages(cfg)[0]
+    assert stage == "data" and argv[argv.index("--source") + 1] == str(source)
+    assert job.main(argv) == 0
+    meta = storage.read_json(storage.join(output, "metadata.json"))
+    assert meta["source"] == str(source)
+    assert meta["splits"] == {"reference": 300, "train": 100, "test": 100}  # --reference-rows, not --train-rows
 
 
 def test_a_demo_with_other_flags_on_a_finished_folder_is_a_usage_error_that_leaves_it_as_it_was(tmp_path, capsys):
