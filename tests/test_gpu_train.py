@@ -28,15 +28,16 @@ def scored(ray_session, tmp_path_factory):
 
 
 @pytest.mark.parametrize("task", ["classify", "clip"])
-def test_training_on_a_gpu_worker_with_probes_evaluates_every_epoch(scored, tmp_path, task):
+def test_training_on_a_gpu_worker_with_probes_evaluates_every_epoch_and_resumes(scored, tmp_path, task):
     data, scores = scored
-    out = str(tmp_path / task)
+    first, out = str(tmp_path / f"{task}-first"), str(tmp_path / task)
     # Probes every epoch: rows excluded as noisy get a no-grad forward beside the trained rows.
-    model = ["--model", "mmdp-tiny"] if task == "clip" else []
-    assert train_job.main(["--task", task, *model, "--data", data, "--scores", scores, "--out", out,
-                           "--epochs", "3", "--workers", "1", "--use-gpu", "--batch-size", "16",
-                           "--warmup-steps", "2", "--noise-fraction", "0.2",
-                           "--policy-params", "probe_every=1"]) == 0
+    flags = ["--task", task, *(["--model", "mmdp-tiny"] if task == "clip" else []), "--data", data,
+             "--scores", scores, "--epochs", "3", "--workers", "1", "--use-gpu", "--batch-size", "16",
+             "--warmup-steps", "2", "--noise-fraction", "0.2", "--policy-params", "probe_every=1"]
+    assert train_job.main([*flags, "--out", first, "--stop-after", "2"]) == 0
+    # The checkpoint (a GPU model's state) goes back onto the GPU for the last epoch.
+    assert train_job.main([*flags, "--out", out, "--resume-from", storage.join(first, "checkpoint")]) == 0
     metrics = storage.read_json(storage.join(out, "metrics.json"))
     assert [e["epoch"] for e in metrics["epochs"]] == [0, 1, 2]
     for e in metrics["epochs"]:
