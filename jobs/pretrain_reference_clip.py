@@ -47,6 +47,7 @@ class PretrainConfig:
     OUTPUT: ClassVar[str] = "out"
     RAY: ClassVar[bool] = True  # the splits are read with Ray Data (parquet or webdataset shards, any store)
     RAY_DASHBOARD: ClassVar[bool] = False  # no Ray Train: a local run starts Ray without it (connect_ray)
+    SHARED_PATHS: ClassVar[tuple[str, ...]] = ("data",)  # read by Ray Data's tasks (pipeline.cli.check_shared_paths)
 
     data: str = field(metadata={HELP: "dataset URL: reference/ and test/ shard folders (and metadata.json)"})
     out: str = field(metadata={HELP: "output folder URL: model.pt (the checkpoint), metrics.json, config.json"})

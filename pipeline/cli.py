@@ -117,6 +117,10 @@ def setup_logging() -> None:
     )
 
 
+# Set to 1: local paths are on a file system every node mounts alike (check_shared_paths).
+SHARED_FS_ENV = "MMDP_SHARED_FS"
+
+
 def connect_ray(*, dashboard: bool = True, **init_args) -> None:
     """Start a local Ray, or join a running one: the library's one ``ray.init``.
 
@@ -162,6 +166,37 @@ def connect_ray(*, dashboard: bool = True, **init_args) -> None:
     ray.data.DataContext.get_current().use_ray_tqdm = terminal
 
 
+def check_shared_paths(cfg) -> None:
+    """Refuses local paths that a cluster's other nodes would not see: the fields a config names in
+    ``SHARED_PATHS`` (read or written by Ray's workers, not the driver alone), when Ray has more than
+    one node or none of its CPUs on the driver's (a cluster's head, as ``cluster.yaml`` makes it).
+
+    Each node would read or write its own disk under that path: a score job's rows committed from
+    the head's disk alone, a run's checkpoint not found. ``MMDP_SHARED_FS=1`` allows them, for a
+    file system that every node mounts at the same path (NFS).
+
+    Raises:
+        ValueError: naming the flags, what the cluster has, and what to pass instead.
+    """
+    import ray
+
+    from pipeline import storage
+
+    local = [name for name in getattr(type(cfg), "SHARED_PATHS", ())
+             if getattr(cfg, name, None) is not None and storage.is_local(getattr(cfg, name))]
+    if not local or os.environ.get(SHARED_FS_ENV) == "1":
+        return
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    here = ray.get_runtime_context().get_node_id()
+    cpus_here = sum(n["Resources"].get("CPU", 0) for n in nodes if n["NodeID"] == here)
+    if len(nodes) > 1 or cpus_here == 0:
+        flags = ", ".join(f"--{name.replace('_', '-')} {getattr(cfg, name)}" for name in local)
+        raise ValueError(f"{flags}: a local path, but this Ray cluster has {len(nodes)} node(s) and "
+                         f"{cpus_here:g} CPUs on this one, so its workers would each read and write their own "
+                         "disk there; pass s3:// or gs:// URLs (or set MMDP_SHARED_FS=1 for a folder that "
+                         "every node mounts at this same path)")
+
+
 def execute(cfg, work):
     """Run a parsed config the way its job runs: the part of :func:`run_job` after parsing.
 
@@ -177,6 +212,7 @@ def execute(cfg, work):
 
     if getattr(type(cfg), "RAY", False):
         connect_ray(dashboard=getattr(type(cfg), "RAY_DASHBOARD", True))
+        check_shared_paths(cfg)
     if not getattr(type(cfg), "OUTPUT", None):
         return work(cfg)
     with storage.output(getattr(cfg, type(cfg).OUTPUT)) as out:

@@ -179,3 +179,29 @@ def test_documented_command_uses_real_flags_and_every_required_one(where, module
     assert not unknown, f"{where}: python -m {module} uses flags it does not have: {unknown}"
     required = [flag for flag, entry in options.items() if "(required)" in entry]
     assert not set(required) - flags, f"{where}: python -m {module} lacks {sorted(set(required) - flags)}"
+
+
+def test_local_paths_are_refused_where_ray_workers_are_not_on_this_machine(tmp_path):
+    """A cluster's head, as cluster.yaml makes it, has no CPUs: every read and write task runs on another
+    node, so a local --input/--output would name a folder on each worker's own disk (the score job then
+    committed whatever landed on the head's). A fresh process with a Ray of 0 CPUs on its node stands for it."""
+    data, out = str(tmp_path / "data"), str(tmp_path / "scores")
+    code = ("import os\n"
+            "import ray\n"
+            "from jobs import score\n"
+            "from pipeline.cli import check_shared_paths\n"
+            "from pipeline.score.job import ScoreConfig\n"
+            "ray.init(num_cpus=0, include_dashboard=False)\n"
+            f"print('rc', score.main(['--input', {data!r}, '--output', {out!r}]))\n"
+            "check_shared_paths(ScoreConfig(input='s3://bucket/data', output='gs://bucket/scores'))\n"
+            "os.environ['MMDP_SHARED_FS'] = '1'\n"  # a file system every node mounts alike
+            f"check_shared_paths(ScoreConfig(input={data!r}, output={out!r}))\n"
+            "print('urls and a shared file system pass')\n"
+            "ray.shutdown()\n")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    assert done.stdout.splitlines()[-2:] == ["rc 2", "urls and a shared file system pass"], done.stdout
+    assert (f"--input {data}, --output {out}: a local path, but this Ray cluster has 1 node(s) and 0 CPUs on "
+            "this one") in done.stderr, done.stderr[-3000:]
+    assert not os.path.exists(out)  # refused before the output was marked pending

@@ -59,6 +59,8 @@ class ScoreConfig:
     OUTPUT: ClassVar[str] = "output"
     RAY: ClassVar[bool] = True
     RAY_DASHBOARD: ClassVar[bool] = False  # Ray Data alone: a local run starts Ray without it (connect_ray)
+    # Read and written by Ray's workers: local paths only where they are one machine (check_shared_paths).
+    SHARED_PATHS: ClassVar[tuple[str, ...]] = ("input", "output")
 
     input: str = field(metadata={"help": "shards to score: a folder or file URL (local, s3://, gs://) of parquet or webdataset tars"})
     output: str = field(metadata={"help": "where scores/, rejects/ and summary.json go (URL)"})

@@ -31,6 +31,9 @@ class TrainConfig:
 
     OUTPUT: ClassVar[str] = "out"
     RAY: ClassVar[bool] = True
+    # Read or written by Ray's workers and actors: local paths only where they are one machine
+    # (pipeline.cli.check_shared_paths), made absolute for Train workers that run in folders of their own.
+    SHARED_PATHS: ClassVar[tuple[str, ...]] = ("data", "scores", "out", "resume_from", "reference_keys", "tar_index")
 
     data: str = field(metadata={"help": "dataset root with train/ and test/ shard folders (and metadata.json) (URL)"})
     scores: str = field(metadata={"help": "output folder of the score job for the train split (URL)"})

@@ -157,9 +157,6 @@ def start_pruning(cfg: TrainConfig, name: str | None = None) -> Pruning:
                                num_partitions=cfg.pruner_partitions, reference_keys=cfg.reference_keys)
 
 
-PATHS = ("data", "scores", "out", "resume_from", "reference_keys", "tar_index")
-
-
 def absolute_paths(cfg: TrainConfig) -> TrainConfig:
     """``cfg`` with its local paths made absolute against this process's working directory.
 
@@ -171,7 +168,7 @@ def absolute_paths(cfg: TrainConfig) -> TrainConfig:
     def absolute(url: str | None) -> str | None:
         return storage.filesystem_for(url)[1] if url is not None and storage.is_local(url) else url
 
-    return dataclasses.replace(cfg, **{name: absolute(getattr(cfg, name)) for name in PATHS})
+    return dataclasses.replace(cfg, **{name: absolute(getattr(cfg, name)) for name in cfg.SHARED_PATHS})
 
 
 def fit(cfg: TrainConfig) -> dict:
