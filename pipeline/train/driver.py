@@ -184,14 +184,14 @@ def fit(cfg: TrainConfig) -> dict:
     if cfg.resume_from:
         resumed = check_checkpoint(cfg.resume_from)
         done = int(resumed[-1]["epoch"]) + 1
-        # (An older mmdp's checkpoint has no wall_seconds: its epochs' own seconds, a lower bound.)
-        earlier = resumed[-1].get("wall_seconds", sum(h["epoch_seconds"] for h in resumed))
         if done >= last:  # the loop would train nothing and leave no checkpoint to report
             flag = "--epochs" if cfg.stop_after is None else "--stop-after"
             hint = ("its run has trained all of them" if done >= cfg.epochs else
                     f"resume with a --stop-after above {done} (at most --epochs {cfg.epochs}) or none")
             raise ValueError(f"--resume-from {cfg.resume_from}: the checkpoint has {done} epochs trained, so none "
                              f"is left to train with {flag} {last}: {hint}")
+        # (An older mmdp's checkpoint has no wall_seconds: its epochs' own seconds, a lower bound.)
+        earlier = resumed[-1].get("wall_seconds") or sum(h.get("epoch_seconds", 0.0) for h in resumed)
     classes = class_names(cfg.data, cfg.classes, required=cfg.task == "classify")
     templates = list(dataset_metadata(cfg.data).get("templates") or DEFAULT_TEMPLATES)
     run_id = uuid.uuid4().hex[:8]
