@@ -92,6 +92,14 @@ def test_help_answers_without_importing_torch(module):
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr[-2000:]
 
 
+def _fresh_process(code: str) -> subprocess.CompletedProcess:
+    """``code`` run by a fresh Python with no Ray to join (it starts its own); it must exit 0."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    return done
+
+
 @pytest.mark.parametrize("module, config, fields, state_api", [
     ("pipeline.score.job", "ScoreConfig", {"input": "unused"}, False),
     ("jobs.demo", "DemoConfig", {}, True),
@@ -118,9 +126,7 @@ def test_a_job_starts_ray_with_the_dashboard_only_if_it_trains(tmp_path, module,
             f"cfg = {config}(**{fields!r}, **{{{config}.OUTPUT: {str(tmp_path / 'out')!r}}})\n"
             "print('state api:', execute(cfg, work))\n"
             "ray.shutdown()\n")
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240, env=env)
-    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    done = _fresh_process(code)
     assert f"state api: {state_api}" in done.stdout.splitlines(), done.stdout + done.stderr[-2000:]
 
 
@@ -198,9 +204,7 @@ def test_local_paths_are_refused_where_ray_workers_are_not_on_this_machine(tmp_p
             f"check_shared_paths(ScoreConfig(input={data!r}, output={out!r}))\n"
             "print('urls and a shared file system pass')\n"
             "ray.shutdown()\n")
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240, env=env)
-    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    done = _fresh_process(code)
     assert done.stdout.splitlines()[-2:] == ["rc 2", "urls and a shared file system pass"], done.stdout
     assert (f"--input {data}, --output {out}: a local path, but this Ray cluster has 1 node(s) and 0 CPUs on "
             "this one") in done.stderr, done.stderr[-3000:]
