@@ -380,12 +380,16 @@ def _remote_version(url: str) -> dict:
         InputError: no object at ``url``.
     """
     fs, path = filesystem_for(url)
-    info = fs.get_file_info(path)
+    info = retry_reads(lambda: fs.get_file_info(path))
     if info.type != pafs.FileType.File:
         raise InputError(f"{url}: no such file")
     version = {"size": info.size, "mtime_ns": info.mtime_ns}
     if isinstance(fs, pafs.S3FileSystem):
-        # Opening reads the object's metadata (a HEAD request); the body is never requested.
-        with fs.open_input_file(path) as f:
-            version["etag"] = f.metadata().get("ETag", b"").decode()
+        version["etag"] = retry_reads(lambda: _etag(fs, path))
     return version
+
+
+def _etag(fs: pafs.S3FileSystem, path: str) -> str:
+    # Opening reads the object's metadata (a HEAD request); the body is never requested.
+    with fs.open_input_file(path) as f:
+        return f.metadata().get("ETag", b"").decode()
