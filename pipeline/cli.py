@@ -168,7 +168,8 @@ def connect_ray(*, dashboard: bool = True, **init_args) -> None:
 
 def check_shared_paths(cfg) -> None:
     """Refuses local paths that a cluster's other nodes would not see: the fields a config names in
-    ``SHARED_PATHS`` (read or written by Ray's workers, not the driver alone), when Ray has more than
+    ``SHARED_PATHS`` (read or written by Ray's workers, not the driver alone) and the files it names in
+    ``SHARED_FILES`` that exist on this machine, when Ray has more than
     one node or none of its CPUs on the driver's (a cluster's head, as ``cluster.yaml`` makes it).
 
     Each node would read or write its own disk under that path: a score job's rows committed from
@@ -184,6 +185,10 @@ def check_shared_paths(cfg) -> None:
 
     local = [name for name in getattr(type(cfg), "SHARED_PATHS", ())
              if getattr(cfg, name, None) is not None and storage.is_local(getattr(cfg, name))]
+    # Files the workers read that may also be names (a hub tag for --pretrained): paths where they exist here.
+    local += [name for name in getattr(type(cfg), "SHARED_FILES", ())
+              if getattr(cfg, name, None) and storage.is_local(getattr(cfg, name))
+              and os.path.exists(os.path.expanduser(getattr(cfg, name)))]
     if not local or os.environ.get(SHARED_FS_ENV) == "1":
         return
     nodes = [n for n in ray.nodes() if n["Alive"]]

@@ -191,7 +191,8 @@ def test_local_paths_are_refused_where_ray_workers_are_not_on_this_machine(tmp_p
     """A cluster's head, as cluster.yaml makes it, has no CPUs: every read and write task runs on another
     node, so a local --input/--output would name a folder on each worker's own disk (the score job then
     committed whatever landed on the head's). A fresh process with a Ray of 0 CPUs on its node stands for it."""
-    data, out = str(tmp_path / "data"), str(tmp_path / "scores")
+    data, out, model = str(tmp_path / "data"), str(tmp_path / "scores"), str(tmp_path / "model.pt")
+    open(model, "wb").close()  # a checkpoint on this machine's disk, which the scoring actors elsewhere would not see
     code = ("import os\n"
             "import ray\n"
             "from jobs import score\n"
@@ -200,12 +201,15 @@ def test_local_paths_are_refused_where_ray_workers_are_not_on_this_machine(tmp_p
             "ray.init(num_cpus=0, include_dashboard=False)\n"
             f"print('rc', score.main(['--input', {data!r}, '--output', {out!r}]))\n"
             "check_shared_paths(ScoreConfig(input='s3://bucket/data', output='gs://bucket/scores'))\n"
+            "check_shared_paths(ScoreConfig(input='s3://b/d', output='s3://b/s', pretrained='laion2b_s34b_b79k'))\n"
+            f"print('rc', score.main(['--input', 's3://b/d', '--output', 's3://b/s', '--pretrained', {model!r}]))\n"
             "os.environ['MMDP_SHARED_FS'] = '1'\n"  # a file system every node mounts alike
             f"check_shared_paths(ScoreConfig(input={data!r}, output={out!r}))\n"
             "print('urls and a shared file system pass')\n"
             "ray.shutdown()\n")
     done = _fresh_process(code)
-    assert done.stdout.splitlines()[-2:] == ["rc 2", "urls and a shared file system pass"], done.stdout
-    assert (f"--input {data}, --output {out}: a local path, but this Ray cluster has 1 node(s) and 0 CPUs on "
-            "this one") in done.stderr, done.stderr[-3000:]
+    assert done.stdout.splitlines()[-3:] == ["rc 2", "rc 2", "urls and a shared file system pass"], done.stdout
+    for flags in (f"--input {data}, --output {out}", f"--pretrained {model}"):
+        assert f"{flags}: a local path, but this Ray cluster has 1 node(s) and 0 CPUs on this one" in done.stderr, \
+            done.stderr[-3000:]
     assert not os.path.exists(out)  # refused before the output was marked pending

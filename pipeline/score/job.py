@@ -61,6 +61,7 @@ class ScoreConfig:
     RAY_DASHBOARD: ClassVar[bool] = False  # Ray Data alone: a local run starts Ray without it (connect_ray)
     # Read and written by Ray's workers: local paths only where they are one machine (check_shared_paths).
     SHARED_PATHS: ClassVar[tuple[str, ...]] = ("input", "output")
+    SHARED_FILES: ClassVar[tuple[str, ...]] = ("pretrained",)  # a local checkpoint file; else an open_clip tag
 
     input: str = field(metadata={"help": "shards to score: a folder or file URL (local, s3://, gs://) of parquet or webdataset tars"})
     output: str = field(metadata={"help": "where scores/, rejects/ and summary.json go (URL)"})
