@@ -183,12 +183,11 @@ def check_shared_paths(cfg) -> None:
 
     from pipeline import storage
 
-    local = [name for name in getattr(type(cfg), "SHARED_PATHS", ())
-             if getattr(cfg, name, None) is not None and storage.is_local(getattr(cfg, name))]
-    # Files the workers read that may also be names (a hub tag for --pretrained): paths where they exist here.
-    local += [name for name in getattr(type(cfg), "SHARED_FILES", ())
-              if getattr(cfg, name, None) and storage.is_local(getattr(cfg, name))
-              and os.path.exists(os.path.expanduser(getattr(cfg, name)))]
+    paths, files = getattr(type(cfg), "SHARED_PATHS", ()), getattr(type(cfg), "SHARED_FILES", ())
+    # Files the workers read may also be names (a hub tag for --pretrained): paths where they exist here.
+    local = [name for name in (*paths, *files)
+             if (value := getattr(cfg, name, None)) is not None and storage.is_local(value)
+             and (name in paths or os.path.exists(os.path.expanduser(value)))]
     if not local or os.environ.get(SHARED_FS_ENV) == "1":
         return
     nodes = [n for n in ray.nodes() if n["Alive"]]
