@@ -338,6 +338,14 @@ def test_ray_data_reads_exactly_the_listed_shards(ray_local, store, tmp_path, re
         assert _keys_read(url) == table.column("key").to_pylist()[:rows]
 
 
+def test_the_shard_check_gives_each_parquet_footers_columns_and_rows(root):
+    table = _table(25)
+    urls = storage.write_shards(table, storage.join(root, "train"), rows_per_shard=10)
+    footers = shards.check_shards("parquet", urls)
+    assert [f.rows for f in footers] == [10, 10, 5]
+    assert {f.columns for f in footers} == {tuple(SHARD_SCHEMA.names)}
+
+
 def test_a_corrupt_shard_is_named_before_reading(root):
     table = _table(20)
     url = storage.join(root, "in")  # a folder of shards no job committed: every parquet file in it is a shard

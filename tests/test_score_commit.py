@@ -140,6 +140,29 @@ def test_nothing_staged_commits_empty_tables(ray_local, tmp_path):
     assert storage.read_table(str(tmp_path / "out" / "rejects")).num_rows == 0
 
 
+@pytest.mark.parametrize("staged_files", [0, 1, 3])
+def test_rows_the_input_holds_and_the_staging_lacks_commit_nothing(ray_local, tmp_path, staged_files):
+    # What a score job on a cluster whose nodes do not share its local output stages: some files, or none,
+    # of the input's 400 rows, the rest on other nodes' disks.
+    table = staged_rows(400, 5)
+    staged = []
+    for i in range(staged_files):
+        staged.append(str(tmp_path / "stage" / f"part-{i:06d}.parquet"))
+        storage.write_table(table.slice(100 * i, 100), staged[-1])
+    out = str(tmp_path / "out")
+    with pytest.raises(commit.RowsLostError, match=f"{100 * staged_files} rows scored or rejected, but the "
+                       "input's shards hold 400; nothing is committed"):
+        commit.commit_staged(staged, out, started=time.time(), expected_rows=400)
+    for folder in ("scores", "rejects"):
+        assert not storage.exists(f"{out}/{folder}/_SUCCESS")
+    assert not storage.exists(f"{out}/summary.json")
+    # Every row there: committed as ever.
+    storage.write_table(table.slice(100 * staged_files), str(tmp_path / "stage" / "part-rest.parquet"))
+    every = staged + [str(tmp_path / "stage" / "part-rest.parquet")]
+    assert commit.commit_staged(every, out, started=time.time(), expected_rows=400)["rows_in"] == 400
+    assert outcome(storage.read_table(f"{out}/scores"), storage.read_table(f"{out}/rejects")) == reference(table)
+
+
 @pytest.mark.parametrize("rows_per_file", [7, 100, 3000])
 def test_the_in_memory_commit_cut_into_files_gives_the_rule(tmp_path, rows_per_file):
     # Sorted by key and cut every rows_per_file rows, as the cluster's sorted blocks are: repeated keys

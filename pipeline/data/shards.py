@@ -11,6 +11,7 @@ Ray Data reader of them all, for every job (the only Ray code of ``data``).
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -105,7 +106,14 @@ def list_shards(url: str) -> tuple[str, list[str]]:
     return "webdataset", tars
 
 
-def check_shards(kind: str, files: list[str], mapping: ColumnMapping | None = None) -> list[tuple[str, ...]] | None:
+class ParquetFooter(NamedTuple):
+    """What a parquet shard's footer says: its column names and its row count."""
+
+    columns: tuple[str, ...]
+    rows: int
+
+
+def check_shards(kind: str, files: list[str], mapping: ColumnMapping | None = None) -> list[ParquetFooter] | None:
     """Refuse a shard that would fail or lose rows when read: every shard's footer (a tar's last KiB) is
     read once, :data:`READ_THREADS` at a time; with ``mapping``, each parquet schema must map onto the contract.
 
@@ -113,7 +121,7 @@ def check_shards(kind: str, files: list[str], mapping: ColumnMapping | None = No
     costs one ranged read, not a size request (HEAD) and a read.
 
     Returns:
-        Each parquet shard's column names, in ``files``' order (None for webdataset).
+        Each parquet shard's footer (column names, row count), in ``files``' order (None for webdataset).
 
     Raises:
         InputError: naming the first offending file.
@@ -153,12 +161,14 @@ def _each(check, items: list) -> list:
         return list(pool.map(check, items))  # results, and errors, come back in item order
 
 
-def _check_parquet(file_url: str, mapping: ColumnMapping | None, size: int | None = None) -> tuple[str, ...]:
+def _check_parquet(file_url: str, mapping: ColumnMapping | None, size: int | None = None) -> ParquetFooter:
     fs, path = filesystem_for(file_url)
-    # A fragment of known size reads its footer without asking the store for the size first.
+    # A fragment of known size reads its footer without asking the store for the size first; the
+    # fragment keeps the footer, so its row count costs no second read.
     fragment = pds.ParquetFileFormat().make_fragment(path, filesystem=fs, file_size=size)
     try:
         schema = storage.retry_reads(lambda: fragment.physical_schema)
+        rows = fragment.metadata.num_rows
     except (pa.ArrowInvalid, OSError) as exc:
         raise storage.unreadable_parquet(file_url, exc) from exc
     if mapping is not None:
@@ -166,7 +176,7 @@ def _check_parquet(file_url: str, mapping: ColumnMapping | None, size: int | Non
             to_contract(schema.empty_table(), mapping)
         except SchemaError as exc:
             raise SchemaError(f"{file_url}: {exc}") from exc
-    return tuple(schema.names)
+    return ParquetFooter(tuple(schema.names), rows)
 
 
 def _check_tar_end(file_url: str) -> None:
@@ -202,8 +212,9 @@ def read_shards(url: str, columns: str = "mmdp", fields: tuple[str, ...] = tuple
     """
     mapping = ColumnMapping.parse(columns)
     kind, files = listing or list_shards(url)
-    names = check_shards(kind, files, mapping)
-    return read_listed(url, kind, files, columns, None if names is None else projection(mapping, fields, names))
+    footers = check_shards(kind, files, mapping)
+    read_columns = None if footers is None else projection(mapping, fields, [f.columns for f in footers])
+    return read_listed(url, kind, files, columns, read_columns)
 
 
 def projection(mapping: ColumnMapping, fields, names: list[tuple[str, ...]]) -> list[str] | None:

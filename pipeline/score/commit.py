@@ -45,6 +45,10 @@ SCORED_AT = "scored_at"
 SCORES, REJECTS = "scores", "rejects"
 
 
+class RowsLostError(RuntimeError):
+    """The job staged fewer or more rows than its input holds: nothing is committed."""
+
+
 def keyed(table: pa.Table) -> pa.Table:
     """``table`` (staged rows) with null keys as "", flagged, so that they sort."""
     keys = table.column(KEY)
@@ -163,8 +167,12 @@ def write_block(block: pa.Table, number: int, offset: int, lose: list[str], outp
 
 
 def finish(output: str, written: list[dict], started: float | None = None, committing: float | None = None,
-           **extra) -> dict:
+           expected_rows: int | None = None, **extra) -> dict:
     """Commit ``scores/`` and ``rejects/`` (an empty shard where no block wrote one) and write the summary.
+
+    ``expected_rows``: the rows the input holds, where its shards say
+    (parquet footers); every one is scored or rejected, else
+    :class:`RowsLostError` and nothing is committed.
 
     ``started``: the job's start (``time.time()``); the summary then gives
     its ``seconds``, the rate, and ``first_row_seconds`` (the first scored
@@ -177,6 +185,11 @@ def finish(output: str, written: list[dict], started: float | None = None, commi
         reasons.update(w["reasons"])
     scored = sum(w["scored"] for w in written)
     rejected = sum(reasons.values())
+    if expected_rows is not None and scored + rejected != expected_rows:
+        raise RowsLostError(
+            f"{output}: {scored + rejected:,} rows scored or rejected, but the input's shards hold "
+            f"{expected_rows:,}; nothing is committed. Ray's workers staged rows where the driver cannot read "
+            "them (a local output on a cluster whose nodes do not share it?): write to an object store URL")
     for folder, schema, rows in ((SCORES, SCORES_SCHEMA, scored), (REJECTS, REJECTS_SCHEMA, rejected)):
         names = [w[folder] for w in written if folder in w]
         if not names:
@@ -225,17 +238,18 @@ def write_scores(table: pa.Table, output: str, started: float | None = None, row
                   started, **extra)
 
 
-def commit_staged(staged: list[str], output: str, started: float) -> dict:
+def commit_staged(staged: list[str], output: str, started: float, expected_rows: int | None = None) -> dict:
     """Sort, dedupe, index and write the staged files (URLs) in the cluster; returns the summary.
 
-    ``started`` is the job's ``time.time()`` at its start (the summary's seconds count from there).
+    ``started`` is the job's ``time.time()`` at its start (the summary's seconds count from there);
+    ``expected_rows``: the input's rows, where known (:func:`finish`).
     """
     committing = time.time()
     _begin(output)
     if not staged:
-        return finish(output, [], started, committing)
+        return finish(output, [], started, committing, expected_rows)
     if len(staged) == 1:  # one block (up to the staged file size): nothing straddles, one task, no sort stage
-        return finish(output, [ray.get(_write_file.remote(staged[0], output))], started, committing)
+        return finish(output, [ray.get(_write_file.remote(staged[0], output))], started, committing, expected_rows)
     items = [{"url": url} for url in staged]
     by_key = (ray.data.from_items(items, override_num_blocks=len(items))
               .map_batches(_read_keyed, batch_size=1, batch_format="pyarrow")
@@ -245,7 +259,7 @@ def commit_staged(staged: list[str], output: str, started: float) -> dict:
     lose, offsets = settle(edges)
     written = ray.get([_write.remote(b, i, offsets[i], lose[i], output)
                        for i, b in enumerate(blocks) if edges[i]["rows"]])
-    return finish(output, written, started, committing)
+    return finish(output, written, started, committing, expected_rows)
 
 
 def _begin(output: str) -> None:

@@ -224,7 +224,7 @@ def _score(cfg: ScoreConfig, classes: tuple[str, ...], use_gpu: bool) -> dict:
         except Exception:
             checked.result()  # a bad shard's own error (naming it) before the failure it caused
             raise
-    log.info("%d shards checked in %.1f s, beside the scoring", len(files), checked.result())
+    log.info("%d shards checked in %.1f s, beside the scoring", len(files), checked.result()[0])
     return summary
 
 
@@ -257,10 +257,11 @@ def decodes_in_actors(cfg: ScoreConfig, use_gpu: bool) -> bool:
     return True
 
 
-def _timed(fn, *args) -> float:
+def _timed(fn, *args) -> tuple[float, object]:
+    """``fn(*args)``'s seconds and result."""
     began = time.perf_counter()
-    fn(*args)
-    return time.perf_counter() - began
+    result = fn(*args)
+    return time.perf_counter() - began, result
 
 
 def _score_listed(cfg: ScoreConfig, classes: tuple[str, ...], kind: str, files: list[str], use_gpu: bool,
@@ -306,8 +307,12 @@ def _score_listed(cfg: ScoreConfig, classes: tuple[str, ...], kind: str, files: 
         # The write tasks ask no CPU (WRITE_TASK_CPUS): they run while the job scores, not after it.
         ds.write_parquet(staging_path, filesystem=fs, min_rows_per_file=STAGED_ROWS_PER_FILE,
                          ray_remote_args={"num_cpus": WRITE_TASK_CPUS})
-        checked.result()  # every shard passed its check before anything is committed
-        summary = commit_staged(storage.list_files(staging) if storage.exists(staging) else [], cfg.output, start)
+        # Every shard passed its check before anything is committed; parquet footers give the rows that
+        # the commit must account for, each scored or rejected (webdataset tars do not say).
+        footers = checked.result()[1]
+        expected = None if footers is None else sum(f.rows for f in footers)
+        summary = commit_staged(storage.list_files(staging) if storage.exists(staging) else [], cfg.output, start,
+                                expected)
     finally:
         if storage.exists(staging):
             fs.delete_dir(staging_path)
