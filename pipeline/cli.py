@@ -208,15 +208,19 @@ def execute(cfg, work):
     field holding its output folder, which is marked pending, given the
     config as ``config.json``, and committed when ``work(cfg)`` returns
     (:mod:`pipeline.storage`); ``RAY = True``, Ray connected first (without
-    the dashboard where ``RAY_DASHBOARD = False``: :func:`connect_ray`). Returns
-    what ``work(cfg)`` returns; its exceptions propagate and leave the output
-    uncommitted. Benchmarks call this with configs they build.
+    the dashboard where ``RAY_DASHBOARD = False``: :func:`connect_ray`). A config's
+    ``check_inputs()`` method, where it has one, runs before the output is
+    marked pending (a re-run that fails it leaves the earlier output
+    committed). Returns what ``work(cfg)`` returns; its exceptions propagate
+    and leave the output uncommitted. Benchmarks call this with configs they build.
     """
     from pipeline import storage
 
     if getattr(type(cfg), "RAY", False):
         connect_ray(dashboard=getattr(type(cfg), "RAY_DASHBOARD", True))
         check_shared_paths(cfg)
+    if hasattr(cfg, "check_inputs"):
+        cfg.check_inputs()
     if not getattr(type(cfg), "OUTPUT", None):
         return work(cfg)
     with storage.output(getattr(cfg, type(cfg).OUTPUT)) as out:

@@ -135,6 +135,18 @@ def join(url: str, *parts: str) -> str:
     return out
 
 
+def contains(outer: str, inner: str) -> bool:
+    """Whether ``inner`` is the folder ``outer`` or lies inside it (URLs or local paths, any spelling)."""
+    def where(url: str) -> tuple[str, str]:
+        parsed = urlparse(str(url))
+        scheme = {"": "file", "gcs": "gs"}.get(parsed.scheme, parsed.scheme)
+        path = filesystem_for(url)[1] if scheme == "file" else f"{parsed.netloc}{parsed.path}".rstrip("/")
+        return scheme, path
+
+    (outer_scheme, outer_path), (inner_scheme, inner_path) = where(outer), where(inner)
+    return outer_scheme == inner_scheme and (inner_path + "/").startswith(outer_path.rstrip("/") + "/")
+
+
 def exists(url: str) -> bool:
     fs, path = filesystem_for(url)
     return fs.get_file_info(path).type != pafs.FileType.NotFound

@@ -101,13 +101,16 @@ def _fresh_process(code: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("module, config, fields, state_api", [
-    ("pipeline.score.job", "ScoreConfig", {"input": "unused"}, False),
+    ("pipeline.score.job", "ScoreConfig", {"input": "in.parquet"}, False),  # a file here (the job checks it is there)
     ("jobs.demo", "DemoConfig", {}, True),
 ])
 def test_a_job_starts_ray_with_the_dashboard_only_if_it_trains(tmp_path, module, config, fields, state_api):
     """A fresh process runs a job's config as the job does: Ray's State API, which the dashboard serves and
     Ray Train watches its controller through, is there for the jobs that train, not for the score job.
     (``jobs.train``'s config takes the default, as the demo's does: one fresh Ray each is about 16 s here.)"""
+    if "input" in fields:
+        fields = {**fields, "input": str(tmp_path / fields["input"])}
+        open(fields["input"], "wb").close()
     code = ("import time\n"
             "import ray\n"
             "from pipeline.cli import execute\n"

@@ -206,6 +206,28 @@ def test_bad_input_folder_is_a_clear_error(ray_session, tmp_path, capsys):
     assert not storage.exists(str(tmp_path / "out" / "_SUCCESS"))
 
 
+def test_a_rerun_refused_for_its_input_leaves_the_earlier_output_committed(ray_session, tmp_path, capsys):
+    root = str(tmp_path / "data")
+    write_dataset(make_synthetic(n=20, seed=1), root, rows_per_shard=10)
+    storage.remove(storage.join(root, "metadata.json"))  # no class names for label mode
+    out = str(tmp_path / "scores")
+    with storage.output(out):  # an earlier run's committed output
+        storage.write_json({"input": "earlier"}, storage.join(out, "config.json"))
+    train = storage.join(root, "train")
+    dataset_state = sorted(p.name for p in (tmp_path / "data").iterdir())
+    for argv, message in (
+            (["--input", storage.join(root, "trian"), "--output", out], "trian: no such file or folder"),
+            (["--input", train, "--output", out, "--mode", "label"], "label mode needs class names"),
+            # The dataset's own folder, or a folder inside the input: the output would replace or join the input.
+            (["--input", train, "--output", root], "overlap"),
+            (["--input", train, "--output", storage.join(train, "scores")], "overlap")):
+        assert score_job.main([*argv, "--model", "mmdp-tiny"]) == 2
+        assert message in capsys.readouterr().err
+        assert storage.is_complete(out) and storage.read_json(storage.join(out, "config.json")) == {"input": "earlier"}
+        assert storage.is_complete(train)
+        assert sorted(p.name for p in (tmp_path / "data").iterdir()) == dataset_state
+
+
 def test_scoring_actors_share_each_gpu_as_asked_use_the_cpus_they_ask_and_a_bad_share_is_refused(capsys):
     cfg = ScoreConfig(input="in", output="out", actors_per_gpu=2, actor_cpus=0.5)
     assert actor_resources(cfg, use_gpu=True) == {"num_gpus": 0.5, "num_cpus": 1}  # a CPU feeds each GPU actor

@@ -112,6 +112,21 @@ class ScoreConfig:
         if self.actors_per_gpu < 1:
             raise ValueError("--actors-per-gpu must be at least 1")
 
+    def check_inputs(self) -> None:
+        """Refuse what would fail the job, before its output is marked pending (``pipeline.cli.execute``), so
+        that a re-run with a typo leaves the output it would have replaced committed: an output that is,
+        holds or lies in the input, an input that is not there or is no shard folder (one listing), label
+        mode without class names. The shards' footers are read beside the scoring (:func:`_score`).
+
+        Raises:
+            ValueError, InputError: naming the flag or file.
+        """
+        if storage.contains(self.output, self.input) or storage.contains(self.input, self.output):
+            raise ValueError(f"--output {self.output} and --input {self.input} overlap: the output would replace "
+                             "or be read as the input; write it to a folder of its own")
+        shards.list_shards(self.input)
+        classes_for(self)
+
 
 @functools.lru_cache(maxsize=4)
 def _decoder(model: str, pretrained: str | None):
@@ -184,11 +199,17 @@ def resolve_classes(cfg: ScoreConfig) -> tuple[str, ...]:
     return ()
 
 
-def score(cfg: ScoreConfig) -> dict:
-    """Run the score job; returns its summary. Writes ``scores/``, ``rejects/`` and ``summary.json``."""
+def classes_for(cfg: ScoreConfig) -> tuple[str, ...]:
+    """:func:`resolve_classes`; label mode without any is refused (ValueError)."""
     classes = resolve_classes(cfg)
     if cfg.mode == "label" and not classes:
         raise ValueError("label mode needs class names: pass --classes or keep metadata.json beside the split")
+    return classes
+
+
+def score(cfg: ScoreConfig) -> dict:
+    """Run the score job; returns its summary. Writes ``scores/``, ``rejects/`` and ``summary.json``."""
+    classes = classes_for(cfg)
     ctx = ray.data.DataContext.get_current()
     # The commit's output does not depend on the order rows are staged in, so
     # Ray Data may finish blocks in any order. The object store budget is
