@@ -346,6 +346,21 @@ def test_the_shard_check_gives_each_parquet_footers_columns_and_rows(root):
     assert {f.columns for f in footers} == {tuple(SHARD_SCHEMA.names)}
 
 
+def test_a_column_the_mapping_names_must_be_in_some_shard(tmp_path):
+    table = _table(20).rename_columns(["id", "img", "text", "label"])
+    url = str(tmp_path / "in")
+    storage.write_table(table.slice(0, 10), storage.join(url, "a.parquet"))
+    storage.write_table(table.slice(10).drop_columns(["text"]), storage.join(url, "b.parquet"))
+    good = ColumnMapping.parse("key=id,image=img,caption=text")
+    assert [f.rows for f in shards.check_shards("parquet", storage.list_files(url), good)] == [10, 10]
+    # A typo: no shard has it, so every caption would be read as missing.
+    with pytest.raises(SchemaError, match=r"--columns caption=txt: no shard has a column 'txt'"):
+        shards.check_shards("parquet", storage.list_files(url), ColumnMapping.parse("key=id,image=img,caption=txt"))
+    # A preset's optional columns may be absent (a dataset without labels).
+    storage.write_table(table.rename_columns(["key", "image", "caption", "other"]), storage.join(str(tmp_path), "c.parquet"))
+    assert shards.check_shards("parquet", [storage.join(str(tmp_path), "c.parquet")], ColumnMapping.parse("mmdp"))
+
+
 def test_a_corrupt_shard_is_named_before_reading(root):
     table = _table(20)
     url = storage.join(root, "in")  # a folder of shards no job committed: every parquet file in it is a shard

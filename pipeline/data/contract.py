@@ -9,7 +9,7 @@ those onto the contract instead of asking users to rewrite terabytes of shards.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -79,6 +79,9 @@ class ColumnMapping:
     image: str = IMAGE
     caption: str = CAPTION
     label: str = LABEL
+    # The contract columns the user's spec named (not a preset's, not a default): a source that holds
+    # none of them is a typo, not a dataset without captions or labels (pipeline.data.shards.check_shards).
+    named: tuple[str, ...] = field(default=(), compare=False, repr=False)
 
     @classmethod
     def parse(cls, spec: str) -> "ColumnMapping":
@@ -94,7 +97,7 @@ class ColumnMapping:
                     f"({', '.join(MAPPINGS)}) or contract=source pairs, e.g. image=jpg,caption=txt"
                 )
             fields[name] = source
-        return cls(**fields)
+        return cls(**fields, named=tuple(fields))
 
 
 MAPPINGS = {

@@ -115,7 +115,8 @@ class ParquetFooter(NamedTuple):
 
 def check_shards(kind: str, files: list[str], mapping: ColumnMapping | None = None) -> list[ParquetFooter] | None:
     """Refuse a shard that would fail or lose rows when read: every shard's footer (a tar's last KiB) is
-    read once, :data:`READ_THREADS` at a time; with ``mapping``, each parquet schema must map onto the contract.
+    read once, :data:`READ_THREADS` at a time; with ``mapping``, each parquet schema must map onto the contract,
+    and a column the mapping's spec named must be in some shard.
 
     Parquet sizes come from one listing of each folder, so a parquet shard
     costs one ranged read, not a size request (HEAD) and a read.
@@ -131,7 +132,14 @@ def check_shards(kind: str, files: list[str], mapping: ColumnMapping | None = No
         _each(_check_tar_end, files)
         return None
     sizes = listed_sizes(files)
-    return _each(lambda file_url: _check_parquet(file_url, mapping, sizes.get(file_url)), files)
+    footers = _each(lambda file_url: _check_parquet(file_url, mapping, sizes.get(file_url)), files)
+    for name in mapping.named if mapping is not None else ():
+        source = getattr(mapping, name)
+        if files and not any(source in f.columns for f in footers):
+            found = sorted(set().union(*(f.columns for f in footers)))
+            raise SchemaError(f"--columns {name}={source}: no shard has a column {source!r} (found {found}); "
+                              f"without it every {name} would be read as missing")
+    return footers
 
 
 def listed_sizes(files: list[str]) -> dict[str, int]:
