@@ -3,11 +3,18 @@
 Every ``metrics.json`` with a ``config.json`` beside it under the RUN_DIRs is a
 run (``python -m jobs.train`` writes both); runs are grouped by policy and,
 with several RUN_DIRs (seeds, demo runs), labelled by RUN_DIR so they compare
-on one page. The page shows final accuracy, per-epoch accuracy and kept
-fraction, wall-clock, pruned samples by reason, the consistency histogram of
-clean vs injected-noise rows (with its AUROC), where the estimated-noise cut
-falls by label (labels from the dataset's ground truth or parquet train
-split) and the reference CLIP model's zero-shot accuracy.
+on one page. Runs compare only within one experiment: the same dataset (apart
+from its seed and noise), task, epochs, model, training settings and score
+mode. Runs of several experiments (the demo's and a step-by-step run under one
+RUN_DIR) are tagged E1, E2, ... in their groups' names, each policy measured
+against its own experiment's ``full``, and the page lists what differs. A run
+folder not committed (``_PENDING``: its job still running, or stopped) or
+without its metrics.json is left out, and named under "Left out". The page
+shows final accuracy, per-epoch accuracy and kept fraction, wall-clock, pruned
+samples by reason, the consistency histogram of clean vs injected-noise rows
+(with its AUROC), where the estimated-noise cut falls by label (labels from
+the dataset's ground truth or parquet train split) and the reference CLIP
+model's zero-shot accuracy.
 
 Local (seconds; no Ray, no training)::
 
@@ -42,7 +49,9 @@ class ReportConfig:
     html: bool = option(True, "also write report.html (the same page, images linked by relative path)")
     # The benchmark's warm-up fit and its overhead fits are timing aids, not
     # results: counting them would add extra "full" runs to the comparison.
-    exclude: tuple[str, ...] = option(("warmup", "overhead/*"), "run folders to leave out: globs relative to a RUN_DIR")
+    exclude: tuple[str, ...] = option(("warmup", "overhead/*"), "run folders to leave out: globs matched against a "
+                                                                 "folder's path relative to a RUN_DIR, or its end at "
+                                                                 "any depth (warmup leaves out bench/warmup too)")
     s3_endpoint: str | None = option(None, "endpoint of an S3-compatible store (default: AWS_ENDPOINT_URL or AWS)")
 
     def __post_init__(self):

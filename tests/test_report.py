@@ -44,10 +44,10 @@ def write_scores(data: str, url: str, checkpoint: str) -> tuple[int, int]:
 
 
 def write_run(url: str, data: str, scores: str, policy: str, seed: int, accuracy: list[float], wall: float,
-              kept: list[int], num_samples: int, reasons: list[dict] | None = None) -> None:
-    """A run folder as ``jobs.train`` writes it: config.json, metrics.json, plans.json."""
+              kept: list[int], num_samples: int, reasons: list[dict] | None = None, **config) -> None:
+    """A run folder as ``jobs.train`` writes it: config.json, metrics.json, plans.json (``config``: more fields)."""
     storage.write_json({"data": data, "scores": scores, "out": url, "policy": policy, "seed": seed,
-                    "epochs": len(accuracy), "keep_ratio": 0.5}, storage.join(url, "config.json"))
+                    "epochs": len(accuracy), "keep_ratio": 0.5, **config}, storage.join(url, "config.json"))
     history = [{"epoch": e, "test_accuracy": a, "samples_forwarded": k, "epoch_seconds": 1.0, "train_seconds": 0.8}
                for e, (a, k) in enumerate(zip(accuracy, kept))]
     totals = {"epochs": len(accuracy), "wall_seconds": wall, "samples_forwarded": sum(kept),
@@ -232,3 +232,133 @@ def test_a_run_dir_that_is_a_file_exits_2(store, tmp_path, request, capsys):
     err = capsys.readouterr().err
     assert exc.value.code == 2 and f"{metrics}: a file, not a folder" in err and "Traceback" not in err
     assert not storage.exists(storage.join(root, "runs/mmdp/metrics.json/report"))  # refused before any output
+
+
+def final_figures(text: str) -> dict[str, dict]:
+    """The Final figures table, by group name."""
+    return {r["policy"]: r for r in next(t for t in tables(text) if t and "speedup vs full" in t[0])}
+
+
+def left_out(text: str) -> list[str]:
+    """The notes of the "Left out:" paragraph, one per folder."""
+    lines = [line for line in text.splitlines() if line.startswith("Left out: ")]
+    return lines[0][len("Left out: "):].rstrip(".").split("; ") if lines else []
+
+
+def test_runs_of_other_experiments_are_tagged_and_measured_against_their_own_full(tmp_path):
+    """The README's two flows under one RUN_DIR: runs of another dataset and epochs, and a run of another task,
+    are no more runs of the same policies: each experiment's policies against its own full, never averaged."""
+    bench = make_bench(str(tmp_path))  # E1: seed0/{full,mmdp}, seed1/mmdp: 3 epochs on 24 train rows
+    small = str(tmp_path / "small")  # E2: another dataset (32 train rows), 2 epochs
+    data = storage.join(small, "data")
+    datasets.write_dataset(datasets.make_synthetic(n=64, seed=0, noise="symmetric:0.25"), data)
+    clean, noisy = write_scores(data, storage.join(small, "scores"), str(tmp_path / "clip" / "model.pt"))
+    n = clean + noisy
+    write_run(storage.join(small, "full"), data, storage.join(small, "scores"), "full", 0, [0.3, 0.4], 40.0,
+              [n, n], n)
+    write_run(storage.join(small, "mmdp"), data, storage.join(small, "scores"), "mmdp", 0, [0.5, 0.6], 20.0,
+              [n // 2] * 2, n)
+    # E3: the first experiment's data, epochs and score set, but another task (and no full of its own).
+    write_run(str(tmp_path / "task-clip" / "mmdp"), str(tmp_path / "data"), str(tmp_path / "scores"), "mmdp", 0,
+              [0.2, 0.3, 0.4], 30.0, [bench["half"]] * EPOCHS, bench["n"], task="clip")
+    assert report.main([str(tmp_path), "--out", bench["out"], "--no-html"]) == 0
+    text = open(f"{bench['out']}/report.md").read()
+
+    final = final_figures(text)
+    assert list(final) == ["full [E1]", "mmdp [E1]", "full [E2]", "mmdp [E2]", "mmdp [E3]"]
+    assert (final["full [E1]"]["runs"], final["full [E1]"]["final test acc %"]) == ("1", "80.00")
+    assert (final["mmdp [E1]"]["runs"], final["mmdp [E1]"]["final test acc %"]) == ("2", "85.00 ± 1.41")
+    assert final["mmdp [E1]"]["speedup vs full"] == "1.82x"  # 100 s / 55 s: E2's full does not enter it
+    assert (final["full [E2]"]["runs"], final["full [E2]"]["final test acc %"]) == ("1", "40.00")
+    assert final["mmdp [E2]"]["speedup vs full"] == "2.00x"
+    assert final["mmdp [E3]"]["speedup vs full"] == "n/a"  # no full of its own task: nothing to compare with
+    share = 100 * bench["half"] / bench["n"]
+    assert (f"mmdp [E1]: +5.00 points against full [E1] at a speed-up of 1.82x on the whole fit (start-up "
+            f"included), forwarding {share:.0f}% of full's samples.") in text
+    assert "mmdp [E2]: +20.00 points against full [E2] at a speed-up of 2.00x" in text
+    assert "mmdp [E3]:" not in text
+    assert row(text, "run", "small/full")["policy"] == "full [E2]"
+    assert row(text, "run", "seed1/mmdp")["policy"] == "mmdp [E1]"
+
+    # What tells the experiments apart: the settings that differ, and where their runs are.
+    experiments = next(t for t in tables(text) if t and "experiment" in t[0])
+    assert list(experiments[0]) == ["experiment", "runs", "data", "task", "epochs", "run folders"]
+    assert [list(r.values())[:5] for r in experiments] == [
+        ["E1", "3", f"synthetic ({bench['n']} train rows)", "not recorded", "3"],
+        ["E2", "2", f"synthetic ({n} train rows)", "not recorded", "2"],
+        ["E3", "1", f"synthetic ({bench['n']} train rows)", "clip", "3"]]
+    assert experiments[1]["run folders"] == "small/full, small/mmdp"
+
+
+def test_seeds_drawn_as_datasets_of_their_own_stay_one_experiment(tmp_path):
+    """jobs.demo --seed and the pruning benchmark draw a dataset per seed: the same dataset apart from its seed,
+    so runs over those seeds still average, as they do over one dataset."""
+    accuracy = {"full": [0.5, 0.6], "mmdp": [0.6, 0.7]}
+    for seed in (0, 1):
+        root = tmp_path / f"seed{seed}"
+        data = str(root / "data")
+        datasets.write_dataset(datasets.make_synthetic(n=48, seed=seed, noise="symmetric:0.25"), data)
+        write_scores(data, str(root / "scores"), str(root / "clip" / "model.pt"))
+        for policy, acc in accuracy.items():
+            write_run(str(root / "runs" / policy), data, str(root / "scores"), policy, seed,
+                      [acc[0], acc[1] + 0.02 * seed], 50.0 if policy == "full" else 25.0, [10, 10], 24)
+    out = str(tmp_path / "report")
+    assert report.main([str(tmp_path / "seed0"), str(tmp_path / "seed1"), "--out", out, "--no-html"]) == 0
+    text = open(f"{out}/report.md").read()
+    final = final_figures(text)
+    assert list(final) == ["full", "mmdp"] and final["mmdp"]["runs"] == "2"
+    assert final["mmdp"]["final test acc %"] == "71.00 ± 1.41" and final["mmdp"]["speedup vs full"] == "2.00x"
+    assert "mmdp: +10.00 points against full" in text and "## Experiments" not in text
+
+
+def test_the_default_excludes_leave_out_the_benchmarks_timing_runs_at_any_depth(tmp_path):
+    """Reporting on the folder above a pruning benchmark: its warm-up and overhead fits are no extra full runs."""
+    bench = make_bench(str(tmp_path / "bench"))
+    data, scores = str(tmp_path / "bench" / "data"), str(tmp_path / "bench" / "scores")
+    n = bench["n"]
+    for folder in ("warmup", "overhead/full-0", "overhead/full-1"):
+        write_run(str(tmp_path / "bench" / folder), data, scores, "full", 0, [0.1, 0.1, 0.1], 10.0, [n] * EPOCHS, n)
+    assert report.main([str(tmp_path), "--out", bench["out"], "--no-html"]) == 0
+    text = open(f"{bench['out']}/report.md").read()
+    final = final_figures(text)
+    assert final["full"]["runs"] == "1" and final["full"]["final test acc %"] == "80.00"
+    assert final["mmdp"]["speedup vs full"] == "1.82x"
+    assert left_out(text) == [f"{tmp_path / 'bench' / folder}: excluded by --exclude"
+                              for folder in ("overhead/full-0", "overhead/full-1", "warmup")]
+
+
+def test_unfinished_run_folders_are_left_out_and_named(tmp_path):
+    """A jobs.train rerun into a finished folder rewrites config.json at its start and metrics.json at its end:
+    while it runs (or after it died) the folder pairs the new config with the old metrics. It is left out as
+    pending, like a run's config.json with no metrics.json yet; other jobs' unfinished outputs are no runs."""
+    bench = make_bench(str(tmp_path))
+    data, scores, n = str(tmp_path / "data"), str(tmp_path / "scores"), bench["n"]
+    storage.write_json({"files": ["config.json", "metrics.json", "plans.json"]},
+                       str(tmp_path / "seed0" / "full" / "_SUCCESS"))  # committed: reported
+    # seed0/mmdp rerun as policy random: the new config, the old run's metrics, the writer's pending mark.
+    storage.begin_output(str(tmp_path / "seed0" / "mmdp"))
+    storage.write_json({"data": data, "scores": scores, "policy": "random", "seed": 0, "epochs": EPOCHS,
+                        "keep_ratio": 0.5}, str(tmp_path / "seed0" / "mmdp" / "config.json"))
+    # A first run stopped before writing its metrics (pending), and one whose metrics are gone (not marked).
+    for folder, pending in (("first", True), ("gone", False)):
+        write_run(str(tmp_path / folder), data, scores, "infobatch", 0, [0.5] * EPOCHS, 9.0, [n] * EPOCHS, n)
+        (tmp_path / folder / "metrics.json").unlink()
+        if pending:
+            storage.begin_output(str(tmp_path / folder))
+    # Another job's output being written (a score set) is no training run: not named.
+    storage.begin_output(str(tmp_path / "scores-next"))
+    storage.write_json({"model": "mmdp-tiny", "mode": "label"}, str(tmp_path / "scores-next" / "config.json"))
+    assert report.main([str(tmp_path), "--out", bench["out"], "--no-html"]) == 0
+    text = open(f"{bench['out']}/report.md").read()
+    final = final_figures(text)
+    assert list(final) == ["full", "mmdp"] and final["mmdp"]["runs"] == "1"  # seed1/mmdp only
+    assert final["mmdp"]["final test acc %"] == "86.00" and "random" not in final
+    assert [r["run"] for r in tables(text)[1]] == ["seed0/full", "seed1/mmdp"]
+    notes = left_out(text)
+    assert len(notes) == 3
+    pending = ("not finished: pending (not committed by its training job, still running or stopped: "
+               "a metrics.json there may be an earlier run's)")
+    assert notes[0] == f"{tmp_path / 'first'}: {pending}"
+    assert notes[1] == (f"{tmp_path / 'gone'}: not finished: a training run's config.json with no metrics.json "
+                        "(still running, or stopped)")
+    assert notes[2] == f"{tmp_path / 'seed0' / 'mmdp'}: {pending}"

@@ -68,11 +68,13 @@ def curves_figure(groups: dict[str, list[Run]], series, title: str, ylabel: str,
     below = len(labels) > 6 or max(map(len, labels), default=0) > 24
     fig, ax = _figure(FIGSIZE[1] + (0.25 * math.ceil(len(labels) / 2) + 0.3 if below else 0))
     styles, markers = ["-", "--", ":", "-."], "osD^vPX<>h"
-    noises = sorted({r.noise for rs in groups.values() for r in rs})
+    # A line style per noise setting (and experiment, where the runs are of several); a colour per policy.
+    settings = sorted({(r.experiment, r.noise) for rs in groups.values() for r in rs})
     for i, (label, rs) in enumerate(zip(labels, groups.values())):
         mean, std = stack_curves([series(r) for r in rs])
         epochs = np.arange(1, len(mean) + 1)
-        colour, style = _colour(rs[0].policy), styles[noises.index(rs[0].noise) % len(styles)]
+        colour = _colour(rs[0].policy)
+        style = styles[settings.index((rs[0].experiment, rs[0].noise)) % len(styles)]
         ax.plot(epochs, mean * scale, style, color=colour, marker=markers[i % len(markers)], markersize=5,
                 markerfacecolor="none", linewidth=max(1.0, 2.8 - 0.35 * i), label=label)
         if len(rs) > 1:

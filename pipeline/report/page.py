@@ -15,8 +15,8 @@ import posixpath
 import numpy as np
 
 from pipeline import storage
-from pipeline.report.runs import (NOT_RECORDED, Run, Sources, accuracy_per_epoch, group_runs, kept_per_epoch, load_runs,
-                                  pruned_by_reason)
+from pipeline.report.runs import (NOT_RECORDED, Run, Sources, accuracy_per_epoch, experiments, group_runs,
+                                  kept_per_epoch, load_runs, pruned_by_reason)
 from pipeline.report.scores import ScoreSet, noise_auroc, score_sets
 from pipeline.report.figures import curves_figure, save_png, score_histogram, wall_figure
 
@@ -57,17 +57,23 @@ def _pct_ms(values) -> str:
 
 
 def summary_rows(groups: dict[str, list[Run]]) -> list[dict]:
-    """Per group: final accuracy, shifted accuracy, wall-clock and samples forwarded (mean, std), speedup vs full."""
+    """Per group: final accuracy, shifted accuracy, wall-clock and samples forwarded (mean, std), speedup vs full.
+
+    A group is measured against the first complete ``full`` group of its experiment and noise setting.
+    """
     rows = []
     for name, rs in groups.items():
         rows.append({"name": name, "policy": rs[0].policy, "noise": rs[0].noise, "complete": rs[0].complete,
-                     "runs": rs, "wall": mean_std([r.totals.get("wall_seconds") for r in rs]),
+                     "experiment": rs[0].experiment, "runs": rs,
+                     "wall": mean_std([r.totals.get("wall_seconds") for r in rs]),
                      "train": mean_std([r.totals.get("train_seconds") for r in rs]),
                      "accuracy": mean_std([r.totals.get("final_test_accuracy") for r in rs]),
                      "forwarded": mean_std([r.totals.get("samples_forwarded") for r in rs])})
     for row in rows:
-        full = [f for f in rows if f["policy"] == "full" and f["noise"] == row["noise"] and f["complete"]]
+        full = [f for f in rows if f["policy"] == "full" and f["noise"] == row["noise"] and f["complete"]
+                and f["experiment"] == row["experiment"]]
         full = full[0] if full and row["complete"] else None
+        row["baseline"] = full["name"] if full else None
         for key, name in (("wall", "speedup"), ("train", "train_speedup")):
             ok = full and _positive(full[key][0]) and _positive(row[key][0])
             row[name] = full[key][0] / row[key][0] if ok else None
@@ -87,7 +93,8 @@ def _positive(value) -> bool:
 
 
 def versus_full(rows: list[dict]) -> list[str]:
-    """One sentence per policy measured against ``full`` on its noise setting: points, speed-up, compute."""
+    """One sentence per policy measured against ``full`` of its experiment and noise setting: points, speed-up,
+    compute (``full`` named by its group where the runs are of several experiments)."""
     lines = []
     for r in rows:
         if r["policy"] == "full" or r["vs_full"] is None:
@@ -96,7 +103,8 @@ def versus_full(rows: list[dict]) -> list[str]:
         speeds += [f"{r['speedup']:.2f}x on the whole fit (start-up included)"] if r["speedup"] else []
         share = f", forwarding {100 * r['forwarded_share']:.0f}% of full's samples" if r["forwarded_share"] else ""
         speed = f" at a speed-up of {' and '.join(speeds)}" if speeds else ""
-        lines.append(f"{r['name']}: {r['vs_full']:+.2f} points against full{speed}{share}.")
+        against = r["baseline"] if r["experiment"] else "full"
+        lines.append(f"{r['name']}: {r['vs_full']:+.2f} points against {against}{speed}{share}.")
     return lines
 
 
@@ -112,6 +120,9 @@ def build_report(roots: list[str], out: str, exclude: tuple[str, ...] = (), writ
         raise ValueError(f"no training runs (metrics.json next to config.json) under {', '.join(roots)}")
     groups = group_runs(runs)
     rows = summary_rows(groups)
+    differ, exps = experiments(runs)
+    by = ([f"experiment ({len(exps)}, tagged E1-E{len(exps)})"] if exps else []) + ["policy"] + (
+        ["noise setting"] if len({r.noise for r in runs}) > 1 else [])
     sets = score_sets(runs, sources)
     figures: list[str] = []
 
@@ -126,12 +137,12 @@ def build_report(roots: list[str], out: str, exclude: tuple[str, ...] = (), writ
     models = sorted({s.model for s in sets if s.model})
     blocks: list[tuple] = [
         ("h1", "mmdp training report"),
-        ("p", f"{len(runs)} training run(s) from {', '.join(roots)}, grouped by policy"
-              + (" and noise setting" if len({r.noise for r in runs}) > 1 else "")
+        ("p", f"{len(runs)} training run(s) from {', '.join(roots)}, grouped by " + _and(by)
               + f". Reference CLIP model ({', '.join(models) or NOT_RECORDED}) zero-shot test accuracy: {zero_shot}. "
               "The consistency scores come from this model: read every result against it."),
     ]
     blocks += [("p", "Left out: " + "; ".join(notes) + ".")] if notes else []
+    blocks += _experiment_blocks(differ, exps)
 
     blocks += [("h2", "Final figures"),
                ("table", ["policy", "runs", "final test acc %", "shifted test acc %", "wall s", "samples forwarded",
@@ -144,7 +155,7 @@ def build_report(roots: list[str], out: str, exclude: tuple[str, ...] = (), writ
                      "zero-shot accuracy for a contrastive run, --task clip); "
                      "shifted: the same checkpoint on the benchmark's shifted test copy, when recorded. Wall: the "
                      "whole fit, start-up included. Speedup: full's mean wall-clock / the policy's, on the same "
-                     "noise setting."),
+                     + ("experiment and " if exps else "") + "noise setting."),
                ("h3", "Runs"),
                ("table", ["run", "policy", "seed", "epochs", "keep ratio", "final test acc %", "shifted %", "wall s",
                           "samples forwarded"],
@@ -176,6 +187,28 @@ def build_report(roots: list[str], out: str, exclude: tuple[str, ...] = (), writ
         storage.write_bytes(to_html(blocks, "mmdp training report").encode(), storage.join(out, "report.html"))
         written.append(storage.join(out, "report.html"))
     return {"report": written, "figures": figures, "runs": len(runs), "groups": list(groups), "notes": notes}
+
+
+def _and(words: list[str]) -> str:
+    return ", ".join(words[:-1]) + " and " + words[-1] if len(words) > 1 else words[0]
+
+
+def _experiment_blocks(differ: list[str], exps: list[tuple[str, list[Run], dict]]) -> list[tuple]:
+    """Where the runs are of several experiments: what tells them apart, and that they do not compare."""
+    if not exps:
+        return []
+    return [("h2", "Experiments"),
+            ("p", f"The runs are of {len(exps)} experiments, which do not compare: each policy is measured against "
+                  "the full run(s) of its own experiment (tag in brackets). An experiment is one dataset (apart from "
+                  "its seed and noise), one task, number of epochs, model and training settings (workers included), "
+                  "and one score mode; policy options and seeds vary within it. These differ:"),
+            ("table", ["experiment", "runs", *differ, "run folders"],
+             [[tag, len(rs), *(setup[k] for k in differ), _some([r.label for r in rs])] for tag, rs, setup in exps])]
+
+
+def _some(labels: list[str], most: int = 3) -> str:
+    labels = sorted(labels)
+    return ", ".join(labels[:most]) + (f", ... ({len(labels)} in all)" if len(labels) > most else "")
 
 
 def _recall_blocks(groups: dict, figure) -> list[tuple]:

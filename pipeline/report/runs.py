@@ -7,6 +7,18 @@ dataset (``metadata.json``, ``ground_truth.parquet``) and the score job's
 output (``scores/``, ``summary.json``, ``config.json`` naming the CLIP
 checkpoint, whose zero-shot accuracy the pretraining job saves beside it).
 Anything optional that is missing reads as "not recorded", never as an error.
+A run folder its job has not committed (``_PENDING``: still running, or
+stopped) is left out and named in the notes, as is a training run's
+``config.json`` with no ``metrics.json`` beside it: ``jobs.train`` rewrites
+the config when it starts and the metrics when it ends, so such a folder's
+two files need not be of the same run.
+
+Runs compare only within one experiment (:data:`EXPERIMENT_FIELDS`: the
+dataset apart from its seed and noise, the task, epochs, model and training
+settings, the score set's mode); the policy, its options (keep ratio,
+noise fraction, ...), the score set itself and the seed vary within one.
+Several experiments under the RUN_DIRs are told apart by a tag (``E1``,
+``E2``, ...) in their groups' names, each measured against its own ``full``.
 
 The report is four modules, each importing only the ones before it: this one
 (loading and grouping runs), :mod:`pipeline.report.scores` (the score sets the
@@ -18,6 +30,7 @@ No Ray here.
 from __future__ import annotations
 
 import fnmatch
+import json
 import math
 import posixpath
 from dataclasses import dataclass, field
@@ -31,6 +44,22 @@ from pipeline import storage
 # Table and legend order: the pruning benchmark's; any other policy name follows, sorted.
 POLICY_ORDER = ("full", "random", "infobatch", "infobatch_exact", "clip_filter", "clip_cut", "mmdp", "oracle")
 NOT_RECORDED = "not recorded"
+
+# What makes runs one experiment, whose policies compare (besides the dataset and the score set's mode): the
+# fields of a run's config.json that set what is trained and how fast, as the report's column names them. The
+# rest varies within an experiment: the policy and its options (keep_ratio, noise_fraction, policy_params,
+# signal, ...), the seed (averaged over), the score set (per seed, or the oracle's copy), where files are.
+EXPERIMENT_FIELDS = {
+    "task": "task", "epochs": "epochs", "model": "model", "width": "width", "batch_size": "batch size",
+    "lr": "lr", "weight_decay": "weight decay", "warmup_steps": "warm-up steps", "augment": "augment",
+    "step_schedule": "step schedule", "shuffle_buffer": "shuffle buffer", "preserve_order": "preserve order",
+    "columns": "columns", "classes": "classes", "workers": "workers", "use_gpu": "use gpu",
+    "cpus_per_worker": "cpus per worker", "threads": "threads", "eval_every": "eval every",
+    "checkpoint_every": "checkpoint every",
+}
+# What of a dataset's metadata.json makes it the same dataset: not its seed (runs over seeds are averaged, and
+# jobs.demo and the pruning benchmark draw a dataset per seed) nor its noise (the groups' noise label).
+DATASET_FIELDS = ("name", "source", "splits", "limit", "reference_size", "split_seed")
 
 
 @dataclass
@@ -47,6 +76,10 @@ class Run:
     pool_rows: int  # the dataset's train split: the denominator of the kept fraction
     shifted: float | None = None
     group: str = ""
+    experiment: str = ""  # its experiment's tag (E1, E2, ...) where the runs are of several, else ""
+    setup: dict = field(default_factory=dict)  # what defines its experiment: setting -> value, as shown
+    dataset: str = ""  # the dataset's identity: its metadata apart from seed and noise, else its path
+    meta: dict | None = None  # the dataset's metadata.json, where readable
 
     @property
     def totals(self) -> dict:
@@ -95,11 +128,17 @@ class Sources:
 # ---------------------------------------------------------------- discovery
 
 
-def find_run_folders(root: str, exclude: tuple[str, ...] = ()) -> tuple[list[str], list[str]]:
+def find_run_folders(root: str, exclude: tuple[str, ...] = ()) -> tuple[list[str], list[str], dict[str, str]]:
     """Folders under ``root`` (relative paths, ``""`` for root itself) holding metrics.json and config.json.
 
+    An ``exclude`` glob matches a folder's path relative to ``root`` or any trailing part of it: ``warmup``
+    leaves out ``warmup`` and ``bench/warmup``, ``overhead/*`` leaves out ``bench/overhead/full-0``.
+
     Returns:
-        (runs, excluded): the matching folders, and those left out by an ``exclude`` glob.
+        (runs, excluded, unfinished): the committed (or unmarked) folders; those left out by an ``exclude``
+        glob; and, by folder, why one holding a config.json is not finished: ``"pending"`` (its writer has
+        not committed it: still running, or stopped) or ``"no metrics"`` (no metrics.json beside the
+        config.json). Whether an unfinished folder is a training run at all is its config's to say.
 
     Raises:
         ValueError: ``root`` does not exist or is not a folder.
@@ -110,10 +149,27 @@ def find_run_folders(root: str, exclude: tuple[str, ...] = ()) -> tuple[list[str
         raise ValueError(f"{root}: no such folder")
     files = {e.path[len(base):].lstrip("/") for e in fs.get_file_info(pafs.FileSelector(base, recursive=True))
              if e.type == pafs.FileType.File}
-    found = sorted(posixpath.dirname(p) for p in files if posixpath.basename(p) == "metrics.json"
-                   and posixpath.join(posixpath.dirname(p), "config.json") in files)
-    excluded = [r for r in found if any(fnmatch.fnmatch(r, pat) for pat in exclude)]
-    return [r for r in found if r not in excluded], excluded
+    configs = sorted(posixpath.dirname(p) for p in files if posixpath.basename(p) == "config.json")
+    has = lambda folder, name: posixpath.join(folder, name) in files  # noqa: E731
+    excluded = [r for r in configs if excluded_by(r, exclude)]
+    runs, unfinished = [], {}
+    for r in configs:
+        if r in excluded:
+            continue
+        if has(r, storage.PENDING):
+            unfinished[r] = "pending"
+        elif not has(r, "metrics.json"):
+            unfinished[r] = "no metrics"
+        else:
+            runs.append(r)
+    return runs, [r for r in excluded if has(r, "metrics.json")], unfinished
+
+
+def excluded_by(rel: str, exclude: tuple[str, ...]) -> bool:
+    """Whether a glob matches ``rel`` (a folder relative to a RUN_DIR) or a trailing part of it, at any depth."""
+    parts = rel.split("/") if rel else []
+    tails = ["/".join(parts[i:]) for i in range(len(parts))]
+    return any(fnmatch.fnmatch(tail, pat) for tail in tails for pat in exclude)
 
 
 def load_runs(roots: list[str], exclude: tuple[str, ...] = (),
@@ -124,11 +180,15 @@ def load_runs(roots: list[str], exclude: tuple[str, ...] = (),
     prefix = len(roots) > 1
     runs, notes = [], []
     for root, name in zip(roots, names):
-        folders, excluded = find_run_folders(root, exclude)
+        folders, excluded, unfinished = find_run_folders(root, exclude)
         notes += [f"{storage.join(root, r)}: excluded by --exclude" for r in excluded]
         shifted = _shifted_from_results(root, sources)
-        for rel in folders:
+        for rel in sorted(folders + list(unfinished)):
             url = storage.join(root, rel) if rel else root
+            if rel in unfinished:
+                note = _unfinished_note(url, unfinished[rel], sources)
+                notes += [note] if note else []
+                continue
             label = posixpath.join(name if names.count(name) == 1 else root, rel) if prefix else (rel or name)
             run = _load_run(url, label, sources)
             if run is None:
@@ -137,8 +197,27 @@ def load_runs(roots: list[str], exclude: tuple[str, ...] = (),
                 continue
             run.shifted = run.totals.get("shifted_test_accuracy", shifted.get(_norm(url)))
             runs.append(run)
+    _assign_experiments(runs, sources)
     _assign_groups(runs)
     return runs, notes
+
+
+def is_train_config(config) -> bool:
+    """Whether a ``config.json`` is a training run's (``jobs.train`` saves its policy and epochs)."""
+    return isinstance(config, dict) and {"policy", "epochs"} <= config.keys()
+
+
+def _unfinished_note(url: str, why: str, sources: Sources) -> str | None:
+    """The note on a training run's folder that is not finished; None for another job's output (a dataset,
+    a score set, a report being written, the reference pre-training), which is no run to leave out."""
+    metrics = sources.json(storage.join(url, "metrics.json"))
+    train_metrics = isinstance(metrics, dict) and "epochs" in metrics and "totals" in metrics
+    if not (is_train_config(sources.json(storage.join(url, "config.json"))) or train_metrics):
+        return None
+    if why == "pending":
+        return (f"{url}: not finished: pending (not committed by its training job, still running or stopped: "
+                "a metrics.json there may be an earlier run's)")
+    return f"{url}: not finished: a training run's config.json with no metrics.json (still running, or stopped)"
 
 
 def is_reference_pretraining(metrics) -> bool:
@@ -165,7 +244,12 @@ def _load_run(url: str, label: str, sources: Sources) -> Run | None:
     if meta:
         noise = meta.get("noise_spec") or ("clean" if not meta.get("noise") else str(meta["noise"]))
     pool = int((meta or {}).get("splits", {}).get("train") or metrics["totals"].get("num_samples") or 0)
-    return Run(url, label, config, metrics, plans if isinstance(plans, list) else None, policy, noise, pool)
+    run = Run(url, label, config, metrics, plans if isinstance(plans, list) else None, policy, noise, pool)
+    run.meta = meta if isinstance(meta, dict) else None
+    # A dataset's identity: its metadata apart from the seed and the noise (DATASET_FIELDS), else its folder.
+    run.dataset = (_json({k: run.meta.get(k) for k in DATASET_FIELDS}) if run.meta
+                   else _json({"path": _norm(config["data"]) if config.get("data") else None}))
+    return run
 
 
 def _norm(url: str) -> str:
@@ -181,20 +265,88 @@ def _shifted_from_results(root: str, sources: Sources) -> dict[str, float]:
             if isinstance(r, dict) and r.get("out") and r.get("shifted_test_accuracy") is not None}
 
 
+def _assign_experiments(runs: list[Run], sources: Sources) -> None:
+    """Each run's experiment: :data:`EXPERIMENT_FIELDS` of its config, its dataset, its score set's mode.
+
+    Tags (``E1``, ``E2``, ...) follow the runs' labels, and are given only where there are several.
+    """
+    for r in runs:
+        r.setup = {"data": r.dataset}
+        for key, name in EXPERIMENT_FIELDS.items():
+            value = r.config.get(key)
+            r.setup[name] = NOT_RECORDED if value is None else value if isinstance(value, str) else _json(value)
+        r.setup["score mode"] = _score_mode(r.config.get("scores"), sources) or NOT_RECORDED
+    # The dataset as shown: its name and size, or (where two datasets read the same) the first run's data folder.
+    shown: dict[str, str] = {}
+    for r in sorted(runs, key=lambda r: r.label):
+        shown.setdefault(r.dataset, _dataset_name(r))
+    clash = {v for v in shown.values() if list(shown.values()).count(v) > 1}
+    firsts = {}
+    for r in sorted(runs, key=lambda r: r.label):
+        firsts.setdefault(r.dataset, str(r.config.get("data") or NOT_RECORDED))
+    for r in runs:
+        r.setup["data"] = firsts[r.dataset] if shown[r.dataset] in clash else shown[r.dataset]
+    keys = []
+    for r in sorted(runs, key=lambda r: r.label):
+        key = _json(r.setup)
+        if key not in keys:
+            keys.append(key)
+    for r in runs:
+        r.experiment = f"E{keys.index(_json(r.setup)) + 1}" if len(keys) > 1 else ""
+
+
+def _json(value) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def _dataset_name(run: Run) -> str:
+    meta = run.meta or {}
+    if not meta:
+        return str(run.config.get("data") or NOT_RECORDED)
+    train = (meta.get("splits") or {}).get("train")
+    return str(meta.get("name") or run.config.get("data")) + (f" ({int(train):,} train rows)" if train else "")
+
+
+def _score_mode(scores: str | None, sources: Sources) -> str | None:
+    """The score set's ``--mode`` (label or caption), through the set a derived copy (the oracle's) is of."""
+    if not scores:
+        return None
+    config = sources.json(storage.join(scores, "config.json")) or {}
+    if config.get("derived_from") and "mode" not in config:
+        config = sources.json(storage.join(config["derived_from"], "config.json")) or {}
+    return config.get("mode")
+
+
+def experiments(runs: list[Run]) -> tuple[list[str], list[tuple[str, list[Run], dict]]]:
+    """The settings that differ between the runs' experiments, and each experiment: (tag, runs, its setup).
+
+    One experiment (or none): no settings and no experiments listed.
+    """
+    tags = sorted({r.experiment for r in runs if r.experiment}, key=lambda t: int(t[1:]))
+    if not tags:
+        return [], []
+    out = [(t, [r for r in runs if r.experiment == t]) for t in tags]
+    setups = [rs[0].setup for _, rs in out]
+    differ = [k for k in setups[0] if len({_json(s.get(k)) for s in setups}) > 1]
+    return differ, [(t, rs, rs[0].setup) for t, rs in out]
+
+
 def _assign_groups(runs: list[Run]) -> None:
-    """Group by policy; noise setting and early stops split groups, since they do not compare."""
+    """Group by policy; experiments, noise settings and early stops split groups, since they do not compare."""
     several_noises = len({r.noise for r in runs}) > 1
     for r in runs:
-        name = r.policy + (f" [{r.noise}]" if several_noises else "")
+        tags = [t for t in (r.experiment, r.noise if several_noises else "") if t]
+        name = r.policy + (f" [{', '.join(tags)}]" if tags else "")
         if not r.complete:
             name += f" (stopped at {len(r.history)}/{r.config.get('epochs')} epochs)"
         r.group = name
 
 
 def group_runs(runs: list[Run]) -> dict[str, list[Run]]:
-    """Runs by group name, in the benchmark's policy order."""
+    """Runs by group name: by experiment, then in the benchmark's policy order."""
     rank = {p: i for i, p in enumerate(POLICY_ORDER)}
-    ordered = sorted(runs, key=lambda r: (r.noise, not r.complete, rank.get(r.policy, len(rank)), r.policy, r.label))
+    ordered = sorted(runs, key=lambda r: (int(r.experiment[1:] or 0), r.noise, not r.complete,
+                                          rank.get(r.policy, len(rank)), r.policy, r.label))
     groups: dict[str, list[Run]] = {}
     for r in ordered:
         groups.setdefault(r.group, []).append(r)
