@@ -16,7 +16,10 @@ an object store; img2dataset's ``key``/``jpg``/``txt``/``cls`` with
 ``--columns img2dataset``), read through Ray Data in file order: a seeded
 ``--test-size`` rows become ``test``, ``--reference-size`` of the rest
 ``reference``, the remainder the noisy ``train`` pool; images stay as stored
-and a noisy row gets another clean row's caption of the class it now names::
+and a noisy row gets another clean row's caption of the class it now names;
+source rows without a usable image (img2dataset's failed downloads: null
+``jpg``; bytes that are no image) are left out of every split, counted in the
+log and in metadata.json's ``source_rows``::
 
     python -m jobs.make_dataset --source s3://bucket/my-shards --columns img2dataset --classes cat,dog,car \\
         --reference-size 2000 --test-size 2000 --noise symmetric:0.3 --out s3://bucket/my-sym30
@@ -129,6 +132,10 @@ def run(config: MakeDatasetConfig) -> None:
     asked, measured = meta["noise"], meta["noise_measured"]
     noise = ", ".join(f"{kind} {measured[kind]:.4f} (asked {rate:g})" for kind, rate in asked.items())
     print(f"  train noise: {noise or 'none'}")
+    if "source_rows" in meta:
+        read = meta["source_rows"]
+        left_out = reference.describe_left_out(read["left_out"])
+        print(f"  source rows: {read['read']} read, {read['used']} used; left out without a usable image: {left_out}")
 
 
 def read_rows(source: str, columns: str) -> pa.Table:

@@ -246,3 +246,96 @@ def test_unlabelled_shards_are_refused_by_name(ray_session, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "40 of 40 rows have no label" in err and "Traceback" not in err
     assert not storage.is_complete(str(tmp_path / "out"))
+
+
+def _jpeg(pixels: np.ndarray) -> bytes:
+    buf = bytesio.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def _webp(pixels: np.ndarray) -> bytes:
+    buf = bytesio.BytesIO()
+    Image.fromarray(pixels).save(buf, format="WEBP")
+    return buf.getvalue()
+
+
+def test_image_problem_reads_headers_and_ends_not_pixels():
+    pixels = ds.draw_synthetic(1, seed=5)[0][0]
+    png, jpeg, webp = ds.encode_png(pixels), _jpeg(pixels), _webp(pixels)
+    for whole in (png, jpeg, webp, jpeg + b"\0\0trailer"):  # bytes after a JPEG's end still decode: kept
+        assert ds.image_problem(whole) is None
+    assert ds.image_problem(None) == ds.image_problem(b"") == ds.NO_IMAGE
+    cut = [png[: len(png) // 2], jpeg[: len(jpeg) // 2], webp[: len(webp) - 10]]  # partial downloads
+    garbage = [b"<html>404 Not Found</html>", noise.PNG_SIGNATURE, noise.corrupt_png(png, np.random.default_rng(0), False)]
+    for broken in cut + garbage:
+        assert not noise.decodes(broken) and ds.image_problem(broken) == ds.UNDECODABLE_IMAGE
+
+
+def _img2dataset_with_failures(root: Path) -> tuple[dict, dict]:
+    """One img2dataset parquet shard of 120 labelled images and 30 rows without a usable one.
+
+    As img2dataset writes them: a failed download is a row with null ``jpg``
+    and ``txt`` (status ``failed_to_download``; some with no ``cls`` either);
+    here also bytes that are no image (an error page) and cut-short downloads.
+    Returns the good rows by key, and the bad rows' keys by reason.
+    """
+    import pyarrow as pa
+
+    source = ds.make_synthetic(n=120, seed=13)
+    good = {f"ok{i:04d}": r for i, r in enumerate(pa.concat_tables(source.splits.values()).to_pylist())}
+    rows = [{"key": k, "jpg": _jpeg(_pixels(r["image"])) if i % 2 else r["image"], "txt": f"shot {i}",
+             "cls": f"{r['label']}\n", "status": "success"} for i, (k, r) in enumerate(good.items())]
+    whole = [r["jpg"] for r in rows]  # PNG and JPEG
+    bad = {ds.NO_IMAGE: [], ds.UNDECODABLE_IMAGE: []}
+    for i in range(30):
+        key, reason = f"bad{i:04d}", ds.NO_IMAGE if i < 20 else ds.UNDECODABLE_IMAGE
+        image = None if i < 18 else b"" if i < 20 else b"<html>403</html>" if i < 25 else whole[i][: len(whole[i]) // 2]
+        cls = None if i < 3 else f"{i % 4}\n"  # a failed row without a label is left out, not refused
+        rows.insert(i * 5, {"key": key, "jpg": image, "txt": None if image is None else "x", "cls": cls,
+                            "status": "failed_to_download" if image is None else "success"})
+        bad[reason].append(key)
+    table = pa.Table.from_pylist(rows, pa.schema([("key", pa.string()), ("jpg", pa.binary()), ("txt", pa.string()),
+                                                  ("cls", pa.string()), ("status", pa.string())]))
+    storage.write_shards(table, str(root), rows_per_shard=100)
+    return {k: r for k, r in zip((r["key"] for r in rows), rows) if k in good}, bad
+
+
+def test_img2dataset_rows_without_a_usable_image_are_left_out_and_counted(ray_session, tmp_path, capsys):
+    good, bad = _img2dataset_with_failures(tmp_path / "src")
+    data = _make(tmp_path / "out", "--source", str(tmp_path / "src"), "--columns", "img2dataset",
+                 "--classes", ",".join(ds.SYNTHETIC_CLASSES), "--reference-size", "20", "--test-size", "20",
+                 "--noise", "symmetric:0.3,duplicate:0.1,corrupt_image:0.05")
+    out = capsys.readouterr().out
+    assert data["meta"]["splits"] == {"reference": 20, "train": 80, "test": 20}  # the 120 usable rows
+    assert data["meta"]["source_rows"] == {"read": 150, "used": 120, "left_out": {
+        ds.NO_IMAGE: {"rows": 20, "first_key": "bad0000"}, ds.UNDECODABLE_IMAGE: {"rows": 10, "first_key": "bad0020"}}}
+    assert ("source rows: 150 read, 120 used; left out without a usable image: 20 empty image bytes (first: 'bad0000')"
+            ", 10 undecodable image (first: 'bad0020')") in out
+    truth = data["truth"].to_pylist()
+    assert {r["source_key"] for r in truth} <= set(good)
+    assert sum(r["corruption"] == "symmetric" for r in truth) == 24 and data["meta"]["noise_measured"]["symmetric"] == 0.3
+    for split, table in data["splits"].items():
+        kinds = [r["corruption"] for r in truth] if split == "train" else ["none"] * table.num_rows
+        for row, kind in zip(table.to_pylist(), kinds):
+            assert noise.decodes(row["image"]) == (kind != "corrupt_image"), (split, row["key"])
+            if kind == "none" and split == "train":
+                assert row["caption"] in {r["txt"] for r in good.values()}
+    captions = {r["caption"] for t in (data["splits"]["reference"], data["splits"]["test"]) for r in t.to_pylist()}
+    assert captions <= {r["txt"] for r in good.values()}  # their own captions: no template stands in for a lost row
+
+
+def test_a_source_without_a_usable_image_exits_2_with_the_count(ray_session, tmp_path, capsys):
+    import pyarrow as pa
+
+    table = pa.table({"key": [f"{i:09d}" for i in range(12)], "jpg": pa.array([None] * 10 + [b"", b"GIF"], pa.binary()),
+                      "txt": pa.array([None] * 12, pa.string()), "cls": ["1\n"] * 12,
+                      "status": ["failed_to_download"] * 12})
+    storage.write_shards(table, str(tmp_path / "src"), rows_per_shard=100)
+    code = main(["--out", str(tmp_path / "out"), "--source", str(tmp_path / "src"), "--columns", "img2dataset",
+                 "--classes", "a,b", "--reference-size", "2", "--test-size", "2"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert ("none of the 12 source rows has a usable image (11 empty image bytes (first: '000000000'), "
+            "1 undecodable image (first: '000000011'))") in err
+    assert not storage.is_complete(str(tmp_path / "out"))

@@ -17,8 +17,10 @@ clean 10k test set. Everything is a pure function of the arguments and
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import io
+import warnings
 import zlib
 from dataclasses import dataclass, field
 
@@ -30,7 +32,7 @@ from pipeline import storage
 from pipeline.data.contract import CAPTION, IMAGE, KEY, LABEL, SHARD_SCHEMA, has_caption
 from pipeline.data.tars import write_tars
 from pipeline.data.noise import (
-    corrupt_png, format_noise_spec, inject_noise, measured_noise, parse_noise_spec, stream_rng,
+    corrupt_png, decodes, format_noise_spec, inject_noise, measured_noise, parse_noise_spec, stream_rng,
 )
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist
@@ -71,12 +73,14 @@ class Dataset:
         splits: ``reference``/``train``/``test`` tables in :data:`SHARD_SCHEMA`.
         ground_truth: one row per train row, in the train split's order: ``key``,
             ``source_index`` (the row's image in the source's train file, before any
-            duplicate replaced it; for image-caption rows, among the rows left
-            after the test split), ``clean_label`` (a duplicate's is its source's),
+            duplicate replaced it; for image-caption rows, among the usable rows
+            left after the test split), ``clean_label`` (a duplicate's is its source's),
             ``label`` (as written), ``caption_label`` (the class the caption names),
             ``corruption`` ("none" or a noise kind), ``duplicate_of`` (key or null)
             and, for image-caption rows, ``source_key`` (the row's key in the source).
-        metadata: JSON-able description (classes, split sizes, noise, seed, templates, source).
+        metadata: JSON-able description (classes, split sizes, noise, seed, templates, source;
+            for image-caption rows also ``source_rows``: rows read, used, and left out by reason,
+            :func:`build_from_rows`).
     """
 
     splits: dict[str, pa.Table]
@@ -292,7 +296,7 @@ def build_dataset(
     dup_rows = np.flatnonzero(noisy["duplicate_of"] >= 0)
     # +-8 grey levels: a near-copy that a byte hash does not catch.
     jitter_rng = stream_rng(seed, "duplicate")
-    sources = [pool.decoded(int(i)) for i in noisy["duplicate_of"][dup_rows]]
+    sources = [_decoded(pool, int(i)) for i in noisy["duplicate_of"][dup_rows]]
     if pool.pixels is not None and len(dup_rows):  # one draw for all: images of one shape
         sources = list(np.stack(sources).astype(np.int16) + jitter_rng.integers(-8, 9, (len(dup_rows), *sources[0].shape)))
     else:
@@ -334,6 +338,21 @@ def build_dataset(
     return Dataset(splits=splits, ground_truth=ground_truth, metadata=metadata)
 
 
+def _decoded(images: Images, i: int) -> np.ndarray:
+    """Row ``i``'s pixels; a ValueError naming the row where its bytes do not decode.
+
+    Image-caption rows are checked before (:func:`image_problem`) by their
+    header and, for truncation, their end, not by a full decode: bytes broken
+    in some other way are found here, where a duplicate is made of them.
+    """
+    try:
+        return images.decoded(i)
+    except Exception as exc:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, zlib.error...
+        key = images.keys[i] if images.keys is not None else f"row {i}"
+        raise ValueError(f"source row {key!r}: image bytes do not decode ({type(exc).__name__}: {exc}); "
+                         "remove or re-download it") from None
+
+
 def make_fashion_mnist(
     source: str | None = None,
     reference_size: int = 10_000,
@@ -361,14 +380,69 @@ def make_fashion_mnist(
     )
 
 
-def images_from_rows(rows: pa.Table, classes: tuple[str, ...]) -> Images:
-    """Contract rows (key, image, caption, label) as :class:`Images`; every row needs a label among ``classes``.
+# Why a source row is left out of every split (metadata.json's source_rows.left_out): the score job's words.
+NO_IMAGE = "empty image bytes"  # null or empty: img2dataset's failed downloads (status failed_to_download)
+UNDECODABLE_IMAGE = "undecodable image"  # bytes PIL cannot open, or cut short
+
+# How a whole file of a format ends; one that does not end so is decoded to tell a cut-short one from
+# one with bytes after its end (which decodes). Other formats are checked by their header only.
+_ENDS = {"JPEG": (b"\xff\xd9",), "PNG": (b"IEND\xaeB`\x82",), "GIF": (b"\x3b",)}
+
+
+def image_problem(data: bytes | None) -> str | None:
+    """Why ``data`` is not a usable image (:data:`NO_IMAGE`, :data:`UNDECODABLE_IMAGE`), None where it is one.
+
+    Cheap, not a decode: the header must open in PIL, and a JPEG, PNG or GIF
+    must end as a whole file does, a WebP hold the bytes its header counts
+    (a cut-short download); only a file that does not is decoded, to be sure.
+    A file broken in some other way passes.
+    """
+    if data is None or len(data) == 0:
+        return NO_IMAGE
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                kind = image.format
+    except Exception:  # noqa: BLE001 - UnidentifiedImageError, DecompressionBombError, broken headers...
+        return UNDECODABLE_IMAGE
+    if kind == "WEBP":
+        whole = len(data) >= 8 + int.from_bytes(data[4:8], "little")  # RIFF: size of what follows the first 8 bytes
+    else:
+        whole = kind not in _ENDS or data.endswith(_ENDS[kind])
+    return None if whole or decodes(data) else UNDECODABLE_IMAGE
+
+
+def images_from_rows(rows: pa.Table, classes: tuple[str, ...]) -> tuple[Images, dict]:
+    """Contract rows (key, image, caption, label) as :class:`Images`, less the rows without a usable image.
+
+    A row whose image bytes are null or empty (a failed download: img2dataset
+    writes those rows too) or not an image (:func:`image_problem`) is left
+    out; every other row needs a label among ``classes``.
+
+    Returns:
+        The usable rows, and what was read: ``{"read": n, "used": n, "left_out": {reason: {"rows": n,
+        "first_key": key}}}`` (a reason only where it left a row out).
 
     Raises:
-        ValueError: a row without a label, or with one outside ``classes``, named by key.
+        ValueError: no row has a usable image (with the count and reasons); a usable row without a label, or with
+            one outside ``classes``, named by key.
     """
-    labels = rows.column(LABEL).to_pylist()
     keys = rows.column(KEY).to_pylist()
+    problems = [image_problem(data) for data in rows.column(IMAGE).to_pylist()]
+    left_out: dict[str, dict] = {}
+    for key, problem in zip(keys, problems):
+        if problem is not None:
+            left_out.setdefault(problem, {"rows": 0, "first_key": key})["rows"] += 1
+    summary = {"read": len(keys), "used": len(keys) - sum(r["rows"] for r in left_out.values()),
+               "left_out": left_out}
+    if not summary["used"]:
+        raise ValueError(f"none of the {len(keys)} source rows has a usable image ({describe_left_out(left_out)}): "
+                         "nothing to build a dataset from")
+    if left_out:
+        rows = rows.filter(pa.array([p is None for p in problems], pa.bool_()))
+        keys = rows.column(KEY).to_pylist()
+    labels = rows.column(LABEL).to_pylist()
     missing = [k for k, v in zip(keys, labels) if v is None]
     if missing:
         raise ValueError(f"{len(missing)} of {len(keys)} rows have no label (first: {missing[0]!r}); label noise "
@@ -377,8 +451,14 @@ def images_from_rows(rows: pa.Table, classes: tuple[str, ...]) -> Images:
     if outside:
         raise ValueError(f"{len(outside)} rows have a label outside 0..{len(classes) - 1} (first: {outside[0][0]!r} "
                          f"with {outside[0][1]}); there are {len(classes)} class names")
-    return Images(labels=np.asarray(labels, np.int64), encoded=rows.column(IMAGE).to_pylist(),
-                  captions=rows.column(CAPTION).to_pylist(), keys=keys)
+    images = Images(labels=np.asarray(labels, np.int64), encoded=rows.column(IMAGE).to_pylist(),
+                    captions=rows.column(CAPTION).to_pylist(), keys=keys)
+    return images, summary
+
+
+def describe_left_out(left_out: dict) -> str:
+    """``left_out`` of :func:`images_from_rows` in words: "40 empty image bytes (first: 'k'), ..."."""
+    return ", ".join(f"{r['rows']} {reason} (first: {r['first_key']!r})" for reason, r in left_out.items()) or "none"
 
 
 def build_from_rows(rows: pa.Table, classes: tuple[str, ...], *, reference_size: int, test_size: int,
@@ -390,19 +470,26 @@ def build_from_rows(rows: pa.Table, classes: tuple[str, ...], *, reference_size:
     rows, then :func:`build_dataset` takes ``reference_size`` of the rest as
     ``reference`` and the remainder as the noisy ``train`` pool. Images are
     kept as stored; the rows' own captions are kept (noisy rows get another
-    clean row's caption of the class they now name).
+    clean row's caption of the class they now name). Rows without a usable
+    image (null or empty bytes, as img2dataset writes failed downloads, or
+    bytes that are no image) are left out of every split, and counted in the
+    metadata's ``source_rows`` (:func:`images_from_rows`).
 
     Raises:
-        ValueError: unlabelled rows, labels outside ``classes``, sizes that leave no train row.
+        ValueError: no row with a usable image, unlabelled rows, labels outside ``classes``, sizes that leave no
+            train row.
     """
-    images = images_from_rows(rows, classes)
+    images, source_rows = images_from_rows(rows, classes)
     if test_size < 1 or reference_size < 0 or reference_size + test_size >= len(images):
-        raise ValueError(f"{len(images)} rows cannot give {test_size} test and {reference_size} reference rows and "
-                         "leave a train pool: pass smaller --test-size / --reference-size")
+        dropped = sum(r["rows"] for r in source_rows["left_out"].values())
+        also = f" ({dropped} more left out without a usable image)" if dropped else ""
+        raise ValueError(f"{len(images)} rows{also} cannot give {test_size} test and {reference_size} reference rows "
+                         "and leave a train pool: pass smaller --test-size / --reference-size")
     order = stream_rng(seed, "test-split").permutation(len(images))
-    return build_dataset(images.take(order[test_size:]), images.take(order[:test_size]), tuple(classes),
-                         reference_size=reference_size, noise=noise, seed=seed, limit=limit,
-                         name="image-caption shards", source=source)
+    dataset = build_dataset(images.take(order[test_size:]), images.take(order[:test_size]), tuple(classes),
+                            reference_size=reference_size, noise=noise, seed=seed, limit=limit,
+                            name="image-caption shards", source=source)
+    return dataclasses.replace(dataset, metadata={**dataset.metadata, "source_rows": source_rows})
 
 
 _COLOURS = {"red": (220, 40, 40), "blue": (40, 80, 230), "green": (40, 190, 60), "yellow": (230, 210, 40)}
