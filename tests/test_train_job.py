@@ -131,9 +131,20 @@ def test_checkpoints_every_k_epochs_and_after_the_last_and_a_resumed_run_repeats
     assert saved == [1, 2]
     # The pruner saved its state in the run folder, beside the checkpoints that name it (the last two).
     assert sorted(os.listdir(tmp_path / "part" / "pruner")) == ["epoch-0001", "epoch-0002"]
+    # The run folder moved whole still resumes: its checkpoint finds the pruner state beside it.
+    os.rename(tmp_path / "part", tmp_path / "moved")
+    checkpoint = str(tmp_path / "moved" / "checkpoint")
+    # A resume continues the run: flags that change what or how it trains are refused before anything starts.
+    for flags, says in ((["--batch-size", "8"], "--batch-size 16 (this run: 8)"),
+                        (["--seed", "8", "--lr", "0.05"], "--seed 7 (this run: 8), --lr 0.1 (this run: 0.05)")):
+        rc = train_job.main([*_train_argv(data, scores, tmp_path / "moved", *COMMON, "--checkpoint-every", "2",
+                                          "--resume-from", checkpoint), *flags])
+        err = capsys.readouterr().err
+        assert rc == 2 and f"its run trained with {says}" in err, err
+        assert storage.is_complete(str(tmp_path / "moved"))  # refused before the folder was touched
     called = time.perf_counter()
     resumed, resumed_plans = _train(data, scores, tmp_path / "resumed", *COMMON, "--checkpoint-every", "2",
-                                    "--resume-from", str(tmp_path / "part" / "checkpoint"))
+                                    "--resume-from", checkpoint)
     called = time.perf_counter() - called
     assert [e["epoch"] for e in resumed["epochs"]] == [0, 1, 2, 3]  # history carried over, no epoch twice
     assert resumed["totals"]["restarts"] == 0  # a resume the user asked for is not a failure
@@ -147,7 +158,7 @@ def test_checkpoints_every_k_epochs_and_after_the_last_and_a_resumed_run_repeats
     # A resume with no epoch left before --stop-after is refused before training (it trained none, then crashed).
     for stop in ("3", "2"):
         rc = train_job.main(_train_argv(data, scores, tmp_path / f"stop-{stop}", *COMMON, "--checkpoint-every", "2",
-                                        "--resume-from", str(tmp_path / "part" / "checkpoint"), "--stop-after", stop))
+                                        "--resume-from", checkpoint, "--stop-after", stop))
         err = capsys.readouterr().err
         assert rc == 2 and f"has 3 epochs trained, so none is left to train with --stop-after {stop}" in err, err
         assert not (tmp_path / f"stop-{stop}" / "ray").exists()  # no trainer started
@@ -338,6 +349,24 @@ def test_train_without_class_names_is_a_clear_error(scored_ready, tmp_path, caps
     (tmp_path / "data").mkdir()
     rc = train_job.main(["--data", str(tmp_path / "data"), "--scores", scores, "--out", str(tmp_path / "run")])
     assert rc == 2 and "pass --classes" in capsys.readouterr().err
+
+
+def test_a_run_folder_over_its_inputs_or_scores_of_other_rows_are_refused_before_anything_starts(
+        scored_ready, tmp_path, capsys):
+    from pipeline.score.commit import write_scores
+
+    data, scores = scored_ready
+    # Scores of 50 of the split's 200 rows: the other 150 would not be trained on, unsaid.
+    part = str(tmp_path / "part-scores")
+    with storage.output(part):
+        write_scores(storage.read_table(f"{scores}/scores").slice(0, 50), part)
+    for argv, says in ((_train_argv(data, scores, scores), f"--out {scores} and --scores {scores} overlap"),
+                       (_train_argv(data, scores, f"{data}/runs/a"), f"--out {data}/runs/a and --data {data} overlap"),
+                       (_train_argv(data, part, tmp_path / "run"),
+                        f"--scores {part} scored or rejected 50 rows (its summary.json), but {data}/train holds 200")):
+        assert train_job.main(argv) == 2
+        assert says in capsys.readouterr().err
+    assert storage.is_complete(scores) and storage.is_complete(data) and not (tmp_path / "run").exists()
 
 
 def test_resuming_from_a_folder_that_is_not_this_mmdps_checkpoint_is_a_clear_error(scored_ready, tmp_path, capsys):

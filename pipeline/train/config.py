@@ -34,6 +34,13 @@ class TrainConfig:
     # Read or written by Ray's workers and actors: local paths only where they are one machine
     # (pipeline.cli.check_shared_paths), made absolute for Train workers that run in folders of their own.
     SHARED_PATHS: ClassVar[tuple[str, ...]] = ("data", "scores", "out", "resume_from", "reference_keys", "tar_index")
+    # What a --resume-from run keeps of the run it continues: what it trains, how, and its plans (the
+    # schedule's steps follow the batch size and workers). Where files are, the device, evaluation and
+    # checkpoint cadence, retries and the pruner's layout may change.
+    RESUME_SAME: ClassVar[tuple[str, ...]] = (
+        "task", "columns", "classes", "policy", "keep_ratio", "epochs", "workers", "seed", "model", "width",
+        "batch_size", "lr", "weight_decay", "warmup_steps", "augment", "step_schedule", "signal",
+        "noise_fraction", "policy_params")
 
     data: str = field(metadata={"help": "dataset root with train/ and test/ shard folders (and metadata.json) (URL)"})
     scores: str = field(metadata={"help": "output folder of the score job for the train split (URL)"})
@@ -134,6 +141,12 @@ class TrainConfig:
             raise ValueError("--max-gap-bytes must be >= 0")
         if self.pruner_partitions is not None and self.pruner_partitions < 1:
             raise ValueError("--pruner-partitions must be >= 1")
+
+    def check_inputs(self) -> None:
+        """What fails the run, refused before its folder is marked pending (:func:`pipeline.train.driver.check_inputs`)."""
+        from pipeline.train.driver import check_inputs
+
+        check_inputs(self)
 
 
 def parse_params(pairs: tuple[str, ...]) -> dict:

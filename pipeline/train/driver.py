@@ -19,6 +19,7 @@ import logging
 import os
 import time
 import uuid
+from typing import NamedTuple
 
 import pyarrow.fs as pafs
 import ray
@@ -28,7 +29,8 @@ from ray.train.torch import TorchTrainer
 from pipeline import storage
 from pipeline.prune.actor import actor_name
 from pipeline.train.config import TrainConfig, parse_params
-from pipeline.train.loop import KEEP_CHECKPOINTS, PRUNER_STATE, TRAIN_STATE, PhaseClock
+from pipeline.train.loop import (KEEP_CHECKPOINTS, PRUNER_STATE, RUN_CONFIG, TRAIN_STATE, PhaseClock,
+                                 saved_pruner_state)
 from pipeline.train.pruning import Pruning
 from pipeline.data.contract import DEFAULT_TEMPLATES, KEY
 from pipeline.data.shards import check_shards, class_names, dataset_metadata, list_shards, read_shards
@@ -135,17 +137,100 @@ def run_trainer(cfg: TrainConfig, loop, loop_config: dict, datasets: dict, name:
     return result
 
 
-def check_checkpoint(url: str) -> list[dict]:
-    """The history of the checkpoint folder ``url`` (the epochs it has trained, its own the last);
-    a ValueError, before any training, unless it is a checkpoint this mmdp resumes from."""
+class Resume(NamedTuple):
+    """Where a ``--resume-from`` checkpoint takes a run: the epochs trained, the wall seconds of the runs
+    that trained them, and the pruner state it names (found, and committed)."""
+
+    epochs_done: int
+    earlier_seconds: float
+    pruner_state: str
+
+
+def check_checkpoint(cfg: TrainConfig) -> Resume:
+    """Where ``cfg``'s ``--resume-from`` checkpoint takes its run; a ValueError, before any training,
+    unless it is a checkpoint this mmdp resumes from with these flags and an epoch is left to train."""
+    url = cfg.resume_from
     if not storage.exists(storage.join(url, TRAIN_STATE)):
         raise ValueError(f"--resume-from {url}: no checkpoint there (a run's checkpoint/ folder holds {TRAIN_STATE})")
     if not storage.exists(storage.join(url, PRUNER_STATE)):
         raise ValueError(f"--resume-from {url}: the checkpoint has no {PRUNER_STATE}, so an older mmdp wrote it "
                          "(with the pruner's state inside it, as pruner.pt); resume it with the mmdp that wrote it, "
                          "or train afresh")
+    saved = storage.join(url, RUN_CONFIG)
+    if storage.exists(saved):  # (an older mmdp's checkpoint has none)
+        was = storage.read_json(saved)
+        now = json.loads(json.dumps({name: getattr(cfg, name) for name in was}))
+        differ = [f"--{name.replace('_', '-')} {was[name]} (this run: {now[name]})"
+                  for name in was if now[name] != was[name]]
+        if differ:
+            raise ValueError(f"--resume-from {url}: its run trained with {', '.join(differ)}; a resume continues "
+                             "that run, so these flags stay as they were (or train afresh)")
     # The history ends with the checkpoint's own epoch (the loop saves them together); a small read, not train.pt.
-    return storage.read_json(storage.join(url, "history.json"))
+    history = storage.read_json(storage.join(url, "history.json"))
+    done = int(history[-1]["epoch"]) + 1
+    last = cfg.epochs if cfg.stop_after is None else cfg.stop_after  # the epochs this run trains up to
+    if done >= last:  # the loop would train nothing and leave no checkpoint to report
+        flag = "--epochs" if cfg.stop_after is None else "--stop-after"
+        hint = ("its run has trained all of them" if done >= cfg.epochs else
+                f"resume with a --stop-after above {done} (at most --epochs {cfg.epochs}) or none")
+        raise ValueError(f"--resume-from {url}: the checkpoint has {done} epochs trained, so none "
+                         f"is left to train with {flag} {last}: {hint}")
+    state = saved_pruner_state(url)
+    if not storage.is_complete(state):
+        raise ValueError(f"--resume-from {url}: the pruner state it names, {state}, is not there (its run folder "
+                         "moved without it, or it was removed)")
+    # (An older mmdp's checkpoint has no wall_seconds: its epochs' own seconds, a lower bound.)
+    earlier = history[-1].get("wall_seconds") or sum(h.get("epoch_seconds", 0.0) for h in history)
+    return Resume(done, earlier, state)
+
+
+def check_inputs(cfg: TrainConfig) -> None:
+    """Refuse what would fail the run before its folder is marked pending (``pipeline.cli.execute``), so that
+    a refused re-run or resume leaves the run there committed: a ``--out`` that is, holds or lies in
+    ``--data`` or ``--scores``; an input not committed; a classifier without class names; scores of
+    other rows than the train split's
+    (:func:`check_scores_match`); a checkpoint that cannot resume (:func:`check_checkpoint`).
+
+    Raises:
+        ValueError, InputError: naming the flag or folder.
+    """
+    for name in ("data", "scores"):
+        url = getattr(cfg, name)
+        if storage.contains(cfg.out, url) or storage.contains(url, cfg.out):
+            raise ValueError(f"--out {cfg.out} and --{name} {url} overlap: the run folder would replace or be read "
+                             f"as the {name}; give the run a folder of its own")
+    storage.check_not_pending(cfg.data)
+    storage.check_not_pending(cfg.scores)
+    class_names(cfg.data, cfg.classes, required=cfg.task == "classify")
+    check_scores_match(cfg)
+    if cfg.resume_from:
+        check_checkpoint(cfg)
+
+
+def check_scores_match(cfg: TrainConfig) -> None:
+    """Refuse ``--scores`` that account for other rows than ``--data``'s train split (training finds each
+    row's score by its key, and a row without one would not be trained on, unsaid): the rows the score
+    job scored or rejected (its ``summary.json``) must be the split's (its manifest's count, or the sum of
+    its parquet footers; a split of webdataset tars no mmdp job committed is not counted)."""
+    summary = storage.join(cfg.scores, "summary.json")
+    accounted = storage.read_json(summary).get("rows_in") if storage.exists(summary) else None
+    train = storage.join(cfg.data, "train")
+    rows = split_rows(train)
+    if accounted is not None and rows is not None and accounted != rows:
+        raise ValueError(f"--scores {cfg.scores} scored or rejected {accounted:,} rows (its summary.json), but "
+                         f"{train} holds {rows:,}: they are the scores of other rows. Score this split "
+                         f"(python -m jobs.score --input {train} ...) and pass that output")
+
+
+def split_rows(url: str) -> int | None:
+    """The rows of the shard folder ``url``: its manifest's count where a job committed it, else its parquet
+    footers' sum; None for webdataset tars that no manifest counts."""
+    if storage.is_complete(url):
+        rows = storage.read_json(storage.join(url, storage.SUCCESS)).get("rows")
+        if rows is not None:
+            return int(rows)
+    kind, files = list_shards(url)
+    return None if kind != "parquet" else sum(f.rows for f in check_shards(kind, files))
 
 
 def start_pruning(cfg: TrainConfig, name: str | None = None) -> Pruning:
@@ -177,21 +262,11 @@ def fit(cfg: TrainConfig) -> dict:
 
     started, started_at = time.perf_counter(), time.time()
     cfg = absolute_paths(cfg)
-    storage.check_not_pending(cfg.data)
-    storage.check_not_pending(cfg.scores)
     last = cfg.epochs if cfg.stop_after is None else cfg.stop_after  # the epochs this run trains up to
-    earlier = 0.0  # the whole fit's wall seconds before this run: the runs it resumes, up to their checkpoint
-    if cfg.resume_from:
-        resumed = check_checkpoint(cfg.resume_from)
-        done = int(resumed[-1]["epoch"]) + 1
-        if done >= last:  # the loop would train nothing and leave no checkpoint to report
-            flag = "--epochs" if cfg.stop_after is None else "--stop-after"
-            hint = ("its run has trained all of them" if done >= cfg.epochs else
-                    f"resume with a --stop-after above {done} (at most --epochs {cfg.epochs}) or none")
-            raise ValueError(f"--resume-from {cfg.resume_from}: the checkpoint has {done} epochs trained, so none "
-                             f"is left to train with {flag} {last}: {hint}")
-        # (An older mmdp's checkpoint has no wall_seconds: its epochs' own seconds, a lower bound.)
-        earlier = resumed[-1].get("wall_seconds") or sum(h.get("epoch_seconds", 0.0) for h in resumed)
+    # The whole fit's wall seconds before this run (the runs it resumes, up to their checkpoint), and the
+    # pruner state the checkpoint names (execute checked the checkpoint before the run folder was touched).
+    resume = check_checkpoint(cfg) if cfg.resume_from else None
+    earlier = resume.earlier_seconds if resume else 0.0
     classes = class_names(cfg.data, cfg.classes, required=cfg.task == "classify")
     templates = list(dataset_metadata(cfg.data).get("templates") or DEFAULT_TEMPLATES)
     run_id = uuid.uuid4().hex[:8]
@@ -200,7 +275,8 @@ def fit(cfg: TrainConfig) -> dict:
     loop_config = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
     loop_config.update(pruning=pruning, num_classes=len(classes), class_names=classes, templates=templates,
                        num_samples=pruning.num_samples,
-                       epochs=last, plan_epochs=cfg.epochs, fit_started_at=started_at - earlier)
+                       epochs=last, plan_epochs=cfg.epochs, fit_started_at=started_at - earlier,
+                       resumed_state=resume.pruner_state if resume else None, run_config={name: getattr(cfg, name) for name in cfg.RESUME_SAME})
     result = run_trainer(cfg, train_loop_per_worker, loop_config, build_datasets(cfg, pruning, classes, templates),
                          f"mmdp-{run_id}")
     history = _checkpoint_json(result.checkpoint, "history.json")

@@ -55,6 +55,8 @@ WEIGHTED_DTYPES = {**DTYPES, "weight": torch.float32}
 TRAIN_STATE = "train.pt"
 # A checkpoint names the pruner state it goes with in this file (the state itself is in the run folder).
 PRUNER_STATE = "pruner_state.json"
+# The flags a resume must keep (TrainConfig.RESUME_SAME), as the run that saved a checkpoint had them.
+RUN_CONFIG = "run_config.json"
 # Checkpoints Ray Train keeps; the pruner states of older ones are removed.
 KEEP_CHECKPOINTS = 2
 
@@ -251,7 +253,7 @@ def train_loop_per_worker(config: dict) -> None:
     # checks that the actor it trained against is the one it started with.
     incarnation = ray.get(pruner.info.remote())["incarnation"] if rank == 0 else None
     # The pruner state a --resume-from checkpoint names: rank 0, which drops old states, keeps it.
-    resumed_state = _resumed_state(cfg) if rank == 0 else None
+    resumed_state = cfg["resumed_state"]
 
     train_shard = ray.train.get_dataset_shard("train")
     test_shard = ray.train.get_dataset_shard("test")  # the whole split on every worker
@@ -320,7 +322,7 @@ def train_loop_per_worker(config: dict) -> None:
                 checkpoint_dir = tempfile.mkdtemp(prefix="mmdp-ckpt-")
                 save_train_state(checkpoint_dir, model, opt, sched, epoch)
                 _save_pruner_state(checkpoint_dir, pruning, incarnation, cfg["out"], epoch)  # checks the incarnation too
-                for name, value in (("history.json", history), ("plans.json", plans)):
+                for name, value in (("history.json", history), ("plans.json", plans), (RUN_CONFIG, cfg["run_config"])):
                     with open(os.path.join(checkpoint_dir, name), "w") as f:
                         json.dump(value, f)
             else:
@@ -439,7 +441,9 @@ def _resume(cfg: dict, model, opt, sched, pruning, rank: int) -> tuple[int, list
         return 0, [], [], 0
     with checkpoint.as_directory() as d:
         state = torch.load(os.path.join(d, TRAIN_STATE), map_location="cpu", weights_only=True)
-        pruner_state = json.loads(open(os.path.join(d, PRUNER_STATE)).read())["state"]
+        # This run's own checkpoint names its own state; a --resume-from one's, the driver found.
+        pruner_state = (json.loads(open(os.path.join(d, PRUNER_STATE)).read())["state"] if restarted
+                        else cfg["resumed_state"])
         history = json.loads(open(os.path.join(d, "history.json")).read())
         plans = json.loads(open(os.path.join(d, "plans.json")).read())
     unwrap(model).load_state_dict(state["model"])
@@ -467,7 +471,20 @@ def _save_pruner_state(directory: str, pruning, incarnation, out: str, epoch: in
     pruner = pruning.actor
     _check_incarnation(pruner, incarnation, epoch)  # the state is of the actor this attempt trained against
     with open(os.path.join(directory, PRUNER_STATE), "w") as f:
-        json.dump({"state": url}, f)
+        # Also where it lies in the run folder: a run folder moved whole still resumes (saved_pruner_state).
+        json.dump({"state": url, "in_run": url[len(storage.join(out, "")):]}, f)
+
+
+def saved_pruner_state(checkpoint: str) -> str:
+    """The pruner state that the checkpoint folder ``checkpoint`` names: in the run folder that holds
+    the checkpoint (``OUT/checkpoint``), where it is there (the folder may have moved since), else where
+    it was saved."""
+    named = storage.read_json(storage.join(checkpoint, PRUNER_STATE))
+    if "in_run" in named:  # (an older mmdp's checkpoint names only the state's URL)
+        moved = storage.join(checkpoint.rstrip("/").rpartition("/")[0], named["in_run"])
+        if storage.is_complete(moved):
+            return moved
+    return named["state"]
 
 
 def _drop_old_pruner_state(out: str, history: list[dict], keep: str | None = None) -> None:
@@ -479,13 +496,6 @@ def _drop_old_pruner_state(out: str, history: list[dict], keep: str | None = Non
         url = pruner_state_url(out, saved[-KEEP_CHECKPOINTS - 1])
         if keep is None or storage.filesystem_for(url)[1] != storage.filesystem_for(keep)[1]:  # the same folder?
             storage.remove(url)
-
-
-def _resumed_state(cfg: dict) -> str | None:
-    """The pruner state that ``cfg``'s ``resume_from`` checkpoint names (None without one)."""
-    if not cfg.get("resume_from"):
-        return None
-    return storage.read_json(storage.join(cfg["resume_from"], PRUNER_STATE))["state"]
 
 
 def _check_incarnation(pruner, incarnation, epoch: int) -> None:
