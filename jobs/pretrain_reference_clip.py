@@ -90,6 +90,18 @@ class PretrainConfig:
             if not ok:
                 raise ValueError(message)
 
+    def check_inputs(self) -> None:
+        """Refused before the output is marked pending (``pipeline.cli.execute``), so that a re-run refused for
+        its input leaves the earlier model committed: an output that is, holds or lies in ``--data``; a
+        dataset not committed or without a reference split."""
+        from pipeline.data.shards import list_shards
+
+        if storage.contains(self.out, self.data) or storage.contains(self.data, self.out):
+            raise ValueError(f"--out {self.out} and --data {self.data} overlap: the model's folder would replace or "
+                             "be read as the dataset; give it a folder of its own")
+        storage.check_not_pending(self.data)
+        list_shards(storage.join(self.data, "reference"))
+
 
 def checkpoint_url(out: str) -> str:
     """The checkpoint in the job's output folder: what ``--pretrained`` of the score job takes."""

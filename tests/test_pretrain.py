@@ -113,3 +113,16 @@ def test_missing_dataset_fails_with_a_message_and_commits_nothing(ray_session, t
     assert main(["--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "m")]) == 2
     assert "nothing" in capsys.readouterr().err
     assert not pio.is_complete(str(tmp_path / "m"))
+
+
+def test_a_rerun_refused_for_its_data_leaves_the_earlier_model_committed(synthetic, tmp_path, capsys):
+    folder = str(tmp_path / "ref")
+    with pio.output(folder):  # an earlier run's committed model folder
+        pio.write_bytes(b"weights", checkpoint_url(folder))
+    for data, says in ((str(tmp_path / "nothing"), "nothing/reference: no such file or folder"),
+                       (folder, "overlap")):  # the model's own folder given as the data
+        assert main(["--data", data, "--out", folder, "--model", TINY_MODEL]) == 2
+        assert says in capsys.readouterr().err
+        assert pio.is_complete(folder) and pio.read_bytes(checkpoint_url(folder)) == b"weights"
+    assert main(["--data", synthetic, "--out", f"{synthetic}/ref", "--model", TINY_MODEL]) == 2
+    assert "overlap" in capsys.readouterr().err
