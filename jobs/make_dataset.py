@@ -152,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _check_source(config: MakeDatasetConfig) -> None:
+    if config.source and (storage.contains(config.out, config.source) or storage.contains(config.source, config.out)):
+        raise ValueError(f"--out {config.out} and --source {config.source} overlap: the dataset would replace or be "
+                         "read as its source; give it a folder of its own")
     if config.columns is not None:
         storage.check_not_pending(config.source)
         shard_files(config.source, ColumnMapping.parse(config.columns))  # bad files fail before OUT exists

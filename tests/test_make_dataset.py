@@ -248,6 +248,17 @@ def test_unlabelled_shards_are_refused_by_name(ray_session, tmp_path, capsys):
     assert not storage.is_complete(str(tmp_path / "out"))
 
 
+def test_an_out_over_the_source_is_refused_before_anything_is_written(tmp_path, capsys):
+    src = tmp_path / "src"
+    storage.write_shards(ds.make_synthetic(n=20, seed=2).splits["train"], str(src))
+    listing = sorted(p.name for p in src.iterdir())
+    for out in (src, src / "noisy", tmp_path):
+        with pytest.raises(SystemExit) as exc:
+            main(["--out", str(out), "--source", str(src), "--columns", "mmdp", "--classes", "a,b,c,d"])
+        assert exc.value.code == 2 and f"--out {out} and --source {src} overlap" in capsys.readouterr().err
+        assert sorted(p.name for p in src.iterdir()) == listing and storage.is_complete(str(src))
+
+
 def _jpeg(pixels: np.ndarray) -> bytes:
     buf = bytesio.BytesIO()
     Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
