@@ -76,11 +76,13 @@ def split_fields(caption: bool = False) -> list[str]:
     return [KEY, "image", "caption", "label"] if caption else [KEY, "image", "label"]
 
 
-def evaluation_dataset(data: str, columns: str = "mmdp") -> ray.data.Dataset:
-    """The test split, decoded, with the key hash that splits evaluation across workers as ``index``."""
+def evaluation_dataset(data: str, columns: str = "mmdp", num_classes: int | None = None) -> ray.data.Dataset:
+    """The test split, decoded, with the key hash that splits evaluation across workers as ``index``; a row
+    without one of the ``num_classes`` labels or a decodable image is an error naming it."""
     from pipeline.train.stages import test_decode_stage, test_stage
 
-    return (read_split(data, "test", columns).map_batches(test_stage, batch_format="numpy")
+    return (read_split(data, "test", columns).map_batches(test_stage, fn_kwargs={"num_classes": num_classes},
+                                                          batch_format="numpy")
             .map_batches(test_decode_stage, batch_format="numpy"))
 
 
@@ -98,8 +100,9 @@ def build_datasets(cfg: TrainConfig, pruning: Pruning, classes: list[str], templ
     from pipeline.train.stages import decode_stage
 
     train = training_rows(cfg, pruning).map_batches(
-        decode_stage, fn_kwargs={"augment": cfg.augment, "seed": cfg.seed}, batch_format="numpy")
-    return {"train": train, "test": evaluation_dataset(cfg.data, cfg.columns)}
+        decode_stage, fn_kwargs={"augment": cfg.augment, "seed": cfg.seed, "num_classes": len(classes)},
+        batch_format="numpy")
+    return {"train": train, "test": evaluation_dataset(cfg.data, cfg.columns, len(classes))}
 
 
 def run_trainer(cfg: TrainConfig, loop, loop_config: dict, datasets: dict, name: str) -> ray.train.Result:

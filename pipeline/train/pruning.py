@@ -36,6 +36,7 @@ and schedule are yours; the library's own ``jobs.train`` loop
 
 from __future__ import annotations
 
+import logging
 import uuid
 
 import numpy as np
@@ -46,6 +47,8 @@ from pipeline.prune.budget import DEFAULT_KEEP_RATIO
 from pipeline.score.quality import estimate_noise_fraction
 from pipeline.train.keys import KeyIndex, key_index
 from pipeline.train.stages import encode_keys
+
+log = logging.getLogger(__name__)
 
 # Policies that exclude a share of the samples as noise: the share is estimated
 # from the consistency scores unless given.
@@ -67,11 +70,51 @@ def load_index(scores_url: str, signal: str = "auto") -> tuple[np.ndarray, np.nd
     return keys, consistency, signal
 
 
+# The most share of the scored rows a consistency signal may lack (NaN) and still be used. A missing value
+# ranks as the least consistent (pipeline.prune.policies.rank_normalise), so beyond half every share the
+# policies take on it (the noise estimate is capped at half) falls among rows it says nothing of, picked by
+# their index (key order): a plan that looks made by the signal and is not. Below it the rows it has rank
+# the rest, and the rows it lacks count as the least consistent, as the pruner documents (said in the log).
+MAX_MISSING_SIGNAL = 0.5
+
+
 def _consistency(table, signal: str, order: np.ndarray) -> tuple[np.ndarray, str]:
+    """The ``signal`` column in index order (float32), and its name ("auto": the margin unless it is missing on
+    more than MAX_MISSING_SIGNAL of the rows, as in scores made in caption mode, else ``clip_score``).
+
+    Raises:
+        ValueError: the signal is missing (NaN) on more than MAX_MISSING_SIGNAL of the scored rows.
+    """
     if signal == "auto":
         margin = table.column("clip_margin").to_numpy(zero_copy_only=False)
-        signal = "clip_margin" if len(margin) and not np.isnan(margin).all() else "clip_score"
-    return table.column(signal).to_numpy(zero_copy_only=False).astype(np.float32)[order], signal
+        signal = "clip_margin" if len(margin) and missing_share(margin) <= MAX_MISSING_SIGNAL else "clip_score"
+    values = table.column(signal).to_numpy(zero_copy_only=False).astype(np.float32)
+    check_signal(values, signal)
+    return values[order], signal
+
+
+def missing_share(values: np.ndarray) -> float:
+    """The share of ``values`` that are NaN (0 for none)."""
+    return float(np.isnan(values).mean()) if len(values) else 0.0
+
+
+def check_signal(values: np.ndarray, signal: str) -> None:
+    """Refuse a consistency ``signal`` missing (NaN) on more than :data:`MAX_MISSING_SIGNAL` of the scored rows.
+
+    Raises:
+        ValueError: naming the signal, the share missing, and what to do.
+    """
+    share = missing_share(values)
+    if share <= MAX_MISSING_SIGNAL:
+        return
+    missing = int(np.isnan(values).sum())
+    what = (f"signal {signal}: {missing} of {len(values)} scored rows ({share:.0%}) have no {signal} (NaN), "
+            "so it cannot rank them")
+    if signal == "clip_margin":
+        raise ValueError(f"{what}: scores made in caption mode (jobs.score --mode caption) have no clip_margin, "
+                         "which needs each row's label; use --signal clip_score (or auto, which takes clip_score "
+                         "then), or score the data in label mode")
+    raise ValueError(f"{what}: the scores are damaged or of an older scorer; score the data again")
 
 
 def key_indices(keys: KeyIndex, wanted) -> np.ndarray:
@@ -97,9 +140,13 @@ def read_index(scores_url: str, keys: KeyIndex, signal: str, reference_keys, est
 
     Returns:
         (consistency, reference indices or None, meta): meta holds
-        ``num_samples``, ``signal`` and the estimated ``noise_fraction`` (None
-        unless asked). ``reference_keys`` is a list of keys or the URL of a
-        text file of them, one a line.
+        ``num_samples``, ``signal``, ``signal_missing`` (rows it is NaN for)
+        and the estimated ``noise_fraction`` (None unless asked).
+        ``reference_keys`` is a list of keys or the URL of a text file of
+        them, one a line.
+
+    Raises:
+        ValueError: the signal is missing on most rows (:func:`check_signal`).
     """
     columns = ["index", "clip_score", "clip_margin"] if signal == "auto" else ["index", signal]
     table = storage.read_table(storage.join(scores_url, "scores"), columns=columns)
@@ -107,7 +154,7 @@ def read_index(scores_url: str, keys: KeyIndex, signal: str, reference_keys, est
     if isinstance(reference_keys, str):
         reference_keys = read_keys(reference_keys)
     reference = None if reference_keys is None else key_indices(keys, reference_keys)
-    meta = {"num_samples": len(consistency), "signal": signal,
+    meta = {"num_samples": len(consistency), "signal": signal, "signal_missing": int(np.isnan(consistency).sum()),
             "noise_fraction": round(estimate_noise_fraction(consistency), 4) if estimate_noise else None}
     return consistency, reference, meta
 
@@ -167,6 +214,11 @@ class Pruning:
                 trajectories with theirs (``trajectory``; ~1% of the rows).
             num_partitions: partition actors the per-sample state is split over
                 (default: one per :data:`~pipeline.prune.actor.PARTITION_SIZE` samples).
+
+        Raises:
+            ValueError: ``signal`` is missing (NaN) on more than half of the scored rows
+                (:func:`check_signal`; ``clip_margin`` of scores made in caption mode), before any actor starts.
+            InputError: a reference key the score table does not hold.
         """
         import ray
 
@@ -179,7 +231,10 @@ class Pruning:
         keys = key_index(scores)
         consistency, reference, meta = ray.remote(num_returns=3)(read_index).remote(
             scores, keys, signal, reference_keys, estimate)
-        meta = ray.get(meta)
+        meta = _task_result(meta)
+        if meta["signal_missing"]:
+            log.warning("signal %s: %d of %d scored rows have none (NaN); they rank as the least consistent",
+                        meta["signal"], meta["signal_missing"], meta["num_samples"])
         if policy in NOISE_POLICIES and "noise_fraction" not in params:
             params["noise_fraction"] = noise_fraction if noise_fraction is not None else meta["noise_fraction"]
         name = name or actor_name(uuid.uuid4().hex[:8])
@@ -313,6 +368,19 @@ class Pruning:
         import ray
 
         return ray.get(self.actor.plan_log.remote())
+
+
+def _task_result(ref):
+    """``ray.get(ref)``; a task's bad-input error (ValueError, InputError) raised as itself, so that its message
+    reaches the user as written (a job prints it and exits 2) rather than inside Ray's task traceback."""
+    import ray
+
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as exc:
+        if isinstance(exc.cause, (ValueError, storage.InputError)):
+            raise exc.cause from None
+        raise
 
 
 def step_loss(losses, weights, weight_mean: float):

@@ -53,9 +53,71 @@ def key_hash(keys) -> np.ndarray:
     return np.fromiter((zlib.crc32(str(k).encode()) for k in keys), np.int64, len(keys))
 
 
-def test_stage(batch: dict) -> dict:
-    """A test row with its key hash as ``index`` (:func:`key_hash`)."""
-    return {"index": key_hash(batch[KEY]), "image": batch["image"], "label": batch["label"].astype(np.int64)}
+def test_stage(batch: dict, num_classes: int | None = None) -> dict:
+    """A test row with its key hash as ``index`` (:func:`key_hash`), its label checked; the key stays, for
+    :func:`test_decode_stage`'s errors.
+
+    Raises:
+        ValueError: a row without a usable label (:func:`class_labels`): the
+            test accuracy counts every row, so a row it cannot score is an
+            error, not a row left out or counted wrong.
+    """
+    labels = class_labels(batch, num_classes, "test")
+    return {"index": key_hash(batch[KEY]), KEY: batch[KEY], "image": batch["image"], "label": labels}
+
+
+def class_labels(batch: dict, num_classes: int | None, split: str = "train") -> np.ndarray:
+    """The batch's ``label`` column as int64 class indices, every one checked (vectorised) to be a class.
+
+    A null label (NumPy batches hold an integer column with nulls as float
+    NaN, which ``astype(np.int64)`` would turn into -2**63), a fraction, a
+    negative one, or one of ``num_classes`` or more (where given) is no class.
+
+    Raises:
+        ValueError: naming the first such row's key (or index), its label and why, and how many the batch holds.
+    """
+    label = np.asarray(batch["label"])
+    if label.dtype.kind in "iub":  # the usual case: no nulls in the block
+        values, missing = label.astype(np.int64), np.zeros(len(label), bool)
+        bad = values < 0
+    elif label.dtype.kind == "f":
+        missing = np.isnan(label)
+        whole = np.isfinite(label) & (label == np.floor(label))
+        values = np.where(whole, label, -1).astype(np.int64)
+        bad = ~whole | (values < 0)
+    else:  # object: Python ints and None
+        missing = np.fromiter((v is None for v in label), bool, len(label))
+        values = np.fromiter((-1 if v is None else int(v) for v in label), np.int64, len(label))
+        bad = values < 0
+    if num_classes is not None:
+        bad |= values >= num_classes
+    if bad.any():
+        raise ValueError(_label_error(batch, label, bad, missing, num_classes, split))
+    return values
+
+
+def _row_name(batch: dict, i: int) -> str:
+    if KEY in batch:
+        key = batch[KEY][i]
+        return repr(key.decode() if isinstance(key, bytes) else str(key))
+    return f"of index {int(batch['index'][i])}" if "index" in batch else f"#{i} of its block"
+
+
+def _label_error(batch: dict, label: np.ndarray, bad: np.ndarray, missing: np.ndarray, num_classes: int | None,
+                 split: str) -> str:
+    i = int(np.flatnonzero(bad)[0])
+    classes = (f"one of the {num_classes} classes (0..{num_classes - 1})" if num_classes is not None
+               else "a class (0, 1, ...)")
+    value = label[i]
+    if isinstance(value, (float, np.floating)) and float(value).is_integer():
+        value = int(value)
+    what = "no label (null)" if missing[i] else f"label {value} is not {classes}"
+    others = int(bad.sum()) - 1
+    more = f" ({others} more in its batch)" if others else ""
+    # Short: Ray Train's error summary keeps the last 500 characters of a worker's traceback.
+    need = ("test accuracy needs every test row labelled: fix the test split" if split == "test" else
+            "classify training needs every row labelled: score in label mode (it rejects such rows) or fix the data")
+    return f"{split} row {_row_name(batch, i)}: {what}{more}; {need}"
 
 
 @functools.lru_cache(maxsize=8)
@@ -89,26 +151,37 @@ def keep_stage(batch: dict, pruner_name: str) -> dict:
     return out
 
 
-def decode_stage(batch: dict, augment: bool, seed: int) -> dict:
+def decode_stage(batch: dict, augment: bool, seed: int, num_classes: int | None = None,
+                 split: str = "train") -> dict:
     """PNG/JPEG bytes -> normalised float32 [n, 1, 28, 28], with a per-sample deterministic augmentation.
 
     The augmentation (a shift of up to 2 pixels, black fill, and a horizontal
     flip) is drawn per sample from (seed, epoch, sample), so a restarted run
     sees the same crops, and is applied to the whole batch at once.
+
+    Raises:
+        ValueError: a row without a usable label (:func:`class_labels`; a label
+            of ``num_classes`` or more only where it is given), or whose image
+            does not decode; the message names the ``split`` and the row's key.
     """
+    labels = class_labels(batch, num_classes, split)  # before the decode: a cheap check fails first
     n = len(batch["index"])
     images = np.empty((n, 1, 28, 28), np.float32)
     for i in range(n):
-        with Image.open(io.BytesIO(batch["image"][i])) as im:
-            im = im if im.mode == "L" else im.convert("L")
-            images[i, 0] = np.asarray(im if im.size == (28, 28) else im.resize((28, 28)), np.float32)
+        try:
+            with Image.open(io.BytesIO(batch["image"][i])) as im:
+                im = im if im.mode == "L" else im.convert("L")
+                images[i, 0] = np.asarray(im if im.size == (28, 28) else im.resize((28, 28)), np.float32)
+        except Exception as exc:  # PIL: OSError, SyntaxError, DecompressionBombError... for bytes of no image
+            raise ValueError(f"{split} row {_row_name(batch, i)}: image does not decode "
+                             f"({type(exc).__name__}); {_UNDECODABLE[split]}") from exc
     images /= 255.0
     if augment:
         draws = row_draws(seed, batch["epoch"], batch["index"])
         images = shift_images(images, draws, shift=2, flip=True)
     images -= MEAN
     images /= STD
-    out = {"x": images, "label": batch["label"].astype(np.int64), "index": batch["index"].astype(np.int64)}
+    out = {"x": images, "label": labels, "index": batch["index"].astype(np.int64)}
     if "weight" in batch:
         out["weight"] = batch["weight"]
     return out
@@ -149,5 +222,14 @@ def shift_images(images: np.ndarray, draws: np.ndarray, shift: int, flip: bool =
                   rows[:, None, :, None], cols[:, None, None, :]]
 
 
-def test_decode_stage(batch: dict) -> dict:
-    return decode_stage(batch, augment=False, seed=0)
+def test_decode_stage(batch: dict, num_classes: int | None = None) -> dict:
+    """:func:`test_stage`'s rows decoded (:func:`decode_stage`, no augmentation); an image that does not decode
+    is a ValueError naming its key."""
+    return decode_stage(batch, augment=False, seed=0, num_classes=num_classes, split="test")
+
+
+# What to do about a row whose image does not decode, by split.
+_UNDECODABLE = {
+    "train": "the score job rejects such rows: the data changed after scoring; score it again",
+    "test": "test accuracy needs every test image: fix the test split",
+}

@@ -1,0 +1,151 @@
+"""What the train job refuses to train or evaluate on, and says so: rows without a usable class label or image
+(``--task classify``), and a consistency signal the scores do not hold."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from jobs import score as score_job
+from jobs import train as train_job
+from pipeline import storage
+from pipeline.data.reference import make_synthetic, write_dataset
+from pipeline.train.pruning import Pruning, load_index
+from pipeline.train import stages  # its test_* stages by the module: pytest would collect them
+
+NULL_KEY = "train-000007"  # the train row written with no label
+
+
+def _with_label(table: pa.Table, row: int, label) -> pa.Table:
+    labels = table.column("label").to_pylist()
+    labels[row] = label
+    return table.set_column(table.schema.get_field_index("label"), "label", pa.array(labels, pa.int64()))
+
+
+@pytest.fixture(scope="module")
+def caption_scored(ray_session, tmp_path_factory):
+    """A synthetic dataset whose train split holds a row without a label, scored in caption mode (which keeps it)."""
+    root = tmp_path_factory.mktemp("inputs")
+    data, scores = str(root / "data"), str(root / "scores")
+    dataset = make_synthetic(n=120, seed=3)
+    train = dataset.splits["train"]
+    row = train.column("key").to_pylist().index(NULL_KEY)
+    dataset = dataclasses.replace(dataset, splits={**dataset.splits, "train": _with_label(train, row, None)})
+    with storage.output(data):
+        write_dataset(dataset, data, rows_per_shard=40)
+    assert score_job.main(["--input", f"{data}/train", "--output", scores, "--model", "mmdp-tiny",
+                           "--mode", "caption", "--actor-cpus", "0.5", "--batch-size", "64"]) == 0
+    return data, scores, dataset.splits["train"].num_rows
+
+
+def _test_rows(n: int = 12) -> pa.Table:
+    return make_synthetic(n=4 * n, seed=4).splits["test"].select(["key", "image", "label"]).slice(0, n)
+
+
+def _through_ray_data(table: pa.Table, *steps) -> list[dict]:
+    import ray.data
+
+    ds = ray.data.from_arrow(table)
+    for fn, kwargs in steps:
+        ds = ds.map_batches(fn, fn_kwargs=kwargs, batch_format="numpy")
+    return ds.take_all()
+
+
+# ------------------------------------------------------------------ labels and images (--task classify)
+
+def test_a_train_row_without_a_label_stops_training_with_its_key_not_an_index_error(caption_scored, tmp_path):
+    """Caption-mode scores keep rows without a label; classify training on them failed in the loss with
+    "Target -9223372036854775808 is out of bounds" (the null cast to int64), naming no row."""
+    data, scores, _ = caption_scored
+    with pytest.raises(Exception) as failed:
+        train_job.main(["--data", data, "--scores", scores, "--out", str(tmp_path / "run"), "--epochs", "1",
+                        "--workers", "1", "--batch-size", "16", "--warmup-steps", "1", "--max-failures", "0",
+                        "--policy", "full"])
+    summary, (failure,) = str(failed.value), failed.value.worker_failures.values()
+    assert f"train row '{NULL_KEY}': no label (null); classify training needs every row labelled: " \
+           "score in label mode" in str(failure)
+    assert f"'{NULL_KEY}': no label (null)" in summary  # in the short summary Ray Train raises, too
+    assert "out of bounds" not in summary
+
+
+def test_train_rows_with_a_null_or_out_of_range_label_are_refused_by_the_decode_stage(ray_session):
+    rows = _test_rows()
+    index = pa.array(np.arange(rows.num_rows), pa.int64())
+    rows = rows.add_column(0, "index", index)
+    key = rows.column("key")[5].as_py()
+    # A null label: NumPy batches hold the column as float NaN; it became -2**63, trained on as a class.
+    with pytest.raises(Exception, match=f"train row '{key}': no label \\(null\\).*score in label mode"):
+        _through_ray_data(_with_label(rows, 5, None), (stages.decode_stage, {"augment": False, "seed": 0}))
+    # A label of no class: with the class count known, named as such.
+    with pytest.raises(Exception, match=f"train row '{key}': label 7 is not one of the 4 classes \\(0..3\\)"):
+        _through_ray_data(_with_label(rows, 5, 7),
+                          (stages.decode_stage, {"augment": False, "seed": 0, "num_classes": 4}))
+    with pytest.raises(ValueError, match="label -1 is not a class"):
+        stages.decode_stage({"index": np.arange(2), "label": np.array([0, -1]),
+                             "image": rows.column("image").to_numpy(zero_copy_only=False)[:2]}, augment=False, seed=0)
+    # Good rows decode as before: labels int64, unchanged.
+    out = _through_ray_data(rows, (stages.decode_stage, {"augment": False, "seed": 0, "num_classes": 4}))
+    assert sorted(r["label"] for r in out) == sorted(rows.column("label").to_pylist())
+
+
+def test_a_test_row_without_a_label_or_image_is_an_error_naming_it_not_a_wrong_prediction(ray_session):
+    """The test accuracy counted a null label (-2**63) as a wrong prediction, silently; an undecodable test image
+    failed the first evaluation with PIL's UnidentifiedImageError, naming no row."""
+    rows = _test_rows()
+    key = rows.column("key")[3].as_py()
+    test_stages = [(stages.test_stage, {"num_classes": 4}), (stages.test_decode_stage, {})]
+    with pytest.raises(Exception, match=f"test row '{key}': no label \\(null\\).*fix the test split"):
+        _through_ray_data(_with_label(rows, 3, None), (stages.test_stage, {}), (stages.test_decode_stage, {}))
+    with pytest.raises(Exception, match=f"test row '{key}': label 4 is not one of the 4 classes"):
+        _through_ray_data(_with_label(rows, 3, 4), *test_stages)
+    images = rows.column("image").to_pylist()
+    images[3] = b"not an image"
+    broken = rows.set_column(1, "image", pa.array(images, pa.binary()))
+    with pytest.raises(Exception, match=f"test row '{key}': image does not decode \\(UnidentifiedImageError\\)"):
+        _through_ray_data(broken, *test_stages)
+    # Good rows: every one evaluated, with its label.
+    out = _through_ray_data(rows, *test_stages)
+    assert sorted(r["label"] for r in out) == sorted(rows.column("label").to_pylist())
+    assert set(out[0]) == {"x", "label", "index"}  # the key was kept for the errors only
+
+
+# ------------------------------------------------------------------ the consistency signal
+
+def test_a_signal_the_scores_lack_is_refused_before_training(caption_scored, tmp_path, capsys):
+    """Caption-mode scores have no clip_margin (NaN on every row): with --signal clip_margin the noise estimate
+    was 0 and clip_filter kept the last rows in key order, a plan made by no signal, nothing said."""
+    data, scores, n = caption_scored
+    for policy in ("mmdp", "clip_filter"):
+        rc = train_job.main(["--data", data, "--scores", scores, "--out", str(tmp_path / policy), "--epochs", "1",
+                             "--workers", "1", "--signal", "clip_margin", "--policy", policy])
+        err = capsys.readouterr().err
+        assert rc == 2, err
+        assert f"signal clip_margin: {n} of {n} scored rows (100%) have no clip_margin (NaN)" in err
+        assert "caption mode" in err and "--signal clip_score" in err
+        assert "Traceback" not in err and "ray::" not in err  # the task's error as itself, not Ray's wrapping
+    with pytest.raises(ValueError, match=f"signal clip_margin: {n} of {n} ") as refused:
+        Pruning.from_scores(scores, policy="clip_cut", signal="clip_margin", epochs=2)
+    assert type(refused.value) is ValueError
+    with pytest.raises(ValueError, match="signal clip_margin"):
+        load_index(scores, "clip_margin")
+    # auto takes clip_score for these scores, as before; clip_score itself is whole.
+    keys, consistency, signal = load_index(scores, "auto")
+    assert signal == "clip_score" and len(keys) == n and not np.isnan(consistency).any()
+
+
+def test_a_signal_missing_on_more_than_half_the_rows_is_refused_below_it_kept():
+    from pipeline.train.pruning import MAX_MISSING_SIGNAL, check_signal
+
+    values = np.arange(10, dtype=np.float32)
+    values[:5] = np.nan  # half: the other half still ranks the rows (the NaN ones rank lowest)
+    assert MAX_MISSING_SIGNAL == 0.5
+    check_signal(values, "clip_margin")
+    values[5] = np.nan
+    with pytest.raises(ValueError, match=r"signal clip_margin: 6 of 10 scored rows \(60%\) have no clip_margin"):
+        check_signal(values, "clip_margin")
+    with pytest.raises(ValueError, match=r"signal clip_score: 6 of 10 .*score the data again"):
+        check_signal(values, "clip_score")
+    check_signal(np.zeros(0, np.float32), "clip_margin")  # no rows: nothing to refuse
