@@ -186,3 +186,77 @@ def test_a_mapping_that_keys_samples_by_a_member_cannot_read_by_offset():
 
     with pytest.raises(InputError, match="--tar-reads all"):
         KeptTarsDatasource([], None, "p", "key=txt,image=jpg", ("key", "image"))
+
+
+def _rewritten_at_its_size(tmp_path) -> tuple[str, list, list]:
+    """A tar, and the members of a rewrite of it that tarfile pads to the same size (10 KiB records): the same
+    samples in another order, so every sample's bytes lie elsewhere."""
+    first = [("s000.jpg", b"a" * 700), ("s000.cls", b"1\n"), ("s001.jpg", b"b" * 300), ("s001.cls", b"2\n"),
+             ("s002.jpg", b"c" * 1500), ("s002.cls", b"3\n")]
+    second = first[4:] + first[2:4] + first[:2]
+    assert len(tar_bytes(first)) == len(tar_bytes(second))
+    folder = tmp_path / "train"
+    folder.mkdir()
+    (folder / "part.tar").write_bytes(tar_bytes(first))
+    return str(folder / "part.tar"), first, second
+
+
+def _rewrite(url: str, members: list) -> None:
+    import os
+
+    before = os.stat(url).st_mtime_ns
+    with open(url, "wb") as f:
+        f.write(tar_bytes(members))
+    os.utime(url, ns=(before + 2_000_000_000, before + 2_000_000_000))  # a later time, whatever the clock's grain
+
+
+def test_a_tar_rewritten_at_its_old_size_gets_a_new_offset_index(ray_session, tmp_path):
+    """The offset index was named by the tar's URL and size alone: a tar rewritten at its old size (tarfile pads to
+    10 KiB records, so most rewrites keep it) found its old index, read at its old offsets: wrong bytes."""
+    from pipeline.train.tar_reads import build_indexes
+
+    url, first, second = _rewritten_at_its_size(tmp_path)
+    folder = str(tmp_path / "index")
+    (_, size, old_index), = build_indexes([url], folder)
+    _rewrite(url, second)
+    (_, new_size, new_index), = build_indexes([url], folder)
+    assert new_size == size and new_index != old_index
+    samples = read_samples(url, storage.read_table(new_index))
+    assert {f"{row['__key__']}.{suffix}": row[suffix] for row in samples.to_pylist() for suffix in ("jpg", "cls")} \
+        == dict(second)
+    assert sorted(storage.list_files(folder)) == sorted([old_index, new_index])  # the old one is left, unread
+    from pipeline.train.tar_reads import file_versions
+
+    assert str(file_versions([url])[url][1]) in new_index  # the modification time the listing gave
+    assert build_indexes([url], folder) == [(url, size, new_index)]  # unchanged since: found, not built again
+
+
+def test_a_stale_offset_index_is_an_error_naming_the_member_not_wrong_bytes(tmp_path):
+    """Where the index's name cannot tell a rewrite (on S3, whose times are whole seconds, one within the second
+    the index was built), each member's tar header, read with its bytes, must name it: an error, not other bytes."""
+    url, first, second = _rewritten_at_its_size(tmp_path)
+    index = tar_index(url)
+    _rewrite(url, second)
+    for chosen in (index, index.slice(1, 1)):
+        with pytest.raises(InputError, match=r"member 's00\d.jpg' is not where its offset index says.*"
+                                             "changed after it was indexed"):
+            read_samples(url, chosen, 0)
+    # Members behind extended headers (a long name's, pax's) are checked by their header's checksum and size.
+    long_name = "d" * 120 + "/" + "x" * 40
+    members = [(f"{long_name}.jpg", b"a" * 700), ("short.jpg", b"b" * 10), (f"{long_name[:-1]}é.jpg", b"c" * 5)]
+    (tmp_path / "long.tar").write_bytes(tar_bytes(members))
+    index = tar_index(str(tmp_path / "long.tar"))
+    assert [row["jpg"] for row in read_samples(str(tmp_path / "long.tar"), index).to_pylist()] == \
+        [data for _, data in members]
+
+
+def test_an_object_stores_listing_gives_the_modification_time_that_names_an_index(s3_bucket):
+    from pipeline.train.tar_reads import file_versions, index_name
+
+    url = storage.join(s3_bucket, "train", "part.tar")
+    storage.write_bytes(tar_bytes(_members(2)), url)
+    (size, mtime_ns), = file_versions([url]).values()
+    assert size == len(tar_bytes(_members(2))) and mtime_ns
+    assert index_name(url, size, mtime_ns) != index_name(url, size, mtime_ns + 10**9) != index_name(url, size)
+    with pytest.raises(InputError, match="no such file"):
+        file_versions([storage.join(s3_bucket, "train", "absent.tar")])

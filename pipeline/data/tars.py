@@ -102,16 +102,51 @@ def read_samples(url: str, index: pa.Table, max_gap: int = 0) -> pa.Table:
             buffers = list(pool.map(read, runs))
     run_of = np.searchsorted(runs[:, 0], starts, side="right") - 1
     columns: dict[str, list] = {}
+    keys = index.column("__key__").to_pylist()
     for i, (suffixes, offsets, sizes) in enumerate(zip(*(index.column(c).to_pylist()
                                                          for c in ("suffixes", "offsets", "sizes")))):
         buf, base = buffers[run_of[i]], int(starts[i] - runs[run_of[i], 0])
         if len(buf) < int(ends[i] - runs[run_of[i], 0]):
             raise InputError(f"{url}: shorter than its offset index says ({len(buf)} bytes where more were "
                              "expected); the tar changed after it was indexed: delete the index and rerun")
+        follows = tarfile.BLOCKSIZE  # where a member's data starts when no extended header comes before its own
         for suffix, offset, size in zip(suffixes, offsets, sizes):
+            name = f"{keys[i]}.{suffix}"
+            if not _header_matches(buf[base + offset - tarfile.BLOCKSIZE:base + offset], name, size,
+                                   plain=offset == follows):
+                raise InputError(f"{url}: member {name!r} is not where its offset index says (the tar header "
+                                 "there names another member or size); the tar changed after it was indexed: "
+                                 "delete the index and rerun")
+            follows = offset + -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE + tarfile.BLOCKSIZE
             columns.setdefault(suffix, [None] * index.num_rows)[i] = buf[base + offset:base + offset + size]
     return pa.table({"__key__": index.column("__key__"),
                      **{name: pa.array(values, pa.binary()) for name, values in columns.items()}})
+
+
+def _header_matches(block: bytes, name: str, size: int, plain: bool) -> bool:
+    """Whether ``block`` (the 512 bytes before a member's data) is the tar header of member ``name`` of ``size`` bytes.
+
+    A stale offset index (its tar rewritten since, at the same size) points into
+    other members' bytes, where no header names this member. ``plain``: no
+    extended header (a long name's, pax's) comes before this one, so it holds
+    the whole name (ustar: prefix and name) and the size, compared byte for
+    byte (two slices, no parse); otherwise the name is in the extended header,
+    and the block must be a valid header (checksum) of the size.
+    """
+    if len(block) != tarfile.BLOCKSIZE:
+        return False
+    try:
+        if plain:
+            if tarfile.nti(block[124:136]) != size:
+                return False
+            stored = block[:100].split(b"\0", 1)[0]
+            if block[257:263] == b"ustar\x00" and block[345] != 0:  # POSIX ustar: a long name's head in the prefix
+                stored = block[345:500].split(b"\0", 1)[0] + b"/" + stored
+            return stored == name.encode("utf-8", "surrogateescape")  # as tarfile decoded it for the index
+        header = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+    except (tarfile.HeaderError, UnicodeError):
+        return False
+    return header.size == size or size >= 8**11  # a pax header holds sizes the octal field cannot
 
 
 def image_suffix(data: bytes | None) -> str:

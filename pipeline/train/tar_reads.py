@@ -13,8 +13,13 @@ again per block.
 
 The offset index of each tar is built once (a Ray task per tar, streaming it)
 and kept in a folder that several runs on the same data can share; a tar's
-index file is named by the tar's URL and size, so a tar rewritten to a new
-size gets a new index.
+index file is named by the tar's URL, size and modification time (both from
+the one listing of its folder), so a tar rewritten gets a new index even at
+its old size (tars are padded to 10 KiB records, so most rewrites keep it).
+A rewrite the name cannot tell (on S3, whose times are whole seconds, one of
+the same size within the second the index was built from) is caught when it
+is read: every member's tar header must name the member and size the index
+has for it (:func:`pipeline.data.tars.read_samples`).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import hashlib
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import ray
 import ray.data
 from ray.data.block import BlockMetadata
@@ -31,7 +37,7 @@ from ray.data.datasource import Datasource, ReadTask
 
 from pipeline import storage
 from pipeline.data.contract import SHARD_SCHEMA, ColumnMapping
-from pipeline.data.shards import folder_sizes, listed_sizes, webdataset_to_contract
+from pipeline.data.shards import folder_sizes, webdataset_to_contract
 from pipeline.data.tars import read_samples, tar_index
 from pipeline.storage import InputError
 from pipeline.train.stages import epoch_plan, sorted_lookup
@@ -40,26 +46,44 @@ from pipeline.train.stages import epoch_plan, sorted_lookup
 BLOCK_BYTES = 64 << 20
 
 
-def index_name(tar_url: str, size: int) -> str:
-    """The file name of a tar's offset index: the tar's URL (hashed) and size."""
-    return f"{hashlib.sha256(tar_url.encode()).hexdigest()[:20]}-{size}.parquet"
+def index_name(tar_url: str, size: int, mtime_ns: int | None = None) -> str:
+    """The file name of a tar's offset index: the tar's URL (hashed), size and modification time (ns; none where
+    the store gives none)."""
+    version = f"{size}" if mtime_ns is None else f"{size}-{mtime_ns}"
+    return f"{hashlib.sha256(tar_url.encode()).hexdigest()[:20]}-{version}.parquet"
 
 
-def file_sizes(files: list[str]) -> dict[str, int]:
-    """``{URL: size}`` of ``files``: one listing per folder, a size request for any the listings miss."""
-    sizes = listed_sizes(files)
-    for url in [f for f in files if f not in sizes]:
-        fs, path = storage.filesystem_for(url)
-        sizes[url] = fs.get_file_info(path).size
-    return sizes
+def file_versions(files: list[str]) -> dict[str, tuple[int, int | None]]:
+    """``{URL: (size, modification time in ns or None)}`` of ``files``: one listing per folder, a request for any
+    file the listings miss."""
+    versions = {}
+    for folder in sorted({f.rstrip("/").rpartition("/")[0] for f in files}):
+        fs, path = storage.filesystem_for(folder)
+        try:
+            entries = storage.retry_reads(lambda: fs.get_file_info(pafs.FileSelector(path, recursive=False)))
+        except OSError:  # not a folder, or unreadable: asked per file below
+            continue
+        versions.update({storage.join(folder, e.base_name): (e.size, e.mtime_ns)
+                         for e in entries if e.type == pafs.FileType.File})
+    out = {}
+    for url in files:
+        if url not in versions:
+            fs, path = storage.filesystem_for(url)
+            info = storage.retry_reads(lambda: fs.get_file_info(path))
+            if info.type != pafs.FileType.File:
+                raise InputError(f"{url}: no such file")
+            versions[url] = (info.size, info.mtime_ns)
+        out[url] = versions[url]
+    return out
 
 
 def build_indexes(files: list[str], folder: str) -> list[tuple[str, int, str]]:
     """(tar URL, size, offset index URL) of each tar in ``files``; the indexes ``folder`` lacks are built,
-    one Ray task per tar, all at once."""
-    sizes = file_sizes(files)
+    one Ray task per tar, all at once. An index is named by its tar's version (:func:`index_name`): a tar
+    changed since its index was built gets a new one."""
+    versions = file_versions(files)
     have = folder_sizes(folder)  # one listing; none where the folder is not there yet
-    shards = [(f, sizes[f], storage.join(folder, index_name(f, sizes[f]))) for f in files]
+    shards = [(f, versions[f][0], storage.join(folder, index_name(f, *versions[f]))) for f in files]
     build = ray.remote(num_cpus=0.5)(_build_index)  # streaming I/O: leaves CPUs to other tasks on small nodes
     ray.get([build.remote(url, out) for url, _, out in shards if out not in have])
     return shards
@@ -128,7 +152,10 @@ def _read_kept(tar_url: str, index_url: str, keys, pruner_name: str, mapping: Co
     cuts = np.searchsorted(spans, np.arange(BLOCK_BYTES, spans[-1], BLOCK_BYTES), side="right")
     for lo, hi in zip(np.concatenate([[0], cuts]), np.concatenate([cuts, [chosen.num_rows]])):
         if hi > lo:
-            samples = read_samples(tar_url, chosen.slice(int(lo), int(hi - lo)), max_gap)
+            try:
+                samples = read_samples(tar_url, chosen.slice(int(lo), int(hi - lo)), max_gap)
+            except InputError as exc:  # a stale index: name it
+                raise InputError(f"{exc} (the index: {index_url})") from exc
             yield _planned(webdataset_to_contract(samples, mapping).select(list(fields)),
                            positions[lo:hi], weights[lo:hi], epoch)
 
