@@ -146,6 +146,10 @@ def test_report_compares_policies_across_run_dirs(where, tmp_path, request):
             assert im.format == "PNG" and im.size[0] >= 700 and im.size[1] >= 300 and len(png) > 10_000
     page = storage.read_bytes(storage.join(bench["out"], "report.html")).decode()
     assert '<img src="figures/accuracy.png"' in page and "85.00 ± 1.41" in page
+    # Rewritten without the page: the earlier one goes, and the folder's manifest does not name it.
+    assert report.main([bench["a"], "--out", bench["out"], "--no-html"]) == 0
+    assert not storage.exists(storage.join(bench["out"], "report.html"))
+    assert "report.html" not in storage.read_json(storage.join(bench["out"], "_SUCCESS"))["files"]
 
 
 def test_report_splits_the_estimated_noise_cut_by_label(tmp_path):

@@ -186,6 +186,8 @@ def build_report(roots: list[str], out: str, exclude: tuple[str, ...] = (), writ
     if write_html:
         storage.write_bytes(to_html(blocks, "mmdp training report").encode(), storage.join(out, "report.html"))
         written.append(storage.join(out, "report.html"))
+    elif storage.exists(storage.join(out, "report.html")):
+        storage.remove(storage.join(out, "report.html"))  # an earlier report's page: not this report's
     return {"report": written, "figures": figures, "runs": len(runs), "groups": list(groups), "notes": notes}
 
 
