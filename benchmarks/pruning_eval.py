@@ -53,11 +53,17 @@ def write_oracle_scores(data: str, scores: str, url: str) -> int:
 
     Rejected rows go to ``rejects/`` and the trainer reads ``scores/``
     only, so the oracle needs no code path of its own: policy ``full`` on this
-    folder trains on the clean rows.
+    folder trains on the clean rows. The score job's own rejects are copied
+    too, so the copy accounts for every row of the split, as training checks.
     """
     from pipeline.score.commit import write_scores
 
-    table = storage.read_table(storage.join(scores, "scores"))
+    scored, rejects = (storage.read_table(storage.join(scores, folder)) for folder in ("scores", "rejects"))
+    n = rejects.num_rows
+    table = pa.concat_tables([scored, pa.table({
+        KEY: rejects.column(KEY), "index": pa.nulls(n, pa.int64()), "clip_score": pa.nulls(n, pa.float32()),
+        "clip_margin": pa.nulls(n, pa.float32()), "status": pa.array(["rejected"] * n, pa.string()),
+        "error": rejects.column("reason")}, schema=scored.schema)])
     status = table.column("status").to_numpy(zero_copy_only=False).astype(object)
     error = table.column("error").to_numpy(zero_copy_only=False).astype(object)
     excluded = pc.is_in(table.column(KEY), value_set=noisy_keys(data)).to_numpy(zero_copy_only=False) & (status == "ok")

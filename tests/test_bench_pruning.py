@@ -210,3 +210,32 @@ def test_noise_and_policy_flags_are_checked(capsys):
         else:
             raise AssertionError(f"{bad} was accepted")
     assert _parse(["--out", "o"]).seeds == (0, 1, 2)
+
+
+def test_the_oracles_scores_account_for_every_row_the_score_job_did(tmp_path):
+    """The oracle's copy rejects the noisy rows and keeps the score job's own rejects (undecodable images,
+    repeated keys), so training finds it accounts for the whole split, as the job's output did."""
+    import pyarrow as pa
+
+    from benchmarks.pruning_eval import noisy_keys, write_oracle_scores
+    from pipeline.score.commit import write_scores
+
+    data = str(tmp_path / "data")
+    write_dataset(make_synthetic(n=80, seed=4, noise={"symmetric": 0.25}), data)
+    keys = storage.read_table(f"{data}/train").column("key").to_pylist()
+    n = len(keys)
+    status = ["rejected" if i % 10 == 0 else "ok" for i in range(n)]  # the job rejected every tenth row
+    scores = str(tmp_path / "scores")
+    with storage.output(scores):
+        job = write_scores(pa.table({"key": keys, "clip_score": np.linspace(0, 1, n, dtype=np.float32),
+                                     "clip_margin": np.zeros(n, np.float32), "status": status,
+                                     "error": ["undecodable image" if s == "rejected" else "" for s in status]}),
+                           scores)
+    clean = write_oracle_scores(data, scores, str(tmp_path / "oracle"))
+    summary = storage.read_json(str(tmp_path / "oracle" / "summary.json"))
+    assert summary["rows_in"] == job["rows_in"] == n
+    noisy = set(noisy_keys(data).to_pylist())
+    assert clean == sum(s == "ok" and k not in noisy for k, s in zip(keys, status)) > 0
+    reasons = dict(zip(*storage.read_table(str(tmp_path / "oracle" / "rejects")).to_pydict().values()))
+    assert {k for k, r in reasons.items() if r == "undecodable image"} == {k for k, s in zip(keys, status) if s != "ok"}
+    assert {k for k, r in reasons.items() if r == ORACLE_REASON} == {k for k, s in zip(keys, status) if s == "ok"} & noisy
