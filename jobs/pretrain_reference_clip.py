@@ -92,11 +92,13 @@ class PretrainConfig:
 
     def check_inputs(self) -> None:
         """Refused before the output is marked pending (``pipeline.cli.execute``), so that a re-run refused for
-        its input leaves the earlier model committed: an output that is, holds or lies in ``--data``; a
-        dataset not committed or without a reference split."""
+        its input leaves the earlier model committed: an output that is or holds ``--data``, or lies in a split
+        it reads (beside them, in the dataset's folder, is fine); a dataset not committed or without a
+        reference split."""
         from pipeline.data.shards import list_shards
 
-        if storage.contains(self.out, self.data) or storage.contains(self.data, self.out):
+        splits = [storage.join(self.data, split) for split in ("reference", "test")]  # what it reads
+        if storage.contains(self.out, self.data) or any(storage.contains(split, self.out) for split in splits):
             raise ValueError(f"--out {self.out} and --data {self.data} overlap: the model's folder would replace or "
                              "be read as the dataset; give it a folder of its own")
         storage.check_not_pending(self.data)

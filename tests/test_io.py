@@ -356,6 +356,10 @@ def test_a_column_the_mapping_names_must_be_in_some_shard(tmp_path):
     # A typo: no shard has it, so every caption would be read as missing.
     with pytest.raises(SchemaError, match=r"--columns caption=txt: no shard has a column 'txt'"):
         shards.check_shards("parquet", storage.list_files(url), ColumnMapping.parse("key=id,image=img,caption=txt"))
+    # A split read without the named column (a classifier's test split, without captions) passes.
+    fields = ("label",)
+    assert shards.check_shards("parquet", storage.list_files(url), ColumnMapping.parse("key=id,image=img,caption=txt"),
+                               fields)
     # A preset's optional columns may be absent (a dataset without labels).
     storage.write_table(table.rename_columns(["key", "image", "caption", "other"]), storage.join(str(tmp_path), "c.parquet"))
     assert shards.check_shards("parquet", [storage.join(str(tmp_path), "c.parquet")], ColumnMapping.parse("mmdp"))

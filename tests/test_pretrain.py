@@ -124,5 +124,5 @@ def test_a_rerun_refused_for_its_data_leaves_the_earlier_model_committed(synthet
         assert main(["--data", data, "--out", folder, "--model", TINY_MODEL]) == 2
         assert says in capsys.readouterr().err
         assert pio.is_complete(folder) and pio.read_bytes(checkpoint_url(folder)) == b"weights"
-    assert main(["--data", synthetic, "--out", f"{synthetic}/ref", "--model", TINY_MODEL]) == 2
+    assert main(["--data", synthetic, "--out", f"{synthetic}/reference/ref", "--model", TINY_MODEL]) == 2
     assert "overlap" in capsys.readouterr().err

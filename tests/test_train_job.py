@@ -361,7 +361,8 @@ def test_a_run_folder_over_its_inputs_or_scores_of_other_rows_are_refused_before
     with storage.output(part):
         write_scores(storage.read_table(f"{scores}/scores").slice(0, 50), part)
     for argv, says in ((_train_argv(data, scores, scores), f"--out {scores} and --scores {scores} overlap"),
-                       (_train_argv(data, scores, f"{data}/runs/a"), f"--out {data}/runs/a and --data {data} overlap"),
+                       (_train_argv(data, scores, f"{data}/train/a"), f"--out {data}/train/a and --data {data} overlap"),
+                       (_train_argv(data, f"{scores}-typo", tmp_path / "run"), f"{scores}-typo/scores: no such file"),
                        (_train_argv(data, part, tmp_path / "run"),
                         f"--scores {part} scored or rejected 50 rows (its summary.json), but {data}/train holds 200")):
         assert train_job.main(argv) == 2

@@ -189,21 +189,27 @@ def check_checkpoint(cfg: TrainConfig) -> Resume:
 
 def check_inputs(cfg: TrainConfig) -> None:
     """Refuse what would fail the run before its folder is marked pending (``pipeline.cli.execute``), so that
-    a refused re-run or resume leaves the run there committed: a ``--out`` that is, holds or lies in
-    ``--data`` or ``--scores``; an input not committed; a classifier without class names; scores of
-    other rows than the train split's
-    (:func:`check_scores_match`); a checkpoint that cannot resume (:func:`check_checkpoint`).
+    a refused re-run or resume leaves the run there committed: a ``--out`` that is or holds ``--data`` or
+    ``--scores``, or lies in a folder the run reads; an input not committed or not there; a classifier
+    without class names; scores of other rows than the train split's (:func:`check_scores_match`); a
+    checkpoint that cannot resume (:func:`check_checkpoint`). (The signal's values and the shards' columns
+    are checked once the run reads them.)
 
     Raises:
         ValueError, InputError: naming the flag or folder.
     """
-    for name in ("data", "scores"):
+    # The run folder may not be or hold an input, nor lie in a folder the run reads (beside them is fine).
+    read = {"data": [storage.join(cfg.data, split) for split in ("train", "test")], "scores": [cfg.scores]}
+    for name, folders in read.items():
         url = getattr(cfg, name)
-        if storage.contains(cfg.out, url) or storage.contains(url, cfg.out):
+        if storage.contains(cfg.out, url) or any(storage.contains(folder, cfg.out) for folder in folders):
             raise ValueError(f"--out {cfg.out} and --{name} {url} overlap: the run folder would replace or be read "
                              f"as the {name}; give the run a folder of its own")
     storage.check_not_pending(cfg.data)
     storage.check_not_pending(cfg.scores)
+    storage.list_files(storage.join(cfg.scores, "scores"))  # a scores folder there, committed
+    if cfg.reference_keys and not storage.exists(cfg.reference_keys):
+        raise storage.InputError(f"--reference-keys {cfg.reference_keys}: no such file")
     class_names(cfg.data, cfg.classes, required=cfg.task == "classify")
     check_scores_match(cfg)
     if cfg.resume_from:

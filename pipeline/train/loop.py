@@ -476,14 +476,16 @@ def _save_pruner_state(directory: str, pruning, incarnation, out: str, epoch: in
 
 
 def saved_pruner_state(checkpoint: str) -> str:
-    """The pruner state that the checkpoint folder ``checkpoint`` names: in the run folder that holds
-    the checkpoint (``OUT/checkpoint``), where it is there (the folder may have moved since), else where
-    it was saved."""
+    """The pruner state that the checkpoint folder ``checkpoint`` names: in the run folder that holds the
+    checkpoint (``OUT/checkpoint``, or Ray Train's ``OUT/ray/NAME/checkpoint_N``), found by walking up
+    from it, where it is there (the folder may have moved since); else where it was saved."""
     named = storage.read_json(storage.join(checkpoint, PRUNER_STATE))
     if "in_run" in named:  # (an older mmdp's checkpoint names only the state's URL)
-        moved = storage.join(checkpoint.rstrip("/").rpartition("/")[0], named["in_run"])
-        if storage.is_complete(moved):
-            return moved
+        folder = checkpoint.rstrip("/")
+        for _ in range(3):  # OUT/checkpoint, OUT/ray/NAME/checkpoint_N
+            folder = folder.rpartition("/")[0]
+            if folder and storage.is_complete(storage.join(folder, named["in_run"])):
+                return storage.join(folder, named["in_run"])
     return named["state"]
 
 
