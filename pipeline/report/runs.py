@@ -32,6 +32,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import math
+import dataclasses
 import posixpath
 from dataclasses import dataclass, field
 
@@ -252,6 +253,13 @@ def _load_run(url: str, label: str, sources: Sources) -> Run | None:
     return run
 
 
+def _train_defaults() -> dict:
+    """``jobs.train``'s flag defaults (the task's own for model, lr and weight decay are resolved per run)."""
+    from pipeline.train.config import TrainConfig
+
+    return {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+
+
 def _norm(url: str) -> str:
     return storage.filesystem_for(url)[1]
 
@@ -273,7 +281,8 @@ def _assign_experiments(runs: list[Run], sources: Sources) -> None:
     for r in runs:
         r.setup = {"data": r.dataset}
         for key, name in EXPERIMENT_FIELDS.items():
-            value = r.config.get(key)
+            # A flag that an older mmdp did not record had its later default's effect.
+            value = r.config[key] if key in r.config else _train_defaults().get(key)
             r.setup[name] = NOT_RECORDED if value is None else value if isinstance(value, str) else _json(value)
         r.setup["score mode"] = _score_mode(r.config.get("scores"), sources) or NOT_RECORDED
     # The dataset as shown: its name and size, or (where two datasets read the same) the first run's data folder.
