@@ -139,8 +139,9 @@ def test_reads_fashion_mnist_from_an_object_store(s3_bucket, tmp_path):
 
 
 def test_missing_source_exits_2_with_instructions(tmp_path, capsys):
+    (tmp_path / "src").mkdir()  # a folder without Fashion-MNIST's files
     with pytest.raises(SystemExit) as info:
-        main(["--out", str(tmp_path / "out"), "--source", str(tmp_path)])
+        main(["--out", str(tmp_path / "out"), "--source", str(tmp_path / "src")])
     err = capsys.readouterr().err
     assert info.value.code == 2
     assert "apt-get install -y dataset-fashion-mnist" in err and "--source" in err and "Traceback" not in err
