@@ -147,10 +147,15 @@ def check_shards(kind: str, files: list[str], mapping: ColumnMapping | None = No
 
 def listed_sizes(files: list[str]) -> dict[str, int]:
     """``{URL: size}`` of the ``files`` that one listing of each of their folders finds."""
-    sizes = {}
+    return {url: info.size for url, info in listed_infos(files).items()}
+
+
+def listed_infos(files: list[str]) -> dict[str, pafs.FileInfo]:
+    """``{URL: FileInfo}`` (size, modification time) of the ``files`` that one listing of each of their folders finds."""
+    infos = {}
     for folder in sorted({f.rstrip("/").rpartition("/")[0] for f in files}):
-        sizes.update(folder_sizes(folder))
-    return {f: sizes[f] for f in files if f in sizes}
+        infos.update({join(folder, e.base_name): e for e in _entries(folder) if e.type == pafs.FileType.File})
+    return {f: infos[f] for f in files if f in infos}
 
 
 def folder_sizes(url: str) -> dict[str, int]:

@@ -37,7 +37,7 @@ from ray.data.datasource import Datasource, ReadTask
 
 from pipeline import storage
 from pipeline.data.contract import SHARD_SCHEMA, ColumnMapping
-from pipeline.data.shards import folder_sizes, webdataset_to_contract
+from pipeline.data.shards import folder_sizes, listed_infos, webdataset_to_contract
 from pipeline.data.tars import read_samples, tar_index
 from pipeline.storage import InputError
 from pipeline.train.stages import epoch_plan, sorted_lookup
@@ -56,25 +56,13 @@ def index_name(tar_url: str, size: int, mtime_ns: int | None = None) -> str:
 def file_versions(files: list[str]) -> dict[str, tuple[int, int | None]]:
     """``{URL: (size, modification time in ns or None)}`` of ``files``: one listing per folder, a request for any
     file the listings miss."""
-    versions = {}
-    for folder in sorted({f.rstrip("/").rpartition("/")[0] for f in files}):
-        fs, path = storage.filesystem_for(folder)
-        try:
-            entries = storage.retry_reads(lambda: fs.get_file_info(pafs.FileSelector(path, recursive=False)))
-        except OSError:  # not a folder, or unreadable: asked per file below
-            continue
-        versions.update({storage.join(folder, e.base_name): (e.size, e.mtime_ns)
-                         for e in entries if e.type == pafs.FileType.File})
-    out = {}
-    for url in files:
-        if url not in versions:
-            fs, path = storage.filesystem_for(url)
-            info = storage.retry_reads(lambda: fs.get_file_info(path))
-            if info.type != pafs.FileType.File:
-                raise InputError(f"{url}: no such file")
-            versions[url] = (info.size, info.mtime_ns)
-        out[url] = versions[url]
-    return out
+    infos = listed_infos(files)
+    for url in [f for f in files if f not in infos]:
+        fs, path = storage.filesystem_for(url)
+        infos[url] = storage.retry_reads(lambda: fs.get_file_info(path))
+        if infos[url].type != pafs.FileType.File:
+            raise InputError(f"{url}: no such file")
+    return {url: (infos[url].size, infos[url].mtime_ns) for url in files}
 
 
 def build_indexes(files: list[str], folder: str) -> list[tuple[str, int, str]]:
