@@ -41,7 +41,7 @@ from typing import ClassVar
 import pyarrow as pa
 
 from pipeline import storage
-from pipeline.cli import HELP, option, run_job
+from pipeline.cli import HELP, check_apart, option, run_job
 from pipeline.data import reference
 from pipeline.data.contract import SHARD_SCHEMA, ColumnMapping
 from pipeline.data.noise import NOISE_KINDS, parse_noise_spec
@@ -152,9 +152,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _check_source(config: MakeDatasetConfig) -> None:
-    if config.source and (storage.contains(config.out, config.source) or storage.contains(config.source, config.out)):
-        raise ValueError(f"--out {config.out} and --source {config.source} overlap: the dataset would replace or be "
-                         "read as its source; give it a folder of its own")
+    if config.source:
+        check_apart("out", config.out, "source", config.source)
     if config.columns is not None:
         storage.check_not_pending(config.source)
         shard_files(config.source, ColumnMapping.parse(config.columns))  # bad files fail before OUT exists

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from pipeline import storage
-from pipeline.cli import HELP, option, run_job
+from pipeline.cli import HELP, check_apart, option, run_job
 from pipeline.data.contract import ColumnMapping
 from pipeline.score import REFERENCE_MODEL
 
@@ -98,9 +98,7 @@ class PretrainConfig:
         from pipeline.data.shards import list_shards
 
         splits = [storage.join(self.data, split) for split in ("reference", "test")]  # what it reads
-        if storage.contains(self.out, self.data) or any(storage.contains(split, self.out) for split in splits):
-            raise ValueError(f"--out {self.out} and --data {self.data} overlap: the model's folder would replace or "
-                             "be read as the dataset; give it a folder of its own")
+        check_apart("out", self.out, "data", self.data, splits)
         storage.check_not_pending(self.data)
         list_shards(storage.join(self.data, "reference"))
 

@@ -201,6 +201,20 @@ def check_shared_paths(cfg) -> None:
                          "every node mounts at this same path)")
 
 
+def check_apart(output_flag: str, output: str, input_flag: str, source: str, read: list[str] | None = None) -> None:
+    """Refuse an output that is or holds an input, or lies in a folder the job reads of it (``read``; default:
+    the whole input): the output would replace the input, or be read as part of it by the next run.
+
+    Raises:
+        ValueError: naming both flags.
+    """
+    from pipeline import storage
+
+    if storage.contains(output, source) or any(storage.contains(folder, output) for folder in (read or [source])):
+        raise ValueError(f"--{output_flag} {output} and --{input_flag} {source} overlap: the output would replace "
+                         "or be read as the input; give it a folder of its own")
+
+
 def execute(cfg, work):
     """Run a parsed config the way its job runs: the part of :func:`run_job` after parsing.
 

@@ -278,11 +278,11 @@ def _assign_experiments(runs: list[Run], sources: Sources) -> None:
 
     Tags (``E1``, ``E2``, ...) follow the runs' labels, and are given only where there are several.
     """
+    defaults = _train_defaults()  # a flag that an older mmdp did not record had its later default's effect
     for r in runs:
         r.setup = {"data": r.dataset}
         for key, name in EXPERIMENT_FIELDS.items():
-            # A flag that an older mmdp did not record had its later default's effect.
-            value = r.config[key] if key in r.config else _train_defaults().get(key)
+            value = r.config[key] if key in r.config else defaults.get(key)
             r.setup[name] = NOT_RECORDED if value is None else value if isinstance(value, str) else _json(value)
         r.setup["score mode"] = _score_mode(r.config.get("scores"), sources) or NOT_RECORDED
     # The dataset as shown: its name and size, or (where two datasets read the same) the first run's data folder.

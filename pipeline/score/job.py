@@ -33,7 +33,7 @@ from ray.data.block import BlockAccessor
 
 from pipeline import storage
 from pipeline.data import shards
-from pipeline.cli import option
+from pipeline.cli import check_apart, option
 from pipeline.data.contract import KEY, ColumnMapping
 from pipeline.data.validate import RowValidator
 from pipeline.score import REFERENCE_MODEL, TINY_MODEL
@@ -121,9 +121,7 @@ class ScoreConfig:
         Raises:
             ValueError, InputError: naming the flag or file.
         """
-        if storage.contains(self.output, self.input) or storage.contains(self.input, self.output):
-            raise ValueError(f"--output {self.output} and --input {self.input} overlap: the output would replace "
-                             "or be read as the input; write it to a folder of its own")
+        check_apart("output", self.output, "input", self.input)
         shards.list_shards(self.input)
         classes_for(self)
 

@@ -27,6 +27,7 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from pipeline import storage
+from pipeline.cli import check_apart
 from pipeline.prune.actor import actor_name
 from pipeline.train.config import TrainConfig, parse_params
 from pipeline.train.loop import (KEEP_CHECKPOINTS, PRUNER_STATE, RUN_CONFIG, TRAIN_STATE, PhaseClock,
@@ -199,12 +200,8 @@ def check_inputs(cfg: TrainConfig) -> None:
         ValueError, InputError: naming the flag or folder.
     """
     # The run folder may not be or hold an input, nor lie in a folder the run reads (beside them is fine).
-    read = {"data": [storage.join(cfg.data, split) for split in ("train", "test")], "scores": [cfg.scores]}
-    for name, folders in read.items():
-        url = getattr(cfg, name)
-        if storage.contains(cfg.out, url) or any(storage.contains(folder, cfg.out) for folder in folders):
-            raise ValueError(f"--out {cfg.out} and --{name} {url} overlap: the run folder would replace or be read "
-                             f"as the {name}; give the run a folder of its own")
+    check_apart("out", cfg.out, "data", cfg.data, [storage.join(cfg.data, split) for split in ("train", "test")])
+    check_apart("out", cfg.out, "scores", cfg.scores)
     storage.check_not_pending(cfg.data)
     storage.check_not_pending(cfg.scores)
     storage.list_files(storage.join(cfg.scores, "scores"))  # a scores folder there, committed
