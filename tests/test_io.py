@@ -354,7 +354,7 @@ def test_a_column_the_mapping_names_must_be_in_some_shard(tmp_path):
     good = ColumnMapping.parse("key=id,image=img,caption=text")
     assert [f.rows for f in shards.check_shards("parquet", storage.list_files(url), good)] == [10, 10]
     # A typo: no shard has it, so every caption would be read as missing.
-    with pytest.raises(SchemaError, match=r"--columns caption=txt: no shard has a column 'txt'"):
+    with pytest.raises(SchemaError, match=rf"--columns caption=txt: no shard in {url} has a column 'txt'"):
         shards.check_shards("parquet", storage.list_files(url), ColumnMapping.parse("key=id,image=img,caption=txt"))
     # A split read without the named column (a classifier's test split, without captions) passes.
     fields = ("label",)
@@ -363,6 +363,31 @@ def test_a_column_the_mapping_names_must_be_in_some_shard(tmp_path):
     # A preset's optional columns may be absent (a dataset without labels).
     storage.write_table(table.rename_columns(["key", "image", "caption", "other"]), storage.join(str(tmp_path), "c.parquet"))
     assert shards.check_shards("parquet", [storage.join(str(tmp_path), "c.parquet")], ColumnMapping.parse("mmdp"))
+
+
+def test_a_named_column_is_checked_before_a_job_from_the_first_footer_and_all_only_where_it_lacks_it(tmp_path):
+    table = _table(30).rename_columns(["id", "img", "text", "label"])
+    url = str(tmp_path / "in")
+    storage.write_table(table.slice(0, 10), storage.join(url, "a.parquet"))
+    storage.write_table(table.slice(10, 10).drop_columns(["text"]), storage.join(url, "b.parquet"))
+    (tmp_path / "in" / "c.parquet").write_bytes(b"not parquet")  # read only where every footer is
+    spec = ColumnMapping.parse("key=id,image=img,caption=text")
+    shards.check_named_columns(url, spec)  # the first shard has every named column: one footer read
+    with pytest.raises(storage.InputError, match="c.parquet"):  # it lacks one: every footer is read
+        shards.check_named_columns(url, ColumnMapping.parse("key=id,image=img,caption=txt"))
+    (tmp_path / "in" / "c.parquet").unlink()
+    with pytest.raises(SchemaError, match=rf"--columns caption=txt: no shard in {url} has a column 'txt'"):
+        shards.check_named_columns(url, ColumnMapping.parse("key=id,image=img,caption=txt"))
+    # Only the first lacks it: another shard has it, so it is no typo.
+    storage.remove(storage.join(url, "a.parquet"))
+    storage.write_table(table.slice(20), storage.join(url, "c.parquet"))
+    shards.check_named_columns(url, spec)
+    # Nothing to check, nothing read: a preset's names, or a split read without the named column.
+    missing = str(tmp_path / "no-such-split")
+    shards.check_named_columns(missing, ColumnMapping.parse("mmdp"))
+    shards.check_named_columns(missing, ColumnMapping.parse("caption=txt"), fields=("label",))
+    with pytest.raises(storage.InputError, match="no-such-split"):
+        shards.check_named_columns(missing, ColumnMapping.parse("caption=txt"))
 
 
 def test_a_corrupt_shard_is_named_before_reading(root):

@@ -218,6 +218,8 @@ def test_a_rerun_refused_for_its_input_leaves_the_earlier_output_committed(ray_s
     for argv, message in (
             (["--input", storage.join(root, "trian"), "--output", out], "trian: no such file or folder"),
             (["--input", train, "--output", out, "--mode", "label"], "label mode needs class names"),
+            (["--input", train, "--output", out, "--mode", "caption", "--columns", "caption=text"],
+             f"--columns caption=text: no shard in {train} has a column 'text'"),
             # The dataset's own folder, or a folder inside the input: the output would replace or join the input.
             (["--input", train, "--output", root], "overlap"),
             (["--input", train, "--output", storage.join(train, "scores")], "overlap")):

@@ -140,9 +140,32 @@ def check_shards(kind: str, files: list[str], mapping: ColumnMapping | None = No
         source = getattr(mapping, name)
         if files and not any(source in f.columns for f in footers):
             found = sorted(set().union(*(f.columns for f in footers)))
-            raise SchemaError(f"--columns {name}={source}: no shard has a column {source!r} (found {found}); "
+            raise SchemaError(f"--columns {name}={source}: no shard in {files[0].rpartition('/')[0]} has a column "
+                              f"{source!r} (found {found}); "
                               f"without it every {name} would be read as missing")
     return footers
+
+
+def check_named_columns(url: str, mapping: ColumnMapping, fields: tuple[str, ...] | None = None,
+                        listing: tuple[str, list[str]] | None = None) -> None:
+    """Refuse a ``--columns`` spec that names a column no parquet shard at ``url`` has, before a job starts,
+    so that a typo leaves the output it would have replaced committed: the first shard's footer is read, and
+    every shard's (:func:`check_shards`) only where that one lacks a named column. Nothing is read for a
+    preset's names, or for webdataset tars. ``fields``, ``listing``: as for :func:`read_shards`.
+
+    Raises:
+        SchemaError: naming the column; InputError: an unreadable shard.
+    """
+    wanted = [getattr(mapping, name) for name in mapping.named
+              if fields is None or name in (KEY, IMAGE, *fields)]
+    if not wanted:
+        return
+    kind, files = listing or list_shards(url)
+    if kind != "parquet" or not files:
+        return
+    first = _check_parquet(files[0], None, listed_sizes(files[:1]).get(files[0]))
+    if any(source not in first.columns for source in wanted):
+        check_shards(kind, files, mapping, fields)
 
 
 def listed_sizes(files: list[str]) -> dict[str, int]:

@@ -116,14 +116,16 @@ class ScoreConfig:
         """Refuse what would fail the job, before its output is marked pending (``pipeline.cli.execute``), so
         that a re-run with a typo leaves the output it would have replaced committed: an output that is,
         holds or lies in the input, an input that is not there or is no shard folder (one listing), label
-        mode without class names. The shards' footers are read beside the scoring (:func:`_score`).
+        mode without class names, a ``--columns`` spec naming a column no shard has (the first shard's
+        footer; all only where that one lacks it). Every shard's footer is read beside the scoring (:func:`_score`).
 
         Raises:
             ValueError, InputError: naming the flag or file.
         """
         check_apart("output", self.output, "input", self.input)
-        shards.list_shards(self.input)
+        listing = shards.list_shards(self.input)
         classes_for(self)
+        shards.check_named_columns(self.input, ColumnMapping.parse(self.columns), listing=listing)
 
 
 @functools.lru_cache(maxsize=4)
