@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import shutil
 
 import numpy as np
 import pyarrow as pa
@@ -118,14 +120,29 @@ def test_a_signal_the_scores_lack_is_refused_before_training(caption_scored, tmp
     """Caption-mode scores have no clip_margin (NaN on every row): with --signal clip_margin the noise estimate
     was 0 and clip_filter kept the last rows in key order, a plan made by no signal, nothing said."""
     data, scores, n = caption_scored
+    # The scores say their mode: refused before the run folder is marked pending, so an earlier run there stays.
+    out = str(tmp_path / "run")
+    with storage.output(out):
+        storage.write_json({"policy": "earlier"}, storage.join(out, "config.json"))
     for policy in ("mmdp", "clip_filter"):
-        rc = train_job.main(["--data", data, "--scores", scores, "--out", str(tmp_path / policy), "--epochs", "1",
+        rc = train_job.main(["--data", data, "--scores", scores, "--out", out, "--epochs", "1",
                              "--workers", "1", "--signal", "clip_margin", "--policy", policy])
         err = capsys.readouterr().err
         assert rc == 2, err
-        assert f"signal clip_margin: {n} of {n} scored rows (100%) have no clip_margin (NaN)" in err
-        assert "caption mode" in err and "--signal clip_score" in err
-        assert "Traceback" not in err and "ray::" not in err  # the task's error as itself, not Ray's wrapping
+        assert f"--signal clip_margin: {scores} was scored in caption mode (its config.json)" in err
+        assert "have no clip_margin" in err and "--signal clip_score" in err and "Traceback" not in err
+        assert storage.is_complete(out) and storage.read_json(f"{out}/config.json") == {"policy": "earlier"}
+    # Scores that do not say their mode are refused by their values, once read (in a task: its error as itself).
+    bare = str(tmp_path / "scores-without-config")
+    shutil.copytree(scores, bare)
+    os.remove(f"{bare}/config.json")
+    rc = train_job.main(["--data", data, "--scores", bare, "--out", str(tmp_path / "bare"), "--epochs", "1",
+                         "--workers", "1", "--signal", "clip_margin"])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert f"signal clip_margin: {n} of {n} scored rows (100%) have no clip_margin (NaN)" in err
+    assert "caption mode" in err and "--signal clip_score" in err
+    assert "Traceback" not in err and "ray::" not in err
     with pytest.raises(ValueError, match=f"signal clip_margin: {n} of {n} ") as refused:
         Pruning.from_scores(scores, policy="clip_cut", signal="clip_margin", epochs=2)
     assert type(refused.value) is ValueError
@@ -134,6 +151,25 @@ def test_a_signal_the_scores_lack_is_refused_before_training(caption_scored, tmp
     # auto takes clip_score for these scores, as before; clip_score itself is whole.
     keys, consistency, signal = load_index(scores, "auto")
     assert signal == "clip_score" and len(keys) == n and not np.isnan(consistency).any()
+
+
+def test_a_column_spec_naming_a_column_no_shard_has_is_refused_before_the_run_folder_is_touched(
+        caption_scored, tmp_path, capsys):
+    """``--columns label=lable`` read every label as null; the run found it only once it read the split, after
+    its folder was marked pending (an earlier run there uncommitted)."""
+    data, scores, _ = caption_scored
+    out = str(tmp_path / "run")
+    with storage.output(out):
+        storage.write_json({"policy": "earlier"}, storage.join(out, "config.json"))
+    for argv, says in ((["--columns", "label=lable"], f"--columns label=lable: no shard in {data}/train has a "
+                                                      "column 'lable'"),
+                       (["--columns", "caption=text", "--task", "clip", "--signal", "clip_score"],
+                        f"--columns caption=text: no shard in {data}/train has a column 'text'")):
+        rc = train_job.main(["--data", data, "--scores", scores, "--out", out, "--epochs", "1", "--workers", "1",
+                             *argv])
+        err = capsys.readouterr().err
+        assert rc == 2 and says in err, err
+        assert storage.is_complete(out) and storage.read_json(f"{out}/config.json") == {"policy": "earlier"}
 
 
 def test_a_signal_missing_on_more_than_half_the_rows_is_refused_below_it_kept():

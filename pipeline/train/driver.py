@@ -32,9 +32,10 @@ from pipeline.prune.actor import actor_name
 from pipeline.train.config import TrainConfig, parse_params
 from pipeline.train.loop import (KEEP_CHECKPOINTS, PRUNER_STATE, RUN_CONFIG, TRAIN_STATE, PhaseClock,
                                  saved_pruner_state)
-from pipeline.train.pruning import Pruning
-from pipeline.data.contract import DEFAULT_TEMPLATES, KEY
-from pipeline.data.shards import check_shards, class_names, dataset_metadata, list_shards, read_shards
+from pipeline.train.pruning import NO_CAPTION_MARGIN, Pruning
+from pipeline.data.contract import DEFAULT_TEMPLATES, KEY, ColumnMapping
+from pipeline.data.shards import (check_named_columns, check_shards, class_names, dataset_metadata, list_shards,
+                                  read_shards)
 
 log = logging.getLogger(__name__)
 
@@ -192,8 +193,10 @@ def check_inputs(cfg: TrainConfig) -> None:
     """Refuse what would fail the run before its folder is marked pending (``pipeline.cli.execute``), so that
     a refused re-run or resume leaves the run there committed: a ``--out`` that is or holds ``--data`` or
     ``--scores``, or lies in a folder the run reads; an input not committed or not there; a classifier
-    without class names; scores of other rows than the train split's (:func:`check_scores_match`); a
-    checkpoint that cannot resume (:func:`check_checkpoint`). (The signal's values and the shards' columns
+    without class names; a ``--columns`` spec naming a column no shard of a split has
+    (:func:`~pipeline.data.shards.check_named_columns`); ``--signal clip_margin`` on scores made in caption
+    mode (their ``config.json``); scores of other rows than the train split's (:func:`check_scores_match`); a
+    checkpoint that cannot resume (:func:`check_checkpoint`). (The signal's values and every shard's footer
     are checked once the run reads them.)
 
     Raises:
@@ -208,9 +211,21 @@ def check_inputs(cfg: TrainConfig) -> None:
     if cfg.reference_keys and not storage.exists(cfg.reference_keys):
         raise storage.InputError(f"--reference-keys {cfg.reference_keys}: no such file")
     class_names(cfg.data, cfg.classes, required=cfg.task == "classify")
+    for split in ("train", "test"):
+        check_named_columns(storage.join(cfg.data, split), ColumnMapping.parse(cfg.columns),
+                            tuple(split_fields(cfg.task == "clip")))
+    if cfg.signal == "clip_margin" and score_mode(cfg.scores) == "caption":
+        raise ValueError(f"--signal clip_margin: {cfg.scores} was scored in caption mode (its config.json), and "
+                         f"{NO_CAPTION_MARGIN}")
     check_scores_match(cfg)
     if cfg.resume_from:
         check_checkpoint(cfg)
+
+
+def score_mode(scores: str) -> str | None:
+    """The mode the score job scored in (``label`` or ``caption``, its ``config.json``); None if not recorded."""
+    config = storage.join(scores, "config.json")
+    return storage.read_json(config).get("mode") if storage.exists(config) else None
 
 
 def check_scores_match(cfg: TrainConfig) -> None:

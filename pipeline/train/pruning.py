@@ -98,6 +98,11 @@ def missing_share(values: np.ndarray) -> float:
     return float(np.isnan(values).mean()) if len(values) else 0.0
 
 
+NO_CAPTION_MARGIN = ("scores made in caption mode (jobs.score --mode caption) have no clip_margin, which needs "
+                     "each row's label; use --signal clip_score (or auto, which takes clip_score then), or score "
+                     "the data in label mode")
+
+
 def check_signal(values: np.ndarray, signal: str) -> None:
     """Refuse a consistency ``signal`` missing (NaN) on more than :data:`MAX_MISSING_SIGNAL` of the scored rows.
 
@@ -111,9 +116,7 @@ def check_signal(values: np.ndarray, signal: str) -> None:
     what = (f"signal {signal}: {missing} of {len(values)} scored rows ({share:.0%}) have no {signal} (NaN), "
             "so it cannot rank them")
     if signal == "clip_margin":
-        raise ValueError(f"{what}: scores made in caption mode (jobs.score --mode caption) have no clip_margin, "
-                         "which needs each row's label; use --signal clip_score (or auto, which takes clip_score "
-                         "then), or score the data in label mode")
+        raise ValueError(f"{what}: {NO_CAPTION_MARGIN}")
     raise ValueError(f"{what}: the scores are damaged or of an older scorer; score the data again")
 
 
