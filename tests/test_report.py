@@ -11,6 +11,7 @@ import re
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pytest
 from PIL import Image
 
@@ -146,9 +147,14 @@ def test_report_compares_policies_across_run_dirs(where, tmp_path, request):
             assert im.format == "PNG" and im.size[0] >= 700 and im.size[1] >= 300 and len(png) > 10_000
     page = storage.read_bytes(storage.join(bench["out"], "report.html")).decode()
     assert '<img src="figures/accuracy.png"' in page and "85.00 ± 1.41" in page
-    # Rewritten without the page: the earlier one goes, and the folder's manifest does not name it.
+    # Rewritten without the page: the earlier one goes, and the folder's manifest does not name it; so does
+    # a figure of the earlier report that this one does not draw (a score set it had and this one has not).
+    storage.write_bytes(b"an earlier report's figure", storage.join(bench["out"], "figures", "scores-gone.png"))
     assert report.main([bench["a"], "--out", bench["out"], "--no-html"]) == 0
     assert not storage.exists(storage.join(bench["out"], "report.html"))
+    fs, path = storage.filesystem_for(storage.join(bench["out"], "figures"))
+    drawn = sorted(info.base_name for info in fs.get_file_info(pafs.FileSelector(path)))
+    assert drawn == sorted(f.split("/")[1] for f in figures)
     assert "report.html" not in storage.read_json(storage.join(bench["out"], "_SUCCESS"))["files"]
 
 

@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import ray
 from PIL import Image
@@ -206,7 +207,7 @@ def test_bad_input_folder_is_a_clear_error(ray_session, tmp_path, capsys):
     assert not storage.exists(str(tmp_path / "out" / "_SUCCESS"))
 
 
-def test_a_rerun_refused_for_its_input_leaves_the_earlier_output_committed(ray_session, tmp_path, capsys):
+def test_a_rerun_refused_for_its_input_leaves_the_earlier_output_committed(ray_session, tiny_ckpt, tmp_path, capsys):
     root = str(tmp_path / "data")
     write_dataset(make_synthetic(n=20, seed=1), root, rows_per_shard=10)
     storage.remove(storage.join(root, "metadata.json"))  # no class names for label mode
@@ -228,6 +229,16 @@ def test_a_rerun_refused_for_its_input_leaves_the_earlier_output_committed(ray_s
         assert storage.is_complete(out) and storage.read_json(storage.join(out, "config.json")) == {"input": "earlier"}
         assert storage.is_complete(train)
         assert sorted(p.name for p in (tmp_path / "data").iterdir()) == dataset_state
+    # An accepted re-run replaces the earlier output whole: shards of the earlier run that this one does not
+    # write go, so that any parquet reader of the folder (not only mmdp's, which follow the manifest) reads
+    # this run's rows alone.
+    for folder in ("scores", "rejects"):
+        storage.write_table(pa.table({"key": ["earlier"]}), storage.join(out, folder, "part-00099.parquet"))
+    assert score_job.main(["--input", train, "--output", out, "--mode", "caption", "--model", "mmdp-tiny",
+                           "--pretrained", tiny_ckpt, "--actor-cpus", "0.5", "--batch-size", "16"]) == 0
+    summary = storage.read_json(storage.join(out, "summary.json"))
+    assert pq.read_table(storage.join(out, "scores")).num_rows == summary["scored"] == summary["rows_in"] > 0
+    assert pq.read_table(storage.join(out, "rejects")).num_rows == summary["rejected"] == 0
 
 
 def test_scoring_actors_share_each_gpu_as_asked_use_the_cpus_they_ask_and_a_bad_share_is_refused(capsys):

@@ -124,6 +124,8 @@ def build_report(roots: list[str], out: str, exclude: tuple[str, ...] = (), writ
     by = ([f"experiment ({len(exps)}, tagged E1-E{len(exps)})"] if exps else []) + ["policy"] + (
         ["noise setting"] if len({r.noise for r in runs}) > 1 else [])
     sets = score_sets(runs, sources)
+    # An earlier report's figures go (a score set or task it had and this one has not would leave its figure).
+    storage.remove(storage.join(out, "figures"))
     figures: list[str] = []
 
     def figure(fig, name: str, alt: str) -> tuple:
