@@ -224,8 +224,15 @@ def write_table(table: pa.Table, url: str) -> None:
     write_bytes(buf.getvalue().to_pybytes(), url)
 
 
-def begin_output(dir_url: str) -> None:
-    """Mark ``dir_url`` as being written: readers refuse it until :func:`commit_output`."""
+def begin_output(dir_url: str, replace: bool = False) -> None:
+    """Mark ``dir_url`` as being written: readers refuse it until :func:`commit_output`.
+
+    ``replace``: the folder is wholly this writer's (a split's shards, a score table), and what an earlier
+    output left in it goes first: a re-run that writes fewer files would leave the rest there, outside the
+    manifest, where readers that do not follow it (pandas, Spark, Ray Data on the folder) read them as rows.
+    """
+    if replace:
+        remove(dir_url)
     fs, path = filesystem_for(dir_url)
     fs.create_dir(path, recursive=True)
     if fs.get_file_info(join(path, SUCCESS)).type != pafs.FileType.NotFound:
@@ -278,12 +285,12 @@ def check_not_pending(dir_url: str) -> None:
 
 
 def write_shards(table: pa.Table, dir_url: str, rows_per_shard: int = 5000) -> list[str]:
-    """Write ``table`` as ``part-NNNNN.parquet`` shards and commit them.
+    """Write ``table`` as ``part-NNNNN.parquet`` shards and commit them (replacing what ``dir_url`` held).
 
     Returns:
         The URLs of the shards written.
     """
-    begin_output(dir_url)
+    begin_output(dir_url, replace=True)
     names = []
     for i, start in enumerate(range(0, max(table.num_rows, 1), rows_per_shard)):
         name = f"part-{i:05d}.parquet"

@@ -97,6 +97,22 @@ def test_rewriting_a_committed_folder_uncommits_it_first(tmp_path):
         storage.read_table(out)
 
 
+def test_rewriting_a_split_with_fewer_shards_leaves_none_of_the_earlier_ones(tmp_path):
+    """Readers that do not follow the manifest (pandas, Spark, Ray Data on the folder) read every file there."""
+    from pipeline.data.reference import make_synthetic
+    from pipeline.data.tars import write_tars
+
+    parquet, tars = str(tmp_path / "parquet"), str(tmp_path / "tars")
+    rows = make_synthetic(n=60, seed=0).splits["train"].select(list(SHARD_SCHEMA.names))
+    assert len(storage.write_shards(_table(25), parquet, rows_per_shard=10)) == 3
+    assert len(write_tars(rows, tars, rows_per_shard=10)) == 3
+    storage.write_shards(_table(5), parquet, rows_per_shard=10)
+    write_tars(rows.slice(0, 5), tars, rows_per_shard=10)
+    assert sorted(os.listdir(parquet)) == ["_SUCCESS", "part-00000.parquet"]
+    assert pq.read_table(parquet).num_rows == 5
+    assert sorted(os.listdir(tars)) == ["_SUCCESS", "part-00000.tar"]
+
+
 def test_local_write_leaves_no_temp_files(tmp_path):
     storage.write_table(_table(4), str(tmp_path / "x.parquet"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.parquet"]

@@ -165,7 +165,7 @@ def image_suffix(data: bytes | None) -> str:
 
 def write_tars(table: pa.Table, dir_url: str, rows_per_shard: int = 5000) -> list[str]:
     """Write contract rows as webdataset tars (``KEY.png``/``KEY.jpg``, ``KEY.txt``, ``KEY.cls``; nulls left out)
-    named ``part-NNNNN.tar``, and commit them; returns their URLs.
+    named ``part-NNNNN.tar``, and commit them (replacing what ``dir_url`` held); returns their URLs.
 
     Raises:
         ValueError: a key that a webdataset reader would split differently (one with a ``.`` or a ``/``).
@@ -174,7 +174,7 @@ def write_tars(table: pa.Table, dir_url: str, rows_per_shard: int = 5000) -> lis
     if bad:
         raise ValueError(f"{len(bad)} keys cannot name tar members (first: {bad[0]!r}): a webdataset key has no "
                          "'.' or '/'; write parquet shards instead")
-    storage.begin_output(dir_url)
+    storage.begin_output(dir_url, replace=True)
     names = []
     for i, start in enumerate(range(0, max(table.num_rows, 1), rows_per_shard)):
         buf = io.BytesIO()

@@ -263,11 +263,8 @@ def commit_staged(staged: list[str], output: str, started: float, expected_rows:
 
 
 def _begin(output: str) -> None:
-    # An earlier run's shards go first: a re-run that writes fewer would leave the rest there, outside the
-    # manifest, where any other parquet reader of the folder (pandas, Spark) would read them as rows.
-    for folder in (SCORES, REJECTS):
-        storage.remove(storage.join(output, folder))
-        storage.begin_output(storage.join(output, folder))
+    for folder in (SCORES, REJECTS):  # an earlier run's shards go first
+        storage.begin_output(storage.join(output, folder), replace=True)
 
 
 def _read_staged(url: str) -> pa.Table:
