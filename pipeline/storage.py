@@ -81,7 +81,13 @@ def _rebuild_s3(max_attempts: int, kwargs: dict) -> _S3FileSystem:
 
 
 def _s3_filesystem() -> pafs.S3FileSystem:
-    kwargs = {"region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"}
+    kwargs = {}
+    # Unset, the AWS SDK resolves the region as the AWS CLI does: the profile's (AWS_PROFILE, else default) in
+    # the shared config file (~/.aws/config, AWS_CONFIG_FILE), the EC2 instance's, else us-east-1; with an
+    # endpoint override (MinIO, a loopback server) too, whose requests are signed for the region resolved.
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        kwargs["region"] = region
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     if endpoint:
         parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
@@ -269,8 +275,37 @@ def output(dir_url: str):
 
 
 def is_complete(dir_url: str) -> bool:
-    """Whether ``dir_url`` is an output whose writer committed it (:func:`commit_output`)."""
+    """Whether ``dir_url`` is an output whose writer committed it (:func:`commit_output`).
+
+    Another writer's ``_SUCCESS`` (Spark's empty marker) counts too: its writer finished. Whether the
+    folder holds mmdp's manifest (its files and row count) is :func:`manifest`'s answer.
+    """
     return exists(join(dir_url, SUCCESS))
+
+
+def manifest(dir_url: str) -> dict | None:
+    """The manifest :func:`commit_output` wrote in ``dir_url`` (``files``, and ``rows`` for shards), or None.
+
+    None where there is no ``_SUCCESS``, or where it is another writer's: Spark, Hadoop, Glue and EMR leave
+    an empty one beside their ``part-*`` files, the Hadoop S3A committers a JSON one of their own (no
+    ``files`` list). Such a folder was committed, and is a plain folder of data files to read.
+    """
+    url = join(dir_url, SUCCESS)
+    if not exists(url):
+        return None
+    return _mmdp_manifest(read_bytes(url))
+
+
+def _mmdp_manifest(data: bytes) -> dict | None:
+    """``data`` parsed, where it is a manifest :func:`commit_output` wrote; else None."""
+    try:
+        parsed = json.loads(data)
+    except ValueError:  # empty (Spark's marker), not JSON, not UTF-8
+        return None
+    files = parsed.get("files") if isinstance(parsed, dict) else None
+    if not isinstance(files, list) or not all(isinstance(name, str) for name in files):
+        return None
+    return parsed
 
 
 def check_not_pending(dir_url: str) -> None:
@@ -305,7 +340,8 @@ def list_files(url: str, suffixes: tuple[str, ...] = (".parquet",), others: tupl
 
     A folder committed by :func:`commit_output` lists exactly its manifest;
     one still marked pending, or inside a folder marked pending, is refused;
-    any other folder lists every file
+    any other folder (one another writer committed included: Spark's empty
+    ``_SUCCESS`` is no manifest, :func:`manifest`) lists every file
     with a matching suffix, skipping hidden and ``_``-prefixed names. With
     ``others`` (the suffixes of files that may sit beside the data files),
     such a folder's every other file is an error naming it, so a stray or
@@ -327,8 +363,9 @@ def list_files(url: str, suffixes: tuple[str, ...] = (".parquet",), others: tupl
         raise InputError(f"{url}: no such file or folder")
     if info.type == pafs.FileType.File:
         return [str(url)]
-    if exists(join(url, SUCCESS)):
-        return [join(url, name) for name in read_json(join(url, SUCCESS))["files"] if name.endswith(suffixes)]
+    committed = manifest(url)
+    if committed is not None:
+        return [join(url, name) for name in committed["files"] if name.endswith(suffixes)]
     check_not_pending(url)
     selector = pafs.FileSelector(path, recursive=True)
     found = []

@@ -1,7 +1,11 @@
 """Storage round trips through a local folder, a loopback S3 server and a GCS emulator; shard files onto the contract."""
 
 import io
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -435,3 +439,96 @@ def test_the_benchmarks_loopback_server_counts_each_get_and_its_bytes(monkeypatc
         assert gets >= 1 and sent == 1000
         assert s3.gets(began)[1] == 1300
         assert s3.counts(0.0, began).get("PUT", 0) >= 2 and "PUT" not in s3.counts(began)
+
+
+def _spark_folder(url, table, success=b""):
+    """A folder as Spark, Hadoop, Glue and EMR write one: ``part-*`` files, their hidden ``.crc`` checksums,
+    the commit protocol's own ``_``-files, and a ``_SUCCESS`` marker (empty, unless ``success`` says)."""
+    names = [f"part-0000{i}-3f2a9c1e-8b7d-4c55-a1e0-5d6f7a8b9c0d-c000.snappy.parquet" for i in range(2)]
+    for name, part in zip(names, (table.slice(0, 6), table.slice(6))):
+        buf = pa.BufferOutputStream()
+        pq.write_table(part, buf, compression="snappy")
+        storage.write_bytes(buf.getvalue().to_pybytes(), storage.join(url, name))
+        storage.write_bytes(b"crc", storage.join(url, f".{name}.crc"))
+    storage.write_bytes(b"", storage.join(url, "_started_123"))
+    storage.write_bytes(b'{"added": [], "removed": []}', storage.join(url, "_committed_123"))
+    storage.write_bytes(success, storage.join(url, "_SUCCESS"))
+    storage.write_bytes(b"", storage.join(url, "._SUCCESS.crc"))
+    return [storage.join(url, name) for name in names]
+
+
+def test_a_folder_spark_committed_is_read_as_a_folder_of_data_files(root):
+    """Spark's ``_SUCCESS`` is an empty marker, no manifest of mmdp's: the folder's parquet files are its data."""
+    table = _table(10)
+    url = storage.join(root, "spark-out")
+    parts = _spark_folder(url, table)
+    assert storage.list_files(url) == parts
+    assert shards.list_shards(url) == ("parquet", parts)
+    assert storage.read_table(url).equals(table)
+    assert storage.manifest(url) is None and storage.is_complete(url)  # committed, by another writer
+
+
+@pytest.mark.parametrize("success", [
+    b'{"name": "org.apache.hadoop.fs.s3a.commit.files.SuccessData/1", "committer": "magic",'
+    b' "filenames": ["/spark-out/part-00000.snappy.parquet"]}',  # the Hadoop S3A committers' own JSON
+    b"\n", b"written by a job\n", b"\xff\xfe\x00binary", b"[]", b'{"files": "part-00000.parquet"}', b'{"files": [1]}',
+])
+def test_a_success_file_that_is_no_manifest_of_mmdp_leaves_the_folder_a_plain_one(tmp_path, success):
+    table = _table(10)
+    url = str(tmp_path / "spark-out")
+    parts = _spark_folder(url, table, success)
+    assert shards.list_shards(url) == ("parquet", parts)
+    assert storage.read_table(url).num_rows == 10
+    assert storage.manifest(url) is None
+
+
+def test_a_folder_mmdp_committed_still_lists_exactly_its_manifest(tmp_path):
+    url = str(tmp_path / "train")
+    urls = storage.write_shards(_table(25), url, rows_per_shard=10)
+    storage.write_table(_table(3), storage.join(url, "part-99999.parquet"))  # outside the manifest: not listed
+    assert storage.list_files(url) == urls and storage.read_table(url).num_rows == 25
+    assert storage.manifest(url) == {"files": [u.rpartition("/")[2] for u in urls], "rows": 25}
+    assert storage.manifest(str(tmp_path / "none")) is None
+
+
+_REGION_PROBE = """
+import json, os, pickle, sys
+from pipeline import storage
+
+def region():
+    return storage.filesystem_for("s3://some-bucket/x")[0].region
+
+seen = {"aws": region()}
+os.environ["AWS_ENDPOINT_URL"] = sys.argv[1]  # the loopback server: no region of its own needed
+seen["endpoint"] = region()
+seen["pickled"] = pickle.loads(pickle.dumps(storage.filesystem_for("s3://some-bucket/x")[0])).region  # to Ray workers
+storage.write_bytes(b"round trip", sys.argv[2] + "/r/x.bin")
+seen["read"] = storage.read_bytes(sys.argv[2] + "/r/x.bin").decode()
+os.environ["AWS_DEFAULT_REGION"] = "ca-central-1"
+seen["AWS_DEFAULT_REGION"] = region()
+os.environ["AWS_REGION"] = "ap-south-1"
+seen["AWS_REGION"] = region()
+print(json.dumps(seen))
+"""
+
+
+def test_the_s3_region_comes_from_the_aws_config_file_unless_the_environment_names_one(s3_bucket, tmp_path,
+                                                                                      monkeypatch):
+    """As README.md says (credentials and region from the standard places): ``region`` in ``~/.aws/config``.
+
+    A process of its own: the AWS SDK reads the config file once per process, when S3 is first used.
+    """
+    (tmp_path / ".aws").mkdir()
+    (tmp_path / ".aws" / "config").write_text("[default]\nregion = eu-west-1\n")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / ".aws" / "config"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # off EC2 or on it: the file's region
+    endpoint = os.environ["AWS_ENDPOINT_URL"]
+    for var in ("AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(var, raising=False)
+    done = subprocess.run([sys.executable, "-c", _REGION_PROBE, endpoint, s3_bucket], capture_output=True,
+                          text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {
+        "aws": "eu-west-1", "endpoint": "eu-west-1", "pickled": "eu-west-1", "read": "round trip",
+        "AWS_DEFAULT_REGION": "ca-central-1", "AWS_REGION": "ap-south-1"}

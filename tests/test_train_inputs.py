@@ -185,3 +185,19 @@ def test_a_signal_missing_on_more_than_half_the_rows_is_refused_below_it_kept():
     with pytest.raises(ValueError, match=r"signal clip_score: 6 of 10 .*score the data again"):
         check_signal(values, "clip_score")
     check_signal(np.zeros(0, np.float32), "clip_margin")  # no rows: nothing to refuse
+
+
+def test_a_train_split_another_writer_committed_is_counted_by_its_footers(tmp_path):
+    """Spark, Hadoop and Glue leave an empty _SUCCESS beside their part files: no manifest of mmdp's to count."""
+    from pipeline.train.driver import split_rows
+
+    train = tmp_path / "train"
+    train.mkdir()
+    rows = make_synthetic(n=40, seed=0).splits["train"]
+    storage.write_table(rows.slice(0, 7), str(train / "part-00000-1f2e.snappy.parquet"))
+    storage.write_table(rows.slice(7, 5), str(train / "part-00001-1f2e.snappy.parquet"))
+    (train / "_SUCCESS").write_bytes(b"")
+    assert split_rows(str(train)) == 12
+    committed = str(tmp_path / "committed")
+    storage.write_shards(rows.slice(0, 9), committed)
+    assert split_rows(committed) == 9

@@ -246,10 +246,9 @@ def check_scores_match(cfg: TrainConfig) -> None:
 def split_rows(url: str) -> int | None:
     """The rows of the shard folder ``url``: its manifest's count where a job committed it, else its parquet
     footers' sum; None for webdataset tars that no manifest counts."""
-    if storage.is_complete(url):
-        rows = storage.read_json(storage.join(url, storage.SUCCESS)).get("rows")
-        if rows is not None:
-            return int(rows)
+    committed = storage.manifest(url)  # None for another writer's _SUCCESS (Spark's empty marker)
+    if committed is not None and committed.get("rows") is not None:
+        return int(committed["rows"])
     kind, files = list_shards(url)
     return None if kind != "parquet" else sum(f.rows for f in check_shards(kind, files))
 
