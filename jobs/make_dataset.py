@@ -41,7 +41,7 @@ from typing import ClassVar
 import pyarrow as pa
 
 from pipeline import storage
-from pipeline.cli import HELP, check_apart, option, run_job
+from pipeline.cli import HELP, check_apart, check_shared_paths, connect_ray, option, run_job
 from pipeline.data import reference
 from pipeline.data.contract import SHARD_SCHEMA, ColumnMapping
 from pipeline.data.noise import NOISE_KINDS, parse_noise_spec
@@ -53,6 +53,8 @@ class MakeDatasetConfig:
     """What to write; one field per command-line flag (``--reference-size`` for ``reference_size``)."""
 
     OUTPUT: ClassVar[str] = "out"
+    # With --columns the source is read by Ray Data's tasks, on whichever node has a CPU (pipeline.cli.check_shared_paths).
+    SHARED_PATHS: ClassVar[tuple[str, ...]] = ("source",)
 
     out: str = field(metadata={HELP: "dataset URL: a folder, file://, s3:// or gs://"})
     source: str | None = option(
@@ -104,6 +106,14 @@ class MakeDatasetConfig:
                 raise ValueError("--columns reads image-caption shards from --source: give --source, not --synthetic")
         if self.test_size < 1:
             raise ValueError("--test-size must be >= 1")
+
+
+    def check_inputs(self) -> None:
+        """With ``--columns``, Ray started or joined, and a local ``--source`` refused where Ray's tasks would
+        run on other nodes (a cluster's head has no CPUs): they would read their own disks there."""
+        if self.columns is not None:
+            connect_ray(dashboard=False)
+            check_shared_paths(self)
 
 
 def run(config: MakeDatasetConfig) -> None:

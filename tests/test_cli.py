@@ -21,6 +21,8 @@ import pytest
 
 import benchmarks
 import jobs
+from pipeline import storage
+from pipeline.data.reference import make_synthetic
 
 JOBS = sorted(m.name for m in pkgutil.iter_modules(jobs.__path__) if m.name != "__init__")
 
@@ -196,9 +198,11 @@ def test_local_paths_are_refused_where_ray_workers_are_not_on_this_machine(tmp_p
     committed whatever landed on the head's). A fresh process with a Ray of 0 CPUs on its node stands for it."""
     data, out, model = str(tmp_path / "data"), str(tmp_path / "scores"), str(tmp_path / "model.pt")
     open(model, "wb").close()  # a checkpoint on this machine's disk, which the scoring actors elsewhere would not see
+    source, built = str(tmp_path / "shards"), str(tmp_path / "built")
+    storage.write_shards(make_synthetic(n=16, seed=0).splits["train"], source)
     code = ("import os\n"
             "import ray\n"
-            "from jobs import score\n"
+            "from jobs import make_dataset, score\n"
             "from pipeline.cli import check_shared_paths\n"
             "from pipeline.score.job import ScoreConfig\n"
             "ray.init(num_cpus=0, include_dashboard=False)\n"
@@ -206,13 +210,15 @@ def test_local_paths_are_refused_where_ray_workers_are_not_on_this_machine(tmp_p
             "check_shared_paths(ScoreConfig(input='s3://bucket/data', output='gs://bucket/scores'))\n"
             "check_shared_paths(ScoreConfig(input='s3://b/d', output='s3://b/s', pretrained='laion2b_s34b_b79k'))\n"
             f"print('rc', score.main(['--input', 's3://b/d', '--output', 's3://b/s', '--pretrained', {model!r}]))\n"
+            # make_dataset reads --columns shards with Ray Data's tasks, which run on the other nodes.
+            f"print('rc', make_dataset.main(['--source', {source!r}, '--columns', 'mmdp', '--out', {built!r}]))\n"
             "os.environ['MMDP_SHARED_FS'] = '1'\n"  # a file system every node mounts alike
             f"check_shared_paths(ScoreConfig(input={data!r}, output={out!r}))\n"
             "print('urls and a shared file system pass')\n"
             "ray.shutdown()\n")
     done = _fresh_process(code)
-    assert done.stdout.splitlines()[-3:] == ["rc 2", "rc 2", "urls and a shared file system pass"], done.stdout
-    for flags in (f"--input {data}, --output {out}", f"--pretrained {model}"):
+    assert done.stdout.splitlines()[-4:] == ["rc 2", "rc 2", "rc 2", "urls and a shared file system pass"], done.stdout
+    for flags in (f"--input {data}, --output {out}", f"--pretrained {model}", f"--source {source}"):
         assert f"{flags}: a local path, but this Ray cluster has 1 node(s) and 0 CPUs on this one" in done.stderr, \
             done.stderr[-3000:]
-    assert not os.path.exists(out)  # refused before the output was marked pending
+    assert not os.path.exists(out) and not os.path.exists(built)  # refused before the output was marked pending
