@@ -319,7 +319,7 @@ def _job_plans(data, scores, policy: str, epochs: int, seed: int) -> list[dict]:
         pruning.shutdown()
 
 
-def test_trains_on_img2dataset_tars_in_s3_reading_only_kept_samples(ray_session, s3_bucket):
+def test_trains_on_img2dataset_tars_in_s3_reading_only_kept_samples(ray_session, s3_bucket, capsys):
     """img2dataset's webdataset tars (KEY.jpg, KEY.txt, KEY.cls as text) read from S3, labels from ``cls``, class
     names from --classes: no conversion step. Each epoch reads the kept samples by offset (an index per tar,
     built once in the run folder) and forwards every one of them."""
@@ -342,6 +342,16 @@ def test_trains_on_img2dataset_tars_in_s3_reading_only_kept_samples(ray_session,
     assert len(storage.list_files(storage.join(run, "tar_index"))) == len(tars) > 1
     assert [e["test_rows"] for e in metrics["epochs"]] == [synthetic.splits["test"].num_rows] * 2
     assert all(0.0 <= e["test_accuracy"] <= 1.0 for e in metrics["epochs"])
+    # Scores of one tar of the split: tars no mmdp job committed say their sample count in their offset
+    # indexes only; the other tars' samples would not be trained on, unsaid (exit 0 before).
+    one, other = storage.join(s3_bucket, "scores-one-tar"), storage.join(s3_bucket, "run-other")
+    assert score_job.main(["--input", tars[0], "--output", one, "--model", "mmdp-tiny", "--columns", "img2dataset",
+                           "--mode", "label", "--classes", classes, "--actor-cpus", "0.5", "--batch-size", "32"]) == 0
+    scored = storage.read_json(storage.join(one, "summary.json"))["rows_in"]
+    assert train_job.main(["--data", root, "--scores", one, "--out", other, "--columns", "img2dataset",
+                           "--classes", classes, "--workers", "1", "--epochs", "1", "--policy", "full"]) == 2
+    assert (f"--scores {one} scored or rejected {scored:,} rows (its summary.json), but {root}/train holds "
+            f"{synthetic.splits['train'].num_rows:,} (its tars' offset indexes)") in capsys.readouterr().err
 
 
 def test_train_without_class_names_is_a_clear_error(scored_ready, tmp_path, capsys):

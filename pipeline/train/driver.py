@@ -70,6 +70,9 @@ def training_rows(cfg: TrainConfig, pruning: Pruning, caption: bool = False) -> 
 
     check_shards(kind, files)
     shards = build_indexes(files, cfg.tar_index or storage.join(cfg.out, "tar_index"))
+    # Tars say their sample count nowhere but in these indexes (check_inputs counted a split only from a manifest).
+    indexed = sum(f.rows for f in check_shards("parquet", [index for _, _, index in shards]))
+    check_scores_match(cfg, indexed, " (its tars' offset indexes)")
     return pruning.tar_dataset(shards, cfg.columns, tuple(split_fields(caption)), cfg.max_gap_bytes)
 
 
@@ -228,18 +231,20 @@ def score_mode(scores: str) -> str | None:
     return storage.read_json(config).get("mode") if storage.exists(config) else None
 
 
-def check_scores_match(cfg: TrainConfig) -> None:
+def check_scores_match(cfg: TrainConfig, rows: int | None = None, counted: str = "") -> None:
     """Refuse ``--scores`` that account for other rows than ``--data``'s train split (training finds each
     row's score by its key, and a row without one would not be trained on, unsaid): the rows the score
-    job scored or rejected (its ``summary.json``) must be the split's (its manifest's count, or the sum of
-    its parquet footers; a split of webdataset tars no mmdp job committed is not counted)."""
+    job scored or rejected (its ``summary.json``) must be the split's ``rows``: where the caller did not
+    count them (``counted`` says how it did), its manifest's count, or the sum of its parquet footers (a
+    split of webdataset tars that no mmdp job committed is counted by their offset indexes, once built:
+    :func:`training_rows`)."""
     summary = storage.join(cfg.scores, "summary.json")
     accounted = storage.read_json(summary).get("rows_in") if storage.exists(summary) else None
     train = storage.join(cfg.data, "train")
-    rows = split_rows(train)
+    rows = split_rows(train) if rows is None else rows
     if accounted is not None and rows is not None and accounted != rows:
         raise ValueError(f"--scores {cfg.scores} scored or rejected {accounted:,} rows (its summary.json), but "
-                         f"{train} holds {rows:,}: they are the scores of other rows. Score this split "
+                         f"{train} holds {rows:,}{counted}: they are the scores of other rows. Score this split "
                          f"(python -m jobs.score --input {train} ...) and pass that output")
 
 
