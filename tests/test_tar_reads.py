@@ -260,3 +260,14 @@ def test_an_object_stores_listing_gives_the_modification_time_that_names_an_inde
     assert index_name(url, size, mtime_ns) != index_name(url, size, mtime_ns + 10**9) != index_name(url, size)
     with pytest.raises(InputError, match="no such file"):
         file_versions([storage.join(s3_bucket, "train", "absent.tar")])
+
+
+def test_reads_by_offset_refuse_a_key_taken_from_a_member():
+    """Kept samples are looked up by the members' name (webdataset's ``__key__``): a key read from a member's
+    content (what the score job keyed its rows by) would find none of them."""
+    from pipeline.train.tar_reads import KeptTarsDatasource
+
+    for spec in ("key=txt", "key=title,caption=title", "key=lbl,label=lbl"):
+        with pytest.raises(InputError, match="the key must be the tar members' name"):
+            KeptTarsDatasource([], None, "pruner", spec, ("key", "image"))
+    KeptTarsDatasource([], None, "pruner", "caption=title,label=lbl", ("key", "image"))  # the key: __key__

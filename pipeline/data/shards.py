@@ -4,12 +4,15 @@ A dataset is a folder (or one file) of shards, local or in an object store.
 :func:`shard_files` names the format and the files and refuses anything that
 would silently lose rows (a stray file, a truncated tar, unreadable parquet);
 :func:`webdataset_to_contract` maps webdataset members (img2dataset's
-``.jpg``/``.txt``/``.cls``) onto the contract; :func:`read_shards` is the one
-Ray Data reader of them all, for every job (the only Ray code of ``data``).
+``.jpg``/``.txt``/``.cls``, or those ``--columns`` names) onto the contract;
+:func:`read_shards` is the one Ray Data reader of them all, for every job
+(the only Ray code of ``data``).
 """
 
 from __future__ import annotations
 
+import re
+import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
@@ -19,7 +22,8 @@ import pyarrow.dataset as pds
 import pyarrow.fs as pafs
 
 from pipeline import storage
-from pipeline.data.contract import IMAGE, KEY, MAPPINGS, SHARD_SCHEMA, ColumnMapping, SchemaError, to_contract
+from pipeline.data.contract import (CAPTION, IMAGE, KEY, LABEL, MAPPINGS, SHARD_SCHEMA, ColumnMapping, SchemaError,
+                                    to_contract)
 from pipeline.storage import InputError, exists, filesystem_for, join, list_files, read_json
 
 # Image member extensions, matched whatever their case (ImageNet's tars hold ``.JPEG``): the formats
@@ -28,6 +32,12 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
 # Shard footers read at once: in an object store each is a round trip, and
 # thousands of shards read one by one take minutes.
 READ_THREADS = 32
+# A tar's first bytes whose samples' members are looked at for the members a --columns spec names
+# (:func:`tar_head_members`): one ranged read, and one more past a first sample's larger image.
+HEAD_BYTES = 64 << 10
+# A member's sample and extension from its name, as Ray Data's webdataset reader groups members
+# (``dir/KEY.seg.png``: sample ``dir/KEY``, column ``seg.png``); pipeline.data.tars groups them alike.
+_MEMBER_NAME = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 # Files that sit beside shards in real datasets (img2dataset stats, checksums, notes).
 SIDECAR_SUFFIXES = (".json", ".crc", ".md")
 
@@ -37,19 +47,28 @@ def webdataset_to_contract(table: pa.Table, mapping: ColumnMapping = MAPPINGS["i
 
     The image is each sample's first image member, whatever its extension
     (``jpg``/``JPEG``/``png``/... :data:`IMAGE_EXTENSIONS` in any case), under
-    the mapping's image column; ``txt`` and ``cls`` become trimmed text,
-    undecodable bytes replaced rather than lost.
+    the mapping's image column; a member the mapping names as the image that
+    has no image extension (``image=img``: ``KEY.img``) comes first. ``txt``
+    and ``cls``, and the members the mapping names as caption and label
+    (``caption=caption,label=label``: ``KEY.caption``, ``KEY.label``), become
+    trimmed text, undecodable bytes replaced rather than lost; the contract
+    then parses a label member as it does ``cls``. The key is the samples'
+    names (``__key__``) unless the mapping names one of those columns as the
+    key (``key=txt``); other members are dropped.
     """
     present = sorted((c for c in table.column_names if c.lower() in IMAGE_EXTENSIONS),
                      key=lambda c: IMAGE_EXTENSIONS.index(c.lower()))
+    if mapping.image in table.column_names and mapping.image not in present and mapping.image != "__key__":
+        present.insert(0, mapping.image)
     images = [table.column(e).cast(pa.binary()) for e in present]
     columns = {
         "__key__": table.column("__key__"),
         mapping.image: pc.coalesce(*images) if images else pa.nulls(table.num_rows, pa.binary()),
     }
-    for ext in ("txt", "cls"):
-        if ext in table.column_names:
-            columns[ext] = pa.array([_text(v) for v in table.column(ext).cast(pa.binary()).to_pylist()], pa.string())
+    for member in dict.fromkeys(("txt", "cls", mapping.caption, mapping.label)):
+        if member in table.column_names and member not in columns:
+            columns[member] = pa.array([_text(v) for v in table.column(member).cast(pa.binary()).to_pylist()],
+                                       pa.string())
     out = pa.table(columns)
     if mapping.key not in out.column_names:
         out = out.append_column(mapping.key, out.column("__key__"))
@@ -117,7 +136,8 @@ def check_shards(kind: str, files: list[str], mapping: ColumnMapping | None = No
                  fields: tuple[str, ...] | None = None) -> list[ParquetFooter] | None:
     """Refuse a shard that would fail or lose rows when read: every shard's footer (a tar's last KiB) is
     read once, :data:`READ_THREADS` at a time; with ``mapping``, each parquet schema must map onto the contract,
-    and a column the mapping's spec named (of the contract ``fields`` read, where given) must be in some shard.
+    and a column the mapping's spec named (of the contract ``fields`` read, where given) must be in some shard
+    (for tars: a caption or label member in some tar's first samples, :func:`_check_tar_members`).
 
     Parquet sizes come from one listing of each folder, so a parquet shard
     costs one ranged read, not a size request (HEAD) and a read.
@@ -127,10 +147,12 @@ def check_shards(kind: str, files: list[str], mapping: ColumnMapping | None = No
 
     Raises:
         InputError: naming the first offending file.
-        SchemaError: naming a parquet shard that ``mapping`` cannot read.
+        SchemaError: naming a parquet shard that ``mapping`` cannot read, or a named column no shard has.
     """
     if kind == "webdataset":
         _each(_check_tar_end, files)
+        if mapping is not None:
+            _check_tar_members(files, mapping, fields)
         return None
     sizes = listed_sizes(files)
     footers = _each(lambda file_url: _check_parquet(file_url, mapping, sizes.get(file_url)), files)
@@ -148,10 +170,12 @@ def check_shards(kind: str, files: list[str], mapping: ColumnMapping | None = No
 
 def check_named_columns(url: str, mapping: ColumnMapping, fields: tuple[str, ...] | None = None,
                         listing: tuple[str, list[str]] | None = None) -> None:
-    """Refuse a ``--columns`` spec that names a column no parquet shard at ``url`` has, before a job starts,
-    so that a typo leaves the output it would have replaced committed: the first shard's footer is read, and
-    every shard's (:func:`check_shards`) only where that one lacks a named column. Nothing is read for a
-    preset's names, or for webdataset tars. ``fields``, ``listing``: as for :func:`read_shards`.
+    """Refuse a ``--columns`` spec that names a column no shard at ``url`` has, before a job starts, so that
+    a typo leaves the output it would have replaced committed: the first shard's footer is read, and every
+    shard's (:func:`check_shards`) only where that one lacks a named column. For webdataset tars, the caption
+    and label members named are looked for in the first tar's first samples, and in every tar's only where
+    those lack one (:func:`_check_tar_members`). Nothing is read for a preset's names. ``fields``,
+    ``listing``: as for :func:`read_shards`.
 
     Raises:
         SchemaError: naming the column; InputError: an unreadable shard.
@@ -161,6 +185,9 @@ def check_named_columns(url: str, mapping: ColumnMapping, fields: tuple[str, ...
     if not wanted:
         return
     kind, files = listing or list_shards(url)
+    if kind == "webdataset":
+        _check_tar_members(files, mapping, fields)
+        return
     if kind != "parquet" or not files:
         return
     first = _check_parquet(files[0], None, listed_sizes(files[:1]).get(files[0]))
@@ -232,6 +259,94 @@ def _check_tar_end(file_url: str) -> None:
             tail = storage.retry_reads(lambda: f.read_at(1024, size - 1024))
     if tail != bytes(1024):
         raise InputError(f"{file_url}: truncated tar ({size} bytes, no end-of-archive blocks); re-create or remove it")
+
+
+def _check_tar_members(files: list[str], mapping: ColumnMapping, fields: tuple[str, ...] | None = None) -> None:
+    """Refuse a caption or label member the mapping's spec named (of the contract ``fields`` read, where given)
+    that no tar's first samples hold (:func:`tar_head_members`): without it every caption (label) would be read
+    as missing. The first tar's are read, and every tar's only where those lack a named member. (The key and the
+    image are not members looked for: the key is the samples' names unless it names a caption or label member,
+    and the image is read from any image member.)
+
+    Raises:
+        SchemaError: naming the column and the folder; InputError: a tar that cannot be read as one.
+    """
+    wanted = {name: getattr(mapping, name) for name in mapping.named
+              if name in (CAPTION, LABEL) and (fields is None or name in fields)}
+    if not wanted or not files:
+        return
+    found = tar_head_members(files[0])
+    if all(source in found for source in wanted.values()):
+        return
+    found = found.union(*_each(tar_head_members, files[1:]))
+    for name, source in wanted.items():
+        if source not in found:
+            raise SchemaError(f"--columns {name}={source}: no shard in {files[0].rpartition('/')[0]} has a column "
+                              f"{source!r}: no tar holds a member KEY.{source} in its first sample, nor in the "
+                              f"others whose headers lie in its first {HEAD_BYTES >> 10} KiB (found members "
+                              f"{sorted(found)}; only those are read, not whole tars); without it every {name} "
+                              "would be read as missing")
+
+
+def tar_head_members(file_url: str) -> set[str]:
+    """The member extensions (webdataset's column names: ``jpg``, ``txt``, ``seg.png``) of the first sample of
+    the tar at ``file_url``, and of the samples after it whose members' headers lie in its first :data:`HEAD_BYTES`.
+
+    Only tar headers are parsed (:mod:`tarfile`, on ranged reads of :data:`HEAD_BYTES`): member data is
+    skipped, never read unless it shares a read with a header, so a large first image costs one more read.
+    Members are grouped into samples as Ray Data's webdataset reader groups them.
+
+    Raises:
+        InputError: the file is not a plain tar (or ends inside one of those headers).
+    """
+    fs, path = filesystem_for(file_url)
+    names: set[str] = set()
+    try:
+        with fs.open_input_file(path) as f, tarfile.open(fileobj=_RangedReads(f), mode="r:") as tar:
+            sample, past_first = None, False
+            for member in tar:
+                match = _MEMBER_NAME.match(member.name) if member.isreg() else None
+                if match is not None:
+                    key, extension = match.groups()
+                    if key != sample:
+                        past_first = sample is not None
+                        if past_first and member.offset >= HEAD_BYTES:
+                            break
+                        sample = key
+                    names.add(extension)
+                # The next header is not read where it lies past the first read and the first sample is whole.
+                next_header = member.offset_data + -(-member.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+                if past_first and next_header >= HEAD_BYTES:
+                    break
+    except tarfile.TarError as exc:
+        raise InputError(f"{file_url}: not a readable tar ({exc}); re-create or remove it") from exc
+    return names
+
+
+class _RangedReads:
+    """A seekable view of an input file for :mod:`tarfile` that reads it in ranges of :data:`HEAD_BYTES` at
+    least, keeping the last: tarfile reads headers where they lie and seeks past member data."""
+
+    def __init__(self, f):
+        self._f, self._size, self._pos, self._start, self._buf = f, f.size(), 0, 0, b""
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self._pos = offset + (0, self._pos, self._size)[whence]
+        return self._pos
+
+    def read(self, size: int | None = -1) -> bytes:
+        if self._pos >= self._size:
+            return b""
+        end = self._size if size is None or size < 0 else min(self._pos + size, self._size)
+        if self._pos < self._start or end > self._start + len(self._buf):
+            start, length = self._pos, max(end - self._pos, min(HEAD_BYTES, self._size - self._pos))
+            self._start, self._buf = start, storage.retry_reads(lambda: self._f.read_at(length, start))
+        data = self._buf[self._pos - self._start:end - self._start]
+        self._pos += len(data)
+        return data
 
 
 def read_shards(url: str, columns: str = "mmdp", fields: tuple[str, ...] = tuple(SHARD_SCHEMA.names),

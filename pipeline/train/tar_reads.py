@@ -99,7 +99,7 @@ class KeptTarsDatasource(Datasource):
     def __init__(self, shards: list[tuple[str, int, str]], keys, pruner_name: str, columns: str,
                  fields: tuple[str, ...], max_gap: int = 0):
         self._mapping = ColumnMapping.parse("img2dataset" if columns == "mmdp" else columns)
-        if self._mapping.key in ("txt", "cls", self._mapping.image):
+        if self._mapping.key in ("txt", "cls", self._mapping.image, self._mapping.caption, self._mapping.label):
             raise InputError(f"--columns {columns}: the key must be the tar members' name (webdataset's __key__) "
                              "to read kept samples by offset; train with --tar-reads all")
         self._shards, self._keys, self._pruner_name = shards, keys, pruner_name
