@@ -201,3 +201,25 @@ def test_a_train_split_another_writer_committed_is_counted_by_its_footers(tmp_pa
     committed = str(tmp_path / "committed")
     storage.write_shards(rows.slice(0, 9), committed)
     assert split_rows(committed) == 9
+
+
+def test_a_test_split_with_rows_without_an_image_is_refused_before_the_run_starts(caption_scored, tmp_path, capsys):
+    """img2dataset keeps its failed downloads as rows with a null image: in a test split, evaluation stopped at
+    the first one after an epoch of training (exit 1, retried). The footers' statistics count them first."""
+    data, scores, _ = caption_scored
+    copy = str(tmp_path / "data")
+    shutil.copytree(data, copy)
+    test = storage.read_table(f"{copy}/test")
+    images = test.column("image").to_pylist()
+    images[2] = images[5] = None
+    storage.write_shards(test.set_column(test.schema.get_field_index("image"), "image", pa.array(images, pa.binary())),
+                         f"{copy}/test", rows_per_shard=10)
+    out = str(tmp_path / "run")
+    with storage.output(out):
+        storage.write_json({"policy": "earlier"}, storage.join(out, "config.json"))
+    for task in ("classify", "clip"):
+        rc = train_job.main(["--data", copy, "--scores", scores, "--out", out, "--epochs", "1", "--workers", "1",
+                             "--task", task])
+        err = capsys.readouterr().err
+        assert rc == 2 and f"{copy}/test: 2 rows have no image (a null image" in err, err
+        assert storage.is_complete(out) and storage.read_json(f"{out}/config.json") == {"policy": "earlier"}

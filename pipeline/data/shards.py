@@ -195,6 +195,32 @@ def check_named_columns(url: str, mapping: ColumnMapping, fields: tuple[str, ...
         check_shards(kind, files, mapping, fields)
 
 
+def null_images(url: str, mapping: ColumnMapping, listing: tuple[str, list[str]] | None = None) -> int:
+    """Rows of the parquet shards at ``url`` whose image column is null (img2dataset keeps its failed downloads
+    so), as their footers' column statistics count them: no data page is read. 0 for tars, and for a column
+    chunk whose writer kept no statistics."""
+    kind, files = listing or list_shards(url)
+    if kind != "parquet":
+        return 0
+    sizes = listed_sizes(files)
+    return sum(_each(lambda file_url: _null_count(file_url, mapping.image, sizes.get(file_url)), files))
+
+
+def _null_count(file_url: str, column: str, size: int | None) -> int:
+    fs, path = filesystem_for(file_url)
+    fragment = pds.ParquetFileFormat().make_fragment(path, filesystem=fs, file_size=size)
+    try:
+        metadata = storage.retry_reads(lambda: fragment.metadata)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise storage.unreadable_parquet(file_url, exc) from exc
+    names = [metadata.schema.column(i).path for i in range(metadata.num_columns)]
+    if column not in names:
+        return 0
+    at = names.index(column)
+    stats = (metadata.row_group(g).column(at).statistics for g in range(metadata.num_row_groups))
+    return sum(st.null_count for st in stats if st is not None and st.has_null_count)
+
+
 def listed_sizes(files: list[str]) -> dict[str, int]:
     """``{URL: size}`` of the ``files`` that one listing of each of their folders finds."""
     return {url: info.size for url, info in listed_infos(files).items()}

@@ -35,7 +35,7 @@ from pipeline.train.loop import (KEEP_CHECKPOINTS, PRUNER_STATE, RUN_CONFIG, TRA
 from pipeline.train.pruning import NO_CAPTION_MARGIN, Pruning
 from pipeline.data.contract import DEFAULT_TEMPLATES, KEY, ColumnMapping
 from pipeline.data.shards import (check_named_columns, check_shards, class_names, dataset_metadata, list_shards,
-                                  read_shards)
+                                  null_images, read_shards)
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +198,8 @@ def check_inputs(cfg: TrainConfig) -> None:
     ``--scores``, or lies in a folder the run reads; an input not committed or not there; a classifier
     without class names; a ``--columns`` spec naming a column no shard of a split has
     (:func:`~pipeline.data.shards.check_named_columns`); ``--signal clip_margin`` on scores made in caption
-    mode (their ``config.json``); scores of other rows than the train split's (:func:`check_scores_match`); a
+    mode (their ``config.json``); a test row without an image (:func:`check_test_images`); scores of other
+    rows than the train split's (:func:`check_scores_match`); a
     checkpoint that cannot resume (:func:`check_checkpoint`). (The signal's values and every shard's footer
     are checked once the run reads them.)
 
@@ -214,15 +215,28 @@ def check_inputs(cfg: TrainConfig) -> None:
     if cfg.reference_keys and not storage.exists(cfg.reference_keys):
         raise storage.InputError(f"--reference-keys {cfg.reference_keys}: no such file")
     class_names(cfg.data, cfg.classes, required=cfg.task == "classify")
+    mapping = ColumnMapping.parse(cfg.columns)
     for split in ("train", "test"):
-        check_named_columns(storage.join(cfg.data, split), ColumnMapping.parse(cfg.columns),
-                            tuple(split_fields(cfg.task == "clip")))
+        check_named_columns(storage.join(cfg.data, split), mapping, tuple(split_fields(cfg.task == "clip")))
+    check_test_images(storage.join(cfg.data, "test"), mapping)
     if cfg.signal == "clip_margin" and score_mode(cfg.scores) == "caption":
         raise ValueError(f"--signal clip_margin: {cfg.scores} was scored in caption mode (its config.json), and "
                          f"{NO_CAPTION_MARGIN}")
     check_scores_match(cfg)
     if cfg.resume_from:
         check_checkpoint(cfg)
+
+
+def check_test_images(test: str, mapping: ColumnMapping) -> None:
+    """Refuse a test split with rows that have no image (a null image column, as img2dataset keeps its failed
+    downloads; counted from the parquet footers' statistics): the test accuracy counts every test row, and
+    evaluation would stop at the first such row after an epoch of training. (The train split's are the score
+    job's rejects: never trained on.)"""
+    missing = null_images(test, mapping)
+    if missing:
+        raise ValueError(f"{test}: {missing:,} rows have no image (a null {mapping.image}, as img2dataset keeps its "
+                         "failed downloads); the test accuracy counts every test row: leave them out of the test "
+                         "split (python -m jobs.make_dataset does) and train again")
 
 
 def score_mode(scores: str) -> str | None:
