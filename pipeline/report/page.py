@@ -59,29 +59,46 @@ def _pct_ms(values) -> str:
 def summary_rows(groups: dict[str, list[Run]]) -> list[dict]:
     """Per group: final accuracy, shifted accuracy, wall-clock and samples forwarded (mean, std), speedup vs full.
 
-    A group is measured against the first complete ``full`` group of its experiment and noise setting.
+    A group is measured against the first complete ``full`` group of its experiment and noise setting, seed
+    against seed: where the two ran different seeds (a run left out, or more seeds on one side), on the seeds
+    both ran (``paired`` says so), and not at all where they share none.
     """
-    rows = []
-    for name, rs in groups.items():
-        rows.append({"name": name, "policy": rs[0].policy, "noise": rs[0].noise, "complete": rs[0].complete,
-                     "experiment": rs[0].experiment, "runs": rs,
-                     "wall": mean_std([r.totals.get("wall_seconds") for r in rs]),
-                     "train": mean_std([r.totals.get("train_seconds") for r in rs]),
-                     "accuracy": mean_std([r.totals.get("final_test_accuracy") for r in rs]),
-                     "forwarded": mean_std([r.totals.get("samples_forwarded") for r in rs])})
+    rows = [{"name": name, "policy": rs[0].policy, "noise": rs[0].noise, "complete": rs[0].complete,
+             "experiment": rs[0].experiment, "runs": rs, "paired": None, **_stats(rs)} for name, rs in groups.items()]
     for row in rows:
         full = [f for f in rows if f["policy"] == "full" and f["noise"] == row["noise"] and f["complete"]
                 and f["experiment"] == row["experiment"]]
         full = full[0] if full and row["complete"] else None
         row["baseline"] = full["name"] if full else None
-        for key, name in (("wall", "speedup"), ("train", "train_speedup")):
-            ok = full and _positive(full[key][0]) and _positive(row[key][0])
-            row[name] = full[key][0] / row[key][0] if ok else None
-        both = full and _finite(full["accuracy"][0]) and _finite(row["accuracy"][0])
-        row["vs_full"] = 100 * (row["accuracy"][0] - full["accuracy"][0]) if both else None
-        row["forwarded_share"] = (row["forwarded"][0] / full["forwarded"][0]
-                                  if full and _positive(full["forwarded"][0]) and _finite(row["forwarded"][0]) else None)
+        mine, theirs = row, full
+        if full is not None and full is not row:
+            seeds, full_seeds = ({r.config.get("seed") for r in g["runs"]} for g in (row, full))
+            common = seeds & full_seeds
+            if common != seeds or common != full_seeds:
+                row["paired"] = f"on the {len(common)} seed(s) both ran" if common else "no seed in common with full"
+                mine, theirs = (_stats([r for r in g["runs"] if r.config.get("seed") in common]) for g in (row, full))
+                theirs = theirs if common else None
+        _compare(row, mine, theirs)
     return rows
+
+
+def _stats(rs: list[Run]) -> dict:
+    """Mean and std of a group's wall-clock and training seconds, final accuracy and samples forwarded."""
+    return {"wall": mean_std([r.totals.get("wall_seconds") for r in rs]),
+            "train": mean_std([r.totals.get("train_seconds") for r in rs]),
+            "accuracy": mean_std([r.totals.get("final_test_accuracy") for r in rs]),
+            "forwarded": mean_std([r.totals.get("samples_forwarded") for r in rs])}
+
+
+def _compare(row: dict, mine: dict, full: dict | None) -> None:
+    """Sets ``row``'s speed-ups, points and share of passes: ``mine`` (its stats) against ``full``'s (None: none)."""
+    for key, name in (("wall", "speedup"), ("train", "train_speedup")):
+        ok = full and _positive(full[key][0]) and _positive(mine[key][0])
+        row[name] = full[key][0] / mine[key][0] if ok else None
+    both = full and _finite(full["accuracy"][0]) and _finite(mine["accuracy"][0])
+    row["vs_full"] = 100 * (mine["accuracy"][0] - full["accuracy"][0]) if both else None
+    row["forwarded_share"] = (mine["forwarded"][0] / full["forwarded"][0]
+                              if full and _positive(full["forwarded"][0]) and _finite(mine["forwarded"][0]) else None)
 
 
 def _finite(value) -> bool:
@@ -104,7 +121,8 @@ def versus_full(rows: list[dict]) -> list[str]:
         share = f", forwarding {100 * r['forwarded_share']:.0f}% of full's samples" if r["forwarded_share"] else ""
         speed = f" at a speed-up of {' and '.join(speeds)}" if speeds else ""
         against = r["baseline"] if r["experiment"] else "full"
-        lines.append(f"{r['name']}: {r['vs_full']:+.2f} points against {against}{speed}{share}.")
+        paired = f" ({r['paired']})" if r["paired"] else ""
+        lines.append(f"{r['name']}: {r['vs_full']:+.2f} points against {against}{paired}{speed}{share}.")
     return lines
 
 

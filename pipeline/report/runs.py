@@ -34,6 +34,7 @@ import json
 import math
 import dataclasses
 import posixpath
+from urllib.parse import urlparse
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -234,6 +235,10 @@ def _load_run(url: str, label: str, sources: Sources) -> Run | None:
     if not isinstance(metrics, dict) or not isinstance(metrics.get("epochs"), list) or "totals" not in metrics:
         return None
     config = config if isinstance(config, dict) else {}
+    # Its inputs as the report reaches them from its own folder, not the job's (jobs.demo --out runs/demo
+    # records runs/demo/data); the displayed config keeps them so.
+    config = {**config, **{name: recorded_path(config[name], url, config.get("out"))
+                           for name in ("data", "scores") if isinstance(config.get(name), str)}}
     plans = sources.json(storage.join(url, "plans.json"))
     summary = sources.json(storage.join(config["scores"], "summary.json")) if config.get("scores") else None
     meta = sources.json(storage.join(config["data"], "metadata.json")) if config.get("data") else None
@@ -258,6 +263,24 @@ def _train_defaults() -> dict:
     from pipeline.train.config import TrainConfig
 
     return {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+
+
+def recorded_path(path: str, found: str, recorded_out: str | None) -> str:
+    """A path a job recorded in its ``config.json``, as the report reaches it: a relative local one is relative
+    to the folder the job ran in, which is where its output was ``found`` less the output as it recorded it
+    (``recorded_out``): ``runs/demo/data`` of a run recorded as ``runs/demo/runs/mmdp`` and found at
+    ``/home/me/runs/demo/runs/mmdp`` is ``/home/me/runs/demo/data``. Any other path as recorded."""
+    if not storage.is_local(path) or path.startswith("file:") or posixpath.isabs(path):
+        return path
+    if not recorded_out or not storage.is_local(recorded_out) or posixpath.isabs(recorded_out):
+        return path
+    out = posixpath.normpath(recorded_out)
+    here = posixpath.normpath(urlparse(found).path if found.startswith("file:") else found)
+    if here == out:
+        return path
+    if not here.endswith("/" + out):
+        return path  # the output was moved or renamed since: where the job ran is not known
+    return posixpath.join(here[:-len(out)], path)
 
 
 def _norm(url: str) -> str:

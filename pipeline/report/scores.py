@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 from pipeline import storage
 from pipeline.data.contract import KEY
 from pipeline.prune.policies import noise_count
-from pipeline.report.runs import Run, Sources
+from pipeline.report.runs import Run, Sources, recorded_path
 from pipeline.score.quality import auroc, estimate_noise_fraction
 
 
@@ -80,6 +80,8 @@ def load_score_set(url: str, data: str | None, sources: Sources) -> ScoreSet:
     s = ScoreSet(url=url, data=data or "")
     cfg = sources.json(storage.join(url, "config.json")) or {}
     s.model, s.pretrained = cfg.get("model"), cfg.get("pretrained")
+    if isinstance(s.pretrained, str) and "/" in s.pretrained:  # a checkpoint path, not a hub tag
+        s.pretrained = recorded_path(s.pretrained, url, cfg.get("output"))
     s.zero_shot = reference_zero_shot(s.pretrained, sources)
     try:
         table = storage.read_table(storage.join(url, "scores"))
