@@ -23,7 +23,8 @@ In ``my_loop(config)``, on every worker::
             optimizer.step()
             pruning.report(batch["index"], losses)   # every row's own loss, not waited for
         pruning.end_epoch()                           # every loss delivered
-        # checkpoints: pruning.save_state(url) on one rank beside the model; load_state(url) to resume
+        # checkpoints: after a barrier (every rank's end_epoch), pruning.save_state(url) on one rank beside the
+        # model; load_state(url) to resume
 
 :meth:`Pruning.dataset` adds two stages to your dataset: each row gets its
 dense sample ``index`` (from its key, through the score table; rows the score
@@ -352,7 +353,9 @@ class Pruning:
 
     def save_state(self, url: str) -> None:
         """The pruner writes its state to the folder ``url`` (each partition its own file, nothing gathered
-        here): what a checkpoint needs beside the model; call from one rank, after :meth:`end_epoch`."""
+        here): what a checkpoint needs beside the model; call from one rank, once every rank's :meth:`end_epoch`
+        has returned (a barrier: each waits for its own reports only, and a loss still on its way would be
+        missing from the state, so plans after a resume would differ)."""
         import ray
 
         ray.get(self.actor.save_state.remote(url))
