@@ -187,6 +187,25 @@ def test_policies_are_measured_against_full_seed_against_seed(tmp_path):
     assert final_figures(text)["mmdp"]["speedup vs full"] == "n/a" and "mmdp: " not in text
 
 
+def test_runs_of_one_policy_with_other_settings_are_groups_of_their_own(tmp_path):
+    """Two mmdp runs at keep ratios 0.5 and 0.3 were averaged into one group, whose figures neither run gave."""
+    bench = make_bench(str(tmp_path))
+    data, scores = str(tmp_path / "data"), str(tmp_path / "scores")
+    write_run(storage.join(bench["a"], "mmdp-k03"), data, scores, "mmdp", 0, [0.5, 0.6, 0.70], 30.0,
+              [bench["half"]] * EPOCHS, bench["n"], keep_ratio=0.3)
+    # The benchmark's fixed-ratio baselines get mmdp's measured share of each seed: one group.
+    for seed, keep in ((0, 0.6080), (1, 0.6087)):
+        write_run(storage.join(str(tmp_path), f"seed{seed}", "random"), data, scores, "random", seed,
+                  [0.5, 0.6, 0.75], 55.0, [bench["half"]] * EPOCHS, bench["n"], keep_ratio=keep)
+    assert report.main([bench["a"], bench["b"], "--out", bench["out"], "--no-html"]) == 0
+    text = open(f"{bench['out']}/report.md").read()
+    final = {r["policy"]: r for r in tables(text)[0]}
+    assert sorted(final) == ["full", "mmdp (keep 0.30)", "mmdp (keep 0.50)", "random"]
+    assert final["mmdp (keep 0.30)"]["runs"] == "1" and final["mmdp (keep 0.30)"]["final test acc %"] == "70.00"
+    assert final["mmdp (keep 0.50)"]["runs"] == "2" and final["random"]["runs"] == "2"
+    assert "mmdp (keep 0.30): -10.00 points against full" in text
+
+
 def test_paths_a_job_recorded_relative_to_where_it_ran_are_read_from_there(tmp_path, monkeypatch):
     """jobs.demo --out runs/demo records runs/demo/data, runs/demo/scores and runs/demo/clip/model.pt: a report
     made from another folder lost the score set, the zero-shot accuracy and the noise, unsaid."""
@@ -418,3 +437,20 @@ def test_unfinished_run_folders_are_left_out_and_named(tmp_path):
     assert notes[1] == (f"{tmp_path / 'gone'}: not finished: a training run's config.json with no metrics.json "
                         "(still running, or stopped)")
     assert notes[2] == f"{tmp_path / 'seed0' / 'mmdp'}: {pending}"
+
+
+def test_curves_of_runs_evaluated_every_few_epochs_are_drawn_through_the_evaluated_epochs():
+    """With --eval-every 5 the epochs between are NaN: matplotlib broke the line at each, leaving lone markers
+    and no band."""
+    from types import SimpleNamespace
+
+    from pipeline.report.figures import curves_figure
+
+    nan = float("nan")
+    runs = [SimpleNamespace(policy="mmdp", experiment="", noise="clean", curve=np.array(c)) for c in
+            ([nan, nan, nan, nan, 0.6, nan, nan, nan, nan, 0.8], [nan, nan, nan, nan, 0.7, nan, nan, nan, nan, 0.9])]
+    fig = curves_figure({"mmdp": runs}, lambda r: r.curve, "accuracy", "%")
+    line = fig.axes[0].lines[0]
+    assert list(line.get_xdata()) == [5, 10] and np.allclose(line.get_ydata(), [65.0, 85.0])
+    band = fig.axes[0].collections[0].get_paths()[0].vertices
+    assert np.isfinite(band).all() and band[:, 1].max() > 85.0  # the std band over both evaluated epochs

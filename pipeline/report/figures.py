@@ -73,6 +73,9 @@ def curves_figure(groups: dict[str, list[Run]], series, title: str, ylabel: str,
     for i, (label, rs) in enumerate(zip(labels, groups.values())):
         mean, std = stack_curves([series(r) for r in rs])
         epochs = np.arange(1, len(mean) + 1)
+        # Epochs with no value (not evaluated: --eval-every) are left out, not drawn as gaps that break the line.
+        shown = np.isfinite(mean)
+        epochs, mean, std = epochs[shown], mean[shown], np.nan_to_num(std[shown])
         colour = _colour(rs[0].policy)
         style = styles[settings.index((rs[0].experiment, rs[0].noise)) % len(styles)]
         ax.plot(epochs, mean * scale, style, color=colour, marker=markers[i % len(markers)], markersize=5,

@@ -175,7 +175,9 @@ def build_report(roots: list[str], out: str, exclude: tuple[str, ...] = (), writ
                      "zero-shot accuracy for a contrastive run, --task clip); "
                      "shifted: the same checkpoint on the benchmark's shifted test copy, when recorded. Wall: the "
                      "whole fit, start-up included. Speedup: full's mean wall-clock / the policy's, on the same "
-                     + ("experiment and " if exps else "") + "noise setting."),
+                     + ("experiment and " if exps else "") + "noise setting, over the seeds both ran (comparisons "
+                     "say where a policy and full ran different seeds). A policy's runs of other settings (keep "
+                     "ratio, noise fraction, signal, parameters) are groups of their own, named by them."),
                ("h3", "Runs"),
                ("table", ["run", "policy", "seed", "epochs", "keep ratio", "final test acc %", "shifted %", "wall s",
                           "samples forwarded"],

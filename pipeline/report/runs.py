@@ -363,15 +363,37 @@ def experiments(runs: list[Run]) -> tuple[list[str], list[tuple[str, list[Run], 
     return differ, [(t, rs, rs[0].setup) for t, rs in out]
 
 
+# A policy's own settings: runs of one policy that differ in these are different groups (keep ratios to two
+# digits: the pruning benchmark gives its fixed-ratio baselines mmdp's measured share of each seed, 0.608-0.609).
+POLICY_SETTINGS = {"keep_ratio": "keep", "noise_fraction": "noise fraction", "signal": "signal",
+                   "policy_params": "params"}
+
+
+def _policy_setting(run: Run, name: str) -> str:
+    value = run.config.get(name)
+    if name == "keep_ratio" and isinstance(value, (int, float)):
+        return f"{value:.2f}"
+    return "default" if value in (None, [], ()) else ",".join(value) if isinstance(value, list) else str(value)
+
+
 def _assign_groups(runs: list[Run]) -> None:
-    """Group by policy; experiments, noise settings and early stops split groups, since they do not compare."""
+    """Group by policy; experiments, noise settings, the policy's own settings (keep ratio, noise fraction,
+    signal, parameters: only those that differ between its runs are named) and early stops split groups, since
+    they do not compare."""
     several_noises = len({r.noise for r in runs}) > 1
+    names = {}
     for r in runs:
         tags = [t for t in (r.experiment, r.noise if several_noises else "") if t]
-        name = r.policy + (f" [{', '.join(tags)}]" if tags else "")
+        names[id(r)] = r.policy + (f" [{', '.join(tags)}]" if tags else "")
+    for name in set(names.values()):
+        alike = [r for r in runs if names[id(r)] == name]
+        differ = [k for k in POLICY_SETTINGS if len({_policy_setting(r, k) for r in alike}) > 1]
+        for r in alike if differ else ():
+            names[id(r)] += " (" + ", ".join(f"{POLICY_SETTINGS[k]} {_policy_setting(r, k)}" for k in differ) + ")"
+    for r in runs:
+        r.group = names[id(r)]
         if not r.complete:
-            name += f" (stopped at {len(r.history)}/{r.config.get('epochs')} epochs)"
-        r.group = name
+            r.group += f" (stopped at {len(r.history)}/{r.config.get('epochs')} epochs)"
 
 
 def group_runs(runs: list[Run]) -> dict[str, list[Run]]:
