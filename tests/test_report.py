@@ -454,3 +454,17 @@ def test_curves_of_runs_evaluated_every_few_epochs_are_drawn_through_the_evaluat
     assert list(line.get_xdata()) == [5, 10] and np.allclose(line.get_ydata(), [65.0, 85.0])
     band = fig.axes[0].collections[0].get_paths()[0].vertices
     assert np.isfinite(band).all() and band[:, 1].max() > 85.0  # the std band over both evaluated epochs
+
+
+def test_a_restarted_run_is_marked_where_its_wall_clock_enters_a_comparison(tmp_path):
+    """A restart's lost attempt is in the run's wall-clock, not its training time: the two speed-ups disagreed,
+    unexplained."""
+    bench = make_bench(str(tmp_path))
+    metrics_url = storage.join(bench["a"], "mmdp", "metrics.json")
+    metrics = storage.read_json(metrics_url)
+    metrics["totals"]["restarts"] = 1
+    storage.write_json(metrics, metrics_url)
+    assert report.main([bench["a"], "--out", bench["out"], "--no-html"]) == 0
+    text = open(f"{bench['out']}/report.md").read()
+    assert row(text, "run", "mmdp")["restarts"] == "1" and row(text, "run", "full")["restarts"] == "0"
+    assert "(1 of the runs restarted after a failure: their wall-clock counts the lost work)" in text

@@ -113,6 +113,7 @@ def versus_full(rows: list[dict]) -> list[str]:
     """One sentence per policy measured against ``full`` of its experiment and noise setting: points, speed-up,
     compute (``full`` named by its group where the runs are of several experiments)."""
     lines = []
+    full_runs = {r["name"]: r["runs"] for r in rows if r["policy"] == "full"}
     for r in rows:
         if r["policy"] == "full" or r["vs_full"] is None:
             continue
@@ -122,6 +123,10 @@ def versus_full(rows: list[dict]) -> list[str]:
         speed = f" at a speed-up of {' and '.join(speeds)}" if speeds else ""
         against = r["baseline"] if r["experiment"] else "full"
         paired = f" ({r['paired']})" if r["paired"] else ""
+        restarted = sum(1 for g in (r["runs"], full_runs.get(r["baseline"], [])) for run in g
+                        if run.totals.get("restarts"))
+        if restarted:  # a restart's lost attempt is in the wall-clock, not in the training time
+            paired += f" ({restarted} of the runs restarted after a failure: their wall-clock counts the lost work)"
         lines.append(f"{r['name']}: {r['vs_full']:+.2f} points against {against}{paired}{speed}{share}.")
     return lines
 
@@ -180,10 +185,11 @@ def build_report(roots: list[str], out: str, exclude: tuple[str, ...] = (), writ
                      "ratio, noise fraction, signal, parameters) are groups of their own, named by them."),
                ("h3", "Runs"),
                ("table", ["run", "policy", "seed", "epochs", "keep ratio", "final test acc %", "shifted %", "wall s",
-                          "samples forwarded"],
+                          "samples forwarded", "restarts"],
                 [[r.label, r.group, r.config.get("seed", "?"), f"{len(r.history)}/{r.config.get('epochs', '?')}",
                   r.config.get("keep_ratio", "?"), _pct(r.totals.get("final_test_accuracy")), _pct(r.shifted),
-                  r.totals.get("wall_seconds", "?"), f"{r.totals.get('samples_forwarded', 0):,}"]
+                  r.totals.get("wall_seconds", "?"), f"{r.totals.get('samples_forwarded', 0):,}",
+                  r.totals.get("restarts", 0)]
                  for rs in groups.values() for r in rs])]
 
     blocks += _recall_blocks(groups, figure)
