@@ -273,11 +273,14 @@ def _reason_blocks(groups: dict[str, list[Run]], sources: Sources) -> list[tuple
                     + [f"{counts.get(k, 0):,}" for k in reasons]
                     + [f"{rejected.get(k, 0) * epochs:,}" for k in before])
     blocks = [("h2", "Pruned samples by reason"),
-              ("table", ["policy", "run", "trained (sample-epochs)", "pruned by the plans"]
+              ("table", ["policy", "run", "kept by the plans (sample-epochs)", "pruned by the plans"]
                + [f"reason {k}" if k == NOT_RECORDED else k for k in reasons]
                + [f"excluded before training: {k}" for k in before], rows),
               ("p", "Sums over the epochs of each run: a sample pruned in 3 epochs counts 3. Pruned by the plans = "
-                    "scored samples - kept, per epoch, split by the reasons the plans recorded."
+                    "scored samples - kept, per epoch, split by the reasons the plans recorded. The samples a run "
+                    "forwarded are in the runs table: up to one fewer than the workers an epoch where a plan's kept "
+                    "count does not divide among them (Ray Train splits an epoch's rows evenly; metrics.json's "
+                    "plan_missing)."
                     + (" Excluded before training = rows in the rejects table of the run's score set (rejected "
                        "by the score job, or left out of the clean oracle's pool), once per epoch." if before else ""))]
     if any(not recorded and counts for _, counts, recorded, _ in per_run):
