@@ -305,6 +305,44 @@ def test_own_loop_example_trains_its_own_model_on_the_plans(scored_ready, tmp_pa
     assert len(set(digests)) == 3 and digests == [p["kept_sha256"] for p in _job_plans(data, scores, "random", 3, 4)]
 
 
+def test_an_own_loop_is_stopped_by_a_restarted_pruner_until_it_restores_the_saved_state(scored_ready, tmp_path):
+    """Ray restarts a crashed pruning actor from its creation arguments: an own loop went on, unsaid, with plans
+    made from no losses (jobs.train fails the attempt and resumes from its checkpoint)."""
+    import ray
+
+    from pipeline.train.pruning import Pruning, PrunerRestartedError
+
+    _, scores = scored_ready
+    pruning = Pruning.from_scores(scores, policy="infobatch", epochs=3)  # its epoch 1 follows epoch 0's losses
+    try:
+        kept = pruning.start_epoch(0)
+        pruning.report(np.arange(pruning.num_samples), np.linspace(0.1, 2.0, pruning.num_samples))
+        pruning.end_epoch()
+        state = str(tmp_path / "pruner")
+        pruning.save_state(state)
+        expected = ray.get(ray.get(pruning.actor.plan_ref.remote(1))[0])[0].copy()  # epoch 1's kept indices
+        ray.kill(pruning.actor, no_restart=False)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if ray.get(pruning.actor.info.remote())["reconstructed"]:
+                    break
+            except ray.exceptions.RayActorError:
+                pass
+            time.sleep(0.2)
+        with pytest.raises(PrunerRestartedError, match="the pruning actor restarted \\(epoch 1\\)"):
+            pruning.start_epoch(1)
+        with pytest.raises(PrunerRestartedError):
+            pruning.save_state(str(tmp_path / "empty"))  # the empty state is not checkpointed over the saved one
+        without_losses = ray.get(ray.get(pruning.actor.plan_ref.remote(1))[0])[0]
+        assert len(without_losses) == kept and len(expected) < kept  # what the loop would have trained on
+        pruning.load_state(state)
+        assert pruning.start_epoch(1) == len(expected)
+        np.testing.assert_array_equal(ray.get(ray.get(pruning.actor.plan_ref.remote(1))[0])[0], expected)
+    finally:
+        pruning.shutdown()
+
+
 def _job_plans(data, scores, policy: str, epochs: int, seed: int) -> list[dict]:
     """The first ``epochs`` plans of the pruner ``jobs.train`` starts for a 3-epoch run (no losses reported)."""
     cfg = parse_config(TrainConfig, config_parser(TrainConfig, ""), [

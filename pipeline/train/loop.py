@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 from pipeline import storage
 from pipeline.train.models import build_model
-from pipeline.train.pruning import step_loss
+from pipeline.train.pruning import PrunerRestartedError, step_loss
 
 # Column dtypes of the decoded batches (pipeline.train.stages.decode_stage);
 # iter_torch_batches needs every column named.
@@ -509,8 +509,6 @@ def _check_incarnation(pruner, incarnation, epoch: int) -> None:
         raise PrunerRestartedError(f"the pruning actor restarted during epoch {epoch}")
 
 
-class PrunerRestartedError(RuntimeError):
-    """The pruning actor lost its state mid-epoch; the epoch must be trained again."""
 
 
 def broadcast_buffers(model: torch.nn.Module) -> None:

@@ -190,6 +190,7 @@ class Pruning:
         self.max_reports_in_flight = max_reports_in_flight
         self.epoch: int | None = None
         self.kept, self.weight_mean = num_samples, 1.0
+        self._incarnation = None  # the pruning actor's, as this process first saw it (_check_incarnation)
         self._keys = None  # the score table's KeyIndex (driver only)
         self._actor = self._reporter = None
 
@@ -254,7 +255,7 @@ class Pruning:
 
     def __getstate__(self) -> dict:
         # What a worker needs: the name and settings, not the keys or process-local handles.
-        return {**self.__dict__, "_keys": None, "_actor": None, "_reporter": None}
+        return {**self.__dict__, "_keys": None, "_actor": None, "_reporter": None, "_incarnation": None}
 
     # ------------------------------------------------------------ driver
 
@@ -317,6 +318,7 @@ class Pruning:
         import ray
 
         first = _rank() == 0
+        self._check_incarnation(epoch)
         _barrier()
         if first:
             ray.get(self.actor.start_epoch.remote(epoch))
@@ -341,8 +343,28 @@ class Pruning:
         self._reporter.report(indices, losses, self.epoch)
 
     def end_epoch(self) -> int:
-        """Deliver every queued loss; returns the losses this worker has reported so far."""
-        return self._reporter.flush() if self._reporter is not None else 0
+        """Deliver every queued loss; returns the losses this worker has reported so far.
+
+        Raises:
+            PrunerRestartedError: the pruning actor restarted since this worker first used it (:meth:`start_epoch`).
+        """
+        reported = self._reporter.flush() if self._reporter is not None else 0
+        self._check_incarnation(self.epoch)
+        return reported
+
+    def _check_incarnation(self, epoch: int | None) -> None:
+        """Refuse to go on against a pruning actor that restarted (Ray restarts a crashed one from its creation
+        arguments): the losses and plans since its last saved state are gone, so the next plans would be made
+        from none. The first call remembers the actor's incarnation; :meth:`load_state` takes the new one."""
+        import ray
+
+        now = ray.get(self.actor.info.remote())["incarnation"]
+        if self._incarnation is None:
+            self._incarnation = now
+        elif now != self._incarnation:
+            raise PrunerRestartedError(
+                f"the pruning actor restarted (epoch {epoch}): its losses and plans since its last saved state are "
+                "lost; restore that state (load_state) and train again from the epoch after it")
 
     def epoch_summary(self, epoch: int) -> dict:
         """The plan's figures for a finished epoch: ``plan_kept``, ``plan_losses_received``, coverage..."""
@@ -358,6 +380,7 @@ class Pruning:
         missing from the state, so plans after a resume would differ)."""
         import ray
 
+        self._check_incarnation(self.epoch)
         ray.get(self.actor.save_state.remote(url))
 
     def load_state(self, url: str) -> None:
@@ -365,6 +388,7 @@ class Pruning:
         import ray
 
         ray.get(self.actor.load_state.remote(url))
+        self._incarnation = ray.get(self.actor.info.remote())["incarnation"]
 
     def plan_log(self) -> list[dict]:
         """One entry per epoch planned so far: kept count, ``kept_sha256`` (the kept indices' digest), pruned by reason.
@@ -374,6 +398,10 @@ class Pruning:
         import ray
 
         return ray.get(self.actor.plan_log.remote())
+
+
+class PrunerRestartedError(RuntimeError):
+    """The pruning actor lost its state mid-run; the epochs since its last saved state must be trained again."""
 
 
 def _task_result(ref):
