@@ -312,10 +312,14 @@ def test_an_own_loop_is_stopped_by_a_restarted_pruner_until_it_restores_the_save
 
     from pipeline.train.pruning import Pruning, PrunerRestartedError
 
+    import pickle
+
     _, scores = scored_ready
     pruning = Pruning.from_scores(scores, policy="infobatch", epochs=3)  # its epoch 1 follows epoch 0's losses
+    other_rank = pickle.loads(pickle.dumps(pruning))  # another worker's side, as Ray Train hands it over
     try:
         kept = pruning.start_epoch(0)
+        other_rank.end_epoch()  # it saw the actor too
         pruning.report(np.arange(pruning.num_samples), np.linspace(0.1, 2.0, pruning.num_samples))
         pruning.end_epoch()
         state = str(tmp_path / "pruner")
@@ -336,7 +340,10 @@ def test_an_own_loop_is_stopped_by_a_restarted_pruner_until_it_restores_the_save
             pruning.save_state(str(tmp_path / "empty"))  # the empty state is not checkpointed over the saved one
         without_losses = ray.get(ray.get(pruning.actor.plan_ref.remote(1))[0])[0]
         assert len(without_losses) == kept and len(expected) < kept  # what the loop would have trained on
-        pruning.load_state(state)
+        with pytest.raises(PrunerRestartedError):
+            other_rank.end_epoch()
+        pruning.load_state(state)  # one rank restores: every rank goes on
+        assert other_rank.end_epoch() == 0
         assert pruning.start_epoch(1) == len(expected)
         np.testing.assert_array_equal(ray.get(ray.get(pruning.actor.plan_ref.remote(1))[0])[0], expected)
     finally:
@@ -381,8 +388,9 @@ def test_trains_on_img2dataset_tars_in_s3_reading_only_kept_samples(ray_session,
     assert [e["test_rows"] for e in metrics["epochs"]] == [synthetic.splits["test"].num_rows] * 2
     assert all(0.0 <= e["test_accuracy"] <= 1.0 for e in metrics["epochs"])
     # Scores of one tar of the split: tars no mmdp job committed say their sample count in their offset
-    # indexes only; the other tars' samples would not be trained on, unsaid (exit 0 before).
-    one, other = storage.join(s3_bucket, "scores-one-tar"), storage.join(s3_bucket, "run-other")
+    # indexes only; the other tars' samples would not be trained on, unsaid (exit 0 before). Refused before
+    # the run folder is touched: the run above stays committed.
+    one, other = storage.join(s3_bucket, "scores-one-tar"), run
     assert score_job.main(["--input", tars[0], "--output", one, "--model", "mmdp-tiny", "--columns", "img2dataset",
                            "--mode", "label", "--classes", classes, "--actor-cpus", "0.5", "--batch-size", "32"]) == 0
     scored = storage.read_json(storage.join(one, "summary.json"))["rows_in"]
@@ -390,6 +398,7 @@ def test_trains_on_img2dataset_tars_in_s3_reading_only_kept_samples(ray_session,
                            "--classes", classes, "--workers", "1", "--epochs", "1", "--policy", "full"]) == 2
     assert (f"--scores {one} scored or rejected {scored:,} rows (its summary.json), but {root}/train holds "
             f"{synthetic.splits['train'].num_rows:,} (its tars' offset indexes)") in capsys.readouterr().err
+    assert storage.is_complete(run) and storage.read_json(storage.join(run, "metrics.json")) == metrics
 
 
 def test_train_without_class_names_is_a_clear_error(scored_ready, tmp_path, capsys):

@@ -101,6 +101,8 @@ class PruningActor:
         # New with every (re)start: a trainer that sees it change knows the
         # state went back to its initial value and must reload a checkpoint.
         self._incarnation = uuid.uuid4().hex
+        # The incarnation (info()'s) whose state a load_state or reset set: every worker may go on with it.
+        self._restored_at: str | None = None
         self._log = PlanLog(self._pruner.num_samples)
 
     def info(self) -> dict:
@@ -124,7 +126,8 @@ class PruningActor:
                                          .encode()).hexdigest()[:32]
         return {"config": self._pruner.config, "current_epoch": self._pruner.current_epoch,
                 "nbytes": self._pruner.nbytes, "partitions": len(self._pruner.bounds) - 1,
-                "reconstructed": bool(reconstructed), "incarnation": incarnation}
+                "reconstructed": bool(reconstructed), "incarnation": incarnation,
+                "restored_incarnation": self._restored_at}
 
     def update(self, indices: np.ndarray, losses: np.ndarray, epoch: int | None = None) -> int:
         """Records per-sample losses (default epoch: the current one); returns the count."""
@@ -239,11 +242,13 @@ class PruningActor:
         """Restores a state :meth:`save_state` wrote; each partition reads its own range. Cached plans are dropped."""
         self._pruner.load(url)
         self._forget_plans()
+        self._restored_at = self.info()["incarnation"]
 
     def reset(self) -> None:
         """Back to the initial state (no losses, no epoch planned), as after a fresh start."""
         self._pruner.reset()
         self._forget_plans()
+        self._restored_at = self.info()["incarnation"]
 
     def _forget_plans(self) -> None:
         self._plan_refs.clear()

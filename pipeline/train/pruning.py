@@ -355,11 +355,14 @@ class Pruning:
     def _check_incarnation(self, epoch: int | None) -> None:
         """Refuse to go on against a pruning actor that restarted (Ray restarts a crashed one from its creation
         arguments): the losses and plans since its last saved state are gone, so the next plans would be made
-        from none. The first call remembers the actor's incarnation; :meth:`load_state` takes the new one."""
+        from none. The first call remembers the actor's incarnation; once one rank's :meth:`load_state` has
+        restored a state into the restarted actor, every rank takes the new one."""
         import ray
 
-        now = ray.get(self.actor.info.remote())["incarnation"]
-        if self._incarnation is None:
+        info = ray.get(self.actor.info.remote())
+        now = info["incarnation"]
+        # A state restored since (load_state, from any rank) is one every rank goes on with.
+        if self._incarnation is None or now == info["restored_incarnation"]:
             self._incarnation = now
         elif now != self._incarnation:
             raise PrunerRestartedError(
@@ -388,7 +391,6 @@ class Pruning:
         import ray
 
         ray.get(self.actor.load_state.remote(url))
-        self._incarnation = ray.get(self.actor.info.remote())["incarnation"]
 
     def plan_log(self) -> list[dict]:
         """One entry per epoch planned so far: kept count, ``kept_sha256`` (the kept indices' digest), pruned by reason.
