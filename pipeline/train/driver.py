@@ -69,10 +69,7 @@ def training_rows(cfg: TrainConfig, pruning: Pruning, caption: bool = False) -> 
     from pipeline.train.tar_reads import build_indexes
 
     check_shards(kind, files)
-    shards = build_indexes(files, cfg.tar_index or storage.join(cfg.out, "tar_index"))
-    # Tars say their sample count nowhere but in these indexes (check_inputs counted a split only from a manifest).
-    indexed = sum(f.rows for f in check_shards("parquet", [index for _, _, index in shards]))
-    check_scores_match(cfg, indexed, " (its tars' offset indexes)")
+    shards = build_indexes(files, tar_index_folder(cfg))  # built by check_inputs where no manifest counts the tars
     return pruning.tar_dataset(shards, cfg.columns, tuple(split_fields(caption)), cfg.max_gap_bytes)
 
 
@@ -245,21 +242,34 @@ def score_mode(scores: str) -> str | None:
     return storage.read_json(config).get("mode") if storage.exists(config) else None
 
 
-def check_scores_match(cfg: TrainConfig, rows: int | None = None, counted: str = "") -> None:
+def check_scores_match(cfg: TrainConfig) -> None:
     """Refuse ``--scores`` that account for other rows than ``--data``'s train split (training finds each
     row's score by its key, and a row without one would not be trained on, unsaid): the rows the score
-    job scored or rejected (its ``summary.json``) must be the split's ``rows``: where the caller did not
-    count them (``counted`` says how it did), its manifest's count, or the sum of its parquet footers (a
-    split of webdataset tars that no mmdp job committed is counted by their offset indexes, once built:
-    :func:`training_rows`)."""
+    job scored or rejected (its ``summary.json``) must be the split's: its manifest's count, or the sum of
+    its parquet footers; webdataset tars that no mmdp job committed are counted by their offset indexes,
+    built here for ``--tar-reads kept`` (which reads by them; with ``all`` they are not counted)."""
     summary = storage.join(cfg.scores, "summary.json")
     accounted = storage.read_json(summary).get("rows_in") if storage.exists(summary) else None
+    if accounted is None:
+        return
     train = storage.join(cfg.data, "train")
-    rows = split_rows(train) if rows is None else rows
+    rows, counted = split_rows(train), ""
+    if rows is None and cfg.tar_reads == "kept":
+        from pipeline.train.tar_reads import build_indexes
+
+        kind, files = list_shards(train)
+        check_shards(kind, files)
+        indexes = [index for _, _, index in build_indexes(files, tar_index_folder(cfg))]
+        rows, counted = sum(f.rows for f in check_shards("parquet", indexes)), " (its tars' offset indexes)"
     if accounted is not None and rows is not None and accounted != rows:
         raise ValueError(f"--scores {cfg.scores} scored or rejected {accounted:,} rows (its summary.json), but "
                          f"{train} holds {rows:,}{counted}: they are the scores of other rows. Score this split "
                          f"(python -m jobs.score --input {train} ...) and pass that output")
+
+
+def tar_index_folder(cfg: TrainConfig) -> str:
+    """Where the train split's tar offset indexes are kept: ``--tar-index``, else the run folder's ``tar_index``."""
+    return cfg.tar_index or storage.join(cfg.out, "tar_index")
 
 
 def split_rows(url: str) -> int | None:
