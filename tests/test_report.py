@@ -184,7 +184,8 @@ def test_policies_are_measured_against_full_seed_against_seed(tmp_path):
     storage.remove(storage.join(bench["b"], "mmdp"))
     assert report.main([str(tmp_path), "--out", bench["out"], "--no-html"]) == 0
     text = open(f"{bench['out']}/report.md").read()
-    assert final_figures(text)["mmdp"]["speedup vs full"] == "n/a" and "mmdp: " not in text
+    assert final_figures(text)["mmdp"]["speedup vs full"] == "n/a"
+    assert "mmdp: not compared (no seed in common with full)." in text and "mmdp: +" not in text
 
 
 def test_runs_of_one_policy_with_other_settings_are_groups_of_their_own(tmp_path):
@@ -193,17 +194,34 @@ def test_runs_of_one_policy_with_other_settings_are_groups_of_their_own(tmp_path
     data, scores = str(tmp_path / "data"), str(tmp_path / "scores")
     write_run(storage.join(bench["a"], "mmdp-k03"), data, scores, "mmdp", 0, [0.5, 0.6, 0.70], 30.0,
               [bench["half"]] * EPOCHS, bench["n"], keep_ratio=0.3)
-    # The benchmark's fixed-ratio baselines get mmdp's measured share of each seed: one group.
-    for seed, keep in ((0, 0.6080), (1, 0.6087)):
+    # The benchmark's fixed-ratio baselines get mmdp's measured share of each seed: one group, even across a
+    # rounding boundary; and full, which reads no keep ratio, is one group whatever its runs recorded.
+    for seed, keep in ((0, 0.6049), (1, 0.6051)):
         write_run(storage.join(str(tmp_path), f"seed{seed}", "random"), data, scores, "random", seed,
                   [0.5, 0.6, 0.75], 55.0, [bench["half"]] * EPOCHS, bench["n"], keep_ratio=keep)
+    write_run(storage.join(bench["b"], "full"), data, scores, "full", 1, [0.5, 0.7, 0.80], 100.0,
+              [bench["n"]] * EPOCHS, bench["n"], keep_ratio=0.9)
     assert report.main([bench["a"], bench["b"], "--out", bench["out"], "--no-html"]) == 0
     text = open(f"{bench['out']}/report.md").read()
     final = {r["policy"]: r for r in tables(text)[0]}
     assert sorted(final) == ["full", "mmdp (keep 0.30)", "mmdp (keep 0.50)", "random"]
+    assert final["full"]["runs"] == "2"
     assert final["mmdp (keep 0.30)"]["runs"] == "1" and final["mmdp (keep 0.30)"]["final test acc %"] == "70.00"
     assert final["mmdp (keep 0.50)"]["runs"] == "2" and final["random"]["runs"] == "2"
     assert "mmdp (keep 0.30): -10.00 points against full" in text
+
+
+def test_a_recorded_relative_path_is_rebased_only_where_the_job_ran_on_this_disk():
+    from pipeline.report.runs import recorded_path
+
+    assert recorded_path("runs/demo/data", "/home/me/runs/demo/runs/mmdp", "runs/demo/runs/mmdp") == \
+        "/home/me/runs/demo/data"
+    assert recorded_path("runs/demo/data", "runs/demo/runs/mmdp", "runs/demo/runs/mmdp") == "runs/demo/data"
+    assert recorded_path("runs/demo/data", "/elsewhere/mmdp", "runs/demo/runs/mmdp") == "runs/demo/data"  # moved
+    # Copied to a bucket: the job's disk is not there (and "s3:/b/..." is no URL).
+    assert recorded_path("runs/demo/data", "s3://b/x/runs/demo/runs/mmdp", "runs/demo/runs/mmdp") == "runs/demo/data"
+    assert recorded_path("s3://b/data", "/x/runs/mmdp", "runs/mmdp") == "s3://b/data"
+    assert recorded_path("/abs/data", "/x/runs/mmdp", "runs/mmdp") == "/abs/data"
 
 
 def test_paths_a_job_recorded_relative_to_where_it_ran_are_read_from_there(tmp_path, monkeypatch):

@@ -115,6 +115,8 @@ def versus_full(rows: list[dict]) -> list[str]:
     lines = []
     full_runs = {r["name"]: r["runs"] for r in rows if r["policy"] == "full"}
     for r in rows:
+        if r["policy"] != "full" and r["vs_full"] is None and r["paired"]:
+            lines.append(f"{r['name']}: not compared ({r['paired']}).")
         if r["policy"] == "full" or r["vs_full"] is None:
             continue
         speeds = [f"{r['train_speedup']:.2f}x on training time"] if r["train_speedup"] else []

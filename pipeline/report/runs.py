@@ -274,6 +274,8 @@ def recorded_path(path: str, found: str, recorded_out: str | None) -> str:
         return path
     if not recorded_out or not storage.is_local(recorded_out) or posixpath.isabs(recorded_out):
         return path
+    if not storage.is_local(found):  # a folder copied to an object store: the job's own disk is not there
+        return path
     out = posixpath.normpath(recorded_out)
     here = posixpath.normpath(urlparse(found).path if found.startswith("file:") else found)
     if here == out:
@@ -363,17 +365,33 @@ def experiments(runs: list[Run]) -> tuple[list[str], list[tuple[str, list[Run], 
     return differ, [(t, rs, rs[0].setup) for t, rs in out]
 
 
-# A policy's own settings: runs of one policy that differ in these are different groups (keep ratios to two
-# digits: the pruning benchmark gives its fixed-ratio baselines mmdp's measured share of each seed, 0.608-0.609).
-POLICY_SETTINGS = {"keep_ratio": "keep", "noise_fraction": "noise fraction", "signal": "signal",
-                   "policy_params": "params"}
+# A policy's own settings, and the policies each applies to (pipeline.prune.policies): runs of one policy that
+# differ in one it reads are different groups. Keep ratios within KEEP_TOLERANCE of each other are one: the
+# pruning benchmark gives its fixed-ratio baselines mmdp's measured share of each seed (0.608-0.609).
+POLICY_SETTINGS = {"keep_ratio": ("keep", {"mmdp", "random", "clip_filter", "infobatch_exact"}),
+                   "noise_fraction": ("noise fraction", {"mmdp", "clip_cut"}),
+                   "signal": ("signal", {"mmdp", "clip_cut", "clip_filter"}),
+                   "policy_params": ("params", {"mmdp", "infobatch", "infobatch_exact", "trajectory"})}
+KEEP_TOLERANCE = 0.005
 
 
 def _policy_setting(run: Run, name: str) -> str:
     value = run.config.get(name)
-    if name == "keep_ratio" and isinstance(value, (int, float)):
-        return f"{value:.2f}"
     return "default" if value in (None, [], ()) else ",".join(value) if isinstance(value, list) else str(value)
+
+
+def _setting_labels(runs: list[Run], name: str) -> dict[int, str]:
+    """Each run's label for setting ``name``: its value, keep ratios closer than :data:`KEEP_TOLERANCE` to the
+    next alike (one label, the lowest's, to two digits)."""
+    if name != "keep_ratio" or not all(isinstance(r.config.get(name), (int, float)) for r in runs):
+        return {id(r): _policy_setting(r, name) for r in runs}
+    labels, start, last = {}, None, None
+    for r in sorted(runs, key=lambda r: r.config[name]):
+        value = r.config[name]
+        if last is None or value - last > KEEP_TOLERANCE:
+            start = value
+        labels[id(r)], last = f"{start:.2f}", value
+    return labels
 
 
 def _assign_groups(runs: list[Run]) -> None:
@@ -387,9 +405,11 @@ def _assign_groups(runs: list[Run]) -> None:
         names[id(r)] = r.policy + (f" [{', '.join(tags)}]" if tags else "")
     for name in set(names.values()):
         alike = [r for r in runs if names[id(r)] == name]
-        differ = [k for k in POLICY_SETTINGS if len({_policy_setting(r, k) for r in alike}) > 1]
+        labels = {k: _setting_labels(alike, k) for k, (_, policies) in POLICY_SETTINGS.items()
+                  if alike[0].policy in policies}
+        differ = [k for k, by_run in labels.items() if len(set(by_run.values())) > 1]
         for r in alike if differ else ():
-            names[id(r)] += " (" + ", ".join(f"{POLICY_SETTINGS[k]} {_policy_setting(r, k)}" for k in differ) + ")"
+            names[id(r)] += " (" + ", ".join(f"{POLICY_SETTINGS[k][0]} {labels[k][id(r)]}" for k in differ) + ")"
     for r in runs:
         r.group = names[id(r)]
         if not r.complete:

@@ -85,7 +85,7 @@ def load_score_set(url: str, data: str | None, sources: Sources) -> ScoreSet:
     s.zero_shot = reference_zero_shot(s.pretrained, sources)
     try:
         table = storage.read_table(storage.join(url, "scores"))
-    except (storage.InputError, OSError) as exc:
+    except (storage.InputError, OSError, ValueError) as exc:  # pyarrow's ArrowInvalid: a path it cannot take
         s.note = f"scores not readable ({exc})"
         return s
     s.rows = table.num_rows
