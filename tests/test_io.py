@@ -402,6 +402,12 @@ def test_a_named_column_is_checked_before_a_job_from_the_first_footer_and_all_on
     storage.remove(storage.join(url, "a.parquet"))
     storage.write_table(table.slice(20), storage.join(url, "c.parquet"))
     shards.check_named_columns(url, spec)
+    # A split in subfolders (date=1/, date=2/): the error names the split, not the first file's subfolder.
+    nested = str(tmp_path / "nested")
+    for part in ("date=1", "date=2"):
+        storage.write_table(table.slice(0, 5), storage.join(nested, part, "a.parquet"))
+    with pytest.raises(SchemaError, match=rf"--columns caption=txt: no shard in {nested} has a column 'txt'"):
+        shards.check_named_columns(nested, ColumnMapping.parse("key=id,image=img,caption=txt"))
     # Nothing to check, nothing read: a preset's names, or a split read without the named column.
     missing = str(tmp_path / "no-such-split")
     shards.check_named_columns(missing, ColumnMapping.parse("mmdp"))

@@ -11,6 +11,7 @@ would silently lose rows (a stray file, a truncated tar, unreadable parquet);
 
 from __future__ import annotations
 
+import os
 import re
 import tarfile
 from concurrent.futures import ThreadPoolExecutor
@@ -162,7 +163,7 @@ def check_shards(kind: str, files: list[str], mapping: ColumnMapping | None = No
         source = getattr(mapping, name)
         if files and not any(source in f.columns for f in footers):
             found = sorted(set().union(*(f.columns for f in footers)))
-            raise SchemaError(f"--columns {name}={source}: no shard in {files[0].rpartition('/')[0]} has a column "
+            raise SchemaError(f"--columns {name}={source}: no shard in {_folder_of(files)} has a column "
                               f"{source!r} (found {found}); "
                               f"without it every {name} would be read as missing")
     return footers
@@ -219,6 +220,11 @@ def _null_count(file_url: str, column: str, size: int | None) -> int:
     at = names.index(column)
     stats = (metadata.row_group(g).column(at).statistics for g in range(metadata.num_row_groups))
     return sum(st.null_count for st in stats if st is not None and st.has_null_count)
+
+
+def _folder_of(files: list[str]) -> str:
+    """The folder that holds every one of ``files`` (URLs or paths; subfolders of a split included)."""
+    return os.path.commonprefix([f.rpartition("/")[0] + "/" for f in files]).rpartition("/")[0]
 
 
 def listed_sizes(files: list[str]) -> dict[str, int]:
@@ -307,7 +313,7 @@ def _check_tar_members(files: list[str], mapping: ColumnMapping, fields: tuple[s
     found = found.union(*_each(tar_head_members, files[1:]))
     for name, source in wanted.items():
         if source not in found:
-            raise SchemaError(f"--columns {name}={source}: no shard in {files[0].rpartition('/')[0]} has a column "
+            raise SchemaError(f"--columns {name}={source}: no shard in {_folder_of(files)} has a column "
                               f"{source!r}: no tar holds a member KEY.{source} in its first sample, nor in the "
                               f"others whose headers lie in its first {HEAD_BYTES >> 10} KiB (found members "
                               f"{sorted(found)}; only those are read, not whole tars); without it every {name} "
