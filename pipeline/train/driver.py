@@ -259,7 +259,8 @@ def check_scores_match(cfg: TrainConfig) -> None:
 
         kind, files = list_shards(train)
         check_shards(kind, files)
-        indexes = [index for _, _, index in build_indexes(files, tar_index_folder(cfg))]
+        # The folder fit() builds them in (absolute: Ray's tasks need not share this process's directory).
+        indexes = [index for _, _, index in build_indexes(files, tar_index_folder(absolute_paths(cfg)))]
         rows, counted = sum(f.rows for f in check_shards("parquet", indexes)), " (its tars' offset indexes)"
     if accounted is not None and rows is not None and accounted != rows:
         raise ValueError(f"--scores {cfg.scores} scored or rejected {accounted:,} rows (its summary.json), but "
