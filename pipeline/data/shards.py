@@ -191,7 +191,7 @@ def check_named_columns(url: str, mapping: ColumnMapping, fields: tuple[str, ...
         return
     if kind != "parquet" or not files:
         return
-    first = _check_parquet(files[0], None, listed_sizes(files[:1]).get(files[0]))
+    first = _check_parquet(files[0], None)  # its size asked for alone: a listing of the folder costs more
     if any(source not in first.columns for source in wanted):
         check_shards(kind, files, mapping, fields)
 
@@ -208,12 +208,7 @@ def null_images(url: str, mapping: ColumnMapping, listing: tuple[str, list[str]]
 
 
 def _null_count(file_url: str, column: str, size: int | None) -> int:
-    fs, path = filesystem_for(file_url)
-    fragment = pds.ParquetFileFormat().make_fragment(path, filesystem=fs, file_size=size)
-    try:
-        metadata = storage.retry_reads(lambda: fragment.metadata)
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise storage.unreadable_parquet(file_url, exc) from exc
+    metadata = _footer(file_url, size).metadata
     names = [metadata.schema.column(i).path for i in range(metadata.num_columns)]
     if column not in names:
         return 0
@@ -259,16 +254,26 @@ def _each(check, items: list) -> list:
         return list(pool.map(check, items))  # results, and errors, come back in item order
 
 
-def _check_parquet(file_url: str, mapping: ColumnMapping | None, size: int | None = None) -> ParquetFooter:
+def _footer(file_url: str, size: int | None = None) -> pds.ParquetFileFragment:
+    """The parquet file at ``file_url`` as a fragment whose footer has been read (one ranged read).
+
+    Raises:
+        InputError: the file is not readable parquet (:func:`~pipeline.storage.unreadable_parquet`).
+    """
     fs, path = filesystem_for(file_url)
     # A fragment of known size reads its footer without asking the store for the size first; the
-    # fragment keeps the footer, so its row count costs no second read.
+    # fragment keeps the footer, so its schema, row count and statistics cost no second read.
     fragment = pds.ParquetFileFormat().make_fragment(path, filesystem=fs, file_size=size)
     try:
-        schema = storage.retry_reads(lambda: fragment.physical_schema)
-        rows = fragment.metadata.num_rows
+        storage.retry_reads(lambda: fragment.physical_schema)
     except (pa.ArrowInvalid, OSError) as exc:
         raise storage.unreadable_parquet(file_url, exc) from exc
+    return fragment
+
+
+def _check_parquet(file_url: str, mapping: ColumnMapping | None, size: int | None = None) -> ParquetFooter:
+    fragment = _footer(file_url, size)
+    schema, rows = fragment.physical_schema, fragment.metadata.num_rows
     if mapping is not None:
         try:
             to_contract(schema.empty_table(), mapping)
