@@ -367,3 +367,22 @@ def test_trajectory_needs_its_reference_and_checkpoints_its_history():
     other = Pruner(500, "trajectory", epochs=10, reference=np.arange(0, 500, 25))
     with pytest.raises(ValueError, match="other reference samples"):
         other.load_state_dict(state)
+
+
+def test_each_policy_declares_whether_its_plans_follow_the_keep_ratio():
+    """``uses_keep_ratio`` (the report groups runs by the settings a policy reads) is what the plans do."""
+    from pipeline.prune.policies import POLICIES
+
+    rng = np.random.default_rng(0)
+    n = 400
+    consistency, losses = rng.random(n).astype(np.float32), rng.random(n).astype(np.float32)
+    for name, cls in POLICIES.items():
+        kept = []
+        for keep in (0.5, 0.8):
+            p = Pruner(n, name, keep_ratio=keep, epochs=10, consistency=consistency,
+                       reference=np.arange(0, n, 40) if cls.history_epochs else None)
+            for epoch in range(4):
+                p.plan(epoch)
+                p.update(np.arange(n), losses * (1 + epoch), epoch)
+            kept.append(len(p.plan(4)[0]))
+        assert (kept[0] != kept[1]) == cls.uses_keep_ratio, (name, kept)

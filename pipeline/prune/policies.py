@@ -78,6 +78,8 @@ class Policy:
 
     name: ClassVar[str] = ""
     needs_consistency: ClassVar[bool] = False
+    # Whether its plans follow the keep ratio (``ctx.target``); the others ignore it.
+    uses_keep_ratio: ClassVar[bool] = False
     # Epochs of per-sample loss history the policy reads (0: none); such a
     # policy also needs a known-clean reference set (``Pruner(reference=...)``).
     history_epochs: ClassVar[int] = 0
@@ -127,6 +129,7 @@ class Random(Policy):
     """A new uniform random subset of ``round(keep_ratio*n)`` samples each epoch, weight 1."""
 
     name: ClassVar[str] = "random"
+    uses_keep_ratio: ClassVar[bool] = True
 
     def plan(self, cluster, ctx):
         cluster.map(steps.random_candidates, ctx.salt)
@@ -144,6 +147,7 @@ class ClipFilter(Policy):
     """
 
     name: ClassVar[str] = "clip_filter"
+    uses_keep_ratio: ClassVar[bool] = True
     needs_consistency: ClassVar[bool] = True
 
     def plan(self, cluster, ctx):
@@ -222,6 +226,7 @@ class InfoBatchExact(Policy):
     """
 
     name: ClassVar[str] = "infobatch_exact"
+    uses_keep_ratio: ClassVar[bool] = True
     delta: float = 0.875
     max_prune_prob: float = 0.75
 
@@ -341,6 +346,7 @@ class Mmdp(Policy):
     """
 
     name: ClassVar[str] = "mmdp"
+    uses_keep_ratio: ClassVar[bool] = True
     needs_consistency: ClassVar[bool] = True
     noise_fraction: float = 0.2
     loss_weight: float = 0.0

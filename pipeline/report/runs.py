@@ -365,14 +365,25 @@ def experiments(runs: list[Run]) -> tuple[list[str], list[tuple[str, list[Run], 
     return differ, [(t, rs, rs[0].setup) for t, rs in out]
 
 
-# A policy's own settings, and the policies each applies to (pipeline.prune.policies): runs of one policy that
-# differ in one it reads are different groups. Keep ratios within KEEP_TOLERANCE of each other are one: the
+# A policy's own settings, as its group name shows them: runs of one policy that differ in one it reads
+# (reads_setting) are different groups. Keep ratios within KEEP_TOLERANCE of each other are one: the
 # pruning benchmark gives its fixed-ratio baselines mmdp's measured share of each seed (0.608-0.609).
-POLICY_SETTINGS = {"keep_ratio": ("keep", {"mmdp", "random", "clip_filter", "infobatch_exact"}),
-                   "noise_fraction": ("noise fraction", {"mmdp", "clip_cut"}),
-                   "signal": ("signal", {"mmdp", "clip_cut", "clip_filter"}),
-                   "policy_params": ("params", {"mmdp", "infobatch", "infobatch_exact", "trajectory"})}
+POLICY_SETTINGS = {"keep_ratio": "keep", "noise_fraction": "noise fraction", "signal": "signal",
+                   "policy_params": "params"}
 KEEP_TOLERANCE = 0.005
+
+
+def reads_setting(policy: str, name: str) -> bool:
+    """Whether runs of ``policy`` depend on the setting ``name``, as the policy declares it
+    (:mod:`pipeline.prune.policies`; the oracle is ``full``); a policy this mmdp does not know, on all."""
+    from pipeline.prune.policies import POLICIES
+
+    cls = POLICIES.get("full" if policy == "oracle" else policy)
+    if cls is None:
+        return True
+    knobs = {f.name for f in dataclasses.fields(cls)}
+    return {"keep_ratio": cls.uses_keep_ratio, "signal": cls.needs_consistency,
+            "noise_fraction": "noise_fraction" in knobs, "policy_params": bool(knobs)}[name]
 
 
 def _policy_setting(run: Run, name: str) -> str:
@@ -405,11 +416,10 @@ def _assign_groups(runs: list[Run]) -> None:
         names[id(r)] = r.policy + (f" [{', '.join(tags)}]" if tags else "")
     for name in set(names.values()):
         alike = [r for r in runs if names[id(r)] == name]
-        labels = {k: _setting_labels(alike, k) for k, (_, policies) in POLICY_SETTINGS.items()
-                  if alike[0].policy in policies}
+        labels = {k: _setting_labels(alike, k) for k in POLICY_SETTINGS if reads_setting(alike[0].policy, k)}
         differ = [k for k, by_run in labels.items() if len(set(by_run.values())) > 1]
         for r in alike if differ else ():
-            names[id(r)] += " (" + ", ".join(f"{POLICY_SETTINGS[k][0]} {labels[k][id(r)]}" for k in differ) + ")"
+            names[id(r)] += " (" + ", ".join(f"{POLICY_SETTINGS[k]} {labels[k][id(r)]}" for k in differ) + ")"
     for r in runs:
         r.group = names[id(r)]
         if not r.complete:
