@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 from pipeline import storage
 from pipeline.train.models import build_model
-from pipeline.train.pruning import PrunerRestartedError, step_loss
+from pipeline.train.pruning import step_loss
 
 # Column dtypes of the decoded batches (pipeline.train.stages.decode_stage);
 # iter_torch_batches needs every column named.
@@ -249,9 +249,8 @@ def train_loop_per_worker(config: dict) -> None:
     steps_per_epoch = math.ceil(cfg["num_samples"] / (cfg["batch_size"] * world))  # an unpruned epoch's
     model, opt, sched = task.setup(cfg["plan_epochs"] * steps_per_epoch)
     start_epoch, history, plans, restarts = _resume(cfg, model, opt, sched, pruning, rank)
-    # A pruner that Ray restarts comes back in its initial state; each epoch
-    # checks that the actor it trained against is the one it started with.
-    incarnation = ray.get(pruner.info.remote())["incarnation"] if rank == 0 else None
+    # A pruner that Ray restarts comes back in its initial state: Pruning checks, each epoch, on every rank,
+    # that the actor it trains against is the one it started with (or restored), and raises PrunerRestartedError.
     # The pruner state a --resume-from checkpoint names: rank 0, which drops old states, keeps it.
     resumed_state = cfg["resumed_state"]
 
@@ -321,12 +320,12 @@ def train_loop_per_worker(config: dict) -> None:
             if metrics["checkpoint"]:
                 checkpoint_dir = tempfile.mkdtemp(prefix="mmdp-ckpt-")
                 save_train_state(checkpoint_dir, model, opt, sched, epoch)
-                _save_pruner_state(checkpoint_dir, pruning, incarnation, cfg["out"], epoch)  # checks the incarnation too
+                _save_pruner_state(checkpoint_dir, pruning, cfg["out"], epoch)  # checks the incarnation too
                 for name, value in (("history.json", history), ("plans.json", plans), (RUN_CONFIG, cfg["run_config"])):
                     with open(os.path.join(checkpoint_dir, name), "w") as f:
                         json.dump(value, f)
             else:
-                _check_incarnation(pruner, incarnation, epoch)
+                pruning.check_incarnation(epoch)  # the epoch's summary and plan log above are of that actor
             done = [h["epoch_seconds"] for h in history if h["epoch"] >= start_epoch]
             left = (cfg["epochs"] - epoch - 1) * sum(done) / len(done)
             accuracy = _accuracy_text(metrics)
@@ -463,13 +462,11 @@ def pruner_state_url(out: str, epoch: int) -> str:
     return storage.join(out, "pruner", f"epoch-{epoch:04d}")
 
 
-def _save_pruner_state(directory: str, pruning, incarnation, out: str, epoch: int) -> None:
+def _save_pruner_state(directory: str, pruning, out: str, epoch: int) -> None:
     """The pruner writes its state to the run folder, each partition its own part (no rank gathers it);
     the checkpoint in ``directory`` names that folder."""
     url = pruner_state_url(out, epoch)
-    pruning.save_state(url)
-    pruner = pruning.actor
-    _check_incarnation(pruner, incarnation, epoch)  # the state is of the actor this attempt trained against
+    pruning.save_state(url)  # refuses a restarted actor's state (PrunerRestartedError)
     with open(os.path.join(directory, PRUNER_STATE), "w") as f:
         # Also where it lies in the run folder: a run folder moved whole still resumes (saved_pruner_state).
         json.dump({"state": url, "in_run": url[len(storage.join(out, "")):]}, f)
@@ -498,17 +495,6 @@ def _drop_old_pruner_state(out: str, history: list[dict], keep: str | None = Non
         url = pruner_state_url(out, saved[-KEEP_CHECKPOINTS - 1])
         if keep is None or storage.filesystem_for(url)[1] != storage.filesystem_for(keep)[1]:  # the same folder?
             storage.remove(url)
-
-
-def _check_incarnation(pruner, incarnation, epoch: int) -> None:
-    import ray
-
-    if ray.get(pruner.info.remote())["incarnation"] != incarnation:
-        # Its losses for this epoch (and its plan) are gone: fail the
-        # attempt, and Ray Train restarts it from the last checkpoint.
-        raise PrunerRestartedError(f"the pruning actor restarted during epoch {epoch}")
-
-
 
 
 def broadcast_buffers(model: torch.nn.Module) -> None:

@@ -190,7 +190,7 @@ class Pruning:
         self.max_reports_in_flight = max_reports_in_flight
         self.epoch: int | None = None
         self.kept, self.weight_mean = num_samples, 1.0
-        self._incarnation = None  # the pruning actor's, as this process first saw it (_check_incarnation)
+        self._incarnation = None  # the pruning actor's, as this process first saw it (check_incarnation)
         self._keys = None  # the score table's KeyIndex (driver only)
         self._actor = self._reporter = None
 
@@ -318,7 +318,7 @@ class Pruning:
         import ray
 
         first = _rank() == 0
-        self._check_incarnation(epoch)
+        self.check_incarnation(epoch)
         _barrier()
         if first:
             ray.get(self.actor.start_epoch.remote(epoch))
@@ -349,14 +349,19 @@ class Pruning:
             PrunerRestartedError: the pruning actor restarted since this worker first used it (:meth:`start_epoch`).
         """
         reported = self._reporter.flush() if self._reporter is not None else 0
-        self._check_incarnation(self.epoch)
+        self.check_incarnation(self.epoch)
         return reported
 
-    def _check_incarnation(self, epoch: int | None) -> None:
+    def check_incarnation(self, epoch: int | None) -> None:
         """Refuse to go on against a pruning actor that restarted (Ray restarts a crashed one from its creation
         arguments): the losses and plans since its last saved state are gone, so the next plans would be made
-        from none. The first call remembers the actor's incarnation; once one rank's :meth:`load_state` has
-        restored a state into the restarted actor, every rank takes the new one."""
+        from none. The first call (or :meth:`load_state`) remembers the actor's incarnation; once one rank's
+        :meth:`load_state` has restored a state into the restarted actor, every rank takes the new one.
+        :meth:`start_epoch`, :meth:`end_epoch` and :meth:`save_state` call it.
+
+        Raises:
+            PrunerRestartedError: naming ``epoch``.
+        """
         import ray
 
         info = ray.get(self.actor.info.remote())
@@ -383,14 +388,16 @@ class Pruning:
         missing from the state, so plans after a resume would differ)."""
         import ray
 
-        self._check_incarnation(self.epoch)
+        self.check_incarnation(self.epoch)  # not an empty state over a saved one
         ray.get(self.actor.save_state.remote(url))
+        self.check_incarnation(self.epoch)  # the state written is the one trained against
 
     def load_state(self, url: str) -> None:
         """Restore a state :meth:`save_state` wrote (resuming a run); call from one rank, before :meth:`start_epoch`."""
         import ray
 
         ray.get(self.actor.load_state.remote(url))
+        self._incarnation = ray.get(self.actor.info.remote())["incarnation"]  # a restart from here on is one
 
     def plan_log(self) -> list[dict]:
         """One entry per epoch planned so far: kept count, ``kept_sha256`` (the kept indices' digest), pruned by reason.
