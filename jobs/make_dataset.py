@@ -107,7 +107,6 @@ class MakeDatasetConfig:
         if self.test_size < 1:
             raise ValueError("--test-size must be >= 1")
 
-
     def check_inputs(self) -> None:
         """With ``--columns``, Ray started or joined, and a local ``--source`` refused where Ray's tasks would
         run on other nodes (a cluster's head has no CPUs): they would read their own disks there."""

@@ -43,6 +43,18 @@ def caption_scored(ray_session, tmp_path_factory):
     return data, scores, dataset.splits["train"].num_rows
 
 
+def _earlier_run(tmp_path) -> str:
+    """A run folder an earlier run committed, that a refused run must leave as it is."""
+    out = str(tmp_path / "run")
+    with storage.output(out):
+        storage.write_json({"policy": "earlier"}, storage.join(out, "config.json"))
+    return out
+
+
+def _still_committed(out: str) -> bool:
+    return storage.is_complete(out) and storage.read_json(f"{out}/config.json") == {"policy": "earlier"}
+
+
 def _test_rows(n: int = 12) -> pa.Table:
     return make_synthetic(n=4 * n, seed=4).splits["test"].select(["key", "image", "label"]).slice(0, n)
 
@@ -121,9 +133,7 @@ def test_a_signal_the_scores_lack_is_refused_before_training(caption_scored, tmp
     was 0 and clip_filter kept the last rows in key order, a plan made by no signal, nothing said."""
     data, scores, n = caption_scored
     # The scores say their mode: refused before the run folder is marked pending, so an earlier run there stays.
-    out = str(tmp_path / "run")
-    with storage.output(out):
-        storage.write_json({"policy": "earlier"}, storage.join(out, "config.json"))
+    out = _earlier_run(tmp_path)
     for policy in ("mmdp", "clip_filter"):
         rc = train_job.main(["--data", data, "--scores", scores, "--out", out, "--epochs", "1",
                              "--workers", "1", "--signal", "clip_margin", "--policy", policy])
@@ -131,7 +141,7 @@ def test_a_signal_the_scores_lack_is_refused_before_training(caption_scored, tmp
         assert rc == 2, err
         assert f"--signal clip_margin: {scores} was scored in caption mode (its config.json)" in err
         assert "have no clip_margin" in err and "--signal clip_score" in err and "Traceback" not in err
-        assert storage.is_complete(out) and storage.read_json(f"{out}/config.json") == {"policy": "earlier"}
+        assert _still_committed(out)
     # Scores that do not say their mode are refused by their values, once read (in a task: its error as itself).
     bare = str(tmp_path / "scores-without-config")
     shutil.copytree(scores, bare)
@@ -158,9 +168,7 @@ def test_a_column_spec_naming_a_column_no_shard_has_is_refused_before_the_run_fo
     """``--columns label=lable`` read every label as null; the run found it only once it read the split, after
     its folder was marked pending (an earlier run there uncommitted)."""
     data, scores, _ = caption_scored
-    out = str(tmp_path / "run")
-    with storage.output(out):
-        storage.write_json({"policy": "earlier"}, storage.join(out, "config.json"))
+    out = _earlier_run(tmp_path)
     for argv, says in ((["--columns", "label=lable"], f"--columns label=lable: no shard in {data}/train has a "
                                                       "column 'lable'"),
                        (["--columns", "caption=text", "--task", "clip", "--signal", "clip_score"],
@@ -169,7 +177,7 @@ def test_a_column_spec_naming_a_column_no_shard_has_is_refused_before_the_run_fo
                              *argv])
         err = capsys.readouterr().err
         assert rc == 2 and says in err, err
-        assert storage.is_complete(out) and storage.read_json(f"{out}/config.json") == {"policy": "earlier"}
+        assert _still_committed(out)
 
 
 def test_a_signal_missing_on_more_than_half_the_rows_is_refused_below_it_kept():
@@ -214,12 +222,10 @@ def test_a_test_split_with_rows_without_an_image_is_refused_before_the_run_start
     images[2] = images[5] = None
     storage.write_shards(test.set_column(test.schema.get_field_index("image"), "image", pa.array(images, pa.binary())),
                          f"{copy}/test", rows_per_shard=10)
-    out = str(tmp_path / "run")
-    with storage.output(out):
-        storage.write_json({"policy": "earlier"}, storage.join(out, "config.json"))
+    out = _earlier_run(tmp_path)
     for task in ("classify", "clip"):
         rc = train_job.main(["--data", copy, "--scores", scores, "--out", out, "--epochs", "1", "--workers", "1",
                              "--task", task])
         err = capsys.readouterr().err
         assert rc == 2 and f"{copy}/test: 2 rows have no image (a null image" in err, err
-        assert storage.is_complete(out) and storage.read_json(f"{out}/config.json") == {"policy": "earlier"}
+        assert _still_committed(out)
