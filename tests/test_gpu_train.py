@@ -34,7 +34,7 @@ def test_training_on_a_gpu_worker_with_probes_evaluates_every_epoch_and_resumes(
     # Probes every epoch: rows excluded as noisy get a no-grad forward beside the trained rows.
     flags = ["--task", task, *(["--model", "mmdp-tiny"] if task == "clip" else []), "--data", data,
              "--scores", scores, "--epochs", "3", "--workers", "1", "--use-gpu", "--batch-size", "16",
-             "--warmup-steps", "2", "--noise-fraction", "0.2", "--policy-params", "probe_every=1"]
+             "--warmup-steps", "2", "--noise-fraction", "0.2", "--policy-params", "probe_every=1,loss_weight=0.5"]
     assert train_job.main([*flags, "--out", first, "--stop-after", "2"]) == 0
     # The checkpoint (a GPU model's state) goes back onto the GPU for the last epoch.
     assert train_job.main([*flags, "--out", out, "--resume-from", storage.join(first, "checkpoint")]) == 0

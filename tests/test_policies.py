@@ -53,7 +53,7 @@ def eligible(state, epoch, **mmdp_params):
     return mask
 
 
-def test_registry_has_the_policies_and_rejects_unknown_names():
+def test_registry_has_the_policies_and_rejects_unknown_names_and_knobs_that_cannot_work():
     assert sorted(P.POLICIES) == ["clip_cut", "clip_filter", "full", "infobatch", "infobatch_exact", "mmdp", "random",
                                   "trajectory"]
     assert P.make_policy("mmdp", noise_fraction=0.3).noise_fraction == 0.3
@@ -61,6 +61,17 @@ def test_registry_has_the_policies_and_rejects_unknown_names():
         P.make_policy("nope")
     with pytest.raises(ValueError, match="delta"):
         P.make_policy("infobatch", delta=1.5)
+    # Counts are whole numbers (a float window would fail inside the pruner, at its first plan).
+    assert P.make_policy("trajectory", window=np.int64(8)).window == 8
+    for knob, value in (("window", 10.0), ("window", 10.5), ("min_points", True)):
+        with pytest.raises(ValueError, match=f"{knob} takes a whole number"):
+            P.make_policy("trajectory", **{knob: value})
+    with pytest.raises(ValueError, match="probe_every takes a whole number"):
+        P.make_policy("mmdp", loss_weight=0.5, probe_every=2.0)
+    # Probes show excluded samples' losses; a noise decision from the consistency alone never reads them.
+    with pytest.raises(ValueError, match="probe_every needs loss_weight > 0"):
+        P.make_policy("mmdp", probe_every=8)
+    assert P.make_policy("mmdp", probe_every=8, loss_weight=0.5).probe_every == 8
 
 
 def test_target_count_rounds_half_up_and_stays_in_range():
@@ -109,11 +120,12 @@ def test_mmdp_budget_is_a_share_of_full_and_the_excluded_noise_is_its_first_savi
     """A pruning epoch trains on round(keep_ratio * n) samples: the excluded 30% count as saved, so
     only what they did not save is pruned from the well-learned (at most max_prune_prob of them:
     then it trains on more); with the budget at or above the eligible share, nothing clean is pruned.
-    Probes (weight 0) come on top."""
-    policy = P.make_policy("mmdp", noise_fraction=0.3, max_prune_prob=0.9, probe_every=8)
+    Probes (weight 0; they go with the loss mixed into the noise decision) come on top."""
+    noise = dict(noise_fraction=0.3, loss_weight=0.5)
+    policy = P.make_policy("mmdp", **noise, max_prune_prob=0.9, probe_every=8)
     state = make_state(keep_ratio=keep_ratio, seen_frac=1.0)
     for epoch in (1, 5):
-        clean = eligible(state, epoch, noise_fraction=0.3)
+        clean = eligible(state, epoch, **noise)
         well = int((clean & (state.loss < state.loss[clean].mean(dtype=np.float64))).sum())
         target = int(np.floor(keep_ratio * N + 0.5))
         kept, weights = select(policy, state, epoch)

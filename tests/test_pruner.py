@@ -259,7 +259,7 @@ def test_pruned_by_reason_counts_every_pruned_sample(name):
 
 
 def test_mmdp_reasons_follow_noise_then_loss():
-    p = make("mmdp", policy_params={"probe_every": 8})
+    p = make("mmdp", policy_params={"probe_every": 8, "loss_weight": 0.5})
     _, _, first = p.plan_with_reasons(0)
     # Epoch 0: no loss seen, every eligible sample is "hard" and trained on; only the noise is out.
     assert first == {"low consistency": int(0.2 * N), "well learned (low loss)": 0}

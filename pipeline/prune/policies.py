@@ -109,6 +109,10 @@ def make_policy(name: str, **params) -> Policy:
     """Builds the policy registered as ``name`` with its knobs overridden by ``params``."""
     if name not in POLICIES:
         raise ValueError(f"unknown policy {name!r}; choose one of {sorted(POLICIES)}")
+    counts = [f.name for f in dataclasses.fields(POLICIES[name]) if f.type in ("int", int)]
+    for knob in counts:  # a window of 10.0 epochs would fail only inside the pruner
+        if knob in params and (isinstance(params[knob], bool) or not isinstance(params[knob], (int, np.integer))):
+            raise ValueError(f"{knob} takes a whole number, got {params[knob]!r}")
     return POLICIES[name](**params)
 
 
@@ -320,9 +324,10 @@ class Mmdp(Policy):
        (:func:`~pipeline.prune.steps.loss_rank_tables`).
     2. The ``round(noise_fraction * n)`` samples with the highest ``s`` are
        excluded; the rest are *eligible*. Excluded samples cost nothing, except
-       that with ``probe_every`` > 0 each is *probed* every ``probe_every``
-       epochs (from epoch 1): forwarded with weight 0, so that with the loss
-       mixed in, a clean sample excluded by mistake (its loss low) can return.
+       that with ``probe_every`` > 0 (it needs ``loss_weight`` > 0) each is
+       *probed* every ``probe_every`` epochs (from epoch 1): forwarded with
+       weight 0, on top of the budget, so that a clean sample excluded by
+       mistake (its loss low) can return.
     3. The budget, ``k = round(keep_ratio * n)``, is a share of ``full``'s
        sample passes, and the excluded noise is its first saving. Of the
        eligible samples, those seen with a loss below the eligible mean are
@@ -362,6 +367,9 @@ class Mmdp(Policy):
         _check_unit("max_prune_prob", self.max_prune_prob, closed=False)
         if self.loss_ramp_epochs < 0 or self.probe_every < 0:
             raise ValueError("loss_ramp_epochs and probe_every must be >= 0")
+        if self.probe_every and not self.loss_weight:
+            raise ValueError("probe_every needs loss_weight > 0: a probe shows an excluded sample's loss, which "
+                             "only a noise score with the loss mixed in can act on")
 
     def mark_noise(self, cluster, ctx: PlanContext) -> int:
         """Sets each partition's ``scratch["noisy"]``; returns how many were excluded."""
