@@ -46,6 +46,29 @@ def test_update_keeps_a_moving_average_and_counts_losses_per_epoch():
     assert p.state_dict()["last_seen"][5] == 0 and p.losses_received(0) == 3
 
 
+def test_infobatch_and_the_rules_inside_it_read_each_sample_s_latest_loss_as_published():
+    """InfoBatch keeps a sample's last loss: a sample learned this epoch is well-learned now, not after the
+    average forgets its first, high loss; mmdp's loss is the average by default."""
+    for policy, latest in (("infobatch", True), ("infobatch_exact", True), ("trajectory", True), ("mmdp", False),
+                           ("random", False)):
+        p = make(policy)
+        assert p.config["loss_momentum"] == (0.0 if latest else 0.5), policy
+        p.update(np.arange(N), np.ones(N, np.float32), epoch=0)
+        p.update(np.array([3]), np.array([10.0]), epoch=1)
+        p.update(np.array([3]), np.array([0.1]), epoch=2)
+        assert p.state_dict()["loss"][3] == pytest.approx(0.1 if latest else 0.5 * 0.5 * 1 + 0.25 * 10 + 0.5 * 0.1)
+    # Half the samples hard last epoch and learned now: InfoBatch prunes among them (their average would
+    # still be above the others' loss, and those would be pruned instead).
+    p, half = make("infobatch"), np.arange(N // 2)
+    p.update(np.arange(N), np.ones(N, np.float32), epoch=0)
+    p.update(half, np.full(len(half), 10.0, np.float32), epoch=1)
+    p.update(half, np.full(len(half), 0.1, np.float32), epoch=2)
+    kept, _ = p.plan(3)
+    pruned = np.setdiff1d(np.arange(N), kept)
+    assert len(pruned) > 0 and np.isin(pruned, half).all()
+    assert make("infobatch", loss_momentum=0.5).config["loss_momentum"] == 0.5  # still the caller's to set
+
+
 def test_update_rejects_bad_input_with_a_clear_message():
     p = make()
     with pytest.raises(IndexError, match=r"\[0, 3000\)"):

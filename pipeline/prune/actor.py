@@ -83,7 +83,7 @@ class PruningActor:
 
     def __init__(self, num_samples: int, policy: str = "mmdp", keep_ratio: float = DEFAULT_KEEP_RATIO,
                  epochs: int = 20, seed: int = 0, consistency: np.ndarray | None = None,
-                 loss_momentum: float = 0.5, policy_params: dict | None = None,
+                 loss_momentum: float | None = None, policy_params: dict | None = None,
                  partition_size: int = PARTITION_SIZE, num_partitions: int | None = None,
                  bounds: list[int] | None = None, reference: np.ndarray | None = None):
         if bounds is None:

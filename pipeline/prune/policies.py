@@ -83,6 +83,9 @@ class Policy:
     # Epochs of per-sample loss history the policy reads (0: none); such a
     # policy also needs a known-clean reference set (``Pruner(reference=...)``).
     history_epochs: ClassVar[int] = 0
+    # m of the per-sample loss it reads, ``m * previous + (1 - m) * latest`` (the Pruner's default):
+    # 0.5 smooths one noisy epoch; 0 is each sample's latest loss.
+    loss_momentum: ClassVar[float] = 0.5
 
     def plan(self, cluster, ctx: PlanContext) -> tuple[np.ndarray, np.ndarray, dict]:
         """(kept indices sorted int64, weights float32, pruned_by_reason) for ``ctx.epoch``.
@@ -190,7 +193,7 @@ class InfoBatch(Policy):
     """Loss-only soft pruning as InfoBatch defines it (Qin et al., ICLR 2024).
 
     Every sample in epoch 0; then a ``prune_prob`` share of the well-learned
-    samples (seen, loss below the mean) is pruned at random and their
+    samples (seen, latest loss below the mean) is pruned at random and their
     survivors weigh ``1 / (1 - prune_prob)``, so the kept count follows the
     losses; epochs ``>= delta * epochs`` train on everything with weight 1.
     (InfoBatch draws each sample's fate alone; the share here is exact, with
@@ -202,6 +205,7 @@ class InfoBatch(Policy):
     """
 
     name: ClassVar[str] = "infobatch"
+    loss_momentum: ClassVar[float] = 0.0  # InfoBatch keeps each sample's latest loss
     prune_prob: float = 0.5
     delta: float = 0.875
 
@@ -231,6 +235,7 @@ class InfoBatchExact(Policy):
 
     name: ClassVar[str] = "infobatch_exact"
     uses_keep_ratio: ClassVar[bool] = True
+    loss_momentum: ClassVar[float] = 0.0  # as InfoBatch
     delta: float = 0.875
     max_prune_prob: float = 0.75
 
@@ -271,6 +276,7 @@ class Trajectory(Policy):
     """
 
     name: ClassVar[str] = "trajectory"
+    loss_momentum: ClassVar[float] = 0.0  # InfoBatch's rule, on each sample's latest loss, until trajectories exist
     prune_prob: float = 0.5
     delta: float = 0.875
     window: int = 10

@@ -58,7 +58,9 @@ class Pruner:
             more consistent, NaN = unscored and least consistent). Only their
             ranks are kept.
         loss_momentum: m in ``ema = m * ema + (1 - m) * loss``; the first
-            loss a sample gets is taken as is. Smooths out one noisy epoch.
+            loss a sample gets is taken as is. None: the policy's own
+            (``Policy.loss_momentum``: 0.5, which smooths out one noisy epoch;
+            0, each sample's latest loss, for InfoBatch and the rules inside it).
         policy_params: knobs passed to the policy when ``policy`` is a name.
         reference: global indices of known-clean samples, for policies that
             compare loss trajectories with theirs (``trajectory``).
@@ -69,7 +71,7 @@ class Pruner:
 
     def __init__(self, num_samples: int, policy: str | Policy = "mmdp",
                  keep_ratio: float = DEFAULT_KEEP_RATIO, epochs: int = 20, seed: int = 0,
-                 consistency: np.ndarray | None = None, loss_momentum: float = 0.5,
+                 consistency: np.ndarray | None = None, loss_momentum: float | None = None,
                  policy_params: dict | None = None, bounds: Sequence[int] | None = None,
                  cluster: Callable | None = None, reference: np.ndarray | None = None):
         if num_samples < 1:
@@ -78,12 +80,13 @@ class Pruner:
             raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
         if epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {epochs}")
-        if not 0.0 <= loss_momentum < 1.0:
-            raise ValueError(f"loss_momentum must be in [0, 1), got {loss_momentum}")
         if isinstance(policy, str):
             policy = make_policy(policy, **(policy_params or {}))
         elif policy_params:
             raise ValueError("policy_params only applies when policy is given by name")
+        loss_momentum = policy.loss_momentum if loss_momentum is None else loss_momentum
+        if not 0.0 <= loss_momentum < 1.0:
+            raise ValueError(f"loss_momentum must be in [0, 1), got {loss_momentum}")
         if policy.needs_consistency and consistency is None:
             raise ValueError(f"policy {policy.name!r} needs consistency scores")
         self.num_samples = int(num_samples)
