@@ -123,7 +123,7 @@ def measure_overhead(train_cfg, root: str, repeats: int, fresh_job=None) -> dict
     """
     from pipeline.train.driver import fit
 
-    train_cfg = dataclasses.replace(train_cfg, policy="full")
+    train_cfg = dataclasses.replace(train_cfg, policy="full", keep_ratio=None)
     times = {m: {"pruner": [], "plain": []} for m in MEASURES}
     steal = {"pruner": [], "plain": []}
     order = ["pruner", "plain", "plain", "pruner"] * math.ceil(repeats / 2)

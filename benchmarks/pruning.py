@@ -65,6 +65,7 @@ from pipeline.cli import HELP, connect_ray, execute, option, run_job
 from pipeline.data import reference
 from pipeline.data.noise import parse_noise_spec, stream_rng
 from pipeline.prune.budget import DEFAULT_KEEP_RATIO
+from pipeline.prune.policies import POLICIES as REGISTRY
 from pipeline.score import REFERENCE_MODEL
 
 # Run order in a cell: mmdp before the fixed-ratio baselines, which run at its measured compute.
@@ -231,8 +232,10 @@ def train_config(cfg: BenchPruningConfig, data: str, scores: str, out: str, poli
         reference_keys = out.rstrip("/") + ".reference-keys.txt"  # beside the run folder
         if not storage.exists(reference_keys):
             write_reference_keys(data, reference_keys, seed)
-    return TrainConfig(data=data, scores=scores, out=out, policy="full" if policy == ORACLE else policy,
-                       keep_ratio=keep_ratio or cfg.keep_ratio, epochs=cfg.epochs, workers=cfg.workers, seed=seed,
+    policy = "full" if policy == ORACLE else policy
+    budget = (keep_ratio or cfg.keep_ratio) if REGISTRY[policy].uses_keep_ratio else None  # the others read none
+    return TrainConfig(data=data, scores=scores, out=out, policy=policy, keep_ratio=budget, epochs=cfg.epochs,
+                       workers=cfg.workers, seed=seed,
                        task=cfg.task, model=cfg.model, width=cfg.width, batch_size=cfg.batch_size, lr=cfg.lr,
                        warmup_steps=cfg.warmup_steps, step_schedule=cfg.step_schedule, reference_keys=reference_keys,
                        eval_every=cfg.eval_every, checkpoint_every=cfg.checkpoint_every)

@@ -100,7 +100,8 @@ def stages(cfg: DemoConfig) -> list[tuple[str, str, object, list[str], str]]:
         run = storage.join(cfg.out, "runs", policy)
         steps.append(("train", f"training with policy {policy}", train,
                       ["--data", data, "--scores", scores, "--out", run, "--policy", policy,
-                       "--keep-ratio", str(cfg.keep_ratio), "--epochs", str(cfg.epochs),
+                       *(["--keep-ratio", str(cfg.keep_ratio)] if POLICIES[policy].uses_keep_ratio else []),
+                       "--epochs", str(cfg.epochs),
                        "--workers", str(cfg.workers), "--seed", str(cfg.seed), *s3], run))
     steps.append(("report", "report", report, [cfg.out, "--out", report_dir(cfg), *s3], None))
     return steps

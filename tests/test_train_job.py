@@ -21,6 +21,7 @@ from jobs import score as score_job
 from jobs import train as train_job
 from pipeline import storage
 from pipeline.cli import config_parser, parse_config
+from pipeline.prune.policies import POLICIES
 from pipeline.train.config import TrainConfig
 from pipeline.train.driver import fit, start_pruning
 from pipeline.train.loop import PhaseClock, cosine_lr, epoch_batch_size
@@ -47,8 +48,10 @@ def scored_ready(ray_session, scored):
 
 
 def _train_argv(data, scores, out, *extra) -> list[str]:
+    policy = extra[extra.index("--policy") + 1] if "--policy" in extra else "mmdp"
+    budget = ["--keep-ratio", "0.5"] if POLICIES[policy].uses_keep_ratio else []  # the others refuse one
     return ["--data", data, "--scores", scores, "--out", str(out), "--epochs", "4", "--workers", "2",
-            "--batch-size", "16", "--keep-ratio", "0.5", "--warmup-steps", "2", *extra]
+            "--batch-size", "16", *budget, "--warmup-steps", "2", *extra]
 
 
 def _train(data, scores, out, *extra):
@@ -461,6 +464,31 @@ def test_policy_params_the_policy_does_not_take_are_a_usage_error_naming_them(ca
     cfg = parse_config(TrainConfig, config_parser(TrainConfig, ""), [
         "--data", "d", "--scores", "s", "--out", "o", "--policy", "infobatch", "--policy-params", "prune_prob=0.3"])
     assert cfg.policy_params == ("prune_prob=0.3",)
+
+
+def test_a_flag_the_policy_would_not_read_is_a_usage_error(capsys):
+    """A run would go on as if it were not given: InfoBatch at its own rate for --keep-ratio 0.3."""
+    err = _usage_error(["--policy", "infobatch", "--keep-ratio", "0.3"], capsys)
+    assert "--keep-ratio: policy infobatch decides what it keeps by its own rule (its pruning rate: " \
+           "--policy-params prune_prob=...); the policies with a budget: random, clip_filter, infobatch_exact, " \
+           "mmdp" in err
+    assert "policy clip_cut decides what it keeps" in _usage_error(["--policy", "clip_cut", "--keep-ratio", "0.5"],
+                                                                   capsys)
+    err = _usage_error(["--policy", "clip_filter", "--noise-fraction", "0.3"], capsys)
+    assert "--noise-fraction: policy clip_filter excludes no noise (the policies that do: clip_cut, mmdp)" in err
+    err = _usage_error(["--noise-fraction", "0.3", "--policy-params", "noise_fraction=0.2"], capsys)
+    assert "--noise-fraction and --policy-params noise_fraction=...: give it once" in err
+    err = _usage_error(["--policy", "infobatch", "--signal", "clip_score"], capsys)
+    assert "--signal clip_score: policy infobatch reads no consistency scores" in err
+    assert "probe_every needs loss_weight > 0" in _usage_error(["--policy-params", "probe_every=4"], capsys)
+    assert "window takes a whole number, got 10.5" in _usage_error(
+        ["--policy", "trajectory", "--reference-keys", "k.txt", "--policy-params", "window=10.5"], capsys)
+    # What each policy reads is recorded as given: the budget's default where it reads one, none where not.
+    parse = lambda *argv: parse_config(TrainConfig, config_parser(TrainConfig, ""),  # noqa: E731
+                                       ["--data", "d", "--scores", "s", "--out", "o", *argv])
+    assert parse().keep_ratio == parse("--policy", "random").keep_ratio == 0.6
+    assert parse("--policy", "infobatch").keep_ratio is None and parse("--policy", "full").keep_ratio is None
+    assert parse("--policy", "clip_cut", "--noise-fraction", "0.3").noise_fraction == 0.3
 
 
 def test_stop_after_outside_one_to_epochs_is_a_usage_error(capsys):

@@ -16,7 +16,7 @@ import numpy as np
 
 from pipeline import storage
 from pipeline.report.runs import (NOT_RECORDED, Run, Sources, accuracy_per_epoch, experiments, group_runs,
-                                  kept_per_epoch, load_runs, pruned_by_reason)
+                                  kept_per_epoch, load_runs, pruned_by_reason, reads_setting)
 from pipeline.report.scores import ScoreSet, noise_auroc, score_sets
 from pipeline.report.figures import curves_figure, save_png, score_histogram, wall_figure
 
@@ -189,7 +189,8 @@ def build_report(roots: list[str], out: str, exclude: tuple[str, ...] = (), writ
                ("table", ["run", "policy", "seed", "epochs", "keep ratio", "final test acc %", "shifted %", "wall s",
                           "samples forwarded", "restarts"],
                 [[r.label, r.group, r.config.get("seed", "?"), f"{len(r.history)}/{r.config.get('epochs', '?')}",
-                  r.config.get("keep_ratio", "?"), _pct(r.totals.get("final_test_accuracy")), _pct(r.shifted),
+                  r.config.get("keep_ratio", "?") if reads_setting(r.config.get("policy", ""), "keep_ratio") else "-",
+                  _pct(r.totals.get("final_test_accuracy")), _pct(r.shifted),
                   r.totals.get("wall_seconds", "?"), f"{r.totals.get('samples_forwarded', 0):,}",
                   r.totals.get("restarts", 0)]
                  for rs in groups.values() for r in rs])]

@@ -51,9 +51,10 @@ class TrainConfig:
     classes: tuple[str, ...] | None = option(None, "class names (label i is the i-th); default: the dataset's "
                                                    "metadata.json (clip: optional, for zero-shot accuracy)")
     policy: str = option("mmdp", "pruning policy", choices=tuple(POLICIES))
-    keep_ratio: float = option(DEFAULT_KEEP_RATIO, "the budget: share of full's sample passes a pruning epoch spends "
-                                                   "(exactly: random, clip_filter, infobatch_exact; at most: mmdp, the "
-                                                   "excluded noise first, then well-learned samples)")
+    keep_ratio: float | None = option(None, "the budget: share of full's sample passes a pruning epoch spends "
+                                            "(exactly: random, clip_filter, infobatch_exact; at most: mmdp, the "
+                                            f"excluded noise first, then well-learned samples); default "
+                                            f"{DEFAULT_KEEP_RATIO}; the other policies decide their own share")
     epochs: int = option(20, "training epochs (the reference protocol uses 20)")
     workers: int = option(2, "Ray Train workers")
     use_gpu: bool = option(False, "one GPU per worker")
@@ -121,11 +122,13 @@ class TrainConfig:
             from pipeline.score.clip_models import model_config
 
             model_config(self.model)  # a ValueError naming the known configs
-        if not 0 < self.keep_ratio <= 1:
+        params = parse_params(self.policy_params)
+        check_policy_params(self.policy, params)
+        self._check_policy_knobs(params)
+        if self.keep_ratio is not None and not 0 < self.keep_ratio <= 1:
             raise ValueError(f"--keep-ratio must be in (0, 1], got {self.keep_ratio}")
         if self.noise_fraction is not None and not 0 <= self.noise_fraction < 1:
             raise ValueError(f"--noise-fraction must be in [0, 1), got {self.noise_fraction}")
-        check_policy_params(self.policy, parse_params(self.policy_params))
         if (self.policy == "trajectory") != (self.reference_keys is not None):
             raise ValueError("--reference-keys goes with --policy trajectory, which needs it")
         ColumnMapping.parse(self.columns)
@@ -142,6 +145,28 @@ class TrainConfig:
             raise ValueError("--max-gap-bytes must be >= 0")
         if self.pruner_partitions is not None and self.pruner_partitions < 1:
             raise ValueError("--pruner-partitions must be >= 1")
+
+    def _check_policy_knobs(self, params: dict) -> None:
+        """Refuse a flag the policy would not read (the run would go on as if it were not given); the budget's
+        default where the policy reads one (config.json records what ran: none where it reads none)."""
+        policy = POLICIES[self.policy]
+        knobs = {name: {f.name for f in dataclasses.fields(cls)} for name, cls in POLICIES.items()}
+        if self.keep_ratio is None and policy.uses_keep_ratio:
+            object.__setattr__(self, "keep_ratio", DEFAULT_KEEP_RATIO)
+        elif self.keep_ratio is not None and not policy.uses_keep_ratio:
+            budgets = ", ".join(name for name, cls in POLICIES.items() if cls.uses_keep_ratio)
+            own = " (its pruning rate: --policy-params prune_prob=...)" if "prune_prob" in knobs[self.policy] else ""
+            raise ValueError(f"--keep-ratio: policy {self.policy} decides what it keeps by its own rule{own}; "
+                             f"the policies with a budget: {budgets}")
+        if self.noise_fraction is not None:
+            if "noise_fraction" not in knobs[self.policy]:
+                cutting = ", ".join(name for name in POLICIES if "noise_fraction" in knobs[name])
+                raise ValueError(f"--noise-fraction: policy {self.policy} excludes no noise (the policies that do: "
+                                 f"{cutting})")
+            if "noise_fraction" in params:
+                raise ValueError("--noise-fraction and --policy-params noise_fraction=...: give it once")
+        if self.signal != "auto" and not policy.needs_consistency:
+            raise ValueError(f"--signal {self.signal}: policy {self.policy} reads no consistency scores")
 
     def check_inputs(self) -> None:
         """What fails the run, refused before its folder is marked pending (:func:`pipeline.train.driver.check_inputs`)."""

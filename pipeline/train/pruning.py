@@ -195,7 +195,7 @@ class Pruning:
         self._actor = self._reporter = None
 
     @classmethod
-    def from_scores(cls, scores: str, *, policy: str = "mmdp", epochs: int = 20, keep_ratio: float = DEFAULT_KEEP_RATIO,
+    def from_scores(cls, scores: str, *, policy: str = "mmdp", epochs: int = 20, keep_ratio: float | None = None,
                     seed: int = 0, signal: str = "auto", noise_fraction: float | None = None,
                     policy_params: dict | None = None, max_reports_in_flight: int = 8,
                     name: str | None = None, reference_keys=None, num_partitions: int | None = None) -> "Pruning":
@@ -206,7 +206,8 @@ class Pruning:
             policy: a name in :data:`pipeline.prune.policies.POLICIES`.
             epochs: the run's epochs (some policies plan by the remaining share).
             keep_ratio: the policy's keep ratio (for mmdp: its budget, the most share of
-                ``full``'s sample passes a pruning epoch spends, excluded noise counted as saved).
+                ``full``'s sample passes a pruning epoch spends, excluded noise counted as saved);
+                None: the default budget (policies that keep by their own rule read none).
             seed: seeds the plans.
             signal: consistency column, or "auto" (the margin when scored in label mode).
             noise_fraction: mmdp and clip_cut: share excluded as noise; None = estimated
@@ -245,6 +246,7 @@ class Pruning:
         name = name or actor_name(uuid.uuid4().hex[:8])
         pruning = cls(name, meta["num_samples"], policy, params, meta["signal"], max_reports_in_flight)
         # The driver's handle keeps the actor alive (Ray ends an actor with its creator's last handle).
+        keep_ratio = DEFAULT_KEEP_RATIO if keep_ratio is None else keep_ratio
         pruning._actor = create_pruner(name, num_samples=meta["num_samples"], policy=policy, keep_ratio=keep_ratio,
                                        epochs=epochs, seed=seed, consistency=consistency,
                                        policy_params=params or None,
