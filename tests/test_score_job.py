@@ -221,10 +221,15 @@ def test_a_rerun_refused_for_its_input_leaves_the_earlier_output_committed(ray_s
             (["--input", train, "--output", out, "--mode", "label"], "label mode needs class names"),
             (["--input", train, "--output", out, "--mode", "caption", "--columns", "caption=text"],
              f"--columns caption=text: no shard in {train} has a column 'text'"),
+            # Weights that are not there, or a model open_clip does not know: found by the actors, too late.
+            (["--input", train, "--output", out, "--pretrained", str(tmp_path / "ref-clp" / "model.pt")],
+             "ref-clp/model.pt: no such file here, and not an open_clip pretrained tag of mmdp-tiny"),
+            (["--input", train, "--output", out, "--pretrained", str(tmp_path)], "a folder; name the checkpoint"),
+            (["--input", train, "--output", out, "--model", "mmdp-tiyn"], "unknown model config 'mmdp-tiyn'"),
             # The dataset's own folder, or a folder inside the input: the output would replace or join the input.
             (["--input", train, "--output", root], "overlap"),
             (["--input", train, "--output", storage.join(train, "scores")], "overlap")):
-        assert score_job.main([*argv, "--model", "mmdp-tiny"]) == 2
+        assert score_job.main(["--model", "mmdp-tiny", *argv]) == 2  # a later --model wins
         assert message in capsys.readouterr().err
         assert storage.is_complete(out) and storage.read_json(storage.join(out, "config.json")) == {"input": "earlier"}
         assert storage.is_complete(train)

@@ -17,7 +17,8 @@ from PIL import Image
 from pipeline import storage as pio
 from pipeline.data.contract import DEFAULT_TEMPLATES
 from pipeline.score import REFERENCE_MODEL, TINY_MODEL
-from pipeline.score.clip_models import load_clip, preprocess_config, register_model_configs, save_checkpoint
+from pipeline.score.clip_models import (check_pretrained, load_clip, preprocess_config, register_model_configs,
+                                        save_checkpoint)
 from pipeline.score.scorer import (DEVICE_JPEG, ClipScorer, ImageDecoder, TensorImageDecoder, decode_image,
                                    encoded_files, fill_template, jpeg_tensors, tokenize_captions)
 
@@ -387,3 +388,12 @@ def test_checkpoint_from_s3_scores_like_the_local_one(scorer, s3_bucket, tmp_pat
     np.testing.assert_array_equal(from_s3, from_path)
     np.testing.assert_array_equal(from_s3, scorer(dict(decoded))["clip_score"])
     assert len(list((tmp_path / "cache").rglob("model.pt"))) == 1  # fetched once into the cache
+    # What a job checks before it starts: weights that are there, or a tag open_clip has for the model.
+    check_pretrained(TINY_MODEL, url)
+    check_pretrained(TINY_MODEL, local)
+    check_pretrained("ViT-B-32", "laion2b_s34b_b79k")  # a hub tag: listed by open_clip, nothing fetched
+    check_pretrained(TINY_MODEL, None)
+    with pytest.raises(ValueError, match="model.pt: no such object"):
+        check_pretrained(TINY_MODEL, f"{s3_bucket}/modles/model.pt")
+    with pytest.raises(ValueError, match="not an open_clip pretrained tag of ViT-B-32 .its tags: .*laion2b_s34b_b79k"):
+        check_pretrained("ViT-B-32", "laion2b_s34b_b79")

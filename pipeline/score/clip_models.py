@@ -61,6 +61,33 @@ def model_config(model: str) -> dict:
     return cfg
 
 
+def check_pretrained(model: str, pretrained: str | None) -> None:
+    """Refuse a ``--model`` open_clip does not know, or a ``--pretrained`` that names no weights: neither an
+    object that exists (one request), nor a file on this machine, nor one of open_clip's tags for ``model``.
+
+    What :func:`load_clip` would otherwise find only in the actors, after a job has taken over its output.
+
+    Raises:
+        ValueError: naming the flag, the value and what was looked for.
+    """
+    model_config(model)
+    if not pretrained:
+        return
+    if _is_url(pretrained):
+        if not storage.exists(pretrained):
+            raise ValueError(f"--pretrained {pretrained}: no such object")
+        return
+    path = os.path.expanduser(pretrained)
+    if os.path.isdir(path):
+        raise ValueError(f"--pretrained {pretrained}: a folder; name the checkpoint file in it")
+    if os.path.exists(path):
+        return
+    tags = open_clip.list_pretrained_tags_by_model(model)
+    if pretrained not in tags:
+        raise ValueError(f"--pretrained {pretrained}: no such file here, and not an open_clip pretrained tag of "
+                         f"{model} (its tags: {', '.join(tags) or 'none'})")
+
+
 def _is_url(pretrained: str) -> bool:
     return urlparse(pretrained).scheme not in ("",) and "://" in pretrained
 

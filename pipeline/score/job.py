@@ -115,14 +115,18 @@ class ScoreConfig:
     def check_inputs(self) -> None:
         """Refuse what would fail the job, before its output is marked pending (``pipeline.cli.execute``), so
         that a re-run with a typo leaves the output it would have replaced committed: an output that is,
-        holds or lies in the input, an input that is not there or is no shard folder (one listing), label
-        mode without class names, a ``--columns`` spec naming a column no shard has (the first shard's
+        holds or lies in the input, an input that is not there or is no shard folder (one listing), a
+        ``--model`` open_clip does not know or a ``--pretrained`` that names no weights, label mode without
+        class names, a ``--columns`` spec naming a column no shard has (the first shard's
         footer; all only where that one lacks it). Every shard's footer is read beside the scoring (:func:`_score`).
 
         Raises:
             ValueError, InputError: naming the flag or file.
         """
+        from pipeline.score.clip_models import check_pretrained  # torch and open_clip: not for --help
+
         check_apart("output", self.output, "input", self.input)
+        check_pretrained(self.model, self.pretrained)
         listing = shards.list_shards(self.input)
         classes_for(self)
         shards.check_named_columns(self.input, ColumnMapping.parse(self.columns), listing=listing)
