@@ -160,10 +160,31 @@ def connect_ray(*, dashboard: bool = True, **init_args) -> None:
         env[PROGRESS_ENV] = os.environ[PROGRESS_ENV]
         # Workers' lines reach the driver's log without colour codes around their "(Actor pid=...)" prefix.
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+    env = unsubmitted(env)
     ray.init(runtime_env={"env_vars": env} if env else None, **init_args)
     # Bars drawn inside Ray workers are sent to the driver to redraw; off a terminal those
     # workers take Ray Data's logging path instead (their own output is never a terminal).
     ray.data.DataContext.get_current().use_ray_tqdm = terminal
+
+
+def unsubmitted(env: dict[str, str]) -> dict[str, str]:
+    """``env``, the variables the driver passes its workers, less those the submitted job's own runtime env
+    sets (``ray job submit --runtime-env-json '{"env_vars": ...}'``): they reach the workers already, and
+    ``ray.init`` fails on a variable both name, even with the same value.
+
+    Ray gives a job's driver its job config in ``RAY_JOB_CONFIG_JSON_ENV_VAR`` (nothing outside a job).
+
+    Raises:
+        ValueError: a variable both set to different values (``--s3-endpoint`` against the job's
+            ``AWS_ENDPOINT_URL``): the workers would get the job's.
+    """
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    submitted = ((json.loads(raw).get("runtime_env") or {}).get("env_vars") or {}) if raw else {}
+    for name, value in env.items():
+        if name in submitted and submitted[name] != value:
+            raise ValueError(f"{name}={value} here, but the job's runtime env sets {name}={submitted[name]}, "
+                             "which its workers would get: give one")
+    return {k: v for k, v in env.items() if k not in submitted}
 
 
 def check_shared_paths(cfg) -> None:

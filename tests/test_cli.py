@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import importlib
+import json
 import os
 import pkgutil
 import re
@@ -222,3 +223,23 @@ def test_local_paths_are_refused_where_ray_workers_are_not_on_this_machine(tmp_p
         assert f"{flags}: a local path, but this Ray cluster has 1 node(s) and 0 CPUs on this one" in done.stderr, \
             done.stderr[-3000:]
     assert not os.path.exists(out) and not os.path.exists(built)  # refused before the output was marked pending
+
+
+def test_variables_a_submitted_job_sets_itself_are_not_passed_again(monkeypatch):
+    """``ray.init`` under ``ray job submit`` fails on any variable both the job's runtime env and the driver's
+    name, even alike (every job exited 2); the job's reach its workers, so the driver leaves them out."""
+    from pipeline.cli import unsubmitted
+
+    ours = {"RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL": "5", "AWS_ENDPOINT_URL": "http://127.0.0.1:9000"}
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    assert unsubmitted(ours) == ours  # not a submitted job
+    job = {"runtime_env": {"working_dir": "gcs://x.zip", "env_vars": {"RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL": "5"}}}
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(job))
+    assert unsubmitted(ours) == {"AWS_ENDPOINT_URL": "http://127.0.0.1:9000"}
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {"working_dir": "gcs://x.zip"}}))
+    assert unsubmitted(ours) == ours
+    job["runtime_env"]["env_vars"] = {"AWS_ENDPOINT_URL": "http://minio:9000"}  # against --s3-endpoint
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(job))
+    with pytest.raises(ValueError, match="AWS_ENDPOINT_URL=http://127.0.0.1:9000 here, but the job's runtime env "
+                                         "sets AWS_ENDPOINT_URL=http://minio:9000"):
+        unsubmitted(ours)

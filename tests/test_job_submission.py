@@ -146,13 +146,15 @@ def inputs(tmp_path_factory):
     return data, ckpt
 
 
-def _submit(url: str, name: str, *entrypoint: str, timeout: float = 240) -> str:
-    """``ray job submit --working-dir <repo> -- python -m jobs.NAME ...``; returns the job's log."""
+def _submit(url: str, name: str, *entrypoint: str, timeout: float = 240, env_vars: dict | None = None) -> str:
+    """``ray job submit --working-dir <repo> -- python -m jobs.NAME ...`` (with the job's own ``env_vars`` in its
+    runtime env, where given); returns the job's log."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     submission_id = f"mmdp-{name}-{os.getpid()}-{time.monotonic_ns()}"
+    runtime_env = {"excludes": EXCLUDES, **({"env_vars": env_vars} if env_vars else {})}
     cmd = [str(BIN / "ray"), "job", "submit", "--address", url, "--submission-id", submission_id,
-           "--working-dir", str(REPO), "--runtime-env-json", json.dumps({"excludes": EXCLUDES}),
+           "--working-dir", str(REPO), "--runtime-env-json", json.dumps(runtime_env),
            "--", "python", "-m", f"jobs.{name}", *entrypoint]
     done = subprocess.run(cmd, env=_clean_env(), cwd=REPO, capture_output=True, text=True, timeout=timeout)
     client = JobSubmissionClient(url)
@@ -181,9 +183,10 @@ def test_score_then_train_jobs_run_under_ray_job_submit_on_s3(ray_head, inputs, 
     scores, part, run = (storage.join(s3_bucket, name) for name in ("scores", "part", "run"))
     endpoint = ["--s3-endpoint", s3_server]
 
+    # The job sets a variable the jobs also pass their workers (README: the progress lines' interval).
     score_log = _submit(ray_head, "score", "--input", f"{data}/train", "--output", scores, "--model", "mmdp-tiny",
                         "--pretrained", ckpt, "--mode", "label", "--batch-size", "32", "--max-actors", "1",
-                        "--actor-cpus", "0.5", *endpoint)
+                        "--actor-cpus", "0.5", *endpoint, env_vars={"RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL": "5"})
     # A job's log is not a terminal: Ray Data's progress comes as lines per stage, with row counts.
     assert "Total Progress:" in score_log and re.search(r"MapBatches\(_Scorer\): \d+/\d+", score_log), score_log[-3000:]
     train_rows = storage.read_table(f"{data}/train").num_rows
