@@ -200,8 +200,6 @@ def check_shared_paths(cfg) -> None:
     Raises:
         ValueError: naming the flags, what the cluster has, and what to pass instead.
     """
-    import ray
-
     from pipeline import storage
 
     paths, files = getattr(type(cfg), "SHARED_PATHS", ()), getattr(type(cfg), "SHARED_FILES", ())
@@ -211,15 +209,23 @@ def check_shared_paths(cfg) -> None:
              and (name in paths or os.path.exists(os.path.expanduser(value)))]
     if not local or os.environ.get(SHARED_FS_ENV) == "1":
         return
-    nodes = [n for n in ray.nodes() if n["Alive"]]
-    here = ray.get_runtime_context().get_node_id()
-    cpus_here = sum(n["Resources"].get("CPU", 0) for n in nodes if n["NodeID"] == here)
-    if len(nodes) > 1 or cpus_here == 0:
+    nodes, cpus_here = ray_layout()
+    if nodes > 1 or cpus_here == 0:
         flags = ", ".join(f"--{name.replace('_', '-')} {getattr(cfg, name)}" for name in local)
-        raise ValueError(f"{flags}: a local path, but this Ray cluster has {len(nodes)} node(s) and "
+        raise ValueError(f"{flags}: a local path, but this Ray cluster has {nodes} node(s) and "
                          f"{cpus_here:g} CPUs on this one, so its workers would each read and write their own "
                          "disk there; pass s3:// or gs:// URLs (or set MMDP_SHARED_FS=1 for a folder that "
                          "every node mounts at this same path)")
+
+
+def ray_layout() -> tuple[int, float]:
+    """(Ray's live nodes, CPUs on the driver's node): ``(1, n > 0)`` is one machine, where Ray's workers run
+    beside the driver; a cluster's head, as ``cluster.yaml`` makes it, has none."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    here = ray.get_runtime_context().get_node_id()
+    return len(nodes), sum(n["Resources"].get("CPU", 0) for n in nodes if n["NodeID"] == here)
 
 
 def check_apart(output_flag: str, output: str, input_flag: str, source: str, read: list[str] | None = None) -> None:

@@ -33,7 +33,7 @@ from ray.data.block import BlockAccessor
 
 from pipeline import storage
 from pipeline.data import shards
-from pipeline.cli import check_apart, option
+from pipeline.cli import check_apart, option, ray_layout
 from pipeline.data.contract import KEY, ColumnMapping
 from pipeline.data.validate import RowValidator
 from pipeline.score import REFERENCE_MODEL, TINY_MODEL
@@ -96,8 +96,8 @@ class ScoreConfig:
     # with GPUs Ray Data's default stays until a GPU run measures the budget against the GPU's rate.
     in_flight_gib: float | None = option(None, "GiB of the object store the job's blocks in flight may take "
                                          "(Ray Data backpressures its reads beyond it); 0 = Ray Data's default, "
-                                         f"half the store; none = {CPU_IN_FLIGHT_GIB} without GPUs, Ray Data's "
-                                         "default with them")
+                                         f"half the store; none = {CPU_IN_FLIGHT_GIB} without GPUs on one "
+                                         "machine, Ray Data's default with them or on a cluster")
     s3_endpoint: str | None = option(None, "endpoint of an S3-compatible store (default: AWS_ENDPOINT_URL or AWS)")
 
     def __post_init__(self):
@@ -222,7 +222,8 @@ def score(cfg: ScoreConfig) -> dict:
     options = ctx.execution_options
     saved = options.resource_limits
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
-    budget = in_flight_bytes(cfg, use_gpu)
+    nodes, cpus_here = ray_layout()
+    budget = in_flight_bytes(cfg, use_gpu, one_machine=nodes == 1 and cpus_here > 0)
     if budget:
         options.resource_limits = options.resource_limits.copy(object_store_memory=budget)
     try:
@@ -231,9 +232,15 @@ def score(cfg: ScoreConfig) -> dict:
         options.resource_limits = saved
 
 
-def in_flight_bytes(cfg: ScoreConfig, use_gpu: bool) -> int:
-    """The object store the job's blocks in flight may take, in bytes; 0: Ray Data's own default."""
-    gib = cfg.in_flight_gib if cfg.in_flight_gib is not None else (0.0 if use_gpu else CPU_IN_FLIGHT_GIB)
+def in_flight_bytes(cfg: ScoreConfig, use_gpu: bool, one_machine: bool = True) -> int:
+    """The object store the job's blocks in flight may take, in bytes; 0: Ray Data's own default.
+
+    :data:`CPU_IN_FLIGHT_GIB` by default only without GPUs on ``one_machine`` (Ray with one node, CPUs on
+    the driver's), where it was measured: Ray Data applies it to the whole cluster, and on many nodes it
+    would keep most scoring actors waiting for input.
+    """
+    default = CPU_IN_FLIGHT_GIB if not use_gpu and one_machine else 0.0
+    gib = cfg.in_flight_gib if cfg.in_flight_gib is not None else default
     return int(gib * 2**30)
 
 
