@@ -45,7 +45,7 @@ from pipeline.cli import HELP, check_apart, check_shared_paths, connect_ray, opt
 from pipeline.data import reference
 from pipeline.data.contract import SHARD_SCHEMA, ColumnMapping
 from pipeline.data.noise import NOISE_KINDS, parse_noise_spec
-from pipeline.data.shards import class_names, read_shards, shard_files
+from pipeline.data.shards import class_names, in_file_order, read_shards, shard_files
 
 
 @dataclass(frozen=True)
@@ -149,11 +149,9 @@ def run(config: MakeDatasetConfig) -> None:
 
 def read_rows(source: str, columns: str) -> pa.Table:
     """Every row of the shards at ``source`` in the contract, in file order (so the dataset depends on the seed only)."""
-    import ray.data
-
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
-    batches = read_shards(source, columns).iter_batches(batch_size=4096, batch_format="pyarrow")
-    return pa.concat_tables([b.select(list(SHARD_SCHEMA.names)).cast(SHARD_SCHEMA) for b in batches])
+    with in_file_order():
+        batches = read_shards(source, columns).iter_batches(batch_size=4096, batch_format="pyarrow")
+        return pa.concat_tables([b.select(list(SHARD_SCHEMA.names)).cast(SHARD_SCHEMA) for b in batches])
 
 
 def main(argv: list[str] | None = None) -> int:

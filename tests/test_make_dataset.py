@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import ray.data
 from PIL import Image
 
 from jobs.make_dataset import main
@@ -236,6 +237,8 @@ def test_from_img2dataset_shards_in_s3(ray_session, s3_bucket):
     assert len(used) == 160  # every train row traced to its own source row
     again = _make(f"{s3_bucket}/noisy-again", *flags)  # the source read in file order: same bytes
     assert all(again["splits"][s].equals(data["splits"][s]) for s in ds.SPLITS)
+    # That order was its reads' own: a later job in the process (jobs.demo's training) runs as it would alone.
+    assert ray.data.DataContext.get_current().execution_options.preserve_order is False
 
 
 def test_unlabelled_shards_are_refused_by_name(ray_session, tmp_path, capsys):

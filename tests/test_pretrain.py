@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import ray.data
 import torch
 
 from jobs.pretrain_reference_clip import checkpoint_url, main
@@ -29,9 +30,13 @@ def test_one_epoch_writes_a_loadable_checkpoint_and_metrics(synthetic, tmp_path,
     out = checkpoint_url(folder)
     argv = ["--data", synthetic, "--out", folder, "--model", TINY_MODEL, "--epochs", "1", "--batch-size", "8",
             "--warmup-steps", "2", "--threads", "2"]
+    options = ray.data.DataContext.get_current().execution_options
+    assert options.preserve_order is False
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "epoch 1/1" in printed and "zero-shot accuracy on test:" in printed
+    # Its reads keep the file order; what a later job in the same process runs (jobs.demo's) does not inherit it.
+    assert options.preserve_order is False and ray.data.DataContext.get_current().execution_options.preserve_order is False
 
     metrics = json.loads(open(tmp_path / "ref" / "metrics.json").read())
     meta = pio.read_json(pio.join(synthetic, "metadata.json"))

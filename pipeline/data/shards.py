@@ -11,6 +11,7 @@ would silently lose rows (a stray file, a truncated tar, unreadable parquet);
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import tarfile
@@ -384,6 +385,21 @@ class _RangedReads:
         data = self._buf[self._pos - self._start:end - self._start]
         self._pos += len(data)
         return data
+
+
+@contextlib.contextmanager
+def in_file_order():
+    """Ray datasets made inside run with ``preserve_order`` (rows in file order, whatever the read order); the
+    process's own setting comes back after, so later datasets (a Train run's, in the same driver) keep it."""
+    import ray.data
+
+    options = ray.data.DataContext.get_current().execution_options
+    before = options.preserve_order
+    options.preserve_order = True
+    try:
+        yield
+    finally:
+        options.preserve_order = before
 
 
 def read_shards(url: str, columns: str = "mmdp", fields: tuple[str, ...] = tuple(SHARD_SCHEMA.names),

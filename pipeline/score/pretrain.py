@@ -15,13 +15,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import open_clip
-import ray.data
 import torch
 import torch.nn.functional as F
 
 from pipeline import storage
 from pipeline.data.contract import CAPTION, DEFAULT_TEMPLATES, IMAGE, LABEL
-from pipeline.data.shards import class_names, dataset_metadata, read_shards
+from pipeline.data.shards import class_names, dataset_metadata, in_file_order, read_shards
 from pipeline.score.clip_models import load_clip, save_checkpoint
 from pipeline.score.scorer import ImageDecoder, normalize_pixels
 from pipeline.train.clip import (caption_or_prompt, clamp_logit_scale, clip_optimizer, label_of, pair_metrics,
@@ -38,22 +37,21 @@ def _decode_split(cfg: PretrainConfig, split: str, decoder: ImageDecoder, classe
     A row without a caption takes its label's first prompt; a row with
     neither, or whose image does not decode, is counted and left out.
     """
-    # Rows in file order, as they are stored: the run must not depend on Ray's read order.
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
     fields = [IMAGE, CAPTION, LABEL]
-    rows = read_shards(storage.join(cfg.data, split), cfg.columns, tuple(fields)).select_columns(fields)
     pixels, captions, labels, dropped = [], [], [], 0
-    for batch in rows.iter_batches(batch_size=2048, batch_format="numpy"):
-        out = decoder({IMAGE: batch[IMAGE]})
-        for i, err in enumerate(out["error"]):
-            label = label_of(batch[LABEL][i])
-            caption = caption_or_prompt(batch[CAPTION][i], label, classes, templates)
-            if err or caption is None:
-                dropped += 1
-                continue
-            pixels.append(out["pixels"][i])
-            captions.append(caption)
-            labels.append(label)
+    with in_file_order():  # rows as they are stored: the run must not depend on Ray's read order
+        rows = read_shards(storage.join(cfg.data, split), cfg.columns, tuple(fields)).select_columns(fields)
+        for batch in rows.iter_batches(batch_size=2048, batch_format="numpy"):
+            out = decoder({IMAGE: batch[IMAGE]})
+            for i, err in enumerate(out["error"]):
+                label = label_of(batch[LABEL][i])
+                caption = caption_or_prompt(batch[CAPTION][i], label, classes, templates)
+                if err or caption is None:
+                    dropped += 1
+                    continue
+                pixels.append(out["pixels"][i])
+                captions.append(caption)
+                labels.append(label)
     pix = torch.from_numpy(np.stack(pixels)) if pixels else torch.zeros((0, 3, *decoder.size), dtype=torch.uint8)
     return pix, captions, torch.tensor(labels, dtype=torch.long), dropped
 
