@@ -11,10 +11,12 @@ On a cluster::
         --data s3://bucket/fmnist --scores s3://bucket/scores --out s3://bucket/runs/mmdp \\
         --workers 4 --use-gpu --cpus-per-worker 4
 
-Writes ``OUT/metrics.json`` (per epoch: train loss, test accuracy, kept
-fraction, samples forwarded, wall time; plus totals), ``OUT/config.json``,
-``OUT/plans.json`` (per-epoch plan summary) and ``OUT/checkpoint/`` (model,
-optimizer and pruner state; resume with ``--resume-from``).
+Writes ``OUT/metrics.json`` (per epoch: train loss, test accuracy, the
+plan's kept count, samples forwarded, wall time; plus totals),
+``OUT/config.json``, ``OUT/plans.json`` (per-epoch plan summary),
+``OUT/checkpoint/`` (model and optimizer state, and which pruner state goes
+with them; resume with ``--resume-from``) and ``OUT/pruner/`` (the pruner
+states the checkpoints name: copy the run folder whole to resume elsewhere).
 """
 
 from __future__ import annotations
