@@ -181,6 +181,17 @@ def test_relative_paths_name_the_callers_folders_though_ray_train_runs_workers_e
     assert [e["epoch"] for e in resumed["epochs"]] == [0, 1, 2, 3]
     assert {p["epoch"]: p["kept_sha256"] for p in plans} == uninterrupted
     assert sorted(os.listdir(tmp_path / "run" / "pruner")) == ["epoch-0002", "epoch-0003"]
+    # A new run in that folder (not resuming) replaces the earlier ones': none of their pruner states, Ray
+    # Train folders or checkpoints stays beside its own (its manifest would list them).
+    earlier = set(os.listdir(tmp_path / "run" / "ray"))
+    assert len(earlier) == 2
+    again, _ = _train(data, scores, "run", *COMMON, "--checkpoint-every", "1", "--stop-after", "1")
+    assert [e["epoch"] for e in again["epochs"]] == [0]
+    assert sorted(os.listdir(tmp_path / "run" / "pruner")) == ["epoch-0000"]
+    now = set(os.listdir(tmp_path / "run" / "ray"))
+    assert len(now) == 1 and not now & earlier
+    assert storage.read_json(str(tmp_path / "run" / "checkpoint" / "pruner_state.json"))["in_run"] == \
+        "pruner/epoch-0000"
 
 
 def test_trajectory_policy_reads_its_reference_keys_and_resumes_with_its_loss_history(scored_ready, tmp_path):

@@ -306,6 +306,20 @@ def absolute_paths(cfg: TrainConfig) -> TrainConfig:
     return dataclasses.replace(cfg, **{name: absolute(getattr(cfg, name)) for name in cfg.SHARED_PATHS})
 
 
+# What a run writes in its folder besides config.json (and the tar indexes, which runs on the same data share).
+RUN_OUTPUTS = ("ray", "pruner", "checkpoint", "metrics.json", "plans.json")
+
+
+def clear_earlier_run(cfg: TrainConfig) -> None:
+    """Remove what an earlier run wrote in ``cfg.out`` (:data:`RUN_OUTPUTS`): its Ray Train folders, pruner
+    states and checkpoints would stay beside this run's, in its manifest. Not where this run resumes one
+    from its own folder (a continuation), nor before the resume's checkpoint was read."""
+    if cfg.resume_from and storage.contains(cfg.out, cfg.resume_from):
+        return
+    for name in RUN_OUTPUTS:
+        storage.remove(storage.join(cfg.out, name))
+
+
 def fit(cfg: TrainConfig) -> dict:
     """Train with pruning; writes the run folder and returns the metrics."""
     from pipeline.train.loop import train_loop_per_worker
@@ -316,6 +330,7 @@ def fit(cfg: TrainConfig) -> dict:
     # The whole fit's wall seconds before this run (the runs it resumes, up to their checkpoint), and the
     # pruner state the checkpoint names (execute checked the checkpoint before the run folder was touched).
     resume = check_checkpoint(cfg) if cfg.resume_from else None
+    clear_earlier_run(cfg)
     earlier = resume.earlier_seconds if resume else 0.0
     classes = class_names(cfg.data, cfg.classes, required=cfg.task == "classify")
     templates = list(dataset_metadata(cfg.data).get("templates") or DEFAULT_TEMPLATES)
