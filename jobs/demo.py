@@ -50,6 +50,8 @@ class DemoConfig:
     OUTPUT: ClassVar[str] = "out"
     # Ray started first, as the training stages need it: with the dashboard (pipeline.cli.connect_ray).
     RAY: ClassVar[bool] = True
+    # Every stage's output, which the next stages' Ray workers read: on a cluster, refused before the first.
+    SHARED_PATHS: ClassVar[tuple[str, ...]] = ("out",)
 
     out: str = field(metadata={"help": "folder or URL for every stage's output and the report"})
     source: str | None = option(None, "folder or URL (s3://, gs://) with Fashion-MNIST's four *-ubyte.gz files, "

@@ -47,7 +47,9 @@ class PretrainConfig:
     OUTPUT: ClassVar[str] = "out"
     RAY: ClassVar[bool] = True  # the splits are read with Ray Data (parquet or webdataset shards, any store)
     RAY_DASHBOARD: ClassVar[bool] = False  # no Ray Train: a local run starts Ray without it (connect_ray)
-    SHARED_PATHS: ClassVar[tuple[str, ...]] = ("data",)  # read by Ray Data's tasks (pipeline.cli.check_shared_paths)
+    # data: read by Ray Data's tasks; out: written by the driver, on a cluster its head (no node reads it
+    # there, and under ray job submit a relative one lies in the job's temporary copy of the working dir).
+    SHARED_PATHS: ClassVar[tuple[str, ...]] = ("data", "out")  # pipeline.cli.check_shared_paths
 
     data: str = field(metadata={HELP: "dataset URL: reference/ and test/ shard folders (and metadata.json)"})
     out: str = field(metadata={HELP: "output folder URL: model.pt (the checkpoint), metrics.json, config.json"})

@@ -200,10 +200,11 @@ def test_local_paths_are_refused_where_ray_workers_are_not_on_this_machine(tmp_p
     data, out, model = str(tmp_path / "data"), str(tmp_path / "scores"), str(tmp_path / "model.pt")
     open(model, "wb").close()  # a checkpoint on this machine's disk, which the scoring actors elsewhere would not see
     source, built = str(tmp_path / "shards"), str(tmp_path / "built")
+    reference, demo_out = str(tmp_path / "ref-clip"), str(tmp_path / "demo")
     storage.write_shards(make_synthetic(n=16, seed=0).splits["train"], source)
     code = ("import os\n"
             "import ray\n"
-            "from jobs import make_dataset, score\n"
+            "from jobs import demo, make_dataset, pretrain_reference_clip, score\n"
             "from pipeline.cli import check_shared_paths\n"
             "from pipeline.score.job import ScoreConfig\n"
             "ray.init(num_cpus=0, include_dashboard=False)\n"
@@ -213,16 +214,21 @@ def test_local_paths_are_refused_where_ray_workers_are_not_on_this_machine(tmp_p
             f"print('rc', score.main(['--input', 's3://b/d', '--output', 's3://b/s', '--pretrained', {model!r}]))\n"
             # make_dataset reads --columns shards with Ray Data's tasks, which run on the other nodes.
             f"print('rc', make_dataset.main(['--source', {source!r}, '--columns', 'mmdp', '--out', {built!r}]))\n"
+            # Outputs the driver writes on the head, which the next jobs' workers elsewhere would read.
+            f"print('rc', pretrain_reference_clip.main(['--data', 's3://b/d', '--out', {reference!r}]))\n"
+            f"print('rc', demo.main(['--out', {demo_out!r}]))\n"
             "os.environ['MMDP_SHARED_FS'] = '1'\n"  # a file system every node mounts alike
             f"check_shared_paths(ScoreConfig(input={data!r}, output={out!r}))\n"
             "print('urls and a shared file system pass')\n"
             "ray.shutdown()\n")
     done = _fresh_process(code)
-    assert done.stdout.splitlines()[-4:] == ["rc 2", "rc 2", "rc 2", "urls and a shared file system pass"], done.stdout
-    for flags in (f"--input {data}, --output {out}", f"--pretrained {model}", f"--source {source}"):
+    assert done.stdout.splitlines()[-6:] == ["rc 2"] * 5 + ["urls and a shared file system pass"], done.stdout
+    for flags in (f"--input {data}, --output {out}", f"--pretrained {model}", f"--source {source}",
+                  f"--out {reference}", f"--out {demo_out}"):
         assert f"{flags}: a local path, but this Ray cluster has 1 node(s) and 0 CPUs on this one" in done.stderr, \
             done.stderr[-3000:]
-    assert not os.path.exists(out) and not os.path.exists(built)  # refused before the output was marked pending
+    for folder in (out, built, reference, demo_out):  # refused before the output was marked pending
+        assert not os.path.exists(folder), folder
 
 
 def test_variables_a_submitted_job_sets_itself_are_not_passed_again(monkeypatch):
