@@ -268,6 +268,22 @@ def test_report_splits_the_estimated_noise_cut_by_label(tmp_path):
             assert r["AUROC within the label"] == "n/a"
 
 
+def test_the_report_reads_the_signal_a_train_run_s_auto_reads(tmp_path):
+    """Label-mode scores whose margin most rows lack (no label): training's --signal auto reads clip_score, and
+    so does the report's cut, which read the margin wherever any row had one."""
+    bench = make_bench(str(tmp_path))
+    url = str(tmp_path / "scores" / "scores")
+    table = storage.read_table(url)
+    margin = table.column("clip_margin").to_numpy().copy()
+    margin[: int(0.6 * len(margin))] = np.nan
+    storage.write_shards(table.set_column(table.schema.get_field_index("clip_margin"), "clip_margin",
+                                          pa.array(margin, pa.float32())), url)
+    assert report.main([bench["a"], "--out", bench["out"], "--no-html"]) == 0
+    text = open(f"{bench['out']}/report.md").read()
+    assert "signal clip_score" in text and "The estimated-noise cut by label (clip_score)" in text
+    assert "clip_margin" not in text
+
+
 def test_a_folder_with_the_reference_pretraining_reports_its_runs_and_notes_only_what_is_not_a_run(tmp_path):
     bench = make_bench(str(tmp_path))
     # A folder that looks like a run (metrics.json beside config.json) but whose metrics are no train job's.

@@ -345,7 +345,8 @@ def _label_cut_blocks(s) -> list[tuple]:
     above = sorted((c for c in s.by_label if c.rows and c.excluded / c.rows > 1.25 * share > 0),
                    key=lambda c: -c.excluded / c.rows)
     text = (f"The estimated-noise cut (the low mode of the {s.signal} histogram, Otsu's cut: what `mmdp` and "
-            f"`clip_cut` exclude unless --noise-fraction is given) takes {100 * share:.1f}% of the scored rows. ")
+            f"`clip_cut` exclude with --signal auto and no --noise-fraction) takes {100 * share:.1f}% of the "
+            "scored rows. ")
     if share == 0:
         text += "The histogram has one mode: no noise is estimated, and nothing is excluded."
     elif above:

@@ -19,7 +19,7 @@ from pipeline import storage
 from pipeline.data.contract import KEY
 from pipeline.prune.policies import noise_count
 from pipeline.report.runs import Run, Sources, recorded_path
-from pipeline.score.quality import auroc, estimate_noise_fraction
+from pipeline.score.quality import auroc, auto_signal, estimate_noise_fraction
 
 
 
@@ -90,11 +90,9 @@ def load_score_set(url: str, data: str | None, sources: Sources) -> ScoreSet:
         return s
     s.rows = table.num_rows
     s.rejected = sources.rejected(url)
-    s.signal = "clip_score"
+    s.signal = "clip_score"  # what a train run's --signal auto reads of these scores
     if "clip_margin" in table.column_names:
-        margin = table.column("clip_margin").to_numpy(zero_copy_only=False).astype(float)
-        if np.isfinite(margin).any():
-            s.signal = "clip_margin"
+        s.signal = auto_signal(table.column("clip_margin").to_numpy(zero_copy_only=False))
     values = table.column(s.signal).to_numpy(zero_copy_only=False).astype(float)
     usable = np.isfinite(values)
     kinds = _corruptions(table.column(KEY), data, sources) if data else None

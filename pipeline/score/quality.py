@@ -48,6 +48,27 @@ def otsu(values: np.ndarray, bins: int = 256) -> tuple[float, float]:
     return float(edges[1:-1][best]), float(between[best] / total) if total > 0 else 0.0
 
 
+# The most share of the scored rows a consistency signal may lack (NaN) and still be used. A missing value
+# ranks as the least consistent (pipeline.prune.policies.rank_normalise), so beyond half every share the
+# policies take on it (the noise estimate is capped at half) falls among rows it says nothing of, picked by
+# their index (key order): a plan that looks made by the signal and is not. Below it the rows it has rank
+# the rest, and the rows it lacks count as the least consistent, as the pruner documents (said in the log).
+MAX_MISSING_SIGNAL = 0.5
+
+
+def missing_share(values: np.ndarray) -> float:
+    """The share of ``values`` that are NaN (0 for none)."""
+    return float(np.isnan(values).mean()) if len(values) else 0.0
+
+
+def auto_signal(margin: np.ndarray) -> str:
+    """The consistency column ``--signal auto`` reads, given the scores' ``clip_margin``: the margin unless it is
+    missing on more than :data:`MAX_MISSING_SIGNAL` of the rows (scores made in caption mode have none), else
+    ``clip_score``. The train job and the report decide alike."""
+    return "clip_margin" if len(margin) and missing_share(np.asarray(margin, float)) <= MAX_MISSING_SIGNAL \
+        else "clip_score"
+
+
 # Separability below which the consistency histogram is read as one mode (no
 # distinct group of noisy pairs). Measured on Fashion-MNIST with the reference
 # CLIP: clean rows alone 0.64-0.69, with 30% symmetric noise 0.72-0.87.

@@ -45,7 +45,7 @@ import numpy as np
 from pipeline import storage
 from pipeline.data.contract import KEY
 from pipeline.prune.budget import DEFAULT_KEEP_RATIO
-from pipeline.score.quality import estimate_noise_fraction
+from pipeline.score.quality import MAX_MISSING_SIGNAL, auto_signal, estimate_noise_fraction, missing_share
 from pipeline.train.keys import KeyIndex, key_index
 from pipeline.train.stages import encode_keys
 
@@ -71,14 +71,6 @@ def load_index(scores_url: str, signal: str = "auto") -> tuple[np.ndarray, np.nd
     return keys, consistency, signal
 
 
-# The most share of the scored rows a consistency signal may lack (NaN) and still be used. A missing value
-# ranks as the least consistent (pipeline.prune.policies.rank_normalise), so beyond half every share the
-# policies take on it (the noise estimate is capped at half) falls among rows it says nothing of, picked by
-# their index (key order): a plan that looks made by the signal and is not. Below it the rows it has rank
-# the rest, and the rows it lacks count as the least consistent, as the pruner documents (said in the log).
-MAX_MISSING_SIGNAL = 0.5
-
-
 def _consistency(table, signal: str, order: np.ndarray) -> tuple[np.ndarray, str]:
     """The ``signal`` column in index order (float32), and its name ("auto": the margin unless it is missing on
     more than MAX_MISSING_SIGNAL of the rows, as in scores made in caption mode, else ``clip_score``).
@@ -87,16 +79,10 @@ def _consistency(table, signal: str, order: np.ndarray) -> tuple[np.ndarray, str
         ValueError: the signal is missing (NaN) on more than MAX_MISSING_SIGNAL of the scored rows.
     """
     if signal == "auto":
-        margin = table.column("clip_margin").to_numpy(zero_copy_only=False)
-        signal = "clip_margin" if len(margin) and missing_share(margin) <= MAX_MISSING_SIGNAL else "clip_score"
+        signal = auto_signal(table.column("clip_margin").to_numpy(zero_copy_only=False))
     values = table.column(signal).to_numpy(zero_copy_only=False).astype(np.float32)
     check_signal(values, signal)
     return values[order], signal
-
-
-def missing_share(values: np.ndarray) -> float:
-    """The share of ``values`` that are NaN (0 for none)."""
-    return float(np.isnan(values).mean()) if len(values) else 0.0
 
 
 NO_CAPTION_MARGIN = ("scores made in caption mode (jobs.score --mode caption) have no clip_margin, which needs "
