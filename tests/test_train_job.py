@@ -220,8 +220,20 @@ def test_trajectory_policy_reads_its_reference_keys_and_resumes_with_its_loss_hi
 
 
 def _processes(title: str) -> list[int]:
-    # This test session's processes, itself excluded.
-    return [pid for pid in tree(os.getpid())[1:] if cmdline(pid).startswith(title)]
+    """This test session's processes titled ``title``, itself excluded, the latest started first: the run's
+    own (an actor an earlier test left to Ray's clean-up may still hold the title)."""
+    return sorted((pid for pid in tree(os.getpid())[1:] if cmdline(pid).startswith(title)), key=_started,
+                  reverse=True)
+
+
+def _started(pid: int) -> int:
+    """When the process started (clock ticks after boot; 0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return 0
+    return int(stat[stat.rindex(")") + 2:].split()[19])  # the 22nd field; the name may hold spaces
 
 
 def _checkpointed_after(out, retries: int) -> bool:
