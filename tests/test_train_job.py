@@ -14,6 +14,7 @@ import time
 import types
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from benchmarks.pruning_eval import evaluate_checkpoint
@@ -192,6 +193,45 @@ def test_relative_paths_name_the_callers_folders_though_ray_train_runs_workers_e
     assert len(now) == 1 and not now & earlier
     assert storage.read_json(str(tmp_path / "run" / "checkpoint" / "pruner_state.json"))["in_run"] == \
         "pruner/epoch-0000"
+
+
+def test_a_run_an_older_mmdp_saved_with_a_budget_its_policy_does_not_read_resumes(scored_ready, tmp_path):
+    """An older mmdp recorded --keep-ratio 0.6 for every policy; a policy without a budget now refuses one, so
+    a resume that asked for the same flags could not be started at all."""
+    data, scores = scored_ready
+    flags = ["--policy", "full", "--workers", "1", "--epochs", "2"]
+    _train(data, scores, tmp_path / "part", *flags, "--stop-after", "1")
+    run_config = tmp_path / "part" / "checkpoint" / "run_config.json"
+    was = json.loads(run_config.read_text())
+    assert was["keep_ratio"] is None
+    run_config.write_text(json.dumps({**was, "keep_ratio": 0.6}))  # as the older mmdp wrote it
+    resumed, _ = _train(data, scores, tmp_path / "resumed", *flags, "--resume-from", str(run_config.parent))
+    assert [e["epoch"] for e in resumed["epochs"]] == [0, 1]
+
+
+def test_a_run_that_fails_in_training_stops_its_pruning_actor(scored_ready, tmp_path):
+    """The actor holds the pool's per-sample state under the run's name: a failed fit left it alive in the
+    driver's Ray (a benchmark's or a notebook's, which go on to other runs)."""
+    import ray
+    import shutil
+
+    data, scores = scored_ready
+    bad = str(tmp_path / "data")
+    shutil.copytree(data, bad)
+    test = storage.read_table(storage.join(bad, "test"))
+    labels = test.column("label").to_pylist()
+    labels[0] = 99  # no class: the first evaluation fails, inside training
+    storage.write_shards(test.set_column(test.schema.get_field_index("label"), "label",
+                                         pa.array(labels, test.schema.field("label").type)), storage.join(bad, "test"))
+    pruners = lambda: {n for n in ray.util.list_named_actors() if n.startswith("mmdp-pruner-")}  # noqa: E731
+    before = pruners()
+    with pytest.raises(Exception, match="Training failed"):  # Ray Train's error, the worker's inside
+        train_job.main(["--data", bad, "--scores", scores, "--out", str(tmp_path / "run"), "--epochs", "1",
+                        "--workers", "1", "--batch-size", "16", "--max-failures", "0"])
+    deadline = time.monotonic() + 30
+    while pruners() - before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not pruners() - before
 
 
 def test_trajectory_policy_reads_its_reference_keys_and_resumes_with_its_loss_history(scored_ready, tmp_path):

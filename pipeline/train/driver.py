@@ -29,6 +29,7 @@ from ray.train.torch import TorchTrainer
 from pipeline import storage
 from pipeline.cli import check_apart
 from pipeline.prune.actor import actor_name
+from pipeline.prune.policies import POLICIES
 from pipeline.train.config import TrainConfig, parse_params
 from pipeline.train.loop import (KEEP_CHECKPOINTS, PRUNER_STATE, RUN_CONFIG, TRAIN_STATE, PhaseClock,
                                  saved_pruner_state)
@@ -165,8 +166,10 @@ def check_checkpoint(cfg: TrainConfig) -> Resume:
     if storage.exists(saved):  # (an older mmdp's checkpoint has none)
         was = storage.read_json(saved)
         now = json.loads(json.dumps({name: getattr(cfg, name) for name in was}))
+        # A budget the policy does not read changes nothing (an older mmdp recorded 0.6 for every policy).
+        unread = () if POLICIES[cfg.policy].uses_keep_ratio else ("keep_ratio",)
         differ = [f"--{name.replace('_', '-')} {was[name]} (this run: {now[name]})"
-                  for name in was if now[name] != was[name]]
+                  for name in was if name not in unread and now[name] != was[name]]
         if differ:
             raise ValueError(f"--resume-from {url}: its run trained with {', '.join(differ)}; a resume continues "
                              "that run, so these flags stay as they were (or train afresh)")
@@ -342,12 +345,14 @@ def fit(cfg: TrainConfig) -> dict:
                        num_samples=pruning.num_samples,
                        epochs=last, plan_epochs=cfg.epochs, fit_started_at=started_at - earlier,
                        resumed_state=resume.pruner_state if resume else None, run_config={name: getattr(cfg, name) for name in cfg.RESUME_SAME})
-    result = run_trainer(cfg, train_loop_per_worker, loop_config, build_datasets(cfg, pruning, classes, templates),
-                         f"mmdp-{run_id}")
-    history = _checkpoint_json(result.checkpoint, "history.json")
-    plans = _checkpoint_json(result.checkpoint, "plans.json")
-    _copy_checkpoint(result.checkpoint, storage.join(cfg.out, "checkpoint"))
-    pruning.shutdown()
+    try:
+        result = run_trainer(cfg, train_loop_per_worker, loop_config,
+                             build_datasets(cfg, pruning, classes, templates), f"mmdp-{run_id}")
+        history = _checkpoint_json(result.checkpoint, "history.json")
+        plans = _checkpoint_json(result.checkpoint, "plans.json")
+        _copy_checkpoint(result.checkpoint, storage.join(cfg.out, "checkpoint"))
+    finally:  # a failed run too: the actor holds the per-sample state, and a driver may go on (a benchmark's)
+        pruning.shutdown()
     totals = {
         "epochs": len(history),
         "wall_seconds": round(earlier + time.perf_counter() - started, 2),  # over every run of a resumed fit
