@@ -65,7 +65,7 @@ from pipeline.cli import HELP, connect_ray, execute, option, run_job
 from pipeline.data import reference
 from pipeline.data.noise import parse_noise_spec, stream_rng
 from pipeline.prune.budget import DEFAULT_KEEP_RATIO
-from pipeline.prune.policies import POLICIES as REGISTRY
+from pipeline.prune.policies import reads
 from pipeline.score import REFERENCE_MODEL
 
 # Run order in a cell: mmdp before the fixed-ratio baselines, which run at its measured compute.
@@ -233,7 +233,7 @@ def train_config(cfg: BenchPruningConfig, data: str, scores: str, out: str, poli
         if not storage.exists(reference_keys):
             write_reference_keys(data, reference_keys, seed)
     policy = "full" if policy == ORACLE else policy
-    budget = (keep_ratio or cfg.keep_ratio) if REGISTRY[policy].uses_keep_ratio else None  # the others read none
+    budget = (keep_ratio or cfg.keep_ratio) if reads(policy, "keep_ratio") else None  # the others read none
     return TrainConfig(data=data, scores=scores, out=out, policy=policy, keep_ratio=budget, epochs=cfg.epochs,
                        workers=cfg.workers, seed=seed,
                        task=cfg.task, model=cfg.model, width=cfg.width, batch_size=cfg.batch_size, lr=cfg.lr,

@@ -40,7 +40,7 @@ from pipeline import storage
 from pipeline.cli import log, option, run_job
 from pipeline.data.reference import FASHION_MNIST_DIR
 from pipeline.prune.budget import DEFAULT_KEEP_RATIO
-from pipeline.prune.policies import POLICIES
+from pipeline.prune.policies import POLICIES, reads
 from pipeline.score import REFERENCE_MODEL
 
 @dataclass(frozen=True)
@@ -102,7 +102,7 @@ def stages(cfg: DemoConfig) -> list[tuple[str, str, object, list[str], str]]:
         run = storage.join(cfg.out, "runs", policy)
         steps.append(("train", f"training with policy {policy}", train,
                       ["--data", data, "--scores", scores, "--out", run, "--policy", policy,
-                       *(["--keep-ratio", str(cfg.keep_ratio)] if POLICIES[policy].uses_keep_ratio else []),
+                       *(["--keep-ratio", str(cfg.keep_ratio)] if reads(policy, "keep_ratio") else []),
                        "--epochs", str(cfg.epochs),
                        "--workers", str(cfg.workers), "--seed", str(cfg.seed), *s3], run))
     steps.append(("report", "report", report, [cfg.out, "--out", report_dir(cfg), *s3], None))

@@ -108,6 +108,17 @@ def register(cls: type[Policy]) -> type[Policy]:
     return cls
 
 
+def reads(name: str, setting: str) -> bool:
+    """Whether the plans of the policy registered as ``name`` depend on the train job's ``setting``:
+    ``keep_ratio`` (a budget), ``signal`` (the consistency), ``noise_fraction`` (a noise cut) or
+    ``policy_params`` (any knob of its own). The train job refuses the flags its policy does not read, and
+    the report groups runs by the ones it does."""
+    cls = POLICIES[name]
+    knobs = {f.name for f in dataclasses.fields(cls)}
+    return {"keep_ratio": cls.uses_keep_ratio, "signal": cls.needs_consistency,
+            "noise_fraction": "noise_fraction" in knobs, "policy_params": bool(knobs)}[setting]
+
+
 def make_policy(name: str, **params) -> Policy:
     """Builds the policy registered as ``name`` with its knobs overridden by ``params``."""
     if name not in POLICIES:

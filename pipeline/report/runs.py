@@ -376,14 +376,10 @@ KEEP_TOLERANCE = 0.005
 def reads_setting(policy: str, name: str) -> bool:
     """Whether runs of ``policy`` depend on the setting ``name``, as the policy declares it
     (:mod:`pipeline.prune.policies`; the oracle is ``full``); a policy this mmdp does not know, on all."""
-    from pipeline.prune.policies import POLICIES
+    from pipeline.prune.policies import POLICIES, reads
 
-    cls = POLICIES.get("full" if policy == "oracle" else policy)
-    if cls is None:
-        return True
-    knobs = {f.name for f in dataclasses.fields(cls)}
-    return {"keep_ratio": cls.uses_keep_ratio, "signal": cls.needs_consistency,
-            "noise_fraction": "noise_fraction" in knobs, "policy_params": bool(knobs)}[name]
+    policy = "full" if policy == "oracle" else policy
+    return policy not in POLICIES or reads(policy, name)
 
 
 def _policy_setting(run: Run, name: str) -> str:

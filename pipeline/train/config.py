@@ -14,7 +14,7 @@ from typing import ClassVar
 from pipeline.cli import option
 from pipeline.data.contract import ColumnMapping
 from pipeline.prune.budget import DEFAULT_KEEP_RATIO
-from pipeline.prune.policies import POLICIES, make_policy
+from pipeline.prune.policies import POLICIES, make_policy, reads
 from pipeline.score import REFERENCE_MODEL
 
 TASKS = ("classify", "clip")
@@ -149,23 +149,22 @@ class TrainConfig:
     def _check_policy_knobs(self, params: dict) -> None:
         """Refuse a flag the policy would not read (the run would go on as if it were not given); the budget's
         default where the policy reads one (config.json records what ran: none where it reads none)."""
-        policy = POLICIES[self.policy]
-        knobs = {name: {f.name for f in dataclasses.fields(cls)} for name, cls in POLICIES.items()}
-        if self.keep_ratio is None and policy.uses_keep_ratio:
+        if self.keep_ratio is None and reads(self.policy, "keep_ratio"):
             object.__setattr__(self, "keep_ratio", DEFAULT_KEEP_RATIO)
-        elif self.keep_ratio is not None and not policy.uses_keep_ratio:
-            budgets = ", ".join(name for name, cls in POLICIES.items() if cls.uses_keep_ratio)
-            own = " (its pruning rate: --policy-params prune_prob=...)" if "prune_prob" in knobs[self.policy] else ""
+        elif self.keep_ratio is not None and not reads(self.policy, "keep_ratio"):
+            budgets = ", ".join(name for name in POLICIES if reads(name, "keep_ratio"))
+            own = (" (its pruning rate: --policy-params prune_prob=...)"
+                   if any(f.name == "prune_prob" for f in dataclasses.fields(POLICIES[self.policy])) else "")
             raise ValueError(f"--keep-ratio: policy {self.policy} decides what it keeps by its own rule{own}; "
                              f"the policies with a budget: {budgets}")
         if self.noise_fraction is not None:
-            if "noise_fraction" not in knobs[self.policy]:
-                cutting = ", ".join(name for name in POLICIES if "noise_fraction" in knobs[name])
+            if not reads(self.policy, "noise_fraction"):
+                cutting = ", ".join(name for name in POLICIES if reads(name, "noise_fraction"))
                 raise ValueError(f"--noise-fraction: policy {self.policy} excludes no noise (the policies that do: "
                                  f"{cutting})")
             if "noise_fraction" in params:
                 raise ValueError("--noise-fraction and --policy-params noise_fraction=...: give it once")
-        if self.signal != "auto" and not policy.needs_consistency:
+        if self.signal != "auto" and not reads(self.policy, "signal"):
             raise ValueError(f"--signal {self.signal}: policy {self.policy} reads no consistency scores")
 
     def check_inputs(self) -> None:

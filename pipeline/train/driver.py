@@ -29,7 +29,7 @@ from ray.train.torch import TorchTrainer
 from pipeline import storage
 from pipeline.cli import check_apart
 from pipeline.prune.actor import actor_name
-from pipeline.prune.policies import POLICIES
+from pipeline.prune.policies import reads
 from pipeline.train.config import TrainConfig, parse_params
 from pipeline.train.loop import (KEEP_CHECKPOINTS, PRUNER_STATE, RUN_CONFIG, TRAIN_STATE, PhaseClock,
                                  saved_pruner_state)
@@ -167,7 +167,7 @@ def check_checkpoint(cfg: TrainConfig) -> Resume:
         was = storage.read_json(saved)
         now = json.loads(json.dumps({name: getattr(cfg, name) for name in was}))
         # A budget the policy does not read changes nothing (an older mmdp recorded 0.6 for every policy).
-        unread = () if POLICIES[cfg.policy].uses_keep_ratio else ("keep_ratio",)
+        unread = () if reads(cfg.policy, "keep_ratio") else ("keep_ratio",)
         differ = [f"--{name.replace('_', '-')} {was[name]} (this run: {now[name]})"
                   for name in was if name not in unread and now[name] != was[name]]
         if differ:
@@ -265,7 +265,7 @@ def check_scores_match(cfg: TrainConfig) -> None:
         # The folder fit() builds them in (absolute: Ray's tasks need not share this process's directory).
         indexes = [index for _, _, index in build_indexes(files, tar_index_folder(absolute_paths(cfg)))]
         rows, counted = sum(f.rows for f in check_shards("parquet", indexes)), " (its tars' offset indexes)"
-    if accounted is not None and rows is not None and accounted != rows:
+    if rows is not None and accounted != rows:
         raise ValueError(f"--scores {cfg.scores} scored or rejected {accounted:,} rows (its summary.json), but "
                          f"{train} holds {rows:,}{counted}: they are the scores of other rows. Score this split "
                          f"(python -m jobs.score --input {train} ...) and pass that output")

@@ -45,16 +45,12 @@ import numpy as np
 from pipeline import storage
 from pipeline.data.contract import KEY
 from pipeline.prune.budget import DEFAULT_KEEP_RATIO
+from pipeline.prune.policies import POLICIES, reads
 from pipeline.score.quality import MAX_MISSING_SIGNAL, auto_signal, estimate_noise_fraction, missing_share
 from pipeline.train.keys import KeyIndex, key_index
 from pipeline.train.stages import encode_keys
 
 log = logging.getLogger(__name__)
-
-# Policies that exclude a share of the samples as noise: the share is estimated
-# from the consistency scores unless given.
-NOISE_POLICIES = ("mmdp", "clip_cut")
-
 
 def load_index(scores_url: str, signal: str = "auto") -> tuple[np.ndarray, np.ndarray, str]:
     """Sorted keys of the scored rows (UTF-8 bytes), their consistency, and the signal used, in one process.
@@ -217,7 +213,10 @@ class Pruning:
         from pipeline.prune.actor import actor_name, create_pruner
 
         params = dict(policy_params or {})
-        estimate = policy in NOISE_POLICIES and "noise_fraction" not in params and noise_fraction is None
+        # A policy with a noise cut gets its share here unless its params give it: --noise-fraction, else
+        # the estimate from the consistency scores.
+        cut = policy in POLICIES and reads(policy, "noise_fraction") and "noise_fraction" not in params
+        estimate = cut and noise_fraction is None
         # Per-row arrays stay in the object store: the pruning actor and the index stage take them by
         # reference; the keys in one chunk per score file.
         keys = key_index(scores)
@@ -227,7 +226,7 @@ class Pruning:
         if meta["signal_missing"]:
             log.warning("signal %s: %d of %d scored rows have none (NaN); they rank as the least consistent",
                         meta["signal"], meta["signal_missing"], meta["num_samples"])
-        if policy in NOISE_POLICIES and "noise_fraction" not in params:
+        if cut:
             params["noise_fraction"] = noise_fraction if noise_fraction is not None else meta["noise_fraction"]
         name = name or actor_name(uuid.uuid4().hex[:8])
         pruning = cls(name, meta["num_samples"], policy, params, meta["signal"], max_reports_in_flight)
