@@ -97,6 +97,33 @@ def test_kept_count_is_each_plan_as_it_was_made():
             assert pruning == [N // 2] * len(pruning)
 
 
+@pytest.mark.parametrize("policy", ["full", "mmdp", "infobatch"])
+def test_plans_for_several_workers_keep_a_multiple_of_them_and_say_why(policy):
+    # Ray Train splits an epoch's rows into equal shares and drops the rest: a plan for 3 workers leaves out
+    # kept % 3 of what its policy kept, drawn anew each epoch, under its own reason, and nothing else changes.
+    from pipeline.prune.budget import EVEN_SPLIT
+
+    one, three = make(policy, n=N + 1), make(policy, n=N + 1, workers=3)
+    left_out = []
+    for epoch in range(4):
+        (k1, w1, r1), (k3, w3, r3) = one.plan_with_reasons(epoch), three.plan_with_reasons(epoch)
+        extra = len(k1) % 3
+        assert len(k3) == len(k1) - extra and len(k3) % 3 == 0 and three.kept_count(epoch) == len(k3)
+        assert r3 == ({**r1, EVEN_SPLIT: extra} if extra else r1)
+        assert np.all(np.diff(k3) > 0) and np.isin(k3, k1).all()
+        np.testing.assert_array_equal(w3, w1[np.isin(k1, k3)])  # each kept sample's weight as before
+        left_out.append(set(np.setdiff1d(k1, k3).tolist()))
+        for p, kept in ((one, k1), (three, k1)):  # the same losses for both: the states stay equal
+            p.update(kept, (kept % 13).astype(np.float32) / 13, epoch)
+    assert sum(map(len, left_out)) >= 3 and len(set().union(*left_out)) == sum(map(len, left_out))  # not one row
+
+    # The number can change (a resume on other workers): the memoised plan is made again.
+    assert three.set_workers(1) and len(three.plan(3)[0]) == len(one.plan(3)[0])
+    assert not three.set_workers(1)
+    with pytest.raises(ValueError, match="workers must be an integer >= 1"):
+        three.set_workers(0)
+
+
 def test_exactly_one_loss_per_kept_sample_is_checkable():
     p = make()
     kept, _ = p.plan(0)

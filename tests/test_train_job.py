@@ -22,6 +22,7 @@ from jobs import score as score_job
 from jobs import train as train_job
 from pipeline import storage
 from pipeline.cli import config_parser, parse_config
+from pipeline.prune.budget import EVEN_SPLIT
 from pipeline.prune.policies import POLICIES
 from pipeline.train.config import TrainConfig
 from pipeline.train.driver import fit, start_pruning
@@ -66,17 +67,18 @@ def test_each_kept_sample_reports_exactly_one_loss(scored_ready, tmp_path):
     n = metrics["totals"]["num_samples"]
     assert n == 200 and len(metrics["epochs"]) == 4
     for epoch in metrics["epochs"]:
-        kept, missing = epoch["plan_kept"], epoch["plan_missing"]
-        # An equal split across 2 workers may leave out at most 1 sample; it is counted.
-        assert 0 <= missing <= 1
-        assert epoch["plan_received"] == epoch["plan_reported"] == kept - missing
-        assert epoch["plan_outside_plan"] == 0
-        assert epoch["samples_forwarded"] == kept - missing
-    # Epoch 0 trains on every sample not excluded as noise; later ones prune well-learned samples,
-    # never below half of the eligible ones.
+        # Plans keep a multiple of the 2 workers, so Ray Train's equal split leaves none of them out.
+        kept = epoch["plan_kept"]
+        assert kept % 2 == 0 and epoch["plan_missing"] == 0 and epoch["plan_outside_plan"] == 0
+        assert epoch["plan_received"] == epoch["plan_reported"] == epoch["samples_forwarded"] == kept
+    # Epoch 0 trains on every sample not excluded as noise (one fewer if they are odd, under its own
+    # reason); later ones prune well-learned samples, never below half of the eligible ones.
     excluded = int(np.floor(metrics["totals"]["policy_params"]["noise_fraction"] * n + 0.5))
     kept = [e["plan_kept"] for e in metrics["epochs"]]
-    assert kept[0] == n - excluded and all(k >= (n - excluded) // 2 for k in kept)
+    assert kept[0] == n - excluded - (n - excluded) % 2 and all(k >= (n - excluded) // 2 - 1 for k in kept)
+    for entry, k in zip(plans, kept):
+        assert entry["kept"] == k and sum(entry["pruned_by_reason"].values()) == n - k
+        assert entry["pruned_by_reason"].get(EVEN_SPLIT, 0) <= 1
     # The schedule: every epoch takes an unpruned epoch's steps (200 rows, 2 workers of 16: 7),
     # on batches shrunk with the plan; the learning rate follows the epochs.
     for e in metrics["epochs"]:

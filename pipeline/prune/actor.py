@@ -4,7 +4,7 @@
     create_pruner(name, num_samples=n, policy="mmdp", keep_ratio=0.6,
                   epochs=20, seed=0, consistency=scores)          # driver
     actor = get_pruner(name)                                      # anywhere in the job
-    ray.get(actor.start_epoch.remote(epoch))                      # once, before the epoch
+    ray.get(actor.start_epoch.remote(epoch, workers))             # once, before the epoch
     epoch, [ref] = ray.get(actor.published_plan.remote())         # e.g. in a Ray Data stage
     kept, weights = ray.get(ref)                                  # shared via object store
     reporter = LossReporter(actor)                                # each training worker
@@ -138,11 +138,16 @@ class PruningActor:
         parts = self._pruner.partitions
         return (parts.bounds.tolist(), list(parts.actors)) if isinstance(parts, RayPartitions) else None
 
-    def start_epoch(self, epoch: int) -> int:
+    def start_epoch(self, epoch: int, workers: int | None = None) -> int:
         """Makes ``epoch`` current: plans it (before any of its losses) and publishes it.
 
         Call once per epoch, before anyone reads the plan; returns its kept count.
+        ``workers``: the training workers that split the epoch's rows evenly
+        (the kept count is made a multiple of it: :class:`~pipeline.prune.pruner.Pruner`'s
+        ``workers``); None keeps the number the actor has.
         """
+        if workers is not None and self._pruner.set_workers(workers):
+            self._plan_refs.clear()  # made for another number of workers
         ref = self.plan_ref(epoch)
         self._pruner.current_epoch = int(epoch)
         self._published = (int(epoch), ref)

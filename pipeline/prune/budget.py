@@ -36,6 +36,8 @@ LOW_CONSISTENCY = "low consistency"
 WELL_LEARNED = "well learned (low loss)"
 RANDOM = "random"
 MISALIGNED = "loss trajectory unlike the clean reference's"
+# Left out so that the workers' equal shares take every kept sample (Ray Train drops the rest of an uneven split).
+EVEN_SPLIT = "left out for an even split across workers"
 # Excluded samples that a plan still forwards with weight 0, to see their loss (not pruned).
 PROBED = "probed (weight 0)"
 

@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from pipeline.prune.budget import DEFAULT_KEEP_RATIO, PlanContext
+from pipeline.prune.budget import DEFAULT_KEEP_RATIO, EVEN_SPLIT, PlanContext
 from pipeline import storage
 from pipeline.prune.partitions import (LocalPartitions, history_state, init_history, load_part, part_name, reset_part,
                                        save_part, set_history)
@@ -67,13 +67,20 @@ class Pruner:
         bounds: partition boundaries ``[0, b1, ..., n]`` (default one partition).
         cluster: ``cluster(bounds, ranks, loss_momentum)`` makes the partitions
             (default :class:`~pipeline.prune.partitions.LocalPartitions`).
+        workers: the training workers each epoch's kept samples are split
+            among in equal shares (Ray Train's ``equal=True`` split drops the
+            rest): a plan leaves out ``kept % workers`` of the samples its
+            policy kept, drawn at random each epoch, under the reason
+            :data:`~pipeline.prune.budget.EVEN_SPLIT`, so that each one it
+            keeps is trained on. Settable (:meth:`set_workers`); not part of
+            :attr:`config`: a run resumed on other workers differs only there.
     """
 
     def __init__(self, num_samples: int, policy: str | Policy = "mmdp",
                  keep_ratio: float = DEFAULT_KEEP_RATIO, epochs: int = 20, seed: int = 0,
                  consistency: np.ndarray | None = None, loss_momentum: float | None = None,
                  policy_params: dict | None = None, bounds: Sequence[int] | None = None,
-                 cluster: Callable | None = None, reference: np.ndarray | None = None):
+                 cluster: Callable | None = None, reference: np.ndarray | None = None, workers: int = 1):
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         if not 0.0 < keep_ratio <= 1.0:
@@ -118,6 +125,8 @@ class Pruner:
                                                 for i in range(len(bounds) - 1)])
         elif reference is not None:
             raise ValueError(f"policy {policy.name!r} takes no reference samples")
+        self.workers = 1
+        self.set_workers(workers)
         self._received: dict[int, int] = {}
         self.current_epoch = 0  # the latest epoch planned: update()'s default epoch
         self._cached: tuple[int, np.ndarray, np.ndarray, dict] | None = None
@@ -129,6 +138,17 @@ class Pruner:
         return {"num_samples": self.num_samples, "policy": self.policy.name,
                 "policy_params": self.policy.params(), "keep_ratio": self.keep_ratio,
                 "epochs": self.epochs, "seed": self.seed, "loss_momentum": self.loss_momentum}
+
+    def set_workers(self, workers: int) -> bool:
+        """Plan for ``workers`` training workers from now on; True if that changed the number (the memoised
+        plan is then forgotten: the next :meth:`plan` call makes it again)."""
+        if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or workers < 1:
+            raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
+        changed = int(workers) != self.workers
+        self.workers = int(workers)
+        if changed:
+            self._cached = None
+        return changed
 
     @property
     def partitions(self):
@@ -160,7 +180,7 @@ class Pruner:
     def plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """The samples to train on at ``epoch`` and their loss weights.
 
-        A pure function of (state, epoch, seed), whatever the partitions. The
+        A pure function of (state, epoch, seed, workers), whatever the partitions. The
         latest epoch's plan is memoised, so asking again mid-epoch (after
         some losses arrived) gives the same plan; an earlier epoch is
         recomputed from the current state.
@@ -187,6 +207,7 @@ class Pruner:
         if sum(reasons.values()) != self.num_samples - len(kept):
             raise AssertionError(f"policy {self.policy.name!r} kept {len(kept)} of {self.num_samples} and gave "
                                  f"reasons for {sum(reasons.values())} at epoch {epoch}")
+        kept, weights, reasons = _even_split(kept, weights, reasons, self.workers, mix64(self.seed, epoch, 1))
         self._kept_counts[epoch] = len(kept)
         kept.flags.writeable = False  # shared with every caller of plan()
         weights.flags.writeable = False
@@ -336,6 +357,18 @@ class Pruner:
         self._received, self._kept_counts = {}, {}
         self.current_epoch = 0
         self._cached = None
+
+
+def _even_split(kept: np.ndarray, weights: np.ndarray, reasons: dict, workers: int,
+                salt: int) -> tuple[np.ndarray, np.ndarray, dict]:
+    """The plan less ``len(kept) % workers`` of its samples, at random (drawn by ``salt``), under
+    :data:`~pipeline.prune.budget.EVEN_SPLIT`: an equal split then drops none."""
+    extra = len(kept) % workers
+    if not extra:
+        return kept, weights, reasons
+    out = np.random.default_rng(salt).choice(len(kept), size=extra, replace=False)
+    return (np.delete(kept, out), np.delete(weights, out),
+            {**reasons, EVEN_SPLIT: reasons.get(EVEN_SPLIT, 0) + extra})
 
 
 def check_losses(indices, losses, num_samples: int) -> tuple[np.ndarray, np.ndarray]:

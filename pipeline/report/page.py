@@ -280,10 +280,10 @@ def _reason_blocks(groups: dict[str, list[Run]], sources: Sources) -> list[tuple
                + [f"reason {k}" if k == NOT_RECORDED else k for k in reasons]
                + [f"excluded before training: {k}" for k in before], rows),
               ("p", "Sums over the epochs of each run: a sample pruned in 3 epochs counts 3. Pruned by the plans = "
-                    "scored samples - kept, per epoch, split by the reasons the plans recorded. The samples a run "
-                    "forwarded are in the runs table: up to one fewer than the workers an epoch where a plan's kept "
-                    "count does not divide among them (Ray Train splits an epoch's rows evenly; metrics.json's "
-                    "plan_missing)."
+                    "scored samples - kept, per epoch, split by the reasons the plans recorded (a plan keeps a multiple "
+                    "of the workers, since Ray Train splits an epoch's rows evenly: the few that would not divide "
+                    "are left out at random, under their own reason). The samples a run forwarded are in the runs "
+                    "table."
                     + (" Excluded before training = rows in the rejects table of the run's score set (rejected "
                        "by the score job, or left out of the clean oracle's pool), once per epoch." if before else ""))]
     if any(not recorded and counts for _, counts, recorded, _ in per_run):

@@ -300,7 +300,10 @@ class Pruning:
         """Make ``epoch``'s plan current; call on every worker before reading the epoch's data.
 
         Rank 0 plans the epoch (once, whatever the number of workers); every
-        rank waits for it, then learns its size. Returns the kept count.
+        rank waits for it, then learns its size. Returns the kept count, a
+        multiple of the number of workers (Ray Train's even split then drops
+        no kept row: the plan leaves out the few that would not divide, at
+        random, under their own reason).
         """
         import ray
 
@@ -308,7 +311,7 @@ class Pruning:
         self.check_incarnation(epoch)
         _barrier()
         if first:
-            ray.get(self.actor.start_epoch.remote(epoch))
+            ray.get(self.actor.start_epoch.remote(epoch, _world_size()))
         _barrier()
         self.epoch = int(epoch)
         self.kept, self.weight_mean = ray.get(self.actor.plan_size.remote(epoch))
@@ -428,6 +431,12 @@ def _rank() -> int:
     import torch.distributed as dist
 
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def _barrier() -> None:
