@@ -111,13 +111,9 @@ def checkpoint_url(out: str) -> str:
 
 
 def _check_model(cfg: PretrainConfig) -> None:
-    import open_clip
+    from pipeline.score.clip_models import contrastive_config
 
-    from pipeline.score.clip_models import register_model_configs
-
-    register_model_configs()
-    if open_clip.get_model_config(cfg.model) is None:
-        raise ValueError(f"unknown --model {cfg.model!r}; known: {', '.join(open_clip.list_models())}")
+    contrastive_config(cfg.model)
 
 
 def main(argv: list[str] | None = None) -> int:

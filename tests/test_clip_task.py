@@ -151,3 +151,11 @@ def test_clip_task_refuses_a_classifier_model_name(capsys):
     with pytest.raises(SystemExit) as exit_:
         train_job.main(["--task", "clip", "--model", "resnet", "--data", "d", "--scores", "s", "--out", "o"])
     assert exit_.value.code == 2 and "unknown model config 'resnet'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("model, why", [("ViT-B-16-SigLIP", "a SigLIP config"), ("coca_ViT-B-32", "a CoCa config")])
+def test_clip_task_refuses_models_that_train_with_another_loss(model, why, capsys):
+    # Their forward gives a logit bias or a dict beside the features: the run would fail at its first step.
+    with pytest.raises(SystemExit) as exit_:
+        train_job.main(["--task", "clip", "--model", model, "--data", "d", "--scores", "s", "--out", "o"])
+    assert exit_.value.code == 2 and f"--model {model}: {why}" in capsys.readouterr().err

@@ -75,7 +75,7 @@ def test_training_is_reproducible_for_a_seed(synthetic, tmp_path):
 @pytest.mark.parametrize(
     "extra",
     [["--epochs", "0"], ["--batch-size", "1"], ["--lr", "-1"], ["--threads", "0"], ["--model", "no-such-model"],
-     ["--epochs", "two"], ["--out", "model.pt"]],
+     ["--model", "ViT-B-16-SigLIP"], ["--model", "coca_ViT-B-32"], ["--epochs", "two"], ["--out", "model.pt"]],
 )
 def test_bad_arguments_exit_2(extra, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:

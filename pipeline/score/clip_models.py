@@ -61,6 +61,24 @@ def model_config(model: str) -> dict:
     return cfg
 
 
+def contrastive_config(model: str, flag: str = "--model") -> dict:
+    """:func:`model_config` of a model mmdp can train: a CLIP, whose forward gives (image features, text
+    features, temperature) for open_clip's softmax contrastive loss (``ClipLoss``). SigLIP's configs (a
+    logit bias, a sigmoid loss) and CoCa's (a captioning decoder) train with other losses: refused here,
+    before a run, not at its first step. (Any of them scores: scoring reads the features alone.)
+
+    Raises:
+        ValueError: an unknown name, or one of those, naming ``flag``.
+    """
+    cfg = model_config(model)
+    other = ("a SigLIP config (sigmoid loss, a logit bias)" if "init_logit_bias" in cfg else
+             "a CoCa config (a captioning decoder)" if "multimodal_cfg" in cfg else None)
+    if other:
+        raise ValueError(f"{flag} {model}: {other}; mmdp trains CLIP models with the softmax contrastive loss "
+                         "(score with it, train a CLIP config)")
+    return cfg
+
+
 def check_pretrained(model: str, pretrained: str | None) -> None:
     """Refuse a ``--model`` open_clip does not know, or a ``--pretrained`` that names no weights: neither an
     object that exists (one request), nor a file on this machine, nor one of open_clip's tags for ``model``.

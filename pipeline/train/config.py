@@ -63,8 +63,8 @@ class TrainConfig:
     cpus_per_worker: float = option(0.5, "CPUs each Train worker reserves")
     threads: int = option(1, "torch threads per worker")
     seed: int = option(0, "seed for the model, the plans and the augmentations")
-    model: str | None = option(None, "classify: resnet or cnn (default resnet); clip: an open_clip config name "
-                                     "(default mmdp-ref)")
+    model: str | None = option(None, "classify: resnet or cnn (default resnet); clip: an open_clip CLIP config "
+                                     "name (default mmdp-ref; not SigLIP or CoCa)")
     width: int = option(8, "channels of the model's first stage (0 = the model's default)")
     batch_size: int = option(128, "samples per step per worker")
     lr: float | None = option(None, "peak learning rate, cosine schedule (default: classify 0.1, SGD with "
@@ -119,9 +119,9 @@ class TrainConfig:
             if self.model not in MODELS:
                 raise ValueError(f"--model {self.model!r}: the classifier is one of {', '.join(MODELS)}")
         if self.task == "clip":
-            from pipeline.score.clip_models import model_config
+            from pipeline.score.clip_models import contrastive_config
 
-            model_config(self.model)  # a ValueError naming the known configs
+            contrastive_config(self.model)  # a ValueError naming the known configs, or why not this one
         params = parse_params(self.policy_params)
         check_policy_params(self.policy, params)
         self._check_policy_knobs(params)
