@@ -34,6 +34,7 @@ from PIL import Image
 from ray.train.torch import TorchTrainer, prepare_model
 
 from pipeline import storage
+from pipeline.prune.policies import POLICIES
 from pipeline.train.driver import POLL_INTERVAL_ENV, POLL_INTERVAL_S
 from pipeline.train.pruning import Pruning  # mmdp
 
@@ -92,7 +93,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--data", required=True, help="dataset root: train/ shards and metadata.json")
     parser.add_argument("--scores", required=True, help="the score job's output for the train split")
     parser.add_argument("--out", default="runs/own-loop", help="Ray Train's run folder")
-    parser.add_argument("--policy", default="mmdp")
+    parser.add_argument("--policy", default="mmdp", choices=tuple(POLICIES))
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=64)
@@ -118,12 +119,14 @@ def main(argv=None) -> dict:
         scaling_config=ray.train.ScalingConfig(num_workers=args.workers, resources_per_worker={"CPU": 0.5}),
         run_config=ray.train.RunConfig(storage_path=out_path, storage_filesystem=out_fs),
     )
-    result = trainer.fit()
-    if result.error:
-        raise result.error
-    epochs = [{**row, **pruning.epoch_summary(row["epoch"])} for row in result.metrics["history"]]
-    plans = pruning.plan_log()  # each epoch's plan, as jobs.train's plans.json has it
-    pruning.shutdown()
+    try:
+        result = trainer.fit()
+        if result.error:
+            raise result.error
+        epochs = [{**row, **pruning.epoch_summary(row["epoch"])} for row in result.metrics["history"]]
+        plans = pruning.plan_log()  # each epoch's plan, as jobs.train's plans.json has it
+    finally:
+        pruning.shutdown()  # mmdp: the actor holds the pool's state until it is stopped, a failed fit's too
     summary = {"policy": args.policy, "params": pruning.params, "num_samples": pruning.num_samples, "epochs": epochs,
                "plans": plans}
     print(json.dumps(summary, indent=2))

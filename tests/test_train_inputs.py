@@ -229,3 +229,29 @@ def test_a_test_split_with_rows_without_an_image_is_refused_before_the_run_start
         err = capsys.readouterr().err
         assert rc == 2 and f"{copy}/test: 2 rows have no image (a null image" in err, err
         assert _still_committed(out)
+
+
+def test_the_library_refuses_settings_a_policy_cannot_take_before_any_actor_starts(caption_scored):
+    """Pruning.from_scores checks what jobs.train's flags check: before, a wrong policy name or knob failed in the
+    pruning actor's constructor, found by the first worker to look it up; a budget or noise share the policy does
+    not read was left unread, unsaid."""
+    import re
+
+    import ray
+
+    _, scores, _ = caption_scored
+    before = sorted(map(str, ray.util.list_named_actors()))
+    for kwargs, message in [
+            ({"policy": "nope"}, "policy 'nope': choose one of full, random"),
+            ({"policy": "infobatch", "keep_ratio": 0.3}, "keep_ratio: policy infobatch decides what it keeps by its "
+                                                         "own rule (its pruning rate: policy_params prune_prob=...)"),
+            ({"policy": "random", "keep_ratio": 1.5}, "keep_ratio must be in (0, 1], got 1.5"),
+            ({"policy": "clip_filter", "noise_fraction": 0.3}, "noise_fraction: policy clip_filter excludes no noise"),
+            ({"policy": "mmdp", "noise_fraction": 1.0}, "noise_fraction must be in [0, 1), got 1.0"),
+            ({"policy": "mmdp", "policy_params": {"bogus": 1}}, "policy_params: policy mmdp has no parameter bogus"),
+            ({"policy": "full", "signal": "clip_score"}, "signal clip_score: policy full reads no consistency scores"),
+            ({"policy": "trajectory"}, "reference_keys goes with policy trajectory, which needs it"),
+            ({"policy": "mmdp", "reference_keys": ["a"]}, "reference_keys goes with policy trajectory")]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            Pruning.from_scores(scores, epochs=2, **kwargs)
+    assert sorted(map(str, ray.util.list_named_actors())) == before

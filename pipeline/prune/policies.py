@@ -119,6 +119,55 @@ def reads(name: str, setting: str) -> bool:
             "noise_fraction": "noise_fraction" in knobs, "policy_params": bool(knobs)}[setting]
 
 
+def check_settings(policy: str, params: dict, *, keep_ratio: float | None = None,
+                   noise_fraction: float | None = None, signal: str = "auto", reference: bool = False,
+                   flags: bool = False) -> None:
+    """Refuse settings a run of ``policy`` cannot use, before any actor starts: an unknown policy, knobs it
+    does not have or cannot take (it is built here, as the pruning actor builds it), a budget, a noise
+    share or a consistency signal it would not read (the run would go on as if they were not given),
+    values out of range, reference samples without the policy that needs them (``trajectory``) or
+    the reverse. ``flags``: name them as the train job's flags (``--keep-ratio``), else as
+    :meth:`pipeline.train.pruning.Pruning.from_scores`'s arguments (``keep_ratio``).
+
+    Raises:
+        ValueError: naming the setting and what the policy does instead.
+    """
+    name = (lambda s: "--" + s.replace("_", "-")) if flags else (lambda s: s)
+    if policy not in POLICIES:
+        raise ValueError(f"{name('policy')} {policy!r}: choose one of {', '.join(POLICIES)}")
+    known = [f.name for f in dataclasses.fields(POLICIES[policy])]
+    unknown = [k for k in params if k not in known]
+    if unknown:
+        raise ValueError(f"{name('policy_params')}: policy {policy} has no parameter {', '.join(unknown)} "
+                         f"(its parameters: {', '.join(known) or 'none'})")
+    try:
+        built = make_policy(policy, **params)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{name('policy_params')} for policy {policy}: {exc}") from None
+    if keep_ratio is not None:
+        if not reads(policy, "keep_ratio"):
+            budgets = ", ".join(p for p in POLICIES if reads(p, "keep_ratio"))
+            own = (f" (its pruning rate: {name('policy_params')} prune_prob=...)" if "prune_prob" in known else "")
+            raise ValueError(f"{name('keep_ratio')}: policy {policy} decides what it keeps by its own rule{own}; "
+                             f"the policies with a budget: {budgets}")
+        if not 0 < keep_ratio <= 1:
+            raise ValueError(f"{name('keep_ratio')} must be in (0, 1], got {keep_ratio}")
+    if noise_fraction is not None:
+        if not reads(policy, "noise_fraction"):
+            cutting = ", ".join(p for p in POLICIES if reads(p, "noise_fraction"))
+            raise ValueError(f"{name('noise_fraction')}: policy {policy} excludes no noise (the policies that do: "
+                             f"{cutting})")
+        if "noise_fraction" in params:
+            raise ValueError(f"{name('noise_fraction')} and {name('policy_params')} noise_fraction=...: give it once")
+        if not 0 <= noise_fraction < 1:
+            raise ValueError(f"{name('noise_fraction')} must be in [0, 1), got {noise_fraction}")
+    if signal != "auto" and not reads(policy, "signal"):
+        raise ValueError(f"{name('signal')} {signal}: policy {policy} reads no consistency scores")
+    if bool(built.history_epochs) != reference:
+        needing = ", ".join(p for p in POLICIES if make_policy(p).history_epochs)
+        raise ValueError(f"{name('reference_keys')} goes with {name('policy')} {needing}, which needs it")
+
+
 def make_policy(name: str, **params) -> Policy:
     """Builds the policy registered as ``name`` with its knobs overridden by ``params``."""
     if name not in POLICIES:

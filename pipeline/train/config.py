@@ -7,14 +7,13 @@ them when a config is made.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 from pipeline.cli import option
 from pipeline.data.contract import ColumnMapping
 from pipeline.prune.budget import DEFAULT_KEEP_RATIO
-from pipeline.prune.policies import POLICIES, make_policy, reads
+from pipeline.prune.policies import POLICIES, check_settings, reads
 from pipeline.score import REFERENCE_MODEL
 
 TASKS = ("classify", "clip")
@@ -123,14 +122,10 @@ class TrainConfig:
 
             contrastive_config(self.model)  # a ValueError naming the known configs, or why not this one
         params = parse_params(self.policy_params)
-        check_policy_params(self.policy, params)
-        self._check_policy_knobs(params)
-        if self.keep_ratio is not None and not 0 < self.keep_ratio <= 1:
-            raise ValueError(f"--keep-ratio must be in (0, 1], got {self.keep_ratio}")
-        if self.noise_fraction is not None and not 0 <= self.noise_fraction < 1:
-            raise ValueError(f"--noise-fraction must be in [0, 1), got {self.noise_fraction}")
-        if (self.policy == "trajectory") != (self.reference_keys is not None):
-            raise ValueError("--reference-keys goes with --policy trajectory, which needs it")
+        check_settings(self.policy, params, keep_ratio=self.keep_ratio, noise_fraction=self.noise_fraction,
+                       signal=self.signal, reference=self.reference_keys is not None, flags=True)
+        if self.keep_ratio is None and reads(self.policy, "keep_ratio"):
+            object.__setattr__(self, "keep_ratio", DEFAULT_KEEP_RATIO)  # config.json records what ran
         ColumnMapping.parse(self.columns)
         if self.epochs < 1 or self.workers < 1 or self.batch_size < 1:
             raise ValueError("--epochs, --workers and --batch-size must be at least 1")
@@ -145,27 +140,6 @@ class TrainConfig:
             raise ValueError("--max-gap-bytes must be >= 0")
         if self.pruner_partitions is not None and self.pruner_partitions < 1:
             raise ValueError("--pruner-partitions must be >= 1")
-
-    def _check_policy_knobs(self, params: dict) -> None:
-        """Refuse a flag the policy would not read (the run would go on as if it were not given); the budget's
-        default where the policy reads one (config.json records what ran: none where it reads none)."""
-        if self.keep_ratio is None and reads(self.policy, "keep_ratio"):
-            object.__setattr__(self, "keep_ratio", DEFAULT_KEEP_RATIO)
-        elif self.keep_ratio is not None and not reads(self.policy, "keep_ratio"):
-            budgets = ", ".join(name for name in POLICIES if reads(name, "keep_ratio"))
-            own = (" (its pruning rate: --policy-params prune_prob=...)"
-                   if any(f.name == "prune_prob" for f in dataclasses.fields(POLICIES[self.policy])) else "")
-            raise ValueError(f"--keep-ratio: policy {self.policy} decides what it keeps by its own rule{own}; "
-                             f"the policies with a budget: {budgets}")
-        if self.noise_fraction is not None:
-            if not reads(self.policy, "noise_fraction"):
-                cutting = ", ".join(name for name in POLICIES if reads(name, "noise_fraction"))
-                raise ValueError(f"--noise-fraction: policy {self.policy} excludes no noise (the policies that do: "
-                                 f"{cutting})")
-            if "noise_fraction" in params:
-                raise ValueError("--noise-fraction and --policy-params noise_fraction=...: give it once")
-        if self.signal != "auto" and not reads(self.policy, "signal"):
-            raise ValueError(f"--signal {self.signal}: policy {self.policy} reads no consistency scores")
 
     def check_inputs(self) -> None:
         """What fails the run, refused before its folder is marked pending (:func:`pipeline.train.driver.check_inputs`)."""
@@ -186,19 +160,3 @@ def parse_params(pairs: tuple[str, ...]) -> dict:
         except ValueError:
             raise ValueError(f"--policy-params: {name.strip()} needs a number, got {value!r}") from None
     return params
-
-
-def check_policy_params(policy: str, params: dict) -> None:
-    """A ValueError naming the knob unless ``--policy`` takes these ``--policy-params`` (the policy is built
-    here, as the pruning actor builds it, so a bad knob is a usage error, not a failed run)."""
-    if policy not in POLICIES:
-        raise ValueError(f"--policy {policy!r}: choose one of {', '.join(POLICIES)}")
-    known = [f.name for f in dataclasses.fields(POLICIES[policy])]
-    unknown = [name for name in params if name not in known]
-    if unknown:
-        raise ValueError(f"--policy-params: policy {policy} has no parameter {', '.join(unknown)} "
-                         f"(its parameters: {', '.join(known) or 'none'})")
-    try:
-        make_policy(policy, **params)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"--policy-params for policy {policy}: {exc}") from None

@@ -45,7 +45,7 @@ import numpy as np
 from pipeline import storage
 from pipeline.data.contract import KEY
 from pipeline.prune.budget import DEFAULT_KEEP_RATIO
-from pipeline.prune.policies import POLICIES, reads
+from pipeline.prune.policies import check_settings, reads
 from pipeline.score.quality import MAX_MISSING_SIGNAL, auto_signal, estimate_noise_fraction, missing_share
 from pipeline.train.keys import KeyIndex, key_index
 from pipeline.train.stages import encode_keys
@@ -204,8 +204,9 @@ class Pruning:
                 (default: one per :data:`~pipeline.prune.actor.PARTITION_SIZE` samples).
 
         Raises:
-            ValueError: ``signal`` is missing (NaN) on more than half of the scored rows
-                (:func:`check_signal`; ``clip_margin`` of scores made in caption mode), before any actor starts.
+            ValueError: a setting the policy cannot take or would not read (:func:`~pipeline.prune.policies.check_settings`);
+                ``signal`` missing (NaN) on more than half of the scored rows
+                (:func:`check_signal`; ``clip_margin`` of scores made in caption mode); both before any actor starts.
             InputError: a reference key the score table does not hold.
         """
         import ray
@@ -213,9 +214,11 @@ class Pruning:
         from pipeline.prune.actor import actor_name, create_pruner
 
         params = dict(policy_params or {})
+        check_settings(policy, params, keep_ratio=keep_ratio, noise_fraction=noise_fraction, signal=signal,
+                       reference=reference_keys is not None)
         # A policy with a noise cut gets its share here unless its params give it: --noise-fraction, else
         # the estimate from the consistency scores.
-        cut = policy in POLICIES and reads(policy, "noise_fraction") and "noise_fraction" not in params
+        cut = reads(policy, "noise_fraction") and "noise_fraction" not in params
         estimate = cut and noise_fraction is None
         # Per-row arrays stay in the object store: the pruning actor and the index stage take them by
         # reference; the keys in one chunk per score file.
