@@ -62,6 +62,43 @@ def test_empty_captions_take_their_labels_prompt():
     assert list(captions) == ["a cat.", "a photo of a dog."] and list(labels) == [1, 0]
 
 
+def test_a_test_row_the_stage_cannot_use_is_named_as_a_test_row():
+    """The test split is not scored: its errors said "nothing to train on" or "the score table has it as scored"."""
+    from io import BytesIO
+
+    from PIL import Image
+
+    from pipeline.train import clip  # its test_pair_stage by the module: pytest would collect the name
+
+    png = BytesIO()
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(png, format="PNG")
+    batch = {"key": np.array(["t0", "t1"], dtype=object), "image": np.array([png.getvalue(), b"not an image"], object),
+             "caption": np.array(["a red square.", "a photo."], dtype=object), "label": np.array([0, 1], object)}
+    args = ("mmdp-tiny", ("dog", "cat"), ("a photo of a {}.",))
+    with pytest.raises(ValueError, match="^test row 't1': .*; the test metrics count every test row: fix the test split"):
+        clip.test_pair_stage(batch, *args)
+    batch["image"][1], batch["caption"][1], batch["label"][1] = png.getvalue(), None, None
+    with pytest.raises(ValueError, match="^test row 't1' has no caption and no known label; the test metrics"):
+        clip.test_pair_stage(batch, *args)
+    with pytest.raises(ValueError, match="^train row 't1' has no caption .*; the score job rejects such rows"):
+        clip.pair_stage({**batch, "index": np.arange(2)}, *args, augment=False, seed=0)
+    batch["caption"][1] = "a photo."
+    assert clip.test_pair_stage(batch, *args)["pixels"].shape[0] == 2
+
+
+def test_a_short_last_batch_joins_the_one_before_so_no_pair_is_scored_in_a_tiny_batch(ray_session):
+    """A pair's contrastive loss in a batch of one is 0 whatever the model: the pruner took such pairs, each epoch's
+    last few on each worker, for the best learned."""
+    import ray.data
+
+    task, *_ = _task()
+    rows = [{"pixels": np.zeros((3, 32, 32), np.uint8), "caption": f"photo {i}", "index": i, "weight": np.float32(1)}
+            for i in range(17)]
+    sizes = [len(b["index"]) for b in task.batches(ray.data.from_items(rows), 8, {})]
+    assert sizes == [8, 9]  # not 8, 8, 1
+    assert [len(b["index"]) for b in task.batches(ray.data.from_items(rows[:13]), 8, {})] == [8, 5]  # half: kept
+
+
 def _task():
     task = ClipTask({"model": "mmdp-tiny", "seed": 0, "threads": 1, "lr": 1e-3, "weight_decay": 0.1,
                      "class_names": [], "templates": []})

@@ -165,6 +165,13 @@ def test_exact_batches_recut_any_stream_into_full_batches_in_order(make):
     for key, scale in (("index", 1), ("x", 10)):
         assert list(np.concatenate([np.asarray(b[key]) for b in out])) == [scale * i for i in range(51)]
     assert list(exact_batches(iter([]), 8)) == []
+    # With min_last (the contrastive task's half batch), a last batch shorter than it joins the one before.
+    joined = list(exact_batches(iter(stream), 8, min_last=4))
+    assert [len(b["index"]) for b in joined] == [8] * 5 + [11]
+    assert list(np.concatenate([np.asarray(b["index"]) for b in joined])) == list(range(51))
+    assert [len(b["index"]) for b in exact_batches(iter(stream), 8, min_last=3)] == [8] * 6 + [3]  # not shorter
+    assert [len(b["index"]) for b in exact_batches(iter(stream[:1]), 8, min_last=4)] == [8]
+    assert [len(b["index"]) for b in exact_batches(iter([{"index": make(0, 2)}]), 8, min_last=4)] == [2]  # alone
 
 
 def test_equal_shards_in_other_block_layouts_give_every_rank_as_many_steps(ray_session):

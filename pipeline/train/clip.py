@@ -72,11 +72,19 @@ def caption_or_prompt(caption, label: int, classes, templates) -> str | None:
     return None
 
 
-def captions_for(batch: dict, classes: tuple[str, ...], templates: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+# What to do about a row the stages cannot use, by split: the score job rejects such train rows; the test split
+# is not scored, and its metrics count every row.
+_FIX = {"train": "the score job rejects such rows: the data changed after scoring; score it again",
+        "test": "the test metrics count every test row: fix the test split"}
+
+
+def captions_for(batch: dict, classes: tuple[str, ...], templates: tuple[str, ...],
+                 split: str = "train") -> tuple[np.ndarray, np.ndarray]:
     """(captions, labels) of a batch: an empty caption becomes its label's first prompt; a missing label is -1.
 
     Raises:
-        ValueError: a row with neither a caption nor a known label (the score job rejects those).
+        ValueError: a row with neither a caption nor a known label (the score job rejects those), naming
+            the ``split``.
     """
     n = len(batch["key"])
     raw_captions = batch.get("caption", np.full(n, None, dtype=object))
@@ -85,12 +93,12 @@ def captions_for(batch: dict, classes: tuple[str, ...], templates: tuple[str, ..
     for i, caption in enumerate(raw_captions):
         captions[i] = caption_or_prompt(caption, labels[i], classes, templates)
         if captions[i] is None:
-            raise ValueError(f"row {batch['key'][i]!r} has no caption and no known label: nothing to train on")
+            raise ValueError(f"{split} row {batch['key'][i]!r} has no caption and no known label; {_FIX[split]}")
     return captions, labels
 
 
 def pair_stage(batch: dict, model: str, classes: tuple[str, ...], templates: tuple[str, ...],
-               augment: bool, seed: int, shift: int = 2) -> dict:
+               augment: bool, seed: int, shift: int = 2, split: str = "train") -> dict:
     """Ray Data stage: image bytes -> uint8 ``pixels`` [n, 3, H, W] at ``model``'s size, with its ``caption`` and ``label``.
 
     With ``augment``, each image moves by up to ``shift`` pixels (black fill),
@@ -98,17 +106,18 @@ def pair_stage(batch: dict, model: str, classes: tuple[str, ...], templates: tup
     ``index``, ``weight`` and ``epoch`` pass through.
 
     Raises:
-        ValueError: an image that does not decode (the score job rejected such rows, so the
-            scores and the data disagree), or a row with nothing to train on.
+        ValueError: an image that does not decode, or a row with neither caption nor label, naming the
+            ``split`` and the row (in the train split the score job rejected such rows, so the scores and
+            the data disagree).
     """
     out = _decoder(model)({"image": batch["image"]})
     bad = np.flatnonzero(out["error"] != "")
     if len(bad):
-        raise ValueError(f"row {batch['key'][bad[0]]!r}: {out['error'][bad[0]]} (the score table has it as scored)")
+        raise ValueError(f"{split} row {batch['key'][bad[0]]!r}: {out['error'][bad[0]]}; {_FIX[split]}")
     pixels = out["pixels"]
     if augment and shift > 0:
         pixels = shift_images(pixels, row_draws(seed, batch["epoch"], batch["index"]), shift)
-    captions, labels = captions_for(batch, classes, templates)
+    captions, labels = captions_for(batch, classes, templates, split)
     result = {"pixels": pixels, "caption": captions, "label": labels, "index": batch["index"].astype(np.int64)}
     if "weight" in batch:
         result["weight"] = batch["weight"].astype(np.float32)
@@ -117,7 +126,8 @@ def pair_stage(batch: dict, model: str, classes: tuple[str, ...], templates: tup
 
 def test_pair_stage(batch: dict, model: str, classes: tuple[str, ...], templates: tuple[str, ...]) -> dict:
     """The test split's stage: :func:`pair_stage` without augmentation, ``index`` the key hash (it splits evaluation)."""
-    return pair_stage({**batch, "index": key_hash(batch["key"])}, model, classes, templates, augment=False, seed=0)
+    return pair_stage({**batch, "index": key_hash(batch["key"])}, model, classes, templates, augment=False, seed=0,
+                      split="test")
 
 
 def pair_losses(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
@@ -190,11 +200,16 @@ class ClipTask:
         return tokenize_distinct(self.tokenizer, captions)
 
     def batches(self, shard, batch_size: int, shuffle: dict):
-        """The shard's rows as training batches: normalised ``x``, ``tokens``, ``index``, ``weight``."""
+        """The shard's rows as training batches: normalised ``x``, ``tokens``, ``index``, ``weight``.
+
+        A last batch of fewer than half ``batch_size`` rows joins the one before: a pair's contrastive loss
+        falls with the batch (exactly 0 in a batch of one), and the pruner would take a short batch's pairs
+        for well learned.
+        """
         from pipeline.train.loop import exact_batches
 
         for b in exact_batches(shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=False,
-                                                  **shuffle), batch_size):
+                                                  **shuffle), batch_size, min_last=batch_size // 2):
             pixels = normalize_pixels(torch.from_numpy(np.ascontiguousarray(b["pixels"])), self.mean, self.std)
             yield {"x": pixels.to(self.device), "tokens": self.tokens(list(b["caption"])).to(self.device),
                    "index": torch.from_numpy(b["index"]), "weight": torch.from_numpy(b["weight"]).to(self.device)}

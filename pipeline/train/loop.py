@@ -146,8 +146,10 @@ def shuffle_args(cfg: dict, epoch: int, rank: int) -> dict:
             "local_shuffle_seed": (cfg["seed"] * 1_000_003 + epoch) * 1_009 + rank}
 
 
-def exact_batches(batches, batch_size: int):
-    """``batches`` (dicts of equal-length tensors or NumPy arrays) re-cut to ``batch_size`` rows each, the last shorter.
+def exact_batches(batches, batch_size: int, min_last: int = 0):
+    """``batches`` (dicts of equal-length tensors or NumPy arrays) re-cut to ``batch_size`` rows each, the last shorter
+    (with ``min_last``, a last batch of fewer rows joins the one before it: a contrastive loss on a batch of one is
+    0 whatever the model, and on a few pairs near it; see :func:`_join_short_tail`).
 
     DDP needs every rank to take as many steps: the workers' shards hold
     equal rows (Ray Train splits with ``equal=True``), but Ray Data's
@@ -156,8 +158,17 @@ def exact_batches(batches, batch_size: int):
     and pruned blocks differ in size. Two ranks would then step a different
     number of times and one's gradient all-reduce would meet the other's
     end-of-epoch sum (a hang, or gloo aborting on the size mismatch). Here a
-    shard of ``n`` rows always gives ``ceil(n / batch_size)`` batches, in order.
+    shard of ``n`` rows always gives ``ceil(n / batch_size)`` batches (one
+    fewer where a short last one joins the one before), in order.
     """
+    if min_last > 1:
+        yield from _join_short_tail(_exact(batches, batch_size), batch_size, min_last)
+    else:
+        yield from _exact(batches, batch_size)
+
+
+def _exact(batches, batch_size: int):
+    """:func:`exact_batches` without ``min_last``."""
     pending: list[dict] = []
     held = 0
     for batch in batches:
@@ -174,6 +185,22 @@ def exact_batches(batches, batch_size: int):
             pending = [{k: v[batch_size:] for k, v in joined.items()}] if held else []
     if held:
         yield _concat(pending)
+
+
+def _join_short_tail(batches, batch_size: int, min_last: int):
+    """``batches`` (full ones, then perhaps one short), a short last one of fewer than ``min_last`` rows joined to
+    the full one before it. Each batch is held until the next arrives. Every DDP rank's shard holds as many rows,
+    so every rank joins alike and takes as many steps."""
+    held = None
+    for batch in batches:
+        rows = len(next(iter(batch.values())))
+        if rows < batch_size and rows < min_last and held is not None:  # short: the last one
+            batch, held = _concat([held, batch]), None
+        if held is not None:
+            yield held
+        held = batch
+    if held is not None:
+        yield held
 
 
 def _concat(parts: list[dict]) -> dict:
