@@ -231,6 +231,31 @@ def test_a_test_split_with_rows_without_an_image_is_refused_before_the_run_start
         assert _still_committed(out)
 
 
+def test_a_test_split_with_rows_without_a_class_is_refused_before_the_run_starts(caption_scored, tmp_path, capsys):
+    """A test row without a label of one of the classes stopped classify training at its first evaluation (every
+    --eval-every epochs: possibly the last), exit 1 after Ray Train's retries. The footers' statistics tell first."""
+    data, scores, _ = caption_scored
+    classes = len(storage.read_json(f"{data}/metadata.json")["classes"])
+    out = _earlier_run(tmp_path)
+    test = storage.read_table(f"{data}/test")
+    at = test.schema.get_field_index("label")
+    for label, expected in ((None, "{copy}/test: 1 rows have no label (a null label); test accuracy needs every "
+                                   "test row labelled with one of the classes: fix the test split"),
+                            (classes, f"labels 0..{classes}, not all among the {classes} classes (0..{classes - 1})"),
+                            (-1, f"labels -1..{classes - 1}, not all among the {classes} classes")):
+        copy = str(tmp_path / f"data-{label}")
+        shutil.copytree(data, copy)
+        labels = test.column("label").to_pylist()
+        labels[4] = label
+        storage.write_shards(test.set_column(at, "label", pa.array(labels, pa.int64())), f"{copy}/test",
+                             rows_per_shard=10)
+        rc = train_job.main(["--data", copy, "--scores", scores, "--out", out, "--epochs", "1", "--workers", "1"])
+        err = capsys.readouterr().err
+        assert rc == 2 and expected.format(copy=copy) in err, err
+        assert "Traceback" not in err and _still_committed(out)
+    assert stages.class_labels({"label": np.array(test.column("label").to_pylist())}, classes, "test").min() >= 0
+
+
 def test_the_library_refuses_settings_a_policy_cannot_take_before_any_actor_starts(caption_scored):
     """Pruning.from_scores checks what jobs.train's flags check: before, a wrong policy name or knob failed in the
     pruning actor's constructor, found by the first worker to look it up; a budget or noise share the policy does

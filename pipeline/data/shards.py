@@ -197,25 +197,48 @@ def check_named_columns(url: str, mapping: ColumnMapping, fields: tuple[str, ...
         check_shards(kind, files, mapping, fields)
 
 
-def null_images(url: str, mapping: ColumnMapping, listing: tuple[str, list[str]] | None = None) -> int:
-    """Rows of the parquet shards at ``url`` whose image column is null (img2dataset keeps its failed downloads
-    so), as their footers' column statistics count them: no data page is read. 0 for tars, and for a column
-    chunk whose writer kept no statistics."""
+class ColumnStats(NamedTuple):
+    """A column of one parquet file, as its footer's statistics give it: ``nulls`` (0 where no row group
+    counted them), and ``low``/``high`` of an integer column (None where a row group kept no min/max, and
+    for other types)."""
+    nulls: int
+    low: int | None
+    high: int | None
+
+
+def footer_stats(url: str, columns: list[str],
+                 listing: tuple[str, list[str]] | None = None) -> list[tuple[str, dict[str, ColumnStats]]]:
+    """``(file URL, {column: ColumnStats})`` for each parquet shard at ``url``, of those of ``columns`` it has,
+    from the footers alone (no data page is read; :data:`READ_THREADS` footers at a time). Empty for tars."""
     kind, files = listing or list_shards(url)
     if kind != "parquet":
-        return 0
+        return []
     sizes = listed_sizes(files)
-    return sum(_each(lambda file_url: _null_count(file_url, mapping.image, sizes.get(file_url)), files))
+    return list(zip(files, _each(lambda file_url: _column_stats(file_url, columns, sizes.get(file_url)), files)))
 
 
-def _null_count(file_url: str, column: str, size: int | None) -> int:
+def _column_stats(file_url: str, columns: list[str], size: int | None) -> dict[str, ColumnStats]:
     metadata = _footer(file_url, size).metadata
     names = [metadata.schema.column(i).path for i in range(metadata.num_columns)]
-    if column not in names:
-        return 0
-    at = names.index(column)
-    stats = (metadata.row_group(g).column(at).statistics for g in range(metadata.num_row_groups))
-    return sum(st.null_count for st in stats if st is not None and st.has_null_count)
+    out = {}
+    for column in columns:
+        if column not in names:
+            continue
+        at = names.index(column)
+        nulls, low, high, ranged = 0, None, None, metadata.num_row_groups > 0
+        for g in range(metadata.num_row_groups):
+            chunk = metadata.row_group(g).column(at)
+            st = chunk.statistics
+            if st is not None and st.has_null_count:
+                nulls += st.null_count
+            if chunk.physical_type not in ("INT32", "INT64") or st is None or not st.has_min_max:
+                # A row group of nulls alone has no range and needs none; any other leaves the file's unknown.
+                ranged = ranged and st is not None and st.has_null_count and st.null_count == chunk.num_values
+                continue
+            low = st.min if low is None else min(low, st.min)
+            high = st.max if high is None else max(high, st.max)
+        out[column] = ColumnStats(nulls, low if ranged else None, high if ranged else None)
+    return out
 
 
 def _folder_of(files: list[str]) -> str:

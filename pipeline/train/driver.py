@@ -36,7 +36,7 @@ from pipeline.train.loop import (KEEP_CHECKPOINTS, PRUNER_STATE, RUN_CONFIG, TRA
 from pipeline.train.pruning import NO_CAPTION_MARGIN, Pruning
 from pipeline.data.contract import DEFAULT_TEMPLATES, KEY, ColumnMapping
 from pipeline.data.shards import (check_named_columns, check_shards, class_names, dataset_metadata, list_shards,
-                                  null_images, read_shards)
+                                  footer_stats, read_shards)
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +198,8 @@ def check_inputs(cfg: TrainConfig) -> None:
     ``--scores``, or lies in a folder the run reads; an input not committed or not there; a classifier
     without class names; a ``--columns`` spec naming a column no shard of a split has
     (:func:`~pipeline.data.shards.check_named_columns`); ``--signal clip_margin`` on scores made in caption
-    mode (their ``config.json``); a test row without an image (:func:`check_test_images`); scores of other
+    mode (their ``config.json``); a test row without an image, or in classify training without a label of one
+    of the classes, as far as the footers tell (:func:`check_test_split`); scores of other
     rows than the train split's (:func:`check_scores_match`); a
     checkpoint that cannot resume (:func:`check_checkpoint`). (The signal's values and every shard's footer
     are checked once the run reads them.)
@@ -214,11 +215,11 @@ def check_inputs(cfg: TrainConfig) -> None:
     storage.list_files(storage.join(cfg.scores, "scores"))  # a scores folder there, committed
     if cfg.reference_keys and not storage.exists(cfg.reference_keys):
         raise storage.InputError(f"--reference-keys {cfg.reference_keys}: no such file")
-    class_names(cfg.data, cfg.classes, required=cfg.task == "classify")
+    classes = class_names(cfg.data, cfg.classes, required=cfg.task == "classify")
     mapping = ColumnMapping.parse(cfg.columns)
     for split in ("train", "test"):
         check_named_columns(storage.join(cfg.data, split), mapping, tuple(split_fields(cfg.task == "clip")))
-    check_test_images(storage.join(cfg.data, "test"), mapping)
+    check_test_split(storage.join(cfg.data, "test"), mapping, len(classes) if cfg.task == "classify" else None)
     if cfg.signal == "clip_margin" and score_mode(cfg.scores) == "caption":
         raise ValueError(f"--signal clip_margin: {cfg.scores} was scored in caption mode (its config.json), and "
                          f"{NO_CAPTION_MARGIN}")
@@ -227,16 +228,35 @@ def check_inputs(cfg: TrainConfig) -> None:
         check_checkpoint(cfg)
 
 
-def check_test_images(test: str, mapping: ColumnMapping) -> None:
-    """Refuse a test split with rows that have no image (a null image column, as img2dataset keeps its failed
-    downloads; counted from the parquet footers' statistics): the test accuracy counts every test row, and
-    evaluation would stop at the first such row after an epoch of training. (The train split's are the score
-    job's rejects: never trained on.)"""
-    missing = null_images(test, mapping)
+def check_test_split(test: str, mapping: ColumnMapping, num_classes: int | None = None) -> None:
+    """Refuse a test split that evaluation would stop at after training has run, as far as its parquet
+    footers tell (no data page is read): rows with no image (a null image column, as img2dataset keeps its
+    failed downloads); with ``num_classes`` (classify training), rows with no label, or a shard whose
+    integer labels reach outside ``0..num_classes-1``. The test accuracy counts every test row. (The
+    train split's such rows are the score job's rejects: never trained on. A label the statistics do not
+    range, a float or a file written without them, is checked as evaluation reads it.)
+
+    Raises:
+        ValueError: the count or the shard, and what to do.
+    """
+    columns = [mapping.image] + ([mapping.label] if num_classes is not None else [])
+    stats = footer_stats(test, columns)
+    missing = sum(s[mapping.image].nulls for _, s in stats if mapping.image in s)
     if missing:
         raise ValueError(f"{test}: {missing:,} rows have no image (a null {mapping.image}, as img2dataset keeps its "
                          "failed downloads); the test accuracy counts every test row: leave them out of the test "
                          "split (python -m jobs.make_dataset does) and train again")
+    if num_classes is None:
+        return
+    fix = "test accuracy needs every test row labelled with one of the classes: fix the test split"
+    unlabelled = sum(s[mapping.label].nulls for _, s in stats if mapping.label in s)
+    if unlabelled:
+        raise ValueError(f"{test}: {unlabelled:,} rows have no label (a null {mapping.label}); {fix}")
+    for file_url, s in stats:
+        label = s.get(mapping.label)
+        if label is not None and label.low is not None and (label.low < 0 or label.high >= num_classes):
+            raise ValueError(f"{file_url}: labels {label.low}..{label.high}, not all among the {num_classes} classes "
+                             f"(0..{num_classes - 1}); {fix}")
 
 
 def score_mode(scores: str) -> str | None:
