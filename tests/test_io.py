@@ -385,6 +385,32 @@ def test_a_column_the_mapping_names_must_be_in_some_shard(tmp_path):
     assert shards.check_shards("parquet", [storage.join(str(tmp_path), "c.parquet")], ColumnMapping.parse("mmdp"))
 
 
+def test_shards_whose_columns_a_read_cannot_join_are_refused_naming_the_column_and_both_shards(tmp_path):
+    """A read task concatenates several shards' tables: int64 beside string (or a pandas categorical beside plain
+    strings) failed the job with Arrow's ArrowConversionError, naming no shard, once Ray put them in one task."""
+    table = _table(20)
+    url = str(tmp_path / "in")
+    a, b, c = (storage.join(url, f"{name}.parquet") for name in "abc")
+    storage.write_table(table.slice(0, 10).append_column("note", pa.array(range(10), pa.int64())), a)
+    storage.write_table(table.slice(10, 5).append_column("note", pa.array(["x"] * 5)), b)
+    storage.write_table(table.slice(15).append_column("note", pa.array(range(5), pa.int32())), c)
+    mmdp = ColumnMapping.parse("mmdp")
+    # The score job reads every column: refused. A read of the mapped columns alone does not read "note".
+    with pytest.raises(SchemaError, match=f"column 'note' is string in {b} and int64 in {a}: a read joins shards"):
+        shards.check_shards("parquet", [a, b, c], mmdp, read_all=True)
+    assert [f.rows for f in shards.check_shards("parquet", [a, b, c], mmdp)] == [10, 5, 5]
+    # Types Arrow promotes join (int32 beside int64); a label column that cannot is refused for any read.
+    assert shards.check_shards("parquet", [a, c], mmdp, read_all=True)
+    storage.write_table(table.slice(10, 5).set_column(3, "label", pa.array(["one"] * 5)), b)
+    with pytest.raises(SchemaError, match=f"column 'label' is string in {b} and int64 in {a}"):
+        shards.check_shards("parquet", [a, b], mmdp)
+    categorical = table.slice(10, 5).set_column(2, "caption", pa.array(["a cat."] * 5).dictionary_encode())
+    storage.write_table(categorical, b)
+    with pytest.raises(SchemaError, match=f"column 'caption' is dictionary<values=string, indices=int32, "
+                                          f"ordered=0> in {b} and string in {a}"):
+        shards.check_shards("parquet", [a, b], mmdp)
+
+
 def test_a_named_column_is_checked_before_a_job_from_the_first_footer_and_all_only_where_it_lacks_it(tmp_path):
     table = _table(30).rename_columns(["id", "img", "text", "label"])
     url = str(tmp_path / "in")

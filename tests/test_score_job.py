@@ -207,6 +207,23 @@ def test_bad_input_folder_is_a_clear_error(ray_session, tmp_path, capsys):
     assert not storage.exists(str(tmp_path / "out" / "_SUCCESS"))
 
 
+def test_shards_a_read_cannot_join_are_a_clear_error_naming_them(ray_session, tmp_path, capsys):
+    """Ray Data joins several shards' tables in one read task: a column of int64 in one shard and of strings in
+    another failed the job with ArrowConversionError and a traceback naming no shard (exit 1)."""
+    good = _png()
+    for i, note in enumerate([pa.array([1, 2], pa.int64()), pa.array(["a", "b"]), pa.array([3, 4], pa.int64())]):
+        table = pa.table({"key": [f"k{i}-0", f"k{i}-1"], "image": [good, good], "caption": ["a thing", "a thing"],
+                          "label": pa.array([None, None], pa.int64()), "note": note})
+        storage.write_table(table, str(tmp_path / "in" / f"part-{i}.parquet"))
+    out = str(tmp_path / "out")
+    rc = score_job.main(["--input", str(tmp_path / "in"), "--output", out, "--model", "mmdp-tiny",
+                         "--batch-size", "4", "--actor-cpus", "0.5"])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert f"column 'note' is string in {tmp_path}/in/part-1.parquet and int64 in {tmp_path}/in/part-0.parquet" in err
+    assert "Traceback" not in err and not storage.exists(storage.join(out, "_SUCCESS"))
+
+
 def test_a_rerun_refused_for_its_input_leaves_the_earlier_output_committed(ray_session, tiny_ckpt, tmp_path, capsys):
     root = str(tmp_path / "data")
     write_dataset(make_synthetic(n=20, seed=1), root, rows_per_shard=10)

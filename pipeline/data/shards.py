@@ -128,18 +128,21 @@ def list_shards(url: str) -> tuple[str, list[str]]:
 
 
 class ParquetFooter(NamedTuple):
-    """What a parquet shard's footer says: its column names and its row count."""
+    """What a parquet shard's footer says: its column names, its row count and its Arrow schema."""
 
     columns: tuple[str, ...]
     rows: int
+    schema: pa.Schema
 
 
 def check_shards(kind: str, files: list[str], mapping: ColumnMapping | None = None,
-                 fields: tuple[str, ...] | None = None) -> list[ParquetFooter] | None:
+                 fields: tuple[str, ...] | None = None, read_all: bool = False) -> list[ParquetFooter] | None:
     """Refuse a shard that would fail or lose rows when read: every shard's footer (a tar's last KiB) is
     read once, :data:`READ_THREADS` at a time; with ``mapping``, each parquet schema must map onto the contract,
-    and a column the mapping's spec named (of the contract ``fields`` read, where given) must be in some shard
-    (for tars: a caption or label member in some tar's first samples, :func:`_check_tar_members`).
+    a column the mapping's spec named (of the contract ``fields`` read, where given) must be in some shard
+    (for tars: a caption or label member in some tar's first samples, :func:`_check_tar_members`), and the
+    shards' columns read (the mapped ones; with ``read_all``, every one) must join into one block
+    (:func:`check_joinable`).
 
     Parquet sizes come from one listing of each folder, so a parquet shard
     costs one ranged read, not a size request (HEAD) and a read.
@@ -167,7 +170,41 @@ def check_shards(kind: str, files: list[str], mapping: ColumnMapping | None = No
             raise SchemaError(f"--columns {name}={source}: no shard in {_folder_of(files)} has a column "
                               f"{source!r} (found {found}); "
                               f"without it every {name} would be read as missing")
+    if mapping is not None:
+        wanted = (KEY, IMAGE, *(fields if fields is not None else (CAPTION, LABEL)))
+        read = None if read_all else {getattr(mapping, f) for f in wanted}
+        check_joinable(files, footers, read)
     return footers
+
+
+def check_joinable(files: list[str], footers: list[ParquetFooter], columns: set[str] | None = None) -> None:
+    """Refuse parquet shards whose ``columns`` (None: all) Ray Data could not join into one block: a read task
+    concatenates several shards' tables, promoting a column's types where Arrow can (int32 with int64,
+    string with large_string or binary, null with any) and failing, naming no shard, where it cannot
+    (int64 with string; a dictionary-encoded column, as pandas writes a categorical, with a plain one).
+
+    Raises:
+        SchemaError: naming the column, its two types and a shard that holds each.
+    """
+    seen: dict[str, tuple[pa.DataType, str]] = {}  # column -> (its type so far, the shard that gave it)
+    for file_url, footer in zip(files, footers):
+        for field in footer.schema:
+            if columns is not None and field.name not in columns:
+                continue
+            if field.name not in seen:
+                seen[field.name] = (field.type, file_url)
+                continue
+            so_far, where = seen[field.name]
+            if field.type == so_far:
+                continue
+            try:
+                joined = pa.unify_schemas([pa.schema([pa.field(field.name, so_far)]), pa.schema([field])],
+                                          promote_options="permissive").field(0).type
+            except (pa.ArrowTypeError, pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                raise SchemaError(f"column {field.name!r} is {field.type} in {file_url} and {so_far} in {where}: "
+                                  "a read joins shards into one block and cannot join these two types; write "
+                                  "the shards with one type for it") from None
+            seen[field.name] = (joined, where if joined == so_far else file_url)
 
 
 def check_named_columns(url: str, mapping: ColumnMapping, fields: tuple[str, ...] | None = None,
@@ -303,7 +340,7 @@ def _check_parquet(file_url: str, mapping: ColumnMapping | None, size: int | Non
             to_contract(schema.empty_table(), mapping)
         except SchemaError as exc:
             raise SchemaError(f"{file_url}: {exc}") from exc
-    return ParquetFooter(tuple(schema.names), rows)
+    return ParquetFooter(tuple(schema.names), rows, schema)
 
 
 def _check_tar_end(file_url: str) -> None:
@@ -444,6 +481,8 @@ def read_shards(url: str, columns: str = "mmdp", fields: tuple[str, ...] = tuple
     kind, files = listing or list_shards(url)
     footers = check_shards(kind, files, mapping, tuple(fields))
     read_columns = None if footers is None else projection(mapping, fields, [f.columns for f in footers])
+    if footers is not None and read_columns is None:  # every column read: every one must join
+        check_joinable(files, footers)
     return read_listed(url, kind, files, columns, read_columns)
 
 

@@ -250,7 +250,8 @@ def _score(cfg: ScoreConfig, classes: tuple[str, ...], use_gpu: bool) -> dict:
     # Every shard's footer is checked beside the scoring, not before it: with thousands of shards in
     # an object store the reads take a while, and nothing waits for them unless the job fails.
     with ThreadPoolExecutor(max_workers=1) as pool:
-        checked = pool.submit(_timed, shards.check_shards, kind, files, ColumnMapping.parse(cfg.columns))
+        # Every column is read (and must join across shards): the projection needs the footers first.
+        checked = pool.submit(_timed, shards.check_shards, kind, files, ColumnMapping.parse(cfg.columns), None, True)
         try:
             summary = _score_listed(cfg, classes, kind, files, use_gpu, start, checked)
         except Exception:
