@@ -236,6 +236,9 @@ def test_a_rerun_refused_for_its_input_leaves_the_earlier_output_committed(ray_s
     for argv, message in (
             (["--input", storage.join(root, "trian"), "--output", out], "trian: no such file or folder"),
             (["--input", train, "--output", out, "--mode", "label"], "label mode needs class names"),
+            # One class leaves the margin nothing to compare with: the actors refused it, after the output was taken.
+            (["--input", train, "--output", out, "--mode", "label", "--classes", "cat"],
+             "label mode needs two or more class names, got ['cat']"),
             (["--input", train, "--output", out, "--mode", "caption", "--columns", "caption=text"],
              f"--columns caption=text: no shard in {train} has a column 'text'"),
             # Weights that are not there, or a model open_clip does not know: found by the actors, too late.

@@ -204,10 +204,14 @@ def resolve_classes(cfg: ScoreConfig) -> tuple[str, ...]:
 
 
 def classes_for(cfg: ScoreConfig) -> tuple[str, ...]:
-    """:func:`resolve_classes`; label mode without any is refused (ValueError)."""
+    """:func:`resolve_classes`; label mode without two or more is refused (ValueError): its margin compares a
+    row's own class with the best other one."""
     classes = resolve_classes(cfg)
     if cfg.mode == "label" and not classes:
         raise ValueError("label mode needs class names: pass --classes or keep metadata.json beside the split")
+    if cfg.mode == "label" and len(classes) < 2:
+        raise ValueError(f"label mode needs two or more class names, got {list(classes)}: its margin compares a "
+                         "row's own class with the best other one (score one class in caption mode)")
     return classes
 
 
