@@ -136,6 +136,16 @@ def test_img2dataset_parquet_maps_onto_contract(tmp_path):
     assert table.column("label").null_count == 2
 
 
+def test_keys_stored_as_bytes_that_are_not_utf8_read_escaped_not_as_a_failed_shard():
+    """A key column of bytes with one value not UTF-8 failed the whole job (Arrow's cast), naming no shard."""
+    raw = pa.table({"key": pa.array([b"000000001", b"caf\xe9", None], pa.binary()), "image": [b"a", b"b", b"c"],
+                    "caption": pa.array([b"a dog", b"un caf\xe9", b"x"], pa.binary())})
+    table = to_contract(raw)
+    assert table.column("key").to_pylist() == ["000000001", "caf\\xe9", None]  # a null key: its row's reject
+    assert table.column("caption").to_pylist() == ["a dog", "un caf\ufffd", "x"]
+    assert to_contract(raw.slice(0, 1)).column("key").to_pylist() == ["000000001"]  # all UTF-8: as it was
+
+
 def test_projection_reads_the_asked_columns_unless_shards_differ_in_them():
     img2dataset = ColumnMapping.parse("img2dataset")
     every = [("key", "jpg", "txt", "url", "exif"), ("exif", "url", "txt", "jpg", "key")]

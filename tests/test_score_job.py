@@ -339,6 +339,22 @@ def test_score_job_reads_webdataset_tars_with_mixed_image_types(ray_session, tin
     assert scores.column("status").to_pylist() == ["ok"] * 6  # png and jpg rows alike
 
 
+def test_tar_member_names_that_are_not_utf8_score_under_an_escaped_key(ray_session, tiny_ckpt, tmp_path):
+    """A member named in Latin-1 (b"caf\\xe9.jpg") failed the job in the read stage (UnicodeDecodeError), naming
+    no tar. Its key is the name with the bytes that are not UTF-8 escaped, as the train job's tar index has it."""
+    from pipeline.data.tars import tar_index
+
+    name = b"caf\xe9".decode("utf-8", "surrogateescape")  # how Python's tarfile reads the name
+    members = [(f"{name}.jpg", _encoded("JPEG")), (f"{name}.txt", b"a cafe"), ("ok.jpg", _encoded("JPEG")),
+               ("ok.txt", b"a photo")]
+    out = _score_one_tar(tmp_path, members, tiny_ckpt)
+    scores = storage.read_table(storage.join(out, "scores"))
+    assert sorted(scores.column("key").to_pylist()) == ["caf\\xe9", "ok"]
+    assert scores.column("status").to_pylist() == ["ok"] * 2
+    tar = str(tmp_path / "in" / "00000.tar")
+    assert tar_index(tar).column("__key__").to_pylist() == ["caf\\xe9", "ok"]
+
+
 def test_tars_of_every_image_format_and_bad_labels_score_or_reject_each_row(ray_session, tiny_ckpt, tmp_path):
     """ImageNet's ``.JPEG`` and GIF/BMP/TIFF members are scored like any image; a ``.cls`` member that is not an
     integer rejects its row (caption mode too) with its reason, and the job goes on."""

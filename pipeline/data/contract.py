@@ -107,6 +107,17 @@ MAPPINGS = {
 }
 
 
+def text_key(name: str) -> str:
+    """A tar member's name as text Arrow can store: Python reads a name's bytes that are not UTF-8 as lone
+    surrogates, which Arrow refuses; they are escaped instead (``caf\\xe9.jpg``), as the bytes of a parquet
+    key column are (:func:`to_contract`)."""
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def has_caption(value) -> bool:
     """Whether a caption cell holds text: blank text is no caption (a label's prompt stands in where there is one)."""
     return isinstance(value, str) and bool(value.strip())
@@ -143,9 +154,15 @@ def to_contract(table: pa.Table, mapping: ColumnMapping = ColumnMapping()) -> pa
             try:
                 column = column.cast(field.type)
             except pa.ArrowInvalid as exc:  # a value that does not cast
-                if field.name != LABEL:
+                if field.name == KEY and (pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type)):
+                    # Keys as bytes that are not all UTF-8: the bytes that are not, escaped (b"caf\xe9" reads as
+                    # "caf\\xe9"), the same in every job that reads them, rather than fail the whole shard.
+                    column = pa.array([None if v is None else v.decode("utf-8", errors="backslashreplace")
+                                       for v in column.to_pylist()], pa.string())
+                elif field.name != LABEL:
                     raise _cast_error(source, field, exc) from exc
-                column, bad_labels = _labels_by_row(column)
+                else:
+                    column, bad_labels = _labels_by_row(column)
             except pa.ArrowNotImplementedError as exc:  # a type that does not
                 raise _cast_error(source, field, exc) from exc
         elif field.name in (KEY, IMAGE):

@@ -25,7 +25,7 @@ import pyarrow.fs as pafs
 
 from pipeline import storage
 from pipeline.data.contract import (CAPTION, IMAGE, KEY, LABEL, MAPPINGS, SHARD_SCHEMA, ColumnMapping, SchemaError,
-                                    to_contract)
+                                    text_key, to_contract)
 from pipeline.storage import InputError, exists, filesystem_for, join, list_files, read_json
 
 # Image member extensions, matched whatever their case (ImageNet's tars hold ``.JPEG``): the formats
@@ -523,7 +523,10 @@ def read_listed(url: str, kind: str, files: list[str], columns: str = "mmdp", re
     extensions = [suffix] if targets != files else sorted({_extension(f) for f in files})
     if kind == "webdataset":
         mapping = mapping if columns != "mmdp" else MAPPINGS["img2dataset"]
-        raw = ray.data.read_webdataset(paths, filesystem=fs, decoder=None, file_extensions=extensions)
+        # Member names that are not UTF-8 (Python reads their bytes as lone surrogates, which Arrow cannot
+        # store) are escaped, as the train job's tar index escapes them.
+        raw = ray.data.read_webdataset(paths, filesystem=fs, decoder=None, file_extensions=extensions,
+                                       filerename=text_key)
         return raw.map_batches(_webdataset_stage, batch_format="numpy", fn_kwargs={"mapping": mapping})
     raw = ray.data.read_parquet(paths, filesystem=fs, file_extensions=extensions)
     if read_columns is not None:

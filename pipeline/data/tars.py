@@ -23,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import storage
+from pipeline.data.contract import text_key
 from pipeline.storage import InputError
 
 # One row per sample: its key, its span [start, end) in the tar (headers and
@@ -51,7 +52,8 @@ def tar_index(url: str) -> pa.Table:
     try:
         with fs.open_input_stream(path, compression=None) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
             for member in tar:
-                match = _KEY_SUFFIX.match(member.name) if member.isreg() else None
+                # A name's bytes that are not UTF-8 escaped, as the score job's reads escape them.
+                match = _KEY_SUFFIX.match(text_key(member.name)) if member.isreg() else None
                 if match is None:
                     continue
                 key, suffix = match.groups()
