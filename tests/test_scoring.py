@@ -213,7 +213,7 @@ def test_an_arrow_columns_files_are_views_of_its_buffers(recwarn, kind):
     # The views read as the bytes do: the same files go to the device (every JPEG but the null and the empty).
     decoder = TensorImageDecoder(TINY_MODEL, device="cpu")
     marks = decoder.mark({"image": column})[DEVICE_JPEG]
-    assert list(marks) == [d is not None and d != b"" for d in datas]
+    assert [m > 0 for m in marks] == [d is not None and d != b"" for d in datas]
     assert decoder.device_inputs({"image": column}, range(len(files)))[1] == list(np.flatnonzero(marks))
 
 
@@ -244,7 +244,7 @@ def test_tensor_decoder_rejects_what_the_pil_decoder_rejects(form):
         # The rest lack an end marker or fail a check; the good JPEG carries an earlier reason, so it is not read.
         assert not batch[DEVICE_JPEG].any()
         assert decoder.mark({k: v for k, v in batch.items() if k != "error"})[DEVICE_JPEG].tolist() == [
-            k == "good-jpeg" for k in cases]
+            np.prod(Image.open(io.BytesIO(jpeg)).size) if k == "good-jpeg" else 0 for k in cases]  # its pixels
     out = decoder(batch)
     assert DEVICE_JPEG not in out
     assert list(out["error"]) == list(pil["error"])
@@ -263,6 +263,26 @@ def test_the_tensor_decoder_takes_the_marked_rows_as_read():
     pil = ImageDecoder(TINY_MODEL, pixel_dtype="uint8", jpeg_draft=False)(batch)["pixels"]
     out = decoder({**marked, DEVICE_JPEG: np.zeros(len(marked[DEVICE_JPEG]), bool)})
     np.testing.assert_array_equal(out["pixels"].numpy(), pil)
+
+
+def test_the_device_decodes_a_batch_of_large_photos_a_part_at_a_time(monkeypatch):
+    """A batch went to the device whole: 256 photos of 12 MP decode to some 9 GB and resize through float32
+    copies several times that, past a GPU's memory. Parts of at most DEVICE_CHUNK_PIXELS give the same pixels."""
+    from pipeline.score import scorer as scorer_module
+
+    batch = jpeg_batch()
+    decoder = TensorImageDecoder(TINY_MODEL, device="cpu")
+    whole = decoder(batch)["pixels"].numpy()
+    sizes = decoder.mark(batch)[DEVICE_JPEG]
+    calls = []
+    decode = decoder._decode_jpeg
+    monkeypatch.setattr(decoder, "_decode_jpeg", lambda tensors, **kw: calls.append(len(tensors)) or decode(tensors, **kw))
+    assert sizes.tolist() == [1600, 3072, 2387, 1024, 6000, 54000]
+    monkeypatch.setattr(scorer_module, "DEVICE_CHUNK_PIXELS", 3500)
+    np.testing.assert_array_equal(decoder(batch)["pixels"].numpy(), whole)
+    assert calls == [1, 1, 2, 1, 1]  # 1600 | 3072 | 2387 + 1024 | 6000 alone | 54000 alone
+    assert scorer_module._chunks([5, 5, 5, 20, 1], 10) == [range(0, 2), range(2, 3), range(3, 4), range(4, 5)]
+    assert scorer_module._chunks([], 10) == []
 
 
 def test_captions_tokenised_upstream_score_the_same(scorer):

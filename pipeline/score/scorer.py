@@ -40,6 +40,10 @@ MAX_PIXELS = 8192 * 8192
 TOKENS = "tokens"
 # Which rows a device decoder takes, when a CPU stage before it read their headers (TensorImageDecoder.mark).
 DEVICE_JPEG = "device_jpeg"
+# Most pixels a device decodes and resizes at once (the resize works in float32: 16 bytes a pixel with its
+# uint8 input): a batch of large photos goes through in parts, not whole (256 photos of 12 MP would need
+# some 50 GB). One image of up to MAX_PIXELS always goes alone.
+DEVICE_CHUNK_PIXELS = 1 << 26
 _BOMB_PIXELS = re.compile(r"\((\d+) pixels\)")
 
 
@@ -277,34 +281,38 @@ class TensorImageDecoder:
         self.device = torch.device(device)
         self._decode_jpeg = device_jpeg_decoder()
 
-    def _on_device(self, data) -> bool:
-        """A whole RGB/grey JPEG within the checks; anything else goes to the PIL path."""
+    def _device_pixels(self, data) -> int:
+        """The pixels of a whole RGB/grey JPEG within the checks, which the device decodes; 0 for anything
+        else, which goes to the PIL path."""
         if not isinstance(data, (bytes, bytearray, memoryview)) or not _is_whole_jpeg(data):
-            return False
+            return 0
         try:
             img = Image.open(io.BytesIO(data))  # the header only
             width, height = img.size
             self.pil.check_aspect(width, height)
         except Exception:  # noqa: BLE001 - the PIL path gives the reason
-            return False
-        return img.format == "JPEG" and img.mode in ("RGB", "L") and width * height <= self.pil.max_pixels
+            return 0
+        ok = img.format == "JPEG" and img.mode in ("RGB", "L") and width * height <= self.pil.max_pixels
+        return width * height if ok else 0
 
     def mark(self, batch: dict[str, object]) -> dict[str, object]:
         """The header reads as a stage of their own, for a CPU task before the device's actor: adds
-        ``DEVICE_JPEG``, True for the rows that go to the device (a whole RGB/grey JPEG within the checks).
-        Rows an earlier stage rejected (an ``error``) are not read: the decoder skips them."""
+        ``DEVICE_JPEG``, each row's pixels where it goes to the device (a whole RGB/grey JPEG within the
+        checks), else 0. Rows an earlier stage rejected (an ``error``) are not read: the decoder skips them."""
         files = encoded_files(batch["image"])
         rejected = _earlier_errors(batch, len(files)) != ""
-        return {**batch, DEVICE_JPEG: np.array([not r and self._on_device(f) for f, r in zip(files, rejected)], bool)}
+        return {**batch, DEVICE_JPEG: np.array([0 if r else self._device_pixels(f) for f, r in zip(files, rejected)],
+                                               np.int64)}
 
-    def device_inputs(self, batch: dict[str, object], rows) -> tuple[list, list[int], list[torch.Tensor]]:
+    def device_inputs(self, batch: dict[str, object], rows) -> tuple[list, list[int], list[torch.Tensor], list[int]]:
         """The host's share before the device decodes: the batch's files (:func:`encoded_files`), which of
-        ``rows`` go to the device (``DEVICE_JPEG`` from :meth:`mark`, else their headers read here), and
-        those files as tensors (:func:`jpeg_tensors`)."""
+        ``rows`` go to the device (``DEVICE_JPEG`` from :meth:`mark`, else their headers read here), those
+        files as tensors (:func:`jpeg_tensors`), and their pixels."""
         files = encoded_files(batch["image"])
         marked = batch.get(DEVICE_JPEG)
-        jpegs = [i for i in rows if (marked[i] if marked is not None else self._on_device(files[i]))]
-        return files, jpegs, jpeg_tensors([files[i] for i in jpegs])
+        pixels = [int(marked[i]) if marked is not None else self._device_pixels(files[i]) for i in rows]
+        jpegs = [i for i, p in zip(rows, pixels) if p]
+        return files, jpegs, jpeg_tensors([files[i] for i in jpegs]), [p for p in pixels if p]
 
     def _decode_jpegs(self, tensors: list[torch.Tensor]) -> list[torch.Tensor | None]:
         try:
@@ -339,11 +347,15 @@ class TensorImageDecoder:
         pixels = torch.zeros((n, 3, *self.pil.size), dtype=torch.uint8, device=self.device)
         errors = earlier.copy()
         todo = [i for i in range(n) if earlier[i] == ""]
-        images, jpegs, tensors = self.device_inputs(batch, todo)
-        decoded = dict(zip(jpegs, self._decode_jpegs(tensors))) if jpegs else {}
-        fine = [i for i in jpegs if decoded[i] is not None]
-        if fine:
-            pixels[fine] = self._resize([decoded[i] for i in fine])
+        images, jpegs, tensors, sizes = self.device_inputs(batch, todo)
+        fine = []
+        for part in _chunks(sizes, DEVICE_CHUNK_PIXELS):  # decoded and resized a part at a time
+            rows = [jpegs[k] for k in part]
+            decoded = dict(zip(rows, self._decode_jpegs([tensors[k] for k in part])))
+            done = [i for i in rows if decoded[i] is not None]
+            if done:
+                pixels[done] = self._resize([decoded[i] for i in done])
+            fine += done
         for i in sorted(set(todo) - set(fine)):
             hwc, errors[i] = self.pil.pixels_of(images[i])
             if hwc is not None:
@@ -351,6 +363,20 @@ class TensorImageDecoder:
         out = {k: v for k, v in batch.items() if k not in ("image", DEVICE_JPEG)}
         out.update(pixels=pixels, error=errors.astype(str))
         return out
+
+
+def _chunks(sizes: list[int], budget: int) -> list[range]:
+    """Consecutive positions of ``sizes`` in parts whose sizes sum to at most ``budget`` (an item larger than it
+    alone)."""
+    parts, start, total = [], 0, 0
+    for k, size in enumerate(sizes):
+        if k > start and total + size > budget:
+            parts.append(range(start, k))
+            start, total = k, 0
+        total += size
+    if start < len(sizes):
+        parts.append(range(start, len(sizes)))
+    return parts
 
 
 def normalize_pixels(uint8_chw: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
