@@ -355,6 +355,25 @@ def test_tar_member_names_that_are_not_utf8_score_under_an_escaped_key(ray_sessi
     assert tar_index(tar).column("__key__").to_pylist() == ["caf\\xe9", "ok"]
 
 
+def test_a_sample_written_twice_in_a_row_in_a_tar_is_a_duplicate_key_not_a_failed_job(ray_session, tiny_ckpt,
+                                                                                      tmp_path):
+    """Ray Data's webdataset reader groups members by consecutive keys and failed the whole read on a member met
+    twice in one sample ("duplicate file name in tar file"), where a key repeated elsewhere is rejected."""
+    from pipeline.data.tars import REPEAT, MemberNames, base_keys
+
+    members = [("a.jpg", _encoded("JPEG")), ("a.txt", b"first"), ("a.jpg", _encoded("JPEG")), ("a.txt", b"again"),
+               ("b.jpg", _encoded("JPEG")), ("b.txt", b"a photo")]
+    out = _score_one_tar(tmp_path, members, tiny_ckpt)
+    assert storage.read_table(storage.join(out, "scores")).column("key").to_pylist() == ["b"]
+    rejects = storage.read_table(storage.join(out, "rejects"))
+    assert rejects.column("key").to_pylist() == ["a", "a"]
+    assert all(r.startswith("duplicate key") for r in rejects.column("reason").to_pylist())
+    names = MemberNames()
+    assert [names(n) for n in ("a.jpg", "a.txt", "a.jpg", "a.txt", "a.jpg", "b.jpg", "b.txt")] == [
+        "a.jpg", "a.txt", f"a{REPEAT}1.jpg", f"a{REPEAT}1.txt", f"a{REPEAT}2.jpg", "b.jpg", "b.txt"]
+    assert base_keys(np.array(["a", f"a{REPEAT}1", "b"])).tolist() == ["a", "a", "b"]
+
+
 def test_tars_of_every_image_format_and_bad_labels_score_or_reject_each_row(ray_session, tiny_ckpt, tmp_path):
     """ImageNet's ``.JPEG`` and GIF/BMP/TIFF members are scored like any image; a ``.cls`` member that is not an
     integer rejects its row (caption mode too) with its reason, and the job goes on."""

@@ -25,7 +25,8 @@ import pyarrow.fs as pafs
 
 from pipeline import storage
 from pipeline.data.contract import (CAPTION, IMAGE, KEY, LABEL, MAPPINGS, SHARD_SCHEMA, ColumnMapping, SchemaError,
-                                    text_key, to_contract)
+                                    to_contract)
+from pipeline.data.tars import MemberNames, base_keys
 from pipeline.storage import InputError, exists, filesystem_for, join, list_files, read_json
 
 # Image member extensions, matched whatever their case (ImageNet's tars hold ``.JPEG``): the formats
@@ -524,9 +525,10 @@ def read_listed(url: str, kind: str, files: list[str], columns: str = "mmdp", re
     if kind == "webdataset":
         mapping = mapping if columns != "mmdp" else MAPPINGS["img2dataset"]
         # Member names that are not UTF-8 (Python reads their bytes as lone surrogates, which Arrow cannot
-        # store) are escaped, as the train job's tar index escapes them.
+        # store) are escaped, as the train job's tar index escapes them; a sample written twice in a row
+        # is two rows of one key (a duplicate), not a failed read.
         raw = ray.data.read_webdataset(paths, filesystem=fs, decoder=None, file_extensions=extensions,
-                                       filerename=text_key)
+                                       filerename=MemberNames())
         return raw.map_batches(_webdataset_stage, batch_format="numpy", fn_kwargs={"mapping": mapping})
     raw = ray.data.read_parquet(paths, filesystem=fs, file_extensions=extensions)
     if read_columns is not None:
@@ -556,7 +558,8 @@ def _webdataset_stage(batch: dict, mapping: ColumnMapping) -> pa.Table:
     # Ray's reader holds members as Python objects, NaN where a sample lacks one.
     members = {name: pa.array([v if isinstance(v, bytes) else None for v in values], pa.binary())
                for name, values in batch.items() if name not in ("__key__", "__url__")}
-    return webdataset_to_contract(pa.table({"__key__": batch["__key__"].astype(str), **members}), mapping)
+    keys = base_keys(batch["__key__"].astype(str))
+    return webdataset_to_contract(pa.table({"__key__": keys, **members}), mapping)
 
 
 def dataset_metadata(data: str) -> dict:

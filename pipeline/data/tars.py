@@ -41,6 +41,50 @@ READ_THREADS = 16
 _KEY_SUFFIX = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # Ray Data's webdataset grouping: KEY.suffix
 
 
+# Marks a sample that repeats the one before it under the same key (:class:`MemberNames`); no tar member's name
+# holds it (tar names end at a NUL byte).
+REPEAT = "\x00"
+
+
+class MemberNames:
+    """Ray Data's webdataset reader's ``filerename``: each member's name as text Arrow can store
+    (:func:`~pipeline.data.contract.text_key`), and a sample that repeats the one before it under the same
+    key (``a.jpg a.txt a.jpg a.txt``: a sample written twice) named apart, ``a`` + :data:`REPEAT` + ``1``.
+    Ray's reader groups members by consecutive keys and fails the whole read on a suffix met twice in one
+    sample; named apart, the two are two rows, and :func:`base_keys` gives both the key ``a`` back, so the
+    score job rejects both as a duplicate key, as it does for a key in two places of a folder.
+
+    Called on each member of each tar a read task reads, in order; its state carries from one tar to the
+    next, where a tar's first sample with the previous tar's last key is a repeat as well (a duplicate all
+    the same).
+    """
+
+    def __init__(self):
+        self.key, self.suffixes, self.copy = None, set(), 0
+
+    def __call__(self, name: str) -> str:
+        name = text_key(name)
+        match = _KEY_SUFFIX.match(name)
+        if match is None:
+            return name
+        key, suffix = match.groups()
+        if key != self.key:
+            self.key, self.suffixes, self.copy = key, set(), 0
+        elif suffix in self.suffixes:  # the same member again: a new sample under the same key
+            self.suffixes, self.copy = set(), self.copy + 1
+        self.suffixes.add(suffix)
+        return f"{key}{REPEAT}{self.copy}.{suffix}" if self.copy else name
+
+
+def base_keys(keys: np.ndarray) -> np.ndarray:
+    """Sample keys (a NumPy str array) as their tar named them, :class:`MemberNames`' marks taken off."""
+    marked = np.char.find(keys, REPEAT) >= 0
+    if marked.any():
+        keys = keys.copy()
+        keys[marked] = [k.partition(REPEAT)[0] for k in keys[marked]]
+    return keys
+
+
 def tar_index(url: str) -> pa.Table:
     """Each sample's byte span and member offsets in the tar at ``url`` (:data:`INDEX_SCHEMA`), read once, streamed.
 
