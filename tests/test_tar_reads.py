@@ -85,15 +85,17 @@ def test_read_runs_join_consecutive_spans_and_gaps_under_the_limit():
     assert len(runs) < chosen.sum()  # neighbours share a read
 
 
-def test_a_tar_index_refuses_compressed_tars_and_a_member_twice_in_a_sample(tmp_path):
+def test_a_tar_index_refuses_compressed_tars_and_takes_a_member_twice_as_a_second_sample(tmp_path):
     gz = tmp_path / "c.tar"
     gz.write_bytes(gzip.compress(tar_bytes(_members(2))))
     with pytest.raises(InputError, match="not an uncompressed tar.*--tar-reads all"):
         tar_index(str(gz))
+    # A sample written twice: two samples of one key, as the score job reads them (and rejects both: a duplicate).
     twice = tmp_path / "d.tar"
-    twice.write_bytes(tar_bytes([("k.jpg", b"1"), ("k.txt", b"a"), ("k.jpg", b"2")]))
-    with pytest.raises(InputError, match="'k.jpg' twice in sample 'k'"):
-        tar_index(str(twice))
+    twice.write_bytes(tar_bytes([("k.jpg", b"1"), ("k.txt", b"a"), ("k.jpg", b"2"), ("m.jpg", b"3")]))
+    index = tar_index(str(twice))
+    assert index.column("__key__").to_pylist() == ["k", "k", "m"]
+    assert index.column("suffixes").to_pylist() == [["jpg", "txt"], ["jpg"], ["jpg"]]
 
 
 def test_a_tar_changed_since_it_was_indexed_is_an_error_not_short_rows(tmp_path):

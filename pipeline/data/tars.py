@@ -88,8 +88,12 @@ def base_keys(keys: np.ndarray) -> np.ndarray:
 def tar_index(url: str) -> pa.Table:
     """Each sample's byte span and member offsets in the tar at ``url`` (:data:`INDEX_SCHEMA`), read once, streamed.
 
+    A sample that repeats the one before it under the same key (a member met twice) is a sample of its
+    own under that key, as the score job's reads take it (:class:`MemberNames`): a duplicate key, which the
+    score table rejects, so no training reads it.
+
     Raises:
-        InputError: the file is not an uncompressed tar, or names a member twice in one sample.
+        InputError: the file is not an uncompressed tar.
     """
     fs, path = storage.filesystem_for(url)
     keys, starts, ends, suffixes, offsets, sizes = [], [], [], [], [], []
@@ -102,13 +106,11 @@ def tar_index(url: str) -> pa.Table:
                     continue
                 key, suffix = match.groups()
                 end = member.offset_data + -(-member.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
-                if not keys or keys[-1] != key:
+                if not keys or keys[-1] != key or suffix in suffixes[-1]:
                     keys.append(key)
                     starts.append(member.offset)  # its first header (a long name's header included)
                     ends.append(end)
                     suffixes.append([]), offsets.append([]), sizes.append([])
-                elif suffix in suffixes[-1]:
-                    raise InputError(f"{url}: member {member.name!r} twice in sample {key!r}; re-create the tar")
                 ends[-1] = end
                 suffixes[-1].append(suffix)
                 offsets[-1].append(member.offset_data - starts[-1])
