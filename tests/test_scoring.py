@@ -144,8 +144,11 @@ def test_earlier_errors_pass_through_the_decoder_undecoded(pixel_dtype):
         (lambda: encode(Image.fromarray(np.full((5, 5), 32896, np.uint16))), (128, 128, 128)),  # 16-bit
         (lambda: encode(Image.fromarray(np.full((5, 5), 65535, np.int32)), "TIFF"), (255, 255, 255)),
         (lambda: encode(Image.new("CMYK", (5, 5), (0, 255, 255, 0)), "JPEG", quality=100), (255, 0, 0)),
+        # Float images: [0, 1] by convention (they came out nearly black, 0 or 1 of 255); larger, as 0..255.
+        (lambda: encode(Image.fromarray(np.full((5, 5), 0.5, np.float32)), "TIFF"), (128, 128, 128)),
+        (lambda: encode(Image.fromarray(np.full((5, 5), 100.0, np.float32)), "TIFF"), (100, 100, 100)),
     ],
-    ids=["L", "LA", "RGBA-clear", "RGBA-opaque", "1bit", "I16", "I32", "CMYK"],
+    ids=["L", "LA", "RGBA-clear", "RGBA-opaque", "1bit", "I16", "I32", "CMYK", "F-unit", "F-255"],
 )
 def test_every_pil_mode_decodes_to_rgb(make, expected):
     data = make()

@@ -58,6 +58,8 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         arr = np.asarray(img, dtype=np.float64)
         if img.mode.startswith("I;16") or (img.mode == "I" and arr.max(initial=0) > 255):
             arr = arr / 257.0
+        elif img.mode == "F" and arr.max(initial=0) <= 1.0:  # float images keep [0, 1] by convention
+            arr = arr * 255.0
         img = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L")
     if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
