@@ -378,7 +378,8 @@ def test_tars_of_every_image_format_and_bad_labels_score_or_reject_each_row(ray_
     """ImageNet's ``.JPEG`` and GIF/BMP/TIFF members are scored like any image; a ``.cls`` member that is not an
     integer rejects its row (caption mode too) with its reason, and the job goes on."""
     samples = [("JPEG", "JPEG", b"3\n"), ("JPG", "JPEG", None), ("gif", "GIF", b"1"), ("bmp", "BMP", None),
-               ("tif", "TIFF", b""), ("TIFF", "TIFF", None), ("png", "PNG", b"cat\n"), ("jpg", "JPEG", b"2.5")]
+               ("tif", "TIFF", b""), ("TIFF", "TIFF", None), ("png", "PNG", b"cat\n"), ("jpg", "JPEG", b"2.5"),
+               ("jfif", "JPEG", None), ("jpe", "JPEG", None)]  # JPEG's other names: rejected as "empty image bytes"
     members = []
     for i, (ext, pil_format, cls) in enumerate(samples):
         members += [(f"{i:09d}.{ext}", _encoded(pil_format)), (f"{i:09d}.txt", f"a photo of thing {i}".encode())]
@@ -387,8 +388,8 @@ def test_tars_of_every_image_format_and_bad_labels_score_or_reject_each_row(ray_
     out = _score_one_tar(tmp_path, members, tiny_ckpt)
     scores = storage.read_table(storage.join(out, "scores"))
     rejects = storage.read_table(storage.join(out, "rejects"))
-    assert sorted(scores.column("key").to_pylist()) == [f"{i:09d}" for i in (0, 1, 2, 3, 5)]
-    assert scores.column("status").to_pylist() == ["ok"] * 5
+    assert sorted(scores.column("key").to_pylist()) == [f"{i:09d}" for i in (0, 1, 2, 3, 5, 8, 9)]
+    assert scores.column("status").to_pylist() == ["ok"] * 7
     assert sorted(zip(rejects.column("key").to_pylist(), rejects.column("reason").to_pylist())) == [
         ("000000004", f"{NOT_AN_INTEGER_LABEL}: ''"), ("000000006", f"{NOT_AN_INTEGER_LABEL}: 'cat'"),
         ("000000007", f"{NOT_AN_INTEGER_LABEL}: '2.5'")]

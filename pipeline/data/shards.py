@@ -31,7 +31,7 @@ from pipeline.storage import InputError, exists, filesystem_for, join, list_file
 
 # Image member extensions, matched whatever their case (ImageNet's tars hold ``.JPEG``): the formats
 # the scoring decoder (PIL) reads, in the order a sample's first image is taken.
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "jpe", "jfif", "png", "webp", "gif", "bmp", "tif", "tiff")
 # Shard footers read at once: in an object store each is a round trip, and
 # thousands of shards read one by one take minutes.
 READ_THREADS = 32
