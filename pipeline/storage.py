@@ -278,9 +278,11 @@ def is_complete(dir_url: str) -> bool:
     """Whether ``dir_url`` is an output whose writer committed it (:func:`commit_output`).
 
     Another writer's ``_SUCCESS`` (Spark's empty marker) counts too: its writer finished. Whether the
-    folder holds mmdp's manifest (its files and row count) is :func:`manifest`'s answer.
+    folder holds mmdp's manifest (its files and row count) is :func:`manifest`'s answer. A folder with a
+    ``_PENDING`` mark beside its ``_SUCCESS`` (a writer stopped between the two steps of
+    :func:`commit_output`, or a store that let it write but not delete) is not: readers refuse it too.
     """
-    return exists(join(dir_url, SUCCESS))
+    return exists(join(dir_url, SUCCESS)) and not exists(join(dir_url, PENDING))
 
 
 def manifest(dir_url: str) -> dict | None:
@@ -363,10 +365,10 @@ def list_files(url: str, suffixes: tuple[str, ...] = (".parquet",), others: tupl
         raise InputError(f"{url}: no such file or folder")
     if info.type == pafs.FileType.File:
         return [str(url)]
+    check_not_pending(url)  # with a manifest too: a commit that stopped before its pending mark went
     committed = manifest(url)
     if committed is not None:
         return [join(url, name) for name in committed["files"] if name.endswith(suffixes)]
-    check_not_pending(url)
     selector = pafs.FileSelector(path, recursive=True)
     found = []
     for entry in fs.get_file_info(selector):

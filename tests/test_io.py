@@ -93,6 +93,22 @@ def test_uncommitted_output_is_refused(root):
     assert storage.read_table(out).num_rows == 3
 
 
+def test_a_commit_that_stopped_before_its_pending_mark_went_is_incomplete_everywhere(root):
+    """commit_output writes _SUCCESS, then deletes _PENDING: stopped between the two (or a store that lets a writer
+    write but not delete), the folder read as committed to is_complete and to a read of it, and as incomplete to
+    a read of a folder inside it (the score job's scores/): jobs.demo --reuse then skipped a stage whose output
+    the next stage refused, every time."""
+    out = storage.join(root, "scores")
+    storage.begin_output(out)
+    storage.write_table(_table(3), storage.join(out, "part-00000.parquet"))
+    storage.commit_output(out, ["part-00000.parquet"], 3)
+    assert storage.is_complete(out) and storage.read_table(out).num_rows == 3
+    storage.write_bytes(b"", storage.join(out, "_PENDING"))  # both marks, as the stopped commit leaves them
+    assert not storage.is_complete(out)
+    with pytest.raises(storage.InputError, match="incomplete output"):
+        storage.read_table(out)
+
+
 def test_rewriting_a_committed_folder_uncommits_it_first(tmp_path):
     out = str(tmp_path / "t")
     storage.write_shards(_table(5), out)
