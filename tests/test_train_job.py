@@ -221,10 +221,10 @@ def test_a_run_that_fails_in_training_stops_its_pruning_actor(scored_ready, tmp_
     bad = str(tmp_path / "data")
     shutil.copytree(data, bad)
     test = storage.read_table(storage.join(bad, "test"))
-    labels = test.column("label").to_pylist()
-    labels[0] = 99  # no class: the first evaluation fails, inside training
-    storage.write_shards(test.set_column(test.schema.get_field_index("label"), "label",
-                                         pa.array(labels, test.schema.field("label").type)), storage.join(bad, "test"))
+    images = test.column("image").to_pylist()
+    images[0] = b"not an image"  # the first evaluation fails, inside training (no footer tells it before)
+    storage.write_shards(test.set_column(test.schema.get_field_index("image"), "image", pa.array(images, pa.binary())),
+                         storage.join(bad, "test"))
     pruners = lambda: {n for n in ray.util.list_named_actors() if n.startswith("mmdp-pruner-")}  # noqa: E731
     before = pruners()
     with pytest.raises(Exception, match="Training failed"):  # Ray Train's error, the worker's inside
