@@ -15,8 +15,11 @@ Writes ``OUT/metrics.json`` (per epoch: train loss, test accuracy, the
 plan's kept count, samples forwarded, wall time; plus totals),
 ``OUT/config.json``, ``OUT/plans.json`` (per-epoch plan summary),
 ``OUT/checkpoint/`` (model and optimizer state, and which pruner state goes
-with them; resume with ``--resume-from``) and ``OUT/pruner/`` (the pruner
-states the checkpoints name: copy the run folder whole to resume elsewhere).
+with them, once the run ends; until then Ray Train keeps the latest two in
+``OUT/ray/``) and ``OUT/pruner/`` (the pruner states the checkpoints name:
+copy the run folder whole to resume elsewhere). ``--resume-from OUT``
+continues a run from its latest whole checkpoint, one that was stopped or
+killed before its end included.
 """
 
 from __future__ import annotations

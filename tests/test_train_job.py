@@ -170,6 +170,36 @@ def test_checkpoints_every_k_epochs_and_after_the_last_and_a_resumed_run_repeats
         assert not (tmp_path / f"stop-{stop}" / "ray").exists()  # no trainer started
 
 
+def test_a_killed_run_resumes_from_its_folder_at_its_latest_whole_checkpoint(scored_ready, uninterrupted, tmp_path,
+                                                                             capsys):
+    """A run copies its checkpoint to OUT/checkpoint once it ends: a driver killed before that left none there
+    (jobs.train's help said to resume from it), only Ray Train's, one of them perhaps copied in part."""
+    data, scores = scored_ready
+    out = tmp_path / "run"
+    _train(data, scores, out, *COMMON, "--checkpoint-every", "1", "--stop-after", "3")
+    # What a driver killed after epoch 2's checkpoint, during its copy, leaves: the folder pending, no
+    # checkpoint/, and Ray Train's newest checkpoint in part.
+    storage.remove(str(out / "checkpoint"))
+    storage.begin_output(str(out))
+    kept = {json.loads(open(f"{c}/history.json").read())[-1]["epoch"]: c
+            for c in glob.glob(f"{out}/ray/*/checkpoint_*") if os.path.isdir(c)}
+    assert sorted(kept) == [1, 2]
+    train_pt = pathlib.Path(kept[2]) / "train.pt"
+    size = train_pt.stat().st_size
+    train_pt.write_bytes(train_pt.read_bytes()[:size // 2])
+    # Named directly, the checkpoint in part is refused before anything starts, saying what is short.
+    rc = train_job.main(_train_argv(data, scores, out, *COMMON, "--resume-from", kept[2]))
+    err = capsys.readouterr().err
+    assert rc == 2 and f"the checkpoint is in part (train.pt {size // 2:,} bytes of {size:,})" in err, err
+    # The run folder: its latest whole checkpoint, epoch 1's; the resumed epochs repeat the uninterrupted plans.
+    resumed, plans = _train(data, scores, out, *COMMON, "--checkpoint-every", "1", "--resume-from", str(out))
+    assert [e["epoch"] for e in resumed["epochs"]] == [0, 1, 2, 3]
+    assert {p["epoch"]: p["kept_sha256"] for p in plans} == uninterrupted
+    assert storage.is_complete(str(out)) and (out / "checkpoint" / "train.pt").exists()
+    rc = train_job.main(_train_argv(data, scores, tmp_path / "other", *COMMON, "--resume-from", str(tmp_path)))
+    assert rc == 2 and "no checkpoint there, nor a whole one in its run folder's checkpoint/" in capsys.readouterr().err
+
+
 def test_relative_paths_name_the_callers_folders_though_ray_train_runs_workers_elsewhere(
         scored_ready, uninterrupted, tmp_path, monkeypatch):
     """Ray Train runs each worker in a session folder of its own: ``--out run`` and ``--resume-from
@@ -206,7 +236,8 @@ def test_a_run_an_older_mmdp_saved_with_a_budget_its_policy_does_not_read_resume
     run_config = tmp_path / "part" / "checkpoint" / "run_config.json"
     was = json.loads(run_config.read_text())
     assert was["keep_ratio"] is None
-    run_config.write_text(json.dumps({**was, "keep_ratio": 0.6}))  # as the older mmdp wrote it
+    run_config.write_text(json.dumps({**was, "keep_ratio": 0.6}))  # as the older mmdp wrote it, and
+    (run_config.parent / "files.json").unlink()  # without the list of the checkpoint's files
     resumed, _ = _train(data, scores, tmp_path / "resumed", *flags, "--resume-from", str(run_config.parent))
     assert [e["epoch"] for e in resumed["epochs"]] == [0, 1]
 

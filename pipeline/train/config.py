@@ -101,7 +101,8 @@ class TrainConfig:
                                          "(default: OUT/tar_index)")
     max_gap_bytes: int = option(0, "kept tar reads: read through up to this many bytes of pruned samples to join two "
                                    "reads (fewer requests, more bytes)")
-    resume_from: str | None = option(None, "a checkpoint folder to continue from, with the training flags of the "
+    resume_from: str | None = option(None, "a checkpoint folder to continue from, or a run folder (its latest "
+                                           "whole checkpoint, a killed run's too), with the training flags of the "
                                            "run that saved it (policy, epochs, seed, batch size, workers, lr, ...)")
     stop_after: int | None = option(None, "stop after this many epochs, 1 to --epochs (the plan still covers "
                                           "--epochs); none: all")

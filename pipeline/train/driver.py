@@ -31,8 +31,8 @@ from pipeline.cli import check_apart
 from pipeline.prune.actor import actor_name
 from pipeline.prune.policies import reads
 from pipeline.train.config import TrainConfig, parse_params
-from pipeline.train.loop import (KEEP_CHECKPOINTS, PRUNER_STATE, RUN_CONFIG, TRAIN_STATE, PhaseClock,
-                                 saved_pruner_state)
+from pipeline.train.loop import (CHECKPOINT_FILES, KEEP_CHECKPOINTS, PRUNER_STATE, RUN_CONFIG, TRAIN_STATE,
+                                 PhaseClock, saved_pruner_state)
 from pipeline.train.pruning import NO_CAPTION_MARGIN, Pruning
 from pipeline.data.contract import DEFAULT_TEMPLATES, KEY, ColumnMapping
 from pipeline.data.shards import (check_named_columns, check_shards, class_names, dataset_metadata, list_shards,
@@ -152,9 +152,61 @@ class Resume(NamedTuple):
     pruner_state: str
 
 
+def resume_checkpoint(url: str) -> str:
+    """The checkpoint folder ``--resume-from url`` names: ``url`` itself where it holds one, else the run
+    folder ``url``'s latest whole checkpoint: its ``checkpoint/`` (which a run copies there once it ends), or
+    one Ray Train keeps in ``ray/NAME/checkpoint_*`` (all a run killed before its end leaves). Whole: its
+    files there, at the sizes its ``files.json`` gives (Ray Train copies a checkpoint file by file, so a
+    kill during the copy leaves one in part; an older mmdp's checkpoint has no list: its files there).
+
+    Raises:
+        ValueError: ``url`` is a checkpoint in part, or no whole checkpoint is there.
+    """
+    if storage.exists(storage.join(url, TRAIN_STATE)):
+        # (An older mmdp's checkpoint, without the list, gets check_checkpoint's own messages.)
+        missing = _not_whole(url) if storage.exists(storage.join(url, CHECKPOINT_FILES)) else ""
+        if missing:
+            raise ValueError(f"--resume-from {url}: the checkpoint is in part ({missing}); its run stopped while "
+                             "saving it: resume from its run folder, which takes the latest whole one")
+        return url
+    candidates = [storage.join(url, "checkpoint")]
+    fs, path = storage.filesystem_for(storage.join(url, "ray"))
+    if fs.get_file_info(path).type == pafs.FileType.Directory:
+        runs = [e.path for e in fs.get_file_info(pafs.FileSelector(path)) if e.type == pafs.FileType.Directory]
+        for run in runs:
+            candidates += [storage.join(storage.join(url, "ray"), e.path[len(path):].lstrip("/"))
+                           for e in fs.get_file_info(pafs.FileSelector(run))
+                           if e.type == pafs.FileType.Directory and e.base_name.startswith("checkpoint_")]
+    whole = [(_epoch(c), c) for c in candidates if storage.exists(storage.join(c, TRAIN_STATE)) and not _not_whole(c)]
+    if not whole:
+        raise ValueError(f"--resume-from {url}: no checkpoint there, nor a whole one in its run folder's checkpoint/ "
+                         f"or ray/*/checkpoint_* (a checkpoint holds {TRAIN_STATE})")
+    return max(whole)[1]
+
+
+def _not_whole(checkpoint: str) -> str:
+    """What is missing or short in ``checkpoint`` (by its files.json), "" where nothing is."""
+    names = (TRAIN_STATE, PRUNER_STATE, "history.json")
+    listed = storage.join(checkpoint, CHECKPOINT_FILES)
+    expected = storage.read_json(listed) if storage.exists(listed) else dict.fromkeys(names)
+    fs, path = storage.filesystem_for(checkpoint)
+    sizes = {e.base_name: e.size for e in fs.get_file_info(pafs.FileSelector(path)) if e.type == pafs.FileType.File}
+    for name, size in expected.items():
+        if name not in sizes:
+            return f"no {name}"
+        if size is not None and sizes[name] != size:
+            return f"{name} {sizes[name]:,} bytes of {size:,}"
+    return ""
+
+
+def _epoch(checkpoint: str) -> int:
+    return int(storage.read_json(storage.join(checkpoint, "history.json"))[-1]["epoch"])
+
+
 def check_checkpoint(cfg: TrainConfig) -> Resume:
     """Where ``cfg``'s ``--resume-from`` checkpoint takes its run; a ValueError, before any training,
-    unless it is a checkpoint this mmdp resumes from with these flags and an epoch is left to train."""
+    unless it is a checkpoint this mmdp resumes from with these flags and an epoch is left to train.
+    ``cfg.resume_from`` is a checkpoint folder (:func:`resume_checkpoint`)."""
     url = cfg.resume_from
     if not storage.exists(storage.join(url, TRAIN_STATE)):
         raise ValueError(f"--resume-from {url}: no checkpoint there (a run's checkpoint/ folder holds {TRAIN_STATE})")
@@ -225,7 +277,7 @@ def check_inputs(cfg: TrainConfig) -> None:
                          f"{NO_CAPTION_MARGIN}")
     check_scores_match(cfg)
     if cfg.resume_from:
-        check_checkpoint(cfg)
+        check_checkpoint(dataclasses.replace(cfg, resume_from=resume_checkpoint(cfg.resume_from)))
 
 
 def check_test_split(test: str, mapping: ColumnMapping, num_classes: int | None = None) -> None:
@@ -349,6 +401,8 @@ def fit(cfg: TrainConfig) -> dict:
 
     started, started_at = time.perf_counter(), time.time()
     cfg = absolute_paths(cfg)
+    if cfg.resume_from:  # a run folder: its latest whole checkpoint
+        cfg = dataclasses.replace(cfg, resume_from=resume_checkpoint(cfg.resume_from))
     last = cfg.epochs if cfg.stop_after is None else cfg.stop_after  # the epochs this run trains up to
     # The whole fit's wall seconds before this run (the runs it resumes, up to their checkpoint), and the
     # pruner state the checkpoint names (execute checked the checkpoint before the run folder was touched).

@@ -57,6 +57,9 @@ TRAIN_STATE = "train.pt"
 PRUNER_STATE = "pruner_state.json"
 # The flags a resume must keep (TrainConfig.RESUME_SAME), as the run that saved a checkpoint had them.
 RUN_CONFIG = "run_config.json"
+# Written last into each checkpoint: the size of every other file in it. Ray Train copies a checkpoint into
+# its run folder file by file, so a run killed during the copy leaves one in part; the sizes tell.
+CHECKPOINT_FILES = "files.json"
 # Checkpoints Ray Train keeps; the pruner states of older ones are removed.
 KEEP_CHECKPOINTS = 2
 
@@ -351,6 +354,10 @@ def train_loop_per_worker(config: dict) -> None:
                 for name, value in (("history.json", history), ("plans.json", plans), (RUN_CONFIG, cfg["run_config"])):
                     with open(os.path.join(checkpoint_dir, name), "w") as f:
                         json.dump(value, f)
+                sizes = {name: os.path.getsize(os.path.join(checkpoint_dir, name))
+                         for name in sorted(os.listdir(checkpoint_dir))}
+                with open(os.path.join(checkpoint_dir, CHECKPOINT_FILES), "w") as f:
+                    json.dump(sizes, f)
             else:
                 pruning.check_incarnation(epoch)  # the epoch's summary and plan log above are of that actor
             done = [h["epoch_seconds"] for h in history if h["epoch"] >= start_epoch]
