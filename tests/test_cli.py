@@ -149,28 +149,72 @@ def test_unknown_option_exits_2_with_a_message(module, capsys):
 DOCUMENTED = ["README.md", "cluster.yaml", *sorted(f"jobs/{name}.py" for name in JOBS), "examples/own_loop.py"]
 
 
-def _documented_commands() -> list[tuple[str, str, list[str]]]:
-    """``(file, module, arguments)`` of every ``python -m jobs.NAME ...`` written out in ``DOCUMENTED``.
+# ... and where they copy a figure's command from: the benchmarks' record and docstrings (built, not only flagged).
+RECORDED = [*DOCUMENTED, "BENCHMARKS.md", *sorted(f"benchmarks/{name}.py" for name in BENCHMARKS)]
+
+
+def _documented_commands(files=DOCUMENTED, package: str = "jobs") -> list[tuple[str, str, list[str]]]:
+    """``(file, module, arguments)`` of every ``python -m PACKAGE.NAME ...`` written out in ``files``.
 
     Continued lines are joined; shell comments and what follows ``&&``, ``|``
-    or ``;`` are cut; fragments (``...``) and placeholders (``jobs.NAME``) are skipped.
+    or ``;`` are cut; fragments (``...``) and placeholders (``jobs.NAME``, ``--seed S``) are skipped.
     """
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    names = {"jobs": JOBS, "benchmarks": BENCHMARKS}[package]
     found = []
-    for name in DOCUMENTED:
+    for name in files:
         with open(os.path.join(root, name)) as f:
             text = f.read()
         if name.endswith(".py"):
             text = ast.get_docstring(ast.parse(text)) or ""
         text = re.sub(r"\\\n\s*", " ", text)  # a shell line continued
-        for match in re.finditer(r"python -m (jobs\.\w+)([^\n`]*)", text):
+        for match in re.finditer(rf"python -m ({package}\.\w+)([^\n`]*)", text):
             module, rest = match.groups()
             if text[match.start() - 1] == "`":  # named in prose, not a command to copy
                 continue
+            line_start = text.rfind("\n", 0, match.start()) + 1
+            if text.count("`", line_start, match.start()) % 2:  # inside `...` in prose, which may wrap lines
+                rest = text[match.end(1):text.find("`", match.end(1))].replace("\n", " ")
             rest = re.split(r"\s(?:#|&&|\||;|&)(?:\s|$)", rest)[0]
-            if module[len("jobs."):] in JOBS and "..." not in rest:
+            placeholder = any(re.fullmatch(r"[A-Z]+", token) for token in rest.split())
+            if module[len(package) + 1:] in names and "..." not in rest and not placeholder:
                 found.append((name, module, rest.split()))
     return found
+
+
+def _recorded_commands() -> list[tuple[str, str, list[str]]]:
+    return [c for package in ("jobs", "benchmarks") for c in _documented_commands(RECORDED, package)]
+
+
+@pytest.mark.parametrize("where,module,argv", _recorded_commands(), ids=lambda v: v if isinstance(v, str) else None)
+def test_documented_command_builds_its_config(where, module, argv, monkeypatch):
+    """Each value a documented command gives is one its job takes: the config is built as the job builds it (its
+    checks of the flags' values included; not the checks that read inputs). BENCHMARKS.md's reference-model
+    command gave --out a file name months after the job took a folder; a policy's unread --keep-ratio (refused
+    since a464f73) would go unseen by the flag-name check above."""
+    from pipeline.cli import config_parser, parse_config
+
+    built = []
+
+    def build_only(config_cls, argv, work, *, doc, prog, check=None, positional=()):
+        parser = config_parser(config_cls, doc, positional)
+        parser.prog = prog
+        built.append(parse_config(config_cls, parser, argv))
+        return 0
+
+    target = importlib.import_module(module)
+    monkeypatch.setattr(target, "run_job", build_only)
+    try:
+        target.main(argv)
+    except SystemExit as exc:
+        pytest.fail(f"{where}: python -m {module} {' '.join(argv)}: refused (exit {exc.code})")
+    assert len(built) == 1
+
+
+def test_recorded_commands_are_found():
+    commands = _recorded_commands()
+    assert {module for _, module, _ in commands} >= {"jobs.train", "jobs.score", "benchmarks.pruning"}
+    assert sum(where == "BENCHMARKS.md" for where, _, _ in commands) > 100
 
 
 def test_documented_commands_are_found():
