@@ -353,7 +353,7 @@ def test_trajectory_prunes_the_samples_whose_losses_move_unlike_the_clean_refere
         kept, weights, reasons = p.plan_with_reasons(epoch)
         kept_counts.append(len(kept))
         assert np.isin(reference, kept).all()  # the reference reports every epoch
-        if epoch >= 3 and epoch < 0.875 * epochs:
+        if epoch >= 3 and not P.is_annealing(epoch, epochs, 0.875):
             pruned = np.setdiff1d(np.arange(n), kept)
             assert (weights == 1).all() and set(reasons) == {budget.MISALIGNED}
             pruned_noisy.append(noisy[pruned].mean())
@@ -362,6 +362,20 @@ def test_trajectory_prunes_the_samples_whose_losses_move_unlike_the_clean_refere
         p.update(kept, np.where(noisy, noisy_loss, clean_loss)[kept].astype(np.float32), epoch)
     assert kept_counts[0] == n and kept_counts[-1] == n  # every sample first and in the annealing epochs
     assert min(pruned_noisy) > 0.9  # the pool holds 30% noise
+
+
+def test_the_full_data_epochs_start_where_infobatchs_code_starts_them():
+    """InfoBatch's sampler counts one ahead of the epoch (its constructor already drew once), so it trains on
+    everything from the first epoch e with e + 1 > delta * epochs: with 20 epochs and delta 0.875, epochs
+    17-19 (three, where e >= 17.5 gave two); where delta * epochs is whole, the two rules agree."""
+    assert [e for e in range(20) if P.is_annealing(e, 20, 0.875)] == [17, 18, 19]
+    assert [e for e in range(8) if P.is_annealing(e, 8, 0.875)] == [7]
+    assert not any(P.is_annealing(e, 20, 1.0) for e in range(20))  # mmdp's default: no annealing
+    p = Pruner(500, "infobatch", epochs=20, seed=0)
+    for epoch in range(18):
+        kept, _ = p.plan(epoch)
+        p.update(kept, np.linspace(0.1, 2.0, len(kept), dtype=np.float32), epoch)
+    assert p.kept_count(16) < 500 and p.kept_count(17) == 500
 
 
 def test_trajectory_needs_its_reference_and_checkpoints_its_history():

@@ -46,8 +46,9 @@ from pipeline.prune.selection import chunks, select_smallest
 
 
 def is_annealing(epoch: int, epochs: int, delta: float) -> bool:
-    """InfoBatch's rule: prune while ``epoch < delta * epochs``, then train on all."""
-    return epoch >= delta * epochs
+    """InfoBatch's rule as its code runs it: prune while ``epoch + 1 <= delta * epochs``, then train on all
+    (its sampler's count runs one ahead of the epoch: with 20 epochs and delta 0.875, all from epoch 17)."""
+    return epoch + 1 > delta * epochs
 
 
 def rank_normalise(scores: np.ndarray) -> np.ndarray:
