@@ -412,3 +412,21 @@ def test_each_policy_declares_whether_its_plans_follow_the_keep_ratio():
                 p.update(np.arange(n), losses * (1 + epoch), epoch)
             kept.append(len(p.plan(4)[0]))
         assert (kept[0] != kept[1]) == cls.uses_keep_ratio, (name, kept)
+
+
+def test_selecting_the_smallest_keys_takes_a_key_of_zero_at_the_threshold():
+    """A threshold of 0 (the k-th smallest key is 0) was read as "select none", so a plan chose fewer than
+    asked and the pruner's reason check failed (about k * 2**-32 a plan)."""
+    from pipeline.prune.partitions import LocalPartitions
+    from pipeline.prune.selection import select_smallest
+
+    for bounds in ([0, 6], [0, 2, 6]):
+        cluster = LocalPartitions(bounds, None, 0.5)
+        cluster.begin_plan()
+        for part, keys in zip(cluster.parts, np.split(np.array([5, 0, 7, 0, 9, 3], np.uint32), bounds[1:-1])):
+            part.scratch.update(key=keys, group=np.ones(len(keys), np.uint8))
+        select_smallest(cluster, [1])
+        assert np.concatenate([p.scratch["chosen"] for p in cluster.parts]).tolist() == [
+            False, True, False, False, False, False]  # one of the two zeros: the lower index
+        select_smallest(cluster, [0])
+        assert not np.concatenate([p.scratch["chosen"] for p in cluster.parts]).any()

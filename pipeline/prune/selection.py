@@ -158,7 +158,7 @@ def _choose(part, thresholds: list[int], quotas: list[int]) -> int:
             if t >= 1 << 32:
                 chosen[sl] |= member
                 continue
-            if t <= 0:
+            if t < 0:  # none of the group (a threshold of 0 still takes its quota of keys equal to 0)
                 continue
             chosen[sl] |= member & (k < np.uint32(t))
             if left[i] > 0:
@@ -194,7 +194,7 @@ def select_smallest(cluster, counts: list[int]) -> None:
     thresholds, part_quotas = [], [[0] * g_count for _ in range(len(per_part_hi))]
     for g, k in enumerate(counts):
         if buckets[g] < 0:
-            thresholds.append(0 if k <= 0 else 1 << 32)
+            thresholds.append(-1 if k <= 0 else 1 << 32)
             continue
         lo_per_part = np.stack([p[g] for p in per_part_lo])
         cum = np.cumsum(lo_per_part.sum(axis=0))
