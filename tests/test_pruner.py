@@ -98,7 +98,7 @@ def test_kept_count_is_each_plan_as_it_was_made():
 
 
 @pytest.mark.parametrize("policy", ["full", "mmdp", "infobatch"])
-def test_plans_for_several_workers_keep_a_multiple_of_them_and_say_why(policy):
+def test_plans_for_several_workers_keep_a_multiple_of_them_and_say_why(policy, caplog):
     # Ray Train splits an epoch's rows into equal shares and drops the rest: a plan for 3 workers leaves out
     # kept % 3 of what its policy kept, drawn anew each epoch, under its own reason, and nothing else changes.
     from pipeline.prune.budget import EVEN_SPLIT
@@ -116,6 +116,31 @@ def test_plans_for_several_workers_keep_a_multiple_of_them_and_say_why(policy):
         for p, kept in ((one, k1), (three, k1)):  # the same losses for both: the states stay equal
             p.update(kept, (kept % 13).astype(np.float32) / 13, epoch)
     assert sum(map(len, left_out)) >= 3 and len(set().union(*left_out)) == sum(map(len, left_out))  # not one row
+
+    # Left out of the trained samples: never a trajectory's reference sample (never pruned) nor a probe (weight
+    # 0, a re-check on its schedule); drawn by splitmix keys of (seed, epoch, index), as every draw of a plan.
+    traj = make("trajectory", n=N + 1, workers=7)
+    probes = make(n=N + 1, workers=7, policy_params={"loss_weight": 0.5, "probe_every": 2})
+    for epoch in range(6):
+        for p in (traj, probes):
+            kept, w = p.plan(epoch)
+            assert len(kept) % 7 == 0
+            p.update(kept, (kept % 13).astype(np.float32) / 13, epoch)
+        assert np.isin(traj.reference, traj.plan(epoch)[0]).all()
+    full_one, full_seven = make("full", n=N + 1), make("full", n=N + 1, workers=7)
+    dropped = np.setdiff1d(full_one.plan(0)[0], full_seven.plan(0)[0])
+    from pipeline.prune.selection import mix64, row_keys
+    assert dropped.tolist() == sorted(np.argsort(row_keys(mix64(0, 0, 1), np.arange(N + 1)), kind="stable")[
+        :(N + 1) % 7].tolist())
+    # Fewer kept than workers: none trained that epoch (Ray Train's equal split would give each none), and said.
+    tiny = make("full", n=3, workers=4)
+    with caplog.at_level("WARNING", logger="pipeline.prune.pruner"):
+        assert len(tiny.plan(0)[0]) == 0
+    assert "the plan keeps 3 samples, fewer than the 4 workers" in caplog.text
+    # An earlier epoch's count stays as planned when it is planned again from a later state.
+    counts = [three.kept_count(e) for e in range(4)]
+    three.plan(1)
+    assert [three.kept_count(e) for e in range(4)] == counts
 
     # The number can change (a resume on other workers): the memoised plan is made again.
     assert three.set_workers(1) and len(three.plan(3)[0]) == len(one.plan(3)[0])

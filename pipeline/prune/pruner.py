@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import io
+import logging
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -34,7 +35,9 @@ from pipeline import storage
 from pipeline.prune.partitions import (LocalPartitions, history_state, init_history, load_part, part_name, reset_part,
                                        save_part, set_history)
 from pipeline.prune.policies import Policy, make_policy, rank_normalise
-from pipeline.prune.selection import mix64
+from pipeline.prune.selection import mix64, row_keys
+
+log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 STATE_FILE = "pruner.json"  # a saved state's meta (Pruner.save); the per-sample arrays are beside it
@@ -207,8 +210,10 @@ class Pruner:
         if sum(reasons.values()) != self.num_samples - len(kept):
             raise AssertionError(f"policy {self.policy.name!r} kept {len(kept)} of {self.num_samples} and gave "
                                  f"reasons for {sum(reasons.values())} at epoch {epoch}")
-        kept, weights, reasons = _even_split(kept, weights, reasons, self.workers, mix64(self.seed, epoch, 1))
-        self._kept_counts[epoch] = len(kept)
+        kept, weights, reasons = _even_split(kept, weights, reasons, self.workers, mix64(self.seed, epoch, 1),
+                                             self.reference)
+        if epoch >= self.current_epoch or epoch not in self._kept_counts:  # an earlier epoch keeps its count
+            self._kept_counts[epoch] = len(kept)
         kept.flags.writeable = False  # shared with every caller of plan()
         weights.flags.writeable = False
         if epoch >= self.current_epoch:
@@ -359,14 +364,27 @@ class Pruner:
         self._cached = None
 
 
-def _even_split(kept: np.ndarray, weights: np.ndarray, reasons: dict, workers: int,
-                salt: int) -> tuple[np.ndarray, np.ndarray, dict]:
-    """The plan less ``len(kept) % workers`` of its samples, at random (drawn by ``salt``), under
-    :data:`~pipeline.prune.budget.EVEN_SPLIT`: an equal split then drops none."""
+def _even_split(kept: np.ndarray, weights: np.ndarray, reasons: dict, workers: int, salt: int,
+                reference: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+    """The plan less ``len(kept) % workers`` of its samples, under :data:`~pipeline.prune.budget.EVEN_SPLIT`:
+    an equal split then drops none. Those with the smallest splitmix keys of (``salt``, index), as every
+    draw of a plan (:func:`~pipeline.prune.selection.random_keys`: the same across NumPy versions), of the
+    trained samples that are not ``reference`` ones (probes, weight 0, are re-checks on their schedule, and
+    reference samples are never pruned), else of all. A plan of fewer samples than workers leaves out all
+    of them (Ray Train's equal split would give each worker none): a warning says so."""
     extra = len(kept) % workers
     if not extra:
         return kept, weights, reasons
-    out = np.random.default_rng(salt).choice(len(kept), size=extra, replace=False)
+    if extra == len(kept):
+        log.warning("the plan keeps %d samples, fewer than the %d workers: none is trained on this epoch",
+                    len(kept), workers)
+    candidates = weights > 0
+    if reference is not None:
+        candidates &= ~np.isin(kept, reference)
+    if np.count_nonzero(candidates) < extra:
+        candidates[:] = True
+    keys = np.where(candidates, row_keys(salt, kept).astype(np.int64), np.int64(1) << 40)
+    out = np.argsort(keys, kind="stable")[:extra]
     return (np.delete(kept, out), np.delete(weights, out),
             {**reasons, EVEN_SPLIT: reasons.get(EVEN_SPLIT, 0) + extra})
 
