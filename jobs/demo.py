@@ -70,6 +70,7 @@ class DemoConfig:
     s3_endpoint: str | None = option(None, "endpoint of an S3-compatible store (default: AWS_ENDPOINT_URL or AWS)")
 
     def __post_init__(self):
+        object.__setattr__(self, "policies", tuple(dict.fromkeys(self.policies)))  # each trained once
         unknown = sorted(set(self.policies) - set(POLICIES))
         if unknown or not self.policies:
             raise ValueError(f"--policies: unknown {unknown or 'none given'}; known: {', '.join(POLICIES)}")
@@ -89,7 +90,7 @@ def stages(cfg: DemoConfig) -> list[tuple[str, str, object, list[str], str]]:
     s3 = ["--s3-endpoint", cfg.s3_endpoint] if cfg.s3_endpoint else []
     steps = [
         ("data", f"dataset with {cfg.noise} noise", make_dataset,
-         ["--out", data, *(["--source", cfg.source] if cfg.source else []), "--noise", cfg.noise,
+         ["--out", data, "--source", cfg.source or FASHION_MNIST_DIR, "--noise", cfg.noise,
           "--seed", str(cfg.seed), "--reference-size", str(cfg.reference_rows), "--limit", str(cfg.train_rows), *s3],
          data),
         ("clip", "reference CLIP pre-training", pretrain_reference_clip,
@@ -107,6 +108,27 @@ def stages(cfg: DemoConfig) -> list[tuple[str, str, object, list[str], str]]:
                        "--workers", str(cfg.workers), "--seed", str(cfg.seed), *s3], run))
     steps.append(("report", "report", report, [cfg.out, "--out", report_dir(cfg), *s3], None))
     return steps
+
+
+# What a stage built without a flag took for it (a dataset built before the demo named its --source).
+UNSET = {"--source": FASHION_MNIST_DIR}
+
+
+def reuse_plan(steps, cfg: DemoConfig) -> list[bool]:
+    """Which stages stand as they are (:func:`reusable`), all checked before any runs: a stage after one
+    that is built again (the dataset, the reference CLIP, the scores) is built again too, whatever its
+    own output, since it was made from the inputs being replaced. The training stages depend on those
+    three alone, not on one another.
+
+    Raises:
+        ValueError: as :func:`reusable`.
+    """
+    plan, rebuilt = [], False
+    for stage, _, _, argv, output in steps:
+        reuse = reusable(argv, output, cfg) and not rebuilt
+        rebuilt = rebuilt or (stage in ("data", "clip", "score") and not reuse)
+        plan.append(reuse)
+    return plan
 
 
 def reusable(argv: list[str], output: str | None, cfg: DemoConfig) -> bool:
@@ -131,6 +153,8 @@ def reusable(argv: list[str], output: str | None, cfg: DemoConfig) -> bool:
         if flag == "--s3-endpoint" or value.startswith(inside):
             continue
         built = saved.get(flag[2:].replace("-", "_"))
+        if built is None:  # a flag the stage was built without: its default
+            built = UNSET.get(flag)
         if str(built) != value:  # the job saved the flag's value parsed from this same text
             differ.append(f"{flag} {built} (this run: {value})")
     if differ:
@@ -155,7 +179,7 @@ def time_left(kinds: list[str], pace: dict[str, float], cfg: DemoConfig) -> floa
 
 def run(cfg: DemoConfig) -> int:
     steps = stages(cfg)
-    reuse = [reusable(argv, output, cfg) for _, _, _, argv, output in steps]  # refused before any stage runs
+    reuse = reuse_plan(steps, cfg)  # refused before any stage runs
     started = time.perf_counter()
     pace: dict[str, float] = {}
     for number, (stage, what, job, argv, output) in enumerate(steps, start=1):

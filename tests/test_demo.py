@@ -86,7 +86,7 @@ def test_a_finished_stage_is_reused_only_with_the_flags_that_built_it(tmp_path):
                           ({"epochs": 4}, "--epochs 16 (this run: 4)"),
                           ({"keep_ratio": 0.3}, "--keep-ratio 0.6 (this run: 0.3)"),
                           ({"source": "s3://bucket/fmnist"},
-                           "--source None (this run: s3://bucket/fmnist)")):
+                           "--source /usr/share/datasets/fashion-mnist (this run: s3://bucket/fmnist)")):
         cfg = demo.DemoConfig(out=moved, **changed)
         with pytest.raises(ValueError, match="another --out") as exc:
             for _, _, _, argv, output in demo.stages(cfg):
@@ -95,6 +95,28 @@ def test_a_finished_stage_is_reused_only_with_the_flags_that_built_it(tmp_path):
     # --no-reuse redoes every stage, as it says.
     cfg = demo.DemoConfig(out=moved, seed=1, reuse=False)
     assert not any(demo.reusable(argv, output, cfg) for _, _, _, argv, output in demo.stages(cfg))
+
+
+def test_stages_after_one_built_again_are_built_again_and_an_unnamed_source_is_the_default(tmp_path):
+    """Each stage was judged alone: with the dataset built again (its folder left pending by a stopped demo),
+    the reference CLIP, the scores and the runs made from the old one were reused beside the new ground truth.
+    A dataset built with --source left off (as every demo before this one built it) stands for the default
+    folder, named or not; a policy named twice is trained once."""
+    out = str(tmp_path / "demo")
+    cfg = demo.DemoConfig(out=out)
+    _finish_stages(cfg)
+    assert demo.reuse_plan(demo.stages(cfg), cfg) == [True] * 5 + [False]  # all but the report
+    storage.begin_output(f"{out}/data")  # stopped while writing it again
+    assert demo.reuse_plan(demo.stages(cfg), cfg) == [False] * 6
+    # The dataset's config.json as an earlier demo wrote it, without --source: the default folder's.
+    _finish_stages(cfg)
+    config = storage.read_json(f"{out}/data/config.json")
+    with storage.output(f"{out}/data"):
+        storage.write_json({**config, "source": None}, f"{out}/data/config.json")
+    for named in (None, "/usr/share/datasets/fashion-mnist"):
+        named_cfg = demo.DemoConfig(out=out, source=named)
+        assert demo.reuse_plan(demo.stages(named_cfg), named_cfg)[:5] == [True] * 5
+    assert demo.DemoConfig(out=out, policies=("full", "mmdp", "full")).policies == ("full", "mmdp")
 
 
 def test_the_data_stage_reads_source_and_holds_reference_rows_whatever_train_rows(tmp_path):
