@@ -25,7 +25,8 @@ On a cluster (RUN_DIRs and --out may be object-store URLs)::
 
     ray job submit --working-dir . -- python -m jobs.report s3://bucket/bench --out s3://bucket/bench-report
 
-Exit code 2 (with a message) when a RUN_DIR is not a folder or holds no runs.
+Exit code 2 (with a message) when a RUN_DIR is not a folder, when none holds a finished run, or when
+--out holds another job's output.
 """
 
 from __future__ import annotations
@@ -60,6 +61,23 @@ class ReportConfig:
             raise ValueError("name at least one RUN_DIR")
         if self.out is None:
             object.__setattr__(self, "out", storage.join(self.run_dirs[0], "report"))
+
+    def check_inputs(self) -> None:
+        """Refuse RUN_DIRs that hold no finished run, before --out is touched (an earlier report there stays
+        as it was), saying what they hold instead."""
+        from pipeline.report.runs import find_run_folders
+
+        found = [find_run_folders(root, self.exclude) for root in self.run_dirs]
+        if any(runs for runs, _, _ in found):
+            return
+        unfinished = [why for _, _, left in found for why in left.values()]
+        held = [f"{unfinished.count(why)} {what}" for why, what in (
+            ("pending", "not committed (still running, or stopped)"), ("no metrics", "without metrics.json"))
+            if why in unfinished]
+        excluded = sum(len(excluded) for _, excluded, _ in found)
+        held += [f"{excluded} left out by --exclude"] if excluded else []
+        raise ValueError(f"no finished training run (metrics.json next to config.json) under "
+                         f"{', '.join(self.run_dirs)}" + (f": folders {'; '.join(held)}" if held else ""))
 
 
 def build(cfg: ReportConfig) -> dict:

@@ -264,9 +264,37 @@ def execute(cfg, work):
         cfg.check_inputs()
     if not getattr(type(cfg), "OUTPUT", None):
         return work(cfg)
+    check_not_anothers(getattr(cfg, type(cfg).OUTPUT), cfg)
     with storage.output(getattr(cfg, type(cfg).OUTPUT)) as out:
         storage.write_json(dataclasses.asdict(cfg), storage.join(out, "config.json"))
         return work(cfg)
+
+
+def check_not_anothers(out: str, cfg) -> None:
+    """Refuse an output folder that holds another job's output, by its ``config.json`` (which :func:`execute`
+    writes into every output): the job would mark it pending and replace that config, leaving a run, a
+    dataset or a score table no reader takes (a report's --out given a training run's folder). Another
+    job's config shares under half of its fields with this one's (a run of an older or newer mmdp of the
+    same job shares nearly all).
+
+    Raises:
+        ValueError: naming the folder and what to do.
+    """
+    from pipeline import storage
+
+    config = storage.join(out, "config.json")
+    if not storage.exists(config):
+        return
+    try:
+        saved = storage.read_json(config)
+    except (ValueError, OSError):
+        return  # not a job's config: not ours to judge
+    if not isinstance(saved, dict):
+        return
+    fields = {f.name for f in dataclasses.fields(cfg)}
+    if len(fields & set(saved)) * 2 < len(fields | set(saved)):
+        raise ValueError(f"{out}: holds another job's output (its config.json has {', '.join(sorted(saved)[:6])}, "
+                         "...); this job would replace it: choose another output folder")
 
 
 def run_job(config_cls, argv, work, *, doc: str, prog: str, check=None, positional: tuple[str, ...] = ()) -> int:

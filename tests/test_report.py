@@ -319,8 +319,18 @@ def test_bad_run_dirs_exit_2(tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert report.main([str(empty)]) == 2
-    assert "no training runs" in capsys.readouterr().err
-    assert not storage.is_complete(str(empty / "report"))
+    assert f"no finished training run (metrics.json next to config.json) under {empty}" in capsys.readouterr().err
+    assert not storage.exists(str(empty / "report"))
+    # Refused before --out is touched: an earlier report there stays committed, and the message says what
+    # the folders hold (it was marked pending, then "no training runs").
+    earlier = str(tmp_path / "earlier-report")
+    with storage.output(earlier):
+        storage.write_json({"run_dirs": ["x"]}, storage.join(earlier, "config.json"))
+    storage.begin_output(str(empty / "run"))
+    storage.write_json({"policy": "mmdp"}, str(empty / "run" / "config.json"))
+    assert report.main([str(empty), "--out", earlier]) == 2
+    assert ": folders 1 not committed (still running, or stopped)" in capsys.readouterr().err
+    assert storage.is_complete(earlier)
     for argv in ([str(tmp_path / "missing")], []):
         with pytest.raises(SystemExit) as exc:
             report.main(argv)
@@ -471,6 +481,32 @@ def test_unfinished_run_folders_are_left_out_and_named(tmp_path):
     assert notes[1] == (f"{tmp_path / 'gone'}: not finished: a training run's config.json with no metrics.json "
                         "(still running, or stopped)")
     assert notes[2] == f"{tmp_path / 'seed0' / 'mmdp'}: {pending}"
+
+
+def test_run_dirs_that_overlap_count_each_run_once(tmp_path):
+    """`jobs.report runs runs/demo` (README's own example) read the runs under both twice: "2 runs" of one full
+    run, at a spread of 0.00."""
+    bench = make_bench(str(tmp_path))
+    for roots in ([str(tmp_path), bench["a"]], [bench["a"], bench["a"] + "/", bench["b"]]):
+        assert report.main([*roots, "--out", bench["out"], "--no-html"]) == 0
+        final = final_figures(open(f"{bench['out']}/report.md").read())
+        assert final["full"]["runs"] == "1" and final["mmdp"]["runs"] == "2", roots
+
+
+def test_an_output_folder_holding_another_jobs_output_is_refused_before_it_is_touched(tmp_path, capsys):
+    """`jobs.report RUN_DIR --out RUN_DIR/runs/mmdp` marked the training run pending and replaced its
+    config.json with the report's: the run then read as "unknown", and no reader took it."""
+    bench = make_bench(str(tmp_path))
+    run = storage.join(bench["a"], "mmdp")
+    with storage.output(run):
+        pass  # committed, as jobs.train leaves it
+    config = storage.read_json(storage.join(run, "config.json"))
+    assert report.main([str(tmp_path), "--out", run]) == 2
+    err = capsys.readouterr().err
+    assert f"{run}: holds another job's output (its config.json has " in err and "choose another" in err
+    assert storage.is_complete(run) and storage.read_json(storage.join(run, "config.json")) == config
+    assert report.main([str(tmp_path), "--out", bench["out"], "--no-html"]) == 0  # a report's own folder: rewritten
+    assert report.main([str(tmp_path), "--out", bench["out"], "--no-html"]) == 0
 
 
 def test_curves_of_runs_evaluated_every_few_epochs_are_drawn_through_the_evaluated_epochs():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io as pyio
 import logging
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import numpy as np
 import pyarrow as pa
@@ -230,7 +230,9 @@ def test_a_rerun_refused_for_its_input_leaves_the_earlier_output_committed(ray_s
     storage.remove(storage.join(root, "metadata.json"))  # no class names for label mode
     out = str(tmp_path / "scores")
     with storage.output(out):  # an earlier run's committed output
-        storage.write_json({"input": "earlier"}, storage.join(out, "config.json"))
+        # (An earlier score job's config: another job's output there is refused whatever the flags.)
+        earlier = {**asdict(ScoreConfig(input="earlier", output=out)), "input": "earlier"}
+        storage.write_json(earlier, storage.join(out, "config.json"))
     train = storage.join(root, "train")
     dataset_state = sorted(p.name for p in (tmp_path / "data").iterdir())
     for argv, message in (
@@ -251,7 +253,7 @@ def test_a_rerun_refused_for_its_input_leaves_the_earlier_output_committed(ray_s
             (["--input", train, "--output", storage.join(train, "scores")], "overlap")):
         assert score_job.main(["--model", "mmdp-tiny", *argv]) == 2  # a later --model wins
         assert message in capsys.readouterr().err
-        assert storage.is_complete(out) and storage.read_json(storage.join(out, "config.json")) == {"input": "earlier"}
+        assert storage.is_complete(out) and storage.read_json(storage.join(out, "config.json")) == earlier
         assert storage.is_complete(train)
         assert sorted(p.name for p in (tmp_path / "data").iterdir()) == dataset_state
     # An accepted re-run replaces the earlier output whole: shards of the earlier run that this one does not

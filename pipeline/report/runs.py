@@ -180,13 +180,16 @@ def load_runs(roots: list[str], exclude: tuple[str, ...] = (),
     sources = sources or Sources()
     names = [posixpath.basename(r.rstrip("/")) or r for r in roots]
     prefix = len(roots) > 1
-    runs, notes = [], []
+    runs, notes, seen = [], [], set()
     for root, name in zip(roots, names):
         folders, excluded, unfinished = find_run_folders(root, exclude)
         notes += [f"{storage.join(root, r)}: excluded by --exclude" for r in excluded]
         shifted = _shifted_from_results(root, sources)
         for rel in sorted(folders + list(unfinished)):
             url = storage.join(root, rel) if rel else root
+            if _norm(url) in seen:  # under two RUN_DIRs (one inside the other, or named twice): read once
+                continue
+            seen.add(_norm(url))
             if rel in unfinished:
                 note = _unfinished_note(url, unfinished[rel], sources)
                 notes += [note] if note else []
