@@ -35,7 +35,7 @@ from pipeline import storage
 from pipeline.prune.partitions import (LocalPartitions, history_state, init_history, load_part, part_name, reset_part,
                                        save_part, set_history)
 from pipeline.prune.policies import Policy, make_policy, rank_normalise
-from pipeline.prune.selection import mix64, row_keys
+from pipeline.prune.selection import mix64
 
 log = logging.getLogger(__name__)
 
@@ -367,26 +367,37 @@ class Pruner:
 def _even_split(kept: np.ndarray, weights: np.ndarray, reasons: dict, workers: int, salt: int,
                 reference: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
     """The plan less ``len(kept) % workers`` of its samples, under :data:`~pipeline.prune.budget.EVEN_SPLIT`:
-    an equal split then drops none. Those with the smallest splitmix keys of (``salt``, index), as every
-    draw of a plan (:func:`~pipeline.prune.selection.random_keys`: the same across NumPy versions), of the
-    trained samples that are not ``reference`` ones (probes, weight 0, are re-checks on their schedule, and
-    reference samples are never pruned), else of all. A plan of fewer samples than workers leaves out all
-    of them (Ray Train's equal split would give each worker none): a warning says so."""
+    an equal split then drops none. Drawn as every draw of a plan, by splitmix (:func:`mix64` of ``salt``
+    and a counter: the same across NumPy versions and partitions), from the trained samples that are not
+    ``reference`` ones (probes, weight 0, are re-checks on their schedule, and reference samples are never
+    pruned), else from all; a few draws, whatever the plan's size. A plan of fewer samples than workers
+    leaves out all of them (Ray Train's equal split would give each worker none): a warning says so."""
     extra = len(kept) % workers
     if not extra:
         return kept, weights, reasons
     if extra == len(kept):
         log.warning("the plan keeps %d samples, fewer than the %d workers: none is trained on this epoch",
                     len(kept), workers)
-    candidates = weights > 0
-    if reference is not None:
-        candidates &= ~np.isin(kept, reference)
-    if np.count_nonzero(candidates) < extra:
-        candidates[:] = True
-    keys = np.where(candidates, row_keys(salt, kept).astype(np.int64), np.int64(1) << 40)
-    out = np.argsort(keys, kind="stable")[:extra]
+        out = np.arange(len(kept))
+    else:
+        def eligible(pos: int) -> bool:
+            return weights[pos] > 0 and (reference is None or not _holds(reference, kept[pos]))
+
+        out, draw = [], 0
+        while len(out) < extra and draw < 64 * workers:  # each draw is eligible nearly always
+            pos = mix64(salt, draw) % len(kept)
+            draw += 1
+            if pos not in out and eligible(pos):
+                out.append(pos)
+        rest = (pos for pos in range(len(kept)) if pos not in out)  # none eligible enough: in order
+        out += [next(rest) for _ in range(extra - len(out))]
     return (np.delete(kept, out), np.delete(weights, out),
             {**reasons, EVEN_SPLIT: reasons.get(EVEN_SPLIT, 0) + extra})
+
+
+def _holds(sorted_values: np.ndarray, value) -> bool:
+    at = np.searchsorted(sorted_values, value)
+    return bool(at < len(sorted_values) and sorted_values[at] == value)
 
 
 def check_losses(indices, losses, num_samples: int) -> tuple[np.ndarray, np.ndarray]:

@@ -67,11 +67,6 @@ def random_keys(salt: int, start: int, stop: int) -> np.ndarray:
     return _hashed(salt, np.arange(start, stop, dtype=np.uint64))
 
 
-def row_keys(salt: int, indices: np.ndarray) -> np.ndarray:
-    """:func:`random_keys` of the given global ``indices`` (any order) rather than of a range."""
-    return _hashed(salt, np.array(indices, dtype=np.uint64))
-
-
 def _hashed(salt: int, z: np.ndarray) -> np.ndarray:
     """uint32 keys of the uint64 indices ``z`` (hashed in place)."""
     with np.errstate(over="ignore"):
