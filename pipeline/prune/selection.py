@@ -64,12 +64,8 @@ def random_keys(salt: int, start: int, stop: int) -> np.ndarray:
     A pure function of the global index, so a partition computes its own
     keys and gets the same numbers as one pruner holding everything.
     """
-    return _hashed(salt, np.arange(start, stop, dtype=np.uint64))
-
-
-def _hashed(salt: int, z: np.ndarray) -> np.ndarray:
-    """uint32 keys of the uint64 indices ``z`` (hashed in place)."""
     with np.errstate(over="ignore"):
+        z = np.arange(start, stop, dtype=np.uint64)
         z *= np.uint64(0x9E3779B97F4A7C15)
         z += np.uint64(salt & MASK64)
     return (splitmix64_finalize(z) >> np.uint64(32)).astype(np.uint32)
