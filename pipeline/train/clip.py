@@ -47,7 +47,7 @@ from pipeline.data.contract import DEFAULT_TEMPLATES, has_caption
 from pipeline.score.clip_models import load_clip
 from pipeline.score.scorer import ImageDecoder, class_text_embeddings, fill_template, normalize_pixels
 from pipeline.train.pruning import step_loss
-from pipeline.train.stages import key_hash, row_draws, shift_images
+from pipeline.train.stages import UNDECODABLE, key_hash, row_draws, shift_images
 
 # Recall is reported at these ranks.
 RECALL_AT = (1, 5)
@@ -74,8 +74,7 @@ def caption_or_prompt(caption, label: int, classes, templates) -> str | None:
 
 # What to do about a row the stages cannot use, by split: the score job rejects such train rows; the test split
 # is not scored, and its metrics count every row.
-_FIX = {"train": "the score job rejects such rows: the data changed after scoring; score it again",
-        "test": "the test metrics count every test row: fix the test split"}
+_FIX = {**UNDECODABLE, "test": "the test metrics count every test row: fix the test split"}
 
 
 def captions_for(batch: dict, classes: tuple[str, ...], templates: tuple[str, ...],

@@ -174,7 +174,7 @@ def decode_stage(batch: dict, augment: bool, seed: int, num_classes: int | None 
                 images[i, 0] = np.asarray(im if im.size == (28, 28) else im.resize((28, 28)), np.float32)
         except Exception as exc:  # PIL: OSError, SyntaxError, DecompressionBombError... for bytes of no image
             raise ValueError(f"{split} row {_row_name(batch, i)}: image does not decode "
-                             f"({type(exc).__name__}); {_UNDECODABLE[split]}") from exc
+                             f"({type(exc).__name__}); {UNDECODABLE[split]}") from exc
     images /= 255.0
     if augment:
         draws = row_draws(seed, batch["epoch"], batch["index"])
@@ -229,7 +229,7 @@ def test_decode_stage(batch: dict, num_classes: int | None = None) -> dict:
 
 
 # What to do about a row whose image does not decode, by split.
-_UNDECODABLE = {
+UNDECODABLE = {
     "train": "the score job rejects such rows: the data changed after scoring; score it again",
     "test": "test accuracy needs every test image: fix the test split",
 }
