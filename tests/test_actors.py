@@ -153,6 +153,50 @@ def test_a_killed_actor_restarts_and_reloads_its_checkpoint_to_the_same_plans(ra
         np.testing.assert_array_equal(again_weights, weights)
 
 
+def test_a_retry_before_the_first_checkpoint_drops_a_restarted_actors_later_epoch_losses(ray_local, pruner):
+    # An actor that Ray restarted mid-run holds no epoch-0 losses but may hold later ones (reports
+    # retried on it); the retried run, which has no checkpoint, starts it afresh and counts a restart.
+    from pipeline.train.loop import start_afresh
+
+    _, actor = pruner
+    assert start_afresh(actor) == 0  # a fresh actor: nothing to undo
+    fresh = plan(ray_local, actor, 0)
+    kept, _ = plan(ray_local, actor, 1)
+    ray_local.get(actor.update.remote(kept, np.sqrt(kept.astype(np.float32)), 1))
+    assert ray_local.get(actor.losses_received.remote(0)) == 0
+    assert ray_local.get(actor.losses_received.remote()) == len(kept)
+    assert start_afresh(actor) == 1
+    assert ray_local.get(actor.losses_received.remote()) == 0
+    again = plan(ray_local, actor, 0)
+    np.testing.assert_array_equal(again[0], fresh[0])
+    np.testing.assert_array_equal(again[1], fresh[1])
+    assert start_afresh(actor) == 0  # nothing to undo
+    # Restarted by Ray and still empty: another incarnation than the workers were handed, made the one to take.
+    ray_local.kill(actor, no_restart=False)
+    deadline, info = time.monotonic() + 30, {"reconstructed": False}
+    while not info["reconstructed"] and time.monotonic() < deadline:
+        try:
+            info = ray_local.get(actor.info.remote())
+        except ray_local.exceptions.RayActorError:
+            pass
+        time.sleep(0.2)
+    assert info["reconstructed"] and info["restored_incarnation"] is None
+    assert start_afresh(actor) == 1
+    assert ray_local.get(actor.info.remote())["restored_incarnation"] == info["incarnation"]
+
+
+def test_a_reporter_takes_the_losses_of_a_model_cast_to_bfloat16(ray_local, pruner):
+    import torch
+
+    from pipeline.prune.actor import LossReporter
+
+    _, actor = pruner
+    kept, _ = plan(ray_local, actor, 0)
+    reporter = LossReporter(actor)
+    reporter.report(torch.from_numpy(kept[:3]), torch.tensor([0.5, 0.25, 2.0], dtype=torch.bfloat16))
+    assert reporter.flush() == 3 and ray_local.get(actor.losses_received.remote(0)) == 3
+
+
 def test_plan_log_records_each_epoch_and_its_kept_samples(ray_local, pruner):
     _, actor = pruner
     for epoch in range(2):

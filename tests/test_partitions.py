@@ -82,6 +82,8 @@ def test_a_split_pruner_needs_each_report_epoch(ray_local):
             reporter.report(np.array([3]), np.array([0.5]))
         with pytest.raises(IndexError, match="must lie in"):  # checked before it is sent
             reporter.report(np.array([N]), np.array([0.5]), epoch=0)
+        with pytest.raises(TypeError, match="must be integers"):  # not rounded to another sample's
+            reporter.report(np.array([3.0], np.float32), np.array([0.5]), epoch=0)
     finally:
         ray_local.kill(split)
 
@@ -140,6 +142,51 @@ def test_partition_actors_save_their_own_parts_and_a_saved_state_loads_into_any_
                     np.testing.assert_array_equal(plans[0][1], w)
         finally:
             ray_local.kill(other)
+    finally:
+        ray_local.kill(split)
+        ray_local.kill(single)
+
+
+def test_a_restarted_partition_actor_of_a_trajectory_run_loads_its_history_back(ray_local, tmp_path):
+    # A partition actor that Ray restarts comes back as it started: for a policy that reads loss
+    # trajectories that start holds the (empty) history and the range's reference samples, so a
+    # saved state loads back into it and plans as before the crash.
+    import time
+
+    from pipeline.prune.actor import LossReporter
+
+    split, single = start(ray_local, "trajectory", bounds=BOUNDS), start(ray_local, "trajectory")
+    try:
+        for epoch in range(3):  # three epochs of losses: epoch 3 ranks by trajectories
+            for actor in (split, single):
+                ray_local.get(actor.start_epoch.remote(epoch))
+                kept, _ = plan(ray_local, actor, epoch)
+                reporter = LossReporter(actor)
+                reporter.report(kept, (np.cos(kept * 0.1) + 1 + 0.1 * epoch).astype(np.float32), epoch)
+                reporter.flush()
+        url = str(tmp_path / "state")
+        ray_local.get(split.save_state.remote(url))
+        _, parts = ray_local.get(split.routes.remote())
+        _, first = ray_local.get(parts[1].incarnation.remote())
+        ray_local.kill(parts[1], no_restart=False)  # Ray restarts it with its creation arguments
+        deadline, again = time.monotonic() + 30, first
+        while again == first and time.monotonic() < deadline:
+            try:
+                _, again = ray_local.get(parts[1].incarnation.remote())
+            except ray_local.exceptions.RayActorError:
+                time.sleep(0.2)
+        assert again != first
+        assert ray_local.get(split.info.remote())["reconstructed"]
+        ray_local.get(split.load_state.remote(url))
+        for epoch in (3, 4):
+            plans = []
+            for actor in (split, single):
+                ray_local.get(actor.start_epoch.remote(epoch))
+                plans.append(plan(ray_local, actor, epoch))
+            np.testing.assert_array_equal(plans[0][0], plans[1][0])
+            np.testing.assert_array_equal(plans[0][1], plans[1][1])
+        st_split, st_single = (ray_local.get(a.state_dict.remote()) for a in (split, single))
+        np.testing.assert_array_equal(st_split["history"], st_single["history"])
     finally:
         ray_local.kill(split)
         ray_local.kill(single)

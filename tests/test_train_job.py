@@ -405,9 +405,12 @@ def test_own_loop_example_trains_its_own_model_on_the_plans(scored_ready, tmp_pa
     assert len(set(digests)) == 3 and digests == [p["kept_sha256"] for p in _job_plans(data, scores, "random", 3, 4)]
 
 
-def test_an_own_loop_is_stopped_by_a_restarted_pruner_until_it_restores_the_saved_state(scored_ready, tmp_path):
+@pytest.mark.parametrize("partitions", [None, 2])
+def test_an_own_loop_is_stopped_by_a_restarted_pruner_until_it_restores_the_saved_state(scored_ready, tmp_path,
+                                                                                        partitions):
     """Ray restarts a crashed pruning actor from its creation arguments: an own loop went on, unsaid, with plans
-    made from no losses (jobs.train fails the attempt and resumes from its checkpoint)."""
+    made from no losses (jobs.train fails the attempt and resumes from its checkpoint). A split pruner's new
+    partition actors then take the ranks' losses (their reporters' routes named the old ones)."""
     import ray
 
     from pipeline.train.pruning import Pruning, PrunerRestartedError
@@ -415,7 +418,8 @@ def test_an_own_loop_is_stopped_by_a_restarted_pruner_until_it_restores_the_save
     import pickle
 
     _, scores = scored_ready
-    pruning = Pruning.from_scores(scores, policy="infobatch", epochs=3)  # its epoch 1 follows epoch 0's losses
+    pruning = Pruning.from_scores(scores, policy="infobatch", epochs=3,  # its epoch 1 follows epoch 0's losses
+                                  num_partitions=partitions)
     other_rank = pickle.loads(pickle.dumps(pruning))  # another worker's side, as Ray Train hands it over
     try:
         kept = pruning.start_epoch(0)
@@ -442,10 +446,18 @@ def test_an_own_loop_is_stopped_by_a_restarted_pruner_until_it_restores_the_save
         assert len(without_losses) == kept and len(expected) < kept  # what the loop would have trained on
         with pytest.raises(PrunerRestartedError):
             other_rank.end_epoch()
+        retried = pickle.loads(pickle.dumps(pruning))  # a worker Ray Train starts afresh: its first check refuses too
+        with pytest.raises(PrunerRestartedError):
+            retried.start_epoch(1)
         pruning.load_state(state)  # one rank restores: every rank goes on
         assert other_rank.end_epoch() == 0
         assert pruning.start_epoch(1) == len(expected)
         np.testing.assert_array_equal(ray.get(ray.get(pruning.actor.plan_ref.remote(1))[0])[0], expected)
+        assert other_rank.start_epoch(1) == len(expected)
+        for rank, part in ((pruning, expected[::2]), (other_rank, expected[1::2])):
+            rank.report(part, np.full(len(part), 0.5))
+        assert pruning.end_epoch() == len(expected[::2]) and other_rank.end_epoch() == len(expected[1::2])
+        assert pruning.epoch_summary(1)["plan_losses_received"] == len(expected)
     finally:
         pruning.shutdown()
 

@@ -198,7 +198,8 @@ class PruningActor:
         self.plan_ref(epoch)
         return self._pruner.kept_count(epoch), self._log.weight_stats(epoch)["weight_mean"] or 1.0
 
-    def losses_received(self, epoch: int) -> int:
+    def losses_received(self, epoch: int | None = None) -> int:
+        """Losses recorded for ``epoch`` (repeats counted); with no epoch, for every epoch."""
         return self._pruner.losses_received(epoch)
 
     def epoch_summary(self, epoch: int) -> dict:
@@ -238,6 +239,7 @@ class PruningActor:
         """Restores a saved state; cached plans are dropped (they came from the old one)."""
         self._pruner.load_state_dict(state)
         self._forget_plans()
+        self._restored_at = self.info()["incarnation"]
 
     def save_state(self, url: str) -> None:
         """Writes the state to the folder ``url``, each partition actor its own part (nothing gathered here)."""
@@ -329,7 +331,12 @@ class LossReporter:
         if epoch != self._epoch and self._buffered:
             self._send()  # a chunk carries one epoch
         self._epoch = epoch
-        idx, values = _numpy(indices).astype(np.int64, copy=False), _numpy(losses)
+        idx, values = _numpy(indices), _numpy(losses)
+        if idx.size and not np.issubdtype(idx.dtype, np.integer):
+            # Checked before the cast: float indices (one dtype asked for every column of a batch)
+            # would round to other samples' past 2**24.
+            raise TypeError(f"indices must be integers, got {idx.dtype}")
+        idx = idx.astype(np.int64, copy=False)
         if idx.shape != values.shape:
             raise ValueError(f"indices {idx.shape} and losses {values.shape} differ in shape")
         self._buffer.append((idx.ravel(), values.ravel()))
@@ -373,7 +380,9 @@ class LossReporter:
 
 
 def _numpy(x) -> np.ndarray:
-    """NumPy view of an array or a (CPU, possibly grad-tracking) torch tensor."""
+    """NumPy view of an array or a (possibly grad-tracking) torch tensor; floating tensors as float32 (NumPy has
+    no bfloat16, the dtype of a model cast to it)."""
     if hasattr(x, "detach"):
-        x = x.detach().cpu().numpy()
+        x = x.detach()
+        x = (x.float() if x.is_floating_point() else x).cpu().numpy()
     return np.asarray(x)

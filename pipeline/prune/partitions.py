@@ -36,20 +36,28 @@ class Partition:
         start, stop: the global index range.
         consistency: float32 [stop - start] consistency ranks of the range, or None.
         loss_momentum: m in ``ema = m * ema + (1 - m) * loss``.
+        window: epochs of loss history each sample keeps (0: none; policies that read trajectories).
+        reference: with a window, the local indices of the range's known-clean samples.
     """
 
-    def __init__(self, start: int, stop: int, consistency: np.ndarray | None, loss_momentum: float):
+    def __init__(self, start: int, stop: int, consistency: np.ndarray | None, loss_momentum: float,
+                 window: int = 0, reference: np.ndarray | None = None):
         self.start, self.stop, self.n = int(start), int(stop), int(stop) - int(start)
         self.loss_momentum = float(loss_momentum)
         self.loss = np.zeros(self.n, dtype=np.float32)
         self.last_seen = np.full(self.n, -1, dtype=np.int32)
         self.consistency = None if consistency is None else np.asarray(consistency, dtype=np.float32)
         self.cbin = consistency_bins(self.consistency)
-        # Loss trajectories, only for policies that read them (set by init_history):
+        # Loss trajectories, only for policies that read them; set here, so that a partition
+        # actor that Ray restarts has them again (in their initial state, as the rest):
         # history[i, e % W] = sample i's loss of epoch slot_epoch[e % W] (NaN: none).
         self.history: np.ndarray | None = None
         self.slot_epoch: np.ndarray | None = None
         self.reference: np.ndarray | None = None  # local indices of known-clean samples
+        if window:
+            self.history = np.full((self.n, int(window)), np.nan, dtype=np.float16)
+            self.slot_epoch = np.full(int(window), -1, dtype=np.int64)
+            self.reference = np.asarray(reference, dtype=np.int64)
         self.scratch: dict = {}
         self.direct: dict[int, int] = {}  # losses per epoch reported straight here (Ray partitions), not via the pruner
 
@@ -103,12 +111,12 @@ class Partition:
                 "missing": int(np.count_nonzero(self.last_seen[local_kept] < int(epoch)))}
 
 
-def init_history(part: Partition, window: int, reference: np.ndarray) -> None:
-    """A cluster step (``map_each``): the partition keeps each sample's losses of the last ``window``
-    epochs (float16, 2 B a sample an epoch) and the local indices of its known-clean ``reference`` samples."""
-    part.history = np.full((part.n, window), np.nan, dtype=np.float16)
-    part.slot_epoch = np.full(window, -1, dtype=np.int64)
-    part.reference = np.asarray(reference, dtype=np.int64)
+def split_reference(bounds, reference: np.ndarray | None) -> list[np.ndarray | None]:
+    """Each range's local indices of the sorted global ``reference`` indices (None for each without)."""
+    if reference is None:
+        return [None] * (len(bounds) - 1)
+    cuts = np.searchsorted(reference, bounds)
+    return [reference[cuts[i]:cuts[i + 1]] - bounds[i] for i in range(len(bounds) - 1)]
 
 
 def history_state(part: Partition) -> tuple[np.ndarray, np.ndarray]:
@@ -210,13 +218,16 @@ class LocalPartitions:
     Args:
         bounds: increasing boundaries ``[0, b1, ..., n]``: partition i holds [b_i, b_i+1).
         consistency: float32 [n] ranks or None (partitions keep views of it).
-        loss_momentum: passed to every partition.
+        loss_momentum, window: passed to every partition.
+        reference: sorted global indices of known-clean samples (with a window); each partition gets its own.
     """
 
-    def __init__(self, bounds, consistency: np.ndarray | None, loss_momentum: float):
+    def __init__(self, bounds, consistency: np.ndarray | None, loss_momentum: float,
+                 window: int = 0, reference: np.ndarray | None = None):
         self.bounds = np.asarray(bounds, dtype=np.int64)
-        self.parts = [Partition(a, b, None if consistency is None else consistency[a:b], loss_momentum)
-                      for a, b in zip(self.bounds[:-1].tolist(), self.bounds[1:].tolist())]
+        self.parts = [Partition(a, b, None if consistency is None else consistency[a:b], loss_momentum, window, ref)
+                      for a, b, ref in zip(self.bounds[:-1].tolist(), self.bounds[1:].tolist(),
+                                           split_reference(self.bounds, reference))]
 
     def map(self, fn, *args) -> list:
         return [fn(part, *args) for part in self.parts]

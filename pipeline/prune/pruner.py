@@ -32,7 +32,7 @@ import numpy as np
 
 from pipeline.prune.budget import DEFAULT_KEEP_RATIO, EVEN_SPLIT, PlanContext
 from pipeline import storage
-from pipeline.prune.partitions import (LocalPartitions, history_state, init_history, load_part, part_name, reset_part,
+from pipeline.prune.partitions import (LocalPartitions, history_state, load_part, part_name, reset_part,
                                        save_part, set_history)
 from pipeline.prune.policies import Policy, make_policy, rank_normalise
 from pipeline.prune.selection import mix64
@@ -119,15 +119,13 @@ class Pruner:
             raise ValueError(f"bounds must rise strictly from 0 to {self.num_samples}, got {bounds}")
         self.bounds = bounds
         self._has_consistency = ranks is not None
-        self._parts = (cluster or LocalPartitions)(bounds, ranks, self.loss_momentum)
         self.reference = None
         if policy.history_epochs:
             self.reference = _reference(reference, self.num_samples, policy.name)
-            cuts = np.searchsorted(self.reference, bounds)
-            self._parts.map_each(init_history, [(policy.history_epochs, self.reference[cuts[i]:cuts[i + 1]] - bounds[i])
-                                                for i in range(len(bounds) - 1)])
         elif reference is not None:
             raise ValueError(f"policy {policy.name!r} takes no reference samples")
+        self._parts = (cluster or LocalPartitions)(bounds, ranks, self.loss_momentum, policy.history_epochs,
+                                                   self.reference)
         self.workers = 1
         self.set_workers(workers)
         self._received: dict[int, int] = {}
@@ -228,9 +226,11 @@ class Pruner:
             self.plan_with_reasons(epoch)
         return self._kept_counts[epoch]
 
-    def losses_received(self, epoch: int) -> int:
-        """How many losses were recorded for ``epoch`` (repeats counted), those sent straight to partitions too."""
-        return self._all_received().get(int(epoch), 0)
+    def losses_received(self, epoch: int | None = None) -> int:
+        """How many losses were recorded for ``epoch`` (repeats counted), those sent straight to partitions
+        too; with no epoch, for every epoch."""
+        received = self._all_received()
+        return sum(received.values()) if epoch is None else received.get(int(epoch), 0)
 
     def _all_received(self) -> dict[int, int]:
         total = collections.Counter(self._received)

@@ -24,7 +24,7 @@ import warnings
 import numpy as np
 import ray
 
-from pipeline.prune.partitions import Partition, split_by_bounds, split_sorted
+from pipeline.prune.partitions import Partition, split_by_bounds, split_reference, split_sorted
 
 # Partition actors are restarted like the coordinator; a restarted one is back
 # to its initial state and the coordinator's info() reports it.
@@ -40,8 +40,10 @@ _PUT_BYTES = 64 * 1024
 class PartitionActor:
     """One :class:`~pipeline.prune.partitions.Partition` (num_cpus=0: idle most of the time, it must not hold a CPU the data tasks need)."""
 
-    def __init__(self, start: int, stop: int, consistency: np.ndarray | None, loss_momentum: float):
-        self._part = Partition(start, stop, consistency, loss_momentum)
+    def __init__(self, start: int, stop: int, consistency: np.ndarray | None, loss_momentum: float,
+                 window: int = 0, reference: np.ndarray | None = None):
+        # Ray runs this again on a restart: the range comes back as it started, history set up included.
+        self._part = Partition(start, stop, consistency, loss_momentum, window, reference)
         self._incarnation = uuid.uuid4().hex  # new with every (re)start
 
     def run(self, fn, *args):
@@ -92,14 +94,17 @@ class RayPartitions:
     Args:
         bounds: ``[0, b1, ..., n]``: one actor per range [b_i, b_i+1).
         consistency: float32 [n] ranks or None; each actor gets its slice.
-        loss_momentum: passed to every partition.
+        loss_momentum, window: passed to every partition.
+        reference: sorted global indices of known-clean samples (with a window); each actor gets its own.
     """
 
-    def __init__(self, bounds, consistency: np.ndarray | None, loss_momentum: float):
+    def __init__(self, bounds, consistency: np.ndarray | None, loss_momentum: float,
+                 window: int = 0, reference: np.ndarray | None = None):
         self.bounds = np.asarray(bounds, dtype=np.int64)
         self.actors = [
-            PartitionActor.remote(a, b, None if consistency is None else consistency[a:b], loss_momentum)
-            for a, b in zip(self.bounds[:-1].tolist(), self.bounds[1:].tolist())
+            PartitionActor.remote(a, b, None if consistency is None else consistency[a:b], loss_momentum, window, ref)
+            for a, b, ref in zip(self.bounds[:-1].tolist(), self.bounds[1:].tolist(),
+                                 split_reference(self.bounds, reference))
         ]
         self._pending: list[ray.ObjectRef] = []
 

@@ -454,8 +454,9 @@ def _resume(cfg: dict, model, opt, sched, pruning, rank: int) -> tuple[int, list
     Restarts count the times this run went back after a failure (Ray Train
     hands its own checkpoint only to a restarted attempt); a ``resume_from``
     carries the count over without adding to it. A retry before the first
-    checkpoint counts when the attempt that died had reported losses (rank
-    0 sees them); one that died earlier lost nothing and is not seen.
+    checkpoint counts when an attempt that died used the pruner (rank 0 sees
+    its losses, or that Ray restarted it); one that died earlier lost
+    nothing and is not seen.
     """
     import ray.train
 
@@ -466,12 +467,7 @@ def _resume(cfg: dict, model, opt, sched, pruning, rank: int) -> tuple[int, list
         fs, path = storage.filesystem_for(cfg["resume_from"])
         checkpoint = ray.train.Checkpoint(path, filesystem=fs)
     if checkpoint is None:
-        if rank == 0 and ray.get(pruner.losses_received.remote(0)):
-            # A retry before the first checkpoint: the pruner holds losses of an
-            # attempt that died; go back to its state at the start of the run.
-            ray.get(pruner.reset.remote())
-            return 0, [], [], 1
-        return 0, [], [], 0
+        return 0, [], [], (start_afresh(pruner) if rank == 0 else 0)
     with checkpoint.as_directory() as d:
         state = torch.load(os.path.join(d, TRAIN_STATE), map_location="cpu", weights_only=True)
         # This run's own checkpoint names its own state; a --resume-from one's, the driver found.
@@ -489,6 +485,23 @@ def _resume(cfg: dict, model, opt, sched, pruning, rank: int) -> tuple[int, list
     _barrier()
     restarts = (history[-1].get("restarts", 0) if history else 0) + int(restarted)
     return int(state["epoch"]) + 1, history, plans, restarts
+
+
+def start_afresh(pruner) -> int:
+    """Puts the pruning actor back to the start of a run if an attempt that died used it; 1 if so, else 0.
+
+    Used: it holds losses, of any epoch (an actor that Ray restarted mid-run
+    holds none of epoch 0 but may hold later ones, from reports retried on
+    it or sent before the workers saw the restart, and a plan made from
+    them), or Ray restarted it (empty, but another incarnation than the one
+    the workers were handed: the reset makes it the one every rank takes).
+    """
+    import ray
+
+    if ray.get(pruner.info.remote())["reconstructed"] or ray.get(pruner.losses_received.remote()):
+        ray.get(pruner.reset.remote())
+        return 1
+    return 0
 
 
 def pruner_state_url(out: str, epoch: int) -> str:

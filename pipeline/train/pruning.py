@@ -172,7 +172,7 @@ class Pruning:
         self.max_reports_in_flight = max_reports_in_flight
         self.epoch: int | None = None
         self.kept, self.weight_mean = num_samples, 1.0
-        self._incarnation = None  # the pruning actor's, as this process first saw it (check_incarnation)
+        self._incarnation = None  # the pruning actor's, as from_scores started it (check_incarnation)
         self._keys = None  # the score table's KeyIndex (driver only)
         self._actor = self._reporter = None
 
@@ -241,16 +241,20 @@ class Pruning:
                                        reference=None if reference_keys is None else reference,
                                        num_partitions=num_partitions)
         pruning._keys = keys
+        # The actor as it started: workers (which get this object pickled) refuse a restarted one from their
+        # first check on, as this process does (check_incarnation).
+        pruning._incarnation = ray.get(pruning._actor.info.remote())["incarnation"]
         return pruning
 
     def __getstate__(self) -> dict:
         # What a worker needs: the name and settings, not the keys or process-local handles.
-        return {**self.__dict__, "_keys": None, "_actor": None, "_reporter": None, "_incarnation": None}
+        return {**self.__dict__, "_keys": None, "_actor": None, "_reporter": None}
 
     # ------------------------------------------------------------ driver
 
     def dataset(self, ds, key: str = KEY):
-        """``ds`` (rows with a ``key`` column) as each epoch's plan: ``index``, ``weight`` and ``epoch`` added.
+        """``ds`` (rows with a ``key`` column) as each epoch's plan: ``index``, ``weight`` and ``epoch`` added
+        (names the rows must not have already: the first block that has one fails, naming it).
 
         Rows whose key the score table lacks (rejected, or not scored) leave at
         the first stage; rows the current epoch's plan prunes leave at the
@@ -348,8 +352,9 @@ class Pruning:
     def check_incarnation(self, epoch: int | None) -> None:
         """Refuse to go on against a pruning actor that restarted (Ray restarts a crashed one from its creation
         arguments): the losses and plans since its last saved state are gone, so the next plans would be made
-        from none. The first call (or :meth:`load_state`) remembers the actor's incarnation; once one rank's
-        :meth:`load_state` has restored a state into the restarted actor, every rank takes the new one.
+        from none. :meth:`from_scores` records the actor's incarnation, and every worker's copy holds it (an
+        object made otherwise, at its first call); once one rank's :meth:`load_state` has restored a state into
+        the restarted actor, every rank takes the new one.
         :meth:`start_epoch`, :meth:`end_epoch` and :meth:`save_state` call it.
 
         Raises:
@@ -361,6 +366,8 @@ class Pruning:
         now = info["incarnation"]
         # A state restored since (load_state, from any rank) is one every rank goes on with.
         if self._incarnation is None or now == info["restored_incarnation"]:
+            if now != self._incarnation:
+                self._reporter = None  # its routes may name a restarted pruner's old partition actors
             self._incarnation = now
         elif now != self._incarnation:
             raise PrunerRestartedError(
@@ -391,6 +398,7 @@ class Pruning:
 
         ray.get(self.actor.load_state.remote(url))
         self._incarnation = ray.get(self.actor.info.remote())["incarnation"]  # a restart from here on is one
+        self._reporter = None  # its routes may name a restarted pruner's old partition actors
 
     def plan_log(self) -> list[dict]:
         """One entry per epoch planned so far: kept count, ``kept_sha256`` (the kept indices' digest), pruned by reason.
