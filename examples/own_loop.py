@@ -104,22 +104,22 @@ def main(argv=None) -> dict:
         ray.init()
     classes = len(storage.read_json(storage.join(args.data, "metadata.json"))["classes"])
     pruning = Pruning.from_scores(args.scores, policy=args.policy, epochs=args.epochs, seed=args.seed)  # mmdp
-    fs, path = storage.filesystem_for(storage.join(args.data, "train"))
-    train = pruning.dataset(ray.data.read_parquet(path, filesystem=fs)).map_batches(decode)  # mmdp: .dataset()
-    out_fs, out_path = storage.filesystem_for(args.out)
-    # Short epochs: Ray Train takes each report at its controller's poll (every 2 s by default), and a
-    # worker's next report waits for it; Ray Train hands this setting from the driver to its processes.
-    os.environ.setdefault(POLL_INTERVAL_ENV, POLL_INTERVAL_S)  # RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, as jobs.train
-    trainer = TorchTrainer(
-        loop,
-        train_loop_config={"pruning": pruning, "classes": classes, "epochs": args.epochs,  # mmdp: pruning
-                           "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed},
-        datasets={"train": train},
-        # Half a CPU per worker leaves the data tasks that feed it a CPU on a small machine.
-        scaling_config=ray.train.ScalingConfig(num_workers=args.workers, resources_per_worker={"CPU": 0.5}),
-        run_config=ray.train.RunConfig(storage_path=out_path, storage_filesystem=out_fs),
-    )
-    try:
+    try:  # mmdp: from here on, the actor is stopped whatever fails
+        fs, path = storage.filesystem_for(storage.join(args.data, "train"))
+        train = pruning.dataset(ray.data.read_parquet(path, filesystem=fs)).map_batches(decode)  # mmdp: .dataset()
+        out_fs, out_path = storage.filesystem_for(args.out)
+        # Short epochs: Ray Train takes each report at its controller's poll (every 2 s by default), and a
+        # worker's next report waits for it; Ray Train hands this setting from the driver to its processes.
+        os.environ.setdefault(POLL_INTERVAL_ENV, POLL_INTERVAL_S)  # RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, as jobs.train
+        trainer = TorchTrainer(
+            loop,
+            train_loop_config={"pruning": pruning, "classes": classes, "epochs": args.epochs,  # mmdp: pruning
+                               "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed},
+            datasets={"train": train},
+            # Half a CPU per worker leaves the data tasks that feed it a CPU on a small machine.
+            scaling_config=ray.train.ScalingConfig(num_workers=args.workers, resources_per_worker={"CPU": 0.5}),
+            run_config=ray.train.RunConfig(storage_path=out_path, storage_filesystem=out_fs),
+        )
         result = trainer.fit()
         if result.error:
             raise result.error

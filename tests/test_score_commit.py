@@ -220,6 +220,10 @@ def test_the_training_index_stage_passes_no_row_of_a_repeated_key(ray_local, tmp
     commit.write_scores(table, out)
     got = index_stage({KEY: np.array(keys, dtype=object), "label": np.array([0, 1, 2, 7])}, key_index(out))
     assert got[KEY].tolist() == ["a", "c"] and got["label"].tolist() == [0, 2]
+    # Rows that bring a column of a name the plan's stages add: theirs would stand for, or be replaced by, the plan's.
+    for taken in ("index", "weight", "epoch"):
+        with pytest.raises(ValueError, match=f"the rows have column.s. {taken}, which the plan's stages add"):
+            index_stage({KEY: np.array(keys, dtype=object), taken: np.arange(4)}, key_index(out))
 
 
 def test_a_block_resolves_only_the_key_chunks_its_keys_fall_in(ray_local, tmp_path):

@@ -280,3 +280,17 @@ def test_the_library_refuses_settings_a_policy_cannot_take_before_any_actor_star
         with pytest.raises(ValueError, match=re.escape(message)):
             Pruning.from_scores(scores, epochs=2, **kwargs)
     assert sorted(map(str, ray.util.list_named_actors())) == before
+
+
+def test_the_library_refuses_a_pruner_name_that_another_runs_actor_holds(caption_scored):
+    """A name already registered gave back that actor: its settings, state and row count in place of the
+    ones asked for, with plans of another table's indices."""
+    _, scores, _ = caption_scored
+    first = Pruning.from_scores(scores, policy="random", keep_ratio=0.5, epochs=2, name="mmdp-pruner-taken")
+    try:
+        with pytest.raises(ValueError, match="a pruning actor named 'mmdp-pruner-taken' already runs"):
+            Pruning.from_scores(scores, policy="full", epochs=2, name="mmdp-pruner-taken")
+    finally:
+        first.shutdown()
+    again = Pruning.from_scores(scores, policy="full", epochs=2, name="mmdp-pruner-taken")  # free once shut down
+    again.shutdown()

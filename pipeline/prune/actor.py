@@ -145,7 +145,14 @@ class PruningActor:
         ``workers``: the training workers that split the epoch's rows evenly
         (the kept count is made a multiple of it: :class:`~pipeline.prune.pruner.Pruner`'s
         ``workers``); None keeps the number the actor has.
+
+        Raises:
+            ValueError: ``epoch`` lies past the run's epochs the pruner was made for (its schedule, the
+                annealing epochs and the remaining share, would be another run's).
         """
+        if not 0 <= int(epoch) < self._pruner.epochs:
+            raise ValueError(f"epoch {epoch}: the pruner plans a run of {self._pruner.epochs} epochs (0 to "
+                             f"{self._pruner.epochs - 1}); start it with the run's epochs (Pruning.from_scores(epochs=))")
         if workers is not None and self._pruner.set_workers(workers):
             self._plan_refs.clear()  # made for another number of workers
         ref = self.plan_ref(epoch)

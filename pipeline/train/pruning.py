@@ -3,12 +3,14 @@
 On the driver, from the score job's output::
 
     pruning = Pruning.from_scores("s3://bucket/scores", policy="mmdp", epochs=20)
-    train = pruning.dataset(ray.data.read_parquet("s3://bucket/data/train"))
-    train = train.map_batches(my_decode)              # only the plan's rows get here
-    trainer = TorchTrainer(my_loop, train_loop_config={"pruning": pruning, ...},
-                           datasets={"train": train}, ...)
-    trainer.fit()
-    pruning.shutdown()
+    try:
+        train = pruning.dataset(ray.data.read_parquet("s3://bucket/data/train"))
+        train = train.map_batches(my_decode)          # only the plan's rows get here
+        trainer = TorchTrainer(my_loop, train_loop_config={"pruning": pruning, ...},
+                               datasets={"train": train}, ...)
+        trainer.fit()
+    finally:
+        pruning.shutdown()
 
 In ``my_loop(config)``, on every worker::
 
@@ -38,6 +40,7 @@ and schedule are yours; the library's own ``jobs.train`` loop
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 
 import numpy as np
@@ -196,7 +199,8 @@ class Pruning:
                 from the scores (the low mode of their histogram).
             policy_params: more knobs for the policy.
             max_reports_in_flight: loss reports a worker may have unacknowledged.
-            name: the actor's name (default: a fresh one).
+            name: the actor's name (default: a fresh one); one that names a running actor is refused
+                (its settings and state are another run's).
             reference_keys: keys of rows known to be clean (a list, or the URL of
                 a text file of them, one a line), for policies that compare loss
                 trajectories with theirs (``trajectory``; ~1% of the rows).
@@ -204,7 +208,8 @@ class Pruning:
                 (default: one per :data:`~pipeline.prune.actor.PARTITION_SIZE` samples).
 
         Raises:
-            ValueError: a setting the policy cannot take or would not read (:func:`~pipeline.prune.policies.check_settings`);
+            ValueError: ``name`` names a running actor; a setting the policy cannot take or would not read
+                (:func:`~pipeline.prune.policies.check_settings`);
                 ``signal`` missing (NaN) on more than half of the scored rows
                 (:func:`check_signal`; ``clip_margin`` of scores made in caption mode); both before any actor starts.
             InputError: a reference key the score table does not hold.
@@ -213,6 +218,10 @@ class Pruning:
 
         from pipeline.prune.actor import actor_name, create_pruner
 
+        if name is not None and _actor_runs(name):
+            raise ValueError(f"a pruning actor named {name!r} already runs (another run's, or one not shut down): "
+                             "its settings and state would be used in place of these; shut it down "
+                             "(Pruning.shutdown()) or give another name")
         params = dict(policy_params or {})
         check_settings(policy, params, keep_ratio=keep_ratio, noise_fraction=noise_fraction, signal=signal,
                        reference=reference_keys is not None)
@@ -285,10 +294,13 @@ class Pruning:
         return kept_tar_rows(shards, self._keys, self.name, columns, fields, max_gap)  # rows as dataset() gives
 
     def shutdown(self) -> None:
-        """Stop the pruning actor (after the run: its state is in the checkpoints)."""
+        """Stop the pruning actor (after the run: its state is in the checkpoints); returns once its name is free."""
         import ray
 
         ray.kill(self.actor)
+        deadline = time.monotonic() + 10  # ray.kill does not wait for the actor to die
+        while _actor_runs(self.name) and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     # ------------------------------------------------------------ both
 
@@ -333,6 +345,8 @@ class Pruning:
 
     def report(self, indices, losses) -> None:
         """Queue the batch's per-sample losses for the pruner (NumPy arrays or tensors; not waited for)."""
+        if self.epoch is None:
+            raise RuntimeError("report() before start_epoch(): call start_epoch(epoch) on every rank first")
         if self._reporter is None:
             from pipeline.prune.actor import LossReporter
 
@@ -436,6 +450,16 @@ def step_loss(losses, weights, weight_mean: float):
     whatever the plan's weights (see :mod:`pipeline.train.loop`).
     """
     return (losses * weights).sum() / (len(losses) * weight_mean)
+
+
+def _actor_runs(name: str) -> bool:
+    import ray
+
+    try:
+        ray.get_actor(name)
+    except ValueError:
+        return False
+    return True
 
 
 def _rank() -> int:

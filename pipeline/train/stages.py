@@ -36,13 +36,26 @@ def encode_keys(keys) -> np.ndarray:
     return np.char.encode(np.asarray(keys, dtype=str), "utf-8") if len(keys) else np.zeros(0, dtype="S1")
 
 
+# The columns index_stage and keep_stage add to a training row.
+PLAN_COLUMNS = ("index", "weight", "epoch")
+
+
 def index_stage(batch: dict, keys, key: str = KEY) -> dict:
     """Attach the dense sample ``index`` by the ``key`` column; rows the score table lacks (rejected) leave here.
 
     ``keys``: the score table's :class:`~pipeline.train.keys.KeyIndex` (its
     chunks resolved where a block's keys need them, once per process). Every
     column is kept, the key too.
+
+    Raises:
+        ValueError: the rows already have a column of a name the plan's stages add (``index``, ``weight``,
+            ``epoch``): it would stand for, or be replaced by, the plan's.
     """
+    taken = [name for name in PLAN_COLUMNS if name in batch]
+    if taken:
+        raise ValueError(f"the rows have column(s) {', '.join(taken)}, which the plan's stages add (the sample's "
+                         f"index in the pruner, its plan weight, the epoch): rename or drop them before "
+                         "Pruning.dataset()")
     index, found = keys.lookup(batch[key])
     return {"index": index[found], **{k: v[found] for k, v in batch.items()}}
 
