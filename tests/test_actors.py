@@ -197,6 +197,15 @@ def test_a_reporter_takes_the_losses_of_a_model_cast_to_bfloat16(ray_local, prun
     assert reporter.flush() == 3 and ray_local.get(actor.losses_received.remote(0)) == 3
 
 
+def test_an_epoch_past_the_run_the_pruner_plans_for_is_refused(ray_local, pruner):
+    # A loop of more epochs than the pruner was made for (from_scores' default 20) planned them with another
+    # run's schedule: annealing at the wrong epochs, the remaining share past its end.
+    _, actor = pruner
+    with pytest.raises(ValueError, match=f"epoch {EPOCHS}: the pruner plans a run of {EPOCHS} epochs"):
+        ray_local.get(actor.start_epoch.remote(EPOCHS))
+    assert ray_local.get(actor.start_epoch.remote(EPOCHS - 1)) > 0
+
+
 def test_plan_log_records_each_epoch_and_its_kept_samples(ray_local, pruner):
     _, actor = pruner
     for epoch in range(2):
