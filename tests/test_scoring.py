@@ -418,5 +418,12 @@ def test_checkpoint_from_s3_scores_like_the_local_one(scorer, s3_bucket, tmp_pat
     check_pretrained(TINY_MODEL, None)
     with pytest.raises(ValueError, match="model.pt: no such object"):
         check_pretrained(TINY_MODEL, f"{s3_bucket}/modles/model.pt")
+    # A checkpoint in a folder its writer has not committed: a pre-training run that stopped over an earlier one.
+    pio.write_bytes(b"", str(tmp_path / "_PENDING"))
+    with pytest.raises(ValueError, match=f"--pretrained {local}: .*incomplete output"):
+        check_pretrained(TINY_MODEL, local)
+    pio.write_bytes(b"", url.rsplit("/", 1)[0] + "/_PENDING")
+    with pytest.raises(ValueError, match="incomplete output"):
+        check_pretrained(TINY_MODEL, url)
     with pytest.raises(ValueError, match="not an open_clip pretrained tag of ViT-B-32 .its tags: .*laion2b_s34b_b79k"):
         check_pretrained("ViT-B-32", "laion2b_s34b_b79")

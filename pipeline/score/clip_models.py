@@ -81,7 +81,9 @@ def contrastive_config(model: str, flag: str = "--model") -> dict:
 
 def check_pretrained(model: str, pretrained: str | None) -> None:
     """Refuse a ``--model`` open_clip does not know, or a ``--pretrained`` that names no weights: neither an
-    object that exists (one request), nor a file on this machine, nor one of open_clip's tags for ``model``.
+    object that exists (one request), nor a file on this machine, nor one of open_clip's tags for ``model``;
+    or a checkpoint in a folder its writer has not committed (``_PENDING``: a pre-training that stopped or
+    still runs, over an earlier checkpoint of the same name).
 
     What :func:`load_clip` would otherwise find only in the actors, after a job has taken over its output.
 
@@ -94,16 +96,25 @@ def check_pretrained(model: str, pretrained: str | None) -> None:
     if _is_url(pretrained):
         if not storage.exists(pretrained):
             raise ValueError(f"--pretrained {pretrained}: no such object")
+        _check_committed(pretrained, pretrained.rstrip("/").rsplit("/", 1)[0])
         return
     path = os.path.expanduser(pretrained)
     if os.path.isdir(path):
         raise ValueError(f"--pretrained {pretrained}: a folder; name the checkpoint file in it")
     if os.path.exists(path):
+        _check_committed(pretrained, os.path.dirname(os.path.abspath(path)))
         return
     tags = open_clip.list_pretrained_tags_by_model(model)
     if pretrained not in tags:
         raise ValueError(f"--pretrained {pretrained}: no such file here, and not an open_clip pretrained tag of "
                          f"{model} (its tags: {', '.join(tags) or 'none'})")
+
+
+def _check_committed(pretrained: str, folder: str) -> None:
+    try:
+        storage.check_not_pending(folder)
+    except storage.InputError as e:
+        raise ValueError(f"--pretrained {pretrained}: {e}") from None
 
 
 def _is_url(pretrained: str) -> bool:
