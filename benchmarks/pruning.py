@@ -12,7 +12,8 @@ oracle, which trains on the untouched rest with their true labels, gives
 the same figures in the symmetric and pair-flip tables of one seed.
 The fixed-ratio baselines (``random``, ``clip_filter``, ``infobatch_exact``)
 train at mmdp's measured compute in the same cell, so every comparison is at
-equal samples forwarded; the others spend what their rules spend. Each run's final checkpoint is also evaluated
+equal samples forwarded (``infobatch_exact`` keeps less in its pruning epochs
+to pay for its full-data last epochs); the others spend what their rules spend. Each run's final checkpoint is also evaluated
 on a deterministic shifted copy of the test split (noise, blur, rotation,
 shift). Last, the machinery overhead: policy ``full`` through the pruner
 against a plain Ray Train loop without it, alternated side by side.
@@ -36,7 +37,8 @@ Writes ``OUT/config.json`` (the resolved config, also logged),
 ``OUT/results.json`` (every run, the summaries, the overhead, the setup with
 the options) and ``OUT/results.md`` (the tables), then commits ``OUT``;
 ``--reuse`` resumes a stopped benchmark from the committed runs, datasets
-and scores already in ``OUT``.
+and scores already in ``OUT``: those of the same code (its commit), flags and
+reference checkpoint; any other run is trained again.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import json
 import math
 import os
 import platform
@@ -59,18 +62,17 @@ from benchmarks.hostload import cpu_ticks, probe, shares
 from benchmarks.plain_loop import measure_overhead
 from benchmarks.pruning_eval import (SHIFT, SHIFT_SEED, evaluate_checkpoint, final_plan_noise, write_oracle_scores,
                                      write_reference_keys)
-from benchmarks.pruning_tables import ORACLE, check_targets, markdown, noise_tag, summarise
+from benchmarks.pruning_tables import FIXED_RATIO, ORACLE, check_targets, markdown, noise_tag, summarise
 from pipeline import storage
 from pipeline.cli import HELP, connect_ray, execute, option, run_job
 from pipeline.data import reference
 from pipeline.data.noise import parse_noise_spec, stream_rng
 from pipeline.prune.budget import DEFAULT_KEEP_RATIO
-from pipeline.prune.policies import reads
+from pipeline.prune.policies import is_annealing, make_policy, reads
 from pipeline.score import REFERENCE_MODEL
 
 # Run order in a cell: mmdp before the fixed-ratio baselines, which run at its measured compute.
 POLICIES = ("full", "mmdp", "infobatch", "infobatch_exact", "trajectory", "clip_cut", "clip_filter", "random")
-FIXED_RATIO = ("random", "clip_filter", "infobatch_exact")
 # A run's table row, written beside its outputs once evaluated; with --reuse it stands for the whole run,
 # so a stopped table resumes from these small files alone (checkpoints and plans need not be kept).
 RUN_SUMMARY = "run.json"
@@ -123,7 +125,8 @@ class BenchPruningConfig:
     warmup: bool = option(True, "an unmeasured one-epoch fit before the first measured one")
     skip_overhead: bool = option(False, "skip the machinery overhead measurement")
     overhead_repeats: int = option(2, "runs of each side in the overhead measurement")
-    reuse: bool = option(False, "keep datasets, scores and runs already in --out (resume)")
+    reuse: bool = option(False, "keep datasets, scores and runs already in --out (resume); a run of other code "
+                                "(commit), flags or reference checkpoint is trained again")
 
     def __post_init__(self):
         # Normalised here, so the config logged and saved is the one that runs.
@@ -248,13 +251,34 @@ def train(train_cfg) -> dict:
     return execute(train_cfg, fit)
 
 
+@functools.cache
+def code_version() -> str | None:
+    """The checkout's commit (``-dirty`` with uncommitted changes to tracked files), or None outside a git
+    checkout (a cluster job's working directory): what a kept row must have been run with."""
+    import subprocess
+
+    try:
+        done = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"], capture_output=True,
+                              text=True, timeout=30, cwd=os.path.dirname(os.path.abspath(__file__)))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() or None if done.returncode == 0 else None
+
+
+def run_settings(train_cfg) -> dict:
+    """The training config a run was asked for, less where it lives: what must match for a row to be kept."""
+    settings = {k: v for k, v in dataclasses.asdict(train_cfg).items() if k not in ("out", "reference_keys")}
+    return json.loads(json.dumps(settings))  # as run.json and config.json hold them (tuples as lists)
+
+
 def run_policy(cfg: BenchPruningConfig, data: str, scores: str, out: str, policy: str, seed: int,
                keep_ratio: float | None = None, clip_digest: str | None = None) -> dict:
-    kept = kept_row(out, clip_digest) if cfg.reuse else None
-    if kept is not None:  # finished and evaluated with this reference model: its row alone resumes it
-        return {**kept, "out": out, "reused": True}
     train_cfg = train_config(cfg, data, scores, out, policy, seed, keep_ratio)
-    reused = cfg.reuse and storage.is_complete(out)
+    settings = run_settings(train_cfg)
+    kept = kept_row(out, clip_digest, settings) if cfg.reuse else None
+    if kept is not None:  # finished and evaluated with this code, settings and reference model: its row resumes it
+        return {**kept, "out": out, "reused": True}
+    reused = cfg.reuse and storage.is_complete(out) and _same_settings(out, settings)
     host = {}
     if reused:
         metrics = storage.read_json(storage.join(out, "metrics.json"))
@@ -274,42 +298,62 @@ def run_policy(cfg: BenchPruningConfig, data: str, scores: str, out: str, policy
            "wall_seconds": totals["wall_seconds"], "train_seconds": totals["train_seconds"],
            "samples_forwarded": totals["samples_forwarded"], "num_samples": totals["num_samples"],
            "missing": int(sum(e.get("plan_missing", 0) for e in epochs)), "signal": totals["signal"],
-           "keep_ratio": train_cfg.keep_ratio, "clip_digest": clip_digest,
-           **{f"host_{k}": v for k, v in host.items()}}
+           "keep_ratio": train_cfg.keep_ratio, "clip_digest": clip_digest, "code": code_version(),
+           "settings": settings, **{f"host_{k}": v for k, v in host.items()}}
     storage.write_json(row, storage.join(out, RUN_SUMMARY))
     return {**row, "out": out, "reused": bool(reused)}
 
 
-def kept_row(run_dir: str, clip_digest: str | None, say: bool = True) -> dict | None:
-    """A run's kept row, if it was scored by the same reference checkpoint (its digest); else None.
+def kept_row(run_dir: str, clip_digest: str | None, settings: dict, say: bool = True) -> dict | None:
+    """A run's kept row, if it was run by this code (its commit), with these ``settings`` and scored by the same
+    reference checkpoint (its digest); else None, and the run is trained again (``say``: print why).
 
-    The reference CLIP model's pretraining is not bit-for-bit reproducible across
-    machines, so a row kept from a session with another checkpoint is trained
-    again (``say``: print that it is).
+    A table comes from one code and one set of flags: a row of an earlier commit, or of other epochs or another
+    keep ratio, is not one of its runs. The reference CLIP model's pretraining is not bit-for-bit reproducible
+    across machines, so a row kept from a session with another checkpoint is trained again too.
     """
     path = storage.join(run_dir, RUN_SUMMARY)
     if not storage.exists(path):
         return None
     row = storage.read_json(path)
-    if row.get("clip_digest") != clip_digest:
+    differs = [what for what, theirs, ours in (("reference checkpoint", row.get("clip_digest"), clip_digest),
+                                                ("code", row.get("code"), code_version()),
+                                                ("settings", row.get("settings"), settings)) if theirs != ours]
+    if differs:
         if say:
-            print(f"    {path} was scored with reference checkpoint {row.get('clip_digest')}, not {clip_digest}: "
-                  "training it again", flush=True)
+            print(f"    {path} was run with another {' and '.join(differs)} "
+                  f"(code {row.get('code')}, now {code_version()}): training it again", flush=True)
         return None
     return row
 
 
-def finished(run_dir: str, clip_digest: str | None) -> bool:
-    """Whether a run needs no training to resume: committed by its fit, or already evaluated (its row kept)."""
-    return storage.is_complete(run_dir) or kept_row(run_dir, clip_digest, say=False) is not None
+def _same_settings(run_dir: str, settings: dict) -> bool:
+    """Whether a committed run's config.json asked for ``settings`` (a fit whose row was not written yet)."""
+    saved = storage.read_json(storage.join(run_dir, "config.json"))
+    return {k: v for k, v in saved.items() if k not in ("out", "reference_keys")} == settings
 
 
-def matched_keep_ratio(mmdp_run: dict | None, cfg: BenchPruningConfig) -> float:
-    """mmdp's samples forwarded as a share of full's (pool x epochs): the fixed-ratio baselines' keep ratio."""
+def finished(run_dir: str, clip_digest: str | None, settings: dict) -> bool:
+    """Whether a run needs no training to resume: committed by its fit with these settings, or already evaluated
+    (its row kept)."""
+    return ((storage.is_complete(run_dir) and _same_settings(run_dir, settings))
+            or kept_row(run_dir, clip_digest, settings, say=False) is not None)
+
+
+def matched_keep_ratio(mmdp_run: dict | None, cfg: BenchPruningConfig, policy: str = "random") -> float:
+    """The keep ratio at which the fixed-ratio baseline ``policy`` forwards mmdp's share of full's sample
+    passes (pool x epochs): that share, or for a policy that trains on everything in its last epochs
+    (``infobatch_exact``'s annealing), the share its pruning epochs must keep for the whole run to spend it
+    (the least keep ratio where even that is too much: the run then spends more than mmdp, as its row says)."""
     if not mmdp_run:
         return cfg.keep_ratio
-    share = mmdp_run["samples_forwarded"] / (mmdp_run["num_samples"] * cfg.epochs)
-    return round(min(1.0, max(share, 1.0 / mmdp_run["num_samples"])), 4)
+    n = mmdp_run["num_samples"]
+    share = mmdp_run["samples_forwarded"] / (n * cfg.epochs)
+    delta = getattr(make_policy(policy), "delta", None)
+    everything = sum(is_annealing(e, cfg.epochs, delta) for e in range(cfg.epochs)) if delta is not None else 0
+    if everything < cfg.epochs:
+        share = (share * cfg.epochs - everything) / (cfg.epochs - everything)
+    return round(min(1.0, max(share, 1.0 / n)), 4)
 
 
 def warm_up(cfg: BenchPruningConfig, data: str, scores: str, out: str) -> None:
@@ -368,7 +412,7 @@ def run(cfg: BenchPruningConfig) -> None:
                 if k not in ("out", "reuse")}, **_clip_info(cfg),
              "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores, Ray CPUs "
                         f"{ray.cluster_resources().get('CPU')}, torch {torch.__version__}, ray {ray.__version__}",
-             "shift": SHIFT, "shift_seed": SHIFT_SEED}
+             "shift": SHIFT, "shift_seed": SHIFT_SEED, "code": code_version()}
     cells = [(noise, seed) for noise in cfg.noise for seed in cfg.seeds]
     total_runs = len(cells) * len(cfg.policies)
     runs, timed, t0 = [], [], time.perf_counter()
@@ -401,11 +445,12 @@ def run(cfg: BenchPruningConfig) -> None:
                         runs.append({**cell_runs["full"], "policy": ORACLE, "same_as": "full", "noise": noise})
                         continue
                 run_dir = storage.join(cfg.out, "runs", tag, policy)
-                if not (cfg.reuse and finished(run_dir, setup.get("clip_digest"))):
-                    ensure_warm(data, scores)
                 keep = None
                 if policy in FIXED_RATIO:
-                    keep = cfg.baseline_keep_ratio or matched_keep_ratio(cell_runs.get("mmdp"), cfg)
+                    keep = cfg.baseline_keep_ratio or matched_keep_ratio(cell_runs.get("mmdp"), cfg, policy)
+                settings = run_settings(train_config(cfg, data, run_scores, run_dir, policy, seed, keep))
+                if not (cfg.reuse and finished(run_dir, setup.get("clip_digest"), settings)):
+                    ensure_warm(data, scores)
                 began = time.perf_counter()
                 run = run_policy(cfg, data, run_scores, run_dir, policy, seed, keep, setup.get("clip_digest"))
                 if not run["reused"]:

@@ -9,7 +9,10 @@ from pipeline.report.page import markdown_table
 
 ORACLE = "oracle"
 RECALL = ("i2t_recall@1", "i2t_recall@5", "t2i_recall@1", "t2i_recall@5")
-MATCHED = "mmdp's measured share of full's sample passes"
+# The baselines that train at a keep ratio the benchmark gives them (mmdp's measured share, by default).
+FIXED_RATIO = ("random", "clip_filter", "infobatch_exact")
+MATCHED = ("mmdp's measured share of full's sample passes (infobatch_exact: the keep ratio of its pruning epochs "
+           "at which its whole run, full-data epochs included, spends that share)")
 
 
 def noise_tag(noise: str) -> str:
@@ -34,6 +37,8 @@ def summarise(runs: list[dict], noises: list[str], policies: list[str]) -> list[
             cpu, steal = _mean(rs, "host_cpu_seconds"), _mean(rs, "host_steal_pct")
             residual = [r["noisy_in_final_plan"] for r in rs if r.get("noisy_in_final_plan") is not None]
             rows.append({"noise": noise, "policy": policy, "seeds": len(rs),
+                         "accuracy_by_seed": {str(r["seed"]): round(100 * r["final_test_accuracy"], 3)
+                                              for r in rs if "seed" in r},
                          "accuracy_mean": round(float(acc.mean()), 3),
                          "accuracy_std": round(float(acc.std(ddof=1)) if len(acc) > 1 else 0.0, 3),
                          "shifted_accuracy_mean": shifted,
@@ -75,6 +80,13 @@ def _targets_for(noise: str, task: str = "classify") -> dict | None:
     return None
 
 
+def _per_seed(mine: dict, other: dict) -> str:
+    """``; per seed +0.12 / -0.30 / ...``: the paired differences over the seeds both rows ran (one pool each)."""
+    a, b = mine.get("accuracy_by_seed") or {}, other.get("accuracy_by_seed") or {}
+    shared = sorted(set(a) & set(b), key=int)
+    return "; per seed " + " / ".join(f"{a[s] - b[s]:+.2f}" for s in shared) if len(shared) > 1 else ""
+
+
 def check_targets(summary: list[dict], overhead: dict | None, task: str = "classify") -> list[dict]:
     get = {(r["noise"], r["policy"]): r for r in summary}
     checks = []
@@ -110,10 +122,13 @@ def check_targets(summary: list[dict], overhead: dict | None, task: str = "class
             if (noise, base) in get:
                 other = get[(noise, base)]
                 d = acc - other["accuracy_mean"]
-                # Equal compute within rounding (the fixed-ratio baselines run at mmdp's own share).
-                cheaper = mmdp["samples_forwarded_mean"] <= 1.01 * other["samples_forwarded_mean"]
-                add(f"{noise}: mmdp - {base} (points; samples forwarded {mmdp['samples_forwarded_mean']} "
-                    f"vs {other['samples_forwarded_mean']})", d, "> 0 at <= its compute", d > 0 and cheaper)
+                # Equal compute within the keep ratio's rounding for the fixed-ratio baselines (run at mmdp's
+                # own share); the others spend what their rules spend.
+                slack = 1.001 if base in FIXED_RATIO else 1.0
+                cheaper = mmdp["samples_forwarded_mean"] <= slack * other["samples_forwarded_mean"]
+                add(f"{noise}: mmdp - {base} (points{_per_seed(mmdp, other)}; samples forwarded "
+                    f"{mmdp['samples_forwarded_mean']} vs {other['samples_forwarded_mean']}"
+                    f"{'' if cheaper else ': mmdp forwards more'})", d, "> 0 at <= its compute", d > 0 and cheaper)
     if overhead:
         add("machinery overhead (full via pruner / plain loop, wall)", overhead["ratio"]["wall"], "<= 1.05",
             overhead["ratio"]["wall"] <= 1.05)
@@ -133,7 +148,7 @@ def markdown(result: dict) -> str:
              f"model {s['model']} (width {s['width']}), seeds {s['seeds']}, scores: {s['clip_model']} "
              f"{s['clip_pretrained'] or '(random init)'} in {s['mode']} mode"
              + (f", CLIP zero-shot test accuracy {zero_shot:.4f}" if zero_shot else "")
-             + f". Machine: {s['machine']}.", "",
+             + f". Machine: {s['machine']}." + (f" Code: {s['code']}." if s.get("code") else ""), "",
              "Accuracy is the final epoch's, on the clean test split; shifted = the same checkpoint on a deterministic "
              "shifted copy (rotation, shift, blur, Gaussian noise). Wall = the whole fit (Ray Train start-up, the "
              f"test evaluation every {s.get('eval_every', 1)} epochs and checkpoints every {s.get('checkpoint_every', 1)} "
@@ -259,7 +274,7 @@ def _clip_markdown(result: dict) -> str:
              f"batch {s['batch_size']} per worker, step schedule {s['step_schedule']}, seeds {s['seeds']}; "
              f"scores: {s['clip_model']} {s['clip_pretrained'] or '(random init)'} in {s['mode']} mode"
              + (f" (its zero-shot test accuracy {zero_shot:.4f})" if zero_shot else "")
-             + f". Machine: {s['machine']}.", "",
+             + f". Machine: {s['machine']}." + (f" Code: {s['code']}." if s.get("code") else ""), "",
              "Zero-shot = the final model's zero-shot accuracy on the clean test split (class prompt ensembles); "
              "R@1 = recall@1 on the test split, image-to-text and text-to-image, captions compared as text. "
              f"Wall = the whole fit (evaluation every {s.get('eval_every', 1)} epochs and after the last included); "

@@ -7,6 +7,7 @@ test_policies.py and test_train_job.py (trajectory there reads a reference-keys 
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import os
@@ -151,14 +152,57 @@ def test_bench_runs_every_policy_and_the_oracle_on_clean_rows_only(ray_session, 
     assert {r["clip_digest"] for r in resumed["runs"]} == {result["setup"]["clip_digest"]}
 
 
-def test_a_kept_row_scored_by_another_reference_checkpoint_is_trained_again(tmp_path):
-    row = {"policy": "mmdp", "seed": 0, "final_test_accuracy": 0.9, "clip_digest": "0123abcd"}
-    storage.write_json(row, str(tmp_path / bench_pruning.RUN_SUMMARY))
-    assert bench_pruning.kept_row(str(tmp_path), "0123abcd") == row
-    assert bench_pruning.finished(str(tmp_path), "0123abcd")
-    assert bench_pruning.kept_row(str(tmp_path), "ffff0000") is None
-    assert not bench_pruning.finished(str(tmp_path), "ffff0000")
-    assert bench_pruning.kept_row(str(tmp_path / "missing"), "0123abcd") is None
+def test_infobatch_exact_pays_for_its_full_data_epochs_to_match_mmdps_compute():
+    # 20 epochs: infobatch_exact trains on everything in epochs 17-19 (InfoBatch's annealing), so its
+    # pruning epochs keep less than mmdp's share for the run to forward what mmdp forwarded.
+    cfg = parse_config(bench_pruning.BenchPruningConfig, config_parser(bench_pruning.BenchPruningConfig, ""),
+                       ["--out", "unused", "--epochs", "20"])
+    mmdp = {"num_samples": 1000, "samples_forwarded": 12_000}  # 0.6 of full's 20,000 passes
+    assert bench_pruning.matched_keep_ratio(mmdp, cfg, "random") == 0.6
+    keep = bench_pruning.matched_keep_ratio(mmdp, cfg, "infobatch_exact")
+    assert keep == round(9 / 17, 4)  # 17 epochs at 9/17 and 3 at 1: 12 of 20
+    assert abs((17 * keep + 3) * 1000 - mmdp["samples_forwarded"]) < 1
+    # A share below what the full-data epochs alone spend cannot be matched: the least keep ratio.
+    assert bench_pruning.matched_keep_ratio({"num_samples": 1000, "samples_forwarded": 2000}, cfg,
+                                            "infobatch_exact") == 0.001
+
+
+def test_a_baseline_check_compares_at_equal_compute_and_shows_each_seeds_difference():
+    from benchmarks.pruning_tables import check_targets, summarise
+
+    def run(policy, seed, acc, forwarded):
+        return {"noise": "pairflip:0.3", "policy": policy, "seed": seed, "final_test_accuracy": acc,
+                "wall_seconds": 10.0, "train_seconds": 8.0, "samples_forwarded": forwarded, "num_samples": 1000}
+
+    runs = [run("mmdp", s, a, 12_000) for s, a in ((0, 0.90), (1, 0.88))]
+    runs += [run("clip_cut", s, a, 11_960) for s, a in ((0, 0.89), (1, 0.885))]  # 0.3% fewer passes than mmdp
+    runs += [run("random", s, a, 11_990) for s, a in ((0, 0.85), (1, 0.86))]  # mmdp's share, rounded
+    checks = {c["what"].split(" (")[0]: c for c in check_targets(summarise(runs, ["pairflip:0.3"],
+                                                                           ["mmdp", "clip_cut", "random"]), None)}
+    cut, rand = checks["pairflip:0.3: mmdp - clip_cut"], checks["pairflip:0.3: mmdp - random"]
+    assert cut["value"] == 0.25 and not cut["met"]  # ahead, but on more compute than the rule's
+    assert "per seed +1.00 / -0.50" in cut["what"] and "mmdp forwards more" in cut["what"]
+    assert rand["value"] == 3.5 and rand["met"] and "per seed +5.00 / +2.00" in rand["what"]
+
+
+def test_a_kept_row_of_another_code_settings_or_reference_checkpoint_is_trained_again(tmp_path):
+    cfg = parse_config(bench_pruning.BenchPruningConfig, config_parser(bench_pruning.BenchPruningConfig, ""),
+                       ["--out", str(tmp_path), "--epochs", "20"])
+    run_dir = str(tmp_path / "runs" / "mmdp")
+    settings = bench_pruning.run_settings(bench_pruning.train_config(cfg, "data", "scores", run_dir, "mmdp", 0))
+    row = {"policy": "mmdp", "seed": 0, "final_test_accuracy": 0.9, "clip_digest": "0123abcd",
+           "code": bench_pruning.code_version(), "settings": settings}
+    storage.write_json(row, storage.join(run_dir, bench_pruning.RUN_SUMMARY))
+    assert bench_pruning.kept_row(run_dir, "0123abcd", settings) == row
+    assert bench_pruning.finished(run_dir, "0123abcd", settings)
+    assert bench_pruning.kept_row(run_dir, "ffff0000", settings) is None  # another reference checkpoint
+    assert not bench_pruning.finished(run_dir, "ffff0000", settings)
+    fewer = bench_pruning.run_settings(bench_pruning.train_config(
+        dataclasses.replace(cfg, epochs=10), "data", "scores", run_dir, "mmdp", 0))
+    assert fewer != settings and bench_pruning.kept_row(run_dir, "0123abcd", fewer) is None  # a 10-epoch table
+    storage.write_json({**row, "code": "0123456789ab"}, storage.join(run_dir, bench_pruning.RUN_SUMMARY))
+    assert bench_pruning.kept_row(run_dir, "0123abcd", settings) is None  # a row of an earlier commit
+    assert bench_pruning.kept_row(str(tmp_path / "missing"), "0123abcd", settings) is None
 
 
 def test_trajectorys_reference_keys_are_a_seeded_share_of_the_clean_rows(tmp_path):
