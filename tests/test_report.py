@@ -115,7 +115,7 @@ def test_report_compares_policies_across_run_dirs(where, tmp_path, request):
     assert final["full"]["runs"] == "1" and final["full"]["final test acc %"] == "80.00"
     assert final["full"]["speedup vs full"] == "1.00x"
     assert final["mmdp"]["runs"] == "2" and final["mmdp"]["final test acc %"] == "85.00 ± 1.41"
-    assert final["mmdp"]["wall s"] == "55.0 ± 7.1" and final["mmdp"]["speedup vs full"] == "2.00x"
+    assert final["mmdp"]["wall s"] == "55.0 ± 7.1" and final["mmdp"]["speedup vs full"] == "2.00x (1 shared seed)"
     # ... and in words: by how much, at what speed-up and compute (train time is not in these runs' totals).
     share = 100 * bench["half"] / bench["n"]
     assert (f"mmdp: +4.00 points against full (on the 1 seed(s) both ran) at a speed-up of 2.00x on the whole "
@@ -177,7 +177,8 @@ def test_policies_are_measured_against_full_seed_against_seed(tmp_path):
               [bench["half"]] * EPOCHS, bench["n"])
     assert report.main([str(tmp_path), "--out", bench["out"], "--no-html"]) == 0
     text = open(f"{bench['out']}/report.md").read()
-    assert final_figures(text)["mmdp"]["speedup vs full"] == "1.64x"
+    # The row's means are of its three runs; its speed-up, of the two seeds full ran, says so.
+    assert final_figures(text)["mmdp"]["speedup vs full"] == "1.64x (2 shared seeds)"
     assert "mmdp: +4.00 points against full (on the 2 seed(s) both ran) at a speed-up of 1.64x" in text
     # No seed in common: no comparison.
     storage.remove(storage.join(bench["a"], "mmdp"))
@@ -385,7 +386,7 @@ def test_runs_of_other_experiments_are_tagged_and_measured_against_their_own_ful
     assert list(final) == ["full [E1]", "mmdp [E1]", "full [E2]", "mmdp [E2]", "mmdp [E3]"]
     assert (final["full [E1]"]["runs"], final["full [E1]"]["final test acc %"]) == ("1", "80.00")
     assert (final["mmdp [E1]"]["runs"], final["mmdp [E1]"]["final test acc %"]) == ("2", "85.00 ± 1.41")
-    assert final["mmdp [E1]"]["speedup vs full"] == "2.00x"  # 100 s / 50 s on seed 0: E2's full does not enter it
+    assert final["mmdp [E1]"]["speedup vs full"] == "2.00x (1 shared seed)"  # 100 s / 50 s on seed 0: not E2's full
     assert (final["full [E2]"]["runs"], final["full [E2]"]["final test acc %"]) == ("1", "40.00")
     assert final["mmdp [E2]"]["speedup vs full"] == "2.00x"
     assert final["mmdp [E3]"]["speedup vs full"] == "n/a"  # no full of its own task: nothing to compare with
@@ -538,3 +539,12 @@ def test_a_restarted_run_is_marked_where_its_wall_clock_enters_a_comparison(tmp_
     text = open(f"{bench['out']}/report.md").read()
     assert row(text, "run", "mmdp")["restarts"] == "1" and row(text, "run", "full")["restarts"] == "0"
     assert "(1 of the runs restarted after a failure: their wall-clock counts the lost work)" in text
+
+
+def test_every_policy_has_a_colour_of_its_own_in_the_figures():
+    from pipeline.prune.policies import POLICIES
+    from pipeline.report.figures import _colour
+
+    names = [*POLICIES, "oracle"]
+    assert len({_colour(p) for p in names}) == len(names)  # trajectory shared random's
+    assert _colour("my_rule") not in {_colour(p) for p in names}

@@ -52,8 +52,8 @@ def _figure(height: float = FIGSIZE[1]):
 
 
 def _colour(policy: str) -> str:
-    rank = POLICY_ORDER.index(policy) if policy in POLICY_ORDER else len(POLICY_ORDER) + sum(map(ord, policy)) % 4
-    return f"C{rank % 10}"
+    """The policy's colour: one of its own for each of mmdp's policies, the one left for any other."""
+    return f"C{POLICY_ORDER.index(policy)}" if policy in POLICY_ORDER else f"C{len(POLICY_ORDER)}"
 
 
 def curves_figure(groups: dict[str, list[Run]], series, title: str, ylabel: str, scale: float = 100.0, ylim=None):
@@ -95,6 +95,15 @@ def curves_figure(groups: dict[str, list[Run]], series, title: str, ylabel: str,
     return fig
 
 
+def speedup_text(row: dict) -> str | None:
+    """A summary row's speed-up over full: ``1.64x``, or ``1.64x (2 shared seeds)`` where it is measured on
+    other seeds than the row's means (full and the policy ran different ones)."""
+    if not row["speedup"]:
+        return None
+    n = row.get("shared_seeds")
+    return f"{row['speedup']:.2f}x" + (f" ({n} shared seed{'s' if n != 1 else ''})" if n else "")
+
+
 def wall_figure(rows: list[dict]):
     """Horizontal bars of mean wall-clock per group, ± std, each labelled with its speedup over full."""
     fig, ax = _figure(max(2.5, 0.5 * len(rows) + 1.3))
@@ -104,7 +113,7 @@ def wall_figure(rows: list[dict]):
     ax.barh(names, means, xerr=errs if any(errs) else None, color=[_colour(r["policy"]) for r in rows][::-1],
             alpha=0.85, capsize=3)
     for y, (mean, err, row) in enumerate(zip(means, errs, rows[::-1])):
-        text = f"{mean:.0f} s" + (f"  ({row['speedup']:.2f}x vs full)" if row["speedup"] else "")
+        text = f"{mean:.0f} s" + (f"  ({speedup_text(row)} vs full)" if row["speedup"] else "")
         ax.text(mean + err, y, "  " + text, va="center", fontsize=8)  # past the error bar, not over it
     # A figure title: centred on the whole figure, it is not cut by wide tick labels.
     fig.suptitle("Training wall-clock per policy (whole fit, start-up included)")

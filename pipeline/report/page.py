@@ -18,7 +18,7 @@ from pipeline import storage
 from pipeline.report.runs import (NOT_RECORDED, Run, Sources, accuracy_per_epoch, experiments, group_runs,
                                   kept_per_epoch, load_runs, pruned_by_reason, reads_setting)
 from pipeline.report.scores import ScoreSet, noise_auroc, score_sets
-from pipeline.report.figures import curves_figure, save_png, score_histogram, wall_figure
+from pipeline.report.figures import curves_figure, save_png, score_histogram, speedup_text, wall_figure
 
 # ---------------------------------------------------------------- numbers
 
@@ -76,6 +76,7 @@ def summary_rows(groups: dict[str, list[Run]]) -> list[dict]:
             common = seeds & full_seeds
             if common != seeds or common != full_seeds:
                 row["paired"] = f"on the {len(common)} seed(s) both ran" if common else "no seed in common with full"
+                row["shared_seeds"] = len(common)
                 mine, theirs = (_stats([r for r in g["runs"] if r.config.get("seed") in common]) for g in (row, full))
                 theirs = theirs if common else None
         _compare(row, mine, theirs)
@@ -176,7 +177,7 @@ def build_report(roots: list[str], out: str, exclude: tuple[str, ...] = (), writ
                           "speedup vs full"],
                 [[r["name"], len(r["runs"]), _pct_ms([x.totals.get("final_test_accuracy") for x in r["runs"]]),
                   _pct_ms([x.shifted for x in r["runs"]]), _fmt_ms(r["wall"], ".1f"), _fmt_ms(r["forwarded"], ",.0f"),
-                  f"{r['speedup']:.2f}x" if r["speedup"] else "n/a"] for r in rows]),
+                  speedup_text(r) or "n/a"] for r in rows]),
                *([("p", " ".join(versus_full(rows)))] if versus_full(rows) else []),
                ("p", "Accuracy: the final epoch's, on the clean test split (mean ± std over a policy's runs; "
                      "zero-shot accuracy for a contrastive run, --task clip); "

@@ -44,7 +44,8 @@ import pyarrow.fs as pafs
 from pipeline import storage
 
 # Table and legend order: the pruning benchmark's; any other policy name follows, sorted.
-POLICY_ORDER = ("full", "random", "infobatch", "infobatch_exact", "clip_filter", "clip_cut", "mmdp", "oracle")
+POLICY_ORDER = ("full", "random", "infobatch", "infobatch_exact", "trajectory", "clip_filter", "clip_cut", "mmdp",
+                "oracle")
 NOT_RECORDED = "not recorded"
 
 # What makes runs one experiment, whose policies compare (besides the dataset and the score set's mode): the
