@@ -119,7 +119,34 @@ def test_a_probe_is_scored_as_a_member_of_its_batch_and_weighted_out_of_the_step
     per_pair = task.step(model, {"x": x, "tokens": tokens, "weight": w}, 1.0, opt, sched)
     torch.testing.assert_close(per_pair, expected, rtol=1e-5, atol=1e-6)
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))  # it stepped
-    assert float(model.logit_scale.detach()) <= float(np.log(100))
+
+
+def test_a_probes_embeddings_are_negatives_without_gradient_and_its_term_weighs_nothing():
+    # The step's gradient: the trained pairs' weighted terms, each against every pair of the batch, the
+    # probes' embeddings held fixed (no gradient through them), the probes' own terms weighted 0.
+    task, model, _, x, tokens = _task()
+    w = torch.tensor([1.0, 0, 2.0, 0, 1.0, 1.0, 0, 1.0, 1.0, 1.0])  # three probes
+    trained, probes = (w > 0).nonzero(as_tuple=True)[0], (w == 0).nonzero(as_tuple=True)[0]
+    reference = [p.detach().clone() for p in model.parameters()]
+    img_t, txt_t, scale = model(x[trained], tokens[trained])
+    with torch.no_grad():
+        img_p, txt_p, _ = model(x[probes], tokens[probes])
+    terms = pair_losses(torch.cat([img_t, img_p]), torch.cat([txt_t, txt_p]), scale)
+    loss = (terms * torch.cat([w[trained], w[probes]])).sum() / (10 * 1.0)
+    grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    task.step(model, {"x": x, "tokens": tokens, "weight": w}, 1.0, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0))
+    for p, p0, g in zip(model.parameters(), reference, grads):  # SGD at lr 1: the step is the gradient
+        torch.testing.assert_close(p0 - p.detach(), torch.zeros_like(p0) if g is None else g, rtol=1e-4, atol=1e-6)
+
+
+def test_the_step_clamps_the_logit_scale_at_100():
+    task, model, opt, x, tokens = _task()
+    with torch.no_grad():
+        model.logit_scale.fill_(5.0)  # a temperature past 100, as a long run's could drift to
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    task.step(model, {"x": x, "tokens": tokens, "weight": torch.ones(10)}, 1.0, opt, sched)
+    assert float(model.logit_scale.detach()) == pytest.approx(float(np.log(100)))
 
 
 def test_the_step_weights_each_pairs_term_by_its_plan_weight():

@@ -39,7 +39,9 @@ def test_training_on_a_gpu_worker_with_probes_evaluates_every_epoch_and_resumes(
     # The checkpoint (a GPU model's state) goes back onto the GPU for the last epoch.
     assert train_job.main([*flags, "--out", out, "--resume-from", storage.join(first, "checkpoint")]) == 0
     metrics = storage.read_json(storage.join(out, "metrics.json"))
-    assert [e["epoch"] for e in metrics["epochs"]] == [0, 1, 2]
+    assert [e["epoch"] for e in metrics["epochs"]] == [0, 1, 2] and metrics["totals"]["restarts"] == 0
+    # Epochs 0 and 1 came back from the first run's checkpoint; only epoch 2 was trained again.
+    assert metrics["epochs"][:2] == storage.read_json(storage.join(first, "metrics.json"))["epochs"]
     for e in metrics["epochs"]:
         assert 0.0 <= e["test_accuracy"] <= 1.0 and e["test_rows"] > 0
         assert e["samples_forwarded"] > 0

@@ -60,13 +60,6 @@ def test_single_file_json_and_bytes_round_trip(root):
     assert storage.read_bytes(storage.join(root, "deep/er/model.pt")) == b"\x00\x01weights"
 
 
-def test_fetch_to_cache_downloads_once(s3_bucket, tmp_path):
-    storage.write_bytes(b"checkpoint-bytes", f"{s3_bucket}/ckpt/model.pt")
-    local = storage.fetch_to_cache(f"{s3_bucket}/ckpt/model.pt", cache_dir=str(tmp_path))
-    assert open(local, "rb").read() == b"checkpoint-bytes"
-    assert storage.fetch_to_cache(f"{s3_bucket}/ckpt/model.pt", cache_dir=str(tmp_path)) == local
-
-
 @pytest.mark.parametrize("store", ["s3", "gs"])
 def test_fetch_to_cache_fetches_again_when_the_object_was_overwritten(store, request, tmp_path):
     url = (request.getfixturevalue("s3_bucket") if store == "s3" else request.getfixturevalue("gcs_prefix")) \

@@ -88,11 +88,13 @@ def test_decoder_output_equals_open_clip_preprocess():
     assert raw["pixels"].dtype == np.uint8 and raw["pixels"].shape == (6, 3, 32, 32) and "image" not in raw
 
 
-def test_decoder_reads_jpeg_to_the_right_shape():
+def test_decoder_reads_jpeg_as_open_clip_preprocesses_it():
     img = random_images(3)[2]  # 31 x 77
-    out = ImageDecoder("mmdp-ref")({"image": np.array([encode(img, "JPEG", quality=90)], dtype=object)})
+    jpeg = encode(img, "JPEG", quality=90)
+    out = ImageDecoder("mmdp-ref")({"image": np.array([jpeg], dtype=object)})
     assert out["pixels"].shape == (1, 3, 28, 28) and out["error"][0] == ""
-    assert np.abs(out["pixels"]).sum() > 0
+    _, preprocess, _ = load_clip("mmdp-ref")
+    np.testing.assert_allclose(out["pixels"][0], preprocess(Image.open(io.BytesIO(jpeg))).numpy(), atol=1e-5)
 
 
 def png_with_header(width: int, height: int) -> bytes:

@@ -232,7 +232,7 @@ def test_a_run_an_older_mmdp_saved_with_a_budget_its_policy_does_not_read_resume
     a resume that asked for the same flags could not be started at all."""
     data, scores = scored_ready
     flags = ["--policy", "full", "--workers", "1", "--epochs", "2"]
-    _train(data, scores, tmp_path / "part", *flags, "--stop-after", "1")
+    part, _ = _train(data, scores, tmp_path / "part", *flags, "--stop-after", "1")
     run_config = tmp_path / "part" / "checkpoint" / "run_config.json"
     was = json.loads(run_config.read_text())
     assert was["keep_ratio"] is None
@@ -240,6 +240,7 @@ def test_a_run_an_older_mmdp_saved_with_a_budget_its_policy_does_not_read_resume
     (run_config.parent / "files.json").unlink()  # without the list of the checkpoint's files
     resumed, _ = _train(data, scores, tmp_path / "resumed", *flags, "--resume-from", str(run_config.parent))
     assert [e["epoch"] for e in resumed["epochs"]] == [0, 1]
+    assert resumed["epochs"][0] == part["epochs"][0]  # epoch 0 came back from the checkpoint, not trained again
 
 
 def test_a_run_that_fails_in_training_stops_its_pruning_actor(scored_ready, tmp_path):
