@@ -26,8 +26,8 @@ import numpy as np
 from pipeline.prune import steps
 from pipeline.prune.selection import select_smallest
 
-# The default budget: a pruning epoch spends at most this share of ``full``'s
-# sample passes (mmdp: the excluded noise first, then well-learned samples);
+# The default budget: the share of ``full``'s sample passes that a pruning epoch's
+# pruning stops at (mmdp: the excluded noise first, then well-learned samples);
 # about 1.4x on training time where noise or well-learned samples allow it.
 DEFAULT_KEEP_RATIO = 0.6
 

@@ -53,8 +53,9 @@ class Pruner:
             or a ``Policy`` instance.
         keep_ratio: the budget, a share of the samples (``full``'s passes) a
             pruning epoch keeps, in (0, 1]: exactly for the fixed-ratio
-            policies, at most for mmdp (which keeps more when too few
-            samples are well-learned).
+            policies; for mmdp the share its pruning stops at (it keeps
+            more when too few samples are well-learned, fewer only when
+            the excluded noise alone takes it below).
         epochs: total epochs of the run (annealing policies need it).
         seed: with the epoch, seeds each plan's random draws.
         consistency: optional [n] raw cross-modal scores (any scale; higher =

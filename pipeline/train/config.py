@@ -51,8 +51,9 @@ class TrainConfig:
                                                    "metadata.json (clip: optional, for zero-shot accuracy)")
     policy: str = option("mmdp", "pruning policy", choices=tuple(POLICIES))
     keep_ratio: float | None = option(None, "the budget: share of full's sample passes a pruning epoch spends "
-                                            "(exactly: random, clip_filter, infobatch_exact; at most: mmdp, the "
-                                            f"excluded noise first, then well-learned samples); default "
+                                            "(exactly: random, clip_filter, infobatch_exact; mmdp: the share its "
+                                            "pruning stops at, the excluded noise first, then well-learned samples, "
+                                            f"more where too few are well learned); default "
                                             f"{DEFAULT_KEEP_RATIO}; the other policies decide their own share")
     epochs: int = option(20, "training epochs (the reference protocol uses 20)")
     workers: int = option(2, "Ray Train workers")
@@ -86,7 +87,7 @@ class TrainConfig:
                        choices=("auto", "clip_margin", "clip_score"))
     noise_fraction: float | None = option(
         None, "mmdp, clip_cut: share of samples excluded as likely noise; none = estimated from the scores "
-              "(the low mode of the consistency histogram, Otsu's cut; 0 if it has one mode)")
+              "(the low mode of the consistency histogram, Otsu's cut; 0 if it has one mode; at most 0.5)")
     policy_params: tuple[str, ...] = option((), "more policy knobs as name=value, comma-separated (e.g. loss_weight=0.3)")
     reference_keys: str | None = option(None, "trajectory: a text file (URL) of keys of rows known to be clean, one "
                                               "per line (about 1%% of the rows); their losses are the reference")

@@ -190,8 +190,8 @@ class Pruning:
             scores: the score job's output folder (URL).
             policy: a name in :data:`pipeline.prune.policies.POLICIES`.
             epochs: the run's epochs (some policies plan by the remaining share).
-            keep_ratio: the policy's keep ratio (for mmdp: its budget, the most share of
-                ``full``'s sample passes a pruning epoch spends, excluded noise counted as saved);
+            keep_ratio: the policy's keep ratio (for mmdp: its budget, the share of ``full``'s
+                sample passes its pruning stops at, excluded noise counted as saved);
                 None: the default budget (policies that keep by their own rule read none).
             seed: seeds the plans.
             signal: consistency column, or "auto" (the margin when scored in label mode).
