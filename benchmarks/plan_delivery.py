@@ -106,7 +106,8 @@ def measure(n: int, partitions: int, cfg: BenchPlanDeliveryConfig) -> dict:
     name = actor_name(f"bench-{n}-{partitions}")
     base = rss()
     consistency = np.random.default_rng(0).random(n, dtype=np.float32)
-    actor = create_pruner(name, n, policy="mmdp", keep_ratio=0.5, epochs=20, seed=0, consistency=consistency,
+    actor = create_pruner(name, n, policy="mmdp", keep_ratio=0.5, epochs=max(20, cfg.epochs), seed=0,
+                          consistency=consistency,
                           num_partitions=partitions)
     del consistency
     Worker = _worker_class()

@@ -265,24 +265,30 @@ def code_version() -> str | None:
     return done.stdout.strip() or None if done.returncode == 0 else None
 
 
-def run_settings(train_cfg) -> dict:
-    """The training config a run was asked for, less where it lives: what must match for a row to be kept."""
-    settings = {k: v for k, v in dataclasses.asdict(train_cfg).items() if k not in ("out", "reference_keys")}
+def run_settings(train_cfg, root: str) -> dict:
+    """The training config a run was asked for (a TrainConfig, or the dict of its config.json), its paths under
+    the benchmark folder ``root`` written from it (``OUT/...``: a moved or copied benchmark keeps its rows):
+    what must match for a row to be kept."""
+    fields = train_cfg if isinstance(train_cfg, dict) else dataclasses.asdict(train_cfg)
+    prefix = root.rstrip("/") + "/"
+    settings = {k: ("OUT/" + v[len(prefix):] if isinstance(v, str) and v.startswith(prefix) else v)
+                for k, v in fields.items()}
     return json.loads(json.dumps(settings))  # as run.json and config.json hold them (tuples as lists)
 
 
 def run_policy(cfg: BenchPruningConfig, data: str, scores: str, out: str, policy: str, seed: int,
                keep_ratio: float | None = None, clip_digest: str | None = None) -> dict:
     train_cfg = train_config(cfg, data, scores, out, policy, seed, keep_ratio)
-    settings = run_settings(train_cfg)
+    settings = run_settings(train_cfg, cfg.out)
     kept = kept_row(out, clip_digest, settings) if cfg.reuse else None
     if kept is not None:  # finished and evaluated with this code, settings and reference model: its row resumes it
         return {**kept, "out": out, "reused": True}
-    reused = cfg.reuse and storage.is_complete(out) and _same_settings(out, settings)
+    reused = cfg.reuse and fit_matches(out, settings, cfg.out)
     host = {}
     if reused:
         metrics = storage.read_json(storage.join(out, "metrics.json"))
     else:
+        storage.write_bytes(str(code_version()).encode(), _fit_code(out))  # beside the run folder, which the fit replaces
         speed = probe()  # the host's speed before and after the fit: a slowed host shows in these
         before = cpu_ticks()
         metrics = train(train_cfg)
@@ -327,17 +333,26 @@ def kept_row(run_dir: str, clip_digest: str | None, settings: dict, say: bool = 
     return row
 
 
-def _same_settings(run_dir: str, settings: dict) -> bool:
-    """Whether a committed run's config.json asked for ``settings`` (a fit whose row was not written yet)."""
+def _fit_code(run_dir: str) -> str:
+    """Where the code that trains a run folder is recorded: beside the folder (the fit replaces the folder)."""
+    return run_dir.rstrip("/") + ".code.txt"
+
+
+def fit_matches(run_dir: str, settings: dict, root: str) -> bool:
+    """Whether a run folder of the benchmark folder ``root`` holds a committed fit of this code and ``settings``
+    (one whose row was not written yet: the benchmark stopped between the fit and its evaluation)."""
+    if not (storage.is_complete(run_dir) and storage.exists(_fit_code(run_dir))):
+        return False
+    code = storage.read_bytes(_fit_code(run_dir)).decode()
     saved = storage.read_json(storage.join(run_dir, "config.json"))
-    return {k: v for k, v in saved.items() if k not in ("out", "reference_keys")} == settings
+    return code == str(code_version()) and run_settings(saved, root) == settings
 
 
-def finished(run_dir: str, clip_digest: str | None, settings: dict) -> bool:
-    """Whether a run needs no training to resume: committed by its fit with these settings, or already evaluated
-    (its row kept)."""
-    return ((storage.is_complete(run_dir) and _same_settings(run_dir, settings))
-            or kept_row(run_dir, clip_digest, settings, say=False) is not None)
+def finished(run_dir: str, clip_digest: str | None, settings: dict, root: str) -> bool:
+    """Whether a run needs no training to resume: evaluated with this code, settings and reference checkpoint
+    (its row kept), or committed by a fit of this code and settings."""
+    return (kept_row(run_dir, clip_digest, settings, say=False) is not None
+            or fit_matches(run_dir, settings, root))
 
 
 def matched_keep_ratio(mmdp_run: dict | None, cfg: BenchPruningConfig, policy: str = "random") -> float:
@@ -448,8 +463,8 @@ def run(cfg: BenchPruningConfig) -> None:
                 keep = None
                 if policy in FIXED_RATIO:
                     keep = cfg.baseline_keep_ratio or matched_keep_ratio(cell_runs.get("mmdp"), cfg, policy)
-                settings = run_settings(train_config(cfg, data, run_scores, run_dir, policy, seed, keep))
-                if not (cfg.reuse and finished(run_dir, setup.get("clip_digest"), settings)):
+                settings = run_settings(train_config(cfg, data, run_scores, run_dir, policy, seed, keep), cfg.out)
+                if not (cfg.reuse and finished(run_dir, setup.get("clip_digest"), settings, cfg.out)):
                     ensure_warm(data, scores)
                 began = time.perf_counter()
                 run = run_policy(cfg, data, run_scores, run_dir, policy, seed, keep, setup.get("clip_digest"))

@@ -189,16 +189,18 @@ def test_a_kept_row_of_another_code_settings_or_reference_checkpoint_is_trained_
     cfg = parse_config(bench_pruning.BenchPruningConfig, config_parser(bench_pruning.BenchPruningConfig, ""),
                        ["--out", str(tmp_path), "--epochs", "20"])
     run_dir = str(tmp_path / "runs" / "mmdp")
-    settings = bench_pruning.run_settings(bench_pruning.train_config(cfg, "data", "scores", run_dir, "mmdp", 0))
+    settings = bench_pruning.run_settings(bench_pruning.train_config(cfg, "data", "scores", run_dir, "mmdp", 0),
+                                          str(tmp_path))
+    assert settings["out"] == "OUT/runs/mmdp" and settings["epochs"] == 20  # a moved benchmark keeps its rows
     row = {"policy": "mmdp", "seed": 0, "final_test_accuracy": 0.9, "clip_digest": "0123abcd",
            "code": bench_pruning.code_version(), "settings": settings}
     storage.write_json(row, storage.join(run_dir, bench_pruning.RUN_SUMMARY))
     assert bench_pruning.kept_row(run_dir, "0123abcd", settings) == row
-    assert bench_pruning.finished(run_dir, "0123abcd", settings)
+    assert bench_pruning.finished(run_dir, "0123abcd", settings, str(tmp_path))
     assert bench_pruning.kept_row(run_dir, "ffff0000", settings) is None  # another reference checkpoint
-    assert not bench_pruning.finished(run_dir, "ffff0000", settings)
+    assert not bench_pruning.finished(run_dir, "ffff0000", settings, str(tmp_path))
     fewer = bench_pruning.run_settings(bench_pruning.train_config(
-        dataclasses.replace(cfg, epochs=10), "data", "scores", run_dir, "mmdp", 0))
+        dataclasses.replace(cfg, epochs=10), "data", "scores", run_dir, "mmdp", 0), str(tmp_path))
     assert fewer != settings and bench_pruning.kept_row(run_dir, "0123abcd", fewer) is None  # a 10-epoch table
     storage.write_json({**row, "code": "0123456789ab"}, storage.join(run_dir, bench_pruning.RUN_SUMMARY))
     assert bench_pruning.kept_row(run_dir, "0123abcd", settings) is None  # a row of an earlier commit
