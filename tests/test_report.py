@@ -548,3 +548,16 @@ def test_every_policy_has_a_colour_of_its_own_in_the_figures():
     names = [*POLICIES, "oracle"]
     assert len({_colour(p) for p in names}) == len(names)  # trajectory shared random's
     assert _colour("my_rule") not in {_colour(p) for p in names}
+
+
+def test_a_benchmark_runs_shifted_accuracy_is_read_beside_it_from_any_folder_above(tmp_path):
+    """The shifted-test accuracy lives in the benchmark's results.json, read at a RUN_DIR's top level by the
+    path the benchmark ran under: a report on the folder above the benchmark, or on a moved one, showed n/a."""
+    bench = make_bench(str(tmp_path / "moved" / "bench"))
+    for run, shifted in ((storage.join(bench["a"], "full"), 0.55), (storage.join(bench["a"], "mmdp"), 0.61)):
+        storage.write_json({"policy": "x", "shifted_test_accuracy": shifted}, storage.join(run, "run.json"))
+    assert report.main([str(tmp_path), "--out", str(tmp_path / "report"), "--no-html"]) == 0
+    text = open(tmp_path / "report" / "report.md").read()
+    final = final_figures(text)
+    assert final["full"]["shifted test acc %"] == "55.00"
+    assert final["mmdp"]["shifted test acc %"] == "61.00"  # seed 1 has no row: the mean of the one it has

@@ -201,7 +201,7 @@ def load_runs(roots: list[str], exclude: tuple[str, ...] = (),
                 if not is_reference_pretraining(sources.json(storage.join(url, "metrics.json"))):
                     notes.append(f"{url}: metrics.json is not a train job's (no epochs/totals); skipped")
                 continue
-            run.shifted = run.totals.get("shifted_test_accuracy", shifted.get(_norm(url)))
+            run.shifted = run.totals.get("shifted_test_accuracy", _benchmark_shifted(url, sources, shifted))
             runs.append(run)
     _assign_experiments(runs, sources)
     _assign_groups(runs)
@@ -291,6 +291,15 @@ def recorded_path(path: str, found: str, recorded_out: str | None) -> str:
 
 def _norm(url: str) -> str:
     return storage.filesystem_for(url)[1]
+
+
+def _benchmark_shifted(url: str, sources: Sources, from_results: dict[str, float]) -> float | None:
+    """A benchmark run's shifted-test accuracy: from its row beside its outputs (``run.json``, wherever the
+    folder now lies and whichever folder above it is reported), else from its RUN_DIR's ``results.json``."""
+    row = sources.json(storage.join(url, "run.json"))
+    if isinstance(row, dict) and row.get("shifted_test_accuracy") is not None:
+        return row["shifted_test_accuracy"]
+    return from_results.get(_norm(url))
 
 
 def _shifted_from_results(root: str, sources: Sources) -> dict[str, float]:
