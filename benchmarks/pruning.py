@@ -277,7 +277,9 @@ def run_settings(train_cfg, root: str) -> dict:
 
 
 def run_policy(cfg: BenchPruningConfig, data: str, scores: str, out: str, policy: str, seed: int,
-               keep_ratio: float | None = None, clip_digest: str | None = None) -> dict:
+               keep_ratio: float | None = None, clip_digest: str | None = None, before_fit=None) -> dict:
+    """One policy's run and its table row: kept (``--reuse``, the same code, settings and reference checkpoint),
+    evaluated from a kept fit, or trained (``before_fit()`` first, the benchmark's warm-up) and evaluated."""
     train_cfg = train_config(cfg, data, scores, out, policy, seed, keep_ratio)
     settings = run_settings(train_cfg, cfg.out)
     kept = kept_row(out, clip_digest, settings) if cfg.reuse else None
@@ -288,6 +290,8 @@ def run_policy(cfg: BenchPruningConfig, data: str, scores: str, out: str, policy
     if reused:
         metrics = storage.read_json(storage.join(out, "metrics.json"))
     else:
+        if before_fit is not None:
+            before_fit()
         storage.write_bytes(str(code_version()).encode(), _fit_code(out))  # beside the run folder, which the fit replaces
         speed = probe()  # the host's speed before and after the fit: a slowed host shows in these
         before = cpu_ticks()
@@ -346,13 +350,6 @@ def fit_matches(run_dir: str, settings: dict, root: str) -> bool:
     code = storage.read_bytes(_fit_code(run_dir)).decode()
     saved = storage.read_json(storage.join(run_dir, "config.json"))
     return code == str(code_version()) and run_settings(saved, root) == settings
-
-
-def finished(run_dir: str, clip_digest: str | None, settings: dict, root: str) -> bool:
-    """Whether a run needs no training to resume: evaluated with this code, settings and reference checkpoint
-    (its row kept), or committed by a fit of this code and settings."""
-    return (kept_row(run_dir, clip_digest, settings, say=False) is not None
-            or fit_matches(run_dir, settings, root))
 
 
 def matched_keep_ratio(mmdp_run: dict | None, cfg: BenchPruningConfig, policy: str = "random") -> float:
@@ -463,11 +460,9 @@ def run(cfg: BenchPruningConfig) -> None:
                 keep = None
                 if policy in FIXED_RATIO:
                     keep = cfg.baseline_keep_ratio or matched_keep_ratio(cell_runs.get("mmdp"), cfg, policy)
-                settings = run_settings(train_config(cfg, data, run_scores, run_dir, policy, seed, keep), cfg.out)
-                if not (cfg.reuse and finished(run_dir, setup.get("clip_digest"), settings, cfg.out)):
-                    ensure_warm(data, scores)
                 began = time.perf_counter()
-                run = run_policy(cfg, data, run_scores, run_dir, policy, seed, keep, setup.get("clip_digest"))
+                run = run_policy(cfg, data, run_scores, run_dir, policy, seed, keep, setup.get("clip_digest"),
+                                 before_fit=lambda: ensure_warm(data, scores))
                 if not run["reused"]:
                     timed.append(time.perf_counter() - began)
                 run["noise"] = noise

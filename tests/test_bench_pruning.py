@@ -196,9 +196,8 @@ def test_a_kept_row_of_another_code_settings_or_reference_checkpoint_is_trained_
            "code": bench_pruning.code_version(), "settings": settings}
     storage.write_json(row, storage.join(run_dir, bench_pruning.RUN_SUMMARY))
     assert bench_pruning.kept_row(run_dir, "0123abcd", settings) == row
-    assert bench_pruning.finished(run_dir, "0123abcd", settings, str(tmp_path))
     assert bench_pruning.kept_row(run_dir, "ffff0000", settings) is None  # another reference checkpoint
-    assert not bench_pruning.finished(run_dir, "ffff0000", settings, str(tmp_path))
+    assert not bench_pruning.fit_matches(run_dir, settings, str(tmp_path))  # no committed fit to fall back on
     fewer = bench_pruning.run_settings(bench_pruning.train_config(
         dataclasses.replace(cfg, epochs=10), "data", "scores", run_dir, "mmdp", 0), str(tmp_path))
     assert fewer != settings and bench_pruning.kept_row(run_dir, "0123abcd", fewer) is None  # a 10-epoch table
