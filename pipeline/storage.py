@@ -133,6 +133,19 @@ def is_local(url: str) -> bool:
     return urlparse(str(url)).scheme in ("", "file")
 
 
+def parent(url: str) -> str | None:
+    """The folder that holds ``url``: a URL's in its store, a local path's made absolute (a relative path's
+    parent is a real folder too); None for a bucket (``s3://bucket``) or the filesystem's root."""
+    parsed = urlparse(str(url))
+    if parsed.scheme in ("", "file"):
+        path = os.path.abspath(os.path.expanduser(parsed.path if parsed.scheme == "file" else str(url)))
+        up = os.path.dirname(path)
+        if up == path:
+            return None
+        return f"file://{up}" if parsed.scheme == "file" else up
+    return str(url).rstrip("/").rpartition("/")[0] if parsed.path.strip("/") else None
+
+
 def join(url: str, *parts: str) -> str:
     """Join path parts onto a URL with ``/``."""
     out = str(url).rstrip("/")
@@ -256,8 +269,11 @@ def commit_output(dir_url: str, files: list[str] | None = None, rows: int | None
     """
     fs, path = filesystem_for(dir_url)
     if files is None:
-        files = [info.base_name for info in fs.get_file_info(pafs.FileSelector(path))
-                 if not info.base_name.startswith(("_", "."))]
+        # The first part of every path under it: a store's listing of one level may leave out folders that
+        # exist only as prefixes of objects (as GCS's emulator does), a recursive one names their objects.
+        found = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+        files = sorted({info.path[len(path):].lstrip("/").split("/")[0] for info in found} - {""})
+        files = [name for name in files if not name.startswith(("_", "."))]
     manifest = {"files": sorted(files)}
     if rows is not None:
         manifest["rows"] = int(rows)
@@ -341,10 +357,11 @@ def list_files(url: str, suffixes: tuple[str, ...] = (".parquet",), others: tupl
     """The data files of a folder (or the file itself, whatever its name: it was named), sorted, from one listing.
 
     A folder committed by :func:`commit_output` lists exactly its manifest;
-    one still marked pending, or inside a folder marked pending, is refused;
-    any other folder (one another writer committed included: Spark's empty
+    one still marked pending, inside a folder marked pending, or holding a
+    subfolder marked pending, is refused; any other folder (one another writer committed included: Spark's empty
     ``_SUCCESS`` is no manifest, :func:`manifest`) lists every file
-    with a matching suffix, skipping hidden and ``_``-prefixed names. With
+    with a matching suffix, skipping hidden and ``_``-prefixed names (and in
+    a subfolder :func:`commit_output` committed, what its manifest lists). With
     ``others`` (the suffixes of files that may sit beside the data files),
     such a folder's every other file is an error naming it, so a stray or
     misnamed data file is never skipped unnoticed.
@@ -354,12 +371,11 @@ def list_files(url: str, suffixes: tuple[str, ...] = (".parquet",), others: tupl
             ``others``) holds a file that is neither.
     """
     fs, path = filesystem_for(url)
-    parent, _, name = str(url).rstrip("/").rpartition("/")
+    up, name = parent(url), str(url).rstrip("/").rpartition("/")[2]
     # A part of a job's output (scores/ of the score job) is only as complete
     # as the output it belongs to; ``_``-names are the writer's own staging.
-    if parent.rstrip("/") and not parent.rstrip("/").endswith(":") and not name.startswith("_") \
-            and exists(join(parent, PENDING)):
-        raise InputError(f"{url}: part of an incomplete output ({parent} is not committed); rerun the job that writes it")
+    if up is not None and not name.startswith("_") and exists(join(up, PENDING)):
+        raise InputError(f"{url}: part of an incomplete output ({up} is not committed); rerun the job that writes it")
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.NotFound:
         raise InputError(f"{url}: no such file or folder")
@@ -370,10 +386,36 @@ def list_files(url: str, suffixes: tuple[str, ...] = (".parquet",), others: tupl
     if committed is not None:
         return [join(url, name) for name in committed["files"] if name.endswith(suffixes)]
     selector = pafs.FileSelector(path, recursive=True)
+    entries = [(entry.path[len(path):].lstrip("/"), entry) for entry in fs.get_file_info(selector)
+               if entry.type == pafs.FileType.File]
+    # A subfolder a job writes (its pending mark, or its manifest) is read as its writer left it: refused
+    # while pending, its manifest's files alone once committed (a stray file beside them is not data).
+    marks = [rel.rpartition("/") for rel, _ in entries
+             if "/" in rel and not any(p.startswith(("_", ".")) for p in rel.split("/")[:-1])]
+    pending = sorted(folder for folder, _, name in marks if name == PENDING)
+    if pending:
+        raise InputError(f"{join(url, pending[0])}: incomplete output (its writer stopped before committing), "
+                         f"inside {url}; rerun the job that writes it, or move it out of the folder")
+    committed_in = {}  # subfolder -> the entries its manifest lists (files, or folders: a job's whole output)
+    for folder in sorted({folder for folder, _, name in marks if name == SUCCESS}):
+        files = (manifest(join(url, folder)) or {}).get("files")
+        if files is not None:
+            committed_in[folder] = set(files)
+
+    def listed(rel: str) -> bool:  # by the manifest of every committed folder on the way to it
+        parts = rel.split("/")
+        for depth in range(1, len(parts)):
+            names = committed_in.get("/".join(parts[:depth]))
+            if names is not None and not any("/".join(parts[depth:end]) in names for end in range(depth + 1,
+                                                                                             len(parts) + 1)):
+                return False
+        return True
+
     found = []
-    for entry in fs.get_file_info(selector):
-        rel = entry.path[len(path):].lstrip("/")
-        if entry.type != pafs.FileType.File or any(p.startswith(("_", ".")) for p in rel.split("/")):
+    for rel, entry in entries:
+        if any(p.startswith(("_", ".")) for p in rel.split("/")):
+            continue
+        if not listed(rel):
             continue
         if rel.endswith(suffixes):
             found.append(join(url, rel))

@@ -542,6 +542,58 @@ def test_a_folder_mmdp_committed_still_lists_exactly_its_manifest(tmp_path):
     assert storage.manifest(str(tmp_path / "none")) is None
 
 
+def test_a_folder_of_subfolders_is_read_as_their_writers_left_them(root):
+    """Listed whole, a folder without a manifest of its own hid a subfolder's pending mark (a ``_`` name) and
+    read the partial shards of a write that died there; and a committed subfolder's stray files were read too."""
+    outer = storage.join(root, "in")
+    storage.write_shards(_table(12), storage.join(outer, "a"), rows_per_shard=5)  # committed: 3 shards
+    storage.write_table(_table(2), storage.join(outer, "a", "part-99999.parquet"))  # outside a's manifest
+    storage.write_table(_table(4), storage.join(outer, "loose.parquet"))  # another writer's: a plain file
+    listed = storage.list_files(outer)
+    assert [u[len(outer) + 1:] for u in listed] == ["a/part-00000.parquet", "a/part-00001.parquet",
+                                                     "a/part-00002.parquet", "loose.parquet"]
+    assert storage.read_table(outer).num_rows == 16
+    storage.begin_output(storage.join(outer, "b"))  # a write that died: its mark and one shard
+    storage.write_table(_table(3), storage.join(outer, "b", "part-00000.parquet"))
+    with pytest.raises(storage.InputError, match=f"{outer}/b: incomplete output .*, inside {outer}; rerun"):
+        storage.list_files(outer)
+    storage.commit_output(storage.join(outer, "b"), ["part-00000.parquet"], 3)
+    assert len(storage.list_files(outer)) == 5
+    # A writer's own staging (a _-named folder) is not read, nor its marks.
+    storage.begin_output(storage.join(outer, "_staging", "c"))
+    assert len(storage.list_files(outer)) == 5
+    # A job's whole output committed inside: its manifest lists its top-level entries (folders too), and a
+    # committed folder among them lists its own files.
+    job = storage.join(outer, "dataset")
+    storage.begin_output(job)
+    storage.write_shards(_table(6), storage.join(job, "train"), rows_per_shard=5)
+    storage.write_table(_table(1), storage.join(job, "train", "part-77777.parquet"))  # outside train's manifest
+    storage.write_json({"classes": ["a"]}, storage.join(job, "metadata.json"))
+    storage.commit_output(job)
+    storage.write_table(_table(1), storage.join(job, "stray", "x.parquet"))  # after the commit: not listed
+    assert storage.manifest(job)["files"] == ["metadata.json", "train"]
+    assert [u[len(outer) + 1:] for u in storage.list_files(outer) if "/dataset/" in u] == [
+        "dataset/train/part-00000.parquet", "dataset/train/part-00001.parquet"]
+
+
+def test_a_folder_s_parent_is_a_real_folder_for_relative_paths_and_none_above_a_bucket(tmp_path, monkeypatch):
+    from pipeline.score.job import ScoreConfig, resolve_classes
+
+    assert storage.parent("s3://bucket") is None and storage.parent("gs://bucket/") is None
+    assert storage.parent("s3://bucket/a/train/") == "s3://bucket/a" and storage.parent("s3://bucket/a") == "s3://bucket"
+    assert storage.parent("/") is None and storage.parent("file:///data/train") == "file:///data"
+    data = tmp_path / "data"
+    storage.begin_output(str(data))  # a dataset whose writer died after its train split
+    storage.write_shards(_table(4), str(data / "train"))
+    storage.write_json({"classes": ["a", "b"]}, str(data / "metadata.json"))
+    monkeypatch.chdir(data)
+    assert storage.parent("train") == str(data)
+    # "train" had no parent ("" by its string): the dataset's pending mark was not looked for, nor its metadata.json.
+    with pytest.raises(storage.InputError, match=f"train: part of an incomplete output \\({data} is not committed"):
+        storage.list_files("train")
+    assert resolve_classes(ScoreConfig(input="train", output="o")) == ("a", "b")
+
+
 _REGION_PROBE = """
 import json, os, pickle, sys
 from pipeline import storage

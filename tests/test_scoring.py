@@ -420,6 +420,9 @@ def test_checkpoint_from_s3_scores_like_the_local_one(scorer, s3_bucket, tmp_pat
     check_pretrained(TINY_MODEL, None)
     with pytest.raises(ValueError, match="model.pt: no such object"):
         check_pretrained(TINY_MODEL, f"{s3_bucket}/modles/model.pt")
+    # The pre-training output's folder, not its model.pt: a prefix exists too; every actor failed on it, in Ray.
+    with pytest.raises(ValueError, match=f"--pretrained {s3_bucket}/models: a folder; name the checkpoint file"):
+        check_pretrained(TINY_MODEL, f"{s3_bucket}/models")
     # A checkpoint in a folder its writer has not committed: a pre-training run that stopped over an earlier one.
     pio.write_bytes(b"", str(tmp_path / "_PENDING"))
     with pytest.raises(ValueError, match=f"--pretrained {local}: .*incomplete output"):

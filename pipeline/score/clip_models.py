@@ -96,7 +96,10 @@ def check_pretrained(model: str, pretrained: str | None) -> None:
     if _is_url(pretrained):
         if not storage.exists(pretrained):
             raise ValueError(f"--pretrained {pretrained}: no such object")
-        _check_committed(pretrained, pretrained.rstrip("/").rsplit("/", 1)[0])
+        if storage.is_folder(pretrained):  # a prefix with objects under it: exists() is true of it too
+            raise ValueError(f"--pretrained {pretrained}: a folder; name the checkpoint file in it")
+        if storage.parent(pretrained):
+            _check_committed(pretrained, storage.parent(pretrained))
         return
     path = os.path.expanduser(pretrained)
     if os.path.isdir(path):

@@ -195,7 +195,8 @@ def resolve_classes(cfg: ScoreConfig) -> tuple[str, ...]:
     """Class names from the config, else the dataset's metadata.json next to the split folder."""
     if cfg.classes:
         return tuple(cfg.classes)
-    for meta in (storage.join(cfg.input, "metadata.json"), storage.join(cfg.input.rstrip("/").rsplit("/", 1)[0], "metadata.json")):
+    up = storage.parent(cfg.input)  # None above a bucket's root
+    for meta in [storage.join(cfg.input, "metadata.json")] + ([storage.join(up, "metadata.json")] if up else []):
         # One without class names names none (label mode then says so; caption mode needs none).
         names = storage.read_json(meta).get("classes") if storage.exists(meta) else None
         if names:
