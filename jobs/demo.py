@@ -61,8 +61,8 @@ class DemoConfig:
     reference_rows: int = option(5000, "clean rows the reference CLIP model is trained on")
     clip_epochs: int = option(16, "reference CLIP pre-training epochs")
     policies: tuple[str, ...] = option(("full", "mmdp"), "policies to train, comma-separated")
-    keep_ratio: float = option(DEFAULT_KEEP_RATIO, "--keep-ratio of jobs.train: the budget, share of full's sample "
-                                                   "passes a pruning epoch spends")
+    keep_ratio: float = option(DEFAULT_KEEP_RATIO, "--keep-ratio of jobs.train for the policies with a budget: "
+                                                   "the share of full's sample passes a pruning epoch spends")
     epochs: int = option(16, "training epochs per policy")
     workers: int = option(2, "Ray Train workers")
     seed: int = option(0, "seed for the data, the models and the plans")
@@ -76,6 +76,8 @@ class DemoConfig:
             raise ValueError(f"--policies: unknown {unknown or 'none given'}; known: {', '.join(POLICIES)}")
         if min(self.train_rows, self.reference_rows, self.clip_epochs, self.epochs, self.workers) < 1:
             raise ValueError("--train-rows, --reference-rows, --clip-epochs, --epochs and --workers must be >= 1")
+        if not 0 < self.keep_ratio <= 1:  # else the first training stage refuses it, after minutes of the others
+            raise ValueError(f"--keep-ratio must be in (0, 1], got {self.keep_ratio}")
         if "trajectory" in self.policies:  # else its training stage fails after minutes of the others' work
             raise ValueError("--policies: trajectory needs the keys of known-clean pool rows, which the demo does not "
                              "have; run jobs.train with --policy trajectory --reference-keys FILE")

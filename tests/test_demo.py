@@ -155,3 +155,14 @@ def test_trajectory_is_refused_up_front_since_the_demo_has_no_reference_keys(cap
     err = capsys.readouterr().err
     assert exc.value.code == 2 and "trajectory needs the keys of known-clean pool rows" in err
     assert "jobs.train" in err and "--reference-keys" in err
+
+
+def test_a_keep_ratio_outside_zero_to_one_is_refused_before_any_stage(capsys):
+    """The first training stage refused it, after the dataset, the reference CLIP and the scores were built."""
+    for ratio in ("0", "1.5", "-0.2"):
+        with pytest.raises(SystemExit) as exc:
+            parse_config(demo.DemoConfig, config_parser(demo.DemoConfig, ""), ["--out", "unused", "--keep-ratio", ratio])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and f"--keep-ratio must be in (0, 1], got {float(ratio)}" in err, err
+    cfg = parse_config(demo.DemoConfig, config_parser(demo.DemoConfig, ""), ["--out", "unused", "--keep-ratio", "1"])
+    assert cfg.keep_ratio == 1.0

@@ -611,6 +611,22 @@ def test_stop_after_outside_one_to_epochs_is_a_usage_error(capsys):
         assert cfg.stop_after == stop
 
 
+def test_numeric_training_flags_out_of_range_are_a_usage_error(capsys):
+    """Each failed in a Train worker after the earlier run's outputs were cleared, exit 1 after the retries
+    (torch.set_num_threads(0), SGD's lr=-1, Conv2d of -4 channels, a LossReporter of 0 reports in flight),
+    and --lr 0 trained nothing, unsaid."""
+    for argv, says in ((["--lr", "0"], "--lr must be > 0 and --weight-decay >= 0, got 0.0 and 0.0005"),
+                       (["--lr", "-1"], "--lr must be > 0"), (["--lr", "nan"], "--lr must be > 0"),
+                       (["--task", "clip", "--weight-decay", "-0.1"], "got 0.002 and -0.1"),
+                       (["--threads", "0"], "--threads and --max-reports-in-flight must be at least 1"),
+                       (["--max-reports-in-flight", "0"], "--threads and --max-reports-in-flight must be at least 1"),
+                       (["--width", "-4"], "--width must be >= 0 (0: the model's default), got -4")):
+        assert says in _usage_error(argv, capsys), argv
+    cfg = parse_config(TrainConfig, config_parser(TrainConfig, ""), [
+        "--data", "d", "--scores", "s", "--out", "o", "--width", "0", "--weight-decay", "0", "--max-failures", "-1"])
+    assert (cfg.width, cfg.weight_decay, cfg.max_failures) == (0, 0.0, -1)  # the model's default; none; Ray's forever
+
+
 def test_a_resume_that_leaves_no_epoch_to_train_is_refused_before_ray(tmp_path):
     """A checkpoint after the run's last epoch, or at --stop-after: a clear error before the pruner or the
     trainer start (Ray is not even up here), not a run that trains nothing and crashes on no checkpoint."""

@@ -65,7 +65,8 @@ class TrainConfig:
     seed: int = option(0, "seed for the model, the plans and the augmentations")
     model: str | None = option(None, "classify: resnet or cnn (default resnet); clip: an open_clip CLIP config "
                                      "name (default mmdp-ref; not SigLIP or CoCa)")
-    width: int = option(8, "channels of the model's first stage (0 = the model's default)")
+    width: int = option(8, "classify: channels of the model's first stage (0 = the model's default); the clip "
+                           "task's model is --model's config")
     batch_size: int = option(128, "samples per step per worker")
     lr: float | None = option(None, "peak learning rate, cosine schedule (default: classify 0.1, SGD with "
                                     "momentum 0.9; clip 2e-3, AdamW)")
@@ -134,6 +135,12 @@ class TrainConfig:
         # 0 or more than --epochs would train all epochs, or extra ones at learning rate 0; below 0, none.
         if self.stop_after is not None and not 1 <= self.stop_after <= self.epochs:
             raise ValueError(f"--stop-after must be in 1..{self.epochs} (--epochs), got {self.stop_after}")
+        if not (self.lr > 0 and self.weight_decay >= 0):  # NaN too
+            raise ValueError(f"--lr must be > 0 and --weight-decay >= 0, got {self.lr} and {self.weight_decay}")
+        if self.threads < 1 or self.max_reports_in_flight < 1:
+            raise ValueError("--threads and --max-reports-in-flight must be at least 1")
+        if self.width < 0:
+            raise ValueError(f"--width must be >= 0 (0: the model's default), got {self.width}")
         if self.eval_every < 1 or self.checkpoint_every < 1:
             raise ValueError("--eval-every and --checkpoint-every must be >= 1")
         if self.shuffle_buffer < 0:
