@@ -81,8 +81,8 @@ def contrastive_config(model: str, flag: str = "--model") -> dict:
 
 def check_pretrained(model: str, pretrained: str | None) -> None:
     """Refuse a ``--model`` open_clip does not know, or a ``--pretrained`` that names no weights: neither an
-    object that exists (one request), nor a file on this machine, nor one of open_clip's tags for ``model``;
-    or a checkpoint in a folder its writer has not committed (``_PENDING``: a pre-training that stopped or
+    object that exists (not a folder: a prefix exists too), nor a file on this machine, nor one of open_clip's
+    tags for ``model``; or a checkpoint in a folder its writer has not committed (``_PENDING``: a pre-training that stopped or
     still runs, over an earlier checkpoint of the same name).
 
     What :func:`load_clip` would otherwise find only in the actors, after a job has taken over its output.
