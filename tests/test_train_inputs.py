@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import shutil
 
 import numpy as np
@@ -70,19 +71,50 @@ def _through_ray_data(table: pa.Table, *steps) -> list[dict]:
 
 # ------------------------------------------------------------------ labels and images (--task classify)
 
-def test_a_train_row_without_a_label_stops_training_with_its_key_not_an_index_error(caption_scored, tmp_path):
-    """Caption-mode scores keep rows without a label; classify training on them failed in the loss with
-    "Target -9223372036854775808 is out of bounds" (the null cast to int64), naming no row."""
+def test_train_rows_without_a_label_are_refused_before_the_run_when_scored_in_caption_mode(
+        caption_scored, tmp_path, capsys):
+    """Caption-mode scores keep rows without a label; classify training on them stopped at the first such row
+    (once at "Target -9223372036854775808 is out of bounds", then at the decode stage's error naming it), exit 1
+    after Ray Train's retries, the earlier run's outputs cleared. The train split's footers tell first, as do
+    those of a shard without the label column (img2dataset's parquet without cls: every row unlabelled)."""
     data, scores, _ = caption_scored
-    with pytest.raises(Exception) as failed:
-        train_job.main(["--data", data, "--scores", scores, "--out", str(tmp_path / "run"), "--epochs", "1",
-                        "--workers", "1", "--batch-size", "16", "--warmup-steps", "1", "--max-failures", "0",
-                        "--policy", "full"])
-    summary, (failure,) = str(failed.value), failed.value.worker_failures.values()
-    assert f"train row '{NULL_KEY}': no label (null); classify training needs every row labelled: " \
-           "score in label mode" in str(failure)
-    assert f"'{NULL_KEY}': no label (null)" in summary  # in the short summary Ray Train raises, too
-    assert "out of bounds" not in summary
+    fix = ("classify training needs every train row labelled with one of the classes: score the split in label "
+           "mode (it rejects such rows, with the reason), fix the split, or train with --task clip")
+    out = _earlier_run(tmp_path)
+    argv = ["--scores", scores, "--out", out, "--epochs", "1", "--workers", "1", "--policy", "full"]
+    rc = train_job.main(["--data", data, *argv])
+    err = capsys.readouterr().err
+    classes = len(storage.read_json(f"{data}/metadata.json")["classes"])
+    assert rc == 2 and re.search(rf"{data}/train/part-0000\d\.parquet: 1 train rows the scores kept have no label of "
+                                 rf"the {classes} classes \(a null label, or one outside 0\.\.{classes - 1}\), the "
+                                 rf"first '{NULL_KEY}'; ", err), err
+    assert fix in err
+    assert "Traceback" not in err and _still_committed(out)
+    copy = str(tmp_path / "no-label-column")
+    shutil.copytree(data, copy)
+    train = storage.read_table(f"{copy}/train")
+    storage.write_shards(train.drop_columns(["label"]), f"{copy}/train", rows_per_shard=40)
+    rc = train_job.main(["--data", copy, *argv])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"/train/part-00000.parquet: 40 train rows the scores kept have no label column 'label' " \
+                       f"(--columns names the label's column), the first 'train-" in err and fix in err, err
+    assert _still_committed(out)
+    # A row the score job rejected is never trained on: its missing label refuses nothing.
+    from pipeline.data.contract import ColumnMapping
+    from pipeline.train.config import TrainConfig
+    from pipeline.train.driver import check_train_labels
+
+    rejecting = str(tmp_path / "scores-rejecting")
+    shutil.copytree(scores, rejecting)
+    kept = storage.read_table(f"{rejecting}/scores")
+    storage.write_shards(kept.filter(pa.array([k != NULL_KEY for k in kept.column("key").to_pylist()])),
+                         f"{rejecting}/scores")
+    storage.write_shards(pa.table({"key": [NULL_KEY], "reason": ["no image"]}), f"{rejecting}/rejects")
+    check_train_labels(TrainConfig(data=data, scores=rejecting, out="o"), ColumnMapping(), classes)
+    with pytest.raises(ValueError, match=f"the first '{NULL_KEY}'"):
+        check_train_labels(TrainConfig(data=data, scores=scores, out="o"), ColumnMapping(), classes)
+    # The clip task reads no label: the same split trains there.
+    assert train_job.main(["--data", data, *argv, "--out", str(tmp_path / "clip"), "--task", "clip"]) == 0
 
 
 def test_train_rows_with_a_null_or_out_of_range_label_are_refused_by_the_decode_stage(ray_session):
@@ -178,6 +210,45 @@ def test_a_column_spec_naming_a_column_no_shard_has_is_refused_before_the_run_fo
         err = capsys.readouterr().err
         assert rc == 2 and says in err, err
         assert _still_committed(out)
+
+
+def test_scores_of_as_many_other_rows_are_refused_by_their_keys_before_the_run(caption_scored, tmp_path, capsys):
+    """The scores of another split of the same size (jobs.make_dataset --limit makes both splits that size) passed
+    the row count: training found no row's index, trained on nothing every epoch, and exited 0."""
+    from pipeline.data.contract import ColumnMapping
+    from pipeline.train.config import TrainConfig
+    from pipeline.train.driver import check_keys_scored
+
+    data, scores, n = caption_scored
+    copy = str(tmp_path / "other-rows")
+    shutil.copytree(data, copy)
+    train = storage.read_table(f"{copy}/train")
+    keys = [k.replace("train-", "other-") for k in train.column("key").to_pylist()]
+    storage.write_shards(train.set_column(train.schema.get_field_index("key"), "key", pa.array(keys)),
+                         f"{copy}/train", rows_per_shard=40)
+    out = _earlier_run(tmp_path)
+    rc = train_job.main(["--data", copy, "--scores", scores, "--out", out, "--epochs", "1", "--workers", "1",
+                         "--task", "clip"])
+    err = capsys.readouterr().err
+    first = sorted(k for k in keys[:40])
+    assert rc == 2 and f"--scores {scores} holds none of the keys {first[0]!r}, {first[20]!r}, {first[-1]!r} of " \
+                       f"{copy}/train/part-00000.parquet, scored or rejected: they are the scores of other rows" \
+                       in err, err
+    assert "Traceback" not in err and _still_committed(out)
+    # The split's own scores pass, and so do scores that hold the shard's keys among their rejects alone.
+    check_keys_scored(TrainConfig(data=data, scores=scores, out="o", task="clip"), ColumnMapping())
+    partial = str(tmp_path / "scores-rejecting")
+    shutil.copytree(scores, partial)
+    first = set(storage.read_table(f"{data}/train/part-00000.parquet").column("key").to_pylist())
+    scored = storage.read_table(f"{partial}/scores")
+    storage.write_shards(scored.filter(pa.array([k not in first for k in scored.column("key").to_pylist()])),
+                         f"{partial}/scores")
+    storage.write_shards(pa.table({"key": sorted(first), "reason": ["image not decodable"] * len(first)}),
+                         f"{partial}/rejects")
+    check_keys_scored(TrainConfig(data=data, scores=partial, out="o", task="clip"), ColumnMapping())
+    storage.write_shards(pa.table({"key": ["train-999999"], "reason": ["image not decodable"]}), f"{partial}/rejects")
+    with pytest.raises(ValueError, match=f"holds none of the keys 'train-.* of {data}/train/part-00000.parquet"):
+        check_keys_scored(TrainConfig(data=data, scores=partial, out="o", task="clip"), ColumnMapping())
 
 
 def test_a_signal_missing_on_more_than_half_the_rows_is_refused_below_it_kept():

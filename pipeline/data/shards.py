@@ -279,6 +279,33 @@ def _column_stats(file_url: str, columns: list[str], size: int | None) -> dict[s
     return out
 
 
+def string_ranges(files: list[str], column: str) -> list[tuple[str, str] | tuple[()] | None]:
+    """``(lowest, highest)`` of a string ``column`` in each parquet file, from its footer's statistics alone
+    (:data:`READ_THREADS` footers at a time); ``()`` for a file with no value in it (no rows, or nulls
+    alone); None for a file without the column, or with a row group that kept no range (values longer
+    than the writer keeps statistics for)."""
+    sizes = listed_sizes(files)
+
+    def one(file_url: str) -> tuple[str, str] | tuple[()] | None:
+        metadata = _footer(file_url, sizes.get(file_url)).metadata
+        names = [metadata.schema.column(i).path for i in range(metadata.num_columns)]
+        if column not in names:
+            return None
+        at, low, high = names.index(column), None, None
+        for g in range(metadata.num_row_groups):
+            chunk = metadata.row_group(g).column(at)
+            st = chunk.statistics
+            if st is not None and st.has_null_count and st.null_count == chunk.num_values:
+                continue  # nulls alone: no range, and none needed
+            if st is None or not st.has_min_max:
+                return None
+            lo, hi = (v.decode("utf-8", "backslashreplace") if isinstance(v, bytes) else str(v) for v in (st.min, st.max))
+            low, high = (lo, hi) if low is None else (min(low, lo), max(high, hi))
+        return () if low is None else (low, high)
+
+    return _each(one, files)
+
+
 def _folder_of(files: list[str]) -> str:
     """The folder that holds every one of ``files`` (URLs or paths; subfolders of a split included)."""
     return os.path.commonprefix([f.rpartition("/")[0] + "/" for f in files]).rpartition("/")[0]

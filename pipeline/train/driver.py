@@ -251,8 +251,10 @@ def check_inputs(cfg: TrainConfig) -> None:
     without class names; a ``--columns`` spec naming a column no shard of a split has
     (:func:`~pipeline.data.shards.check_named_columns`); ``--signal clip_margin`` on scores made in caption
     mode (their ``config.json``); a test row without an image, or in classify training without a label of one
-    of the classes, as far as the footers tell (:func:`check_test_split`); scores of other
-    rows than the train split's (:func:`check_scores_match`); a
+    of the classes, as far as the footers tell (:func:`check_test_split`); in classify training on scores
+    made in caption mode, such a train row too (:func:`check_train_labels`); scores of other
+    rows than the train split's (:func:`check_scores_match` by their count, :func:`check_keys_scored` by
+    their keys); a
     checkpoint that cannot resume (:func:`check_checkpoint`). (The signal's values and every shard's footer
     are checked once the run reads them.)
 
@@ -275,7 +277,10 @@ def check_inputs(cfg: TrainConfig) -> None:
     if cfg.signal == "clip_margin" and score_mode(cfg.scores) == "caption":
         raise ValueError(f"--signal clip_margin: {cfg.scores} was scored in caption mode (its config.json), and "
                          f"{NO_CAPTION_MARGIN}")
+    if cfg.task == "classify" and score_mode(cfg.scores) == "caption":
+        check_train_labels(cfg, mapping, len(classes))
     check_scores_match(cfg)
+    check_keys_scored(cfg, mapping)
     if cfg.resume_from:
         check_checkpoint(dataclasses.replace(cfg, resume_from=resume_checkpoint(cfg.resume_from)))
 
@@ -298,17 +303,90 @@ def check_test_split(test: str, mapping: ColumnMapping, num_classes: int | None 
         raise ValueError(f"{test}: {missing:,} rows have no image (a null {mapping.image}, as img2dataset keeps its "
                          "failed downloads); the test accuracy counts every test row: leave them out of the test "
                          "split (python -m jobs.make_dataset does) and train again")
-    if num_classes is None:
-        return
-    fix = "test accuracy needs every test row labelled with one of the classes: fix the test split"
-    unlabelled = sum(s[mapping.label].nulls for _, s in stats if mapping.label in s)
+    if num_classes is not None:
+        check_labels(test, stats, mapping.label, num_classes,
+                     "test accuracy needs every test row labelled with one of the classes: fix the test split")
+
+
+def check_labels(split: str, stats: list, label: str, num_classes: int, fix: str) -> None:
+    """Refuse, by a split's parquet footer ``stats`` (:func:`~pipeline.data.shards.footer_stats`, with the
+    ``label`` column asked for), a shard without the label column, rows with a null label, or a shard whose
+    integer labels reach outside ``0..num_classes-1``; ``fix`` says what to do.
+
+    Raises:
+        ValueError: the shard or the count, and ``fix``.
+    """
+    without = [file_url for file_url, s in stats if label not in s]
+    if without:
+        more = (f" (and {len(without) - 1:,} more shard{'s' if len(without) > 2 else ''})"
+                if len(without) > 1 else "")
+        raise ValueError(f"{without[0]}{more}: no label column {label!r} (--columns names the label's column); "
+                         f"{fix}")
+    unlabelled = sum(s[label].nulls for _, s in stats)
     if unlabelled:
-        raise ValueError(f"{test}: {unlabelled:,} rows have no label (a null {mapping.label}); {fix}")
+        raise ValueError(f"{split}: {unlabelled:,} rows have no label (a null {label}); {fix}")
     for file_url, s in stats:
-        label = s.get(mapping.label)
-        if label is not None and label.low is not None and (label.low < 0 or label.high >= num_classes):
-            raise ValueError(f"{file_url}: labels {label.low}..{label.high}, not all among the {num_classes} classes "
-                             f"(0..{num_classes - 1}); {fix}")
+        if s[label].low is not None and (s[label].low < 0 or s[label].high >= num_classes):
+            raise ValueError(f"{file_url}: labels {s[label].low}..{s[label].high}, not all among the {num_classes} "
+                             f"classes (0..{num_classes - 1}); {fix}")
+
+
+def check_train_labels(cfg: TrainConfig, mapping: ColumnMapping, num_classes: int) -> None:
+    """Classify training on scores made in caption mode, which keeps rows without a usable label (label
+    mode rejects them, with the reason): refuse a train row the run would train on without a label of one
+    of the classes, before the run (else the first one stops training, exit 1 after Ray Train's retries).
+    The footers flag the shards (no label column, null labels, a label range outside the classes); only
+    those are read, and a flagged row the score job rejected (no image, nor a caption or label) is never
+    trained on and passes. Tars, and labels the statistics do not range, are checked as training reads them.
+
+    Raises:
+        ValueError: the shard, the count and the first key, and what to do.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from pipeline.score.commit import REJECTS
+
+    fix = ("classify training needs every train row labelled with one of the classes: score the split in label "
+           "mode (it rejects such rows, with the reason), fix the split, or train with --task clip")
+    label, stats = mapping.label, footer_stats(storage.join(cfg.data, "train"), [mapping.label])
+    flagged = [url for url, st in stats if label not in st or st[label].nulls
+               or (st[label].low is not None and (st[label].low < 0 or st[label].high >= num_classes))]
+    if not flagged:
+        return
+    rejected = _keys_of(storage.join(cfg.scores, REJECTS))
+    for url in flagged:
+        table = storage.read_table(url, columns=[mapping.key] + ([label] if label in dict(stats)[url] else []))
+        try:
+            keys = table.column(mapping.key).cast(pa.string())
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            return  # keys as bytes that are not text: training's own check names the row
+        if label in table.column_names:
+            values = table.column(label)
+            bad = pc.is_null(values, nan_is_null=True)
+            if pa.types.is_integer(values.type):  # the footers range integers alone
+                bad = pc.or_(bad, pc.fill_null(pc.or_(pc.less(values, 0), pc.greater_equal(values, num_classes)),
+                                               False))
+            keys = keys.filter(bad)
+        keys = keys.filter(pc.invert(pc.is_in(keys, value_set=rejected)))
+        if len(keys):
+            what = (f"no label of the {num_classes} classes (a null {label}, or one outside 0..{num_classes - 1})"
+                    if label in table.column_names else
+                    f"no label column {label!r} (--columns names the label's column)")
+            raise ValueError(f"{url}: {len(keys):,} train rows the scores kept have {what}, the first "
+                             f"{keys[0].as_py()!r}; {fix}")
+
+
+def _keys_of(folder: str):
+    """The keys (an Arrow string array) of the parquet shards in ``folder``; empty where there are none."""
+    import pyarrow as pa
+
+    try:
+        files = storage.list_files(folder)
+    except storage.InputError:  # none written
+        return pa.array([], pa.string())
+    columns = [storage.read_table(url, columns=[KEY]).column(KEY) for url in files]
+    return pa.chunked_array([c for column in columns for c in column.chunks], pa.string()).combine_chunks()
 
 
 def score_mode(scores: str) -> str | None:
@@ -341,6 +419,56 @@ def check_scores_match(cfg: TrainConfig) -> None:
         raise ValueError(f"--scores {cfg.scores} scored or rejected {accounted:,} rows (its summary.json), but "
                          f"{train} holds {rows:,}{counted}: they are the scores of other rows. Score this split "
                          f"(python -m jobs.score --input {train} ...) and pass that output")
+
+
+def check_keys_scored(cfg: TrainConfig, mapping: ColumnMapping) -> None:
+    """Refuse ``--scores`` that hold none of three keys of the train split's first parquet shard (its
+    lowest, middle and highest), scored or rejected: another split's scores of the same row count
+    (``jobs.make_dataset --limit`` makes both splits that size) pass :func:`check_scores_match`, and
+    training then found no row's index (``index_stage`` leaves rows without a score out, as rejects):
+    every epoch trained on nothing, the run exited 0. Read: that shard's key column, the key column of the
+    score files whose footer key ranges hold the three keys, and the rejects' keys. Tars, and score files
+    without key statistics, are not checked here.
+
+    Raises:
+        ValueError: naming the shard, the scores and what to do.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from pipeline.data.shards import string_ranges
+    from pipeline.score.commit import REJECTS, SCORES
+
+    kind, files = list_shards(storage.join(cfg.data, "train"))
+    if kind != "parquet" or not files:
+        return
+    try:
+        keys = pc.unique(storage.read_table(files[0], columns=[mapping.key]).column(mapping.key).cast(pa.string()))
+    except (KeyError, pa.ArrowInvalid, pa.ArrowNotImplementedError, storage.InputError):
+        return  # no such column, keys as bytes that are not text, a bad shard: the read path's checks name them
+    keys = keys.drop_null()
+    if not len(keys):
+        return
+    scored = storage.list_files(storage.join(cfg.scores, SCORES))
+    ranges = string_ranges(scored, KEY)
+    if any(r is None for r in ranges):
+        return  # a file that does not range its keys: telling would read every such file
+    # Three of the shard's keys (its lowest, middle and highest), each looked for in the score files whose
+    # key range holds it (one, as the score job writes them) and in the rejects: the scores of these rows
+    # hold every one, scored or rejected; another split's hold none.
+    ordered = keys.take(pc.array_sort_indices(keys))
+    sample = sorted({ordered[0].as_py(), ordered[len(ordered) // 2].as_py(), ordered[-1].as_py()})
+    holding = sorted({url for url, r in zip(scored, ranges) for key in sample if r and r[0] <= key <= r[1]})
+    wanted = pa.array(sample, pa.string())
+    held = (lambda column: len(column) and pc.any(pc.is_in(wanted, value_set=column.cast(pa.string()))).as_py())
+    if any(held(storage.read_table(url, columns=[KEY]).column(KEY).combine_chunks()) for url in holding):
+        return
+    if held(_keys_of(storage.join(cfg.scores, REJECTS))):  # read only where the scored rows lack them
+        return
+    raise ValueError(f"--scores {cfg.scores} holds none of the keys {', '.join(map(repr, sample))} of "
+                     f"{files[0]}, scored or rejected: they are the scores of other rows (another split of as many "
+                     f"rows?). Score this split (python -m jobs.score --input {storage.join(cfg.data, 'train')} "
+                     "...) and pass that output")
 
 
 def tar_index_folder(cfg: TrainConfig) -> str:
