@@ -43,7 +43,7 @@ import pyarrow as pa
 from pipeline import storage
 from pipeline.cli import HELP, check_apart, check_shared_paths, connect_ray, option, run_job
 from pipeline.data import reference
-from pipeline.data.contract import SHARD_SCHEMA, ColumnMapping
+from pipeline.data.contract import READ_SCHEMA, ColumnMapping
 from pipeline.data.noise import NOISE_KINDS, parse_noise_spec
 from pipeline.data.shards import class_names, in_file_order, read_shards, shard_files
 
@@ -148,10 +148,18 @@ def run(config: MakeDatasetConfig) -> None:
 
 
 def read_rows(source: str, columns: str) -> pa.Table:
-    """Every row of the shards at ``source`` in the contract, in file order (so the dataset depends on the seed only)."""
+    """Every row of the shards at ``source`` in the contract, in file order (so the dataset depends on the seed
+    only), with :data:`~pipeline.data.contract.BAD_LABEL` (a label's text where it is not an integer).
+
+    Raises:
+        ValueError: the shards hold no row.
+    """
     with in_file_order():
         batches = read_shards(source, columns).iter_batches(batch_size=4096, batch_format="pyarrow")
-        return pa.concat_tables([b.select(list(SHARD_SCHEMA.names)).cast(SHARD_SCHEMA) for b in batches])
+        tables = [b.select(list(READ_SCHEMA.names)).cast(READ_SCHEMA) for b in batches]
+    if not sum(t.num_rows for t in tables):
+        raise ValueError(f"--source {source}: its shards hold no rows: nothing to build a dataset from")
+    return pa.concat_tables(tables)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,6 +6,7 @@ import io as bytesio
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import ray.data
 from PIL import Image
@@ -250,6 +251,31 @@ def test_unlabelled_shards_are_refused_by_name(ray_session, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "40 of 40 rows have no label" in err and "Traceback" not in err
     assert not storage.is_complete(str(tmp_path / "out"))
+
+
+def test_labels_that_are_not_integers_are_named_as_such_and_a_source_without_rows_is_refused(ray_session, tmp_path,
+                                                                                              capsys):
+    """A `cls` of `cat` was reported as a missing label, "map one with --columns", to a user who had mapped it;
+    shards without a row failed in pa.concat_tables, naming nothing."""
+    rows = ds.make_synthetic(n=80, seed=2).splits["train"]
+    labels = [f"{v}\n" for v in rows.column("label").to_pylist()]
+    labels[3] = "cat\n"
+    src = str(tmp_path / "src")
+    storage.write_shards(pa.table({"key": rows.column("key"), "jpg": rows.column("image"), "txt": rows.column("caption"),
+                                   "cls": pa.array(labels)}), src, rows_per_shard=25)
+    argv = ["--columns", "img2dataset", "--classes", "a,b,c,d", "--reference-size", "5", "--test-size", "5"]
+    code = main(["--out", str(tmp_path / "out"), "--source", src, *argv])
+    err = capsys.readouterr().err
+    key = rows.column("key")[3].as_py()
+    assert code == 2 and f"1 of {rows.num_rows} rows have a label that is not an integer (first: {key!r} with " \
+                         "'cat'); label noise needs a class index on every row, 0..3" in err, err
+    assert "have no label" not in err and "Traceback" not in err
+    empty = str(tmp_path / "empty")
+    storage.write_shards(pa.table({"key": pa.array([], pa.string()), "jpg": pa.array([], pa.binary()),
+                                   "txt": pa.array([], pa.string()), "cls": pa.array([], pa.string())}), empty)
+    code = main(["--out", str(tmp_path / "out2"), "--source", empty, *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and f"--source {empty}: its shards hold no rows" in err and "Traceback" not in err, err
 
 
 def test_an_out_over_the_source_is_refused_before_anything_is_written(tmp_path, capsys):

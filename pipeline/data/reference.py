@@ -29,7 +29,7 @@ import pyarrow as pa
 from PIL import Image, ImageDraw
 
 from pipeline import storage
-from pipeline.data.contract import CAPTION, IMAGE, KEY, LABEL, SHARD_SCHEMA, has_caption
+from pipeline.data.contract import BAD_LABEL, CAPTION, IMAGE, KEY, LABEL, SHARD_SCHEMA, has_caption
 from pipeline.data.tars import write_tars
 from pipeline.data.noise import (
     corrupt_png, decodes, format_noise_spec, inject_noise, measured_noise, parse_noise_spec, stream_rng,
@@ -443,6 +443,12 @@ def images_from_rows(rows: pa.Table, classes: tuple[str, ...]) -> tuple[Images, 
         rows = rows.filter(pa.array([p is None for p in problems], pa.bool_()))
         keys = rows.column(KEY).to_pylist()
     labels = rows.column(LABEL).to_pylist()
+    texts = rows.column(BAD_LABEL).to_pylist() if BAD_LABEL in rows.column_names else [None] * len(keys)
+    not_integers = [(k, t) for k, v, t in zip(keys, labels, texts) if v is None and t is not None]
+    if not_integers:
+        raise ValueError(f"{len(not_integers)} of {len(keys)} rows have a label that is not an integer (first: "
+                         f"{not_integers[0][0]!r} with {not_integers[0][1]!r}); label noise needs a class index on "
+                         f"every row, 0..{len(classes) - 1}: write the labels as integers")
     missing = [k for k, v in zip(keys, labels) if v is None]
     if missing:
         raise ValueError(f"{len(missing)} of {len(keys)} rows have no label (first: {missing[0]!r}); label noise "
