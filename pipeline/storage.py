@@ -272,8 +272,8 @@ def commit_output(dir_url: str, files: list[str] | None = None, rows: int | None
         # The first part of every path under it: a store's listing of one level may leave out folders that
         # exist only as prefixes of objects (as GCS's emulator does), a recursive one names their objects.
         found = fs.get_file_info(pafs.FileSelector(path, recursive=True))
-        files = sorted({info.path[len(path):].lstrip("/").split("/")[0] for info in found} - {""})
-        files = [name for name in files if not name.startswith(("_", "."))]
+        files = {info.path[len(path):].lstrip("/").split("/")[0] for info in found}
+        files = [name for name in files if name and not name.startswith(("_", "."))]
     manifest = {"files": sorted(files)}
     if rows is not None:
         manifest["rows"] = int(rows)
@@ -386,11 +386,11 @@ def list_files(url: str, suffixes: tuple[str, ...] = (".parquet",), others: tupl
     if committed is not None:
         return [join(url, name) for name in committed["files"] if name.endswith(suffixes)]
     selector = pafs.FileSelector(path, recursive=True)
-    entries = [(entry.path[len(path):].lstrip("/"), entry) for entry in fs.get_file_info(selector)
+    entries = [entry.path[len(path):].lstrip("/") for entry in fs.get_file_info(selector)
                if entry.type == pafs.FileType.File]
     # A subfolder a job writes (its pending mark, or its manifest) is read as its writer left it: refused
     # while pending, its manifest's files alone once committed (a stray file beside them is not data).
-    marks = [rel.rpartition("/") for rel, _ in entries
+    marks = [rel.rpartition("/") for rel in entries
              if "/" in rel and not any(p.startswith(("_", ".")) for p in rel.split("/")[:-1])]
     pending = sorted(folder for folder, _, name in marks if name == PENDING)
     if pending:
@@ -412,7 +412,7 @@ def list_files(url: str, suffixes: tuple[str, ...] = (".parquet",), others: tupl
         return True
 
     found = []
-    for rel, entry in entries:
+    for rel in entries:
         if any(p.startswith(("_", ".")) for p in rel.split("/")):
             continue
         if not listed(rel):

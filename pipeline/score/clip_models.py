@@ -98,8 +98,9 @@ def check_pretrained(model: str, pretrained: str | None) -> None:
             raise ValueError(f"--pretrained {pretrained}: no such object")
         if storage.is_folder(pretrained):  # a prefix with objects under it: exists() is true of it too
             raise ValueError(f"--pretrained {pretrained}: a folder; name the checkpoint file in it")
-        if storage.parent(pretrained):
-            _check_committed(pretrained, storage.parent(pretrained))
+        folder = storage.parent(pretrained)
+        if folder:
+            _check_committed(pretrained, folder)
         return
     path = os.path.expanduser(pretrained)
     if os.path.isdir(path):

@@ -274,10 +274,11 @@ def check_inputs(cfg: TrainConfig) -> None:
     for split in ("train", "test"):
         check_named_columns(storage.join(cfg.data, split), mapping, tuple(split_fields(cfg.task == "clip")))
     check_test_split(storage.join(cfg.data, "test"), mapping, len(classes) if cfg.task == "classify" else None)
-    if cfg.signal == "clip_margin" and score_mode(cfg.scores) == "caption":
+    mode = score_mode(cfg.scores)
+    if cfg.signal == "clip_margin" and mode == "caption":
         raise ValueError(f"--signal clip_margin: {cfg.scores} was scored in caption mode (its config.json), and "
                          f"{NO_CAPTION_MARGIN}")
-    if cfg.task == "classify" and score_mode(cfg.scores) == "caption":
+    if cfg.task == "classify" and mode == "caption":
         check_train_labels(cfg, mapping, len(classes))
     check_scores_match(cfg)
     check_keys_scored(cfg, mapping)
@@ -326,9 +327,15 @@ def check_labels(split: str, stats: list, label: str, num_classes: int, fix: str
     if unlabelled:
         raise ValueError(f"{split}: {unlabelled:,} rows have no label (a null {label}); {fix}")
     for file_url, s in stats:
-        if s[label].low is not None and (s[label].low < 0 or s[label].high >= num_classes):
+        if _outside_classes(s[label], num_classes):
             raise ValueError(f"{file_url}: labels {s[label].low}..{s[label].high}, not all among the {num_classes} "
                              f"classes (0..{num_classes - 1}); {fix}")
+
+
+def _outside_classes(stats, num_classes: int) -> bool:
+    """Whether a label column's footer range (:class:`~pipeline.data.shards.ColumnStats`) reaches outside
+    ``0..num_classes-1`` (False where the footers kept no range)."""
+    return stats.low is not None and (stats.low < 0 or stats.high >= num_classes)
 
 
 def check_train_labels(cfg: TrainConfig, mapping: ColumnMapping, num_classes: int) -> None:
@@ -349,14 +356,14 @@ def check_train_labels(cfg: TrainConfig, mapping: ColumnMapping, num_classes: in
 
     fix = ("classify training needs every train row labelled with one of the classes: score the split in label "
            "mode (it rejects such rows, with the reason), fix the split, or train with --task clip")
-    label, stats = mapping.label, footer_stats(storage.join(cfg.data, "train"), [mapping.label])
-    flagged = [url for url, st in stats if label not in st or st[label].nulls
-               or (st[label].low is not None and (st[label].low < 0 or st[label].high >= num_classes))]
+    label, stats = mapping.label, dict(footer_stats(storage.join(cfg.data, "train"), [mapping.label]))
+    flagged = [url for url, st in stats.items()
+               if label not in st or st[label].nulls or _outside_classes(st[label], num_classes)]
     if not flagged:
         return
     rejected = _keys_of(storage.join(cfg.scores, REJECTS))
     for url in flagged:
-        table = storage.read_table(url, columns=[mapping.key] + ([label] if label in dict(stats)[url] else []))
+        table = storage.read_table(url, columns=[mapping.key] + ([label] if label in stats[url] else []))
         try:
             keys = table.column(mapping.key).cast(pa.string())
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
