@@ -183,7 +183,7 @@ def noise_shares(cfg: NoiseShareConfig) -> dict:
 
     modes = (("label", "clip_margin"), ("caption", "clip_score"))
     decoder = ImageDecoder(cfg.clip_model, cfg.clip_pretrained)
-    scorers = {}  # (mode, classes) -> ClipScorer, each model loaded once
+    scorers = {}  # (mode, (classes, templates)) -> ClipScorer, each model loaded once
     rows = []
     for spec in cfg.noise:
         for seed in cfg.seeds:
@@ -191,16 +191,18 @@ def noise_shares(cfg: NoiseShareConfig) -> dict:
             train = pool.splits["train"]
             corrupted = pool.ground_truth.column("corruption").to_numpy(zero_copy_only=False).astype(str) != "none"
             columns = {name: train.column(name).to_numpy(zero_copy_only=False) for name in train.column_names}
-            classes = tuple(pool.metadata["classes"])
+            # The label prompts the score job builds: the pool's metadata.json names its class names and templates.
+            prompts = tuple(pool.metadata["classes"]), tuple(pool.metadata.get("templates") or ())
             for mode, _ in modes:
-                if (mode, classes) not in scorers:
-                    scorers[mode, classes] = ClipScorer(cfg.clip_model, cfg.clip_pretrained, mode=mode,
-                                                        classes=list(classes), num_threads=cfg.threads)
+                if (mode, prompts) not in scorers:
+                    scorers[mode, prompts] = ClipScorer(cfg.clip_model, cfg.clip_pretrained, mode=mode,
+                                                        classes=list(prompts[0]), templates=list(prompts[1]) or None,
+                                                        num_threads=cfg.threads)
             scored_batches = {signal: [] for _, signal in modes}
             for i in range(0, train.num_rows, cfg.batch_size):
                 decoded = decoder({k: v[i:i + cfg.batch_size] for k, v in columns.items()})  # once, for both modes
                 for mode, signal in modes:
-                    scored_batches[signal].append(scorers[mode, classes](decoded)[signal])
+                    scored_batches[signal].append(scorers[mode, prompts](decoded)[signal])
             for mode, signal in modes:
                 values = np.concatenate(scored_batches[signal]).astype(np.float64)
                 # Rows the scorer could not score (a corrupt image) are not the estimate's: counted apart.

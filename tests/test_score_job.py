@@ -16,11 +16,11 @@ from PIL import Image
 from jobs import score as score_job
 from pipeline import storage
 from pipeline.data.reference import make_synthetic, write_dataset
-from pipeline.data.contract import SHARD_SCHEMA
+from pipeline.data.contract import DEFAULT_TEMPLATES, SHARD_SCHEMA
 from pipeline.score.clip_models import load_clip, save_checkpoint
 from pipeline.data.validate import NOT_AN_INTEGER_LABEL
 from pipeline.score.job import (ScoreConfig, actor_resources, actor_threads, decodes_in_actors, in_flight_bytes,
-                                resolve_classes, score)
+                                resolve_classes, resolve_templates, score)
 from pipeline.score.scorer import ClipScorer, ImageDecoder, TensorImageDecoder
 from shardfiles import tar_bytes
 
@@ -41,9 +41,10 @@ def tiny_ckpt(tmp_path_factory):
     return path
 
 
-def _direct_scores(rows: pa.Table, ckpt: str, mode: str, classes=None) -> dict[str, tuple[float, float]]:
+def _direct_scores(rows: pa.Table, ckpt: str, mode: str, classes=None, templates=None) -> dict[str, tuple[float, float]]:
     batch = {k: np.asarray(rows.column(k).to_pylist(), dtype=object) for k in rows.column_names}
-    scored = ClipScorer("mmdp-tiny", ckpt, mode=mode, classes=classes)(ImageDecoder("mmdp-tiny")(batch))
+    scored = ClipScorer("mmdp-tiny", ckpt, mode=mode, classes=classes, templates=templates)(
+        ImageDecoder("mmdp-tiny")(batch))
     return {k: (s, m) for k, s, m in zip(batch["key"], scored["clip_score"], scored["clip_margin"])}
 
 
@@ -61,8 +62,10 @@ def test_score_job_equals_direct_scorer(ray_session, synthetic, tiny_ckpt, tmp_p
     assert ray.data.DataContext.get_current().execution_options.resource_limits == limits
     scores = storage.read_table(storage.join(out, "scores"))
     rows = storage.read_table(storage.join(synthetic, "train"))
-    classes = storage.read_json(storage.join(synthetic, "metadata.json"))["classes"]
-    expected = _direct_scores(rows, tiny_ckpt, mode, classes)
+    # Label prompts: the class names and templates the dataset's metadata.json names (not mmdp's default ones).
+    metadata = storage.read_json(storage.join(synthetic, "metadata.json"))
+    assert metadata["templates"] and set(metadata["templates"]) != set(DEFAULT_TEMPLATES)
+    expected = _direct_scores(rows, tiny_ckpt, mode, metadata["classes"], metadata["templates"])
     assert scores.num_rows == rows.num_rows == len(expected)
     assert (np.asarray(scores.column("status").to_pylist()) == "ok").all()
     for key, s, m in zip(scores.column("key").to_pylist(), scores.column("clip_score").to_pylist(),
@@ -409,3 +412,25 @@ def test_a_metadata_json_without_class_names_names_none(tmp_path):
     # The dataset's own metadata.json, beside the split, still names them.
     storage.write_json({"classes": ["cat", "dog"]}, str(tmp_path / "data" / "metadata.json"))
     assert resolve_classes(cfg) == ("cat", "dog")
+
+
+def test_label_prompts_templates_come_from_the_flag_else_the_metadata_else_the_default_and_need_a_slot(
+        ray_session, tmp_path, capsys):
+    data = tmp_path / "data"
+    write_dataset(make_synthetic(n=20, seed=1), str(data), rows_per_shard=10)
+    cfg = ScoreConfig(input=str(data / "train"), output=str(tmp_path / "out"), mode="label")
+    named = tuple(storage.read_json(str(data / "metadata.json"))["templates"])
+    assert resolve_templates(cfg) == named != DEFAULT_TEMPLATES
+    assert resolve_templates(replace(cfg, templates=("a sketch of a {}.",))) == ("a sketch of a {}.",)
+    storage.write_json({"classes": ["cat", "dog"]}, str(data / "metadata.json"))
+    assert resolve_templates(cfg) == DEFAULT_TEMPLATES
+    # A template with no slot for the class name would give every class one prompt: refused, from either source.
+    with pytest.raises(ValueError, match="--templates: templates need {} where the class name goes, not 'a cat.'"):
+        replace(cfg, templates=("a {}.", "a cat."))
+    storage.write_json({"classes": ["cat", "dog"], "templates": ["a photo"]}, str(data / "metadata.json"))
+    argv = ["--input", str(data / "train"), "--output", str(tmp_path / "out"), "--mode", "label", "--model",
+            "mmdp-tiny"]
+    assert score_job.main(argv) == 2
+    assert "the dataset's metadata.json: templates need {} where the class name goes, not 'a photo'" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # refused before the output was taken

@@ -34,7 +34,7 @@ from ray.data.block import BlockAccessor
 from pipeline import storage
 from pipeline.data import shards
 from pipeline.cli import check_apart, option, ray_layout
-from pipeline.data.contract import KEY, ColumnMapping
+from pipeline.data.contract import DEFAULT_TEMPLATES, KEY, ColumnMapping
 from pipeline.data.validate import RowValidator
 from pipeline.score import REFERENCE_MODEL, TINY_MODEL
 from pipeline.score.commit import SCORED_AT, commit_staged
@@ -70,6 +70,8 @@ class ScoreConfig:
     mode: str = option("caption", "score against each row's caption, or against class prompts from its label",
                      choices=("caption", "label"))
     classes: tuple[str, ...] | None = option(None, "class names for label prompts; default: the dataset's metadata.json")
+    templates: tuple[str, ...] | None = option(None, "label prompts' templates, {} for the class name; default: the "
+                                               "dataset's metadata.json, else a small ensemble (DEFAULT_TEMPLATES)")
     columns: str = option("mmdp", "column mapping: mmdp, img2dataset, or pairs like image=jpg,caption=txt")
     batch_size: int = option(256, "rows per scoring batch")
     min_actors: int = option(1, "scoring actors the pool keeps (autoscaled between min and max)")
@@ -111,6 +113,7 @@ class ScoreConfig:
             raise ValueError("--actor-cpus must be positive")
         if self.actors_per_gpu < 1:
             raise ValueError("--actors-per-gpu must be at least 1")
+        _check_templates(self.templates or (), "--templates")
 
     def check_inputs(self) -> None:
         """Refuse what would fail the job, before its output is marked pending (``pipeline.cli.execute``), so
@@ -129,6 +132,8 @@ class ScoreConfig:
         check_pretrained(self.model, self.pretrained)
         listing = shards.list_shards(self.input)
         classes_for(self)
+        if self.mode == "label":
+            resolve_templates(self)
         shards.check_named_columns(self.input, ColumnMapping.parse(self.columns), listing=listing)
 
 
@@ -191,17 +196,37 @@ def decoder_batch(block: pa.Table) -> dict:
     return batch
 
 
-def resolve_classes(cfg: ScoreConfig) -> tuple[str, ...]:
-    """Class names from the config, else the dataset's metadata.json next to the split folder."""
-    if cfg.classes:
-        return tuple(cfg.classes)
+def _from_metadata(cfg: ScoreConfig, name: str) -> tuple[str, ...]:
+    """``name`` (a list) from the dataset's metadata.json: the split folder's, else its parent's; () if neither
+    names it (img2dataset's has no class names: caption mode needs none, label mode then says so)."""
     up = storage.parent(cfg.input)  # None above a bucket's root
     for meta in [storage.join(cfg.input, "metadata.json")] + ([storage.join(up, "metadata.json")] if up else []):
-        # One without class names names none (label mode then says so; caption mode needs none).
-        names = storage.read_json(meta).get("classes") if storage.exists(meta) else None
-        if names:
-            return tuple(names)
+        values = storage.read_json(meta).get(name) if storage.exists(meta) else None
+        if values:
+            return tuple(values)
     return ()
+
+
+def resolve_classes(cfg: ScoreConfig) -> tuple[str, ...]:
+    """Class names from the config, else the dataset's metadata.json next to the split folder."""
+    return tuple(cfg.classes) if cfg.classes else _from_metadata(cfg, "classes")
+
+
+def resolve_templates(cfg: ScoreConfig) -> tuple[str, ...]:
+    """Label prompts' templates from the config, else the dataset's metadata.json (as the train job's zero-shot
+    evaluation and the reference pre-training read them), else :data:`DEFAULT_TEMPLATES`."""
+    if cfg.templates:
+        return tuple(cfg.templates)
+    named = _from_metadata(cfg, "templates")
+    _check_templates(named, "the dataset's metadata.json")
+    return named or DEFAULT_TEMPLATES
+
+
+def _check_templates(templates: tuple[str, ...], where: str) -> None:
+    """A template without ``{}`` (or ``{class}``) makes one prompt for every class, whose margins are all 0."""
+    bare = [t for t in templates if "{}" not in t and "{class}" not in t]
+    if bare:
+        raise ValueError(f"{where}: templates need {{}} where the class name goes, not {bare[0]!r}")
 
 
 def classes_for(cfg: ScoreConfig) -> tuple[str, ...]:
@@ -219,6 +244,10 @@ def classes_for(cfg: ScoreConfig) -> tuple[str, ...]:
 def score(cfg: ScoreConfig) -> dict:
     """Run the score job; returns its summary. Writes ``scores/``, ``rejects/`` and ``summary.json``."""
     classes = classes_for(cfg)
+    templates = resolve_templates(cfg) if cfg.mode == "label" else ()
+    if templates:
+        log.info("label prompts: %d classes x %d templates (%s)", len(classes), len(templates),
+                 "; ".join(templates))
     ctx = ray.data.DataContext.get_current()
     # The commit's output does not depend on the order rows are staged in, so
     # Ray Data may finish blocks in any order. The object store budget is
@@ -232,7 +261,7 @@ def score(cfg: ScoreConfig) -> dict:
     if budget:
         options.resource_limits = options.resource_limits.copy(object_store_memory=budget)
     try:
-        return _score(cfg, classes, use_gpu)
+        return _score(cfg, classes, templates, use_gpu)
     finally:
         options.resource_limits = saved
 
@@ -249,7 +278,7 @@ def in_flight_bytes(cfg: ScoreConfig, use_gpu: bool, one_machine: bool = True) -
     return int(gib * 2**30)
 
 
-def _score(cfg: ScoreConfig, classes: tuple[str, ...], use_gpu: bool) -> dict:
+def _score(cfg: ScoreConfig, classes: tuple[str, ...], templates: tuple[str, ...], use_gpu: bool) -> dict:
     start = time.time()  # wall clock: the scoring actors stamp their batches with it too
     kind, files = shards.list_shards(cfg.input)
     # Every shard's footer is checked beside the scoring, not before it: with thousands of shards in
@@ -258,7 +287,7 @@ def _score(cfg: ScoreConfig, classes: tuple[str, ...], use_gpu: bool) -> dict:
         # Every column is read (and must join across shards): the projection needs the footers first.
         checked = pool.submit(_timed, shards.check_shards, kind, files, ColumnMapping.parse(cfg.columns), None, True)
         try:
-            summary = _score_listed(cfg, classes, kind, files, use_gpu, start, checked)
+            summary = _score_listed(cfg, classes, templates, kind, files, use_gpu, start, checked)
         except Exception:
             checked.result()  # a bad shard's own error (naming it) before the failure it caused
             raise
@@ -302,8 +331,8 @@ def _timed(fn, *args) -> tuple[float, object]:
     return time.perf_counter() - began, result
 
 
-def _score_listed(cfg: ScoreConfig, classes: tuple[str, ...], kind: str, files: list[str], use_gpu: bool,
-                  start: float, checked: Future) -> dict:
+def _score_listed(cfg: ScoreConfig, classes: tuple[str, ...], templates: tuple[str, ...], kind: str,
+                  files: list[str], use_gpu: bool, start: float, checked: Future) -> dict:
     in_actors = decodes_in_actors(cfg, use_gpu)
     resources = actor_resources(cfg, use_gpu)
     ds = shards.read_listed(cfg.input, kind, files, cfg.columns).map_batches(
@@ -326,6 +355,7 @@ def _score_listed(cfg: ScoreConfig, classes: tuple[str, ...], kind: str, files: 
             "pretrained": cfg.pretrained,
             "mode": cfg.mode,
             "classes": list(classes) or None,
+            "templates": list(templates) or None,
             "device": "cuda" if use_gpu else "cpu",
             "num_threads": actor_threads(cfg, use_gpu),
         },
