@@ -170,13 +170,18 @@ def test_checkpoints_every_k_epochs_and_after_the_last_and_a_resumed_run_repeats
         assert not (tmp_path / f"stop-{stop}" / "ray").exists()  # no trainer started
 
 
-def test_a_killed_run_resumes_from_its_folder_at_its_latest_whole_checkpoint(scored_ready, uninterrupted, tmp_path,
-                                                                             capsys):
+def test_a_killed_run_resumes_from_its_folder_at_its_latest_whole_checkpoint_relative_paths_naming_the_callers(
+        scored_ready, uninterrupted, tmp_path, monkeypatch, capsys):
     """A run copies its checkpoint to OUT/checkpoint once it ends: a driver killed before that left none there
-    (jobs.train's help said to resume from it), only Ray Train's, one of them perhaps copied in part."""
+    (jobs.train's help said to resume from it), only Ray Train's, one of them perhaps copied in part.
+    Ray Train runs each worker in a session folder of its own: ``--out run`` and ``--resume-from run`` still
+    name the folders under the caller's working directory, so old pruner states are removed there and the
+    resume finds its checkpoint."""
     data, scores = scored_ready
+    monkeypatch.chdir(tmp_path)
     out = tmp_path / "run"
-    _train(data, scores, out, *COMMON, "--checkpoint-every", "1", "--stop-after", "3")
+    _train(data, scores, "run", *COMMON, "--checkpoint-every", "1", "--stop-after", "3")
+    assert sorted(os.listdir(out / "pruner")) == ["epoch-0001", "epoch-0002"]  # the last two
     # What a driver killed after epoch 2's checkpoint, during its copy, leaves: the folder pending, no
     # checkpoint/, and Ray Train's newest checkpoint in part.
     storage.remove(str(out / "checkpoint"))
@@ -188,43 +193,29 @@ def test_a_killed_run_resumes_from_its_folder_at_its_latest_whole_checkpoint(sco
     size = train_pt.stat().st_size
     train_pt.write_bytes(train_pt.read_bytes()[:size // 2])
     # Named directly, the checkpoint in part is refused before anything starts, saying what is short.
-    rc = train_job.main(_train_argv(data, scores, out, *COMMON, "--resume-from", kept[2]))
+    rc = train_job.main(_train_argv(data, scores, "run", *COMMON, "--resume-from", kept[2]))
     err = capsys.readouterr().err
     assert rc == 2 and f"the checkpoint is in part (train.pt {size // 2:,} bytes of {size:,})" in err, err
-    # The run folder: its latest whole checkpoint, epoch 1's; the resumed epochs repeat the uninterrupted plans.
-    resumed, plans = _train(data, scores, out, *COMMON, "--checkpoint-every", "1", "--resume-from", str(out))
+    # The run folder, relative: its latest whole checkpoint, epoch 1's; the resumed epochs repeat the
+    # uninterrupted plans. Its pruner states: the newest pair, and the one the resumed checkpoint names (epoch 1),
+    # kept while this run might yet die before a newer pair exists.
+    resumed, plans = _train(data, scores, "run", *COMMON, "--checkpoint-every", "1", "--resume-from", "run")
     assert [e["epoch"] for e in resumed["epochs"]] == [0, 1, 2, 3]
     assert {p["epoch"]: p["kept_sha256"] for p in plans} == uninterrupted
     assert storage.is_complete(str(out)) and (out / "checkpoint" / "train.pt").exists()
+    assert sorted(os.listdir(out / "pruner")) == ["epoch-0001", "epoch-0002", "epoch-0003"]
     rc = train_job.main(_train_argv(data, scores, tmp_path / "other", *COMMON, "--resume-from", str(tmp_path)))
     assert rc == 2 and "no checkpoint there, nor a whole one in its run folder's checkpoint/" in capsys.readouterr().err
-
-
-def test_relative_paths_name_the_callers_folders_though_ray_train_runs_workers_elsewhere(
-        scored_ready, uninterrupted, tmp_path, monkeypatch):
-    """Ray Train runs each worker in a session folder of its own: ``--out run`` and ``--resume-from
-    run/checkpoint`` still name the folders under the caller's working directory, so old pruner states
-    are removed there and the resume finds its checkpoint."""
-    data, scores = scored_ready
-    monkeypatch.chdir(tmp_path)
-    _train(data, scores, "run", *COMMON, "--checkpoint-every", "1", "--stop-after", "3")
-    assert sorted(os.listdir(tmp_path / "run" / "pruner")) == ["epoch-0001", "epoch-0002"]  # the last two
-    # Resumed into its own folder: the state its checkpoint names (epoch 2) stays until a newer pair exists.
-    resumed, plans = _train(data, scores, "run", *COMMON, "--checkpoint-every", "1", "--resume-from", "run/checkpoint")
-    assert [e["epoch"] for e in resumed["epochs"]] == [0, 1, 2, 3]
-    assert {p["epoch"]: p["kept_sha256"] for p in plans} == uninterrupted
-    assert sorted(os.listdir(tmp_path / "run" / "pruner")) == ["epoch-0002", "epoch-0003"]
     # A new run in that folder (not resuming) replaces the earlier ones': none of their pruner states, Ray
     # Train folders or checkpoints stays beside its own (its manifest would list them).
-    earlier = set(os.listdir(tmp_path / "run" / "ray"))
+    earlier = set(os.listdir(out / "ray"))
     assert len(earlier) == 2
     again, _ = _train(data, scores, "run", *COMMON, "--checkpoint-every", "1", "--stop-after", "1")
     assert [e["epoch"] for e in again["epochs"]] == [0]
-    assert sorted(os.listdir(tmp_path / "run" / "pruner")) == ["epoch-0000"]
-    now = set(os.listdir(tmp_path / "run" / "ray"))
+    assert sorted(os.listdir(out / "pruner")) == ["epoch-0000"]
+    now = set(os.listdir(out / "ray"))
     assert len(now) == 1 and not now & earlier
-    assert storage.read_json(str(tmp_path / "run" / "checkpoint" / "pruner_state.json"))["in_run"] == \
-        "pruner/epoch-0000"
+    assert storage.read_json(str(out / "checkpoint" / "pruner_state.json"))["in_run"] == "pruner/epoch-0000"
 
 
 def test_a_run_an_older_mmdp_saved_with_a_budget_its_policy_does_not_read_resumes(scored_ready, tmp_path):
