@@ -70,7 +70,8 @@ class ScoreConfig:
     mode: str = option("caption", "score against each row's caption, or against class prompts from its label",
                      choices=("caption", "label"))
     classes: tuple[str, ...] | None = option(None, "class names for label prompts; default: the dataset's metadata.json")
-    templates: tuple[str, ...] | None = option(None, "label prompts' templates, {} for the class name; default: the "
+    templates: tuple[str, ...] | None = option(None, "label prompts' templates, comma-separated, {} for the class "
+                                               "name (one with a comma: name it in metadata.json); default: the "
                                                "dataset's metadata.json, else a small ensemble (DEFAULT_TEMPLATES)")
     columns: str = option("mmdp", "column mapping: mmdp, img2dataset, or pairs like image=jpg,caption=txt")
     batch_size: int = option(256, "rows per scoring batch")
