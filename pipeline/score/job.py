@@ -132,9 +132,7 @@ class ScoreConfig:
         check_apart("output", self.output, "input", self.input)
         check_pretrained(self.model, self.pretrained)
         listing = shards.list_shards(self.input)
-        classes_for(self)
-        if self.mode == "label":
-            resolve_templates(self)
+        label_prompts(self)
         shards.check_named_columns(self.input, ColumnMapping.parse(self.columns), listing=listing)
 
 
@@ -197,28 +195,33 @@ def decoder_batch(block: pa.Table) -> dict:
     return batch
 
 
-def _from_metadata(cfg: ScoreConfig, name: str) -> tuple[str, ...]:
-    """``name`` (a list) from the dataset's metadata.json: the split folder's, else its parent's; () if neither
-    names it (img2dataset's has no class names: caption mode needs none, label mode then says so)."""
-    up = storage.parent(cfg.input)  # None above a bucket's root
-    for meta in [storage.join(cfg.input, "metadata.json")] + ([storage.join(up, "metadata.json")] if up else []):
-        values = storage.read_json(meta).get(name) if storage.exists(meta) else None
-        if values:
-            return tuple(values)
-    return ()
+def _metadata_files(input_url: str) -> list[dict]:
+    """The dataset's metadata.json files beside the split: the split folder's, then its parent's, those there."""
+    up = storage.parent(input_url)  # None above a bucket's root
+    urls = [storage.join(input_url, "metadata.json")] + ([storage.join(up, "metadata.json")] if up else [])
+    return [storage.read_json(url) for url in urls if storage.exists(url)]
 
 
-def resolve_classes(cfg: ScoreConfig) -> tuple[str, ...]:
-    """Class names from the config, else the dataset's metadata.json next to the split folder."""
-    return tuple(cfg.classes) if cfg.classes else _from_metadata(cfg, "classes")
+def _named(metadata: list[dict], name: str) -> tuple[str, ...]:
+    """``name`` (a list) from the first metadata file that names it; () if none does (img2dataset's has no class
+    names: caption mode needs none, label mode then says so)."""
+    return next((tuple(m[name]) for m in metadata if m.get(name)), ())
 
 
-def resolve_templates(cfg: ScoreConfig) -> tuple[str, ...]:
+def resolve_classes(cfg: ScoreConfig, metadata: list[dict] | None = None) -> tuple[str, ...]:
+    """Class names from the config, else the dataset's metadata.json next to the split folder (``metadata``:
+    those files, already read)."""
+    if cfg.classes:
+        return tuple(cfg.classes)
+    return _named(_metadata_files(cfg.input) if metadata is None else metadata, "classes")
+
+
+def resolve_templates(cfg: ScoreConfig, metadata: list[dict] | None = None) -> tuple[str, ...]:
     """Label prompts' templates from the config, else the dataset's metadata.json (as the train job's zero-shot
     evaluation and the reference pre-training read them), else :data:`DEFAULT_TEMPLATES`."""
     if cfg.templates:
         return tuple(cfg.templates)
-    named = _from_metadata(cfg, "templates")
+    named = _named(_metadata_files(cfg.input) if metadata is None else metadata, "templates")
     _check_templates(named, "the dataset's metadata.json")
     return named or DEFAULT_TEMPLATES
 
@@ -230,10 +233,10 @@ def _check_templates(templates: tuple[str, ...], where: str) -> None:
         raise ValueError(f"{where}: templates need {{}} where the class name goes, not {bare[0]!r}")
 
 
-def classes_for(cfg: ScoreConfig) -> tuple[str, ...]:
+def classes_for(cfg: ScoreConfig, metadata: list[dict] | None = None) -> tuple[str, ...]:
     """:func:`resolve_classes`; label mode without two or more is refused (ValueError): its margin compares a
     row's own class with the best other one."""
-    classes = resolve_classes(cfg)
+    classes = resolve_classes(cfg, metadata)
     if cfg.mode == "label" and not classes:
         raise ValueError("label mode needs class names: pass --classes or keep metadata.json beside the split")
     if cfg.mode == "label" and len(classes) < 2:
@@ -242,10 +245,18 @@ def classes_for(cfg: ScoreConfig) -> tuple[str, ...]:
     return classes
 
 
+def label_prompts(cfg: ScoreConfig) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(:func:`classes_for`, :func:`resolve_templates` in label mode, else ()), the metadata files read once,
+    and only where a flag does not name what they would."""
+    needed = not cfg.classes or (cfg.mode == "label" and not cfg.templates)
+    metadata = _metadata_files(cfg.input) if needed else []
+    classes = classes_for(cfg, metadata)
+    return classes, resolve_templates(cfg, metadata) if cfg.mode == "label" else ()
+
+
 def score(cfg: ScoreConfig) -> dict:
     """Run the score job; returns its summary. Writes ``scores/``, ``rejects/`` and ``summary.json``."""
-    classes = classes_for(cfg)
-    templates = resolve_templates(cfg) if cfg.mode == "label" else ()
+    classes, templates = label_prompts(cfg)
     if templates:
         log.info("label prompts: %d classes x %d templates (%s)", len(classes), len(templates),
                  "; ".join(templates))
